@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# scripts/setup.sh: installs every dependency automoe needs to build and test on a Debian machine.
+# Debian packages through apt-get, Python tools (parity/test helpers only) through pip. Idempotent.
+set -euo pipefail
+SUDO=""
+if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+
+DEB_PKGS=(
+  build-essential cmake ninja-build ccache pkg-config git
+  nlohmann-json3-dev libyaml-cpp-dev libcli11-dev libfmt-dev libpcre2-dev
+  libopenblas-dev libopenmpi-dev openmpi-bin
+  libgtest-dev libgmock-dev libbenchmark-dev
+  clang-format python3 python3-pip
+)
+missing=()
+for p in "${DEB_PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "[setup] apt-get install ${missing[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+# Python helpers for parity tests (tokenizers vs HF, fixture reading). Optional at run time.
+PY=${PYTHON:-python3}
+if ! $PY -c "import tokenizers, safetensors, numpy" 2>/dev/null; then
+  echo "[setup] pip install tokenizers safetensors numpy"
+  $PY -m pip install -q tokenizers safetensors numpy || echo "[setup] warning: pip install failed; the tests that compare against HF tokenizers will skip"
+fi
+echo "[setup] dependencies ready"
