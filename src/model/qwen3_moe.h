@@ -1,0 +1,103 @@
+// model/qwen3_moe.h: the Qwen3-MoE model on the CPU backend (fp32): parameters in one arena,
+// a forward that saves what the backward needs, and a hand-written backward (llm.c style).
+// Parity target: transformers v5 Qwen3MoeForCausalLM (shared/design/QWEN3_MOE.md).
+//
+// Legend: B batch, T sequence, N = B*T tokens, H hidden, V vocab, nH/nKV heads, D head dim,
+// E experts, K top-k, I expert width, F dense MLP width, L layers.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "core/rng.h"
+#include "model/config.h"
+#include "model/params.h"
+
+namespace automoe {
+
+// One micro-batch. ids/labels [B,T] (label -100 = no loss; labels are shifted inside, as HF).
+struct Batch {
+  int64_t B = 0, T = 0;
+  std::vector<int64_t> ids, labels;
+  std::vector<int32_t> pos;  // [B*T] positions; empty = 0..T-1 per row
+  std::vector<int32_t> doc;  // [B*T] document ids for packed rows; empty = one document per row
+};
+
+struct LossParts {
+  float loss = 0;      // ce + coef * aux (the trained objective)
+  float ce = 0;        // mean cross-entropy over labelled tokens (or sum / denominator)
+  float aux = 0;       // load-balancing loss (unscaled), 0 when not computed
+  bool has_aux = false;
+  int64_t labelled = 0;  // tokens with a label
+};
+
+class Qwen3Moe {
+ public:
+  explicit Qwen3Moe(const ModelConfig& cfg);
+
+  const ModelConfig& config() const { return cfg_; }
+  const ParamLayout& layout() const { return layout_; }
+  const std::vector<HfSlice>& hf_slices() const { return hf_; }        // per-expert names
+  const std::vector<HfSlice>& hf_fused_slices() const { return hf_fused_; }  // v5 fused names
+  std::vector<float>& params() { return params_; }
+  std::vector<float>& grads() { return grads_; }
+  const std::vector<float>& params() const { return params_; }
+  const std::vector<float>& grads() const { return grads_; }
+
+  // HF-style random init: normal(0, std) for matrices, ones for norm weights, zeros for biases.
+  void init_random(Rng& rng, float std = 0.02f);
+
+  // Forward with loss. `ce_denominator` > 0 divides the summed CE by it (gradient accumulation
+  // across micro-batches, as the HF Trainer's num_items_in_batch); else the mean over this
+  // batch's labelled tokens. `aux_scale` multiplies coef*aux (1/accumulation steps).
+  // Saves activations for backward(). Logits [N,V] stay available through logits().
+  LossParts forward(const Batch& b, float ce_denominator = 0.f, float aux_scale = 1.f);
+  // Accumulates (+=) d(loss)/d(params) into grads() for the last forward.
+  void backward();
+  void zero_grad();
+
+  const std::vector<float>& logits() const { return logits_; }  // [N,V]
+
+ private:
+  struct LayerW;  // pointers into an arena for one layer
+  struct LayerActs;
+  LayerW layer_ptrs(float* base, int64_t l) const;
+  void plan(int64_t B, int64_t T);
+
+  ModelConfig cfg_;
+  ParamLayout layout_;
+  std::vector<HfSlice> hf_, hf_fused_;
+  std::vector<float> params_, grads_;
+
+  // Offsets of the named parameters (indices into layout_.params for each layer).
+  struct LayerOff {
+    int64_t ln1, wq, bq = -1, wk, bk = -1, wv, bv = -1, wo, bo = -1, qn, kn, ln2;
+    bool moe;
+    int64_t router = -1, ex_gu = -1, ex_down = -1;  // MoE
+    int64_t mlp_gu = -1, mlp_down = -1;             // dense
+    int64_t moe_index = -1;                         // which MoE layer (for the aux buffers)
+  };
+  std::vector<LayerOff> lo_;
+  int64_t off_wte_ = 0, off_lnf_ = 0, off_lm_head_ = 0;  // lm_head == wte when tied
+
+  // Saved activations, planned for the current (B, T).
+  int64_t B_ = 0, T_ = 0;
+  std::vector<int64_t> ids_;  // [N] input ids of the last forward (embedding backward)
+  bool have_forward_ = false;
+  std::vector<int32_t> pos_, doc_;
+  std::vector<int64_t> targets_;  // [N] shifted labels
+  float ce_scale_ = 0.f, aux_grad_ = 0.f;
+  std::vector<LayerActs*> acts_;
+  std::vector<float> x_final_, lnf_out_, lnf_rstd_, logits_, lse_, losses_;
+  std::vector<float> probs_all_;      // [nMoE * N, E]
+  std::vector<int32_t> topk_all_;     // [nMoE * N, K]
+  // backward scratch
+  std::vector<float> dres_, dln_, dlogits_;
+
+ public:
+  ~Qwen3Moe();
+  Qwen3Moe(const Qwen3Moe&) = delete;
+  Qwen3Moe& operator=(const Qwen3Moe&) = delete;
+};
+
+}  // namespace automoe
