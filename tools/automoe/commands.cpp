@@ -3,7 +3,7 @@
 
 namespace automoe::cli {
 void register_all(CLI::App& app, Runners& r) {
-  (void)app;
-  (void)r;
+  add_finetune(app, r);
+  add_forward(app, r);
 }
 }  // namespace automoe::cli

@@ -1,0 +1,147 @@
+// train/train_config.cpp: recipe parsing with yaml-cpp; every key is known and typed.
+#include "train/train_config.h"
+
+#include <yaml-cpp/yaml.h>
+
+#include <functional>
+#include <map>
+
+#include "core/check.h"
+
+namespace automoe {
+
+namespace {
+
+// The table of keys: "section.key" -> how to set it from a string.
+using Setter = std::function<void(TrainConfig&, const std::string&)>;
+
+template <class T> T parse_as(const std::string& key, const std::string& v) {
+  try {
+    return YAML::Load(v).as<T>();
+  } catch (const std::exception&) {
+    AM_FAIL("recipe key '{}': cannot read '{}' as a {}", key, v,
+            std::is_same_v<T, bool> ? "boolean (true/false)"
+            : std::is_integral_v<T> ? "integer" : std::is_floating_point_v<T> ? "number" : "string");
+  }
+}
+
+const std::map<std::string, Setter>& keys() {
+#define KEY(k, field, T) {k, [](TrainConfig& c, const std::string& v) { c.field = parse_as<T>(k, v); }}
+  static const std::map<std::string, Setter> m = {
+      KEY("model.path", model_path, std::string),
+      KEY("model.builtin", model_builtin, std::string),
+      KEY("model.init_std", init_std, float),
+      KEY("data.train", data_train, std::string),
+      KEY("data.builtin", data_builtin, std::string),
+      KEY("data.examples", data_examples, int64_t),
+      KEY("data.digits", data_digits, int64_t),
+      KEY("data.seq_len", seq_len, int64_t),
+      KEY("data.micro_batch", micro_batch, int64_t),
+      KEY("train.steps", steps, int64_t),
+      KEY("train.grad_accum", grad_accum, int64_t),
+      KEY("train.lr", schedule.lr, float),
+      KEY("train.schedule", schedule.kind, std::string),
+      KEY("train.warmup", schedule.warmup, int64_t),
+      KEY("train.min_lr_ratio", schedule.min_lr_ratio, float),
+      KEY("train.beta1", adamw.beta1, float),
+      KEY("train.beta2", adamw.beta2, float),
+      KEY("train.eps", adamw.eps, float),
+      KEY("train.weight_decay", adamw.weight_decay, float),
+      KEY("train.max_grad_norm", max_grad_norm, float),
+      KEY("train.seed", seed, uint64_t),
+      KEY("train.log_every", log_every, int64_t),
+      KEY("train.checkpoint_every", checkpoint_every, int64_t),
+      KEY("train.keep_checkpoints", keep_checkpoints, int64_t),
+      KEY("train.device", device, std::string),
+      KEY("output.dir", output_dir, std::string),
+      KEY("output.export_hf", export_hf, bool),
+      KEY("output.resume", resume, bool),
+  };
+#undef KEY
+  return m;
+}
+
+void set_key(TrainConfig& c, const std::string& key, const std::string& value, const std::string& where) {
+  auto it = keys().find(key);
+  if (it == keys().end()) {
+    std::string known;
+    for (auto& [k, _] : keys()) known += (known.empty() ? "" : ", ") + k;
+    AM_FAIL("{}: unknown recipe key '{}'. Known keys: {}", where, key, known);
+  }
+  it->second(c, value);
+}
+
+}  // namespace
+
+TrainConfig load_train_config(const std::string& path,
+                              const std::vector<std::pair<std::string, std::string>>& overrides) {
+  TrainConfig c;
+  if (!path.empty()) {
+    YAML::Node root;
+    try {
+      root = YAML::LoadFile(path);
+    } catch (const YAML::BadFile&) {
+      AM_FAIL("cannot open recipe '{}'", path);
+    } catch (const YAML::Exception& e) {
+      AM_FAIL("recipe '{}' line {}: {}", path, e.mark.line + 1, e.msg);
+    }
+    AM_CHECK(root.IsMap() || root.IsNull(), "recipe '{}' must be a mapping of sections (model, data, train, output)", path);
+    for (auto sec : root) {
+      std::string s = sec.first.as<std::string>();
+      AM_CHECK(sec.second.IsMap(), "recipe '{}' line {}: section '{}' must be a mapping", path,
+               sec.first.Mark().line + 1, s);
+      for (auto kv : sec.second) {
+        AM_CHECK(kv.second.IsScalar(), "recipe '{}' line {}: '{}.{}' must be a single value", path,
+                 kv.first.Mark().line + 1, s, kv.first.as<std::string>());
+        set_key(c, s + "." + kv.first.as<std::string>(), kv.second.Scalar(),
+                fmt::format("recipe '{}' line {}", path, kv.first.Mark().line + 1));
+      }
+    }
+  }
+  for (auto& [k, v] : overrides) set_key(c, k, v, "command line --" + k);
+  c.schedule.total = c.steps;
+  c.schedule.validate();
+  AM_CHECK(!c.model_path.empty() || !c.model_builtin.empty(),
+           "the recipe names no model: set model.path (a Hugging Face model directory) or model.builtin (tiny-moe)");
+  AM_CHECK(c.model_path.empty() || c.model_builtin.empty(), "set model.path or model.builtin, not both");
+  AM_CHECK(!c.data_train.empty() || !c.data_builtin.empty(),
+           "the recipe names no data: set data.train (a pre-tokenized JSONL file) or data.builtin (addition)");
+  AM_CHECK(c.data_builtin.empty() || c.data_builtin == "addition",
+           "unknown built-in task '{}'; the built-in tasks are: addition", c.data_builtin);
+  AM_CHECK(c.steps > 0 && c.grad_accum > 0 && c.seq_len > 1 && c.micro_batch > 0 && c.log_every > 0,
+           "train.steps, train.grad_accum, data.micro_batch and train.log_every must be positive and data.seq_len > 1");
+  AM_CHECK(c.device == "cpu", "train.device '{}' is not available in this build; use cpu", c.device);
+  return c;
+}
+
+std::string TrainConfig::to_yaml() const {
+  YAML::Emitter e;
+  e << YAML::BeginMap;
+  e << YAML::Key << "model" << YAML::Value << YAML::BeginMap;
+  if (!model_path.empty()) e << YAML::Key << "path" << YAML::Value << model_path;
+  if (!model_builtin.empty()) e << YAML::Key << "builtin" << YAML::Value << model_builtin;
+  e << YAML::Key << "init_std" << YAML::Value << init_std << YAML::EndMap;
+  e << YAML::Key << "data" << YAML::Value << YAML::BeginMap;
+  if (!data_train.empty()) e << YAML::Key << "train" << YAML::Value << data_train;
+  if (!data_builtin.empty()) e << YAML::Key << "builtin" << YAML::Value << data_builtin;
+  e << YAML::Key << "examples" << YAML::Value << data_examples << YAML::Key << "digits" << YAML::Value
+    << data_digits << YAML::Key << "seq_len" << YAML::Value << seq_len << YAML::Key << "micro_batch"
+    << YAML::Value << micro_batch << YAML::EndMap;
+  e << YAML::Key << "train" << YAML::Value << YAML::BeginMap;
+  e << YAML::Key << "steps" << YAML::Value << steps << YAML::Key << "grad_accum" << YAML::Value << grad_accum
+    << YAML::Key << "lr" << YAML::Value << schedule.lr << YAML::Key << "schedule" << YAML::Value
+    << schedule.kind << YAML::Key << "warmup" << YAML::Value << schedule.warmup << YAML::Key
+    << "min_lr_ratio" << YAML::Value << schedule.min_lr_ratio << YAML::Key << "beta1" << YAML::Value
+    << adamw.beta1 << YAML::Key << "beta2" << YAML::Value << adamw.beta2 << YAML::Key << "eps"
+    << YAML::Value << adamw.eps << YAML::Key << "weight_decay" << YAML::Value << adamw.weight_decay
+    << YAML::Key << "max_grad_norm" << YAML::Value << max_grad_norm << YAML::Key << "seed" << YAML::Value
+    << seed << YAML::Key << "log_every" << YAML::Value << log_every << YAML::Key << "checkpoint_every"
+    << YAML::Value << checkpoint_every << YAML::Key << "keep_checkpoints" << YAML::Value << keep_checkpoints
+    << YAML::Key << "device" << YAML::Value << device << YAML::EndMap;
+  e << YAML::Key << "output" << YAML::Value << YAML::BeginMap << YAML::Key << "dir" << YAML::Value
+    << output_dir << YAML::Key << "export_hf" << YAML::Value << export_hf << YAML::EndMap;
+  e << YAML::EndMap;
+  return std::string(e.c_str()) + "\n";
+}
+
+}  // namespace automoe

@@ -1,0 +1,49 @@
+// train/train_config.h: a fine-tuning recipe: YAML file plus `--section.key value` overrides.
+// Unknown keys are errors (a typo must not silently train with defaults).
+#pragma once
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "train/adamw.h"
+#include "train/schedule.h"
+
+namespace automoe {
+
+struct TrainConfig {
+  // model:
+  std::string model_path;               // HF model directory
+  std::string model_builtin;            // or a built-in config, randomly initialised
+  float init_std = 0.02f;
+  // data:
+  std::string data_train;               // pre-tokenized JSONL (input_ids, labels)
+  std::string data_builtin;             // or a built-in task: "addition"
+  int64_t data_examples = 20000;        // size of the built-in task
+  int64_t data_digits = 3;
+  int64_t seq_len = 64;
+  int64_t micro_batch = 8;              // rows per micro-batch
+  // train:
+  int64_t steps = 100;
+  int64_t grad_accum = 1;
+  Schedule schedule;
+  AdamWConfig adamw;
+  float max_grad_norm = 1.0f;
+  uint64_t seed = 1234;
+  int64_t log_every = 1;
+  int64_t checkpoint_every = 0;         // 0 = only at the end
+  int64_t keep_checkpoints = 2;
+  std::string device = "cpu";
+  // output:
+  std::string output_dir = "out/run";
+  bool export_hf = true;
+  bool resume = false;
+
+  std::string to_yaml() const;  // the resolved recipe, saved beside the run
+};
+
+// Loads `path` (may be empty: defaults) and applies overrides such as {"train.lr", "3e-4"}.
+TrainConfig load_train_config(const std::string& path,
+                              const std::vector<std::pair<std::string, std::string>>& overrides);
+
+}  // namespace automoe

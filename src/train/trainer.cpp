@@ -1,0 +1,192 @@
+// train/trainer.cpp: the fine-tuning loop on the CPU backend.
+#include "train/trainer.h"
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "core/check.h"
+#include "model/qwen3_moe.h"
+#include "model/weights.h"
+#include "text/dataset.h"
+#include "train/addition_eval.h"
+#include "train/builtin.h"
+#include "train/checkpoint.h"
+
+namespace automoe {
+
+namespace fs = std::filesystem;
+
+int64_t peak_rss_bytes() {
+  std::ifstream f("/proc/self/status");
+  std::string line;
+  while (std::getline(f, line))
+    if (line.rfind("VmHWM:", 0) == 0) return std::stoll(line.substr(6)) * 1024;
+  return 0;
+}
+
+namespace {
+
+std::string hms(double s) {
+  if (!std::isfinite(s) || s < 0) return "?";
+  int64_t t = int64_t(s + 0.5);
+  return t >= 3600 ? fmt::format("{}:{:02}:{:02}", t / 3600, t / 60 % 60, t % 60)
+                   : fmt::format("{}:{:02}", t / 60, t % 60);
+}
+
+// Labelled tokens after the causal shift (what the loss is averaged over).
+int64_t shifted_labelled(const PackedBatch& b) {
+  int64_t n = 0;
+  for (int64_t r = 0; r < b.B; ++r)
+    for (int64_t t = 1; t < b.T; ++t) n += b.labels[r * b.T + t] != -100;
+  return n;
+}
+
+// Keeps metrics.jsonl lines with step <= last_step (a resumed run rewrites what came after).
+void truncate_metrics(const fs::path& path, int64_t last_step) {
+  if (!fs::exists(path)) return;
+  std::ifstream in(path);
+  std::string line, kept;
+  while (std::getline(in, line)) {
+    if (line.empty()) continue;
+    try {
+      if (nlohmann::json::parse(line).value("step", int64_t(0)) <= last_step) kept += line + "\n";
+    } catch (const std::exception&) {  // a line cut by a crash: drop it
+    }
+  }
+  in.close();
+  std::ofstream(path, std::ios::trunc) << kept;
+}
+
+}  // namespace
+
+TrainResult run_finetune(const TrainConfig& cfg,
+                         const std::function<void(const StepMetrics&)>& on_step) {
+  TrainResult result;
+  fs::create_directories(cfg.output_dir);
+  std::ofstream(fs::path(cfg.output_dir) / "recipe.yaml") << cfg.to_yaml();
+
+  // ---- model
+  ModelConfig mc = cfg.model_builtin.empty() ? load_model_config(cfg.model_path + "/config.json")
+                                             : builtin_model_config(cfg.model_builtin);
+  Qwen3Moe model(mc);
+  if (cfg.model_builtin.empty()) {
+    load_hf_weights(model, cfg.model_path);
+  } else {
+    Rng init_rng(cfg.seed);
+    model.init_random(init_rng, cfg.init_std);
+  }
+  // ---- data
+  std::vector<Example> data = cfg.data_builtin.empty()
+                                  ? load_tokenized_jsonl(cfg.data_train, mc.vocab_size)
+                                  : addition_examples(cfg.data_examples, int(cfg.data_digits), cfg.seed + 1);
+  AM_CHECK(cfg.data_builtin.empty() || mc.vocab_size >= kAdditionVocab,
+           "the built-in addition task needs a vocabulary of at least {} tokens", kAdditionVocab);
+  int64_t pad_id = mc.pad_token_id >= 0 ? mc.pad_token_id : 0;
+  DataOrder order;
+  order.reset(cfg.seed, int64_t(data.size()));
+  // ---- optimizer
+  AdamW opt;
+  opt.cfg = cfg.adamw;
+  opt.init(int64_t(model.params().size()));
+  int64_t start = 0;
+  const fs::path metrics_path = fs::path(cfg.output_dir) / "metrics.jsonl";
+  if (cfg.resume) {
+    std::string ck = latest_checkpoint(cfg.output_dir);
+    if (ck.empty()) {
+      std::fprintf(stderr, "automoe: no checkpoint in %s/checkpoints; starting from step 0\n",
+                   cfg.output_dir.c_str());
+    } else {
+      TrainState st = load_checkpoint(ck, model, opt);
+      start = st.step;
+      order.seek(st.data_epoch, st.data_cursor);
+      truncate_metrics(metrics_path, start);
+      std::printf("resumed from %s (step %lld)\n", ck.c_str(), (long long)start);
+    }
+  } else {
+    std::ofstream(metrics_path, std::ios::trunc);
+  }
+  std::ofstream metrics(metrics_path, std::ios::app);
+
+  std::printf("model %s: %lld parameters (%lld layers, %lld experts, top-%lld) | data: %zu examples | "
+              "%lld steps x %lld micro-batches x %lldx%lld tokens\n",
+              cfg.model_builtin.empty() ? cfg.model_path.c_str() : cfg.model_builtin.c_str(),
+              (long long)model.params().size(), (long long)mc.num_hidden_layers,
+              (long long)mc.num_experts, (long long)mc.num_experts_per_tok, data.size(),
+              (long long)cfg.steps, (long long)cfg.grad_accum, (long long)cfg.micro_batch,
+              (long long)cfg.seq_len);
+  std::fflush(stdout);
+
+  auto t_start = std::chrono::steady_clock::now();
+  std::vector<PackedBatch> micro(cfg.grad_accum);
+  for (int64_t step = start; step < cfg.steps; ++step) {
+    auto t0 = std::chrono::steady_clock::now();
+    int64_t labelled = 0;
+    for (auto& mb : micro) {
+      mb = pack_rows(data, order, cfg.micro_batch, cfg.seq_len, pad_id);
+      labelled += shifted_labelled(mb);
+    }
+    model.zero_grad();
+    StepMetrics m;
+    m.step = step + 1;
+    for (auto& mb : micro) {
+      Batch b{mb.B, mb.T, mb.ids, mb.labels, mb.pos, mb.doc};
+      LossParts lp = model.forward(b, float(std::max<int64_t>(labelled, 1)), 1.0f / float(cfg.grad_accum));
+      model.backward();
+      m.ce += lp.ce;  // each is sum/labelled_total: they add up to the step's mean
+      m.aux += lp.aux / float(cfg.grad_accum);
+      m.loss += lp.loss;
+      m.tokens += mb.B * mb.T;
+    }
+    m.grad_norm = clip_grad_norm(model.grads(), cfg.max_grad_norm);
+    m.lr = cfg.schedule.at(step);
+    opt.step(model.params(), model.grads(), m.lr);
+    double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    m.tokens_per_s = double(m.tokens) / std::max(dt, 1e-9);
+    m.peak_mem_bytes = peak_rss_bytes();
+    AM_CHECK(std::isfinite(m.loss), "step {}: the loss is not finite ({}); lower train.lr or check the data", m.step, m.loss);
+
+    nlohmann::json j = {{"step", m.step}, {"loss", m.loss}, {"ce_loss", m.ce}, {"lr", m.lr},
+                        {"grad_norm", m.grad_norm}, {"tokens", m.tokens},
+                        {"tokens_per_s", m.tokens_per_s}, {"peak_mem_bytes", m.peak_mem_bytes}};
+    if (mc.output_router_logits) j["aux_loss"] = m.aux;
+    metrics << j.dump() << "\n";
+    metrics.flush();
+    if (m.step % cfg.log_every == 0 || m.step == cfg.steps || m.step == start + 1) {
+      double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
+      double eta = elapsed / double(m.step - start) * double(cfg.steps - m.step);
+      std::printf("step %5lld/%lld | loss %.4f | lr %.2e | grad_norm %.3f | %.0f tok/s | ETA %s\n",
+                  (long long)m.step, (long long)cfg.steps, m.loss, m.lr, m.grad_norm, m.tokens_per_s,
+                  hms(eta).c_str());
+      std::fflush(stdout);
+    }
+    result.history.push_back(m);
+    if (on_step) on_step(m);
+    bool last = m.step == cfg.steps;
+    if ((cfg.checkpoint_every > 0 && m.step % cfg.checkpoint_every == 0) || last) {
+      TrainState st{m.step, order.epoch, order.cursor};
+      save_checkpoint(cfg.output_dir, st, model, opt, cfg.keep_checkpoints);
+    }
+  }
+  if (cfg.export_hf) {
+    result.export_dir = (fs::path(cfg.output_dir) / "hf").string();
+    save_hf_model(model, result.export_dir, cfg.model_path);
+    std::printf("exported a Hugging Face checkpoint to %s\n", result.export_dir.c_str());
+    // Load the export back into a fresh model: it must hold exactly the trained weights.
+    Qwen3Moe back(load_model_config(result.export_dir + "/config.json"));
+    load_hf_weights(back, result.export_dir);
+    AM_CHECK(back.params() == model.params(), "the exported checkpoint in {} does not load back to the trained weights", result.export_dir);
+    std::printf("loaded %s back: all %zu parameters identical\n", result.export_dir.c_str(), back.params().size());
+    if (cfg.data_builtin == "addition") {
+      std::printf("held-out problems (answers are written least-significant digit first):\n");
+      AdditionScore sc = addition_eval(back, 200, int(cfg.data_digits), cfg.seed + 7919, 6);
+      std::printf("held-out accuracy: %lld/%lld exact answers\n", (long long)sc.correct, (long long)sc.total);
+    }
+  }
+  return result;
+}
+
+}  // namespace automoe

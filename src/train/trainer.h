@@ -1,0 +1,33 @@
+// train/trainer.h: the fine-tuning loop: data -> micro-batches -> forward/backward (gradient
+// accumulation) -> clip -> AdamW -> schedule; metrics.jsonl, a progress line, checkpoints with
+// bit-identical resume, and the Hugging Face export at the end.
+#pragma once
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "train/train_config.h"
+
+namespace automoe {
+
+struct StepMetrics {
+  int64_t step = 0;  // 1-based optimizer step
+  float loss = 0, ce = 0, aux = 0, lr = 0, grad_norm = 0;
+  int64_t tokens = 0;  // tokens processed in this step (B*T*accum)
+  double tokens_per_s = 0;
+  int64_t peak_mem_bytes = 0;
+};
+
+struct TrainResult {
+  std::vector<StepMetrics> history;  // steps run in this process
+  std::string export_dir;            // empty when not exported
+};
+
+// Runs the recipe. `on_step` (optional) sees every step's metrics (tests use it).
+TrainResult run_finetune(const TrainConfig& cfg,
+                         const std::function<void(const StepMetrics&)>& on_step = nullptr);
+
+// Peak resident memory of this process (VmHWM), in bytes.
+int64_t peak_rss_bytes();
+
+}  // namespace automoe

@@ -1,0 +1,86 @@
+// tools/automoe/cmd_forward.cpp: `automoe forward`: one forward (and optionally backward) pass of
+// an HF model on a batch file, writing logits, loss, aux loss and per-parameter gradients
+// under their HF checkpoint names (ARCHITECTURE.md, "Contracts").
+#include "commands.h"
+#include "core/check.h"
+#include "io/safetensors.h"
+#include "model/qwen3_moe.h"
+#include "model/weights.h"
+
+namespace automoe::cli {
+
+namespace {
+std::vector<int64_t> read_ids(const SafetensorsFile& f, const std::string& name, const std::string& path,
+                              Shape* shape) {
+  AM_CHECK(f.has(name), "batch file '{}' has no '{}' tensor (expected int64 [B,T])", path, name);
+  Tensor t = f.view(name);
+  AM_CHECK(t.shape.size() == 2, "batch file '{}': '{}' must be 2-D [B,T], got {}", path, name, shape_str(t.shape));
+  AM_CHECK(t.dtype == DType::I64 || t.dtype == DType::I32,
+           "batch file '{}': '{}' must be int64 (or int32), got {}", path, name, dtype_name(t.dtype));
+  std::vector<int64_t> v(t.numel());
+  for (int64_t i = 0; i < t.numel(); ++i)
+    v[i] = t.dtype == DType::I64 ? t.data<int64_t>()[i] : t.data<int32_t>()[i];
+  *shape = t.shape;
+  return v;
+}
+}  // namespace
+
+void add_forward(CLI::App& app, Runners& runners) {
+  auto* cmd = app.add_subcommand("forward", "Run one forward (and backward) pass; write logits, loss and gradients");
+  struct Opts {
+    std::string model, batch, out, device = "cpu", dtype = "fp32";
+    bool grads = false;
+  };
+  auto o = std::make_shared<Opts>();
+  cmd->add_option("--model", o->model, "Hugging Face model directory")->required();
+  cmd->add_option("--batch", o->batch, "safetensors with input_ids and labels (int64 [B,T])")->required();
+  cmd->add_option("--out", o->out, "output safetensors")->required();
+  cmd->add_flag("--grads", o->grads, "also write grad.<HF name> for every parameter");
+  cmd->add_option("--device", o->device, "cpu | cuda")->check(CLI::IsMember({"cpu", "cuda"}));
+  cmd->add_option("--dtype", o->dtype, "fp32 | bf16")->check(CLI::IsMember({"fp32", "bf16"}));
+  runners.push_back([cmd, o]() -> int {
+    if (!cmd->parsed()) return -1;
+    AM_CHECK(o->device == "cpu" && o->dtype == "fp32",
+             "--device {} --dtype {} is not available in this build; the CPU backend runs fp32", o->device, o->dtype);
+    ModelConfig mc = load_model_config(o->model + "/config.json");
+    Qwen3Moe model(mc);
+    load_hf_weights(model, o->model);
+    SafetensorsFile in(o->batch);
+    Batch b;
+    Shape s_ids, s_lab;
+    b.ids = read_ids(in, "input_ids", o->batch, &s_ids);
+    b.B = s_ids[0];
+    b.T = s_ids[1];
+    bool has_labels = in.has("labels");
+    if (has_labels) {
+      b.labels = read_ids(in, "labels", o->batch, &s_lab);
+      AM_CHECK(s_lab == s_ids, "batch file '{}': labels {} must have the shape of input_ids {}", o->batch,
+               shape_str(s_lab), shape_str(s_ids));
+    }
+    LossParts lp = model.forward(b);
+    std::vector<std::pair<std::string, Tensor>> out;
+    Tensor logits = Tensor::empty(DType::F32, {b.B, b.T, mc.vocab_size});
+    std::copy(model.logits().begin(), model.logits().end(), logits.f32());
+    out.emplace_back("logits", logits);
+    if (has_labels) {
+      Tensor loss = Tensor::empty(DType::F32, {1});
+      loss.f32()[0] = lp.loss;
+      out.emplace_back("loss", loss);
+    }
+    if (lp.has_aux) {
+      Tensor aux = Tensor::empty(DType::F32, {1});
+      aux.f32()[0] = lp.aux;
+      out.emplace_back("aux_loss", aux);
+    }
+    if (o->grads) {
+      AM_CHECK(has_labels, "--grads needs labels in the batch file '{}'", o->batch);
+      model.zero_grad();
+      model.backward();
+      for (auto& [name, t] : hf_tensors(model, model.grads())) out.emplace_back("grad." + name, t);
+    }
+    save_safetensors(o->out, out, {});
+    return 0;
+  });
+}
+
+}  // namespace automoe::cli
