@@ -12,6 +12,9 @@
 
 namespace automoe::cpu {
 
+// Threads for OpenMP loops and BLAS: AUTOMOE_THREADS (default 1; 0 = all cores). Returns it.
+int set_num_threads_from_env();
+
 // ---- embedding: out[N,C] = wte[ids[n], :] --------------------------------------------------
 void embedding_fwd(float* out, const int64_t* ids, const float* wte, int64_t N, int64_t C);
 void embedding_bwd(float* dwte /*[V,C] +=*/, const float* dout /*[N,C]*/, const int64_t* ids,

@@ -31,6 +31,7 @@ const std::map<std::string, Setter>& keys() {
       KEY("model.path", model_path, std::string),
       KEY("model.builtin", model_builtin, std::string),
       KEY("model.init_std", init_std, float),
+      KEY("model.router_aux_loss_coef", router_aux_loss_coef, float),
       KEY("data.train", data_train, std::string),
       KEY("data.builtin", data_builtin, std::string),
       KEY("data.examples", data_examples, int64_t),
@@ -120,7 +121,9 @@ std::string TrainConfig::to_yaml() const {
   e << YAML::Key << "model" << YAML::Value << YAML::BeginMap;
   if (!model_path.empty()) e << YAML::Key << "path" << YAML::Value << model_path;
   if (!model_builtin.empty()) e << YAML::Key << "builtin" << YAML::Value << model_builtin;
-  e << YAML::Key << "init_std" << YAML::Value << init_std << YAML::EndMap;
+  e << YAML::Key << "init_std" << YAML::Value << init_std;
+  if (router_aux_loss_coef >= 0) e << YAML::Key << "router_aux_loss_coef" << YAML::Value << router_aux_loss_coef;
+  e << YAML::EndMap;
   e << YAML::Key << "data" << YAML::Value << YAML::BeginMap;
   if (!data_train.empty()) e << YAML::Key << "train" << YAML::Value << data_train;
   if (!data_builtin.empty()) e << YAML::Key << "builtin" << YAML::Value << data_builtin;

@@ -16,6 +16,7 @@ struct TrainConfig {
   std::string model_path;               // HF model directory
   std::string model_builtin;            // or a built-in config, randomly initialised
   float init_std = 0.02f;
+  float router_aux_loss_coef = -1.f;    // >= 0 overrides config.json's router_aux_loss_coef
   // data:
   std::string data_train;               // pre-tokenized JSONL (input_ids, labels)
   std::string data_builtin;             // or a built-in task: "addition"

@@ -72,6 +72,7 @@ TrainResult run_finetune(const TrainConfig& cfg,
   // ---- model
   ModelConfig mc = cfg.model_builtin.empty() ? load_model_config(cfg.model_path + "/config.json")
                                              : builtin_model_config(cfg.model_builtin);
+  if (cfg.router_aux_loss_coef >= 0) mc.router_aux_loss_coef = cfg.router_aux_loss_coef;
   Qwen3Moe model(mc);
   if (cfg.model_builtin.empty()) {
     load_hf_weights(model, cfg.model_path);

@@ -6,11 +6,10 @@
 namespace automoe::cli {
 
 void add_finetune(CLI::App& app, Runners& runners) {
-  auto* cmd = app.add_subcommand("finetune", "Fine-tune a model from a recipe (YAML) with --section.key value overrides");
+  auto* cmd = app.add_subcommand("finetune", "Fine-tune a model: finetune [RECIPE.yaml] [--section.key value ...]");
   cmd->allow_extras();
   auto recipe = std::make_shared<std::string>();
   auto resume = std::make_shared<bool>(false);
-  cmd->add_option("recipe", *recipe, "recipe YAML file (sections model, data, train, output)");
   cmd->add_flag("--resume", *resume, "continue from the newest checkpoint in output.dir");
   cmd->footer(
       "Overrides: any recipe key as --section.key value, e.g. --train.lr 3e-4 --train.steps 200\n"
@@ -19,7 +18,9 @@ void add_finetune(CLI::App& app, Runners& runners) {
     if (!cmd->parsed()) return -1;
     std::vector<std::pair<std::string, std::string>> overrides;
     auto extras = cmd->remaining();
-    for (size_t i = 0; i < extras.size(); ++i) {
+    size_t first = 0;
+    if (!extras.empty() && extras[0].rfind("-", 0) != 0) *recipe = extras[first++];  // RECIPE.yaml
+    for (size_t i = first; i < extras.size(); ++i) {
       std::string a = extras[i];
       AM_CHECK(a.rfind("--", 0) == 0 && a.size() > 2,
                "unexpected argument '{}': overrides look like --train.lr 3e-4", a);

@@ -5,6 +5,7 @@
 
 #include "core/check.h"
 #include "commands.h"
+#include "ops/ops.h"
 
 int main(int argc, char** argv) {
   CLI::App app{"automoe: fine-tune Hugging Face Mixture-of-Experts models"};
@@ -16,6 +17,7 @@ int main(int argc, char** argv) {
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
   }
+  automoe::cpu::set_num_threads_from_env();
   try {
     for (auto& r : runners)
       if (int rc = r(); rc != -1) return rc;
