@@ -7,10 +7,13 @@
 
 namespace automoe {
 
-AdditionScore addition_eval(Qwen3Moe& model, int64_t count, int digits, uint64_t seed, int64_t show) {
+AdditionScore addition_eval(Qwen3Moe& model, int64_t count, int digits, uint64_t seed, int64_t show,
+                            const std::set<std::vector<int64_t>>& train) {
   AdditionScore s;
   const int64_t V = model.config().vocab_size;
-  for (const Example& ex : addition_examples(count, digits, seed)) {
+  for (const Example& ex : addition_examples(4 * count, digits, seed)) {
+    if (s.total == count) break;
+    if (train.count(ex.ids)) continue;  // held out: never seen in training
     // prompt = everything up to and including '='
     int64_t eq = 0;
     while (ex.ids[eq] != 14) ++eq;

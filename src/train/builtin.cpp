@@ -58,8 +58,10 @@ std::vector<Example> addition_examples(int64_t count, int digits, uint64_t seed)
   int64_t limit = 1;
   for (int i = 0; i < digits; ++i) limit *= 10;
   std::vector<Example> out;
-  auto put_number = [](Example& ex, int64_t v, bool reversed, bool label) {
+  // Fixed widths (zero-padded) keep digit positions aligned, which a tiny model needs.
+  auto put_number = [](Example& ex, int64_t v, int width, bool reversed, bool label) {
     std::string s = std::to_string(v);
+    s = std::string(size_t(std::max(0, width - int(s.size()))), '0') + s;
     if (reversed) s = std::string(s.rbegin(), s.rend());
     for (char ch : s) {
       ex.ids.push_back(3 + (ch - '0'));
@@ -71,13 +73,13 @@ std::vector<Example> addition_examples(int64_t count, int digits, uint64_t seed)
     Example ex;
     ex.ids = {1};
     ex.labels = {-100};
-    put_number(ex, a, false, false);
+    put_number(ex, a, digits, false, false);
     ex.ids.push_back(13);
     ex.labels.push_back(-100);
-    put_number(ex, b, false, false);
+    put_number(ex, b, digits, false, false);
     ex.ids.push_back(14);
     ex.labels.push_back(-100);
-    put_number(ex, a + b, true, true);
+    put_number(ex, a + b, digits + 1, true, true);
     ex.ids.push_back(2);
     ex.labels.push_back(2);
     out.push_back(std::move(ex));

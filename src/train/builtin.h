@@ -16,8 +16,9 @@ ModelConfig builtin_model_config(const std::string& name);
 constexpr int64_t kAdditionVocab = 16;
 std::string addition_detokenize(const std::vector<int64_t>& ids);
 
-// `count` problems "a+b=" with a, b < 10^digits; the answer is written least-significant digit
-// first (so a tiny model can learn carries left to right); labels only on answer and <eos>.
+// `count` problems "a+b=" with a, b < 10^digits, zero-padded to `digits`; the answer has
+// digits+1 digits written least-significant first (so a tiny model can learn carries left to
+// right); labels only on the answer and <eos>.
 std::vector<Example> addition_examples(int64_t count, int digits, uint64_t seed);
 
 }  // namespace automoe

@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <set>
 
 #include "core/check.h"
 #include "model/qwen3_moe.h"
@@ -183,7 +184,9 @@ TrainResult run_finetune(const TrainConfig& cfg,
     std::printf("loaded %s back: all %zu parameters identical\n", result.export_dir.c_str(), back.params().size());
     if (cfg.data_builtin == "addition") {
       std::printf("held-out problems (answers are written least-significant digit first):\n");
-      AdditionScore sc = addition_eval(back, 200, int(cfg.data_digits), cfg.seed + 7919, 6);
+      std::set<std::vector<int64_t>> seen;
+      for (auto& ex : data) seen.insert(ex.ids);
+      AdditionScore sc = addition_eval(back, 200, int(cfg.data_digits), cfg.seed + 7919, 6, seen);
       std::printf("held-out accuracy: %lld/%lld exact answers\n", (long long)sc.correct, (long long)sc.total);
     }
   }
