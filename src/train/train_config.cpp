@@ -34,6 +34,11 @@ const std::map<std::string, Setter>& keys() {
       KEY("model.router_aux_loss_coef", router_aux_loss_coef, float),
       KEY("data.train", data_train, std::string),
       KEY("data.builtin", data_builtin, std::string),
+      KEY("data.format", data_format, std::string),
+      KEY("data.tokenizer", data_tokenizer, std::string),
+      KEY("data.train_on_prompt", train_on_prompt, bool),
+      KEY("data.skip_bad", skip_bad, bool),
+      KEY("data.enable_thinking", enable_thinking, std::string),
       KEY("data.examples", data_examples, int64_t),
       KEY("data.digits", data_digits, int64_t),
       KEY("data.seq_len", seq_len, int64_t),
@@ -111,6 +116,8 @@ TrainConfig load_train_config(const std::string& path,
            "unknown built-in task '{}'; the built-in tasks are: addition", c.data_builtin);
   AM_CHECK(c.steps > 0 && c.grad_accum > 0 && c.seq_len > 1 && c.micro_batch > 0 && c.log_every > 0,
            "train.steps, train.grad_accum, data.micro_batch and train.log_every must be positive and data.seq_len > 1");
+  AM_CHECK(c.enable_thinking.empty() || c.enable_thinking == "true" || c.enable_thinking == "false",
+           "data.enable_thinking must be true or false, got '{}'", c.enable_thinking);
   AM_CHECK(c.device == "cpu", "train.device '{}' is not available in this build; use cpu", c.device);
   return c;
 }
@@ -127,6 +134,10 @@ std::string TrainConfig::to_yaml() const {
   e << YAML::Key << "data" << YAML::Value << YAML::BeginMap;
   if (!data_train.empty()) e << YAML::Key << "train" << YAML::Value << data_train;
   if (!data_builtin.empty()) e << YAML::Key << "builtin" << YAML::Value << data_builtin;
+  e << YAML::Key << "format" << YAML::Value << data_format;
+  if (!data_tokenizer.empty()) e << YAML::Key << "tokenizer" << YAML::Value << data_tokenizer;
+  e << YAML::Key << "train_on_prompt" << YAML::Value << train_on_prompt << YAML::Key << "skip_bad" << YAML::Value << skip_bad;
+  if (!enable_thinking.empty()) e << YAML::Key << "enable_thinking" << YAML::Value << enable_thinking;
   e << YAML::Key << "examples" << YAML::Value << data_examples << YAML::Key << "digits" << YAML::Value
     << data_digits << YAML::Key << "seq_len" << YAML::Value << seq_len << YAML::Key << "micro_batch"
     << YAML::Value << micro_batch << YAML::EndMap;

@@ -20,6 +20,11 @@ struct TrainConfig {
   // data:
   std::string data_train;               // pre-tokenized JSONL (input_ids, labels)
   std::string data_builtin;             // or a built-in task: "addition"
+  std::string data_format = "auto";     // text | prompt_completion | messages | sharegpt | alpaca | tokens
+  std::string data_tokenizer;           // tokenizer path; default: the model directory
+  bool train_on_prompt = false;         // loss on prompt/user tokens too
+  bool skip_bad = false;                // skip malformed records (counted in metrics) instead of failing
+  std::string enable_thinking;          // "", "true" or "false": passed to the chat template
   int64_t data_examples = 20000;        // size of the built-in task
   int64_t data_digits = 3;
   int64_t seq_len = 64;

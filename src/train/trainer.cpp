@@ -6,13 +6,17 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <set>
 
 #include "core/check.h"
 #include "model/qwen3_moe.h"
 #include "model/weights.h"
+#include "text/chat_template.h"
 #include "text/dataset.h"
+#include "text/sft.h"
+#include "text/tokenizer.h"
 #include "train/addition_eval.h"
 #include "train/builtin.h"
 #include "train/checkpoint.h"
@@ -64,6 +68,42 @@ void truncate_metrics(const fs::path& path, int64_t last_step) {
 
 }  // namespace
 
+std::vector<Example> load_training_data(const TrainConfig& cfg, const ModelConfig& mc, SftStats* stats) {
+  if (!cfg.data_builtin.empty()) return addition_examples(cfg.data_examples, int(cfg.data_digits), cfg.seed + 1);
+  std::string tok_path = !cfg.data_tokenizer.empty() ? cfg.data_tokenizer : cfg.model_path;
+  bool have_tok = !tok_path.empty() && (fs::exists(fs::path(tok_path) / "tokenizer.json") ||
+                                        fs::exists(fs::path(tok_path) / "vocab.json") || fs::is_regular_file(tok_path));
+  if (!have_tok) {  // no tokenizer: the data must be pre-tokenized
+    AM_CHECK(cfg.data_format == "auto" || cfg.data_format == "tokens",
+             "data.format {} needs a tokenizer: the model directory has none; set data.tokenizer", cfg.data_format);
+    return load_tokenized_jsonl(cfg.data_train, mc.vocab_size);
+  }
+  Tokenizer tok = Tokenizer::load(tok_path);
+  std::string tdir = fs::is_directory(tok_path) ? tok_path : fs::path(tok_path).parent_path().string();
+  std::unique_ptr<ChatTemplate> chat;
+  bool has_template = fs::exists(fs::path(tdir) / "chat_template.jinja") || fs::exists(fs::path(tdir) / "tokenizer_config.json");
+  if (has_template) {
+    try {
+      chat = std::make_unique<ChatTemplate>(ChatTemplate::load(tdir));
+    } catch (const Error&) {  // tokenizer_config.json without a chat_template: plain formats still work
+    }
+  }
+  SftOptions opt;
+  opt.format = cfg.data_format;
+  opt.train_on_prompt = cfg.train_on_prompt;
+  opt.skip_bad = cfg.skip_bad;
+  if (!cfg.enable_thinking.empty()) opt.template_vars = {{"enable_thinking", cfg.enable_thinking == "true"}};
+  std::vector<Example> data = load_sft_file(cfg.data_train, tok, chat.get(), opt, stats);
+  for (size_t i = 0; i < data.size(); ++i)
+    for (int64_t id : data[i].ids)
+      AM_CHECK(id >= 0 && id < mc.vocab_size, "{}: record {} has token id {} outside the model's vocabulary [0, {}); "
+               "does the tokenizer belong to this model?", cfg.data_train, i, id, mc.vocab_size);
+  std::printf("data %s: %lld records, %lld tokens, %lld with loss%s\n", cfg.data_train.c_str(),
+              (long long)stats->records, (long long)stats->tokens, (long long)stats->labelled,
+              stats->skipped ? fmt::format(", {} skipped (first: {})", stats->skipped, stats->first_error).c_str() : "");
+  return data;
+}
+
 TrainResult run_finetune(const TrainConfig& cfg,
                          const std::function<void(const StepMetrics&)>& on_step) {
   TrainResult result;
@@ -82,9 +122,8 @@ TrainResult run_finetune(const TrainConfig& cfg,
     model.init_random(init_rng, cfg.init_std);
   }
   // ---- data
-  std::vector<Example> data = cfg.data_builtin.empty()
-                                  ? load_tokenized_jsonl(cfg.data_train, mc.vocab_size)
-                                  : addition_examples(cfg.data_examples, int(cfg.data_digits), cfg.seed + 1);
+  SftStats data_stats;
+  std::vector<Example> data = load_training_data(cfg, mc, &data_stats);
   AM_CHECK(cfg.data_builtin.empty() || mc.vocab_size >= kAdditionVocab,
            "the built-in addition task needs a vocabulary of at least {} tokens", kAdditionVocab);
   int64_t pad_id = mc.pad_token_id >= 0 ? mc.pad_token_id : 0;
@@ -155,6 +194,8 @@ TrainResult run_finetune(const TrainConfig& cfg,
                         {"grad_norm", m.grad_norm}, {"tokens", m.tokens},
                         {"tokens_per_s", m.tokens_per_s}, {"peak_mem_bytes", m.peak_mem_bytes}};
     if (mc.output_router_logits) j["aux_loss"] = m.aux;
+    j["epoch"] = order.epoch;
+    if (data_stats.skipped) j["data_skipped"] = data_stats.skipped;
     metrics << j.dump() << "\n";
     metrics.flush();
     if (m.step % cfg.log_every == 0 || m.step == cfg.steps || m.step == start + 1) {

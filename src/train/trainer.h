@@ -6,6 +6,9 @@
 #include <string>
 #include <vector>
 
+#include "model/config.h"
+#include "text/dataset.h"
+#include "text/sft.h"
 #include "train/train_config.h"
 
 namespace automoe {
@@ -26,6 +29,10 @@ struct TrainResult {
 // Runs the recipe. `on_step` (optional) sees every step's metrics (tests use it).
 TrainResult run_finetune(const TrainConfig& cfg,
                          const std::function<void(const StepMetrics&)>& on_step = nullptr);
+
+// The training examples the recipe names: a built-in task, pre-tokenized JSONL (models without
+// a tokenizer), or any SFT format through the model's tokenizer and chat template.
+std::vector<Example> load_training_data(const TrainConfig& cfg, const ModelConfig& mc, SftStats* stats);
 
 // Peak resident memory of this process (VmHWM), in bytes.
 int64_t peak_rss_bytes();
