@@ -5,5 +5,6 @@ namespace automoe::cli {
 void register_all(CLI::App& app, Runners& r) {
   add_finetune(app, r);
   add_forward(app, r);
+  add_encode(app, r);
 }
 }  // namespace automoe::cli
