@@ -5,6 +5,8 @@
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
 #include <unistd.h>
 
 #include "io/safetensors.h"
@@ -74,4 +76,28 @@ TEST(CliFinetune, UnknownOverrideIsAClearError) {
   std::string log;
   EXPECT_EQ(run("finetune --model.builtin tiny-moe --data.builtin addition --train.stepz 3", &log), 1);
   EXPECT_NE(log.find("unknown recipe key 'train.stepz'"), std::string::npos) << log;
+}
+
+TEST(CliEncode, ChatRendersAndTokenizesAsTransformers) {
+  const std::string tok = std::string(AUTOMOE_SOURCE_DIR) + "/../shared/data/tokenizers/qwen3";
+  if (!fs::exists(tok + "/tokenizer.json")) GTEST_SKIP() << "../shared/data/tokenizers/qwen3 not found";
+  std::ifstream f(std::string(AUTOMOE_SOURCE_DIR) + "/tests/fixtures/chat/chat_cases.json");
+  auto all = nlohmann::ordered_json::parse(f);
+  int checked = 0, i = 0;
+  for (auto& c : all["cases"]) {
+    if (c["template"] != "qwen3" || !c.contains("ids") || i++ % 3) continue;  // a third of them: each spawns a process
+    std::string in = tmp("chat.json");
+    std::ofstream(in) << nlohmann::ordered_json{{"messages", c["messages"]}, {"tools", c["tools"]}}.dump();
+    std::string args = "encode --tokenizer " + tok + " --chat " + in;
+    if (c["flags"].value("add_generation_prompt", false)) args += " --add-generation-prompt";
+    if (c["flags"].contains("enable_thinking"))
+      args += std::string(" --enable-thinking ") + (c["flags"]["enable_thinking"].get<bool>() ? "true" : "false");
+    std::string out, want = c["text"].get<std::string>() + "\n";
+    for (size_t k = 0; k < c["ids"].size(); ++k) want += (k ? " " : "") + std::to_string(c["ids"][k].get<int>());
+    want += "\n";
+    ASSERT_EQ(run(args, &out), 0) << out;
+    EXPECT_EQ(out, want) << c["case"] << " " << c["flags"].dump();
+    ++checked;
+  }
+  EXPECT_GE(checked, 10);
 }

@@ -6,5 +6,6 @@ void register_all(CLI::App& app, Runners& r) {
   add_finetune(app, r);
   add_forward(app, r);
   add_encode(app, r);
+  add_data(app, r);
 }
 }  // namespace automoe::cli

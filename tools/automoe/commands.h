@@ -10,5 +10,6 @@ using Runners = std::vector<std::function<int()>>;
 void add_finetune(CLI::App& app, Runners& r);
 void add_forward(CLI::App& app, Runners& r);
 void add_encode(CLI::App& app, Runners& r);
+void add_data(CLI::App& app, Runners& r);
 void register_all(CLI::App& app, Runners& r);
 }  // namespace automoe::cli
