@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# bench/device.sh: the one script run on the GPU machine (H200). From a fresh copy of the repo:
+# configures and builds the CUDA backend and its op check (CMake + Ninja, sm_90a), runs
+# cuda_op_check (every CUDA op against the CPU op), and prints a short table last.
+#   bash bench/device.sh [FILTER]      FILTER: only the op groups whose name contains it
+# Env: BUILD (build dir, default build-device), CUDA_ARCH (default 90a). Exit code: the op
+# check's (its number of failures), or the build's. The log is copied to $OUT when set.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+BUILD=${BUILD:-build-device}
+mkdir -p "$BUILD/.bin"
+
+# Ninja: the system's, else pip's (the GPU machine has no ninja-build package).
+if ! command -v ninja >/dev/null 2>&1; then
+  python3 -c 'import ninja' 2>/dev/null || { echo "device.sh: no ninja (system or pip)"; exit 2; }
+  printf '#!/bin/sh\nexec python3 -m ninja "$@"\n' > "$BUILD/.bin/ninja"
+  chmod +x "$BUILD/.bin/ninja"
+  export PATH="$PWD/$BUILD/.bin:$PATH"
+fi
+export CUDACXX=${CUDACXX:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null
+
+t0=$(date +%s)
+# Warnings stay warnings here (a newer host compiler must not stop the run); CI has -Werror.
+cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DAUTOMOE_WERROR=OFF \
+  -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCH:-90a}" > "$BUILD/configure.log" 2>&1 \
+  || { cat "$BUILD/configure.log"; echo "device.sh: configure failed"; exit 3; }
+grep -E "PCRE2|CUDA compiler identification" "$BUILD/configure.log"
+cmake --build "$BUILD" -j "$(nproc)" --target cuda_op_check > "$BUILD/build.log" 2>&1 \
+  || { tail -n 60 "$BUILD/build.log"; echo "device.sh: build failed"; exit 4; }
+t1=$(date +%s)
+echo "device.sh: built in $((t1 - t0)) s"
+
+export AUTOMOE_THREADS=0  # the CPU reference on every core
+"$BUILD/cuda_op_check" "$@" 2>&1 | tee "$BUILD/op_check.log"
+rc=${PIPESTATUS[0]}
+t2=$(date +%s)
+[ -n "${OUT:-}" ] && cp "$BUILD/op_check.log" "$BUILD/build.log" "$OUT/" 2>/dev/null
+
+# The short table, last: the failures, then one row per op.
+echo
+echo "== device.sh summary (build $((t1 - t0)) s, op check $((t2 - t1)) s, exit $rc) =="
+grep -E "^FAIL" "$BUILD/op_check.log" | head -n 40
+sed -n '/^op  *checks/,$p' "$BUILD/op_check.log"
+exit "$rc"

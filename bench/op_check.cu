@@ -1,0 +1,768 @@
+// bench/op_check.cu: checks every CUDA op (backend/cuda, bf16) against the CPU op (backend/cpu,
+// fp32) on the same bf16-rounded inputs, in the style of ggml's test-backend-ops. Odd shapes
+// (5, 7, 11, 13), one realistic shape per op, experts without tokens and all tokens on one
+// expert. Per output: NMSE = sum (cuda - cpu)^2 / sum cpu^2 against a per-op limit, NaN/Inf
+// where the CPU is finite, and 256-byte sentinel zones before and after every CUDA output
+// buffer (checked after the op; "=" outputs start as NaN so an unwritten element shows).
+//
+//   cuda_op_check [FILTER]     runs the cases whose op name contains FILTER
+// Prints `OK|FAIL op output shape nmse (limit)` per check, then a table per op. Exit code: the
+// number of failures (at most 255); 0 with a message when there is no CUDA device.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "backend/cuda/ops_cuda.h"
+#include "ops/ops.h"
+
+using automoe::cuda::bf16;
+namespace cu = automoe::cuda;
+namespace cpu = automoe::cpu;
+
+namespace {
+
+// ---- limits --------------------------------------------------------------------------------
+// The CPU reference sees the same bf16-rounded inputs and computes in fp32, so the difference
+// is the CUDA side's: one bf16 rounding of an output is a relative error up to 2^-9, an NMSE
+// of about 1.3e-6; fp32 sums in another order differ by ~1e-7 relative (NMSE ~1e-13).
+constexpr double kExact = 0.0;        // copies (embedding, permute) and integer outputs
+constexpr double kBf16Out = 1e-4;     // bf16 output after fp32 math: ~1e-6 expected
+constexpr double kBf16Chain = 1e-3;   // bf16 output through cancellation or a bf16 intermediate
+                                      // (attention bwd uses the bf16 forward output, rmsnorm
+                                      // dx and router dlogits subtract nearly equal terms)
+constexpr double kF32 = 1e-6;         // fp32 statistics and gradients from bf16 inputs
+constexpr double kF32Exact = 1e-10;   // fp32 element-wise (optimizer): ~1 ulp differences
+constexpr double kF64 = 1e-20;        // double sums (sum of squares), squared relative error
+
+constexpr size_t kGuardBytes = 256;
+constexpr unsigned char kSentinel = 0xA5;
+
+std::mt19937 g_rng(20261128);
+
+void cuda_ok(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) throw automoe::Error(std::string(what) + ": " + cudaGetErrorString(e));
+}
+
+// Device buffer with sentinel zones of kGuardBytes on both sides (the body stays 256-aligned).
+// Copies and fills finish before they return (the ops run on the Ctx's non-blocking stream,
+// which does not wait for the legacy stream that cudaMemcpy/cudaMemset use).
+struct DevBase {
+  virtual ~DevBase() = default;
+};
+template <class T>
+struct Dev : DevBase {
+  unsigned char* raw = nullptr;
+  size_t n = 0;
+  T* p = nullptr;
+  explicit Dev(size_t n_) : n(n_) {
+    cuda_ok(cudaMalloc(&raw, bytes() + 2 * kGuardBytes), "cudaMalloc");
+    cuda_ok(cudaMemset(raw, kSentinel, bytes() + 2 * kGuardBytes), "cudaMemset");
+    cuda_ok(cudaDeviceSynchronize(), "cudaMemset");
+    p = reinterpret_cast<T*>(raw + kGuardBytes);
+  }
+  ~Dev() override { cudaFree(raw); }
+  Dev(const Dev&) = delete;
+  Dev& operator=(const Dev&) = delete;
+  size_t bytes() const { return n * sizeof(T); }
+  void upload(const std::vector<T>& h) {
+    cuda_ok(cudaMemcpy(p, h.data(), bytes(), cudaMemcpyHostToDevice), "upload");
+    cuda_ok(cudaDeviceSynchronize(), "upload");
+  }
+  void fill_nan() {  // NaN for floats, -1 for integers
+    cuda_ok(cudaMemset(p, 0xFF, bytes()), "cudaMemset");
+    cuda_ok(cudaDeviceSynchronize(), "cudaMemset");
+  }
+  std::vector<T> download() const {
+    std::vector<T> h(n);
+    cuda_ok(cudaMemcpy(h.data(), p, bytes(), cudaMemcpyDeviceToHost), "download");
+    return h;
+  }
+  bool guards_ok() const {
+    std::vector<unsigned char> g(kGuardBytes);
+    for (const unsigned char* zone : {raw, raw + kGuardBytes + bytes()}) {
+      cuda_ok(cudaMemcpy(g.data(), zone, kGuardBytes, cudaMemcpyDeviceToHost), "guard");
+      for (unsigned char c : g)
+        if (c != kSentinel) return false;
+    }
+    return true;
+  }
+};
+
+// Owns the buffers of one case; they are freed when the case ends.
+struct Pool {
+  std::vector<std::unique_ptr<DevBase>> bufs;
+  template <class T>
+  Dev<T>& in(const std::vector<T>& h) {
+    Dev<T>& d = add(std::make_unique<Dev<T>>(h.size()));
+    d.upload(h);
+    return d;
+  }
+  template <class T>
+  Dev<T>& out(size_t n) {  // an "=" output: starts as NaN (-1 for integers)
+    Dev<T>& d = add(std::make_unique<Dev<T>>(n));
+    d.fill_nan();
+    return d;
+  }
+  template <class T>
+  Dev<T>& add(std::unique_ptr<Dev<T>> d) {
+    Dev<T>& r = *d;
+    bufs.push_back(std::move(d));
+    return r;
+  }
+};
+
+// ---- host data --------------------------------------------------------------------------------
+std::vector<float> uniform(size_t n, float lo, float hi) {
+  std::uniform_real_distribution<float> d(lo, hi);
+  std::vector<float> v(n);
+  for (auto& x : v) x = d(g_rng);
+  return v;
+}
+// bf16 values and the same values as fp32 (what the CPU reference reads)
+struct Bf {
+  std::vector<bf16> h;
+  std::vector<float> f;
+};
+Bf bf_uniform(size_t n, float lo, float hi) {
+  Bf r;
+  r.h.resize(n);
+  r.f.resize(n);
+  std::uniform_real_distribution<float> d(lo, hi);
+  for (size_t i = 0; i < n; ++i) {
+    r.h[i] = __float2bfloat16_rn(d(g_rng));
+    r.f[i] = __bfloat162float(r.h[i]);
+  }
+  return r;
+}
+std::vector<float> to_f(const std::vector<bf16>& v) {
+  std::vector<float> r(v.size());
+  for (size_t i = 0; i < v.size(); ++i) r[i] = __bfloat162float(v[i]);
+  return r;
+}
+template <class T>
+std::vector<float> to_f(const std::vector<T>& v) {
+  return std::vector<float>(v.begin(), v.end());
+}
+int rand_int(int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(g_rng); }
+
+// K distinct experts per token. mode 0: any of E; 1: only every third expert (the others get
+// no token); 2: always experts 0..K-1 (all tokens on the same K experts; with K = 1, one expert).
+std::vector<int32_t> routing(int64_t N, int64_t E, int64_t K, int mode) {
+  std::vector<int32_t> idx(N * K);
+  std::vector<int32_t> pool;
+  for (int32_t e = 0; e < E; ++e)
+    if (mode != 1 || e % 3 == 0) pool.push_back(e);
+  for (int64_t n = 0; n < N; ++n) {
+    if (mode == 2) {
+      for (int64_t j = 0; j < K; ++j) idx[n * K + j] = int32_t(K - 1 - j);
+      continue;
+    }
+    std::shuffle(pool.begin(), pool.end(), g_rng);
+    for (int64_t j = 0; j < K; ++j) idx[n * K + j] = pool[j];
+  }
+  return idx;
+}
+
+// ---- checking -------------------------------------------------------------------------------
+struct OpStats {
+  int checks = 0, fails = 0;
+  double worst = 0.0;  // largest nmse / limit (limit 0: nmse itself)
+};
+std::map<std::string, OpStats> g_stats;
+int g_failures = 0;
+
+void record(const std::string& op, const std::string& what, const std::string& shape, bool ok,
+            double nmse, double limit, const std::string& note) {
+  std::printf("%-4s %-20s %-9s %-30s nmse=%.2e (limit %.0e)%s%s\n", ok ? "OK" : "FAIL", op.c_str(),
+              what.c_str(), shape.c_str(), nmse, limit, note.empty() ? "" : "  ", note.c_str());
+  std::fflush(stdout);
+  OpStats& s = g_stats[op];
+  s.checks++;
+  if (!ok) {
+    s.fails++;
+    g_failures++;
+  }
+  const double ratio = limit > 0 ? nmse / limit : nmse;
+  if (std::isfinite(ratio)) s.worst = std::max(s.worst, ratio);
+}
+
+// got (CUDA) against ref (CPU): NMSE, non-finite values where the reference is finite.
+void check(const std::string& op, const std::string& what, const std::string& shape,
+           const std::vector<float>& got, const std::vector<float>& ref, double limit,
+           bool guards) {
+  double num = 0, den = 0;
+  int64_t bad = 0;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    if (std::isfinite(ref[i]) != std::isfinite(got[i])) {
+      ++bad;
+      continue;
+    }
+    if (!std::isfinite(ref[i])) continue;
+    const double d = double(got[i]) - double(ref[i]);
+    num += d * d;
+    den += double(ref[i]) * double(ref[i]);
+  }
+  const double nmse = den > 0 ? num / den : num;
+  std::string note;
+  if (bad) note += std::to_string(bad) + " NaN/Inf mismatches; ";
+  if (!guards) note += "sentinel zone overwritten (out-of-bounds write); ";
+  record(op, what, shape, bad == 0 && guards && nmse <= limit, nmse, limit, note);
+}
+template <class T>
+void check(const std::string& op, const std::string& what, const std::string& shape,
+           const Dev<T>& got, const std::vector<float>& ref, double limit) {
+  check(op, what, shape, to_f(got.download()), ref, limit, got.guards_ok());
+}
+void check_i32(const std::string& op, const std::string& what, const std::string& shape,
+               const Dev<int32_t>& got, const std::vector<int32_t>& ref) {
+  auto g = got.download();
+  int64_t diff = 0;
+  for (size_t i = 0; i < ref.size(); ++i) diff += g[i] != ref[i];
+  std::string note =
+      diff ? std::to_string(diff) + " of " + std::to_string(ref.size()) + " differ" : "";
+  const bool guards = got.guards_ok();
+  if (!guards) note += " sentinel zone overwritten";
+  record(op, what, shape, diff == 0 && guards, double(diff), kExact, note);
+}
+
+std::string shape_str(std::initializer_list<std::pair<const char*, int64_t>> dims) {
+  std::string s;
+  for (auto& [k, v] : dims) s += (s.empty() ? "" : " ") + std::string(k) + "=" + std::to_string(v);
+  return s;
+}
+
+void sync(const cu::Ctx& ctx) { CUDA_CHECK(cudaStreamSynchronize(ctx.stream)); }
+
+// ---- cases, one function per op file ---------------------------------------------------------
+
+void case_embedding(const cu::Ctx& ctx, int64_t V, int64_t N, int64_t C) {
+  const std::string sh = shape_str({{"V", V}, {"N", N}, {"C", C}});
+  Pool pool;
+  Bf wte = bf_uniform(V * C, -1, 1);
+  std::vector<int64_t> ids(N);
+  for (auto& id : ids) id = rand_int(0, int(std::min<int64_t>(V, N / 2 + 1)) - 1);  // repeats
+  std::vector<float> out_ref(N * C);
+  cpu::embedding_fwd(out_ref.data(), ids.data(), wte.f.data(), N, C);
+  auto& d_ids = pool.in(ids);
+  auto& d_wte = pool.in(wte.h);
+  auto& d_out = pool.out<bf16>(N * C);
+  cu::embedding_fwd(d_out.p, d_ids.p, d_wte.p, N, C, ctx);
+  sync(ctx);
+  check("embedding_fwd", "out", sh, d_out, out_ref, kExact);
+
+  Bf dout = bf_uniform(N * C, -1, 1);
+  std::vector<float> dwte = uniform(V * C, -1, 1);
+  auto& d_dout = pool.in(dout.h);
+  auto& d_dwte = pool.in(dwte);
+  cpu::embedding_bwd(dwte.data(), dout.f.data(), ids.data(), N, C);
+  cu::embedding_bwd(d_dwte.p, d_dout.p, d_ids.p, N, C, ctx);
+  sync(ctx);
+  check("embedding_bwd", "dwte", sh, d_dwte, dwte, kF32);
+}
+
+void case_rmsnorm(const cu::Ctx& ctx, int64_t N, int64_t C) {
+  const std::string sh = shape_str({{"N", N}, {"C", C}});
+  Pool pool;
+  const float eps = 1e-6f;
+  Bf x = bf_uniform(N * C, -2, 2), w = bf_uniform(C, 0.5f, 1.5f);
+  std::vector<float> out_ref(N * C), rstd_ref(N);
+  cpu::rmsnorm_fwd(out_ref.data(), rstd_ref.data(), x.f.data(), w.f.data(), N, C, eps);
+  auto& d_x = pool.in(x.h);
+  auto& d_w = pool.in(w.h);
+  auto& d_out = pool.out<bf16>(N * C);
+  auto& d_rstd = pool.out<float>(N);
+  cu::rmsnorm_fwd(d_out.p, d_rstd.p, d_x.p, d_w.p, N, C, eps, ctx);
+  sync(ctx);
+  check("rmsnorm_fwd", "out", sh, d_out, out_ref, kBf16Out);
+  check("rmsnorm_fwd", "rstd", sh, d_rstd, rstd_ref, kF32);
+
+  Bf dout = bf_uniform(N * C, -1, 1);
+  std::vector<float> dx_ref(N * C), dw = uniform(C, -1, 1);
+  auto& d_dout = pool.in(dout.h);
+  auto& d_dw = pool.in(dw);
+  auto& d_dx = pool.out<bf16>(N * C);
+  cpu::rmsnorm_bwd(dx_ref.data(), dw.data(), dout.f.data(), x.f.data(), w.f.data(),
+                   rstd_ref.data(), N, C);
+  cu::rmsnorm_bwd(d_dx.p, d_dw.p, d_dout.p, d_x.p, d_w.p, d_rstd.p, N, C, ctx);
+  sync(ctx);
+  check("rmsnorm_bwd", "dx", sh, d_dx, dx_ref, kBf16Chain);
+  check("rmsnorm_bwd", "dw", sh, d_dw, dw, kF32);
+}
+
+void case_linear(const cu::Ctx& ctx, int64_t N, int64_t I, int64_t O, bool bias, float dx_beta) {
+  const std::string sh = shape_str({{"N", N}, {"I", I}, {"O", O}, {"bias", bias}}) +
+                         (dx_beta != 0 ? " dx+=" : "");
+  Pool pool;
+  const float ws = 1.0f / std::sqrt(float(I));
+  Bf x = bf_uniform(N * I, -1, 1), w = bf_uniform(O * I, -ws, ws), b = bf_uniform(O, -1, 1);
+  std::vector<float> out_ref(N * O);
+  cpu::linear_fwd(out_ref.data(), x.f.data(), w.f.data(), bias ? b.f.data() : nullptr, N, I, O);
+  auto& d_x = pool.in(x.h);
+  auto& d_w = pool.in(w.h);
+  auto& d_b = pool.in(b.h);
+  auto& d_out = pool.out<bf16>(N * O);
+  cu::linear_fwd(d_out.p, d_x.p, d_w.p, bias ? d_b.p : nullptr, N, I, O, ctx);
+  sync(ctx);
+  check("linear_fwd", "out", sh, d_out, out_ref, kBf16Out);
+
+  Bf dout = bf_uniform(N * O, -1, 1), dx0 = bf_uniform(N * I, -1, 1);
+  std::vector<float> dx_ref = dx0.f, dw = uniform(O * I, -1, 1), db = uniform(O, -1, 1);
+  auto& d_dout = pool.in(dout.h);
+  auto& d_dx = pool.in(dx0.h);
+  if (dx_beta == 0) d_dx.fill_nan();  // beta 0 must not read dx (NaN * 0 would show)
+  auto& d_dw = pool.in(dw);
+  auto& d_db = pool.in(db);
+  cpu::linear_bwd(dx_ref.data(), dx_beta, dw.data(), bias ? db.data() : nullptr, dout.f.data(),
+                  x.f.data(), w.f.data(), N, I, O);
+  cu::linear_bwd(d_dx.p, dx_beta, d_dw.p, bias ? d_db.p : nullptr, d_dout.p, d_x.p, d_w.p, N, I,
+                 O, ctx);
+  sync(ctx);
+  check("linear_bwd", "dx", sh, d_dx, dx_ref, kBf16Out);
+  check("linear_bwd", "dw", sh, d_dw, dw, kF32);
+  if (bias) check("linear_bwd", "db", sh, d_db, db, kF32);
+}
+
+void case_rope(const cu::Ctx& ctx, int64_t N, int64_t H, int64_t D, float theta) {
+  const std::string sh = shape_str({{"N", N}, {"H", H}, {"D", D}});
+  Pool pool;
+  Bf x = bf_uniform(N * H * D, -1, 1), dout = bf_uniform(N * H * D, -1, 1);
+  std::vector<int32_t> pos(N);
+  for (auto& p : pos) p = rand_int(0, 4095);
+  std::vector<float> out_ref(N * H * D), dx_ref(N * H * D);
+  cpu::rope_fwd(out_ref.data(), x.f.data(), pos.data(), N, H, D, theta);
+  cpu::rope_bwd(dx_ref.data(), dout.f.data(), pos.data(), N, H, D, theta);
+  auto& d_x = pool.in(x.h);
+  auto& d_pos = pool.in(pos);
+  auto& d_out = pool.out<bf16>(N * H * D);
+  auto& d_g = pool.in(dout.h);  // backward in place: dx overwrites dout
+  cu::rope_fwd(d_out.p, d_x.p, d_pos.p, N, H, D, theta, ctx);
+  cu::rope_bwd(d_g.p, d_g.p, d_pos.p, N, H, D, theta, ctx);
+  sync(ctx);
+  check("rope_fwd", "out", sh, d_out, out_ref, kBf16Out);
+  check("rope_bwd", "dx(inpl)", sh, d_g, dx_ref, kBf16Out);
+}
+
+// lse[b,h,t] of the masked, scaled scores, in double (the CPU op saves probabilities instead).
+std::vector<float> attention_lse(const std::vector<float>& q, const std::vector<float>& k,
+                                 const std::vector<int32_t>* doc, int64_t B, int64_t T,
+                                 int64_t nH, int64_t nKV, int64_t D) {
+  std::vector<float> lse(B * nH * T);
+  const double scale = 1.0 / std::sqrt(double(D));
+  std::vector<double> sc(T);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < nH; ++h)
+      for (int64_t t = 0; t < T; ++t) {
+        double mx = -INFINITY;
+        for (int64_t s = 0; s <= t; ++s) {
+          sc[s] = -INFINITY;
+          if (doc && (*doc)[b * T + s] != (*doc)[b * T + t]) continue;
+          double dot = 0;
+          for (int64_t d = 0; d < D; ++d)
+            dot += double(q[((b * T + t) * nH + h) * D + d]) *
+                   k[((b * T + s) * nKV + h / (nH / nKV)) * D + d];
+          sc[s] = dot * scale;
+          mx = std::max(mx, sc[s]);
+        }
+        double sum = 0;
+        for (int64_t s = 0; s <= t; ++s)
+          if (sc[s] != -INFINITY) sum += std::exp(sc[s] - mx);
+        lse[(b * nH + h) * T + t] = float(mx + std::log(sum));
+      }
+  return lse;
+}
+
+void case_attention(const cu::Ctx& ctx, int64_t B, int64_t T, int64_t nH, int64_t nKV,
+                    int64_t D, int docs) {
+  const std::string sh =
+      shape_str({{"B", B}, {"T", T}, {"nH", nH}, {"nKV", nKV}, {"D", D}, {"docs", docs}});
+  Pool pool;
+  const int64_t nq = B * T * nH * D, nk = B * T * nKV * D;
+  Bf q = bf_uniform(nq, -1, 1), k = bf_uniform(nk, -1, 1), v = bf_uniform(nk, -1, 1);
+  Bf dout = bf_uniform(nq, -1, 1);
+  std::vector<int32_t> doc(B * T);
+  for (int64_t b = 0; b < B; ++b) {  // docs documents of random lengths per sequence
+    std::vector<int64_t> cuts{0, T};
+    for (int i = 1; i < docs; ++i) cuts.push_back(rand_int(1, int(T) - 1));
+    std::sort(cuts.begin(), cuts.end());
+    for (size_t i = 0; i + 1 < cuts.size(); ++i)
+      for (int64_t t = cuts[i]; t < cuts[i + 1]; ++t) doc[b * T + t] = int32_t(i);
+  }
+  const int32_t* doc_p = docs > 1 ? doc.data() : nullptr;
+  std::vector<float> out_ref(nq), att(B * nH * T * T), dq_ref(nq), dk_ref(nk), dv_ref(nk);
+  cpu::attention_fwd(out_ref.data(), att.data(), q.f.data(), k.f.data(), v.f.data(), doc_p, B, T,
+                     nH, nKV, D);
+  cpu::attention_bwd(dq_ref.data(), dk_ref.data(), dv_ref.data(), dout.f.data(), att.data(),
+                     q.f.data(), k.f.data(), v.f.data(), B, T, nH, nKV, D);
+  std::vector<float> lse_ref = attention_lse(q.f, k.f, docs > 1 ? &doc : nullptr, B, T, nH, nKV, D);
+
+  auto& d_q = pool.in(q.h);
+  auto& d_k = pool.in(k.h);
+  auto& d_v = pool.in(v.h);
+  auto& d_doc = pool.in(doc);
+  auto& d_out = pool.out<bf16>(nq);
+  auto& d_lse = pool.out<float>(B * nH * T);
+  const int32_t* d_doc_p = docs > 1 ? d_doc.p : nullptr;
+  cu::attention_fwd(d_out.p, d_lse.p, d_q.p, d_k.p, d_v.p, d_doc_p, B, T, nH, nKV, D, ctx);
+  sync(ctx);
+  check("attention_fwd", "out", sh, d_out, out_ref, kBf16Out);
+  check("attention_fwd", "lse", sh, d_lse, lse_ref, kF32);
+
+  auto& d_dout = pool.in(dout.h);
+  auto& d_dq = pool.out<bf16>(nq);
+  auto& d_dk = pool.out<bf16>(nk);
+  auto& d_dv = pool.out<bf16>(nk);
+  cu::attention_bwd(d_dq.p, d_dk.p, d_dv.p, d_dout.p, d_out.p, d_lse.p, d_q.p, d_k.p, d_v.p,
+                    d_doc_p, B, T, nH, nKV, D, ctx);
+  sync(ctx);
+  check("attention_bwd", "dq", sh, d_dq, dq_ref, kBf16Chain);
+  check("attention_bwd", "dk", sh, d_dk, dk_ref, kBf16Chain);
+  check("attention_bwd", "dv", sh, d_dv, dv_ref, kBf16Chain);
+}
+
+void case_router(const cu::Ctx& ctx, int64_t N, int64_t E, int64_t K, bool norm, bool extra) {
+  const std::string sh = shape_str({{"N", N}, {"E", E}, {"K", K}, {"norm", norm}});
+  Pool pool;
+  Bf logits = bf_uniform(N * E, -3, 3);
+  std::vector<float> probs_ref(N * E), w_ref(N * K);
+  std::vector<int32_t> idx_ref(N * K);
+  cpu::router_fwd(probs_ref.data(), idx_ref.data(), w_ref.data(), logits.f.data(), N, E, K, norm);
+  auto& d_logits = pool.in(logits.h);
+  auto& d_probs = pool.out<float>(N * E);
+  auto& d_idx = pool.out<int32_t>(N * K);
+  auto& d_w = pool.out<float>(N * K);
+  cu::router_fwd(d_probs.p, d_idx.p, d_w.p, d_logits.p, N, E, K, norm, ctx);
+  sync(ctx);
+  check("router_fwd", "probs", sh, d_probs, probs_ref, kF32);
+  check_i32("router_fwd", "topk_idx", sh, d_idx, idx_ref);
+  check("router_fwd", "topk_w", sh, d_w, w_ref, kF32);
+
+  std::vector<float> dw = uniform(N * K, -1, 1), dextra = uniform(N * E, -1, 1);
+  std::vector<float> dl_ref(N * E);
+  cpu::router_bwd(dl_ref.data(), dw.data(), extra ? dextra.data() : nullptr, probs_ref.data(),
+                  idx_ref.data(), N, E, K, norm);
+  auto& d_dw = pool.in(dw);
+  auto& d_extra = pool.in(dextra);
+  auto& d_dl = pool.out<bf16>(N * E);
+  cu::router_bwd(d_dl.p, d_dw.p, extra ? d_extra.p : nullptr, d_probs.p, d_idx.p, N, E, K, norm,
+                 ctx);
+  sync(ctx);
+  check("router_bwd", "dlogits", sh + (extra ? " extra" : ""), d_dl, dl_ref, kBf16Chain);
+}
+
+// Layout, permute/unpermute and the grouped linear on one routing (mode: see routing()).
+void case_moe(const cu::Ctx& ctx, int64_t N, int64_t E, int64_t K, int64_t C, int64_t O,
+              int mode) {
+  static const char* kModes[] = {"random", "sparse", "one-set"};
+  const std::string sh =
+      shape_str({{"N", N}, {"E", E}, {"K", K}, {"C", C}}) + " " + kModes[mode];
+  Pool pool;
+  const int64_t R = N * K;
+  std::vector<int32_t> idx = routing(N, E, K, mode);
+  std::vector<int32_t> off_ref(E + 1), row_ref(R);
+  cpu::moe_layout(off_ref.data(), row_ref.data(), idx.data(), N, E, K);
+  auto& d_idx = pool.in(idx);
+  auto& d_off = pool.out<int32_t>(E + 1);
+  auto& d_row = pool.out<int32_t>(R);
+  cu::moe_layout(d_off.p, d_row.p, d_idx.p, N, E, K, ctx);
+  sync(ctx);
+  check_i32("moe_layout", "offsets", sh, d_off, off_ref);
+  check_i32("moe_layout", "slot_row", sh, d_row, row_ref);
+
+  // permute / unpermute (the CUDA side uses its own layout: equal when the check above passed)
+  Bf x = bf_uniform(N * C, -1, 1), dxs = bf_uniform(R * C, -1, 1), ys = bf_uniform(R * C, -1, 1);
+  Bf dout = bf_uniform(N * C, -1, 1);
+  std::vector<float> w = uniform(N * K, 0, 1);
+  std::vector<float> xs_ref(R * C), dx_ref(N * C), out_ref(N * C), dys_ref(R * C), dw_ref(N * K);
+  cpu::permute_fwd(xs_ref.data(), x.f.data(), row_ref.data(), N, K, C);
+  cpu::permute_bwd(dx_ref.data(), dxs.f.data(), row_ref.data(), N, K, C);
+  cpu::unpermute_fwd(out_ref.data(), ys.f.data(), w.data(), row_ref.data(), N, K, C);
+  cpu::unpermute_bwd(dys_ref.data(), dw_ref.data(), dout.f.data(), ys.f.data(), w.data(),
+                     row_ref.data(), N, K, C);
+  auto& d_x = pool.in(x.h);
+  auto& d_dxs = pool.in(dxs.h);
+  auto& d_ys = pool.in(ys.h);
+  auto& d_dout = pool.in(dout.h);
+  auto& d_w = pool.in(w);
+  auto& d_xs = pool.out<bf16>(R * C);
+  auto& d_dx = pool.out<bf16>(N * C);
+  auto& d_out = pool.out<bf16>(N * C);
+  auto& d_dys = pool.out<bf16>(R * C);
+  auto& d_dw = pool.out<float>(N * K);
+  cu::permute_fwd(d_xs.p, d_x.p, d_row.p, N, K, C, ctx);
+  cu::permute_bwd(d_dx.p, d_dxs.p, d_row.p, N, K, C, ctx);
+  cu::unpermute_fwd(d_out.p, d_ys.p, d_w.p, d_row.p, N, K, C, ctx);
+  cu::unpermute_bwd(d_dys.p, d_dw.p, d_dout.p, d_ys.p, d_w.p, d_row.p, N, K, C, ctx);
+  sync(ctx);
+  check("permute_fwd", "xs", sh, d_xs, xs_ref, kExact);
+  check("permute_bwd", "dx", sh, d_dx, dx_ref, kBf16Out);
+  check("unpermute_fwd", "out", sh, d_out, out_ref, kBf16Out);
+  check("unpermute_bwd", "dys", sh, d_dys, dys_ref, kBf16Out);
+  check("unpermute_bwd", "dw", sh, d_dw, dw_ref, kF32);
+
+  // grouped linear over the permuted rows: I = C inputs, O outputs per expert
+  const std::string gsh = shape_str({{"R", R}, {"E", E}, {"I", C}, {"O", O}}) + " " + kModes[mode];
+  const int64_t I = C;
+  const float ws = 1.0f / std::sqrt(float(I));
+  Bf gw = bf_uniform(E * O * I, -ws, ws), gdout = bf_uniform(R * O, -1, 1);
+  std::vector<float> gout_ref(R * O), gdx_ref(R * I), gdw = uniform(E * O * I, -1, 1);
+  cpu::grouped_linear_fwd(gout_ref.data(), xs_ref.data(), gw.f.data(), off_ref.data(), E, I, O);
+  auto& d_gw = pool.in(gw.h);
+  auto& d_gdout = pool.in(gdout.h);
+  auto& d_gdw = pool.in(gdw);
+  auto& d_gout = pool.out<bf16>(R * O);
+  auto& d_gdx = pool.out<bf16>(R * I);
+  cpu::grouped_linear_bwd(gdx_ref.data(), gdw.data(), gdout.f.data(), xs_ref.data(), gw.f.data(),
+                          off_ref.data(), E, I, O);
+  cu::grouped_linear_fwd(d_gout.p, d_xs.p, d_gw.p, d_off.p, R, E, I, O, ctx);
+  cu::grouped_linear_bwd(d_gdx.p, d_gdw.p, d_gdout.p, d_xs.p, d_gw.p, d_off.p, R, E, I, O, ctx);
+  sync(ctx);
+  check("grouped_linear_fwd", "out", gsh, d_gout, gout_ref, kBf16Out);
+  check("grouped_linear_bwd", "dx", gsh, d_gdx, gdx_ref, kBf16Out);
+  check("grouped_linear_bwd", "dw", gsh, d_gdw, gdw, kF32);
+}
+
+void case_swiglu(const cu::Ctx& ctx, int64_t N, int64_t F) {
+  const std::string sh = shape_str({{"N", N}, {"F", F}});
+  Pool pool;
+  Bf gu = bf_uniform(N * 2 * F, -4, 4), dout = bf_uniform(N * F, -1, 1);
+  std::vector<float> out_ref(N * F), dgu_ref(N * 2 * F);
+  cpu::swiglu_fwd(out_ref.data(), gu.f.data(), N, F);
+  cpu::swiglu_bwd(dgu_ref.data(), dout.f.data(), gu.f.data(), N, F);
+  auto& d_gu = pool.in(gu.h);
+  auto& d_dout = pool.in(dout.h);
+  auto& d_out = pool.out<bf16>(N * F);
+  auto& d_dgu = pool.out<bf16>(N * 2 * F);
+  cu::swiglu_fwd(d_out.p, d_gu.p, N, F, ctx);
+  cu::swiglu_bwd(d_dgu.p, d_dout.p, d_gu.p, N, F, ctx);
+  sync(ctx);
+  check("swiglu_fwd", "out", sh, d_out, out_ref, kBf16Out);
+  check("swiglu_bwd", "dgu", sh, d_dgu, dgu_ref, kBf16Out);
+}
+
+void case_cross_entropy(const cu::Ctx& ctx, int64_t N, int64_t V, bool inplace) {
+  const std::string sh = shape_str({{"N", N}, {"V", V}}) + (inplace ? " inplace" : "");
+  Pool pool;
+  Bf logits = bf_uniform(N * V, -8, 8);
+  std::vector<int64_t> tgt(N);
+  int64_t labelled = 0;
+  for (int64_t n = 0; n < N; ++n) {
+    tgt[n] = n % 4 == 1 ? -100 : rand_int(0, int(V) - 1);  // every fourth row ignored
+    labelled += tgt[n] != -100;
+  }
+  const float scale = 1.0f / float(std::max<int64_t>(1, labelled));
+  std::vector<float> loss_ref(N), lse_ref(N), dl_ref(N * V);
+  cpu::cross_entropy_fwd(loss_ref.data(), lse_ref.data(), logits.f.data(), tgt.data(), N, V);
+  cpu::cross_entropy_bwd(dl_ref.data(), logits.f.data(), lse_ref.data(), tgt.data(), scale, N, V);
+  auto& d_logits = pool.in(logits.h);
+  auto& d_tgt = pool.in(tgt);
+  auto& d_loss = pool.out<float>(N);
+  auto& d_lse = pool.out<float>(N);
+  cu::cross_entropy_fwd(d_loss.p, d_lse.p, d_logits.p, d_tgt.p, N, V, ctx);
+  sync(ctx);
+  check("cross_entropy_fwd", "losses", sh, d_loss, loss_ref, kF32);
+  check("cross_entropy_fwd", "lse", sh, d_lse, lse_ref, kF32);
+  Dev<bf16>& d_dl = inplace ? d_logits : pool.out<bf16>(N * V);
+  cu::cross_entropy_bwd(d_dl.p, d_logits.p, d_lse.p, d_tgt.p, scale, N, V, ctx);
+  sync(ctx);
+  check("cross_entropy_bwd", "dlogits", sh, d_dl, dl_ref, kBf16Out);
+}
+
+void case_aux_loss(const cu::Ctx& ctx, int64_t N, int64_t E, int64_t K, int mode) {
+  const std::string sh = shape_str({{"N", N}, {"E", E}, {"K", K}}) + (mode ? " sparse" : "");
+  Pool pool;
+  std::vector<float> probs = uniform(N * E, 0, 1);
+  for (int64_t n = 0; n < N; ++n) {  // rows of a softmax: positive, sum 1
+    float s = 0;
+    for (int64_t e = 0; e < E; ++e) s += probs[n * E + e];
+    for (int64_t e = 0; e < E; ++e) probs[n * E + e] /= s;
+  }
+  std::vector<int32_t> idx = routing(N, E, K, mode);
+  const float daux = 0.01f;
+  std::vector<float> aux_ref{cpu::aux_loss_fwd(probs.data(), idx.data(), N, E, K)};
+  std::vector<float> dp_ref(N * E);
+  cpu::aux_loss_bwd(dp_ref.data(), daux, idx.data(), N, E, K);
+  auto& d_probs = pool.in(probs);
+  auto& d_idx = pool.in(idx);
+  auto& d_aux = pool.out<float>(1);
+  auto& d_dp = pool.out<float>(N * E);
+  cu::aux_loss_fwd(d_aux.p, d_probs.p, d_idx.p, N, E, K, ctx);
+  cu::aux_loss_bwd(d_dp.p, daux, d_idx.p, N, E, K, ctx);
+  sync(ctx);
+  check("aux_loss_fwd", "aux", sh, d_aux, aux_ref, kF32);
+  check("aux_loss_bwd", "dprobs", sh, d_dp, dp_ref, kF32);
+}
+
+void case_adamw(const cu::Ctx& ctx, int64_t n) {
+  const std::string sh = shape_str({{"n", n}});
+  Pool pool;
+  const float b1 = 0.9f, b2 = 0.95f, eps = 1e-8f, wd = 0.1f;
+  const int64_t t = 3;
+  std::vector<float> g = uniform(n, -1, 1), m0 = uniform(n, -0.1f, 0.1f), v0 = uniform(n, 0, 0.01f);
+  {  // fp32 weights (+ bf16 copy)
+    const float lr = 1e-2f;
+    std::vector<float> p = uniform(n, -1, 1), m = m0, v = v0;
+    auto& d_p = pool.in(p);
+    auto& d_g = pool.in(g);
+    auto& d_m = pool.in(m);
+    auto& d_v = pool.in(v);
+    auto& d_p16 = pool.out<bf16>(n);
+    cpu::adamw_step(p.data(), g.data(), m.data(), v.data(), n, lr, b1, b2, eps, wd, t);
+    cu::adamw_step(d_p.p, d_p16.p, d_g.p, d_m.p, d_v.p, n, lr, b1, b2, eps, wd, t, ctx);
+    sync(ctx);
+    check("adamw_step.f32", "p", sh, d_p, p, kF32Exact);
+    check("adamw_step.f32", "p_bf16", sh, d_p16, p, kBf16Out);
+    check("adamw_step.f32", "m", sh, d_m, m, kF32Exact);
+    check("adamw_step.f32", "v", sh, d_v, v, kF32Exact);
+  }
+  {  // bf16 weights, fp32 moments; lr large enough that a missing update exceeds the limit
+    const float lr = 5e-2f;
+    Bf p = bf_uniform(n, -1, 1);
+    std::vector<float> pf = p.f, m = m0, v = v0;
+    auto& d_p = pool.in(p.h);
+    auto& d_g = pool.in(g);
+    auto& d_m = pool.in(m);
+    auto& d_v = pool.in(v);
+    cpu::adamw_step(pf.data(), g.data(), m.data(), v.data(), n, lr, b1, b2, eps, wd, t);
+    cu::adamw_step(d_p.p, d_g.p, d_m.p, d_v.p, n, lr, b1, b2, eps, wd, t, ctx);
+    sync(ctx);
+    check("adamw_step.bf16", "p", sh, d_p, pf, kBf16Out);
+    check("adamw_step.bf16", "m", sh, d_m, m, kF32Exact);
+    check("adamw_step.bf16", "v", sh, d_v, v, kF32Exact);
+  }
+  {  // global grad norm helpers
+    std::vector<float> x = uniform(n, -1, 1);
+    const double ss_ref = cpu::sum_squares(x.data(), n);
+    auto& d_x = pool.in(x);
+    auto& d_ss = pool.out<double>(1);
+    cu::sum_squares(d_ss.p, d_x.p, n, ctx);
+    cu::scale_inplace(d_x.p, 0.37f, n, ctx);
+    cpu::scale_inplace(x.data(), 0.37f, n);
+    sync(ctx);
+    const double ss = d_ss.download()[0];
+    const double rel2 = (ss - ss_ref) * (ss - ss_ref) / (ss_ref * ss_ref);
+    record("sum_squares", "out", sh, d_ss.guards_ok() && rel2 <= kF64, rel2, kF64,
+           d_ss.guards_ok() ? "" : "sentinel zone overwritten");
+    check("scale_inplace", "x", sh, d_x, x, kF32Exact);
+  }
+}
+
+// Runs one case; an exception (an op's check, a CUDA error) is a failure of that case.
+template <class F>
+void run(const char* filter, const char* op, F&& f) {
+  if (filter && !std::strstr(op, filter)) return;
+  try {
+    f();
+  } catch (const std::exception& e) {
+    record(op, "-", "-", false, NAN, 0, std::string("error: ") + e.what());
+    cudaGetLastError();  // clear a non-sticky error so later cases can run
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int devices = 0;
+  const cudaError_t e = cudaGetDeviceCount(&devices);
+  if (e != cudaSuccess || devices == 0) {
+    std::printf("cuda_op_check: no CUDA device (%s): nothing checked\n",
+                e != cudaSuccess ? cudaGetErrorString(e) : "0 devices");
+    return 0;
+  }
+  const char* filter = argc > 1 ? argv[1] : nullptr;
+  const int threads = cpu::set_num_threads_from_env();
+  cudaDeviceProp prop{};
+  CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+  std::printf("cuda_op_check: %s (sm_%d%d, %d SMs), CPU reference on %d threads\n", prop.name,
+              prop.major, prop.minor, prop.multiProcessorCount, threads);
+  // One workspace for every op, sized once (64 MiB covers the largest case below).
+  cu::ScopedCtx owner(size_t(64) << 20);
+  const cu::Ctx& ctx = owner.ctx();
+  const auto t0 = std::chrono::steady_clock::now();
+
+  run(filter, "embedding", [&] {
+    case_embedding(ctx, 13, 7, 11);
+    case_embedding(ctx, 11, 5, 16);
+    case_embedding(ctx, 4096, 512, 2048);
+  });
+  run(filter, "rmsnorm", [&] {
+    case_rmsnorm(ctx, 7, 13);
+    case_rmsnorm(ctx, 11, 5);
+    case_rmsnorm(ctx, 13 * 4, 128);  // per-head q/k norm: N = tokens*heads, C = head dim
+    case_rmsnorm(ctx, 512, 2048);
+  });
+  run(filter, "linear", [&] {
+    case_linear(ctx, 5, 7, 11, true, 0.0f);
+    case_linear(ctx, 13, 11, 5, false, 1.0f);
+    case_linear(ctx, 7, 13, 16, true, 1.0f);
+    case_linear(ctx, 512, 2048, 2048, false, 0.0f);
+    case_linear(ctx, 512, 2048, 512, true, 1.0f);
+  });
+  run(filter, "rope", [&] {
+    case_rope(ctx, 7, 5, 10, 10000.f);
+    case_rope(ctx, 13, 3, 2, 10000.f);
+    case_rope(ctx, 512, 32, 128, 1e6f);
+  });
+  run(filter, "attention", [&] {
+    case_attention(ctx, 1, 5, 2, 1, 8, 1);
+    case_attention(ctx, 2, 13, 4, 2, 16, 3);    // document masking
+    case_attention(ctx, 1, 37, 6, 2, 10, 1);    // D not a multiple of 32
+    case_attention(ctx, 2, 70, 2, 2, 40, 2);    // T past two tiles
+    case_attention(ctx, 1, 33, 3, 1, 200, 1);   // 128 < D <= 256
+    case_attention(ctx, 1, 512, 8, 2, 128, 3);  // Qwen3 head dim, 4 queries per kv head
+  });
+  run(filter, "router", [&] {
+    case_router(ctx, 7, 5, 2, true, false);
+    case_router(ctx, 13, 11, 3, false, true);
+    case_router(ctx, 5, 7, 7, true, true);  // K = E
+    case_router(ctx, 512, 128, 8, true, true);
+    case_router(ctx, 300, 160, 6, false, false);
+  });
+  run(filter, "moe", [&] {
+    case_moe(ctx, 7, 5, 2, 11, 13, 0);
+    case_moe(ctx, 13, 11, 3, 7, 5, 1);     // experts without tokens
+    case_moe(ctx, 11, 7, 1, 13, 7, 2);     // all tokens to one expert
+    case_moe(ctx, 13, 5, 2, 16, 11, 2);    // all tokens to the same two experts
+    case_moe(ctx, 600, 13, 4, 24, 40, 0);  // several layout chunks
+    case_moe(ctx, 512, 128, 8, 2048, 256, 0);
+    case_moe(ctx, 512, 128, 8, 256, 128, 1);
+  });
+  run(filter, "swiglu", [&] {
+    case_swiglu(ctx, 7, 13);
+    case_swiglu(ctx, 5, 11);
+    case_swiglu(ctx, 4096, 768);
+  });
+  run(filter, "cross_entropy", [&] {
+    case_cross_entropy(ctx, 7, 13, false);
+    case_cross_entropy(ctx, 5, 1000, true);
+    case_cross_entropy(ctx, 64, 151936, false);
+  });
+  run(filter, "aux_loss", [&] {
+    case_aux_loss(ctx, 13, 5, 2, 0);
+    case_aux_loss(ctx, 11, 7, 3, 1);
+    case_aux_loss(ctx, 4096, 128, 8, 0);
+  });
+  run(filter, "adamw", [&] {
+    case_adamw(ctx, 13);
+    case_adamw(ctx, 1003);
+    case_adamw(ctx, (1 << 22) + 7);
+  });
+
+  const double secs =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::printf("\n%-20s %7s %6s %14s\n", "op", "checks", "fails", "worst nmse/lim");
+  for (const auto& [op, s] : g_stats)
+    std::printf("%-20s %7d %6d %14.2e\n", op.c_str(), s.checks, s.fails, s.worst);
+  std::printf("cuda_op_check: %d failure%s in %.1f s\n", g_failures, g_failures == 1 ? "" : "s",
+              secs);
+  return std::min(g_failures, 255);
+}

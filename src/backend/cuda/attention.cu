@@ -1,0 +1,320 @@
+// backend/cuda/attention.cu: causal grouped-query attention with document masking, bf16 in/out,
+// fp32 scores, online softmax; saves lse per (b, h, t) and recomputes the probabilities in the
+// backward (flash-attention style, no [T,T] buffer). A straightforward, correct kernel for T up
+// to a few thousand: one warp per query (forward, dq) or per key (dk/dv); cuDNN SDPA replaces it.
+//
+// Shared-memory tiles hold 32 keys (or queries) as bf16 rows padded to an odd number of 4-byte
+// words, so a warp reading one column of 32 rows hits 32 banks.
+#include "backend/cuda/device.cuh"
+#include "backend/cuda/ops_cuda.h"
+
+namespace automoe::cuda {
+
+namespace {
+
+constexpr int kWarps = 4;    // queries (or keys) per block, one per warp
+constexpr int kTile = 32;    // keys (or queries) per shared-memory tile, one per lane
+constexpr int kMaxD = 256;
+
+__host__ __device__ inline int dpad(int D) { return D % 2 == 0 ? D + 2 : D + 1; }
+
+// Loads rows r0..r0+31 of a [B,T,nHx,D] tensor (batch b, head h) into tile[32][Dp];
+// rows past T are zero. All threads of the block take part.
+__device__ void load_tile(bf16* tile, const bf16* src, int b, int r0, int h, int T, int nHx,
+                          int D, int Dp) {
+  for (int idx = threadIdx.x; idx < kTile * D; idx += blockDim.x) {
+    const int r = idx / D, d = idx % D, s = r0 + r;
+    tile[r * Dp + d] = s < T ? src[((int64_t(b) * T + s) * nHx + h) * D + d] : to_bf(0.f);
+  }
+}
+
+// sum_d a[d] * row[d]: a is fp32 (broadcast), row a bf16 tile row.
+__device__ __forceinline__ float dot_row(const float* a, const bf16* row, int D) {
+  float acc = 0.f;
+  for (int d = 0; d < D; ++d) acc += a[d] * to_f(row[d]);
+  return acc;
+}
+
+// ---- forward ----------------------------------------------------------------------------------
+// Grid (ceil(T/4), nH, B), block 4 warps. Warp w owns query t = blockIdx.x*4 + w: lane j scores
+// key s0+j of each 32-key tile, the warp merges the tile into its online softmax (m, l), then
+// accumulates o[d] for d = lane + 32*i (kDC chunks, kDC*32 >= D) from the V tile.
+template <int kDC>
+__global__ void attention_fwd_kernel(bf16* out, float* lse, const bf16* q, const bf16* k,
+                                     const bf16* v, const int32_t* doc, int T, int nH, int nKV,
+                                     int D, float scale) {
+  extern __shared__ float smem[];
+  const int Dp = dpad(D);
+  float* qs = smem;                                      // [kWarps][D] fp32
+  bf16* Ks = reinterpret_cast<bf16*>(qs + kWarps * D);   // [kTile][Dp]
+  bf16* Vs = Ks + kTile * Dp;                            // [kTile][Dp]
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int b = blockIdx.z, h = blockIdx.y, hk = h / (nH / nKV);
+  const int t0 = blockIdx.x * kWarps, t = t0 + warp;
+  const bool active = t < T;
+  const int t_last = min(T - 1, t0 + kWarps - 1);
+  const int64_t qrow = ((int64_t(b) * T + t) * nH + h) * D;
+  float* qw = qs + warp * D;
+  if (active)
+    for (int d = lane; d < D; d += 32) qw[d] = to_f(q[qrow + d]);
+  const int my_doc = (active && doc) ? doc[int64_t(b) * T + t] : 0;
+
+  float m = -INFINITY, l = 0.f, o[kDC];
+#pragma unroll
+  for (int i = 0; i < kDC; ++i) o[i] = 0.f;
+
+  for (int s0 = 0; s0 <= t_last; s0 += kTile) {
+    __syncthreads();  // the previous tile is consumed (and qs written, on the first pass)
+    load_tile(Ks, k, b, s0, hk, T, nKV, D, Dp);
+    load_tile(Vs, v, b, s0, hk, T, nKV, D, Dp);
+    __syncthreads();
+    if (!active || s0 > t) continue;
+    const int s = s0 + lane;
+    bool ok = s <= t;
+    if (ok && doc) ok = doc[int64_t(b) * T + s] == my_doc;
+    const float score = ok ? dot_row(qw, Ks + lane * Dp, D) * scale : -INFINITY;
+    const float m_new = fmaxf(m, warp_max(score));
+    if (m_new == -INFINITY) continue;  // every key so far masked
+    const float p = ok ? expf(score - m_new) : 0.f;
+    const float corr = expf(m - m_new);
+    l = l * corr + warp_sum(p);
+#pragma unroll
+    for (int i = 0; i < kDC; ++i) o[i] *= corr;
+    const int s_end = min(kTile, t - s0 + 1);  // keys past t have p = 0
+    for (int j = 0; j < s_end; ++j) {
+      const float pj = __shfl_sync(kFullMask, p, j);
+#pragma unroll
+      for (int i = 0; i < kDC; ++i) {
+        const int d = lane + 32 * i;
+        if (d < D) o[i] += pj * to_f(Vs[j * Dp + d]);
+      }
+    }
+    m = m_new;
+  }
+  if (!active) return;
+  const float inv = 1.0f / l;  // l > 0: a query always sees itself
+#pragma unroll
+  for (int i = 0; i < kDC; ++i) {
+    const int d = lane + 32 * i;
+    if (d < D) out[qrow + d] = to_bf(o[i] * inv);
+  }
+  if (lane == 0) lse[(int64_t(b) * nH + h) * T + t] = m + logf(l);
+}
+
+// ---- backward, dq (and delta = rowsum(dout * out) for the dk/dv pass) -------------------------
+// Same mapping as the forward. Lane j recomputes p = exp(score - lse) for key s0+j and
+// ds = p * (dout.v - delta) * scale; the warp accumulates dq[d] += ds_j * k_j[d].
+template <int kDC>
+__global__ void attention_bwd_dq_kernel(bf16* dq, float* delta, const bf16* dout,
+                                        const bf16* out, const float* lse, const bf16* q,
+                                        const bf16* k, const bf16* v, const int32_t* doc, int T,
+                                        int nH, int nKV, int D, float scale) {
+  extern __shared__ float smem[];
+  const int Dp = dpad(D);
+  float* qs = smem;                                      // [kWarps][D] fp32
+  float* gs = qs + kWarps * D;                           // [kWarps][D] fp32 (dout row)
+  bf16* Ks = reinterpret_cast<bf16*>(gs + kWarps * D);   // [kTile][Dp]
+  bf16* Vs = Ks + kTile * Dp;                            // [kTile][Dp]
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int b = blockIdx.z, h = blockIdx.y, hk = h / (nH / nKV);
+  const int t0 = blockIdx.x * kWarps, t = t0 + warp;
+  const bool active = t < T;
+  const int t_last = min(T - 1, t0 + kWarps - 1);
+  const int64_t qrow = ((int64_t(b) * T + t) * nH + h) * D;
+  const int64_t srow = (int64_t(b) * nH + h) * T + t;  // index into lse / delta
+  float* qw = qs + warp * D;
+  float* gw = gs + warp * D;
+  float Di = 0.f, lse_t = 0.f;
+  int my_doc = 0;
+  if (active) {
+    float acc = 0.f;
+    for (int d = lane; d < D; d += 32) {
+      qw[d] = to_f(q[qrow + d]);
+      gw[d] = to_f(dout[qrow + d]);
+      acc += gw[d] * to_f(out[qrow + d]);
+    }
+    Di = warp_sum(acc);
+    if (lane == 0) delta[srow] = Di;
+    lse_t = lse[srow];
+    if (doc) my_doc = doc[int64_t(b) * T + t];
+  }
+
+  float g[kDC];
+#pragma unroll
+  for (int i = 0; i < kDC; ++i) g[i] = 0.f;
+
+  for (int s0 = 0; s0 <= t_last; s0 += kTile) {
+    __syncthreads();
+    load_tile(Ks, k, b, s0, hk, T, nKV, D, Dp);
+    load_tile(Vs, v, b, s0, hk, T, nKV, D, Dp);
+    __syncthreads();
+    if (!active || s0 > t) continue;
+    const int s = s0 + lane;
+    bool ok = s <= t;
+    if (ok && doc) ok = doc[int64_t(b) * T + s] == my_doc;
+    float ds = 0.f;
+    if (ok) {
+      const float p = expf(dot_row(qw, Ks + lane * Dp, D) * scale - lse_t);
+      const float dp = dot_row(gw, Vs + lane * Dp, D);
+      ds = p * (dp - Di) * scale;
+    }
+    const int s_end = min(kTile, t - s0 + 1);
+    for (int j = 0; j < s_end; ++j) {
+      const float dsj = __shfl_sync(kFullMask, ds, j);
+#pragma unroll
+      for (int i = 0; i < kDC; ++i) {
+        const int d = lane + 32 * i;
+        if (d < D) g[i] += dsj * to_f(Ks[j * Dp + d]);
+      }
+    }
+  }
+  if (!active) return;
+#pragma unroll
+  for (int i = 0; i < kDC; ++i) {
+    const int d = lane + 32 * i;
+    if (d < D) dq[qrow + d] = to_bf(g[i]);
+  }
+}
+
+// ---- backward, dk and dv ----------------------------------------------------------------------
+// Grid (ceil(T/4), nKV, B), block 4 warps. Warp w owns key s = blockIdx.x*4 + w of kv head hk
+// and loops over the query heads of its group and over 32-query tiles from the block's first
+// key on: lane j recomputes p and ds for query t0+j; the warp accumulates
+// dv[d] += p_j * dout_j[d] and dk[d] += ds_j * q_j[d]. Each (b, s, hk) has one owner: no atomics.
+template <int kDC>
+__global__ void attention_bwd_dkdv_kernel(bf16* dk, bf16* dv, const float* delta,
+                                          const bf16* dout, const float* lse, const bf16* q,
+                                          const bf16* k, const bf16* v, const int32_t* doc,
+                                          int T, int nH, int nKV, int D, float scale) {
+  extern __shared__ float smem[];
+  const int Dp = dpad(D);
+  float* ks = smem;                                      // [kWarps][D] fp32
+  float* vs = ks + kWarps * D;                           // [kWarps][D] fp32
+  float* lse_s = vs + kWarps * D;                        // [kTile]
+  float* del_s = lse_s + kTile;                          // [kTile]
+  bf16* Qs = reinterpret_cast<bf16*>(del_s + kTile);     // [kTile][Dp]
+  bf16* Gs = Qs + kTile * Dp;                            // [kTile][Dp] (dout rows)
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int b = blockIdx.z, hk = blockIdx.y, rep = nH / nKV;
+  const int s_first = blockIdx.x * kWarps, s = s_first + warp;
+  const bool active = s < T;
+  const int64_t krow = ((int64_t(b) * T + s) * nKV + hk) * D;
+  float* kw = ks + warp * D;
+  float* vw = vs + warp * D;
+  int my_doc = 0;
+  if (active) {
+    for (int d = lane; d < D; d += 32) {
+      kw[d] = to_f(k[krow + d]);
+      vw[d] = to_f(v[krow + d]);
+    }
+    if (doc) my_doc = doc[int64_t(b) * T + s];
+  }
+
+  float gk[kDC], gv[kDC];
+#pragma unroll
+  for (int i = 0; i < kDC; ++i) gk[i] = gv[i] = 0.f;
+
+  for (int h = hk * rep; h < (hk + 1) * rep; ++h)
+    for (int t0 = s_first; t0 < T; t0 += kTile) {
+      __syncthreads();
+      load_tile(Qs, q, b, t0, h, T, nH, D, Dp);
+      load_tile(Gs, dout, b, t0, h, T, nH, D, Dp);
+      if (threadIdx.x < kTile) {
+        const int tt = t0 + threadIdx.x;
+        const int64_t r = (int64_t(b) * nH + h) * T + tt;
+        lse_s[threadIdx.x] = tt < T ? lse[r] : 0.f;
+        del_s[threadIdx.x] = tt < T ? delta[r] : 0.f;
+      }
+      __syncthreads();
+      if (!active) continue;
+      const int t = t0 + lane;
+      bool ok = t >= s && t < T;
+      if (ok && doc) ok = doc[int64_t(b) * T + t] == my_doc;
+      float p = 0.f, ds = 0.f;
+      if (ok) {
+        p = expf(dot_row(kw, Qs + lane * Dp, D) * scale - lse_s[lane]);
+        const float dp = dot_row(vw, Gs + lane * Dp, D);
+        ds = p * (dp - del_s[lane]) * scale;
+      }
+      const int j0 = max(0, s - t0), j1 = min(kTile, T - t0);  // queries t >= s, t < T
+      for (int j = j0; j < j1; ++j) {
+        const float pj = __shfl_sync(kFullMask, p, j);
+        const float dsj = __shfl_sync(kFullMask, ds, j);
+#pragma unroll
+        for (int i = 0; i < kDC; ++i) {
+          const int d = lane + 32 * i;
+          if (d < D) {
+            gv[i] += pj * to_f(Gs[j * Dp + d]);
+            gk[i] += dsj * to_f(Qs[j * Dp + d]);
+          }
+        }
+      }
+    }
+  if (!active) return;
+#pragma unroll
+  for (int i = 0; i < kDC; ++i) {
+    const int d = lane + 32 * i;
+    if (d < D) {
+      dk[krow + d] = to_bf(gk[i]);
+      dv[krow + d] = to_bf(gv[i]);
+    }
+  }
+}
+
+void check_sizes(int64_t B, int64_t T, int64_t nH, int64_t nKV, int64_t D, const char* op) {
+  AM_CHECK(D > 0 && D <= kMaxD, "[{}] head dim {} is not supported (1..{})", op, D, kMaxD);
+  AM_CHECK(nKV > 0 && nH % nKV == 0, "[{}] {} query heads are not a multiple of {} kv heads", op,
+           nH, nKV);
+  AM_CHECK(T < (int64_t(1) << 31) && nH < 65536 && B < 65536,
+           "[{}] sizes out of range (B {}, T {}, nH {})", op, B, T, nH);
+}
+
+size_t tile_bytes(int D) { return size_t(2) * kTile * dpad(D) * sizeof(bf16); }
+
+}  // namespace
+
+void attention_fwd(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v,
+                   const int32_t* doc, int64_t B, int64_t T, int64_t nH, int64_t nKV, int64_t D,
+                   const Ctx& ctx) {
+  check_sizes(B, T, nH, nKV, D, "attention_fwd");
+  if (B == 0 || T == 0 || nH == 0) return;
+  const float scale = 1.0f / sqrtf(float(D));
+  dim3 grid(unsigned((T + kWarps - 1) / kWarps), unsigned(nH), unsigned(B));
+  const size_t smem = kWarps * D * sizeof(float) + tile_bytes(int(D));
+  auto kernel = D <= 128 ? attention_fwd_kernel<4> : attention_fwd_kernel<8>;
+  kernel<<<grid, kWarps * 32, smem, ctx.stream>>>(out, lse, q, k, v, doc, int(T), int(nH),
+                                                  int(nKV), int(D), scale);
+  CUDA_CHECK_LAUNCH();
+}
+
+size_t attention_bwd_workspace_bytes(int64_t B, int64_t T, int64_t nH) {
+  return size_t(B) * size_t(nH) * size_t(T) * sizeof(float);
+}
+
+void attention_bwd(bf16* dq, bf16* dk, bf16* dv, const bf16* dout, const bf16* out,
+                   const float* lse, const bf16* q, const bf16* k, const bf16* v,
+                   const int32_t* doc, int64_t B, int64_t T, int64_t nH, int64_t nKV, int64_t D,
+                   const Ctx& ctx) {
+  check_sizes(B, T, nH, nKV, D, "attention_bwd");
+  if (B == 0 || T == 0 || nH == 0) return;
+  float* delta = static_cast<float*>(
+      workspace_for(ctx, attention_bwd_workspace_bytes(B, T, nH), "attention_bwd"));  // [B,nH,T]
+  const float scale = 1.0f / sqrtf(float(D));
+  const unsigned tiles = unsigned((T + kWarps - 1) / kWarps);
+  {
+    const size_t smem = 2 * kWarps * D * sizeof(float) + tile_bytes(int(D));
+    auto kernel = D <= 128 ? attention_bwd_dq_kernel<4> : attention_bwd_dq_kernel<8>;
+    kernel<<<dim3(tiles, unsigned(nH), unsigned(B)), kWarps * 32, smem, ctx.stream>>>(
+        dq, delta, dout, out, lse, q, k, v, doc, int(T), int(nH), int(nKV), int(D), scale);
+    CUDA_CHECK_LAUNCH();
+  }
+  {
+    const size_t smem = (2 * kWarps * D + 2 * kTile) * sizeof(float) + tile_bytes(int(D));
+    auto kernel = D <= 128 ? attention_bwd_dkdv_kernel<4> : attention_bwd_dkdv_kernel<8>;
+    kernel<<<dim3(tiles, unsigned(nKV), unsigned(B)), kWarps * 32, smem, ctx.stream>>>(
+        dk, dv, delta, dout, lse, q, k, v, doc, int(T), int(nH), int(nKV), int(D), scale);
+    CUDA_CHECK_LAUNCH();
+  }
+}
+
+}  // namespace automoe::cuda

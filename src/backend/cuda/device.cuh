@@ -1,0 +1,76 @@
+// backend/cuda/device.cuh: device helpers shared by the kernels (.cu files only): bf16
+// conversion, warp and block reductions, grid sizing, and the column-sum reduction that
+// parameter gradients (RMSNorm weight, linear bias, aux-loss probabilities) are made of.
+#pragma once
+#include <cuda_bf16.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "backend/cuda/common.cuh"
+
+namespace automoe::cuda {
+
+constexpr unsigned kFullMask = 0xffffffffu;
+
+__device__ __forceinline__ float to_f(bf16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ bf16 to_bf(float x) { return __float2bfloat16_rn(x); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
+  return v;
+}
+__device__ __forceinline__ double warp_sum(double v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, o));
+  return v;
+}
+
+// Sum over the block, result in every thread. `red` is __shared__ T[32]; blockDim.x is a
+// multiple of 32. Fixed order, so the result is deterministic. T = float or double.
+template <class T>
+__device__ __forceinline__ T block_sum(T v, T* red) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  v = warp_sum(v);
+  __syncthreads();  // red may still be read by a previous call
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  v = lane < nwarps ? red[lane] : T(0);
+  return warp_sum(v);
+}
+
+// Online softmax state: running max m and sum s of exp(x - m). Merging is associative.
+struct MaxSum {
+  float m, s;
+};
+__device__ __forceinline__ MaxSum maxsum_merge(MaxSum a, MaxSum b) {
+  float m = fmaxf(a.m, b.m);
+  if (m == -INFINITY) return {m, 0.f};
+  return {m, a.s * expf(a.m - m) + b.s * expf(b.m - m)};
+}
+
+// Blocks for a grid-stride loop over n items: enough to fill the device, never more than needed.
+inline unsigned grid_for(int64_t n, int threads, const Ctx& ctx) {
+  int64_t need = (n + threads - 1) / threads;
+  int64_t cap = int64_t(ctx.num_sms) * 16;
+  return unsigned(std::max<int64_t>(1, std::min(need, cap)));
+}
+
+// ---- column sums: out[c] += sum_n a[n,c] * (b ? b[n,c] : 1) * (rs ? rs[n] : 1) ----------------
+// Deterministic two-stage reduction (no atomics): row chunks write partial sums to the
+// workspace, then one pass adds them in chunk order. In colsum.cu.
+int64_t colsum_chunks(int64_t N);
+inline size_t colsum_workspace_bytes(int64_t N, int64_t C) {
+  return size_t(colsum_chunks(N)) * size_t(C) * sizeof(float);
+}
+void colsum_accumulate(float* out, const bf16* a, const bf16* b, const float* rs, int64_t N,
+                       int64_t C, const Ctx& ctx, const char* op);
+void colsum_accumulate(float* out, const float* a, int64_t N, int64_t C, const Ctx& ctx,
+                       const char* op);
+
+}  // namespace automoe::cuda

@@ -1,0 +1,160 @@
+// backend/cuda/grouped_linear.cu: one linear per expert over its contiguous block of rows, with
+// the per-expert offsets read on the device (no host sync). A correct fallback: a plain tiled
+// GEMM on CUDA cores, bf16 operands converted to fp32 in shared memory, fp32 accumulation.
+// The CUTLASS sm90 grouped GEMM replaces it (GPU.md).
+#include "backend/cuda/device.cuh"
+#include "backend/cuda/ops_cuda.h"
+
+namespace automoe::cuda {
+
+namespace {
+
+constexpr int kBM = 64, kBN = 64, kBK = 16, kThreads = 256;
+
+struct Tiles {
+  float a[kBK][kBM + 4];  // A tile, k-major
+  float b[kBK][kBN + 4];  // B tile, k-major
+};
+
+// acc[i][j] += sum_k A(m,k) B(k,n) for m = m0 + ty + 16i, n = n0 + tx + 16j (ty = tid/16,
+// tx = tid%16: the 64x64 tile as 4x4 outputs per thread, strided so a warp reads few banks).
+// A(m,k) = A[m*sam + k*sak] (M x Kd), B(k,n) = B[k*sbk + n*sbn] (Kd x Nn); out of range = 0.
+// Loads walk the contiguous dimension of each operand across consecutive threads.
+__device__ void gemm_tile(float (&acc)[4][4], Tiles& sm, const bf16* A, int64_t sam, int64_t sak,
+                          const bf16* B, int64_t sbk, int64_t sbn, int64_t M, int64_t Nn,
+                          int64_t Kd, int64_t m0, int64_t n0) {
+  const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+  for (int64_t k0 = 0; k0 < Kd; k0 += kBK) {
+    for (int idx = tid; idx < kBM * kBK; idx += kThreads) {
+      const int mm = sak == 1 ? idx / kBK : idx % kBM;
+      const int kk = sak == 1 ? idx % kBK : idx / kBM;
+      const int64_t m = m0 + mm, k = k0 + kk;
+      sm.a[kk][mm] = (m < M && k < Kd) ? to_f(A[m * sam + k * sak]) : 0.f;
+    }
+    for (int idx = tid; idx < kBN * kBK; idx += kThreads) {
+      const int nn = sbn == 1 ? idx % kBN : idx / kBK;
+      const int kk = sbn == 1 ? idx / kBN : idx % kBK;
+      const int64_t n = n0 + nn, k = k0 + kk;
+      sm.b[kk][nn] = (n < Nn && k < Kd) ? to_f(B[k * sbk + n * sbn]) : 0.f;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < kBK; ++kk) {
+      float av[4], bv[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) av[i] = sm.a[kk][ty + 16 * i];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) bv[j] = sm.b[kk][tx + 16 * j];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] += av[i] * bv[j];
+    }
+    __syncthreads();
+  }
+}
+
+// Forward and dx: C[r, n] = sum_k A(r,k) B_e(k,n) over the rows r of each expert, bf16 out.
+// Grid (ceil(R/64) + E row-tile slots, ceil(Nn/64)): slot s is tile t of expert e where the
+// experts' tiles are numbered in order (found by thread 0 from the device offsets); the slots
+// past the last tile exit. The strides of B say whether B_e is w[e]^T (fwd) or w[e] (dx).
+__global__ void grouped_rows_kernel(bf16* C /*[R,Nn]*/, const bf16* A /*[R,Kd]*/,
+                                    const bf16* W /*[E, O*I]*/, int64_t sbk, int64_t sbn,
+                                    const int32_t* offsets, int E, int64_t Nn, int64_t Kd) {
+  __shared__ Tiles sm;
+  __shared__ int64_t s_row0, s_rows, s_e;
+  if (threadIdx.x == 0) {
+    int64_t slot = blockIdx.x;
+    s_rows = 0;
+    for (int e = 0; e < E; ++e) {
+      const int64_t cnt = offsets[e + 1] - offsets[e];
+      const int64_t tiles = (cnt + kBM - 1) / kBM;
+      if (slot < tiles) {
+        s_row0 = offsets[e] + slot * kBM;
+        s_rows = min(int64_t(kBM), cnt - slot * kBM);
+        s_e = e;
+        break;
+      }
+      slot -= tiles;
+    }
+  }
+  __syncthreads();
+  const int64_t rows = s_rows, row0 = s_row0;
+  if (rows == 0) return;  // uniform over the block
+  const bf16* We = W + s_e * Nn * Kd;
+  const int64_t n0 = int64_t(blockIdx.y) * kBN;
+  float acc[4][4] = {};
+  gemm_tile(acc, sm, A + row0 * Kd, Kd, 1, We, sbk, sbn, rows, Nn, Kd, 0, n0);
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int64_t m = ty + 16 * i, n = n0 + tx + 16 * j;
+      if (m < rows && n < Nn) C[(row0 + m) * Nn + n] = to_bf(acc[i][j]);
+    }
+}
+
+// dw[e][o,i] += sum_{r of e} dout[r,o] x[r,i]  (fp32 accumulate; M = O, N = I, K = rows of e).
+// Grid (tiles of the [O,I] matrix, E); experts without rows exit.
+__global__ void grouped_dw_kernel(float* dw /*[E,O,I]*/, const bf16* dout /*[R,O]*/,
+                                  const bf16* x /*[R,I]*/, const int32_t* offsets, int64_t O,
+                                  int64_t I) {
+  __shared__ Tiles sm;
+  const int64_t e = blockIdx.y;
+  const int64_t r0 = offsets[e], rows = offsets[e + 1] - r0;
+  if (rows <= 0) return;
+  const int64_t tiles_n = (I + kBN - 1) / kBN;
+  const int64_t m0 = int64_t(blockIdx.x / tiles_n) * kBM, n0 = int64_t(blockIdx.x % tiles_n) * kBN;
+  float acc[4][4] = {};
+  // A(m=o, k=r) = dout[r*O + o], B(k=r, n=i) = x[r*I + i]
+  gemm_tile(acc, sm, dout + r0 * O, 1, O, x + r0 * I, I, 1, O, I, rows, m0, n0);
+  float* dwe = dw + e * O * I;
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int64_t m = m0 + ty + 16 * i, n = n0 + tx + 16 * j;
+      if (m < O && n < I) dwe[m * I + n] += acc[i][j];
+    }
+}
+
+void check_sizes(int64_t R, int64_t E, const char* op) {
+  AM_CHECK(E >= 1 && E < 65536, "[{}] {} experts: supported 1..65535", op, E);
+  AM_CHECK(R < (int64_t(1) << 31), "[{}] {} rows do not fit int32 offsets", op, R);
+}
+
+}  // namespace
+
+void grouped_linear_fwd(bf16* out, const bf16* x, const bf16* w, const int32_t* offsets,
+                        int64_t R, int64_t E, int64_t I, int64_t O, const Ctx& ctx) {
+  check_sizes(R, E, "grouped_linear_fwd");
+  if (R == 0 || O == 0) return;
+  // out[r,o] = sum_i x[r,i] w[e][o,i]: B(k=i, n=o) = w_e[o*I + i]
+  dim3 grid(unsigned((R + kBM - 1) / kBM + E), unsigned((O + kBN - 1) / kBN));
+  grouped_rows_kernel<<<grid, kThreads, 0, ctx.stream>>>(out, x, w, 1, I, offsets, int(E), O, I);
+  CUDA_CHECK_LAUNCH();
+}
+
+void grouped_linear_bwd(bf16* dx, float* dw, const bf16* dout, const bf16* x, const bf16* w,
+                        const int32_t* offsets, int64_t R, int64_t E, int64_t I, int64_t O,
+                        const Ctx& ctx) {
+  check_sizes(R, E, "grouped_linear_bwd");
+  if (R == 0 || O == 0 || I == 0) return;
+  if (dx) {
+    // dx[r,i] = sum_o dout[r,o] w[e][o,i]: B(k=o, n=i) = w_e[o*I + i]
+    dim3 grid(unsigned((R + kBM - 1) / kBM + E), unsigned((I + kBN - 1) / kBN));
+    grouped_rows_kernel<<<grid, kThreads, 0, ctx.stream>>>(dx, dout, w, I, 1, offsets, int(E), I,
+                                                           O);
+    CUDA_CHECK_LAUNCH();
+  }
+  if (dw) {
+    const int64_t tiles = ((O + kBM - 1) / kBM) * ((I + kBN - 1) / kBN);
+    grouped_dw_kernel<<<dim3(unsigned(tiles), unsigned(E)), kThreads, 0, ctx.stream>>>(
+        dw, dout, x, offsets, O, I);
+    CUDA_CHECK_LAUNCH();
+  }
+}
+
+}  // namespace automoe::cuda

@@ -1,0 +1,166 @@
+// backend/cuda/ops_cuda.h: the CUDA op table, mirroring ops/ops.h name for name and argument
+// for argument (outputs first, then inputs, then sizes, then the Ctx). One .cu file per op,
+// named as in backend/cpu/. Checked against the CPU ops by bench/op_check.cu.
+//
+// Precision: activations, weights and activation gradients are bf16 (storage); every sum,
+// softmax and norm is computed in fp32; statistics (rstd, lse, probs, router weights, losses)
+// are fp32; parameter gradients are fp32 and ACCUMULATE (+=), activation gradients ASSIGN (=).
+// In the comments below: `bf16`/`f32`/`i32`/`i64` is the element type, `=`/`+=` how an output
+// is written. All pointers are device pointers unless a comment says host.
+//
+// Every op enqueues on ctx.stream and never synchronises with the host; none allocates. Ops
+// that need scratch take it from ctx.workspace and say how much in *_workspace_bytes().
+// Legend as in ops.h: N rows (tokens), C channels, V vocab, E experts, K top-k, B batch,
+// T sequence, nH query heads, nKV key/value heads, D head dim, I input / O output features,
+// R rows of the expert-ordered buffers (N*K).
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+#include "backend/cuda/common.cuh"
+
+namespace automoe::cuda {
+
+// ---- embedding: out[N,C] = wte[ids[n], :] --------------------------------------------------
+void embedding_fwd(bf16* out /*[N,C] bf16 =*/, const int64_t* ids /*[N] i64*/,
+                   const bf16* wte /*[V,C] bf16*/, int64_t N, int64_t C, const Ctx& ctx);
+// Rows sharing an id are added with fp32 atomics: the order (last bits) is not deterministic.
+void embedding_bwd(float* dwte /*[V,C] f32 +=*/, const bf16* dout /*[N,C] bf16*/,
+                   const int64_t* ids /*[N] i64*/, int64_t N, int64_t C, const Ctx& ctx);
+
+// ---- RMSNorm over the last dim (also per-head q/k norm: N = tokens*heads, C = D) -------------
+// out = (x * rstd) * w in fp32, rounded once; rstd = 1/sqrt(mean(x^2) + eps).
+void rmsnorm_fwd(bf16* out /*[N,C] bf16 =*/, float* rstd /*[N] f32 =*/,
+                 const bf16* x /*[N,C] bf16*/, const bf16* w /*[C] bf16*/, int64_t N, int64_t C,
+                 float eps, const Ctx& ctx);
+size_t rmsnorm_bwd_workspace_bytes(int64_t N, int64_t C);
+void rmsnorm_bwd(bf16* dx /*[N,C] bf16 =*/, float* dw /*[C] f32 +=*/,
+                 const bf16* dout /*[N,C] bf16*/, const bf16* x /*[N,C] bf16*/,
+                 const bf16* w /*[C] bf16*/, const float* rstd /*[N] f32*/, int64_t N, int64_t C,
+                 const Ctx& ctx);
+
+// ---- linear: out[N,O] = x[N,I] @ w[O,I]^T (+ b[O]) through cuBLASLt (bf16 in, fp32 compute) ---
+// cuBLASLt uses up to ctx.workspace_bytes of workspace (linear_workspace_bytes() recommended).
+// Plans (descriptors, layouts, the heuristic's algorithm) are cached by shape and alignment.
+size_t linear_workspace_bytes();
+void linear_fwd(bf16* out /*[N,O] bf16 =*/, const bf16* x /*[N,I] bf16*/,
+                const bf16* w /*[O,I] bf16*/, const bf16* b /*[O] bf16, nullable*/, int64_t N,
+                int64_t I, int64_t O, const Ctx& ctx);
+// dx = dx_beta * dx + dout @ w (nullable); dw += dout^T @ x in fp32 (beta = 1 on an fp32
+// output, nullable); db += sum_n dout (fp32, nullable).
+size_t linear_bwd_workspace_bytes(int64_t N, int64_t O);
+void linear_bwd(bf16* dx /*[N,I] bf16*/, float dx_beta, float* dw /*[O,I] f32 +=*/,
+                float* db /*[O] f32 +=*/, const bf16* dout /*[N,O] bf16*/,
+                const bf16* x /*[N,I] bf16*/, const bf16* w /*[O,I] bf16*/, int64_t N, int64_t I,
+                int64_t O, const Ctx& ctx);
+
+// ---- RoPE, half rotation, on x[N,H,D] with positions pos[N]; angles in fp32 as HF -------------
+// In place is allowed (out == x).
+void rope_fwd(bf16* out /*[N,H,D] bf16 =*/, const bf16* x /*[N,H,D] bf16*/,
+              const int32_t* pos /*[N] i32*/, int64_t N, int64_t H, int64_t D, float theta,
+              const Ctx& ctx);
+void rope_bwd(bf16* dx /*[N,H,D] bf16 =*/, const bf16* dout /*[N,H,D] bf16*/,
+              const int32_t* pos /*[N] i32*/, int64_t N, int64_t H, int64_t D, float theta,
+              const Ctx& ctx);
+
+// ---- causal GQA attention, scale D^-0.5, fp32 scores and softmax, D <= 256 ---------------------
+// doc[B*T] (nullable): document id per token; a token attends only within its document.
+// Saves lse[b,h,t] = log sum_s exp(score) instead of the probabilities (recomputed in bwd).
+void attention_fwd(bf16* out /*[B,T,nH,D] bf16 =*/, float* lse /*[B,nH,T] f32 =*/,
+                   const bf16* q /*[B,T,nH,D] bf16*/, const bf16* k /*[B,T,nKV,D] bf16*/,
+                   const bf16* v /*[B,T,nKV,D] bf16*/, const int32_t* doc /*[B*T] i32*/,
+                   int64_t B, int64_t T, int64_t nH, int64_t nKV, int64_t D, const Ctx& ctx);
+size_t attention_bwd_workspace_bytes(int64_t B, int64_t T, int64_t nH);
+void attention_bwd(bf16* dq /*[B,T,nH,D] bf16 =*/, bf16* dk /*[B,T,nKV,D] bf16 =*/,
+                   bf16* dv /*[B,T,nKV,D] bf16 =*/, const bf16* dout /*[B,T,nH,D] bf16*/,
+                   const bf16* out /*[B,T,nH,D] bf16 (fwd)*/, const float* lse /*[B,nH,T] f32*/,
+                   const bf16* q, const bf16* k, const bf16* v, const int32_t* doc, int64_t B,
+                   int64_t T, int64_t nH, int64_t nKV, int64_t D, const Ctx& ctx);
+
+// ---- router: probs = softmax(logits) in fp32, top-k (descending, ties to the lower index),
+// weights = top-k probs, renormalised to sum 1 when norm_topk. One warp per token.
+void router_fwd(float* probs /*[N,E] f32 =*/, int32_t* topk_idx /*[N,K] i32 =*/,
+                float* topk_w /*[N,K] f32 =*/, const bf16* logits /*[N,E] bf16*/, int64_t N,
+                int64_t E, int64_t K, bool norm_topk, const Ctx& ctx);
+void router_bwd(bf16* dlogits /*[N,E] bf16 =*/, const float* dtopk_w /*[N,K] f32*/,
+                const float* dprobs_extra /*[N,E] f32, nullable*/, const float* probs /*[N,E]*/,
+                const int32_t* topk_idx /*[N,K]*/, int64_t N, int64_t E, int64_t K,
+                bool norm_topk, const Ctx& ctx);
+
+// ---- MoE layout: the N*K (token, pick) slots sorted by expert, stable in slot order ------------
+// Computed on the device by one block (no atomics on slot_row, no host sync); E <= 1024.
+void moe_layout(int32_t* offsets /*[E+1] i32 =*/, int32_t* slot_row /*[N*K] i32 =*/,
+                const int32_t* topk_idx /*[N,K] i32*/, int64_t N, int64_t E, int64_t K,
+                const Ctx& ctx);
+// permute: xs[slot_row[n*K+j], :] = x[n, :]
+void permute_fwd(bf16* xs /*[N*K,C] bf16 =*/, const bf16* x /*[N,C] bf16*/,
+                 const int32_t* slot_row, int64_t N, int64_t K, int64_t C, const Ctx& ctx);
+// dx[n] = sum_j dxs[slot_row[n*K+j]] (fp32 sum)
+void permute_bwd(bf16* dx /*[N,C] bf16 =*/, const bf16* dxs /*[N*K,C] bf16*/,
+                 const int32_t* slot_row, int64_t N, int64_t K, int64_t C, const Ctx& ctx);
+// unpermute: out[n] = sum_j w[n,j] * ys[slot_row[n*K+j]] (fp32 sum)
+void unpermute_fwd(bf16* out /*[N,C] bf16 =*/, const bf16* ys /*[N*K,C] bf16*/,
+                   const float* w /*[N,K] f32*/, const int32_t* slot_row, int64_t N, int64_t K,
+                   int64_t C, const Ctx& ctx);
+void unpermute_bwd(bf16* dys /*[N*K,C] bf16 =*/, float* dw /*[N,K] f32 =*/,
+                   const bf16* dout /*[N,C] bf16*/, const bf16* ys /*[N*K,C] bf16*/,
+                   const float* w /*[N,K] f32*/, const int32_t* slot_row, int64_t N, int64_t K,
+                   int64_t C, const Ctx& ctx);
+
+// ---- grouped linear over experts: rows [off[e], off[e+1]) of x use w[e]: out = x @ w[e]^T ------
+// Offsets stay on the device (no host sync): R is the rows allocated (N*K, host-known), an
+// upper bound of offsets[E]; rows at or past offsets[E] are not touched. Fallback kernel: tiled,
+// bf16 in, fp32 FMA accumulation (CUTLASS grouped GEMM replaces it).
+void grouped_linear_fwd(bf16* out /*[R,O] bf16 =*/, const bf16* x /*[R,I] bf16*/,
+                        const bf16* w /*[E,O,I] bf16*/, const int32_t* offsets /*[E+1] i32*/,
+                        int64_t R, int64_t E, int64_t I, int64_t O, const Ctx& ctx);
+void grouped_linear_bwd(bf16* dx /*[R,I] bf16 =, nullable*/, float* dw /*[E,O,I] f32 +=*/,
+                        const bf16* dout /*[R,O] bf16*/, const bf16* x /*[R,I] bf16*/,
+                        const bf16* w /*[E,O,I] bf16*/, const int32_t* offsets, int64_t R,
+                        int64_t E, int64_t I, int64_t O, const Ctx& ctx);
+
+// ---- SwiGLU on a fused gate|up row: gu[N,2F] (gate = cols [0,F), up = [F,2F)) -> out[N,F] ------
+void swiglu_fwd(bf16* out /*[N,F] bf16 =*/, const bf16* gu /*[N,2F] bf16*/, int64_t N,
+                int64_t F, const Ctx& ctx);
+void swiglu_bwd(bf16* dgu /*[N,2F] bf16 =*/, const bf16* dout /*[N,F] bf16*/,
+                const bf16* gu /*[N,2F] bf16*/, int64_t N, int64_t F, const Ctx& ctx);
+
+// ---- cross-entropy on bf16 logits[N,V], targets[N] (-100 = ignored) -----------------------------
+// One block per row, one pass over the vocabulary with an online max/sum: no fp32 copy of the
+// logits. losses[n] = lse - logit[target] (0 when ignored).
+void cross_entropy_fwd(float* losses /*[N] f32 =*/, float* lse /*[N] f32 =*/,
+                       const bf16* logits /*[N,V] bf16*/, const int64_t* targets /*[N] i64*/,
+                       int64_t N, int64_t V, const Ctx& ctx);
+// dlogits = scale * (softmax - onehot) on labelled rows, 0 on ignored rows. In place is
+// allowed (dlogits == logits).
+void cross_entropy_bwd(bf16* dlogits /*[N,V] bf16 =*/, const bf16* logits /*[N,V] bf16*/,
+                       const float* lse /*[N] f32*/, const int64_t* targets /*[N] i64*/,
+                       float scale, int64_t N, int64_t V, const Ctx& ctx);
+
+// ---- load-balancing aux loss (HF load_balancing_loss_func), probs of every layer along N -----
+// aux = E * sum_{k,e} f[k,e] * P[e]; written to aux[0] on the device. Deterministic.
+size_t aux_loss_workspace_bytes(int64_t N, int64_t E);
+void aux_loss_fwd(float* aux /*[1] f32 =*/, const float* probs /*[N,E] f32*/,
+                  const int32_t* topk_idx /*[N,K] i32*/, int64_t N, int64_t E, int64_t K,
+                  const Ctx& ctx);
+// dprobs = daux * E * (sum_k f[k,e]) / N; daux is a host scalar (the loss coefficient).
+void aux_loss_bwd(float* dprobs /*[N,E] f32 =*/, float daux, const int32_t* topk_idx /*[N,K]*/,
+                  int64_t N, int64_t E, int64_t K, const Ctx& ctx);
+
+// ---- optimizer: torch.optim.AdamW over one flat range of the parameter arena ------------------
+// All-fp32 (master weights): p, m, v fp32; p_bf16 (nullable) receives the rounded weights the
+// bf16 forward reads.
+void adamw_step(float* p /*[n] f32*/, bf16* p_bf16 /*[n] bf16 =, nullable*/,
+                const float* g /*[n] f32*/, float* m /*[n] f32*/, float* v /*[n] f32*/, int64_t n,
+                float lr, float b1, float b2, float eps, float wd, int64_t t, const Ctx& ctx);
+// bf16 weights with fp32 moments: the update is computed in fp32 and rounded to nearest.
+void adamw_step(bf16* p /*[n] bf16*/, const float* g /*[n] f32*/, float* m /*[n] f32*/,
+                float* v /*[n] f32*/, int64_t n, float lr, float b1, float b2, float eps,
+                float wd, int64_t t, const Ctx& ctx);
+// out[0] = sum x^2 in double, deterministic (block partials in the workspace, then one block).
+size_t sum_squares_workspace_bytes();
+void sum_squares(double* out /*[1] f64 =*/, const float* x /*[n] f32*/, int64_t n,
+                 const Ctx& ctx);
+void scale_inplace(float* x /*[n] f32*/, float s, int64_t n, const Ctx& ctx);
+
+}  // namespace automoe::cuda

@@ -1,0 +1,54 @@
+// backend/cuda/rope.cu: rotary position embedding, HF half rotation:
+// out = x*cos + rotate_half(x)*sin, rotate_half(x) = cat(-x[D/2:], x[:D/2]); angles in fp32
+// exactly as HF computes them (inv_freq = 1/theta^(2i/D), angle = pos * inv_freq).
+#include "backend/cuda/device.cuh"
+#include "backend/cuda/ops_cuda.h"
+
+namespace automoe::cuda {
+
+namespace {
+
+// Grid-stride over the N*H*(D/2) rotation pairs: thread i rotates (x[i], x[i + D/2]) of one
+// (token, head). sign = +1 forward, -1 backward (the transpose rotates by -angle). Each pair is
+// read before it is written by the same thread, so out == x is safe.
+__global__ void rope_kernel(bf16* out, const bf16* x, const int32_t* pos, int64_t N, int64_t H,
+                            int64_t D, float theta, float sign) {
+  const int64_t h2 = D / 2;
+  for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < N * H * h2;
+       idx += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t i = idx % h2, nh = idx / h2, n = nh / H;
+    const float inv_freq = 1.0f / powf(theta, float(2 * i) / float(D));
+    const float ang = float(pos[n]) * inv_freq;
+    float s, c;
+    sincosf(ang, &s, &c);
+    s *= sign;
+    const int64_t base = nh * D;
+    const float a = to_f(x[base + i]), b = to_f(x[base + i + h2]);
+    out[base + i] = to_bf(a * c - b * s);
+    out[base + i + h2] = to_bf(b * c + a * s);
+  }
+}
+
+void rope_run(bf16* out, const bf16* x, const int32_t* pos, int64_t N, int64_t H, int64_t D,
+              float theta, float sign, const Ctx& ctx, const char* op) {
+  AM_CHECK(D % 2 == 0, "[{}] head dim must be even for the half rotation, got {}", op, D);
+  if (N == 0 || H == 0 || D == 0) return;
+  constexpr int kThreads = 256;
+  rope_kernel<<<grid_for(N * H * (D / 2), kThreads, ctx), kThreads, 0, ctx.stream>>>(
+      out, x, pos, N, H, D, theta, sign);
+  CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace
+
+void rope_fwd(bf16* out, const bf16* x, const int32_t* pos, int64_t N, int64_t H, int64_t D,
+              float theta, const Ctx& ctx) {
+  rope_run(out, x, pos, N, H, D, theta, 1.0f, ctx, "rope_fwd");
+}
+
+void rope_bwd(bf16* dx, const bf16* dout, const int32_t* pos, int64_t N, int64_t H, int64_t D,
+              float theta, const Ctx& ctx) {
+  rope_run(dx, dout, pos, N, H, D, theta, -1.0f, ctx, "rope_bwd");
+}
+
+}  // namespace automoe::cuda
