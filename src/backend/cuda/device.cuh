@@ -54,6 +54,12 @@ __device__ __forceinline__ MaxSum maxsum_merge(MaxSum a, MaxSum b) {
   return {m, a.s * expf(a.m - m) + b.s * expf(b.m - m)};
 }
 
+// Rows of C bf16 can move as 16-byte chunks (uint4) between these buffers.
+inline bool rows_16b(int64_t C, const void* a, const void* b) {
+  return C % 8 == 0 && reinterpret_cast<uintptr_t>(a) % 16 == 0 &&
+         reinterpret_cast<uintptr_t>(b) % 16 == 0;
+}
+
 // Blocks for a grid-stride loop over n items: enough to fill the device, never more than needed.
 inline unsigned grid_for(int64_t n, int threads, const Ctx& ctx) {
   int64_t need = (n + threads - 1) / threads;

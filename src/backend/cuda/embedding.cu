@@ -36,9 +36,7 @@ void embedding_fwd(bf16* out, const int64_t* ids, const bf16* wte, int64_t N, in
                    const Ctx& ctx) {
   if (N == 0 || C == 0) return;
   constexpr int kThreads = 256;
-  const bool vec = C % 8 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0 &&
-                   reinterpret_cast<uintptr_t>(wte) % 16 == 0;
-  if (vec) {
+  if (rows_16b(C, out, wte)) {
     const int64_t Cc = C / 8;
     embedding_fwd_kernel<uint4><<<grid_for(N * Cc, kThreads, ctx), kThreads, 0, ctx.stream>>>(
         reinterpret_cast<uint4*>(out), ids, reinterpret_cast<const uint4*>(wte), N, Cc);

@@ -181,9 +181,7 @@ void moe_layout(int32_t* offsets, int32_t* slot_row, const int32_t* topk_idx, in
 void permute_fwd(bf16* xs, const bf16* x, const int32_t* slot_row, int64_t N, int64_t K,
                  int64_t C, const Ctx& ctx) {
   if (N == 0 || K == 0 || C == 0) return;
-  const bool vec = C % 8 == 0 && reinterpret_cast<uintptr_t>(xs) % 16 == 0 &&
-                   reinterpret_cast<uintptr_t>(x) % 16 == 0;
-  if (vec)
+  if (rows_16b(C, xs, x))
     permute_fwd_kernel<uint4><<<unsigned(N * K), kRowThreads, 0, ctx.stream>>>(
         reinterpret_cast<uint4*>(xs), reinterpret_cast<const uint4*>(x), slot_row, int(K), C / 8);
   else
