@@ -281,42 +281,63 @@ void save_safetensors(const std::string& path, const NamedTensors& tensors, cons
 
 void save_sharded(const std::string& dir, const NamedTensors& tensors, int64_t max_shard_bytes,
                   const SafetensorsMetadata& metadata) {
-  AM_CHECK(max_shard_bytes > 0, "max shard size must be positive, got {}", max_shard_bytes);
-  std::set<std::string> seen;
-  for (auto& [n, t] : tensors) AM_CHECK(seen.insert(n).second, "cannot save '{}': tensor name '{}' appears twice", dir, n);
-  fs::create_directories(dir);
-  std::vector<NamedTensors> shards;
-  int64_t cur = 0, total = 0;
-  for (auto& nt : tensors) {
-    int64_t b = int64_t(nt.second.nbytes());
-    if (shards.empty() || (cur > 0 && cur + b > max_shard_bytes)) {
-      shards.emplace_back();
-      cur = 0;
-    }
-    shards.back().push_back(nt);
-    cur += b;
-    total += b;
-  }
-  fs::path single = fs::path(dir) / "model.safetensors", index = fs::path(dir) / "model.safetensors.index.json";
+  ShardedWriter w(dir, max_shard_bytes, metadata);
+  for (auto& [n, t] : tensors) w.add(n, t);
+  w.finish();
+}
+
+namespace {
+std::string partial_shard(const std::string& dir, size_t i) {
+  return (fs::path(dir) / fmt::format(".automoe-shard-{:05d}.safetensors", i + 1)).string();
+}
+}  // namespace
+
+ShardedWriter::ShardedWriter(std::string dir, int64_t max_shard_bytes, SafetensorsMetadata metadata)
+    : dir_(std::move(dir)), max_(max_shard_bytes), meta_(std::move(metadata)) {
+  AM_CHECK(max_ > 0, "max shard size must be positive, got {}", max_);
+  fs::create_directories(dir_);
+}
+
+void ShardedWriter::add(const std::string& name, const Tensor& t) {
+  AM_CHECK(seen_.insert(name).second, "cannot save '{}': tensor name '{}' appears twice", dir_, name);
+  int64_t b = int64_t(t.nbytes());
+  if (cur_bytes_ > 0 && cur_bytes_ + b > max_) flush();  // a tensor larger than max gets a shard of its own
+  cur_.emplace_back(name, t);
+  cur_bytes_ += b;
+  total_ += b;
+}
+
+void ShardedWriter::flush() {
+  save_safetensors(partial_shard(dir_, written_.size()), cur_, meta_);
+  written_.emplace_back();
+  for (auto& [n, t] : cur_) written_.back().push_back(n);
+  cur_.clear();
+  cur_bytes_ = 0;
+}
+
+void ShardedWriter::finish() {
+  fs::path single = fs::path(dir_) / "model.safetensors", index = fs::path(dir_) / "model.safetensors.index.json";
   std::set<std::string> written;
-  if (shards.size() <= 1) {
-    save_safetensors(single.string(), shards.empty() ? NamedTensors{} : shards[0], metadata);
+  if (written_.empty()) {  // everything fits one file
+    save_safetensors(single.string(), cur_, meta_);
+    cur_.clear();
     fs::remove(index);
   } else {
+    if (!cur_.empty()) flush();
     json weight_map = json::object();
-    for (size_t i = 0; i < shards.size(); ++i) {
-      std::string file = fmt::format("model-{:05d}-of-{:05d}.safetensors", i + 1, shards.size());
-      save_safetensors((fs::path(dir) / file).string(), shards[i], metadata);
-      for (auto& [n, t] : shards[i]) weight_map[n] = file;
+    for (size_t i = 0; i < written_.size(); ++i) {
+      std::string file = fmt::format("model-{:05d}-of-{:05d}.safetensors", i + 1, written_.size());
+      fs::rename(partial_shard(dir_, i), fs::path(dir_) / file);
+      for (auto& n : written_[i]) weight_map[n] = file;
       written.insert(file);
     }
-    json j = {{"metadata", {{"total_size", total}}}, {"weight_map", weight_map}};
+    json j = {{"metadata", {{"total_size", total_}}}, {"weight_map", weight_map}};
     std::string text = j.dump(2) + "\n";
     atomic_write(index.string(), {{text.data(), text.size()}});
     fs::remove(single);
   }
   static const std::regex shard_re(R"(model-\d{5}-of-\d{5}\.safetensors)");
-  for (auto& e : fs::directory_iterator(dir)) {
+  for (auto& e : fs::directory_iterator(dir_)) {
     std::string f = e.path().filename().string();
     if (std::regex_match(f, shard_re) && !written.count(f)) fs::remove(e.path());
   }

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <utility>
 #include <vector>
@@ -87,5 +88,25 @@ void save_safetensors(const std::string& path, const NamedTensors& tensors,
 // `model.safetensors.index.json`. Weight files of the other layout left in `dir` are removed.
 void save_sharded(const std::string& dir, const NamedTensors& tensors, int64_t max_shard_bytes,
                   const SafetensorsMetadata& metadata = {});
+
+// save_sharded, streamed: add() tensors in order; a shard is written as soon as it is full (under
+// a temporary name), so only one shard is held at a time; finish() names the shards, writes the
+// index and removes weight files of the other layout. The files equal save_sharded's.
+class ShardedWriter {
+ public:
+  ShardedWriter(std::string dir, int64_t max_shard_bytes, SafetensorsMetadata metadata = {});
+  void add(const std::string& name, const Tensor& t);  // keeps `t` (shares its storage) until written
+  void finish();
+
+ private:
+  void flush();
+  std::string dir_;
+  int64_t max_;
+  SafetensorsMetadata meta_;
+  std::set<std::string> seen_;                    // names added, for the duplicate check
+  NamedTensors cur_;                              // the shard being filled
+  int64_t cur_bytes_ = 0, total_ = 0;
+  std::vector<std::vector<std::string>> written_;  // names of each shard already written
+};
 
 }  // namespace automoe

@@ -16,6 +16,7 @@ struct ParamSpec {
   int64_t offset;    // element offset into the arena
   int64_t numel;
   bool decay = true;  // weight decay applies (torch.optim.AdamW default: every parameter)
+  bool expert = false;  // an expert tensor: split over the expert-parallel group (one shard here)
 };
 
 // One tensor of the HF checkpoint: a contiguous chunk of a parameter. Per-expert keys map to
@@ -25,6 +26,10 @@ struct HfSlice {
   Shape shape;          // the checkpoint's shape
   int64_t offset;       // element offset into the arena
   int64_t numel;
+  // Expert parallelism: a fused key holds every expert but this rank loads only its own; the
+  // chunk starts `src_offset` elements into the checkpoint tensor.
+  int64_t src_offset = 0;
+  int64_t layer = -1, expert = -1;  // per-expert keys: the layer and the (global) expert
 };
 
 struct ParamLayout {

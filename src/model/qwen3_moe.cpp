@@ -4,7 +4,10 @@
 
 #include <cmath>
 #include <cstring>
+#include <memory>
 
+#include "dist/data_parallel.h"
+#include "dist/expert_parallel.h"
 #include "ops/ops.h"
 
 namespace automoe {
@@ -32,16 +35,27 @@ struct Qwen3Moe::LayerActs {
   std::vector<int32_t> offsets, slot_row;  // [E+1], [N*K]
   std::vector<float> xs, gu, act, ys;  // [NK,H], [NK,2I], [NK,I], [NK,H]
   // dense MLP reuses gu [N,2F], act [N,F]
+  std::unique_ptr<dist::EpMoeActs> ep;  // expert parallel: the expert block's own activations
 };
 
 Qwen3Moe::~Qwen3Moe() {
   for (auto* a : acts_) delete a;
 }
 
-Qwen3Moe::Qwen3Moe(const ModelConfig& c) : cfg_(c) {
+Qwen3Moe::Qwen3Moe(const ModelConfig& c, const dist::Groups* groups) : cfg_(c), groups_(groups) {
   const int64_t H = c.hidden_size, V = c.vocab_size, nH = c.num_attention_heads,
                 nKV = c.num_key_value_heads, D = c.head_dim, E = c.num_experts,
                 I = c.moe_intermediate_size, F = c.intermediate_size;
+  dist_ = groups && groups->world.size() > 1;
+  ep_ = groups && groups->ep.size() > 1 && c.num_moe_layers() > 0;
+  ex_first_ = 0;
+  ex_count_ = E;
+  if (ep_) {
+    dist::ExpertShard sh = dist::expert_shard(E, groups->ep.rank(), groups->ep.size());
+    ex_first_ = sh.first;
+    ex_count_ = sh.count;
+  }
+  const int64_t El = ex_count_;
   auto add = [&](const std::string& n, Shape s) {
     layout_.add(n, s);
     return int64_t(layout_.params.size() - 1);
@@ -90,18 +104,26 @@ Qwen3Moe::Qwen3Moe(const ModelConfig& c) : cfg_(c) {
       o.moe_index = moe_i++;
       o.router = add(p + "moe.router", {E, H});
       both(h + "mlp.gate.weight", o.router);
-      o.ex_gu = add(p + "moe.experts_gate_up", {E, 2 * I, H});
-      o.ex_down = add(p + "moe.experts_down", {E, H, I});
-      for (int64_t e = 0; e < E; ++e) {
-        std::string x = h + "mlp.experts." + std::to_string(e) + ".";
+      // this rank's experts [ex_first_, ex_first_ + El): all of them without expert parallelism
+      o.ex_gu = add(p + "moe.experts_gate_up", {El, 2 * I, H});
+      o.ex_down = add(p + "moe.experts_down", {El, H, I});
+      layout_.params[o.ex_gu].expert = layout_.params[o.ex_down].expert = true;
+      for (int64_t e = 0; e < El; ++e) {
+        const int64_t ge = ex_first_ + e;  // the expert's index in the model
+        std::string x = h + "mlp.experts." + std::to_string(ge) + ".";
         hf(x + "gate_proj.weight", o.ex_gu, e * 2 * I * H, {I, H});
         hf(x + "up_proj.weight", o.ex_gu, e * 2 * I * H + I * H, {I, H});
         hf(x + "down_proj.weight", o.ex_down, e * H * I, {H, I});
+        for (int k = 1; k <= 3; ++k) {
+          hf_[hf_.size() - k].layer = l;
+          hf_[hf_.size() - k].expert = ge;
+        }
       }
+      // fused keys hold every expert: this rank's chunk starts at its first expert
       auto& gu = layout_.params[o.ex_gu];
-      hf_fused_.push_back({h + "mlp.experts.gate_up_proj", gu.shape, gu.offset, gu.numel});
+      hf_fused_.push_back({h + "mlp.experts.gate_up_proj", {E, 2 * I, H}, gu.offset, gu.numel, ex_first_ * 2 * I * H});
       auto& dn = layout_.params[o.ex_down];
-      hf_fused_.push_back({h + "mlp.experts.down_proj", dn.shape, dn.offset, dn.numel});
+      hf_fused_.push_back({h + "mlp.experts.down_proj", {E, H, I}, dn.offset, dn.numel, ex_first_ * H * I});
     } else {
       o.mlp_gu = add(p + "mlp.gate_up", {2 * F, H});
       o.mlp_down = add(p + "mlp.down", {H, F});
@@ -143,9 +165,23 @@ void Qwen3Moe::init_random(Rng& rng, float std) {
     float* x = params_.data() + p.offset;
     bool is_norm = p.shape.size() == 1 && p.name.find("attn.b") == std::string::npos;
     bool is_bias = p.shape.size() == 1 && !is_norm;
-    for (int64_t i = 0; i < p.numel; ++i)
-      x[i] = is_norm ? 1.0f : is_bias ? 0.0f : float(rng.normal() * std);
+    // An expert shard draws the whole tensor and keeps elements [keep, keep + numel).
+    int64_t total = p.numel, keep = 0;
+    if (p.expert && ep_) {
+      total = p.numel / ex_count_ * cfg_.num_experts;
+      keep = p.numel / ex_count_ * ex_first_;
+    }
+    for (int64_t i = 0; i < total; ++i) {
+      float v = is_norm ? 1.0f : is_bias ? 0.0f : float(rng.normal() * std);
+      if (i >= keep && i < keep + p.numel) x[i - keep] = v;
+    }
   }
+}
+
+int64_t Qwen3Moe::global_numel() const {
+  int64_t n = 0;
+  for (auto& p : layout_.params) n += p.expert && ep_ ? p.numel / ex_count_ * cfg_.num_experts : p.numel;
+  return n;
 }
 
 void Qwen3Moe::zero_grad() { std::fill(grads_.begin(), grads_.end(), 0.f); }
@@ -174,7 +210,11 @@ void Qwen3Moe::plan(int64_t B, int64_t T) {
     a->x_mid.resize(N * H);
     a->ln2.resize(N * H);
     a->ln2_rstd.resize(N);
-    if (lo_[l].moe) {
+    if (lo_[l].moe && ep_) {  // the expert block sizes its buffers per forward
+      a->rlogits.resize(N * E);
+      a->topk_w.resize(N * K);
+      a->ep = std::make_unique<dist::EpMoeActs>();
+    } else if (lo_[l].moe) {
       a->rlogits.resize(N * E);
       a->topk_w.resize(N * K);
       a->offsets.resize(E + 1);
@@ -265,12 +305,17 @@ LossParts Qwen3Moe::forward(const Batch& b, float ce_denominator, float aux_scal
       int32_t* idx = topk_all_.data() + mi * N * K;
       linear_fwd(a.rlogits.data(), a.ln2.data(), w.router, nullptr, N, H, E);
       router_fwd(probs, idx, a.topk_w.data(), a.rlogits.data(), N, E, K, c.norm_topk_prob);
-      moe_layout(a.offsets.data(), a.slot_row.data(), idx, N, E, K);
-      permute_fwd(a.xs.data(), a.ln2.data(), a.slot_row.data(), N, K, H);
-      grouped_linear_fwd(a.gu.data(), a.xs.data(), w.ex_gu, a.offsets.data(), E, H, 2 * I);
-      swiglu_fwd(a.act.data(), a.gu.data(), N * K, I);
-      grouped_linear_fwd(a.ys.data(), a.act.data(), w.ex_down, a.offsets.data(), E, I, H);
-      unpermute_fwd(tmp.data(), a.ys.data(), a.topk_w.data(), a.slot_row.data(), N, K, H);
+      if (ep_) {  // experts on the EP group: layout, dispatch, local experts, combine
+        dist::ep_moe_fwd(tmp.data(), *a.ep, a.ln2.data(), idx, a.topk_w.data(), w.ex_gu, w.ex_down,
+                         N, H, I, K, {E, ex_first_, ex_count_}, groups_->ep);
+      } else {
+        moe_layout(a.offsets.data(), a.slot_row.data(), idx, N, E, K);
+        permute_fwd(a.xs.data(), a.ln2.data(), a.slot_row.data(), N, K, H);
+        grouped_linear_fwd(a.gu.data(), a.xs.data(), w.ex_gu, a.offsets.data(), E, H, 2 * I);
+        swiglu_fwd(a.act.data(), a.gu.data(), N * K, I);
+        grouped_linear_fwd(a.ys.data(), a.act.data(), w.ex_down, a.offsets.data(), E, I, H);
+        unpermute_fwd(tmp.data(), a.ys.data(), a.topk_w.data(), a.slot_row.data(), N, K, H);
+      }
     } else {
       linear_fwd(a.gu.data(), a.ln2.data(), w.mlp_gu, nullptr, N, H, 2 * F);
       swiglu_fwd(a.act.data(), a.gu.data(), N, F);
@@ -283,9 +328,15 @@ LossParts Qwen3Moe::forward(const Batch& b, float ce_denominator, float aux_scal
   cross_entropy_fwd(losses_.data(), lse_.data(), logits_.data(), targets_.data(), N, V);
 
   LossParts out;
-  out.labelled = labelled;
   double sum = 0.0;
   for (int64_t i = 0; i < N; ++i) sum += losses_[i];
+  if (dist_) {  // the global batch: CE summed and labelled tokens counted over every rank
+    double both[2] = {sum, double(labelled)};
+    groups_->world.allreduce_sum(both, 2);
+    sum = both[0];
+    labelled = int64_t(both[1]);
+  }
+  out.labelled = labelled;
   float denom = ce_denominator > 0 ? ce_denominator : float(labelled);
   // HF: mean over labelled tokens; with no labelled token the mean is NaN there, 0 here.
   out.ce = denom > 0 ? float(sum / denom) : 0.f;
@@ -293,7 +344,14 @@ LossParts Qwen3Moe::forward(const Batch& b, float ce_denominator, float aux_scal
   out.loss = out.ce;
   aux_grad_ = 0.f;
   if (c.output_router_logits && c.num_moe_layers() > 0) {
-    out.aux = aux_loss_fwd(probs_all_.data(), topk_all_.data(), c.num_moe_layers() * N, E, K);
+    if (dist_) {  // f and P over the global batch
+      aux_fsum_.resize(E);
+      out.aux = dist::aux_loss_global_fwd(aux_fsum_.data(), &aux_rows_, probs_all_.data(),
+                                          topk_all_.data(), c.num_moe_layers() * N, E, K,
+                                          groups_->world);
+    } else {
+      out.aux = aux_loss_fwd(probs_all_.data(), topk_all_.data(), c.num_moe_layers() * N, E, K);
+    }
     out.has_aux = true;
     aux_grad_ = float(c.router_aux_loss_coef) * aux_scale;
     out.loss += aux_grad_ * out.aux;
@@ -320,7 +378,11 @@ void Qwen3Moe::backward() {
   std::vector<float> dprobs_all;
   if (aux_grad_ != 0.f) {
     dprobs_all.resize(probs_all_.size());
-    aux_loss_bwd(dprobs_all.data(), aux_grad_, topk_all_.data(), c.num_moe_layers() * N, E, K);
+    if (dist_)
+      dist::aux_loss_global_bwd(dprobs_all.data(), aux_grad_, aux_fsum_.data(), aux_rows_,
+                                c.num_moe_layers() * N, E);
+    else
+      aux_loss_bwd(dprobs_all.data(), aux_grad_, topk_all_.data(), c.num_moe_layers() * N, E, K);
   }
   std::vector<float> d1, d2, d3, dw;  // scratch
   for (int64_t l = c.num_hidden_layers - 1; l >= 0; --l) {
@@ -331,19 +393,24 @@ void Qwen3Moe::backward() {
       int64_t mi = lo_[l].moe_index;
       const float* probs = probs_all_.data() + mi * N * E;
       const int32_t* idx = topk_all_.data() + mi * N * K;
-      d1.resize(N * K * H);  // dys
-      dw.resize(N * K);      // d topk weights
-      unpermute_bwd(d1.data(), dw.data(), dres_.data(), a.ys.data(), a.topk_w.data(),
-                    a.slot_row.data(), N, K, H);
-      d2.resize(N * K * I);  // dact
-      grouped_linear_bwd(d2.data(), g.ex_down, d1.data(), a.act.data(), w.ex_down,
-                         a.offsets.data(), E, I, H);
-      d3.resize(N * K * 2 * I);  // dgu
-      swiglu_bwd(d3.data(), d2.data(), a.gu.data(), N * K, I);
-      d1.resize(N * K * H);  // dxs
-      grouped_linear_bwd(d1.data(), g.ex_gu, d3.data(), a.xs.data(), w.ex_gu, a.offsets.data(),
-                         E, H, 2 * I);
-      permute_bwd(dln_.data(), d1.data(), a.slot_row.data(), N, K, H);
+      dw.resize(N * K);  // d topk weights
+      if (ep_) {  // combine's gradient is a dispatch, dispatch's a combine
+        dist::ep_moe_bwd(dln_.data(), dw.data(), g.ex_gu, g.ex_down, dres_.data(), *a.ep, w.ex_gu,
+                         w.ex_down, H, I, {E, ex_first_, ex_count_}, groups_->ep);
+      } else {
+        d1.resize(N * K * H);  // dys
+        unpermute_bwd(d1.data(), dw.data(), dres_.data(), a.ys.data(), a.topk_w.data(),
+                      a.slot_row.data(), N, K, H);
+        d2.resize(N * K * I);  // dact
+        grouped_linear_bwd(d2.data(), g.ex_down, d1.data(), a.act.data(), w.ex_down,
+                           a.offsets.data(), E, I, H);
+        d3.resize(N * K * 2 * I);  // dgu
+        swiglu_bwd(d3.data(), d2.data(), a.gu.data(), N * K, I);
+        d1.resize(N * K * H);  // dxs
+        grouped_linear_bwd(d1.data(), g.ex_gu, d3.data(), a.xs.data(), w.ex_gu, a.offsets.data(),
+                           E, H, 2 * I);
+        permute_bwd(dln_.data(), d1.data(), a.slot_row.data(), N, K, H);
+      }
       d2.resize(N * E);  // drouter logits
       router_bwd(d2.data(), dw.data(), dprobs_all.empty() ? nullptr : dprobs_all.data() + mi * N * E,
                  probs, idx, N, E, K, c.norm_topk_prob);

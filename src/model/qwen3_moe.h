@@ -15,6 +15,10 @@
 
 namespace automoe {
 
+namespace dist {
+struct Groups;
+}
+
 // One micro-batch. ids/labels [B,T] (label -100 = no loss; labels are shifted inside, as HF).
 struct Batch {
   int64_t B = 0, T = 0;
@@ -31,9 +35,15 @@ struct LossParts {
   int64_t labelled = 0;  // tokens with a label
 };
 
+// Parallel runs (dist/process_group.h): with `groups` spanning several ranks, each rank runs its
+// own micro-batch; the loss, the aux loss and LossParts are those of the GLOBAL batch (all ranks
+// concatenated, labelled tokens all-reduced), and with an expert-parallel group of P > 1 ranks
+// this rank holds experts [expert_first(), expert_first() + local_experts()) only (the arena
+// shrinks; the MoE layers dispatch tokens to the ranks holding their experts). Gradients stay
+// local: dist::allreduce_grads sums them. Without groups (or world size 1) nothing changes.
 class Qwen3Moe {
  public:
-  explicit Qwen3Moe(const ModelConfig& cfg);
+  explicit Qwen3Moe(const ModelConfig& cfg, const dist::Groups* groups = nullptr);
 
   const ModelConfig& config() const { return cfg_; }
   const ParamLayout& layout() const { return layout_; }
@@ -44,7 +54,15 @@ class Qwen3Moe {
   const std::vector<float>& params() const { return params_; }
   const std::vector<float>& grads() const { return grads_; }
 
+  const dist::Groups* groups() const { return groups_; }  // null: a single process
+  bool expert_parallel() const { return ep_; }
+  int64_t expert_first() const { return ex_first_; }
+  int64_t local_experts() const { return ex_count_; }
+  // Elements of the whole model (every expert), whatever this rank holds.
+  int64_t global_numel() const;
+
   // HF-style random init: normal(0, std) for matrices, ones for norm weights, zeros for biases.
+  // Draws as for the whole model, so an expert shard gets the values one process would.
   void init_random(Rng& rng, float std = 0.02f);
 
   // Forward with loss. `ce_denominator` > 0 divides the summed CE by it (gradient accumulation
@@ -65,6 +83,9 @@ class Qwen3Moe {
   void plan(int64_t B, int64_t T);
 
   ModelConfig cfg_;
+  const dist::Groups* groups_ = nullptr;
+  bool ep_ = false, dist_ = false;  // expert parallel (EP group > 1); several ranks (world > 1)
+  int64_t ex_first_ = 0, ex_count_ = 0;  // the experts this rank holds
   ParamLayout layout_;
   std::vector<HfSlice> hf_, hf_fused_;
   std::vector<float> params_, grads_;
@@ -91,6 +112,8 @@ class Qwen3Moe {
   std::vector<float> x_final_, lnf_out_, lnf_rstd_, logits_, lse_, losses_;
   std::vector<float> probs_all_;      // [nMoE * N, E]
   std::vector<int32_t> topk_all_;     // [nMoE * N, K]
+  std::vector<double> aux_fsum_;      // [E] global sum_k f[k,e] (several ranks)
+  double aux_rows_ = 0;               // rows of the global aux batch (several ranks)
   // backward scratch
   std::vector<float> dres_, dln_, dlogits_;
 

@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/check.h"
+#include "dist/process_group.h"
 #include "io/safetensors.h"
 
 namespace automoe {
@@ -17,16 +18,27 @@ namespace fs = std::filesystem;
 namespace {
 
 
+// Which parameters a file holds: all of them, or (expert parallelism) the replicated ones in the
+// shared file and this rank's expert shards in its own.
+enum class Part { All, Dense, Experts };
+bool in_part(const ParamSpec& p, Part part) {
+  return part == Part::All || (part == Part::Experts) == p.expert;
+}
+
 // One tensor per parameter, under the internal names (the arena layout is the contract).
-std::vector<std::pair<std::string, Tensor>> named(const Qwen3Moe& model, const std::vector<float>& arena) {
+std::vector<std::pair<std::string, Tensor>> named(const Qwen3Moe& model, const std::vector<float>& arena,
+                                                  Part part = Part::All) {
   std::vector<std::pair<std::string, Tensor>> out;
   for (auto& p : model.layout().params)
-    out.emplace_back(p.name, Tensor::borrow(DType::F32, p.shape, const_cast<float*>(arena.data() + p.offset)));
+    if (in_part(p, part))
+      out.emplace_back(p.name, Tensor::borrow(DType::F32, p.shape, const_cast<float*>(arena.data() + p.offset)));
   return out;
 }
 
-void read_into(const SafetensorsFile& f, const Qwen3Moe& model, std::vector<float>& arena, const std::string& what) {
+void read_into(const SafetensorsFile& f, const Qwen3Moe& model, std::vector<float>& arena, const std::string& what,
+               Part part = Part::All) {
   for (auto& p : model.layout().params) {
+    if (!in_part(p, part)) continue;
     AM_CHECK(f.has(p.name), "checkpoint {} has no '{}': it was written for another model", what, p.name);
     Tensor t = f.view(p.name);
     AM_CHECK(t.dtype == DType::F32 && t.shape == p.shape, "checkpoint {}: '{}' is {} {}, the model needs F32 {}",
@@ -37,22 +49,49 @@ void read_into(const SafetensorsFile& f, const Qwen3Moe& model, std::vector<floa
 
 }  // namespace
 
-void save_checkpoint(const std::string& output_dir, const TrainState& st, const Qwen3Moe& model,
-                     const AdamW& opt, int64_t keep) {
-  fs::path root = fs::path(output_dir) / "checkpoints";
-  fs::create_directories(root);
-  std::string name = fmt::format("step-{:07d}", st.step);
-  fs::path tmp = root / (name + ".tmp"), final_dir = root / name;
-  fs::remove_all(tmp);
-  fs::create_directories(tmp);
-  save_safetensors((tmp / "model.safetensors").string(), named(model, model.params()), {});
-  auto m = named(model, opt.m), v = named(model, opt.v);
+namespace {
+
+void barrier(const Qwen3Moe& model) {
+  if (model.groups()) model.groups()->world.barrier();
+}
+
+void save_part(const fs::path& dir, const std::string& suffix, const Qwen3Moe& model, const AdamW& opt, Part part) {
+  save_safetensors((dir / ("model" + suffix + ".safetensors")).string(), named(model, model.params(), part), {});
+  auto m = named(model, opt.m, part), v = named(model, opt.v, part);
   std::vector<std::pair<std::string, Tensor>> moments;
   for (auto& [n, t] : m) moments.emplace_back("exp_avg." + n, t);
   for (auto& [n, t] : v) moments.emplace_back("exp_avg_sq." + n, t);
-  save_safetensors((tmp / "optimizer.safetensors").string(), moments, {});
+  save_safetensors((dir / ("optimizer" + suffix + ".safetensors")).string(), moments, {});
+}
+
+int ep_size(const Qwen3Moe& model) { return model.expert_parallel() ? model.groups()->ep_size() : 1; }
+
+}  // namespace
+
+void save_checkpoint(const std::string& output_dir, const TrainState& st, const Qwen3Moe& model,
+                     const AdamW& opt, int64_t keep) {
+  const dist::Groups* g = model.groups();
+  const bool lead = !g || g->world.rank() == 0, ep = model.expert_parallel();
+  fs::path root = fs::path(output_dir) / "checkpoints";
+  std::string name = fmt::format("step-{:07d}", st.step);
+  fs::path tmp = root / (name + ".tmp"), final_dir = root / name;
+  if (lead) {
+    fs::create_directories(root);
+    fs::remove_all(tmp);
+    fs::create_directories(tmp);
+  }
+  barrier(model);
+  if (lead) save_part(tmp, "", model, opt, ep ? Part::Dense : Part::All);
+  if (ep && g->dp.rank() == 0)  // one copy of each expert shard: the first DP replica writes it
+    save_part(tmp, fmt::format("-rank-{}", g->ep.rank()), model, opt, Part::Experts);
+  barrier(model);
+  if (!lead) {
+    barrier(model);  // the checkpoint is complete (renamed) when every rank leaves
+    return;
+  }
   nlohmann::json j = {{"step", st.step}, {"data_epoch", st.data_epoch}, {"data_cursor", st.data_cursor},
-                      {"adamw_t", opt.t}, {"num_params", model.params().size()}};
+                      {"adamw_t", opt.t}, {"num_params", model.global_numel()}};
+  if (ep) j["expert_parallel"] = ep_size(model);
   std::ofstream(tmp / "state.json") << j.dump(1) << "\n";
   fs::remove_all(final_dir);
   fs::rename(tmp, final_dir);
@@ -64,6 +103,7 @@ void save_checkpoint(const std::string& output_dir, const TrainState& st, const 
       all.push_back(e.path());
   std::sort(all.begin(), all.end());
   for (size_t i = 0; keep > 0 && i + size_t(keep) < all.size(); ++i) fs::remove_all(all[i]);
+  barrier(model);
 }
 
 std::string latest_checkpoint(const std::string& output_dir) {
@@ -88,20 +128,31 @@ TrainState load_checkpoint(const std::string& dir, Qwen3Moe& model, AdamW& opt) 
   } catch (const std::exception& e) {
     AM_FAIL("checkpoint {}/state.json is not valid JSON ({})", dir, e.what());
   }
-  AM_CHECK(j.value("num_params", int64_t(-1)) == int64_t(model.params().size()),
+  AM_CHECK(j.value("num_params", int64_t(-1)) == model.global_numel(),
            "checkpoint {} holds {} parameters, the model has {}: it belongs to another model",
-           dir, j.value("num_params", int64_t(-1)), model.params().size());
-  read_into(SafetensorsFile((fs::path(dir) / "model.safetensors").string()), model, model.params(), dir);
-  SafetensorsFile of((fs::path(dir) / "optimizer.safetensors").string());
+           dir, j.value("num_params", int64_t(-1)), model.global_numel());
+  const int64_t ck_ep = j.value("expert_parallel", int64_t(1));
+  AM_CHECK(ck_ep == ep_size(model),
+           "checkpoint {} was written with expert parallelism {}, this run has {}; resume with train.ep {} "
+           "(re-sharding a checkpoint is not implemented yet)",
+           dir, ck_ep, ep_size(model), ck_ep);
+  const bool ep = model.expert_parallel();
   opt.init(int64_t(model.params().size()));
-  for (auto& [prefix, arena] : {std::pair{"exp_avg.", &opt.m}, std::pair{"exp_avg_sq.", &opt.v}})
-    for (auto& p : model.layout().params) {
-      std::string key = prefix + p.name;
-      AM_CHECK(of.has(key), "checkpoint {} has no optimizer tensor '{}'", dir, key);
-      Tensor t = of.view(key);
-      AM_CHECK(t.shape == p.shape && t.dtype == DType::F32, "checkpoint {}: '{}' has the wrong shape or dtype", dir, key);
-      std::copy(t.data<float>(), t.data<float>() + p.numel, arena->data() + p.offset);
-    }
+  std::vector<std::pair<std::string, Part>> files = {{"", ep ? Part::Dense : Part::All}};
+  if (ep) files.emplace_back(fmt::format("-rank-{}", model.groups()->ep.rank()), Part::Experts);
+  for (auto& [suffix, part] : files) {
+    read_into(SafetensorsFile((fs::path(dir) / ("model" + suffix + ".safetensors")).string()), model, model.params(), dir, part);
+    SafetensorsFile of((fs::path(dir) / ("optimizer" + suffix + ".safetensors")).string());
+    for (auto& [prefix, arena] : {std::pair{"exp_avg.", &opt.m}, std::pair{"exp_avg_sq.", &opt.v}})
+      for (auto& p : model.layout().params) {
+        if (!in_part(p, part)) continue;
+        std::string key = prefix + p.name;
+        AM_CHECK(of.has(key), "checkpoint {} has no optimizer tensor '{}'", dir, key);
+        Tensor t = of.view(key);
+        AM_CHECK(t.shape == p.shape && t.dtype == DType::F32, "checkpoint {}: '{}' has the wrong shape or dtype", dir, key);
+        std::copy(t.data<float>(), t.data<float>() + p.numel, arena->data() + p.offset);
+      }
+  }
   opt.t = j.at("adamw_t").get<int64_t>();
   return {j.at("step").get<int64_t>(), j.at("data_epoch").get<int64_t>(), j.at("data_cursor").get<int64_t>()};
 }

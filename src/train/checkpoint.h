@@ -1,6 +1,11 @@
 // train/checkpoint.h: training checkpoints (model, optimizer moments, schedule/data position)
 // that resume bit-identically. Layout: OUTPUT/checkpoints/step-NNNNNNN/{model.safetensors,
 // optimizer.safetensors, state.json}, written to a temporary folder and renamed when complete.
+// Expert parallelism (P ranks): model/optimizer.safetensors hold the replicated parameters
+// (written by world rank 0) and model-rank-R / optimizer-rank-R.safetensors the experts of EP
+// rank R (written by its first data-parallel replica); state.json records "expert_parallel": P
+// and a resume needs the same P. Both calls are collective over the model's groups, and the
+// output folder must be one every rank sees (a shared file system across nodes).
 #pragma once
 #include <cstdint>
 #include <string>

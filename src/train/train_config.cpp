@@ -59,6 +59,7 @@ const std::map<std::string, Setter>& keys() {
       KEY("train.checkpoint_every", checkpoint_every, int64_t),
       KEY("train.keep_checkpoints", keep_checkpoints, int64_t),
       KEY("train.device", device, std::string),
+      KEY("train.ep", ep, int64_t),
       KEY("output.dir", output_dir, std::string),
       KEY("output.export_hf", export_hf, bool),
       KEY("output.resume", resume, bool),
@@ -118,6 +119,7 @@ TrainConfig load_train_config(const std::string& path,
            "train.steps, train.grad_accum, data.micro_batch and train.log_every must be positive and data.seq_len > 1");
   AM_CHECK(c.enable_thinking.empty() || c.enable_thinking == "true" || c.enable_thinking == "false",
            "data.enable_thinking must be true or false, got '{}'", c.enable_thinking);
+  AM_CHECK(c.ep >= 1, "train.ep (the expert-parallel size) must be at least 1, got {}", c.ep);
   AM_CHECK(c.device == "cpu", "train.device '{}' is not available in this build; use cpu", c.device);
   return c;
 }
@@ -151,7 +153,9 @@ std::string TrainConfig::to_yaml() const {
     << YAML::Key << "max_grad_norm" << YAML::Value << max_grad_norm << YAML::Key << "seed" << YAML::Value
     << seed << YAML::Key << "log_every" << YAML::Value << log_every << YAML::Key << "checkpoint_every"
     << YAML::Value << checkpoint_every << YAML::Key << "keep_checkpoints" << YAML::Value << keep_checkpoints
-    << YAML::Key << "device" << YAML::Value << device << YAML::EndMap;
+    << YAML::Key << "device" << YAML::Value << device;
+  if (ep != 1) e << YAML::Key << "ep" << YAML::Value << ep;
+  e << YAML::EndMap;
   e << YAML::Key << "output" << YAML::Value << YAML::BeginMap << YAML::Key << "dir" << YAML::Value
     << output_dir << YAML::Key << "export_hf" << YAML::Value << export_hf << YAML::EndMap;
   e << YAML::EndMap;

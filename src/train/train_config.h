@@ -28,7 +28,7 @@ struct TrainConfig {
   int64_t data_examples = 20000;        // size of the built-in task
   int64_t data_digits = 3;
   int64_t seq_len = 64;
-  int64_t micro_batch = 8;              // rows per micro-batch
+  int64_t micro_batch = 8;              // rows per micro-batch (per rank under mpirun)
   // train:
   int64_t steps = 100;
   int64_t grad_accum = 1;
@@ -40,6 +40,7 @@ struct TrainConfig {
   int64_t checkpoint_every = 0;         // 0 = only at the end
   int64_t keep_checkpoints = 2;
   std::string device = "cpu";
+  int64_t ep = 1;                       // expert-parallel size (ranks from mpirun; dp = world / ep)
   // output:
   std::string output_dir = "out/run";
   bool export_hf = true;

@@ -11,6 +11,8 @@
 #include <set>
 
 #include "core/check.h"
+#include "dist/data_parallel.h"
+#include "dist/process_group.h"
 #include "model/qwen3_moe.h"
 #include "model/weights.h"
 #include "text/chat_template.h"
@@ -66,9 +68,19 @@ void truncate_metrics(const fs::path& path, int64_t last_step) {
   std::ofstream(path, std::ios::trunc) << kept;
 }
 
+// This rank's rows [r0, r0 + rows) of a packed global micro-batch.
+Batch rows_of(const PackedBatch& mb, int64_t r0, int64_t rows) {
+  const int64_t T = mb.T, a = r0 * T, b = (r0 + rows) * T;
+  Batch out{rows, T, {mb.ids.begin() + a, mb.ids.begin() + b}, {mb.labels.begin() + a, mb.labels.begin() + b}, {}, {}};
+  if (!mb.pos.empty()) out.pos.assign(mb.pos.begin() + a, mb.pos.begin() + b);
+  if (!mb.doc.empty()) out.doc.assign(mb.doc.begin() + a, mb.doc.begin() + b);
+  return out;
+}
+
 }  // namespace
 
-std::vector<Example> load_training_data(const TrainConfig& cfg, const ModelConfig& mc, SftStats* stats) {
+std::vector<Example> load_training_data(const TrainConfig& cfg, const ModelConfig& mc, SftStats* stats,
+                                        bool print) {
   if (!cfg.data_builtin.empty()) return addition_examples(cfg.data_examples, int(cfg.data_digits), cfg.seed + 1);
   std::string tok_path = !cfg.data_tokenizer.empty() ? cfg.data_tokenizer : cfg.model_path;
   bool have_tok = !tok_path.empty() && (fs::exists(fs::path(tok_path) / "tokenizer.json") ||
@@ -98,23 +110,33 @@ std::vector<Example> load_training_data(const TrainConfig& cfg, const ModelConfi
     for (int64_t id : data[i].ids)
       AM_CHECK(id >= 0 && id < mc.vocab_size, "{}: record {} has token id {} outside the model's vocabulary [0, {}); "
                "does the tokenizer belong to this model?", cfg.data_train, i, id, mc.vocab_size);
-  std::printf("data %s: %lld records, %lld tokens, %lld with loss%s\n", cfg.data_train.c_str(),
+  if (print)
+    std::printf("data %s: %lld records, %lld tokens, %lld with loss%s\n", cfg.data_train.c_str(),
               (long long)stats->records, (long long)stats->tokens, (long long)stats->labelled,
               stats->skipped ? fmt::format(", {} skipped (first: {})", stats->skipped, stats->first_error).c_str() : "");
   return data;
 }
 
 TrainResult run_finetune(const TrainConfig& cfg,
-                         const std::function<void(const StepMetrics&)>& on_step) {
+                         const std::function<void(const StepMetrics&)>& on_step,
+                         const dist::Groups* groups) {
   TrainResult result;
-  fs::create_directories(cfg.output_dir);
-  std::ofstream(fs::path(cfg.output_dir) / "recipe.yaml") << cfg.to_yaml();
+  dist::Groups own;
+  if (!groups) own = dist::make_groups(int(cfg.ep));
+  const dist::Groups& g = groups ? *groups : own;
+  AM_CHECK(g.ep_size() == cfg.ep, "internal: train.ep {} but the expert-parallel group has {} ranks", cfg.ep, g.ep_size());
+  const int world = g.world.size(), rank = g.world.rank();
+  const bool lead = rank == 0, multi = world > 1;  // rank 0 writes; several ranks reduce
+  if (lead) {
+    fs::create_directories(cfg.output_dir);
+    std::ofstream(fs::path(cfg.output_dir) / "recipe.yaml") << cfg.to_yaml();
+  }
 
   // ---- model
   ModelConfig mc = cfg.model_builtin.empty() ? load_model_config(cfg.model_path + "/config.json")
                                              : builtin_model_config(cfg.model_builtin);
   if (cfg.router_aux_loss_coef >= 0) mc.router_aux_loss_coef = cfg.router_aux_loss_coef;
-  Qwen3Moe model(mc);
+  Qwen3Moe model(mc, &g);
   if (cfg.model_builtin.empty()) {
     load_hf_weights(model, cfg.model_path);
   } else {
@@ -123,7 +145,7 @@ TrainResult run_finetune(const TrainConfig& cfg,
   }
   // ---- data
   SftStats data_stats;
-  std::vector<Example> data = load_training_data(cfg, mc, &data_stats);
+  std::vector<Example> data = load_training_data(cfg, mc, &data_stats, lead);
   AM_CHECK(cfg.data_builtin.empty() || mc.vocab_size >= kAdditionVocab,
            "the built-in addition task needs a vocabulary of at least {} tokens", kAdditionVocab);
   int64_t pad_id = mc.pad_token_id >= 0 ? mc.pad_token_id : 0;
@@ -138,43 +160,55 @@ TrainResult run_finetune(const TrainConfig& cfg,
   if (cfg.resume) {
     std::string ck = latest_checkpoint(cfg.output_dir);
     if (ck.empty()) {
-      std::fprintf(stderr, "automoe: no checkpoint in %s/checkpoints; starting from step 0\n",
+      if (lead)
+        std::fprintf(stderr, "automoe: no checkpoint in %s/checkpoints; starting from step 0\n",
                    cfg.output_dir.c_str());
     } else {
       TrainState st = load_checkpoint(ck, model, opt);
       start = st.step;
       order.seek(st.data_epoch, st.data_cursor);
-      truncate_metrics(metrics_path, start);
-      std::printf("resumed from %s (step %lld)\n", ck.c_str(), (long long)start);
+      if (lead) {
+        truncate_metrics(metrics_path, start);
+        std::printf("resumed from %s (step %lld)\n", ck.c_str(), (long long)start);
+      }
     }
-  } else {
+  } else if (lead) {
     std::ofstream(metrics_path, std::ios::trunc);
   }
-  std::ofstream metrics(metrics_path, std::ios::app);
+  std::ofstream metrics;
+  if (lead) metrics.open(metrics_path, std::ios::app);
 
-  std::printf("model %s: %lld parameters (%lld layers, %lld experts, top-%lld) | data: %zu examples | "
-              "%lld steps x %lld micro-batches x %lldx%lld tokens\n",
-              cfg.model_builtin.empty() ? cfg.model_path.c_str() : cfg.model_builtin.c_str(),
-              (long long)model.params().size(), (long long)mc.num_hidden_layers,
-              (long long)mc.num_experts, (long long)mc.num_experts_per_tok, data.size(),
-              (long long)cfg.steps, (long long)cfg.grad_accum, (long long)cfg.micro_batch,
-              (long long)cfg.seq_len);
-  std::fflush(stdout);
+  if (lead) {
+    std::printf("model %s: %lld parameters (%lld layers, %lld experts, top-%lld) | data: %zu examples | "
+                "%lld steps x %lld micro-batches x %lldx%lld tokens\n",
+                cfg.model_builtin.empty() ? cfg.model_path.c_str() : cfg.model_builtin.c_str(),
+                (long long)model.global_numel(), (long long)mc.num_hidden_layers,
+                (long long)mc.num_experts, (long long)mc.num_experts_per_tok, data.size(),
+                (long long)cfg.steps, (long long)cfg.grad_accum, (long long)cfg.micro_batch * world,
+                (long long)cfg.seq_len);
+    if (multi)
+      std::printf("%d ranks: expert parallel %d (%lld of %lld experts per rank) x data parallel %d, "
+                  "%lld rows per rank per micro-batch\n",
+                  world, g.ep_size(), (long long)model.local_experts(), (long long)mc.num_experts,
+                  g.dp_size(), (long long)cfg.micro_batch);
+    std::fflush(stdout);
+  }
 
   auto t_start = std::chrono::steady_clock::now();
   std::vector<PackedBatch> micro(cfg.grad_accum);
   for (int64_t step = start; step < cfg.steps; ++step) {
     auto t0 = std::chrono::steady_clock::now();
     int64_t labelled = 0;
-    for (auto& mb : micro) {
-      mb = pack_rows(data, order, cfg.micro_batch, cfg.seq_len, pad_id);
+    for (auto& mb : micro) {  // the global micro-batch, the same on every rank
+      mb = pack_rows(data, order, cfg.micro_batch * world, cfg.seq_len, pad_id);
       labelled += shifted_labelled(mb);
     }
     model.zero_grad();
     StepMetrics m;
     m.step = step + 1;
     for (auto& mb : micro) {
-      Batch b{mb.B, mb.T, mb.ids, mb.labels, mb.pos, mb.doc};
+      Batch b = multi ? rows_of(mb, rank * cfg.micro_batch, cfg.micro_batch)
+                      : Batch{mb.B, mb.T, mb.ids, mb.labels, mb.pos, mb.doc};
       LossParts lp = model.forward(b, float(std::max<int64_t>(labelled, 1)), 1.0f / float(cfg.grad_accum));
       model.backward();
       m.ce += lp.ce;  // each is sum/labelled_total: they add up to the step's mean
@@ -182,12 +216,18 @@ TrainResult run_finetune(const TrainConfig& cfg,
       m.loss += lp.loss;
       m.tokens += mb.B * mb.T;
     }
-    m.grad_norm = clip_grad_norm(model.grads(), cfg.max_grad_norm);
+    if (multi) {  // dense grads summed over the world, expert grads over their DP group
+      dist::allreduce_grads(model.grads(), model.layout(), g);
+      m.grad_norm = dist::clip_grad_norm_global(model.grads(), model.layout(), g, cfg.max_grad_norm);
+    } else {
+      m.grad_norm = clip_grad_norm(model.grads(), cfg.max_grad_norm);
+    }
     m.lr = cfg.schedule.at(step);
     opt.step(model.params(), model.grads(), m.lr);
     double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     m.tokens_per_s = double(m.tokens) / std::max(dt, 1e-9);
     m.peak_mem_bytes = peak_rss_bytes();
+    g.world.allreduce_max(&m.peak_mem_bytes, 1);  // the largest rank
     AM_CHECK(std::isfinite(m.loss), "step {}: the loss is not finite ({}); lower train.lr or check the data", m.step, m.loss);
 
     nlohmann::json j = {{"step", m.step}, {"loss", m.loss}, {"ce_loss", m.ce}, {"lr", m.lr},
@@ -196,9 +236,11 @@ TrainResult run_finetune(const TrainConfig& cfg,
     if (mc.output_router_logits) j["aux_loss"] = m.aux;
     j["epoch"] = order.epoch;
     if (data_stats.skipped) j["data_skipped"] = data_stats.skipped;
-    metrics << j.dump() << "\n";
-    metrics.flush();
-    if (m.step % cfg.log_every == 0 || m.step == cfg.steps || m.step == start + 1) {
+    if (lead) {
+      metrics << j.dump() << "\n";
+      metrics.flush();
+    }
+    if (lead && (m.step % cfg.log_every == 0 || m.step == cfg.steps || m.step == start + 1)) {
       double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
       double eta = elapsed / double(m.step - start) * double(cfg.steps - m.step);
       std::printf("step %5lld/%lld | loss %.4f | lr %.2e | grad_norm %.3f | %.0f tok/s | ETA %s\n",
@@ -216,18 +258,29 @@ TrainResult run_finetune(const TrainConfig& cfg,
   }
   if (cfg.export_hf) {
     result.export_dir = (fs::path(cfg.output_dir) / "hf").string();
-    save_hf_model(model, result.export_dir, cfg.model_path);
-    std::printf("exported a Hugging Face checkpoint to %s\n", result.export_dir.c_str());
-    // Load the export back into a fresh model: it must hold exactly the trained weights.
-    Qwen3Moe back(load_model_config(result.export_dir + "/config.json"));
+    save_hf_model(model, result.export_dir, cfg.model_path);  // rank 0 writes, layer by layer
+    g.world.barrier();
+    if (lead) std::printf("exported a Hugging Face checkpoint to %s\n", result.export_dir.c_str());
+    // Load the export back into a fresh model (each rank its own share): it must hold exactly
+    // the trained weights.
+    Qwen3Moe back(load_model_config(result.export_dir + "/config.json"), &g);
     load_hf_weights(back, result.export_dir);
-    AM_CHECK(back.params() == model.params(), "the exported checkpoint in {} does not load back to the trained weights", result.export_dir);
-    std::printf("loaded %s back: all %zu parameters identical\n", result.export_dir.c_str(), back.params().size());
-    if (cfg.data_builtin == "addition") {
+    int64_t differ = back.params() != model.params();
+    g.world.allreduce_sum(&differ, 1);
+    AM_CHECK(differ == 0, "the exported checkpoint in {} does not load back to the trained weights", result.export_dir);
+    if (lead)
+      std::printf("loaded %s back: all %lld parameters identical\n", result.export_dir.c_str(), (long long)back.global_numel());
+    if (lead && cfg.data_builtin == "addition") {
+      // Greedy decoding runs on one process: under mpirun rank 0 loads the whole (tiny) export.
+      std::unique_ptr<Qwen3Moe> solo;
+      if (multi) {
+        solo = std::make_unique<Qwen3Moe>(back.config());
+        load_hf_weights(*solo, result.export_dir);
+      }
       std::printf("held-out problems (answers are written least-significant digit first):\n");
       std::set<std::vector<int64_t>> seen;
       for (auto& ex : data) seen.insert(ex.ids);
-      AdditionScore sc = addition_eval(back, 200, int(cfg.data_digits), cfg.seed + 7919, 6, seen);
+      AdditionScore sc = addition_eval(multi ? *solo : back, 200, int(cfg.data_digits), cfg.seed + 7919, 6, seen);
       std::printf("held-out accuracy: %lld/%lld exact answers\n", (long long)sc.correct, (long long)sc.total);
     }
   }

@@ -13,6 +13,10 @@
 
 namespace automoe {
 
+namespace dist {
+struct Groups;
+}
+
 struct StepMetrics {
   int64_t step = 0;  // 1-based optimizer step
   float loss = 0, ce = 0, aux = 0, lr = 0, grad_norm = 0;
@@ -27,12 +31,21 @@ struct TrainResult {
 };
 
 // Runs the recipe. `on_step` (optional) sees every step's metrics (tests use it).
+// Under mpirun every rank calls it: `groups` null means dist::make_groups(cfg.ep) over the world.
+// Each rank trains on rows [r*micro_batch, (r+1)*micro_batch) of a global micro-batch of
+// micro_batch * world rows, packed identically on every rank, so N ranks follow the data order
+// (and, within fp32 rounding, the losses) of one process with N times the micro-batch. Metrics,
+// progress lines, checkpoints' shared files and the HF export are written by world rank 0;
+// metrics are global (loss over the global batch, global grad norm and tokens).
 TrainResult run_finetune(const TrainConfig& cfg,
-                         const std::function<void(const StepMetrics&)>& on_step = nullptr);
+                         const std::function<void(const StepMetrics&)>& on_step = nullptr,
+                         const dist::Groups* groups = nullptr);
 
 // The training examples the recipe names: a built-in task, pre-tokenized JSONL (models without
 // a tokenizer), or any SFT format through the model's tokenizer and chat template.
-std::vector<Example> load_training_data(const TrainConfig& cfg, const ModelConfig& mc, SftStats* stats);
+// `print`: the one-line data summary on stdout.
+std::vector<Example> load_training_data(const TrainConfig& cfg, const ModelConfig& mc, SftStats* stats,
+                                        bool print = true);
 
 // Peak resident memory of this process (VmHWM), in bytes.
 int64_t peak_rss_bytes();

@@ -1,8 +1,12 @@
 // tools/automoe/cmd_forward.cpp: `automoe forward`: one forward (and optionally backward) pass of
 // an HF model on a batch file, writing logits, loss, aux loss and per-parameter gradients
 // under their HF checkpoint names (ARCHITECTURE.md, "Contracts").
+// Under `mpirun -np N ... --ep P` the batch rows are split over the N ranks (data parallel), the
+// experts over P ranks; rank 0 gathers logits and gradients and writes the same OUT file.
 #include "commands.h"
 #include "core/check.h"
+#include "dist/data_parallel.h"
+#include "dist/process_group.h"
 #include "io/safetensors.h"
 #include "model/qwen3_moe.h"
 #include "model/weights.h"
@@ -30,6 +34,7 @@ void add_forward(CLI::App& app, Runners& runners) {
   struct Opts {
     std::string model, batch, out, device = "cpu", dtype = "fp32";
     bool grads = false;
+    int ep = 1;
   };
   auto o = std::make_shared<Opts>();
   cmd->add_option("--model", o->model, "Hugging Face model directory")->required();
@@ -38,12 +43,16 @@ void add_forward(CLI::App& app, Runners& runners) {
   cmd->add_flag("--grads", o->grads, "also write grad.<HF name> for every parameter");
   cmd->add_option("--device", o->device, "cpu | cuda")->check(CLI::IsMember({"cpu", "cuda"}));
   cmd->add_option("--dtype", o->dtype, "fp32 | bf16")->check(CLI::IsMember({"fp32", "bf16"}));
+  cmd->add_option("--ep", o->ep, "expert-parallel size under mpirun (experts split over this many ranks; "
+                  "batch rows over all ranks)")->check(CLI::PositiveNumber);
   runners.push_back([cmd, o]() -> int {
     if (!cmd->parsed()) return -1;
     AM_CHECK(o->device == "cpu" && o->dtype == "fp32",
              "--device {} --dtype {} is not available in this build; the CPU backend runs fp32", o->device, o->dtype);
+    dist::Groups g = dist::make_groups(o->ep);
+    const int world = g.world.size(), rank = g.world.rank();
     ModelConfig mc = load_model_config(o->model + "/config.json");
-    Qwen3Moe model(mc);
+    Qwen3Moe model(mc, &g);
     load_hf_weights(model, o->model);
     SafetensorsFile in(o->batch);
     Batch b;
@@ -57,10 +66,18 @@ void add_forward(CLI::App& app, Runners& runners) {
       AM_CHECK(s_lab == s_ids, "batch file '{}': labels {} must have the shape of input_ids {}", o->batch,
                shape_str(s_lab), shape_str(s_ids));
     }
-    LossParts lp = model.forward(b);
+    if (world > 1) {  // this rank's rows
+      AM_CHECK(b.B % world == 0, "batch file '{}' has {} rows, which cannot be split evenly over {} ranks; "
+               "use a multiple of {} rows", o->batch, b.B, world, world);
+      const int64_t rows = b.B / world, a = rank * rows * b.T, e = (rank + 1) * rows * b.T;
+      b.ids = std::vector<int64_t>(b.ids.begin() + a, b.ids.begin() + e);
+      if (has_labels) b.labels = std::vector<int64_t>(b.labels.begin() + a, b.labels.begin() + e);
+      b.B = rows;
+    }
+    LossParts lp = model.forward(b);  // loss and aux over the whole batch (all ranks)
     std::vector<std::pair<std::string, Tensor>> out;
-    Tensor logits = Tensor::empty(DType::F32, {b.B, b.T, mc.vocab_size});
-    std::copy(model.logits().begin(), model.logits().end(), logits.f32());
+    Tensor logits = Tensor::empty(DType::F32, rank == 0 ? Shape{b.B * world, b.T, mc.vocab_size} : Shape{0});
+    g.world.gather(logits.f32(), model.logits().data(), int64_t(model.logits().size() * sizeof(float)), 0);
     out.emplace_back("logits", logits);
     if (has_labels) {
       Tensor loss = Tensor::empty(DType::F32, {1});
@@ -76,9 +93,12 @@ void add_forward(CLI::App& app, Runners& runners) {
       AM_CHECK(has_labels, "--grads needs labels in the batch file '{}'", o->batch);
       model.zero_grad();
       model.backward();
-      for (auto& [name, t] : hf_tensors(model, model.grads())) out.emplace_back("grad." + name, t);
+      dist::allreduce_grads(model.grads(), model.layout(), g);
+      for_each_hf_tensor(model, model.grads(), [&](const std::string& name, const Tensor& t) {
+        out.emplace_back("grad." + name, t);  // rank 0: experts gathered layer by layer
+      });
     }
-    save_safetensors(o->out, out, {});
+    if (rank == 0) save_safetensors(o->out, out, {});
     return 0;
   });
 }

@@ -1,10 +1,13 @@
 // tools/automoe/main.cpp: the `automoe` command line. Each subcommand lives in its own file
 // (cmd_*.cpp) and registers itself here; errors print one line and exit non-zero.
+// Under mpirun an error on any rank stops every rank (dist::abort_all -> MPI_Abort): a rank that
+// failed must not leave the others waiting in a collective.
 #include <CLI/CLI.hpp>
 #include <cstdio>
 
 #include "core/check.h"
 #include "commands.h"
+#include "dist/process_group.h"
 #include "ops/ops.h"
 
 int main(int argc, char** argv) {
@@ -18,15 +21,14 @@ int main(int argc, char** argv) {
     return app.exit(e);
   }
   automoe::cpu::set_num_threads_from_env();
+  int rc = 0;
   try {
     for (auto& r : runners)
-      if (int rc = r(); rc != -1) return rc;
-  } catch (const automoe::Error& e) {
-    std::fprintf(stderr, "automoe: error: %s\n", e.what());
-    return 1;
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "automoe: error: %s\n", e.what());
-    return 1;
+      if (rc = r(); rc != -1) break;
+    if (rc == -1) rc = 0;
+  } catch (const std::exception& e) {  // automoe::Error and the rest: one line, every rank stops
+    automoe::dist::abort_all(e.what());
   }
-  return 0;
+  automoe::dist::finalize();
+  return rc;
 }

@@ -1,0 +1,70 @@
+// dist/data_parallel.cpp: global aux loss, gradient all-reduce and global norm on MPI.
+#include "dist/data_parallel.h"
+
+#include <cmath>
+
+#include "ops/ops.h"
+
+namespace automoe::dist {
+
+float aux_loss_global_fwd(double* fsum, double* n_global, const float* probs,
+                          const int32_t* topk_idx, int64_t N, int64_t E, int64_t K,
+                          const Comm& world) {
+  // buf: counts[K,E] | prob sums[E] | rows
+  std::vector<double> buf(size_t(K * E + E + 1), 0.0);
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t j = 0; j < K; ++j) buf[j * E + topk_idx[n * K + j]] += 1.0;
+    for (int64_t e = 0; e < E; ++e) buf[K * E + e] += probs[n * E + e];
+  }
+  buf[K * E + E] = double(N);
+  world.allreduce_sum(buf.data(), int64_t(buf.size()));
+  const double Ng = buf[K * E + E];
+  *n_global = Ng;
+  for (int64_t e = 0; e < E; ++e) fsum[e] = 0.0;
+  if (Ng == 0) return 0.f;
+  double s = 0.0;
+  for (int64_t j = 0; j < K; ++j)
+    for (int64_t e = 0; e < E; ++e) {
+      s += (buf[j * E + e] / Ng) * (buf[K * E + e] / Ng);
+      fsum[e] += buf[j * E + e] / Ng;
+    }
+  return float(s * E);
+}
+
+void aux_loss_global_bwd(float* dprobs, float daux, const double* fsum, double n_global, int64_t N,
+                         int64_t E) {
+  if (n_global == 0) return;
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t e = 0; e < E; ++e) dprobs[n * E + e] = float(daux * E * fsum[e] / n_global);
+}
+
+void allreduce_grads(std::vector<float>& grads, const ParamLayout& layout, const Groups& g) {
+  for (bool expert : {false, true}) {
+    const Comm& c = expert ? g.dp : g.world;
+    if (c.size() == 1) continue;
+    std::vector<float> buf;  // the group's parameters packed: one all-reduce
+    for (auto& p : layout.params)
+      if (p.expert == expert) buf.insert(buf.end(), grads.begin() + p.offset, grads.begin() + p.offset + p.numel);
+    c.allreduce_sum(buf.data(), int64_t(buf.size()));
+    int64_t at = 0;
+    for (auto& p : layout.params)
+      if (p.expert == expert) {
+        std::copy(buf.begin() + at, buf.begin() + at + p.numel, grads.begin() + p.offset);
+        at += p.numel;
+      }
+  }
+}
+
+float clip_grad_norm_global(std::vector<float>& grads, const ParamLayout& layout, const Groups& g,
+                            float max_norm) {
+  double dense = 0.0, experts = 0.0;  // dense: the same on every rank; experts: this shard
+  for (auto& p : layout.params)
+    (p.expert ? experts : dense) += cpu::sum_squares(grads.data() + p.offset, p.numel);
+  g.ep.allreduce_sum(&experts, 1);
+  float norm = float(std::sqrt(dense + experts));
+  if (max_norm > 0 && norm > max_norm)  // as clip_grad_norm (train/adamw.cpp) and torch
+    cpu::scale_inplace(grads.data(), max_norm / (norm + 1e-6f), int64_t(grads.size()));
+  return norm;
+}
+
+}  // namespace automoe::dist
