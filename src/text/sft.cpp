@@ -153,7 +153,7 @@ Example chat_example(const ojson& msgs, const ojson& tools, const Tokenizer& tok
   }
   put(ex, tok, std::string_view(full).substr(at), opt.train_on_prompt);
   std::vector<int32_t> whole = tok.encode(full);
-  if (!std::equal(whole.begin(), whole.end(), ex.ids.begin(), ex.ids.end())) ++stats->boundary_mismatch;
+  if (stats && !std::equal(whole.begin(), whole.end(), ex.ids.begin(), ex.ids.end())) ++stats->boundary_mismatch;
   return ex;
 }
 
@@ -176,14 +176,24 @@ Example sft_example(const ojson& rec, const Tokenizer& tok, const ChatTemplate* 
   };
   if (fmt_name == "tokens") {
     AM_CHECK(rec["input_ids"].is_array(), "{}: \"input_ids\" must be an array", where);
+    const int64_t vocab = tok.vocab_size();
     for (auto& v : rec["input_ids"]) {
       AM_CHECK(v.is_number_integer(), "{}: input_ids must hold integers", where);
-      ex.ids.push_back(v.get<int64_t>());
+      const int64_t id = v.get<int64_t>();
+      AM_CHECK(id >= 0 && id < vocab, "{}: token id {} is outside the tokenizer's vocabulary [0, {})",
+               where, id, vocab);
+      ex.ids.push_back(id);
     }
     if (rec.contains("labels")) {
       AM_CHECK(rec["labels"].is_array() && rec["labels"].size() == ex.ids.size(),
                "{}: \"labels\" must be as long as input_ids", where);
-      for (auto& v : rec["labels"]) ex.labels.push_back(v.get<int64_t>());
+      for (auto& v : rec["labels"]) {
+        AM_CHECK(v.is_number_integer(), "{}: labels must hold integers", where);
+        const int64_t y = v.get<int64_t>();
+        AM_CHECK(y == -100 || (y >= 0 && y < vocab),
+                 "{}: label {} is neither -100 nor inside the tokenizer's vocabulary [0, {})", where, y, vocab);
+        ex.labels.push_back(y);
+      }
     } else {
       ex.labels = ex.ids;
     }
@@ -266,6 +276,8 @@ std::vector<ojson> read_records(const std::string& path, std::vector<std::string
 
 std::vector<Example> load_sft_file(const std::string& path, const Tokenizer& tok, const ChatTemplate* chat,
                                    const SftOptions& opt, SftStats* stats) {
+  SftStats local;
+  if (!stats) stats = &local;  // the counts are optional for the caller
   std::vector<std::string> where;
   std::vector<ojson> recs = read_records(path, &where);
   std::vector<Example> out;

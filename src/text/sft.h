@@ -48,7 +48,7 @@ Example sft_example(const nlohmann::ordered_json& rec, const Tokenizer& tok, con
 
 // Reads a .jsonl (one record per line) or .json (an array of records) file.
 std::vector<Example> load_sft_file(const std::string& path, const Tokenizer& tok, const ChatTemplate* chat,
-                                   const SftOptions& opt, SftStats* stats);
+                                   const SftOptions& opt, SftStats* stats /*nullable*/);
 
 // Reads records without tokenizing (for previews); `where` gets "file:line" per record.
 std::vector<nlohmann::ordered_json> read_records(const std::string& path, std::vector<std::string>* where);

@@ -157,3 +157,24 @@ TEST(Sft, MalformedRecordsNameFileAndLineOrAreSkippedAndCounted) {
   EXPECT_EQ(st2.skipped, 3);
   EXPECT_NE(st2.first_error.find(":2:"), std::string::npos) << st2.first_error;
 }
+
+// Inputs the fuzzer (tests/fuzz/fuzz_jsonl.cpp) broke on, kept so they stay fixed.
+TEST(Sft, FuzzRegressions) {
+  NEED_DATA();
+  const std::string p = (fs::temp_directory_path() / ("fuzz_" + std::to_string(::getpid()) + ".jsonl")).string();
+  const std::pair<const char*, const char*> cases[] = {
+      // A label below -100 was accepted and would have reached the loss as a negative class.
+      {"{\"input_ids\":[1,2,3],\"labels\":[-106,2,3]}\n", ":1: label -106 is neither -100 nor inside"},
+      {"{\"input_ids\":[1,2,3],\"labels\":[1,2,\"x\"]}\n", ":1: labels must hold integers"},
+      {"{\"input_ids\":[1,99999999]}\n", ":1: token id 99999999 is outside the tokenizer's vocabulary"},
+  };
+  for (const auto& [text, expect] : cases) {
+    std::ofstream(p) << text;
+    try {
+      load_sft_file(p, qwen()->tok, nullptr, {}, nullptr);
+      ADD_FAILURE() << "expected an error for " << text;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(expect), std::string::npos) << e.what();
+    }
+  }
+}
