@@ -5,6 +5,11 @@
 #   bash bench/device.sh [FILTER]      FILTER: only the op groups whose name contains it
 # Env: BUILD (build dir, default build-device), CUDA_ARCH (default 90a). Exit code: the op
 # check's (its number of failures), or the build's. The log is copied to $OUT when set.
+# cuDNN SDPA (attention): cuDNN comes with torch there (site-packages/nvidia/cudnn); the
+# cudnn-frontend headers do not, so carry its wheel in .whl/ (ignored by git), fetched here with
+#   python3 -m pip download --no-deps --only-binary=:all: nvidia-cudnn-frontend==1.32.0 -d .whl
+# and CMake unpacks include/ from it (cmake/cudnn.cmake). Without it attention runs the fallback
+# kernel only and the attention_*.cudnn checks SKIP.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BUILD=${BUILD:-build-device}
@@ -25,7 +30,7 @@ t0=$(date +%s)
 cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DAUTOMOE_WERROR=OFF \
   -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCH:-90a}" > "$BUILD/configure.log" 2>&1 \
   || { cat "$BUILD/configure.log"; echo "device.sh: configure failed"; exit 3; }
-grep -E "PCRE2|CUDA compiler identification" "$BUILD/configure.log"
+grep -E "PCRE2|CUDA compiler identification|cuDNN" "$BUILD/configure.log"
 cmake --build "$BUILD" -j "$(nproc)" --target cuda_op_check > "$BUILD/build.log" 2>&1 \
   || { tail -n 60 "$BUILD/build.log"; echo "device.sh: build failed"; exit 4; }
 t1=$(date +%s)

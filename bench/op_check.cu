@@ -40,6 +40,8 @@ constexpr double kBf16Out = 1e-4;     // bf16 output after fp32 math: ~1e-6 expe
 constexpr double kBf16Chain = 1e-3;   // bf16 output through cancellation or a bf16 intermediate
                                       // (attention bwd uses the bf16 forward output, rmsnorm
                                       // dx and router dlogits subtract nearly equal terms)
+constexpr double kFlash = 1e-3;       // cuDNN flash attention: P and dS are rounded to bf16
+                                      // before the tensor-core matmuls (expected ~1e-5)
 constexpr double kF32 = 1e-6;         // fp32 statistics and gradients from bf16 inputs
 constexpr double kF32Exact = 1e-10;   // fp32 element-wise (optimizer): ~1 ulp differences
 constexpr double kF64 = 1e-20;        // double sums (sum of squares), squared relative error
@@ -175,7 +177,7 @@ std::vector<int32_t> routing(int64_t N, int64_t E, int64_t K, int mode) {
 
 // ---- checking -------------------------------------------------------------------------------
 struct OpStats {
-  int checks = 0, fails = 0;
+  int checks = 0, fails = 0, skips = 0;
   double worst = 0.0;  // largest nmse / limit (limit 0: nmse itself)
 };
 std::map<std::string, OpStats> g_stats;
@@ -194,6 +196,13 @@ void record(const std::string& op, const std::string& what, const std::string& s
   }
   const double ratio = limit > 0 ? nmse / limit : nmse;
   if (std::isfinite(ratio)) s.worst = std::max(s.worst, ratio);
+}
+
+// A case an implementation does not support: said, counted, not a failure.
+void skip(const std::string& op, const std::string& shape, const std::string& why) {
+  std::printf("%-4s %-20s %-9s %-30s %s\n", "SKIP", op.c_str(), "-", shape.c_str(), why.c_str());
+  std::fflush(stdout);
+  g_stats[op].skips++;
 }
 
 // got (CUDA) against ref (CPU): NMSE, non-finite values where the reference is finite.
@@ -381,22 +390,43 @@ std::vector<float> attention_lse(const std::vector<float>& q, const std::vector<
   return lse;
 }
 
-void case_attention(const cu::Ctx& ctx, int64_t B, int64_t T, int64_t nH, int64_t nKV,
-                    int64_t D, int docs) {
-  const std::string sh =
-      shape_str({{"B", B}, {"T", T}, {"nH", nH}, {"nKV", nKV}, {"D", D}, {"docs", docs}});
-  Pool pool;
-  const int64_t nq = B * T * nH * D, nk = B * T * nKV * D;
-  Bf q = bf_uniform(nq, -1, 1), k = bf_uniform(nk, -1, 1), v = bf_uniform(nk, -1, 1);
-  Bf dout = bf_uniform(nq, -1, 1);
+// The attention implementations checked (ops_cuda.h): cuDNN SDPA and the fallback kernel.
+struct AttnImpl {
+  cu::AttentionImpl impl;
+  const char* tag;
+};
+constexpr AttnImpl kAttnImpls[] = {{cu::AttentionImpl::kCudnn, "cudnn"},
+                                   {cu::AttentionImpl::kFallback, "fallback"}};
+
+// Why `impl` cannot run this case's fwd or bwd ("" when it can): cuDNN's support check.
+std::string attention_skip_reason(cu::AttentionImpl impl, bool bwd, int64_t B, int64_t T,
+                                  int64_t nH, int64_t nKV, int64_t D, bool doc) {
+  if (impl != cu::AttentionImpl::kCudnn) return "";
+  return cu::attention_cudnn_unsupported(bwd, B, T, nH, nKV, D, doc);
+}
+
+// Random document cuts: docs documents of random lengths per row.
+std::vector<int32_t> attention_docs(int64_t B, int64_t T, int docs) {
   std::vector<int32_t> doc(B * T);
-  for (int64_t b = 0; b < B; ++b) {  // docs documents of random lengths per sequence
+  for (int64_t b = 0; b < B; ++b) {
     std::vector<int64_t> cuts{0, T};
     for (int i = 1; i < docs; ++i) cuts.push_back(rand_int(1, int(T) - 1));
     std::sort(cuts.begin(), cuts.end());
     for (size_t i = 0; i + 1 < cuts.size(); ++i)
       for (int64_t t = cuts[i]; t < cuts[i + 1]; ++t) doc[b * T + t] = int32_t(i);
   }
+  return doc;
+}
+
+// Each implementation against the CPU op (the same reference for both).
+void case_attention(const cu::Ctx& ctx, int64_t B, int64_t T, int64_t nH, int64_t nKV,
+                    int64_t D, int docs) {
+  const std::string sh =
+      shape_str({{"B", B}, {"T", T}, {"nH", nH}, {"nKV", nKV}, {"D", D}, {"docs", docs}});
+  const int64_t nq = B * T * nH * D, nk = B * T * nKV * D;
+  Bf q = bf_uniform(nq, -1, 1), k = bf_uniform(nk, -1, 1), v = bf_uniform(nk, -1, 1);
+  Bf dout = bf_uniform(nq, -1, 1);
+  std::vector<int32_t> doc = attention_docs(B, T, docs);
   const int32_t* doc_p = docs > 1 ? doc.data() : nullptr;
   std::vector<float> out_ref(nq), att(B * nH * T * T), dq_ref(nq), dk_ref(nk), dv_ref(nk);
   cpu::attention_fwd(out_ref.data(), att.data(), q.f.data(), k.f.data(), v.f.data(), doc_p, B, T,
@@ -405,28 +435,149 @@ void case_attention(const cu::Ctx& ctx, int64_t B, int64_t T, int64_t nH, int64_
                      q.f.data(), k.f.data(), v.f.data(), B, T, nH, nKV, D);
   std::vector<float> lse_ref = attention_lse(q.f, k.f, docs > 1 ? &doc : nullptr, B, T, nH, nKV, D);
 
+  for (const AttnImpl& im : kAttnImpls) {
+    const std::string fwd_op = std::string("attention_fwd.") + im.tag;
+    const std::string bwd_op = std::string("attention_bwd.") + im.tag;
+    const std::string why_fwd = attention_skip_reason(im.impl, false, B, T, nH, nKV, D, docs > 1);
+    const std::string why_bwd = attention_skip_reason(im.impl, true, B, T, nH, nKV, D, docs > 1);
+    // a skipped forward still runs (the fallback) to give the backward its out and lse
+    cu::set_attention_impl(why_fwd.empty() ? im.impl : cu::AttentionImpl::kFallback);
+    const double lim = im.impl == cu::AttentionImpl::kCudnn ? kFlash : kBf16Out;
+    const double lim_bwd = im.impl == cu::AttentionImpl::kCudnn ? kFlash : kBf16Chain;
+    Pool pool;
+    auto& d_q = pool.in(q.h);
+    auto& d_k = pool.in(k.h);
+    auto& d_v = pool.in(v.h);
+    auto& d_doc = pool.in(doc);
+    auto& d_out = pool.out<bf16>(nq);
+    auto& d_lse = pool.out<float>(B * nH * T);
+    const int32_t* d_doc_p = docs > 1 ? d_doc.p : nullptr;
+    cu::attention_fwd(d_out.p, d_lse.p, d_q.p, d_k.p, d_v.p, d_doc_p, B, T, nH, nKV, D, ctx);
+    sync(ctx);
+    if (why_fwd.empty()) {
+      check(fwd_op, "out", sh, d_out, out_ref, lim);
+      check(fwd_op, "lse", sh, d_lse, lse_ref, kF32);
+    } else {
+      skip(fwd_op, sh, why_fwd);
+    }
+    if (!why_bwd.empty()) {
+      skip(bwd_op, sh, why_bwd);
+      continue;
+    }
+    cu::set_attention_impl(im.impl);
+    auto& d_dout = pool.in(dout.h);
+    auto& d_dq = pool.out<bf16>(nq);
+    auto& d_dk = pool.out<bf16>(nk);
+    auto& d_dv = pool.out<bf16>(nk);
+    cu::attention_bwd(d_dq.p, d_dk.p, d_dv.p, d_dout.p, d_out.p, d_lse.p, d_q.p, d_k.p, d_v.p,
+                      d_doc_p, B, T, nH, nKV, D, ctx);
+    sync(ctx);
+    check(bwd_op, "dq", sh, d_dq, dq_ref, lim_bwd);
+    check(bwd_op, "dk", sh, d_dk, dk_ref, lim_bwd);
+    check(bwd_op, "dv", sh, d_dv, dv_ref, lim_bwd);
+  }
+  cu::set_attention_impl(cu::AttentionImpl::kAuto);
+}
+
+// A large shape where the CPU reference is too slow (W1: B=2, T=4096, nH=32, nKV=4, D=128):
+// cuDNN against the fallback kernel (each backward fed its own forward), then the time of each,
+// in TFLOP/s of causal attention: fwd 4*D flops per (query, key <= query) pair and head, bwd
+// 2.5x that (five matmuls to the forward's two, the usual flash-attention count).
+void case_attention_large(int64_t B, int64_t T, int64_t nH, int64_t nKV, int64_t D) {
+  const std::string sh = shape_str({{"B", B}, {"T", T}, {"nH", nH}, {"nKV", nKV}, {"D", D}});
+  const int64_t nq = B * T * nH * D, nk = B * T * nKV * D;
+  std::string why = cu::attention_cudnn_unsupported(false, B, T, nH, nKV, D, false);
+  if (why.empty()) why = cu::attention_cudnn_unsupported(true, B, T, nH, nKV, D, false);
+  const bool have_cudnn = why.empty();
+  cu::set_attention_impl(cu::AttentionImpl::kCudnn);
+  size_t ws = cu::attention_bwd_workspace_bytes(B, T, nH, nKV, D, false);
+  if (have_cudnn)
+    ws = std::max(ws, cu::attention_fwd_workspace_bytes(B, T, nH, nKV, D, false));
+  std::printf("attention %s: workspace %.1f MiB (fwd+bwd, cuDNN and fallback)\n", sh.c_str(),
+              double(ws) / (1 << 20));
+  cu::ScopedCtx owner(ws);
+  const cu::Ctx& ctx = owner.ctx();
+
+  Bf q = bf_uniform(nq, -2, 2), k = bf_uniform(nk, -1, 1), v = bf_uniform(nk, -1, 1);
+  Bf dout = bf_uniform(nq, -1, 1);
+  Pool pool;
   auto& d_q = pool.in(q.h);
   auto& d_k = pool.in(k.h);
   auto& d_v = pool.in(v.h);
-  auto& d_doc = pool.in(doc);
-  auto& d_out = pool.out<bf16>(nq);
-  auto& d_lse = pool.out<float>(B * nH * T);
-  const int32_t* d_doc_p = docs > 1 ? d_doc.p : nullptr;
-  cu::attention_fwd(d_out.p, d_lse.p, d_q.p, d_k.p, d_v.p, d_doc_p, B, T, nH, nKV, D, ctx);
-  sync(ctx);
-  check("attention_fwd", "out", sh, d_out, out_ref, kBf16Out);
-  check("attention_fwd", "lse", sh, d_lse, lse_ref, kF32);
-
   auto& d_dout = pool.in(dout.h);
-  auto& d_dq = pool.out<bf16>(nq);
-  auto& d_dk = pool.out<bf16>(nk);
-  auto& d_dv = pool.out<bf16>(nk);
-  cu::attention_bwd(d_dq.p, d_dk.p, d_dv.p, d_dout.p, d_out.p, d_lse.p, d_q.p, d_k.p, d_v.p,
-                    d_doc_p, B, T, nH, nKV, D, ctx);
+  struct Outs {
+    Dev<bf16>*out, *dq, *dk, *dv;
+    Dev<float>* lse;
+  } o[2];
+  for (auto& x : o) {
+    x.out = &pool.out<bf16>(nq);
+    x.lse = &pool.out<float>(B * nH * T);
+    x.dq = &pool.out<bf16>(nq);
+    x.dk = &pool.out<bf16>(nk);
+    x.dv = &pool.out<bf16>(nk);
+  }
+  auto fwd = [&](const Outs& x) {
+    cu::attention_fwd(x.out->p, x.lse->p, d_q.p, d_k.p, d_v.p, nullptr, B, T, nH, nKV, D, ctx);
+  };
+  auto bwd = [&](const Outs& x) {
+    cu::attention_bwd(x.dq->p, x.dk->p, x.dv->p, d_dout.p, x.out->p, x.lse->p, d_q.p, d_k.p,
+                      d_v.p, nullptr, B, T, nH, nKV, D, ctx);
+  };
+  // mean milliseconds of `iters` calls after one warm-up
+  auto time_ms = [&](auto&& f, int iters) {
+    f();
+    cudaEvent_t e0, e1;
+    CUDA_CHECK(cudaEventCreate(&e0));
+    CUDA_CHECK(cudaEventCreate(&e1));
+    CUDA_CHECK(cudaEventRecord(e0, ctx.stream));
+    for (int i = 0; i < iters; ++i) f();
+    CUDA_CHECK(cudaEventRecord(e1, ctx.stream));
+    CUDA_CHECK(cudaEventSynchronize(e1));
+    float ms = 0;
+    CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
+    CUDA_CHECK(cudaEventDestroy(e0));
+    CUDA_CHECK(cudaEventDestroy(e1));
+    return double(ms) / iters;
+  };
+
+  // the fallback is the reference here (fp32 softmax and sums, no bf16 intermediates)
+  cu::set_attention_impl(cu::AttentionImpl::kFallback);
+  fwd(o[1]);
+  bwd(o[1]);
   sync(ctx);
-  check("attention_bwd", "dq", sh, d_dq, dq_ref, kBf16Chain);
-  check("attention_bwd", "dk", sh, d_dk, dk_ref, kBf16Chain);
-  check("attention_bwd", "dv", sh, d_dv, dv_ref, kBf16Chain);
+  const std::vector<float> out_ref = to_f(o[1].out->download()), lse_ref = o[1].lse->download();
+  const std::vector<float> dq_ref = to_f(o[1].dq->download()), dk_ref = to_f(o[1].dk->download());
+  const std::vector<float> dv_ref = to_f(o[1].dv->download());
+  if (have_cudnn) {
+    cu::set_attention_impl(cu::AttentionImpl::kCudnn);
+    fwd(o[0]);
+    bwd(o[0]);
+    sync(ctx);
+    check("attention_fwd.cudnn", "out~fb", sh, *o[0].out, out_ref, kFlash);
+    check("attention_fwd.cudnn", "lse~fb", sh, *o[0].lse, lse_ref, kF32);
+    check("attention_bwd.cudnn", "dq~fb", sh, *o[0].dq, dq_ref, kFlash);
+    check("attention_bwd.cudnn", "dk~fb", sh, *o[0].dk, dk_ref, kFlash);
+    check("attention_bwd.cudnn", "dv~fb", sh, *o[0].dv, dv_ref, kFlash);
+  } else {
+    skip("attention_fwd.cudnn", sh, why);
+    skip("attention_bwd.cudnn", sh, why);
+  }
+
+  const double pairs = double(T) * double(T + 1) / 2;
+  const double fwd_flop = 4.0 * double(D) * pairs * double(B) * double(nH);
+  const double bwd_flop = 2.5 * fwd_flop;
+  for (int i = have_cudnn ? 0 : 1; i < 2; ++i) {
+    cu::set_attention_impl(kAttnImpls[i].impl);
+    const int iters = i == 0 ? 20 : 2;
+    const double f_ms = time_ms([&] { fwd(o[i]); }, iters);
+    const double b_ms = time_ms([&] { bwd(o[i]); }, iters);
+    std::printf("TIME attention %-8s %s: fwd %8.3f ms %6.1f TFLOP/s, bwd %8.3f ms %6.1f "
+                "TFLOP/s (causal)\n",
+                kAttnImpls[i].tag, sh.c_str(), f_ms, fwd_flop / (f_ms * 1e9), b_ms,
+                bwd_flop / (b_ms * 1e9));
+    std::fflush(stdout);
+  }
+  cu::set_attention_impl(cu::AttentionImpl::kAuto);
 }
 
 void case_router(const cu::Ctx& ctx, int64_t N, int64_t E, int64_t K, bool norm, bool extra) {
@@ -712,14 +863,24 @@ int main(int argc, char** argv) {
     case_rope(ctx, 13, 3, 2, 10000.f);
     case_rope(ctx, 512, 32, 128, 1e6f);
   });
+  // Every case through cuDNN SDPA (attention_*.cudnn; SKIP with the reason where cuDNN cannot
+  // run it, e.g. document masking) and through the fallback kernel (attention_*.fallback).
   run(filter, "attention", [&] {
     case_attention(ctx, 1, 5, 2, 1, 8, 1);
-    case_attention(ctx, 2, 13, 4, 2, 16, 3);    // document masking
-    case_attention(ctx, 1, 37, 6, 2, 10, 1);    // D not a multiple of 32
-    case_attention(ctx, 2, 70, 2, 2, 40, 2);    // T past two tiles
-    case_attention(ctx, 1, 33, 3, 1, 200, 1);   // 128 < D <= 256
-    case_attention(ctx, 1, 512, 8, 2, 128, 3);  // Qwen3 head dim, 4 queries per kv head
+    case_attention(ctx, 2, 13, 4, 2, 16, 3);     // document masking
+    case_attention(ctx, 1, 37, 6, 2, 10, 1);     // D not a multiple of 8 (nor 32)
+    case_attention(ctx, 2, 70, 2, 2, 40, 2);     // T past two tiles, documents
+    case_attention(ctx, 1, 33, 3, 1, 200, 1);    // 128 < D <= 256
+    case_attention(ctx, 2, 77, 8, 8, 64, 1);     // GQA ratio 1 (MHA), odd T, D 64
+    case_attention(ctx, 1, 129, 16, 4, 128, 1);  // GQA ratio 4, odd T
+    case_attention(ctx, 2, 255, 32, 4, 128, 1);  // GQA ratio 8 (Qwen3-30B-A3B heads), odd T
+    case_attention(ctx, 1, 301, 8, 1, 64, 1);    // GQA ratio 8, D 64
+    case_attention(ctx, 1, 512, 8, 2, 128, 1);   // Qwen3 head dim, plain causal
+    case_attention(ctx, 1, 512, 8, 2, 128, 3);   // the same with documents
   });
+  // W1 (seq 4096, micro-batch 2, 32 q heads, 4 kv heads, D 128): cuDNN against the fallback,
+  // and the TIME lines (TFLOP/s of each, fwd and bwd).
+  run(filter, "attention_w1", [&] { case_attention_large(2, 4096, 32, 4, 128); });
   run(filter, "router", [&] {
     case_router(ctx, 7, 5, 2, true, false);
     case_router(ctx, 13, 11, 3, false, true);
@@ -759,9 +920,9 @@ int main(int argc, char** argv) {
 
   const double secs =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  std::printf("\n%-20s %7s %6s %14s\n", "op", "checks", "fails", "worst nmse/lim");
+  std::printf("\n%-24s %7s %6s %6s %14s\n", "op", "checks", "fails", "skips", "worst nmse/lim");
   for (const auto& [op, s] : g_stats)
-    std::printf("%-20s %7d %6d %14.2e\n", op.c_str(), s.checks, s.fails, s.worst);
+    std::printf("%-24s %7d %6d %6d %14.2e\n", op.c_str(), s.checks, s.fails, s.skips, s.worst);
   std::printf("cuda_op_check: %d failure%s in %.1f s\n", g_failures, g_failures == 1 ? "" : "s",
               secs);
   return std::min(g_failures, 255);

@@ -28,4 +28,20 @@ if ! $PY -c "import tokenizers, safetensors, numpy" 2>/dev/null; then
   echo "[setup] pip install tokenizers safetensors numpy"
   $PY -m pip install -q tokenizers safetensors numpy || echo "[setup] warning: pip install failed; the tests that compare against HF tokenizers will skip"
 fi
+# cuDNN SDPA for the CUDA backend's attention (cmake/cudnn.cmake finds both through Python):
+# cudnn-frontend's C++ headers (header-only; --no-deps: its Python side pulls in the CUTLASS DSL,
+# which the C++ build does not need), and cuDNN itself from PyPI where the CUDA toolkit has none.
+# Without them the CUDA backend builds with the fallback attention kernel only.
+if command -v nvcc >/dev/null 2>&1; then
+  FE_VERSION=1.32.0
+  if [ "$($PY -c "import importlib.metadata as m; print(m.version('nvidia-cudnn-frontend'))" 2>/dev/null)" != "$FE_VERSION" ]; then
+    echo "[setup] pip install --no-deps nvidia-cudnn-frontend==$FE_VERSION"
+    $PY -m pip install -q --no-deps "nvidia-cudnn-frontend==$FE_VERSION" || echo "[setup] warning: pip install nvidia-cudnn-frontend failed; attention will use the fallback kernel"
+  fi
+  CUDA_INC="$(dirname "$(dirname "$(command -v nvcc)")")/include"
+  if [ ! -f "$CUDA_INC/cudnn_version.h" ] && ! $PY -c "import nvidia.cudnn" 2>/dev/null; then
+    echo "[setup] pip install nvidia-cudnn-cu13"
+    $PY -m pip install -q "nvidia-cudnn-cu13>=9.10" || echo "[setup] warning: pip install nvidia-cudnn-cu13 failed; attention will use the fallback kernel"
+  fi
+fi
 echo "[setup] dependencies ready"

@@ -1,10 +1,23 @@
-// backend/cuda/attention.cu: causal grouped-query attention with document masking, bf16 in/out,
-// fp32 scores, online softmax; saves lse per (b, h, t) and recomputes the probabilities in the
+// backend/cuda/attention.cu: the attention op. attention_fwd/attention_bwd run cuDNN SDPA
+// (attention_cudnn.cpp) where it can, else the fallback kernel below; the choice is made per call
+// (see ops_cuda.h: AUTOMOE_ATTENTION, set_attention_impl).
+//
+// The fallback: causal grouped-query attention with document masking, bf16 in/out, fp32
+// scores, online softmax; saves lse per (b, h, t) and recomputes the probabilities in the
 // backward (flash-attention style, no [T,T] buffer). A straightforward, correct kernel for T up
-// to a few thousand: one warp per query (forward, dq) or per key (dk/dv); cuDNN SDPA replaces it.
+// to a few thousand: one warp per query (forward, dq) or per key (dk/dv).
 //
 // Shared-memory tiles hold 32 keys (or queries) as bf16 rows padded to an odd number of 4-byte
 // words, so a warp reading one column of 32 rows hits 32 banks.
+#include <array>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <set>
+#include <string>
+
+#include "backend/cuda/attention_cudnn.h"
 #include "backend/cuda/device.cuh"
 #include "backend/cuda/ops_cuda.h"
 
@@ -271,13 +284,9 @@ void check_sizes(int64_t B, int64_t T, int64_t nH, int64_t nKV, int64_t D, const
 
 size_t tile_bytes(int D) { return size_t(2) * kTile * dpad(D) * sizeof(bf16); }
 
-}  // namespace
-
-void attention_fwd(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v,
-                   const int32_t* doc, int64_t B, int64_t T, int64_t nH, int64_t nKV, int64_t D,
-                   const Ctx& ctx) {
-  check_sizes(B, T, nH, nKV, D, "attention_fwd");
-  if (B == 0 || T == 0 || nH == 0) return;
+void fallback_fwd(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v,
+                  const int32_t* doc, int64_t B, int64_t T, int64_t nH, int64_t nKV, int64_t D,
+                  const Ctx& ctx) {
   const float scale = 1.0f / sqrtf(float(D));
   dim3 grid(unsigned((T + kWarps - 1) / kWarps), unsigned(nH), unsigned(B));
   const size_t smem = kWarps * D * sizeof(float) + tile_bytes(int(D));
@@ -287,18 +296,16 @@ void attention_fwd(bf16* out, float* lse, const bf16* q, const bf16* k, const bf
   CUDA_CHECK_LAUNCH();
 }
 
-size_t attention_bwd_workspace_bytes(int64_t B, int64_t T, int64_t nH) {
-  return size_t(B) * size_t(nH) * size_t(T) * sizeof(float);
+size_t fallback_bwd_workspace_bytes(int64_t B, int64_t T, int64_t nH) {
+  return size_t(B) * size_t(nH) * size_t(T) * sizeof(float);  // delta [B,nH,T] f32
 }
 
-void attention_bwd(bf16* dq, bf16* dk, bf16* dv, const bf16* dout, const bf16* out,
-                   const float* lse, const bf16* q, const bf16* k, const bf16* v,
-                   const int32_t* doc, int64_t B, int64_t T, int64_t nH, int64_t nKV, int64_t D,
-                   const Ctx& ctx) {
-  check_sizes(B, T, nH, nKV, D, "attention_bwd");
-  if (B == 0 || T == 0 || nH == 0) return;
+void fallback_bwd(bf16* dq, bf16* dk, bf16* dv, const bf16* dout, const bf16* out,
+                  const float* lse, const bf16* q, const bf16* k, const bf16* v,
+                  const int32_t* doc, int64_t B, int64_t T, int64_t nH, int64_t nKV, int64_t D,
+                  const Ctx& ctx) {
   float* delta = static_cast<float*>(
-      workspace_for(ctx, attention_bwd_workspace_bytes(B, T, nH), "attention_bwd"));  // [B,nH,T]
+      workspace_for(ctx, fallback_bwd_workspace_bytes(B, T, nH), "attention_bwd"));  // [B,nH,T]
   const float scale = 1.0f / sqrtf(float(D));
   const unsigned tiles = unsigned((T + kWarps - 1) / kWarps);
   {
@@ -315,6 +322,114 @@ void attention_bwd(bf16* dq, bf16* dk, bf16* dv, const bf16* dout, const bf16* o
         dk, dv, delta, dout, lse, q, k, v, doc, int(T), int(nH), int(nKV), int(D), scale);
     CUDA_CHECK_LAUNCH();
   }
+}
+
+}  // namespace
+
+// ---- dispatch: cuDNN SDPA or the fallback ------------------------------------------------------
+namespace {
+
+AttentionImpl impl_from_env() {
+  const char* e = std::getenv("AUTOMOE_ATTENTION");
+  if (!e || !*e || std::strcmp(e, "auto") == 0) return AttentionImpl::kAuto;
+  if (std::strcmp(e, "cudnn") == 0) return AttentionImpl::kCudnn;
+  if (std::strcmp(e, "fallback") == 0) return AttentionImpl::kFallback;
+  AM_FAIL("AUTOMOE_ATTENTION={} is not one of auto, cudnn, fallback", e);
+}
+
+int g_impl_override = -1;  // an AttentionImpl set by set_attention_impl, or -1: the env's
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Whether this call runs cuDNN. kAuto: cuDNN when the build has it and it can run the case,
+// else the fallback; kCudnn: cuDNN or an Error saying why not; kFallback: the fallback.
+bool use_cudnn(bool bwd, int64_t B, int64_t T, int64_t nH, int64_t nKV, int64_t D, bool doc,
+               bool aligned, const char* op) {
+  const AttentionImpl impl = attention_impl();
+  if (impl == AttentionImpl::kFallback) return false;
+  // kAuto's expected fallbacks, said in ops_cuda.h: no cuDNN in the build, document masking.
+  if (impl == AttentionImpl::kAuto && (doc || !sdpa::compiled_in())) return false;
+  if (aligned && sdpa::supported(bwd, B, T, nH, nKV, D, doc, nullptr)) return true;
+  auto why = [&] {
+    std::string w = "tensors not 16-byte aligned";
+    if (aligned) sdpa::supported(bwd, B, T, nH, nKV, D, doc, &w);
+    return w;
+  };
+  if (impl == AttentionImpl::kCudnn)
+    AM_FAIL("[{}] AUTOMOE_ATTENTION=cudnn but cuDNN cannot run B={} T={} nH={} nKV={} D={}: {}",
+            op, B, T, nH, nKV, D, why());
+  // kAuto on a case cuDNN rejects: say so once per case, then run the fallback.
+  static std::mutex mu;
+  static std::set<std::array<int64_t, 7>> noted;
+  std::lock_guard<std::mutex> lock(mu);
+  if (noted.insert({bwd, B, T, nH, nKV, D, aligned}).second)
+    fmt::print(stderr, "[{}] B={} T={} nH={} nKV={} D={}: fallback kernel, not cuDNN: {}\n", op, B,
+               T, nH, nKV, D, why());
+  return false;
+}
+
+}  // namespace
+
+void set_attention_impl(AttentionImpl impl) { g_impl_override = int(impl); }
+
+AttentionImpl attention_impl() {
+  static const AttentionImpl from_env = impl_from_env();
+  return g_impl_override >= 0 ? AttentionImpl(g_impl_override) : from_env;
+}
+
+std::string attention_cudnn_unsupported(bool bwd, int64_t B, int64_t T, int64_t nH, int64_t nKV,
+                                        int64_t D, bool doc) {
+  check_sizes(B, T, nH, nKV, D, bwd ? "attention_bwd" : "attention_fwd");
+  std::string why;
+  if (sdpa::supported(bwd, B, T, nH, nKV, D, doc, &why)) return "";
+  return why;
+}
+
+size_t attention_fwd_workspace_bytes(int64_t B, int64_t T, int64_t nH, int64_t nKV, int64_t D,
+                                     bool doc) {
+  check_sizes(B, T, nH, nKV, D, "attention_fwd");
+  if (B == 0 || T == 0 || nH == 0 || attention_impl() == AttentionImpl::kFallback) return 0;
+  if (!sdpa::supported(false, B, T, nH, nKV, D, doc, nullptr)) return 0;  // the fallback: none
+  return sdpa::workspace_bytes(false, B, T, nH, nKV, D);
+}
+
+size_t attention_bwd_workspace_bytes(int64_t B, int64_t T, int64_t nH, int64_t nKV, int64_t D,
+                                     bool doc) {
+  check_sizes(B, T, nH, nKV, D, "attention_bwd");
+  if (B == 0 || T == 0 || nH == 0) return 0;
+  size_t n = fallback_bwd_workspace_bytes(B, T, nH);
+  if (attention_impl() != AttentionImpl::kFallback &&
+      sdpa::supported(true, B, T, nH, nKV, D, doc, nullptr))
+    n = std::max(n, sdpa::workspace_bytes(true, B, T, nH, nKV, D));
+  return n;
+}
+
+void attention_fwd(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v,
+                   const int32_t* doc, int64_t B, int64_t T, int64_t nH, int64_t nKV, int64_t D,
+                   const Ctx& ctx) {
+  check_sizes(B, T, nH, nKV, D, "attention_fwd");
+  if (B == 0 || T == 0 || nH == 0) return;
+  const bool aligned = aligned16(out) && aligned16(lse) && aligned16(q) && aligned16(k) &&
+                       aligned16(v);
+  if (use_cudnn(false, B, T, nH, nKV, D, doc != nullptr, aligned, "attention_fwd"))
+    sdpa::fwd(out, lse, q, k, v, B, T, nH, nKV, D, ctx);
+  else
+    fallback_fwd(out, lse, q, k, v, doc, B, T, nH, nKV, D, ctx);
+}
+
+void attention_bwd(bf16* dq, bf16* dk, bf16* dv, const bf16* dout, const bf16* out,
+                   const float* lse, const bf16* q, const bf16* k, const bf16* v,
+                   const int32_t* doc, int64_t B, int64_t T, int64_t nH, int64_t nKV, int64_t D,
+                   const Ctx& ctx) {
+  check_sizes(B, T, nH, nKV, D, "attention_bwd");
+  if (B == 0 || T == 0 || nH == 0) return;
+  const bool aligned = aligned16(dq) && aligned16(dk) && aligned16(dv) && aligned16(dout) &&
+                       aligned16(out) && aligned16(lse) && aligned16(q) && aligned16(k) &&
+                       aligned16(v);
+  if (use_cudnn(true, B, T, nH, nKV, D, doc != nullptr, aligned, "attention_bwd"))
+    sdpa::bwd(dq, dk, dv, dout, out, lse, q, k, v, B, T, nH, nKV, D, ctx);
+  else
+    fallback_bwd(dq, dk, dv, dout, out, lse, q, k, v, doc, B, T, nH, nKV, D, ctx);
 }
 
 }  // namespace automoe::cuda

@@ -16,6 +16,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <string>
 
 #include "backend/cuda/common.cuh"
 
@@ -64,13 +65,43 @@ void rope_bwd(bf16* dx /*[N,H,D] bf16 =*/, const bf16* dout /*[N,H,D] bf16*/,
               const Ctx& ctx);
 
 // ---- causal GQA attention, scale D^-0.5, fp32 scores and softmax, D <= 256 ---------------------
-// doc[B*T] (nullable): document id per token; a token attends only within its document.
-// Saves lse[b,h,t] = log sum_s exp(score) instead of the probabilities (recomputed in bwd).
+// doc[B*T] (nullable): document id per token; a token attends only within its document
+// (documents are contiguous runs within a row).
+// Saves lse[b,h,t] = ln sum_s exp(score) (natural log, over the unmasked keys) instead of the
+// probabilities (recomputed in bwd). Both implementations below keep this contract, so a
+// forward of one may feed a backward of the other.
+//
+// Two implementations, chosen per call:
+//  - cuDNN SDPA (flash attention, attention_cudnn.cpp), the fast path: when the build has cuDNN
+//    (AUTOMOE_HAVE_CUDNN), doc == nullptr, D % 8 == 0, every pointer is 16-byte aligned and
+//    cuDNN accepts the graph (checked once per shape). Its backward accumulates dq with fp32
+//    atomics (not bit-reproducible run to run); P and dS go through bf16 on the tensor cores.
+//  - the fallback kernel (attention.cu): everything else, in particular document masking
+//    (cuDNN's packed/ragged layout needs the number of documents on the host when the graph is
+//    built; doc[] is on the device).
+// AUTOMOE_ATTENTION (read once) = auto (default: as above) | cudnn (cuDNN or an Error saying
+// why not) | fallback (always the fallback kernel); set_attention_impl() overrides it. In auto,
+// a shape cuDNN rejects runs the fallback with one line on stderr per shape.
+//
+// Workspace: attention_*_workspace_bytes() build the cuDNN graph for the shape (slow, needs the
+// device): query them at set-up for every shape to be run and size ctx.workspace for the
+// largest; the first call of a shape not queried builds its graph then. cuDNN's plans and
+// handle are cached for the process (one GPU per process).
+enum class AttentionImpl { kAuto, kCudnn, kFallback };
+void set_attention_impl(AttentionImpl impl);
+AttentionImpl attention_impl();
+// Why cuDNN cannot run this case ("" when it can; builds the graph).
+std::string attention_cudnn_unsupported(bool bwd, int64_t B, int64_t T, int64_t nH, int64_t nKV,
+                                        int64_t D, bool doc);
+
+size_t attention_fwd_workspace_bytes(int64_t B, int64_t T, int64_t nH, int64_t nKV, int64_t D,
+                                     bool doc);
 void attention_fwd(bf16* out /*[B,T,nH,D] bf16 =*/, float* lse /*[B,nH,T] f32 =*/,
                    const bf16* q /*[B,T,nH,D] bf16*/, const bf16* k /*[B,T,nKV,D] bf16*/,
                    const bf16* v /*[B,T,nKV,D] bf16*/, const int32_t* doc /*[B*T] i32*/,
                    int64_t B, int64_t T, int64_t nH, int64_t nKV, int64_t D, const Ctx& ctx);
-size_t attention_bwd_workspace_bytes(int64_t B, int64_t T, int64_t nH);
+size_t attention_bwd_workspace_bytes(int64_t B, int64_t T, int64_t nH, int64_t nKV, int64_t D,
+                                     bool doc);
 void attention_bwd(bf16* dq /*[B,T,nH,D] bf16 =*/, bf16* dk /*[B,T,nKV,D] bf16 =*/,
                    bf16* dv /*[B,T,nKV,D] bf16 =*/, const bf16* dout /*[B,T,nH,D] bf16*/,
                    const bf16* out /*[B,T,nH,D] bf16 (fwd)*/, const float* lse /*[B,nH,T] f32*/,
