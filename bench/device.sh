@@ -22,6 +22,14 @@ if ! command -v ninja >/dev/null 2>&1; then
   chmod +x "$BUILD/.bin/ninja"
   export PATH="$PWD/$BUILD/.bin:$PATH"
 fi
+# PCRE2 from bench/fetch_deps.sh when the machine has none (the tokenizer, hence the CLI, needs
+# it): a copy of its pkg-config file pointing at the extracted Debian package.
+if ! pkg-config --exists libpcre2-8 2>/dev/null && [ -d .deps/pcre2/usr/include ]; then
+  pc=$(find .deps/pcre2 -name libpcre2-8.pc | head -n 1)
+  mkdir -p "$BUILD/.pkgconfig"
+  sed "s|^prefix=.*|prefix=$PWD/.deps/pcre2/usr|" "$pc" > "$BUILD/.pkgconfig/libpcre2-8.pc"
+  export PKG_CONFIG_PATH="$PWD/$BUILD/.pkgconfig${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}"
+fi
 export CUDACXX=${CUDACXX:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null
 
