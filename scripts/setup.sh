@@ -22,6 +22,16 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
+# clang with libFuzzer for the bounded fuzz tests (tests/fuzz.cmake); optional: without it those
+# tests are not registered. The runtime package is versioned (libclang-rt-N-dev, N = clang's).
+if ! command -v clang++ >/dev/null 2>&1 || [ ! -f "$(clang++ -print-file-name=libclang_rt.fuzzer-x86_64.a 2>/dev/null)" ]; then
+  $SUDO apt-get update -qq || true
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends clang || true
+  ver=$(clang++ --version 2>/dev/null | sed -n 's/.*clang version \([0-9]*\).*/\1/p' | head -n 1)
+  [ -n "$ver" ] && { DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "libclang-rt-$ver-dev" \
+    || echo "[setup] warning: libclang-rt-$ver-dev not installed; the fuzz tests will not be registered"; }
+fi
+
 # Python helpers for parity tests (tokenizers vs HF, fixture reading). Optional at run time.
 PY=${PYTHON:-python3}
 if ! $PY -c "import tokenizers, safetensors, numpy" 2>/dev/null; then
