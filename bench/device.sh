@@ -30,6 +30,16 @@ if ! pkg-config --exists libpcre2-8 2>/dev/null && [ -d .deps/pcre2/usr/include 
   sed "s|^prefix=.*|prefix=$PWD/.deps/pcre2/usr|" "$pc" > "$BUILD/.pkgconfig/libpcre2-8.pc"
   export PKG_CONFIG_PATH="$PWD/$BUILD/.pkgconfig${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}"
 fi
+# CUTLASS headers (sm90 grouped GEMMs): the nvidia-cutlass wheel, installed here from a carried
+# .whl/nvidia_cutlass-*.whl when pip has none (the GPU machine has no network). Without them
+# CMake builds the grouped GEMM fallback only and says so.
+if ! python3 -c "import importlib.util as u; assert u.find_spec('cutlass_library')" 2>/dev/null; then
+  for w in .whl/nvidia_cutlass-*.whl; do
+    [ -f "$w" ] || continue
+    python3 -m pip install -q --no-index --no-deps --no-compile --target "$BUILD/.py" "$w" \
+      && export PYTHONPATH="$PWD/$BUILD/.py${PYTHONPATH:+:$PYTHONPATH}"
+  done
+fi
 export CUDACXX=${CUDACXX:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null
 
@@ -38,7 +48,7 @@ t0=$(date +%s)
 cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DAUTOMOE_WERROR=OFF \
   -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCH:-90a}" > "$BUILD/configure.log" 2>&1 \
   || { cat "$BUILD/configure.log"; echo "device.sh: configure failed"; exit 3; }
-grep -E "PCRE2|CUDA compiler identification|cuDNN" "$BUILD/configure.log"
+grep -E "PCRE2|CUDA compiler identification|cuDNN|CUTLASS" "$BUILD/configure.log"
 cmake --build "$BUILD" -j "$(nproc)" --target cuda_op_check > "$BUILD/build.log" 2>&1 \
   || { tail -n 60 "$BUILD/build.log"; echo "device.sh: build failed"; exit 4; }
 t1=$(date +%s)

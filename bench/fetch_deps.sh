@@ -15,6 +15,7 @@ pipdl() {
     --platform manylinux2014_x86_64 --platform any -d .whl "$1"
 }
 pipdl nvidia-cudnn-frontend==1.32.0 nvidia_cudnn_frontend
+pipdl nvidia-cutlass==4.2.0.0 nvidia_cutlass
 if [ ! -d .deps/pcre2/usr/include ]; then
   tmp=$(mktemp -d)
   (cd "$tmp" && apt-get download libpcre2-dev libpcre2-8-0 >/dev/null 2>&1)

@@ -15,6 +15,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -682,6 +683,179 @@ void case_moe(const cu::Ctx& ctx, int64_t N, int64_t E, int64_t K, int64_t C, in
   check("grouped_linear_bwd", "dw", gsh, d_gdw, gdw, kF32);
 }
 
+// ---- grouped linear on its own: every implementation against the CPU ----------------------------
+// Rows per expert for R rows. mode 0: each row to a random expert; 1: only every third expert
+// (the others, and the last, get none); 2: all rows to expert E/2.
+std::vector<int32_t> expert_counts(int64_t E, int64_t R, int mode) {
+  std::vector<int32_t> c(E, 0);
+  std::vector<int32_t> pool;
+  for (int32_t e = 0; e < E; ++e)
+    if (mode != 1 || (e % 3 == 0 && e != E - 1)) pool.push_back(e);
+  if (pool.empty()) pool.push_back(0);
+  for (int64_t r = 0; r < R; ++r) {
+    if (mode == 2) {
+      c[E / 2]++;
+      continue;
+    }
+    c[pool[rand_int(0, int(pool.size()) - 1)]]++;
+  }
+  return c;
+}
+
+// Runs f with AUTOMOE_GROUPED_GEMM=impl, then restores the variable.
+template <class F>
+void with_impl(const char* impl, F&& f) {
+  const char* old = std::getenv("AUTOMOE_GROUPED_GEMM");
+  const std::string saved = old ? old : "";
+  setenv("AUTOMOE_GROUPED_GEMM", impl, 1);
+  try {
+    f();
+  } catch (...) {
+    old ? setenv("AUTOMOE_GROUPED_GEMM", saved.c_str(), 1) : unsetenv("AUTOMOE_GROUPED_GEMM");
+    throw;
+  }
+  old ? setenv("AUTOMOE_GROUPED_GEMM", saved.c_str(), 1) : unsetenv("AUTOMOE_GROUPED_GEMM");
+}
+
+// The implementations to check for I, O: the fallback always; sm90 when auto would pick it for
+// these shapes (else a NOTE says why not).
+std::vector<const char*> grouped_impls(int64_t I, int64_t O) {
+  std::vector<const char*> impls = {"fallback"};
+  std::string chosen;
+  with_impl("auto", [&] { chosen = cu::grouped_linear_impl(I, O); });
+  if (chosen == "sm90") {
+    impls.push_back("sm90");
+  } else {
+    std::printf("NOTE grouped_linear I=%lld O=%lld: sm90 path not run (%s)\n", (long long)I,
+                (long long)O,
+                !AUTOMOE_HAVE_CUTLASS ? "built without CUTLASS"
+                : (I % 8 || O % 8)    ? "I or O not a multiple of 8: routed to the fallback"
+                                      : "not a compute capability 9.0 device");
+  }
+  return impls;
+}
+
+// fwd, dx, dw (fp32 +=) and dw (bf16, beta 0 and 1) for rows per expert `counts`, with `slack`
+// allocated rows past offsets[E] that no output may touch (they stay NaN).
+void case_grouped(const cu::Ctx& ctx, const char* label, const std::vector<int32_t>& counts,
+                  int64_t I, int64_t O, int64_t slack) {
+  const int64_t E = int64_t(counts.size());
+  std::vector<int32_t> off(E + 1, 0);
+  for (int64_t e = 0; e < E; ++e) off[e + 1] = off[e] + counts[e];
+  const int64_t used = off[E], R = used + slack;
+  int64_t empty = 0;
+  for (int32_t c : counts) empty += c == 0;
+  const std::string sh = shape_str({{"R", R}, {"E", E}, {"I", I}, {"O", O}}) + " " + label +
+                         " empty=" + std::to_string(empty);
+  Pool pool;
+  const float ws = 1.0f / std::sqrt(float(std::max<int64_t>(I, 1)));
+  Bf x = bf_uniform(R * I, -1, 1), w = bf_uniform(E * O * I, -ws, ws);
+  Bf dout = bf_uniform(R * O, -1, 1), dw0 = bf_uniform(E * O * I, -1, 1);
+  // CPU: out, dx (NaN on the slack rows), dw_sum = sum over rows (from 0)
+  std::vector<float> out_ref(R * O, NAN), dx_ref(R * I, NAN), dw_sum(E * O * I, 0.f);
+  cpu::grouped_linear_fwd(out_ref.data(), x.f.data(), w.f.data(), off.data(), E, I, O);
+  cpu::grouped_linear_bwd(dx_ref.data(), dw_sum.data(), dout.f.data(), x.f.data(), w.f.data(),
+                          off.data(), E, I, O);
+  std::vector<float> dw_acc_ref(E * O * I);  // dw0 + dw_sum (fp32 +=, bf16 beta = 1)
+  for (size_t i = 0; i < dw_acc_ref.size(); ++i) dw_acc_ref[i] = dw0.f[i] + dw_sum[i];
+
+  auto& d_x = pool.in(x.h);
+  auto& d_w = pool.in(w.h);
+  auto& d_dout = pool.in(dout.h);
+  auto& d_off = pool.in(off);
+  for (const char* impl : grouped_impls(I, O)) {
+    with_impl(impl, [&] {
+      const std::string ish = sh + " " + impl;
+      {
+        Pool p;
+        auto& d_out = p.out<bf16>(R * O);
+        auto& d_dx = p.out<bf16>(R * I);
+        auto& d_dw = p.in(dw0.f);
+        cu::grouped_linear_fwd(d_out.p, d_x.p, d_w.p, d_off.p, R, E, I, O, ctx);
+        cu::grouped_linear_bwd(d_dx.p, d_dw.p, d_dout.p, d_x.p, d_w.p, d_off.p, R, E, I, O, ctx);
+        sync(ctx);
+        check("grouped_linear_fwd", "out", ish, d_out, out_ref, kBf16Out);
+        check("grouped_linear_bwd", "dx", ish, d_dx, dx_ref, kBf16Out);
+        check("grouped_linear_bwd", "dw f32+=", ish, d_dw, dw_acc_ref, kF32);
+      }
+      {
+        Pool p;
+        auto& d_dw_b0 = p.out<bf16>(E * O * I);  // NaN: beta = 0 must not read it
+        auto& d_dw_b1 = p.in(dw0.h);
+        cu::grouped_linear_bwd(nullptr, d_dw_b0.p, 0.0f, d_dout.p, d_x.p, d_w.p, d_off.p, R, E, I,
+                               O, ctx);
+        cu::grouped_linear_bwd(nullptr, d_dw_b1.p, 1.0f, d_dout.p, d_x.p, d_w.p, d_off.p, R, E, I,
+                               O, ctx);
+        sync(ctx);
+        check("grouped_linear_bwd", "dw bf16=", ish, d_dw_b0, dw_sum, kBf16Out);
+        check("grouped_linear_bwd", "dw bf16+=", ish, d_dw_b1, dw_acc_ref, kBf16Out);
+      }
+    });
+  }
+}
+
+// Timing of the expert GEMMs at Qwen3-30B-A3B shapes (E = 128 experts, R = 65536 routed rows):
+// TFLOP/s of fwd, dgrad and wgrad (bf16 dw, beta = 1) per implementation, 2*R*I*O flops each.
+void perf_grouped(const cu::Ctx& ctx, const char* name, int64_t E, int64_t R, int64_t I,
+                  int64_t O) {
+  std::vector<int32_t> counts = expert_counts(E, R, 0);
+  std::vector<int32_t> off(E + 1, 0);
+  for (int64_t e = 0; e < E; ++e) off[e + 1] = off[e] + counts[e];
+  Pool pool;
+  std::vector<bf16> x(R * I), w(E * O * I), dout(R * O);
+  for (auto* v : {&x, &w, &dout})
+    for (auto& b : *v) b = __float2bfloat16_rn(float(rand_int(-64, 64)) / 256.f);
+  auto& d_x = pool.in(x);
+  auto& d_w = pool.in(w);
+  auto& d_dout = pool.in(dout);
+  auto& d_off = pool.in(off);
+  auto& d_out = pool.out<bf16>(R * O);
+  auto& d_dx = pool.out<bf16>(R * I);
+  auto& d_dw = pool.in(std::vector<bf16>(E * O * I, __float2bfloat16_rn(0.f)));
+  cudaEvent_t t0, t1;
+  CUDA_CHECK(cudaEventCreate(&t0));
+  CUDA_CHECK(cudaEventCreate(&t1));
+  const double flop = 2.0 * double(R) * double(I) * double(O);
+  std::string line;
+  for (const char* impl : grouped_impls(I, O)) {
+    with_impl(impl, [&] {
+      const int iters = std::strcmp(impl, "fallback") ? 20 : 3;
+      auto time = [&](auto&& op) {
+        op();  // warm-up (first launch: module load, CUTLASS smem attribute)
+        CUDA_CHECK(cudaEventRecord(t0, ctx.stream));
+        for (int i = 0; i < iters; ++i) op();
+        CUDA_CHECK(cudaEventRecord(t1, ctx.stream));
+        CUDA_CHECK(cudaEventSynchronize(t1));
+        float ms = 0;
+        CUDA_CHECK(cudaEventElapsedTime(&ms, t0, t1));
+        return double(ms) / iters;
+      };
+      const double fwd = time([&] {
+        cu::grouped_linear_fwd(d_out.p, d_x.p, d_w.p, d_off.p, R, E, I, O, ctx);
+      });
+      const double dgrad = time([&] {
+        cu::grouped_linear_bwd(d_dx.p, static_cast<float*>(nullptr), d_dout.p, d_x.p, d_w.p,
+                               d_off.p, R, E, I, O, ctx);
+      });
+      const double wgrad = time([&] {
+        cu::grouped_linear_bwd(nullptr, d_dw.p, 1.0f, d_dout.p, d_x.p, d_w.p, d_off.p, R, E, I, O,
+                               ctx);
+      });
+      char buf[256];
+      std::snprintf(buf, sizeof buf,
+                    "  %-8s fwd %6.1f  dgrad %6.1f  wgrad %6.1f TFLOP/s  (%.2f / %.2f / %.2f ms)\n",
+                    impl, flop / fwd * 1e-9, flop / dgrad * 1e-9, flop / wgrad * 1e-9, fwd, dgrad,
+                    wgrad);
+      line += buf;
+    });
+  }
+  CUDA_CHECK(cudaEventDestroy(t0));
+  CUDA_CHECK(cudaEventDestroy(t1));
+  std::printf("PERF grouped_linear %s E=%lld R=%lld I=%lld O=%lld (bf16 in, fp32 accumulate)\n%s",
+              name, (long long)E, (long long)R, (long long)I, (long long)O, line.c_str());
+  std::fflush(stdout);
+}
+
 void case_swiglu(const cu::Ctx& ctx, int64_t N, int64_t F) {
   const std::string sh = shape_str({{"N", N}, {"F", F}});
   Pool pool;
@@ -835,8 +1009,11 @@ int main(int argc, char** argv) {
   CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
   std::printf("cuda_op_check: %s (sm_%d%d, %d SMs), CPU reference on %d threads\n", prop.name,
               prop.major, prop.minor, prop.multiProcessorCount, threads);
+  std::printf("cuda_op_check: grouped GEMM %s (CUTLASS %s; AUTOMOE_GROUPED_GEMM=%s)\n",
+              cu::grouped_linear_impl(2048, 1536), AUTOMOE_HAVE_CUTLASS ? "built in" : "absent",
+              std::getenv("AUTOMOE_GROUPED_GEMM") ? std::getenv("AUTOMOE_GROUPED_GEMM") : "auto");
   // One workspace for every op, sized once (64 MiB covers the largest case below).
-  cu::ScopedCtx owner(size_t(64) << 20);
+  cu::ScopedCtx owner(std::max(size_t(64) << 20, cu::grouped_linear_workspace_bytes(128)));
   const cu::Ctx& ctx = owner.ctx();
   const auto t0 = std::chrono::steady_clock::now();
 
@@ -896,6 +1073,21 @@ int main(int argc, char** argv) {
     case_moe(ctx, 600, 13, 4, 24, 40, 0);  // several layout chunks
     case_moe(ctx, 512, 128, 8, 2048, 256, 0);
     case_moe(ctx, 512, 128, 8, 256, 128, 1);
+  });
+  run(filter, "grouped_linear", [&] {
+    case_grouped(ctx, "random", expert_counts(5, 37, 0), 8, 16, 3);
+    case_grouped(ctx, "sparse", expert_counts(7, 100, 1), 24, 40, 0);
+    case_grouped(ctx, "one", expert_counts(6, 300, 2), 64, 72, 5);
+    case_grouped(ctx, "tails", {0, 1, 129, 257}, 136, 264, 0);  // partial tiles, K = 1 in dw
+    case_grouped(ctx, "none", {0, 0, 0}, 16, 8, 5);              // no rows at all
+    case_grouped(ctx, "unaligned", expert_counts(5, 50, 0), 12, 20, 0);  // fallback only
+    case_grouped(ctx, "sparse", expert_counts(128, 4096, 1), 256, 512, 0);
+    case_grouped(ctx, "W1", expert_counts(128, 65536, 0), 2048, 1536, 0);    // gate|up
+    case_grouped(ctx, "down", expert_counts(128, 65536, 0), 768, 2048, 0);   // down
+  });
+  run(filter, "grouped_perf", [&] {
+    perf_grouped(ctx, "W1", 128, 65536, 2048, 1536);
+    perf_grouped(ctx, "down", 128, 65536, 768, 2048);
   });
   run(filter, "swiglu", [&] {
     case_swiglu(ctx, 7, 13);

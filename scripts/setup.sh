@@ -54,4 +54,12 @@ if command -v nvcc >/dev/null 2>&1; then
     $PY -m pip install -q "nvidia-cudnn-cu13>=9.10" || echo "[setup] warning: pip install nvidia-cudnn-cu13 failed; attention will use the fallback kernel"
   fi
 fi
+# CUTLASS C++ headers (the sm90 grouped GEMMs of the CUDA backend) ship in the nvidia-cutlass
+# wheel under cutlass_library/source/; CMake asks python for the path. Without them the CUDA
+# backend builds its slow fallback only. --no-deps: only the headers are used, not its Python
+# side (cuda-python, scipy, ...); CMake locates the package without importing it.
+if ! $PY -c "import importlib.util as u; assert u.find_spec('cutlass_library')" 2>/dev/null; then
+  echo "[setup] pip install --no-deps nvidia-cutlass==4.2.0.0"
+  $PY -m pip install -q --no-deps nvidia-cutlass==4.2.0.0 || echo "[setup] warning: pip install nvidia-cutlass failed; the CUDA grouped GEMM builds its fallback only"
+fi
 echo "[setup] dependencies ready"

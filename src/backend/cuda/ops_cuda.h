@@ -4,7 +4,8 @@
 //
 // Precision: activations, weights and activation gradients are bf16 (storage); every sum,
 // softmax and norm is computed in fp32; statistics (rstd, lse, probs, router weights, losses)
-// are fp32; parameter gradients are fp32 and ACCUMULATE (+=), activation gradients ASSIGN (=).
+// are fp32; parameter gradients are fp32 and ACCUMULATE (+=), activation gradients ASSIGN (=);
+// ops whose parameter gradients may also be bf16 (grouped_linear) take a beta for them.
 // In the comments below: `bf16`/`f32`/`i32`/`i64` is the element type, `=`/`+=` how an output
 // is written. All pointers are device pointers unless a comment says host.
 //
@@ -140,12 +141,35 @@ void unpermute_bwd(bf16* dys /*[N*K,C] bf16 =*/, float* dw /*[N,K] f32 =*/,
 
 // ---- grouped linear over experts: rows [off[e], off[e+1]) of x use w[e]: out = x @ w[e]^T ------
 // Offsets stay on the device (no host sync): R is the rows allocated (N*K, host-known), an
-// upper bound of offsets[E]; rows at or past offsets[E] are not touched. Fallback kernel: tiled,
-// bf16 in, fp32 FMA accumulation (CUTLASS grouped GEMM replaces it).
+// upper bound of offsets[E]; rows at or past offsets[E] are not touched. Experts may have no
+// rows. bf16 in, fp32 accumulation, one rounding of each output.
+// Implementations: on compute capability 9.0 (H100/H200) with CUTLASS built in
+// (AUTOMOE_HAVE_CUTLASS=1), CUTLASS sm90 TMA + WGMMA grouped GEMMs, used when I and O are
+// multiples of 8 and every buffer is 16-byte aligned (TMA needs 16-byte rows and bases);
+// otherwise a tiled CUDA-core fallback (correct, slow). Env AUTOMOE_GROUPED_GEMM=fallback forces
+// the fallback, =sm90 forces CUTLASS (an error with the reason when it cannot run), =auto (the
+// default) chooses. The sm90 path takes per-expert pointer/shape arrays and CUTLASS's own
+// workspace from ctx.workspace: size it with grouped_linear_workspace_bytes(E) (0 without
+// CUTLASS; the current device's SM count is used).
+size_t grouped_linear_workspace_bytes(int64_t E);
+// "sm90" or "fallback": what the ops run for this I, O on the current device under the
+// current AUTOMOE_GROUPED_GEMM, given 16-byte aligned buffers.
+const char* grouped_linear_impl(int64_t I, int64_t O);
 void grouped_linear_fwd(bf16* out /*[R,O] bf16 =*/, const bf16* x /*[R,I] bf16*/,
                         const bf16* w /*[E,O,I] bf16*/, const int32_t* offsets /*[E+1] i32*/,
                         int64_t R, int64_t E, int64_t I, int64_t O, const Ctx& ctx);
+// dx = dout @ w[e] per expert (nullable); dw[e] += dout_e^T @ x_e in fp32 (nullable; fp32
+// master-weight mode); experts with no rows leave dw[e] unchanged.
 void grouped_linear_bwd(bf16* dx /*[R,I] bf16 =, nullable*/, float* dw /*[E,O,I] f32 +=*/,
+                        const bf16* dout /*[R,O] bf16*/, const bf16* x /*[R,I] bf16*/,
+                        const bf16* w /*[E,O,I] bf16*/, const int32_t* offsets, int64_t R,
+                        int64_t E, int64_t I, int64_t O, const Ctx& ctx);
+// bf16 weight gradients (the default precision policy: bf16 gradients):
+// dw[e] = dw_beta * dw[e] + dout_e^T @ x_e, accumulated in fp32 and rounded once to bf16.
+// dw_beta = 0 overwrites (dw is not read; experts with no rows get dw[e] = 0), 1 accumulates
+// (experts with no rows keep dw[e]). dx as above (nullable).
+void grouped_linear_bwd(bf16* dx /*[R,I] bf16 =, nullable*/,
+                        bf16* dw /*[E,O,I] bf16 = dw_beta*dw + ..., nullable*/, float dw_beta,
                         const bf16* dout /*[R,O] bf16*/, const bf16* x /*[R,I] bf16*/,
                         const bf16* w /*[E,O,I] bf16*/, const int32_t* offsets, int64_t R,
                         int64_t E, int64_t I, int64_t O, const Ctx& ctx);

@@ -1,0 +1,23 @@
+// backend/cuda/sm90/grouped_gemm_dgrad.cu: dx = dout @ w[e] per expert on sm90 (one CUTLASS
+// instantiation: A = dout rows, K contiguous; B = w[e] read as [I x O] with I contiguous).
+#include "backend/cuda/sm90/grouped_gemm.cuh"
+
+namespace automoe::cuda::sm90 {
+
+namespace {
+using T = cutlass::bfloat16_t;
+using G = GroupedGemm<cutlass::layout::RowMajor, cutlass::layout::RowMajor, T>;
+}  // namespace
+
+size_t dgrad_workspace_bytes(int64_t E, int num_sms) { return workspace_bytes<G>(E, num_sms); }
+
+void dgrad(bf16* dx, const bf16* dout, const bf16* w, const int32_t* offsets, int64_t E,
+           int64_t I, int64_t O, const Ctx& ctx) {
+  // M = rows of e, N = I, K = O; B(n = i, k = o) = w[e][o*I + i]
+  run<G>("grouped_linear_bwd", E, kRowsOfExpert, int(I), int(O),
+         Operand<const T>{reinterpret_cast<const T*>(dout), O, 0, O},
+         Operand<const T>{reinterpret_cast<const T*>(w), 0, O * I, I},
+         Operand<T>{reinterpret_cast<T*>(dx), I, 0, I}, 0.f, offsets, ctx);
+}
+
+}  // namespace automoe::cuda::sm90
