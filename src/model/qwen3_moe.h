@@ -43,7 +43,10 @@ struct LossParts {
 // local: dist::allreduce_grads sums them. Without groups (or world size 1) nothing changes.
 class Qwen3Moe {
  public:
-  explicit Qwen3Moe(const ModelConfig& cfg, const dist::Groups* groups = nullptr);
+  // host_arenas = false: the layout and HF names only, with empty params()/grads() (the CUDA
+  // model's bookkeeping, or a caller that sizes params() itself).
+  explicit Qwen3Moe(const ModelConfig& cfg, const dist::Groups* groups = nullptr,
+                    bool host_arenas = true);
 
   const ModelConfig& config() const { return cfg_; }
   const ParamLayout& layout() const { return layout_; }

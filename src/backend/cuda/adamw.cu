@@ -52,6 +52,34 @@ __global__ void adamw_bf16_kernel(bf16* p, const float* g, float* m, float* v, i
   }
 }
 
+// With the gradient scaled by gscale[0] (the clip coefficient, on the device). bf16 weights,
+// gradients and moments; fp32 arithmetic, one rounding each.
+__global__ void adamw_bf16_state_kernel(bf16* p, const bf16* g, bf16* m, bf16* v, int64_t n,
+                                        AdamHyper h, const float* gscale) {
+  const float gs = gscale[0];
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    float mi = to_f(m[i]), vi = to_f(v[i]);
+    p[i] = to_bf(adam_update(to_f(p[i]), to_f(g[i]) * gs, mi, vi, h));
+    m[i] = to_bf(mi);
+    v[i] = to_bf(vi);
+  }
+}
+
+__global__ void adamw_master_kernel(float* p, bf16* p16, const float* g, float* m, float* v,
+                                    int64_t n, AdamHyper h, const float* gscale) {
+  const float gs = gscale[0];
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    float mi = m[i], vi = v[i];
+    const float pi = adam_update(p[i], g[i] * gs, mi, vi, h);
+    p[i] = pi;
+    m[i] = mi;
+    v[i] = vi;
+    if (p16) p16[i] = to_bf(pi);
+  }
+}
+
 // Pass 1: block b sums x^2 (double) over its grid-stride share into part[b].
 __global__ void sum_squares_partial_kernel(double* part, const float* x, int64_t n) {
   __shared__ double red[32];
@@ -61,6 +89,24 @@ __global__ void sum_squares_partial_kernel(double* part, const float* x, int64_t
     s += double(x[i]) * double(x[i]);
   s = block_sum(s, red);
   if (threadIdx.x == 0) part[blockIdx.x] = s;
+}
+
+__global__ void sum_squares_partial_bf16_kernel(double* part, const bf16* x, int64_t n) {
+  __shared__ double red[32];
+  double s = 0.0;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const double xi = double(to_f(x[i]));
+    s += xi * xi;
+  }
+  s = block_sum(s, red);
+  if (threadIdx.x == 0) part[blockIdx.x] = s;
+}
+
+__global__ void clip_coef_kernel(float* coef, float* norm, const double* sumsq, float max_norm) {
+  const float nrm = float(sqrt(sumsq[0]));
+  norm[0] = nrm;
+  coef[0] = (max_norm > 0.0f && nrm > max_norm) ? max_norm / (nrm + 1e-6f) : 1.0f;
 }
 
 // Pass 2: one block adds the partials in a fixed order.
@@ -120,6 +166,40 @@ void sum_squares(double* out, const float* x, int64_t n, const Ctx& ctx) {
 void scale_inplace(float* x, float s, int64_t n, const Ctx& ctx) {
   if (n == 0) return;
   scale_kernel<<<grid_for(n, kThreads, ctx), kThreads, 0, ctx.stream>>>(x, s, n);
+  CUDA_CHECK_LAUNCH();
+}
+
+void adamw_step(bf16* p, const bf16* g, bf16* m, bf16* v, int64_t n, float lr, float b1,
+                float b2, float eps, float wd, int64_t t, const float* gscale, const Ctx& ctx) {
+  const AdamHyper h = hyper(lr, b1, b2, eps, wd, t);
+  if (n == 0) return;
+  adamw_bf16_state_kernel<<<grid_for(n, kThreads, ctx), kThreads, 0, ctx.stream>>>(p, g, m, v, n,
+                                                                                  h, gscale);
+  CUDA_CHECK_LAUNCH();
+}
+
+void adamw_step(float* p, bf16* p_bf16, const float* g, float* m, float* v, int64_t n, float lr,
+                float b1, float b2, float eps, float wd, int64_t t, const float* gscale,
+                const Ctx& ctx) {
+  const AdamHyper h = hyper(lr, b1, b2, eps, wd, t);
+  if (n == 0) return;
+  adamw_master_kernel<<<grid_for(n, kThreads, ctx), kThreads, 0, ctx.stream>>>(p, p_bf16, g, m, v,
+                                                                              n, h, gscale);
+  CUDA_CHECK_LAUNCH();
+}
+
+void sum_squares(double* out, const bf16* x, int64_t n, const Ctx& ctx) {
+  double* part =
+      static_cast<double*>(workspace_for(ctx, sum_squares_workspace_bytes(), "sum_squares"));
+  const unsigned blocks = std::min<unsigned>(kMaxPartials, grid_for(n, kThreads, ctx));
+  sum_squares_partial_bf16_kernel<<<blocks, kThreads, 0, ctx.stream>>>(part, x, n);
+  CUDA_CHECK_LAUNCH();
+  sum_squares_final_kernel<<<1, kThreads, 0, ctx.stream>>>(out, part, int(blocks));
+  CUDA_CHECK_LAUNCH();
+}
+
+void clip_coef(float* coef, float* norm, const double* sumsq, float max_norm, const Ctx& ctx) {
+  clip_coef_kernel<<<1, 1, 0, ctx.stream>>>(coef, norm, sumsq, max_norm);
   CUDA_CHECK_LAUNCH();
 }
 
