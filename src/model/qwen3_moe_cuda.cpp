@@ -304,6 +304,9 @@ Qwen3MoeCuda::Qwen3MoeCuda(const ModelConfig& cfg, Precision precision, int devi
   for (auto& e : s.ev) CUDA_CHECK(cudaEventCreate(&e));
   CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&s.norm_host), sizeof(float)));
   s.norm_host[0] = 0.f;
+  // cudaMemset/cudaMemcpy run on the legacy stream, which does not order with our
+  // non-blocking stream: set-up and transfers end with a device sync.
+  CUDA_CHECK(cudaDeviceSynchronize());
 }
 
 Qwen3MoeCuda::~Qwen3MoeCuda() = default;
@@ -326,9 +329,10 @@ void Qwen3MoeCuda::upload_params(const std::vector<float>& params) {
     upload_bf16(s.p16.get(), params.data(), s.P);
   } else {
     CUDA_CHECK(cudaMemcpy(s.p32.get(), params.data(), size_t(s.P) * 4, cudaMemcpyHostToDevice));
+    CUDA_CHECK(cudaDeviceSynchronize());
     cu::convert(s.p16.get(), s.p32.get(), s.P, s.ctx);
-    synchronize();
   }
+  CUDA_CHECK(cudaDeviceSynchronize());
 }
 
 void Qwen3MoeCuda::download_params(std::vector<float>& params) const {
@@ -363,6 +367,7 @@ void Qwen3MoeCuda::upload_moments(const std::vector<float>& m, const std::vector
     CUDA_CHECK(cudaMemcpy(s.m32.get(), m.data(), size_t(s.P) * 4, cudaMemcpyHostToDevice));
     CUDA_CHECK(cudaMemcpy(s.v32.get(), v.data(), size_t(s.P) * 4, cudaMemcpyHostToDevice));
   }
+  CUDA_CHECK(cudaDeviceSynchronize());
   s.adam_t = t;
 }
 
