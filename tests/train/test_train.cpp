@@ -133,3 +133,27 @@ TEST(Recipe, UnknownKeyAndBadValueAreClearErrors) {
     EXPECT_NE(std::string(e.what()).find("train.steps"), std::string::npos) << e.what();
   }
 }
+
+TEST(Recipe, DeviceAndPrecisionAreChecked) {
+  try {
+    load_train_config("", {{"model.builtin", "tiny-moe"}, {"data.builtin", "addition"}, {"train.precision", "fp8"}});
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("train.precision 'fp8'"), std::string::npos) << e.what();
+  }
+  try {
+    load_train_config("", {{"model.builtin", "tiny-moe"}, {"data.builtin", "addition"}, {"train.device", "tpu"}});
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("train.device 'tpu'"), std::string::npos) << e.what();
+  }
+  // This test binary registers no device model (the CLI registers CUDA when built with it).
+  TrainConfig c = small(tmpdir("nocuda"), 1);
+  c.device = "cuda";
+  try {
+    run_finetune(c);
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("built without the cuda backend"), std::string::npos) << e.what();
+  }
+}
