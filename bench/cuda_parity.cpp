@@ -78,6 +78,22 @@ void compare(const std::string& name, const ModelConfig& cfg, const std::vector<
   gpu.download_grads(grads);
 
   const std::string tag = name + " [" + precision_name(prec) + "]";
+  // Routing decisions that differ (bf16 router logits near a tie pick another expert): the
+  // gradients downstream of a different pick are not comparable, so their limits only warn.
+  const std::vector<int32_t> tk_cpu = cpu.router_topk(), tk_gpu = gpu.download_router_topk();
+  const int64_t K = cfg.num_experts_per_tok;
+  int64_t flips = 0;
+  for (size_t r = 0; K > 0 && r < tk_cpu.size() / size_t(K); ++r) {
+    std::vector<int32_t> a(tk_cpu.begin() + r * K, tk_cpu.begin() + (r + 1) * K);
+    std::vector<int32_t> g(tk_gpu.begin() + r * K, tk_gpu.begin() + (r + 1) * K);
+    std::sort(a.begin(), a.end());
+    std::sort(g.begin(), g.end());
+    flips += a != g;
+  }
+  if (flips)
+    std::printf("%-28s note: %lld of %lld tokens (over all MoE layers) were routed to other experts "
+                "than on the CPU; gradient limits only warn\n",
+                tag.c_str(), (long long)flips, (long long)(tk_cpu.size() / size_t(K)));
   const double lrel = rel_l2(logits.data(), cpu.logits().data(), int64_t(logits.size()));
   const double loss_rel = std::fabs(double(lg.loss) - lc.loss) / std::max(1e-12, std::fabs(double(lc.loss)));
   std::printf("%-28s logits rel-L2 %.3e | loss %.6f vs %.6f (rel %.2e)", tag.c_str(), lrel, lg.loss,
@@ -97,15 +113,19 @@ void compare(const std::string& name, const ModelConfig& cfg, const std::vector<
     bool zero = false;
     const double e = rel_l2(grads.data() + s.offset, cpu.grads().data() + s.offset, s.numel, &zero);
     ++n;
-    if (zero) {
+    if (zero && !flips) {
       verdict(e < 1e-6, tag + ": grad." + s.hf_name + " should be zero, L2 " + std::to_string(e));
       continue;
     }
+    if (zero) continue;
     if (e > worst) {
       worst = e;
       worst_name = s.hf_name;
     }
-    verdict(e < 5e-2, tag + ": grad." + s.hf_name + " rel-L2 " + std::to_string(e));
+    if (flips && e >= 5e-2)
+      std::printf("WARN %s: grad.%s rel-L2 %.3e (routing differs)\n", tag.c_str(), s.hf_name.c_str(), e);
+    else
+      verdict(e < 5e-2, tag + ": grad." + s.hf_name + " rel-L2 " + std::to_string(e));
   }
   std::printf("%-28s %d gradients, worst rel-L2 %.3e (%s)\n", tag.c_str(), n, worst, worst_name.c_str());
 }

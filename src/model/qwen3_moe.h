@@ -78,6 +78,8 @@ class Qwen3Moe {
   void zero_grad();
 
   const std::vector<float>& logits() const { return logits_; }  // [N,V]
+  // Top-k experts of every MoE layer in the last forward, [nMoE * N, K] (parity tools).
+  const std::vector<int32_t>& router_topk() const { return topk_all_; }
 
  private:
   struct LayerW;  // pointers into an arena for one layer

@@ -174,6 +174,7 @@ struct Qwen3MoeCuda::State {
 
   bool timing = false;
   cudaEvent_t ev[5] = {};
+  std::vector<cudaEvent_t> lev;  // [L][6]: fwd start, after attention, end; bwd start, after MLP, end
 
   State(const ModelConfig& c, Precision p) : cfg(c), prec(p), layout_model(c, nullptr, false) {}
   ~State() {
@@ -183,6 +184,7 @@ struct Qwen3MoeCuda::State {
     if (norm_host) cudaFreeHost(norm_host);
     for (cudaEvent_t e : {upload_done, loss_ready, norm_ready, ev[0], ev[1], ev[2], ev[3], ev[4]})
       if (e) cudaEventDestroy(e);
+    for (cudaEvent_t e : lev) cudaEventDestroy(e);
   }
 
   bool bf16_mode() const { return prec == Precision::BF16; }
@@ -227,6 +229,9 @@ struct Qwen3MoeCuda::State {
   }
   void record(int i) {
     if (timing) CUDA_CHECK(cudaEventRecord(ev[i], ctx.stream));
+  }
+  void lrecord(int64_t l, int i) {
+    if (timing) CUDA_CHECK(cudaEventRecord(lev[size_t(l * 6 + i)], ctx.stream));
   }
 };
 
@@ -634,6 +639,7 @@ void Qwen3MoeCuda::forward(const Batch& bt, float ce_denominator, float aux_scal
     const bf16* x_in = s.res[l];
     bf16* x_out = s.res[l + 1];
     auto Wn = [&](int64_t off) { return off < 0 ? nullptr : s.W(off); };
+    s.lrecord(l, 0);
     // attention block
     cu::rmsnorm_fwd(a.ln1, a.ln1_rstd, x_in, s.W(o.ln1), N, H, eps, ctx);
     cu::linear_fwd(a.q_pre, a.ln1, s.W(o.wq), Wn(o.bq), N, H, nH * D, ctx);
@@ -646,6 +652,7 @@ void Qwen3MoeCuda::forward(const Batch& bt, float ce_denominator, float aux_scal
     cu::attention_fwd(a.ao, a.lse, a.q, a.k, a.v, doc, B, T, nH, nKV, D, ctx);
     cu::linear_fwd(s.tmp, a.ao, s.W(o.wo), Wn(o.bo), N, nH * D, H, ctx);
     cu::add(a.x_mid, x_in, s.tmp, N * H, ctx);
+    s.lrecord(l, 1);
     // MLP block
     cu::rmsnorm_fwd(a.ln2, a.ln2_rstd, a.x_mid, s.W(o.ln2), N, H, eps, ctx);
     if (o.moe) {
@@ -665,6 +672,7 @@ void Qwen3MoeCuda::forward(const Batch& bt, float ce_denominator, float aux_scal
       cu::linear_fwd(s.tmp, s.act, s.W(o.mlp_down), nullptr, N, F, H, ctx);
     }
     cu::add(x_out, a.x_mid, s.tmp, N * H, ctx);
+    s.lrecord(l, 2);
   }
   s.record(1);
   cu::rmsnorm_fwd(s.lnf_out, s.lnf_rstd, s.res[L], s.W(s.off_lnf), N, H, eps, ctx);
@@ -714,6 +722,7 @@ void Qwen3MoeCuda::forward(const Batch& bt, float ce_denominator, float aux_scal
 
 LossParts Qwen3MoeCuda::loss() {
   State& s = *s_;
+  AM_CHECK(s.loss_host && s.N > 0, "loss() needs a forward() first");
   CUDA_CHECK(cudaEventSynchronize(s.loss_ready));
   double sum = 0.0;
   for (int64_t i = 0; i < s.N; ++i) sum += s.loss_host[i];
@@ -751,6 +760,7 @@ void Qwen3MoeCuda::backward() {
     LayerActs& a = s.la[l];
     const LayerOff& o = s.lo[l];
     const bf16* x_in = s.res[l];
+    s.lrecord(l, 3);
     // ---- MLP block: out = x_mid + mlp(ln2(x_mid)); dres is d(out)
     if (o.moe) {
       const float* probs = s.probs_all + o.moe_index * N * E;
@@ -774,6 +784,7 @@ void Qwen3MoeCuda::backward() {
     }
     s.norm_bwd(s.d1, o.ln2, s.dln, a.x_mid, a.ln2_rstd, N, H);
     cu::add_inplace(s.dres, s.d1, N * H, ctx);
+    s.lrecord(l, 4);
     // ---- attention block: x_mid = x_in + o_proj(attn(ln1(x_in)))
     s.lin_bwd(s.dao, 0.f, o.wo, o.bo, s.dres, a.ao, N, nH * D, H, beta);
     cu::attention_bwd(s.dq, s.dk, s.dv, s.dao, a.ao, a.lse, a.q, a.k, a.v, doc, B, T, nH, nKV, D,
@@ -787,6 +798,7 @@ void Qwen3MoeCuda::backward() {
     s.lin_bwd(s.dln, 1.f, o.wv, o.bv, s.dv, a.ln1, N, H, nKV * D, beta);
     s.norm_bwd(s.d1, o.ln1, s.dln, x_in, a.ln1_rstd, N, H);
     cu::add_inplace(s.dres, s.d1, N * H, ctx);
+    s.lrecord(l, 5);
   }
   // embedding (tied: lm_head's gradient is already in this tensor, so always accumulate)
   if (s.bf16_mode()) {
@@ -831,7 +843,25 @@ float Qwen3MoeCuda::grad_norm() {
   return s_->norm_host[0];
 }
 
-void Qwen3MoeCuda::enable_phase_timing(bool on) { s_->timing = on; }
+std::vector<int32_t> Qwen3MoeCuda::download_router_topk() const {
+  const State& s = *s_;
+  synchronize();
+  std::vector<int32_t> out(size_t(s.nmoe() * s.N * s.cfg.num_experts_per_tok));
+  if (!out.empty())
+    CUDA_CHECK(cudaMemcpy(out.data(), s.topk_all, out.size() * sizeof(int32_t), cudaMemcpyDeviceToHost));
+  return out;
+}
+
+void Qwen3MoeCuda::enable_phase_timing(bool on) {
+  State& s = *s_;
+  s.timing = on;
+  const size_t want = size_t(s.cfg.num_hidden_layers * 6);
+  while (on && s.lev.size() < want) {
+    cudaEvent_t e;
+    CUDA_CHECK(cudaEventCreate(&e));
+    s.lev.push_back(e);
+  }
+}
 
 std::vector<std::pair<std::string, float>> Qwen3MoeCuda::phase_ms() const {
   const State& s = *s_;
@@ -844,6 +874,24 @@ std::vector<std::pair<std::string, float>> Qwen3MoeCuda::phase_ms() const {
     CUDA_CHECK(cudaEventElapsedTime(&ms, s.ev[i], s.ev[i + 1]));
     out.emplace_back(names[i], ms);
   }
+  // the layers' share: attention and MLP (MoE or dense) blocks, forward and backward
+  float fa = 0, fm = 0, bm = 0, ba = 0;
+  for (int64_t l = 0; l < s.cfg.num_hidden_layers; ++l) {
+    const cudaEvent_t* e = s.lev.data() + l * 6;
+    float ms = 0.f;
+    CUDA_CHECK(cudaEventElapsedTime(&ms, e[0], e[1]));
+    fa += ms;
+    CUDA_CHECK(cudaEventElapsedTime(&ms, e[1], e[2]));
+    fm += ms;
+    CUDA_CHECK(cudaEventElapsedTime(&ms, e[3], e[4]));
+    bm += ms;
+    CUDA_CHECK(cudaEventElapsedTime(&ms, e[4], e[5]));
+    ba += ms;
+  }
+  out.emplace_back("fwd_attention", fa);
+  out.emplace_back("fwd_mlp", fm);
+  out.emplace_back("bwd_mlp", bm);
+  out.emplace_back("bwd_attention", ba);
   return out;
 }
 

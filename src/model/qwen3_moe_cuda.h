@@ -87,11 +87,15 @@ class Qwen3MoeCuda {
   // Global-norm clipping (max_grad_norm > 0) and AdamW, on the device without a host sync.
   void optimizer_step(const AdamWConfig& c, float lr, float max_grad_norm);
   float grad_norm();  // the last optimizer_step's norm before clipping (waits)
+  // Top-k experts of every MoE layer in the last forward, [nMoE * N, K] (parity tools; waits).
+  std::vector<int32_t> download_router_topk() const;
 
   void synchronize() const;
   CudaMemory memory() const;
-  // Per-phase GPU times of the last step (cudaEvents; waits): forward layers, lm_head+CE
-  // (fwd+bwd), backward layers, optimizer. Recorded only when enabled.
+  // Per-phase GPU times of the last full step (cudaEvents; waits), in ms: fwd_layers,
+  // lm_head_ce (ln_f, chunked lm_head + CE forward and backward, aux loss), bwd_layers,
+  // optimizer; then the layers split into fwd_attention, fwd_mlp, bwd_mlp, bwd_attention.
+  // Recorded only when enabled (before the step).
   void enable_phase_timing(bool on);
   std::vector<std::pair<std::string, float>> phase_ms() const;
 
