@@ -89,6 +89,11 @@ void download_bf16(float* dst, const bf16* src, int64_t n) {
   }
 }
 
+// One parameter tensor: element offsets in the host (packed) and device (aligned) arenas.
+struct Seg {
+  int64_t host, dev, n;
+};
+
 // Offsets (elements) of one layer's parameters in the arenas; -1 when absent.
 struct LayerOff {
   int64_t ln1, wq, bq, wk, bk, wv, bv, wo, bo, qn, kn, ln2;
@@ -113,7 +118,10 @@ struct Qwen3MoeCuda::State {
   ModelConfig cfg;
   Precision prec;
   Qwen3Moe layout_model;  // layout and HF names, no host arenas
-  int64_t P = 0;          // parameters (elements)
+  // The device arenas hold the tensors in layout order, each starting 256-byte aligned (GEMM
+  // and vector loads want it; the host layout packs them): P elements with the zero padding.
+  std::vector<Seg> segs;  // per layout parameter
+  int64_t P = 0, P_host = 0;
   std::vector<LayerOff> lo;
   int64_t off_wte = 0, off_lnf = 0, off_lm = 0;
   bool tied = false;
@@ -239,9 +247,15 @@ Qwen3MoeCuda::Qwen3MoeCuda(const ModelConfig& cfg, Precision precision, int devi
     : s_(std::make_unique<State>(cfg, precision)) {
   State& s = *s_;
   const auto& layout = s.layout_model.layout();
-  s.P = layout.total;
-  std::map<std::string, int64_t> off;
-  for (auto& p : layout.params) off[p.name] = p.offset;
+  s.P_host = layout.total;
+  std::map<std::string, int64_t> off;  // device offsets
+  for (auto& p : layout.params) {
+    const int64_t dev = (s.P + 127) / 128 * 128;
+    s.segs.push_back({p.offset, dev, p.numel});
+    off[p.name] = dev;
+    s.P = dev + p.numel;
+  }
+  s.P = (s.P + 127) / 128 * 128;
   auto O = [&](const std::string& n) {
     auto it = off.find(n);
     return it == off.end() ? int64_t(-1) : it->second;
@@ -282,21 +296,22 @@ Qwen3MoeCuda::Qwen3MoeCuda(const ModelConfig& cfg, Precision precision, int devi
   s.scoped = std::make_unique<cu::ScopedCtx>(0, device);
   s.ctx = s.scoped->ctx();
   const size_t P = size_t(s.P);
+  // Everything starts at zero, the padding between tensors stays zero (the gradient norm and
+  // AdamW run over whole arenas).
   s.p16 = cu::DeviceBuffer<bf16>(P);
+  CUDA_CHECK(cudaMemset(s.p16.get(), 0, P * 2));
   if (s.bf16_mode()) {
     s.g16 = cu::DeviceBuffer<bf16>(P);
     s.m16 = cu::DeviceBuffer<bf16>(P);
     s.v16 = cu::DeviceBuffer<bf16>(P);
-    CUDA_CHECK(cudaMemset(s.m16.get(), 0, P * 2));
-    CUDA_CHECK(cudaMemset(s.v16.get(), 0, P * 2));
+    for (bf16* b : {s.g16.get(), s.m16.get(), s.v16.get()}) CUDA_CHECK(cudaMemset(b, 0, P * 2));
   } else {
     s.p32 = cu::DeviceBuffer<float>(P);
     s.g32 = cu::DeviceBuffer<float>(P);
     s.m32 = cu::DeviceBuffer<float>(P);
     s.v32 = cu::DeviceBuffer<float>(P);
-    CUDA_CHECK(cudaMemset(s.g32.get(), 0, P * 4));
-    CUDA_CHECK(cudaMemset(s.m32.get(), 0, P * 4));
-    CUDA_CHECK(cudaMemset(s.v32.get(), 0, P * 4));
+    for (float* b : {s.p32.get(), s.g32.get(), s.m32.get(), s.v32.get()})
+      CUDA_CHECK(cudaMemset(b, 0, P * 4));
   }
   s.misc = cu::DeviceBuffer<unsigned char>(kAlign * 4);
   s.d_sumsq = reinterpret_cast<double*>(s.misc.get());
@@ -318,7 +333,7 @@ Qwen3MoeCuda::~Qwen3MoeCuda() = default;
 
 const ModelConfig& Qwen3MoeCuda::config() const { return s_->cfg; }
 const Qwen3Moe& Qwen3MoeCuda::host_layout() const { return s_->layout_model; }
-int64_t Qwen3MoeCuda::numel() const { return s_->P; }
+int64_t Qwen3MoeCuda::numel() const { return s_->P_host; }
 Precision Qwen3MoeCuda::precision() const { return s_->prec; }
 const cuda::Ctx& Qwen3MoeCuda::ctx() const { return s_->ctx; }
 int64_t Qwen3MoeCuda::adam_steps() const { return s_->adam_t; }
@@ -326,83 +341,111 @@ void Qwen3MoeCuda::synchronize() const { CUDA_CHECK(cudaStreamSynchronize(s_->ct
 
 // ---- parameters and optimizer state <-> host fp32 arenas ---------------------------------------
 
+namespace {
+
+// One fp32 host arena of the layout <-> one device arena (bf16 or fp32), tensor by tensor.
+template <class D>
+void to_device(D* dst, const std::vector<float>& src, const std::vector<Seg>& segs) {
+  for (auto& sg : segs) {
+    if constexpr (sizeof(D) == 2)
+      upload_bf16(dst + sg.dev, src.data() + sg.host, sg.n);
+    else
+      CUDA_CHECK(cudaMemcpy(dst + sg.dev, src.data() + sg.host, size_t(sg.n) * 4, cudaMemcpyHostToDevice));
+  }
+  // cudaMemcpy runs on the legacy stream, which does not order with the model's stream
+  CUDA_CHECK(cudaDeviceSynchronize());
+}
+template <class D>
+void to_host(std::vector<float>& dst, const D* src, const std::vector<Seg>& segs) {
+  for (auto& sg : segs) {
+    if constexpr (sizeof(D) == 2)
+      download_bf16(dst.data() + sg.host, src + sg.dev, sg.n);
+    else
+      CUDA_CHECK(cudaMemcpy(dst.data() + sg.host, src + sg.dev, size_t(sg.n) * 4, cudaMemcpyDeviceToHost));
+  }
+}
+
+}  // namespace
+
 void Qwen3MoeCuda::upload_params(const std::vector<float>& params) {
   State& s = *s_;
-  AM_CHECK(int64_t(params.size()) == s.P, "upload_params: {} values for {} parameters", params.size(), s.P);
+  AM_CHECK(int64_t(params.size()) == s.P_host, "upload_params: {} values for {} parameters",
+           params.size(), s.P_host);
   synchronize();
   if (s.bf16_mode()) {
-    upload_bf16(s.p16.get(), params.data(), s.P);
+    to_device(s.p16.get(), params, s.segs);
   } else {
-    CUDA_CHECK(cudaMemcpy(s.p32.get(), params.data(), size_t(s.P) * 4, cudaMemcpyHostToDevice));
-    CUDA_CHECK(cudaDeviceSynchronize());
+    to_device(s.p32.get(), params, s.segs);
     cu::convert(s.p16.get(), s.p32.get(), s.P, s.ctx);
+    synchronize();
   }
-  CUDA_CHECK(cudaDeviceSynchronize());
 }
 
 void Qwen3MoeCuda::download_params(std::vector<float>& params) const {
   const State& s = *s_;
   synchronize();
-  params.resize(size_t(s.P));
+  params.resize(size_t(s.P_host));
   if (s.bf16_mode())
-    download_bf16(params.data(), s.p16.get(), s.P);
+    to_host(params, s.p16.get(), s.segs);
   else
-    CUDA_CHECK(cudaMemcpy(params.data(), s.p32.get(), size_t(s.P) * 4, cudaMemcpyDeviceToHost));
+    to_host(params, s.p32.get(), s.segs);
 }
 
 void Qwen3MoeCuda::download_grads(std::vector<float>& grads) const {
   const State& s = *s_;
   synchronize();
-  grads.assign(size_t(s.P), 0.f);
+  grads.assign(size_t(s.P_host), 0.f);
   if (s.bf16_mode()) {
-    if (!s.fresh) download_bf16(grads.data(), s.g16.get(), s.P);
+    if (!s.fresh) to_host(grads, s.g16.get(), s.segs);
   } else {
-    CUDA_CHECK(cudaMemcpy(grads.data(), s.g32.get(), size_t(s.P) * 4, cudaMemcpyDeviceToHost));
+    to_host(grads, s.g32.get(), s.segs);
   }
 }
 
 void Qwen3MoeCuda::upload_moments(const std::vector<float>& m, const std::vector<float>& v, int64_t t) {
   State& s = *s_;
-  AM_CHECK(int64_t(m.size()) == s.P && int64_t(v.size()) == s.P, "upload_moments: sizes do not match the model");
+  AM_CHECK(int64_t(m.size()) == s.P_host && int64_t(v.size()) == s.P_host,
+           "upload_moments: sizes do not match the model");
   synchronize();
   if (s.bf16_mode()) {
-    upload_bf16(s.m16.get(), m.data(), s.P);
-    upload_bf16(s.v16.get(), v.data(), s.P);
+    to_device(s.m16.get(), m, s.segs);
+    to_device(s.v16.get(), v, s.segs);
   } else {
-    CUDA_CHECK(cudaMemcpy(s.m32.get(), m.data(), size_t(s.P) * 4, cudaMemcpyHostToDevice));
-    CUDA_CHECK(cudaMemcpy(s.v32.get(), v.data(), size_t(s.P) * 4, cudaMemcpyHostToDevice));
+    to_device(s.m32.get(), m, s.segs);
+    to_device(s.v32.get(), v, s.segs);
   }
-  CUDA_CHECK(cudaDeviceSynchronize());
   s.adam_t = t;
 }
 
 void Qwen3MoeCuda::download_moments(std::vector<float>& m, std::vector<float>& v) const {
   const State& s = *s_;
   synchronize();
-  m.resize(size_t(s.P));
-  v.resize(size_t(s.P));
+  m.resize(size_t(s.P_host));
+  v.resize(size_t(s.P_host));
   if (s.bf16_mode()) {
-    download_bf16(m.data(), s.m16.get(), s.P);
-    download_bf16(v.data(), s.v16.get(), s.P);
+    to_host(m, s.m16.get(), s.segs);
+    to_host(v, s.v16.get(), s.segs);
   } else {
-    CUDA_CHECK(cudaMemcpy(m.data(), s.m32.get(), size_t(s.P) * 4, cudaMemcpyDeviceToHost));
-    CUDA_CHECK(cudaMemcpy(v.data(), s.v32.get(), size_t(s.P) * 4, cudaMemcpyDeviceToHost));
+    to_host(m, s.m32.get(), s.segs);
+    to_host(v, s.v32.get(), s.segs);
   }
 }
 
 void Qwen3MoeCuda::init_random(uint64_t seed, float std) {
   State& s = *s_;
-  uint64_t k = 0;
-  for (auto& p : s.layout_model.layout().params) {
+  const auto& params = s.layout_model.layout().params;
+  for (size_t k = 0; k < params.size(); ++k) {
+    const ParamSpec& p = params[k];
     const bool is_norm = p.shape.size() == 1 && p.name.find("attn.b") == std::string::npos;
     const bool is_bias = p.shape.size() == 1 && !is_norm;
-    const uint64_t sd = seed * 0x9e3779b97f4a7c15ull + (++k);
+    const uint64_t sd = seed * 0x9e3779b97f4a7c15ull + uint64_t(k + 1);
+    const int64_t at = s.segs[k].dev;
     if (s.bf16_mode()) {
-      bf16* d = s.p16.get() + p.offset;
+      bf16* d = s.p16.get() + at;
       if (is_norm || is_bias) cu::fill(d, is_norm ? 1.f : 0.f, p.numel, s.ctx);
       else cu::fill_normal(d, p.numel, std, sd, s.ctx);
     } else {
-      float* d = s.p32.get() + p.offset;
+      float* d = s.p32.get() + at;
       if (is_norm || is_bias) cu::fill(d, is_norm ? 1.f : 0.f, p.numel, s.ctx);
       else cu::fill_normal(d, p.numel, std, sd, s.ctx);
     }
