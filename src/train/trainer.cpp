@@ -36,7 +36,10 @@ std::map<std::string, DeviceModelFactory>& device_models() {
 }  // namespace
 
 void register_device_model(const std::string& device, DeviceModelFactory make) {
-  device_models()[device] = std::move(make);
+  if (make)
+    device_models()[device] = std::move(make);
+  else
+    device_models().erase(device);
 }
 
 int64_t peak_rss_bytes() {

@@ -66,7 +66,7 @@ class DeviceTrainModel {
 };
 using DeviceModelFactory =
     std::function<std::unique_ptr<DeviceTrainModel>(const ModelConfig&, const TrainConfig&)>;
-// Registers the model for train.device `device` (e.g. "cuda").
+// Registers the model for train.device `device` (e.g. "cuda"); an empty `make` removes it.
 void register_device_model(const std::string& device, DeviceModelFactory make);
 
 // Peak resident memory of this process (VmHWM), in bytes.
