@@ -6,8 +6,10 @@
 #   2. cuda_parity: the CUDA model (bf16 and fp32_master) against the CPU model on the
 #      Transformers fixtures, and a 300-step tiny-moe fine-tune on both (STEPS),
 #   3. cuda_bench: a 2-layer smoke run, then W1 (LAYERS=12 SEQ=4096 MBS=2 by default).
+#   4. with BASELINE=path/to/hf_moe_baseline.py (a copy of shared/bench, which the GPU machine
+#      does not see): native Transformers on the same shapes (IMPLS=grouped_mm), and the ratios.
 #   bash bench/device_model.sh            Env: BUILD (default build-device), CUDA_ARCH (90a),
-#                                         OPS, STEPS, LAYERS, SEQ, MBS, SKIP_BENCH=1
+#                                         OPS, STEPS, LAYERS, SEQ, MBS, SKIP_BENCH=1, BASELINE
 # Exit code: the number of failed stages. Logs are copied to $OUT when set.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -55,11 +57,29 @@ stage parity "$BUILD/cuda_parity" --steps "${STEPS:-300}"
 if [ -z "${SKIP_BENCH:-}" ]; then
   stage bench_smoke "$BUILD/cuda_bench" --layers 2 --seq 1024 --mbs 1 --warmup 1 --steps 2
   stage bench_w1 "$BUILD/cuda_bench" --layers "${LAYERS:-12}" --seq "${SEQ:-4096}" --mbs "${MBS:-2}"
+  if [ -n "${BASELINE:-}" ]; then
+    stage baseline env LAYERS="${LAYERS:-12}" SEQ="${SEQ:-4096}" MBS="${MBS:-2}" IMPLS="${IMPLS:-grouped_mm}" \
+      python3 "$BASELINE"
+    LOGS+=("$BUILD/ratio.log")
+    python3 - "$BUILD/bench_w1.log" "$BUILD/baseline.log" > "$BUILD/ratio.log" <<'PY'
+import json, sys
+def res(path):
+    for line in open(path):
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+ours, hf = res(sys.argv[1]), res(sys.argv[2])
+if ours and hf:
+    for k in ("fwd_bwd_tok_per_s", "tok_per_s"):
+        print(f"ratio {k}: automoe {ours[k]} / transformers {hf[k]} = {ours[k] / hf[k]:.2f}x")
+    print(f"peak memory: automoe {ours['peak_used_GiB']} GiB, transformers {hf['peak_GiB']} GiB")
+PY
+    cat "$BUILD/ratio.log"
+  fi
 fi
 [ -n "${OUT:-}" ] && cp "${LOGS[@]}" "$BUILD/build.log" "$OUT/" 2>/dev/null
 
 echo
 echo "== device_model.sh summary: $fails failed stage(s) =="
 grep -hE "^FAIL" "${LOGS[@]}" 2>/dev/null | head -n 40
-grep -hE "rel-L2|max \|diff\||^RESULT" "${LOGS[@]}" 2>/dev/null | head -n 60
+grep -hE "rel-L2|max \|diff\||^RESULT|^ratio|^peak memory" "${LOGS[@]}" 2>/dev/null | head -n 60
 exit "$fails"
