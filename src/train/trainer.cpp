@@ -1,4 +1,5 @@
-// train/trainer.cpp: the fine-tuning loop on the CPU backend.
+// train/trainer.cpp: the fine-tuning loop on the CPU backend, or on a device model
+// (train.device; DeviceTrainModel in trainer.h) with the same data, metrics and checkpoints.
 #include "train/trainer.h"
 
 #include <chrono>
