@@ -981,6 +981,174 @@ void case_adamw(const cu::Ctx& ctx, int64_t n) {
   }
 }
 
+// ---- the training path's additions: bf16 parameter gradients and the model's glue ----------------
+
+// bf16 dW: beta 0 overwrites (the buffer starts as NaN: it must not be read), beta 1 adds.
+void case_linear_bf16_dw(const cu::Ctx& ctx, int64_t N, int64_t I, int64_t O, float beta) {
+  const std::string sh = shape_str({{"N", N}, {"I", I}, {"O", O}}) + (beta != 0 ? " dw+=" : " dw=");
+  Pool pool;
+  const float ws = 1.0f / std::sqrt(float(I));
+  Bf x = bf_uniform(N * I, -1, 1), w = bf_uniform(O * I, -ws, ws), dout = bf_uniform(N * O, -1, 1);
+  Bf dw0 = bf_uniform(O * I, -1, 1);
+  std::vector<float> dx_ref(N * I), dw_ref = beta != 0 ? dw0.f : std::vector<float>(O * I, 0.f);
+  cpu::linear_bwd(dx_ref.data(), 0.f, dw_ref.data(), nullptr, dout.f.data(), x.f.data(), w.f.data(),
+                  N, I, O);
+  auto& d_x = pool.in(x.h);
+  auto& d_w = pool.in(w.h);
+  auto& d_dout = pool.in(dout.h);
+  auto& d_dw = pool.in(dw0.h);
+  if (beta == 0) d_dw.fill_nan();
+  auto& d_dx = pool.out<bf16>(N * I);
+  cu::linear_bwd(d_dx.p, 0.f, d_dw.p, beta, nullptr, d_dout.p, d_x.p, d_w.p, N, I, O, ctx);
+  sync(ctx);
+  check("linear_bwd.bf16dw", "dx", sh, d_dx, dx_ref, kBf16Out);
+  check("linear_bwd.bf16dw", "dw", sh, d_dw, dw_ref, kBf16Out);
+}
+
+void case_grouped_bf16_dw(const cu::Ctx& ctx, int64_t N, int64_t E, int64_t K, int64_t I, int64_t O,
+                          int mode, float beta) {
+  const int64_t R = N * K;
+  const std::string sh = shape_str({{"R", R}, {"E", E}, {"I", I}, {"O", O}, {"mode", mode}}) +
+                         (beta != 0 ? " dw+=" : " dw=");
+  Pool pool;
+  std::vector<int32_t> idx = routing(N, E, K, mode), off(E + 1), row(R);
+  cpu::moe_layout(off.data(), row.data(), idx.data(), N, E, K);
+  const float ws = 1.0f / std::sqrt(float(I));
+  Bf x = bf_uniform(R * I, -1, 1), w = bf_uniform(E * O * I, -ws, ws), dout = bf_uniform(R * O, -1, 1);
+  Bf dw0 = bf_uniform(E * O * I, -1, 1);
+  std::vector<float> dx_ref(R * I), dw_ref = beta != 0 ? dw0.f : std::vector<float>(E * O * I, 0.f);
+  cpu::grouped_linear_bwd(dx_ref.data(), dw_ref.data(), dout.f.data(), x.f.data(), w.f.data(),
+                          off.data(), E, I, O);
+  auto& d_off = pool.in(off);
+  auto& d_x = pool.in(x.h);
+  auto& d_w = pool.in(w.h);
+  auto& d_dout = pool.in(dout.h);
+  auto& d_dw = pool.in(dw0.h);
+  if (beta == 0) d_dw.fill_nan();  // experts without rows must be zeroed, not left
+  auto& d_dx = pool.out<bf16>(R * I);
+  cu::grouped_linear_bwd(d_dx.p, d_dw.p, beta, d_dout.p, d_x.p, d_w.p, d_off.p, E, I, O, ctx);
+  sync(ctx);
+  check("grouped_linear_bwd.bf16dw", "dx", sh, d_dx, dx_ref, kBf16Out);
+  check("grouped_linear_bwd.bf16dw", "dw", sh, d_dw, dw_ref, kBf16Out);
+}
+
+// Rows grouped by id on the host, as the model does.
+void case_embedding_sorted(const cu::Ctx& ctx, int64_t V, int64_t N, int64_t C) {
+  const std::string sh = shape_str({{"V", V}, {"N", N}, {"C", C}});
+  Pool pool;
+  std::vector<int64_t> ids(N);
+  for (auto& id : ids) id = rand_int(0, int(std::min<int64_t>(V, N / 2 + 1)) - 1);
+  std::vector<std::pair<int64_t, int32_t>> by(N);
+  for (int64_t i = 0; i < N; ++i) by[i] = {ids[i], int32_t(i)};
+  std::sort(by.begin(), by.end());
+  std::vector<int32_t> uniq, uoff, rows(N);
+  for (int64_t j = 0; j < N; ++j) {
+    if (j == 0 || by[j].first != by[j - 1].first) {
+      uniq.push_back(int32_t(by[j].first));
+      uoff.push_back(int32_t(j));
+    }
+    rows[j] = by[j].second;
+  }
+  uoff.push_back(int32_t(N));
+  Bf dout = bf_uniform(N * C, -1, 1), g0 = bf_uniform(V * C, -1, 1);
+  std::vector<float> ref = g0.f;
+  cpu::embedding_bwd(ref.data(), dout.f.data(), ids.data(), N, C);
+  auto& d_u = pool.in(uniq);
+  auto& d_uo = pool.in(uoff);
+  auto& d_r = pool.in(rows);
+  auto& d_dout = pool.in(dout.h);
+  auto& d_g16 = pool.in(g0.h);
+  auto& d_g32 = pool.in(g0.f);
+  const int64_t U = int64_t(uniq.size());
+  cu::embedding_bwd_sorted(d_g16.p, d_dout.p, d_u.p, d_uo.p, d_r.p, U, C, ctx);
+  cu::embedding_bwd_sorted(d_g32.p, d_dout.p, d_u.p, d_uo.p, d_r.p, U, C, ctx);
+  sync(ctx);
+  check("embedding_bwd_sorted", "dwte.bf16", sh, d_g16, ref, kBf16Out);
+  check("embedding_bwd_sorted", "dwte.f32", sh, d_g32, ref, kF32);
+}
+
+void case_elementwise(const cu::Ctx& ctx, int64_t n) {
+  const std::string sh = shape_str({{"n", n}});
+  Pool pool;
+  Bf a = bf_uniform(n, -1, 1), b = bf_uniform(n, -1, 1);
+  std::vector<float> s = uniform(n, -1, 1), sum(n), acc(n);
+  for (int64_t i = 0; i < n; ++i) {
+    sum[i] = a.f[i] + b.f[i];
+    acc[i] = 0.5f * a.f[i] + s[i];
+  }
+  auto& d_a = pool.in(a.h);
+  auto& d_b = pool.in(b.h);
+  auto& d_s = pool.in(s);
+  auto& d_out = pool.out<bf16>(n);
+  auto& d_y = pool.in(a.h);
+  auto& d_g = pool.in(a.h);
+  auto& d_c16 = pool.out<bf16>(n);
+  auto& d_c32 = pool.out<float>(n);
+  cu::add(d_out.p, d_a.p, d_b.p, n, ctx);
+  cu::add_inplace(d_y.p, d_b.p, n, ctx);
+  cu::accumulate_grad(d_g.p, d_s.p, 0.5f, n, ctx);
+  cu::convert(d_c16.p, d_s.p, n, ctx);
+  cu::convert(d_c32.p, d_a.p, n, ctx);
+  sync(ctx);
+  check("elementwise", "add", sh, d_out, sum, kBf16Out);
+  check("elementwise", "add_inplace", sh, d_y, sum, kBf16Out);
+  check("elementwise", "accum_grad", sh, d_g, acc, kBf16Out);
+  check("elementwise", "to_bf16", sh, d_c16, s, kBf16Out);
+  check("elementwise", "to_f32", sh, d_c32, a.f, kExact);
+  // normal init: mean ~0, std ~0.02 (a loose statistical check)
+  auto& d_r = pool.out<bf16>(n);
+  cu::fill_normal(d_r.p, n, 0.02f, 7, ctx);
+  sync(ctx);
+  std::vector<float> r = to_f(d_r.download());
+  double m = 0, v = 0;
+  for (float x : r) m += x;
+  m /= double(n);
+  for (float x : r) v += (x - m) * (x - m);
+  const double sd = std::sqrt(v / double(n));
+  const bool ok = n < 1000 || (std::fabs(m) < 0.002 && std::fabs(sd - 0.02) < 0.002);
+  record("elementwise", "fill_normal", sh, ok && d_r.guards_ok(), std::fabs(sd - 0.02), 0.002,
+         "std " + std::to_string(sd) + " mean " + std::to_string(m));
+}
+
+// AdamW on bf16 weights, gradients and moments, the gradient scaled by a device coefficient;
+// and the clip coefficient from a bf16 sum of squares.
+void case_adamw_bf16_state(const cu::Ctx& ctx, int64_t n) {
+  const std::string sh = shape_str({{"n", n}});
+  Pool pool;
+  const float b1 = 0.9f, b2 = 0.95f, eps = 1e-8f, wd = 0.1f, lr = 5e-2f, gs = 0.5f;
+  const int64_t t = 3;
+  Bf p = bf_uniform(n, -1, 1), g = bf_uniform(n, -1, 1), m = bf_uniform(n, -0.1f, 0.1f),
+     v = bf_uniform(n, 0, 0.01f);
+  std::vector<float> pf = p.f, mf = m.f, vf = v.f, gf = g.f;
+  for (auto& x : gf) x *= gs;
+  cpu::adamw_step(pf.data(), gf.data(), mf.data(), vf.data(), n, lr, b1, b2, eps, wd, t);
+  auto& d_p = pool.in(p.h);
+  auto& d_g = pool.in(g.h);
+  auto& d_m = pool.in(m.h);
+  auto& d_v = pool.in(v.h);
+  auto& d_gs = pool.in(std::vector<float>{gs});
+  cu::adamw_step(d_p.p, d_g.p, d_m.p, d_v.p, n, lr, b1, b2, eps, wd, t, d_gs.p, ctx);
+  sync(ctx);
+  check("adamw_step.bf16state", "p", sh, d_p, pf, kBf16Out);
+  check("adamw_step.bf16state", "m", sh, d_m, mf, kBf16Out);
+  check("adamw_step.bf16state", "v", sh, d_v, vf, kBf16Out);
+
+  const double ss_ref = cpu::sum_squares(g.f.data(), n);
+  auto& d_ss = pool.out<double>(1);
+  auto& d_coef = pool.out<float>(1);
+  auto& d_norm = pool.out<float>(1);
+  cu::sum_squares(d_ss.p, d_g.p, n, ctx);
+  const float max_norm = float(std::sqrt(ss_ref)) * 0.5f;  // clipping applies
+  cu::clip_coef(d_coef.p, d_norm.p, d_ss.p, max_norm, ctx);
+  sync(ctx);
+  const double ss = d_ss.download()[0];
+  const double rel2 = (ss - ss_ref) * (ss - ss_ref) / (ss_ref * ss_ref);
+  record("sum_squares.bf16", "out", sh, d_ss.guards_ok() && rel2 <= kF64, rel2, kF64, "");
+  const float nrm = float(std::sqrt(ss_ref));
+  check("clip_coef", "norm", sh, d_norm, {nrm}, kF32);
+  check("clip_coef", "coef", sh, d_coef, {max_norm / (nrm + 1e-6f)}, kF32);
+}
+
 // Runs one case; an exception (an op's check, a CUDA error) is a failure of that case.
 template <class F>
 void run(const char* filter, const char* op, F&& f) {
@@ -1108,6 +1276,24 @@ int main(int argc, char** argv) {
     case_adamw(ctx, 13);
     case_adamw(ctx, 1003);
     case_adamw(ctx, (1 << 22) + 7);
+  });
+  run(filter, "bf16grad", [&] {  // the training path's bf16 parameter gradients
+    case_linear_bf16_dw(ctx, 5, 7, 11, 0.f);
+    case_linear_bf16_dw(ctx, 13, 11, 5, 1.f);
+    case_linear_bf16_dw(ctx, 512, 2048, 512, 0.f);
+    case_linear_bf16_dw(ctx, 512, 2048, 512, 1.f);
+    case_grouped_bf16_dw(ctx, 7, 5, 2, 11, 13, 0, 0.f);
+    case_grouped_bf16_dw(ctx, 13, 11, 3, 7, 5, 1, 0.f);   // experts without tokens
+    case_grouped_bf16_dw(ctx, 13, 11, 3, 7, 5, 1, 1.f);
+    case_grouped_bf16_dw(ctx, 512, 128, 8, 256, 128, 0, 1.f);
+    case_embedding_sorted(ctx, 13, 7, 11);
+    case_embedding_sorted(ctx, 4096, 512, 2048);
+  });
+  run(filter, "glue", [&] {
+    case_elementwise(ctx, 13);
+    case_elementwise(ctx, (1 << 20) + 3);
+    case_adamw_bf16_state(ctx, 1003);
+    case_adamw_bf16_state(ctx, (1 << 22) + 7);
   });
 
   const double secs =

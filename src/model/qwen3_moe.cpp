@@ -42,7 +42,8 @@ Qwen3Moe::~Qwen3Moe() {
   for (auto* a : acts_) delete a;
 }
 
-Qwen3Moe::Qwen3Moe(const ModelConfig& c, const dist::Groups* groups) : cfg_(c), groups_(groups) {
+Qwen3Moe::Qwen3Moe(const ModelConfig& c, const dist::Groups* groups, bool host_arenas)
+    : cfg_(c), groups_(groups) {
   const int64_t H = c.hidden_size, V = c.vocab_size, nH = c.num_attention_heads,
                 nKV = c.num_key_value_heads, D = c.head_dim, E = c.num_experts,
                 I = c.moe_intermediate_size, F = c.intermediate_size;
@@ -148,8 +149,10 @@ Qwen3Moe::Qwen3Moe(const ModelConfig& c, const dist::Groups* groups) : cfg_(c), 
     both("lm_head.weight", lm);
     off_lm_head_ = layout_.params[lm].offset;
   }
-  params_.assign(layout_.total, 0.f);
-  grads_.assign(layout_.total, 0.f);
+  if (host_arenas) {
+    params_.assign(layout_.total, 0.f);
+    grads_.assign(layout_.total, 0.f);
+  }
 }
 
 Qwen3Moe::LayerW Qwen3Moe::layer_ptrs(float* base, int64_t l) const {

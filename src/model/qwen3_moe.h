@@ -43,7 +43,10 @@ struct LossParts {
 // local: dist::allreduce_grads sums them. Without groups (or world size 1) nothing changes.
 class Qwen3Moe {
  public:
-  explicit Qwen3Moe(const ModelConfig& cfg, const dist::Groups* groups = nullptr);
+  // host_arenas = false: the layout and HF names only, with empty params()/grads() (the CUDA
+  // model's bookkeeping, or a caller that sizes params() itself).
+  explicit Qwen3Moe(const ModelConfig& cfg, const dist::Groups* groups = nullptr,
+                    bool host_arenas = true);
 
   const ModelConfig& config() const { return cfg_; }
   const ParamLayout& layout() const { return layout_; }
@@ -75,6 +78,8 @@ class Qwen3Moe {
   void zero_grad();
 
   const std::vector<float>& logits() const { return logits_; }  // [N,V]
+  // Top-k experts of every MoE layer in the last forward, [nMoE * N, K] (parity tools).
+  const std::vector<int32_t>& router_topk() const { return topk_all_; }
 
  private:
   struct LayerW;  // pointers into an arena for one layer

@@ -59,6 +59,7 @@ const std::map<std::string, Setter>& keys() {
       KEY("train.checkpoint_every", checkpoint_every, int64_t),
       KEY("train.keep_checkpoints", keep_checkpoints, int64_t),
       KEY("train.device", device, std::string),
+      KEY("train.precision", precision, std::string),
       KEY("train.ep", ep, int64_t),
       KEY("output.dir", output_dir, std::string),
       KEY("output.export_hf", export_hf, bool),
@@ -120,7 +121,10 @@ TrainConfig load_train_config(const std::string& path,
   AM_CHECK(c.enable_thinking.empty() || c.enable_thinking == "true" || c.enable_thinking == "false",
            "data.enable_thinking must be true or false, got '{}'", c.enable_thinking);
   AM_CHECK(c.ep >= 1, "train.ep (the expert-parallel size) must be at least 1, got {}", c.ep);
-  AM_CHECK(c.device == "cpu", "train.device '{}' is not available in this build; use cpu", c.device);
+  AM_CHECK(c.device == "cpu" || c.device == "cuda", "train.device '{}' is not known; use cpu or cuda", c.device);
+  AM_CHECK(c.precision == "bf16" || c.precision == "fp32_master",
+           "train.precision '{}' is not known; use bf16 (bf16 weights, gradients and AdamW state) or "
+           "fp32_master (fp32 master weights, gradients and moments)", c.precision);
   return c;
 }
 
@@ -154,6 +158,7 @@ std::string TrainConfig::to_yaml() const {
     << seed << YAML::Key << "log_every" << YAML::Value << log_every << YAML::Key << "checkpoint_every"
     << YAML::Value << checkpoint_every << YAML::Key << "keep_checkpoints" << YAML::Value << keep_checkpoints
     << YAML::Key << "device" << YAML::Value << device;
+  if (device != "cpu") e << YAML::Key << "precision" << YAML::Value << precision;
   if (ep != 1) e << YAML::Key << "ep" << YAML::Value << ep;
   e << YAML::EndMap;
   e << YAML::Key << "output" << YAML::Value << YAML::BeginMap << YAML::Key << "dir" << YAML::Value

@@ -39,7 +39,8 @@ struct TrainConfig {
   int64_t log_every = 1;
   int64_t checkpoint_every = 0;         // 0 = only at the end
   int64_t keep_checkpoints = 2;
-  std::string device = "cpu";
+  std::string device = "cpu";           // cpu | cuda (one GPU)
+  std::string precision = "bf16";       // cuda: bf16 | fp32_master (the CPU backend is fp32)
   int64_t ep = 1;                       // expert-parallel size (ranks from mpirun; dp = world / ep)
   // output:
   std::string output_dir = "out/run";

@@ -1,4 +1,5 @@
-// train/trainer.cpp: the fine-tuning loop on the CPU backend.
+// train/trainer.cpp: the fine-tuning loop on the CPU backend, or on a device model
+// (train.device; DeviceTrainModel in trainer.h) with the same data, metrics and checkpoints.
 #include "train/trainer.h"
 
 #include <chrono>
@@ -6,6 +7,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <set>
@@ -26,6 +28,20 @@
 namespace automoe {
 
 namespace fs = std::filesystem;
+
+namespace {
+std::map<std::string, DeviceModelFactory>& device_models() {
+  static std::map<std::string, DeviceModelFactory> m;
+  return m;
+}
+}  // namespace
+
+void register_device_model(const std::string& device, DeviceModelFactory make) {
+  if (make)
+    device_models()[device] = std::move(make);
+  else
+    device_models().erase(device);
+}
 
 int64_t peak_rss_bytes() {
   std::ifstream f("/proc/self/status");
@@ -136,7 +152,21 @@ TrainResult run_finetune(const TrainConfig& cfg,
   ModelConfig mc = cfg.model_builtin.empty() ? load_model_config(cfg.model_path + "/config.json")
                                              : builtin_model_config(cfg.model_builtin);
   if (cfg.router_aux_loss_coef >= 0) mc.router_aux_loss_coef = cfg.router_aux_loss_coef;
-  Qwen3Moe model(mc, &g);
+  // train.device != cpu: the host model keeps parameters only (loading, checkpoints, export)
+  const bool on_device = cfg.device != "cpu";
+  std::unique_ptr<DeviceTrainModel> dev;
+  if (on_device) {
+    auto it = device_models().find(cfg.device);
+    AM_CHECK(it != device_models().end(),
+             "train.device {}: this automoe was built without the {} backend (nvcc was not found "
+             "when it was configured); rebuild where CUDA is installed, or use train.device cpu",
+             cfg.device, cfg.device);
+    AM_CHECK(world == 1, "train.device {} runs on one GPU for now; run it without mpirun (or use "
+             "train.device cpu for expert parallelism)", cfg.device);
+    dev = it->second(mc, cfg);
+  }
+  Qwen3Moe model(mc, &g, !on_device);
+  if (on_device) model.params().assign(size_t(model.layout().total), 0.f);
   if (cfg.model_builtin.empty()) {
     load_hf_weights(model, cfg.model_path);
   } else {
@@ -154,7 +184,7 @@ TrainResult run_finetune(const TrainConfig& cfg,
   // ---- optimizer
   AdamW opt;
   opt.cfg = cfg.adamw;
-  opt.init(int64_t(model.params().size()));
+  if (!on_device) opt.init(int64_t(model.params().size()));  // the device keeps its own
   int64_t start = 0;
   const fs::path metrics_path = fs::path(cfg.output_dir) / "metrics.jsonl";
   if (cfg.resume) {
@@ -175,6 +205,7 @@ TrainResult run_finetune(const TrainConfig& cfg,
   } else if (lead) {
     std::ofstream(metrics_path, std::ios::trunc);
   }
+  if (dev) dev->upload(model, start > 0 ? &opt : nullptr);  // weights (and resumed moments)
   std::ofstream metrics;
   if (lead) metrics.open(metrics_path, std::ios::app);
 
@@ -203,30 +234,41 @@ TrainResult run_finetune(const TrainConfig& cfg,
       mb = pack_rows(data, order, cfg.micro_batch * world, cfg.seq_len, pad_id);
       labelled += shifted_labelled(mb);
     }
-    model.zero_grad();
+    if (dev) dev->zero_grad();
+    else model.zero_grad();
     StepMetrics m;
     m.step = step + 1;
     for (auto& mb : micro) {
       Batch b = multi ? rows_of(mb, rank * cfg.micro_batch, cfg.micro_batch)
                       : Batch{mb.B, mb.T, mb.ids, mb.labels, mb.pos, mb.doc};
-      LossParts lp = model.forward(b, float(std::max<int64_t>(labelled, 1)), 1.0f / float(cfg.grad_accum));
-      model.backward();
+      const float denom = float(std::max<int64_t>(labelled, 1)), aux_scale = 1.0f / float(cfg.grad_accum);
+      LossParts lp;
+      if (dev) {
+        lp = dev->forward_backward(b, denom, aux_scale);
+      } else {
+        lp = model.forward(b, denom, aux_scale);
+        model.backward();
+      }
       m.ce += lp.ce;  // each is sum/labelled_total: they add up to the step's mean
       m.aux += lp.aux / float(cfg.grad_accum);
       m.loss += lp.loss;
       m.tokens += mb.B * mb.T;
     }
-    if (multi) {  // dense grads summed over the world, expert grads over their DP group
-      dist::allreduce_grads(model.grads(), model.layout(), g);
-      m.grad_norm = dist::clip_grad_norm_global(model.grads(), model.layout(), g, cfg.max_grad_norm);
-    } else {
-      m.grad_norm = clip_grad_norm(model.grads(), cfg.max_grad_norm);
-    }
     m.lr = cfg.schedule.at(step);
-    opt.step(model.params(), model.grads(), m.lr);
+    if (dev) {
+      m.grad_norm = dev->clip_and_step(cfg.adamw, m.lr, cfg.max_grad_norm);
+    } else {
+      if (multi) {  // dense grads summed over the world, expert grads over their DP group
+        dist::allreduce_grads(model.grads(), model.layout(), g);
+        m.grad_norm = dist::clip_grad_norm_global(model.grads(), model.layout(), g, cfg.max_grad_norm);
+      } else {
+        m.grad_norm = clip_grad_norm(model.grads(), cfg.max_grad_norm);
+      }
+      opt.step(model.params(), model.grads(), m.lr);
+    }
     double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     m.tokens_per_s = double(m.tokens) / std::max(dt, 1e-9);
-    m.peak_mem_bytes = peak_rss_bytes();
+    m.peak_mem_bytes = dev ? dev->peak_mem_bytes() : peak_rss_bytes();
     g.world.allreduce_max(&m.peak_mem_bytes, 1);  // the largest rank
     AM_CHECK(std::isfinite(m.loss), "step {}: the loss is not finite ({}); lower train.lr or check the data", m.step, m.loss);
 
@@ -253,11 +295,13 @@ TrainResult run_finetune(const TrainConfig& cfg,
     bool last = m.step == cfg.steps;
     if ((cfg.checkpoint_every > 0 && m.step % cfg.checkpoint_every == 0) || last) {
       TrainState st{m.step, order.epoch, order.cursor};
+      if (dev) dev->download(model, &opt);  // weights and moments into the host arenas
       save_checkpoint(cfg.output_dir, st, model, opt, cfg.keep_checkpoints);
     }
   }
   if (cfg.export_hf) {
     result.export_dir = (fs::path(cfg.output_dir) / "hf").string();
+    if (dev) dev->download(model, nullptr);
     save_hf_model(model, result.export_dir, cfg.model_path);  // rank 0 writes, layer by layer
     g.world.barrier();
     if (lead) std::printf("exported a Hugging Face checkpoint to %s\n", result.export_dir.c_str());

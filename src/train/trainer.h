@@ -3,10 +3,12 @@
 // bit-identical resume, and the Hugging Face export at the end.
 #pragma once
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "model/config.h"
+#include "model/qwen3_moe.h"
 #include "text/dataset.h"
 #include "text/sft.h"
 #include "train/train_config.h"
@@ -46,6 +48,26 @@ TrainResult run_finetune(const TrainConfig& cfg,
 // `print`: the one-line data summary on stdout.
 std::vector<Example> load_training_data(const TrainConfig& cfg, const ModelConfig& mc, SftStats* stats,
                                         bool print = true);
+
+// A model on an accelerator (train.device != cpu) behind the same loop: the trainer keeps the
+// host model (fp32 arena: loading, init, checkpoints, export) and this one trains. The CUDA one
+// (train/trainer_cuda.cpp) is registered by binaries linked with the CUDA backend.
+class DeviceTrainModel {
+ public:
+  virtual ~DeviceTrainModel() = default;
+  virtual void upload(const Qwen3Moe& host, const AdamW* opt) = 0;  // params (+ moments, step)
+  virtual void download(Qwen3Moe& host, AdamW* opt) = 0;            // params (+ moments, step)
+  virtual void zero_grad() = 0;
+  // One micro-batch: forward and backward, gradients accumulate; the loss as Qwen3Moe::forward.
+  virtual LossParts forward_backward(const Batch& b, float ce_denominator, float aux_scale) = 0;
+  // Global-norm clipping and AdamW at lr; returns the norm before clipping.
+  virtual float clip_and_step(const AdamWConfig& c, float lr, float max_grad_norm) = 0;
+  virtual int64_t peak_mem_bytes() = 0;  // device memory in use at its peak
+};
+using DeviceModelFactory =
+    std::function<std::unique_ptr<DeviceTrainModel>(const ModelConfig&, const TrainConfig&)>;
+// Registers the model for train.device `device` (e.g. "cuda"); an empty `make` removes it.
+void register_device_model(const std::string& device, DeviceModelFactory make);
 
 // Peak resident memory of this process (VmHWM), in bytes.
 int64_t peak_rss_bytes();

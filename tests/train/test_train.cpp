@@ -10,6 +10,8 @@
 #include <unistd.h>
 
 #include "core/check.h"
+#include "model/qwen3_moe.h"
+#include "train/adamw.h"
 #include "train/trainer.h"
 
 using namespace automoe;
@@ -132,4 +134,108 @@ TEST(Recipe, UnknownKeyAndBadValueAreClearErrors) {
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("train.steps"), std::string::npos) << e.what();
   }
+}
+
+TEST(Recipe, DeviceAndPrecisionAreChecked) {
+  try {
+    load_train_config("", {{"model.builtin", "tiny-moe"}, {"data.builtin", "addition"}, {"train.precision", "fp8"}});
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("train.precision 'fp8'"), std::string::npos) << e.what();
+  }
+  try {
+    load_train_config("", {{"model.builtin", "tiny-moe"}, {"data.builtin", "addition"}, {"train.device", "tpu"}});
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("train.device 'tpu'"), std::string::npos) << e.what();
+  }
+  // This test binary registers no device model (the CLI registers CUDA when built with it).
+  TrainConfig c = small(tmpdir("nocuda"), 1);
+  c.device = "cuda";
+  try {
+    run_finetune(c);
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("built without the cuda backend"), std::string::npos) << e.what();
+  }
+}
+
+namespace {
+
+// The trainer's device branch (upload, step, download for checkpoints and resume) driven by a
+// stand-in "device" that is the CPU model itself: it must train bit-identically to the CPU run.
+class CpuAsDevice final : public DeviceTrainModel {
+ public:
+  explicit CpuAsDevice(const ModelConfig& mc) : model_(mc) {}
+  void upload(const Qwen3Moe& host, const AdamW* opt) override {
+    model_.params() = host.params();
+    if (opt) {
+      opt_.m = opt->m;
+      opt_.v = opt->v;
+      opt_.t = opt->t;
+    } else {
+      opt_.init(int64_t(host.params().size()));
+    }
+  }
+  void download(Qwen3Moe& host, AdamW* opt) override {
+    host.params() = model_.params();
+    if (opt) {
+      opt->m = opt_.m;
+      opt->v = opt_.v;
+      opt->t = opt_.t;
+    }
+  }
+  void zero_grad() override { model_.zero_grad(); }
+  LossParts forward_backward(const Batch& b, float denom, float aux_scale) override {
+    LossParts lp = model_.forward(b, denom, aux_scale);
+    model_.backward();
+    return lp;
+  }
+  float clip_and_step(const AdamWConfig& c, float lr, float max_grad_norm) override {
+    const float n = clip_grad_norm(model_.grads(), max_grad_norm);
+    opt_.cfg = c;
+    opt_.step(model_.params(), model_.grads(), lr);
+    return n;
+  }
+  int64_t peak_mem_bytes() override { return 1; }
+
+ private:
+  Qwen3Moe model_;
+  AdamW opt_;
+};
+
+}  // namespace
+
+TEST(Train, DeviceBranchTrainsAndResumesLikeTheCpuLoop) {
+  auto cpu = run_finetune(small(tmpdir("dev_cpu"), 8)).history;
+  register_device_model("cuda", [](const ModelConfig& mc, const TrainConfig&) {
+    return std::unique_ptr<DeviceTrainModel>(new CpuAsDevice(mc));
+  });
+  TrainConfig c = small(tmpdir("dev_full"), 8);
+  c.device = "cuda";
+  c.export_hf = true;  // downloads the weights, exports, loads them back (checked inside)
+  TrainResult res = run_finetune(c);
+  auto dev = res.history;
+  EXPECT_TRUE(fs::exists(fs::path(res.export_dir) / "model.safetensors.index.json") ||
+              fs::exists(fs::path(res.export_dir) / "model.safetensors"));
+  std::string dir = tmpdir("dev_resume");
+  TrainConfig r = small(dir, 8);
+  r.device = "cuda";
+  r.checkpoint_every = 3;
+  EXPECT_THROW(run_finetune(r, [](const StepMetrics& m) {
+                 if (m.step == 5) throw std::runtime_error("simulated crash");
+               }),
+               std::runtime_error);
+  r.resume = true;
+  auto resumed = run_finetune(r).history;
+  register_device_model("cuda", nullptr);
+  ASSERT_EQ(dev.size(), cpu.size());
+  for (size_t i = 0; i < cpu.size(); ++i) {
+    EXPECT_EQ(bits(dev[i].loss), bits(cpu[i].loss)) << "step " << i + 1;
+    EXPECT_EQ(bits(dev[i].grad_norm), bits(cpu[i].grad_norm)) << "step " << i + 1;
+    EXPECT_EQ(dev[i].peak_mem_bytes, 1) << "the device's memory is reported";
+  }
+  ASSERT_EQ(resumed.size(), 5u) << "steps 4..8 run after resuming from step 3";
+  for (size_t i = 0; i < resumed.size(); ++i)
+    EXPECT_EQ(bits(resumed[i].loss), bits(cpu[3 + i].loss)) << "step " << resumed[i].step;
 }

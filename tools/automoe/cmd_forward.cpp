@@ -10,6 +10,9 @@
 #include "io/safetensors.h"
 #include "model/qwen3_moe.h"
 #include "model/weights.h"
+#ifdef AUTOMOE_HAVE_CUDA
+#include "model/qwen3_moe_cuda.h"
+#endif
 
 namespace automoe::cli {
 
@@ -47,13 +50,18 @@ void add_forward(CLI::App& app, Runners& runners) {
                   "batch rows over all ranks)")->check(CLI::PositiveNumber);
   runners.push_back([cmd, o]() -> int {
     if (!cmd->parsed()) return -1;
-    AM_CHECK(o->device == "cpu" && o->dtype == "fp32",
-             "--device {} --dtype {} is not available in this build; the CPU backend runs fp32", o->device, o->dtype);
+#ifndef AUTOMOE_HAVE_CUDA
+    AM_CHECK(o->device == "cpu",
+             "--device cuda: this automoe was built without CUDA (nvcc was not found when it was "
+             "configured); rebuild where CUDA is installed, or use --device cpu");
+#endif
+    AM_CHECK(o->device == "cuda" || o->dtype == "fp32",
+             "--device cpu runs fp32; --dtype bf16 needs --device cuda");
+    AM_CHECK(o->device == "cpu" || o->dtype == "bf16",
+             "--device cuda computes in bf16; pass --dtype bf16");
     dist::Groups g = dist::make_groups(o->ep);
     const int world = g.world.size(), rank = g.world.rank();
     ModelConfig mc = load_model_config(o->model + "/config.json");
-    Qwen3Moe model(mc, &g);
-    load_hf_weights(model, o->model);
     SafetensorsFile in(o->batch);
     Batch b;
     Shape s_ids, s_lab;
@@ -66,6 +74,42 @@ void add_forward(CLI::App& app, Runners& runners) {
       AM_CHECK(s_lab == s_ids, "batch file '{}': labels {} must have the shape of input_ids {}", o->batch,
                shape_str(s_lab), shape_str(s_ids));
     }
+    AM_CHECK(!o->grads || has_labels, "--grads needs labels in the batch file '{}'", o->batch);
+#ifdef AUTOMOE_HAVE_CUDA
+    if (o->device == "cuda") {  // one GPU, bf16; the logits come back chunk by chunk
+      AM_CHECK(world == 1, "--device cuda runs on one GPU: run it without mpirun");
+      Qwen3Moe host(mc, nullptr, false);
+      host.params().assign(size_t(host.layout().total), 0.f);
+      load_hf_weights(host, o->model);
+      Qwen3MoeCuda gpu(mc, Precision::BF16);
+      gpu.upload_params(host.params());
+      gpu.zero_grad();
+      std::vector<float> logits_v, grads_v;
+      gpu.forward(b, 0.f, 1.f, o->grads, &logits_v);
+      LossParts lp = gpu.loss();
+      std::vector<std::pair<std::string, Tensor>> out;
+      out.emplace_back("logits", Tensor::borrow(DType::F32, {b.B, b.T, mc.vocab_size}, logits_v.data()));
+      if (has_labels) {
+        Tensor loss = Tensor::empty(DType::F32, {1});
+        loss.f32()[0] = lp.loss;
+        out.emplace_back("loss", loss);
+      }
+      if (lp.has_aux) {
+        Tensor aux = Tensor::empty(DType::F32, {1});
+        aux.f32()[0] = lp.aux;
+        out.emplace_back("aux_loss", aux);
+      }
+      if (o->grads) {
+        gpu.backward();
+        gpu.download_grads(grads_v);
+        for (auto& [name, t] : hf_tensors(host, grads_v)) out.emplace_back("grad." + name, t);
+      }
+      save_safetensors(o->out, out, {});
+      return 0;
+    }
+#endif
+    Qwen3Moe model(mc, &g);
+    load_hf_weights(model, o->model);
     if (world > 1) {  // this rank's rows
       AM_CHECK(b.B % world == 0, "batch file '{}' has {} rows, which cannot be split evenly over {} ranks; "
                "use a multiple of {} rows", o->batch, b.B, world, world);
@@ -90,7 +134,6 @@ void add_forward(CLI::App& app, Runners& runners) {
       out.emplace_back("aux_loss", aux);
     }
     if (o->grads) {
-      AM_CHECK(has_labels, "--grads needs labels in the batch file '{}'", o->batch);
       model.zero_grad();
       model.backward();
       dist::allreduce_grads(model.grads(), model.layout(), g);

@@ -9,6 +9,9 @@
 #include "commands.h"
 #include "dist/process_group.h"
 #include "ops/ops.h"
+#ifdef AUTOMOE_HAVE_CUDA
+#include "train/trainer_cuda.h"
+#endif
 
 int main(int argc, char** argv) {
   CLI::App app{"automoe: fine-tune Hugging Face Mixture-of-Experts models"};
@@ -21,6 +24,9 @@ int main(int argc, char** argv) {
     return app.exit(e);
   }
   automoe::cpu::set_num_threads_from_env();
+#ifdef AUTOMOE_HAVE_CUDA
+  automoe::register_cuda_trainer();  // train.device cuda
+#endif
   int rc = 0;
   try {
     for (auto& r : runners)

@@ -52,6 +52,74 @@ __global__ void adamw_bf16_kernel(bf16* p, const float* g, float* m, float* v, i
   }
 }
 
+// 8 bf16 <-> 8 floats through one 16-byte word.
+__device__ __forceinline__ void unpack8(const uint4& u, float (&f)[8]) {
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 t = __bfloat1622float2(h[i]);
+    f[2 * i] = t.x;
+    f[2 * i + 1] = t.y;
+  }
+}
+__device__ __forceinline__ uint4 pack8(const float (&f)[8]) {
+  uint4 u;
+  __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&u);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
+  return u;
+}
+
+// With the gradient scaled by gscale[0] (the clip coefficient, on the device). bf16 weights,
+// gradients and moments; fp32 arithmetic, one rounding each. Memory-bound over the whole
+// arena: with `vec` (every pointer 16-byte aligned) a thread moves 8 elements per 16-byte
+// access, the last n % 8 elements go one by one.
+__global__ void adamw_bf16_state_kernel(bf16* p, const bf16* g, bf16* m, bf16* v, int64_t n,
+                                        AdamHyper h, const float* gscale, bool vec) {
+  const float gs = gscale[0];
+  const int64_t tid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  int64_t done = 0;
+  if (vec) {
+    const int64_t n8 = n / 8;
+    for (int64_t i = tid; i < n8; i += stride) {
+      float fp[8], fg[8], fm[8], fv[8];
+      unpack8(reinterpret_cast<const uint4*>(p)[i], fp);
+      unpack8(reinterpret_cast<const uint4*>(g)[i], fg);
+      unpack8(reinterpret_cast<const uint4*>(m)[i], fm);
+      unpack8(reinterpret_cast<const uint4*>(v)[i], fv);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) fp[k] = adam_update(fp[k], fg[k] * gs, fm[k], fv[k], h);
+      reinterpret_cast<uint4*>(p)[i] = pack8(fp);
+      reinterpret_cast<uint4*>(m)[i] = pack8(fm);
+      reinterpret_cast<uint4*>(v)[i] = pack8(fv);
+    }
+    done = n8 * 8;
+  }
+  for (int64_t i = done + tid; i < n; i += stride) {
+    float mi = to_f(m[i]), vi = to_f(v[i]);
+    p[i] = to_bf(adam_update(to_f(p[i]), to_f(g[i]) * gs, mi, vi, h));
+    m[i] = to_bf(mi);
+    v[i] = to_bf(vi);
+  }
+}
+
+bool aligned16(const void* a) { return reinterpret_cast<uintptr_t>(a) % 16 == 0; }
+
+__global__ void adamw_master_kernel(float* p, bf16* p16, const float* g, float* m, float* v,
+                                    int64_t n, AdamHyper h, const float* gscale) {
+  const float gs = gscale[0];
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    float mi = m[i], vi = v[i];
+    const float pi = adam_update(p[i], g[i] * gs, mi, vi, h);
+    p[i] = pi;
+    m[i] = mi;
+    v[i] = vi;
+    if (p16) p16[i] = to_bf(pi);
+  }
+}
+
 // Pass 1: block b sums x^2 (double) over its grid-stride share into part[b].
 __global__ void sum_squares_partial_kernel(double* part, const float* x, int64_t n) {
   __shared__ double red[32];
@@ -61,6 +129,35 @@ __global__ void sum_squares_partial_kernel(double* part, const float* x, int64_t
     s += double(x[i]) * double(x[i]);
   s = block_sum(s, red);
   if (threadIdx.x == 0) part[blockIdx.x] = s;
+}
+
+__global__ void sum_squares_partial_bf16_kernel(double* part, const bf16* x, int64_t n, bool vec) {
+  __shared__ double red[32];
+  double s = 0.0;
+  const int64_t tid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  int64_t done = 0;
+  if (vec) {
+    for (int64_t i = tid; i < n / 8; i += stride) {
+      float f[8];
+      unpack8(reinterpret_cast<const uint4*>(x)[i], f);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) s += double(f[k]) * double(f[k]);
+    }
+    done = n / 8 * 8;
+  }
+  for (int64_t i = done + tid; i < n; i += stride) {
+    const double xi = double(to_f(x[i]));
+    s += xi * xi;
+  }
+  s = block_sum(s, red);
+  if (threadIdx.x == 0) part[blockIdx.x] = s;
+}
+
+__global__ void clip_coef_kernel(float* coef, float* norm, const double* sumsq, float max_norm) {
+  const float nrm = float(sqrt(sumsq[0]));
+  norm[0] = nrm;
+  coef[0] = (max_norm > 0.0f && nrm > max_norm) ? max_norm / (nrm + 1e-6f) : 1.0f;
 }
 
 // Pass 2: one block adds the partials in a fixed order.
@@ -120,6 +217,43 @@ void sum_squares(double* out, const float* x, int64_t n, const Ctx& ctx) {
 void scale_inplace(float* x, float s, int64_t n, const Ctx& ctx) {
   if (n == 0) return;
   scale_kernel<<<grid_for(n, kThreads, ctx), kThreads, 0, ctx.stream>>>(x, s, n);
+  CUDA_CHECK_LAUNCH();
+}
+
+void adamw_step(bf16* p, const bf16* g, bf16* m, bf16* v, int64_t n, float lr, float b1,
+                float b2, float eps, float wd, int64_t t, const float* gscale, const Ctx& ctx) {
+  const AdamHyper h = hyper(lr, b1, b2, eps, wd, t);
+  if (n == 0) return;
+  const bool vec = aligned16(p) && aligned16(g) && aligned16(m) && aligned16(v);
+  adamw_bf16_state_kernel<<<grid_for(vec ? n / 8 + 1 : n, kThreads, ctx), kThreads, 0,
+                            ctx.stream>>>(p, g, m, v, n, h, gscale, vec);
+  CUDA_CHECK_LAUNCH();
+}
+
+void adamw_step(float* p, bf16* p_bf16, const float* g, float* m, float* v, int64_t n, float lr,
+                float b1, float b2, float eps, float wd, int64_t t, const float* gscale,
+                const Ctx& ctx) {
+  const AdamHyper h = hyper(lr, b1, b2, eps, wd, t);
+  if (n == 0) return;
+  adamw_master_kernel<<<grid_for(n, kThreads, ctx), kThreads, 0, ctx.stream>>>(p, p_bf16, g, m, v,
+                                                                              n, h, gscale);
+  CUDA_CHECK_LAUNCH();
+}
+
+void sum_squares(double* out, const bf16* x, int64_t n, const Ctx& ctx) {
+  double* part =
+      static_cast<double*>(workspace_for(ctx, sum_squares_workspace_bytes(), "sum_squares"));
+  const bool vec = aligned16(x);
+  const unsigned blocks =
+      std::min<unsigned>(kMaxPartials, grid_for(vec ? n / 8 + 1 : n, kThreads, ctx));
+  sum_squares_partial_bf16_kernel<<<blocks, kThreads, 0, ctx.stream>>>(part, x, n, vec);
+  CUDA_CHECK_LAUNCH();
+  sum_squares_final_kernel<<<1, kThreads, 0, ctx.stream>>>(out, part, int(blocks));
+  CUDA_CHECK_LAUNCH();
+}
+
+void clip_coef(float* coef, float* norm, const double* sumsq, float max_norm, const Ctx& ctx) {
+  clip_coef_kernel<<<1, 1, 0, ctx.stream>>>(coef, norm, sumsq, max_norm);
   CUDA_CHECK_LAUNCH();
 }
 

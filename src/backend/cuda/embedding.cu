@@ -30,7 +30,45 @@ __global__ void embedding_bwd_kernel(float* dwte, const bf16* dout, const int64_
   }
 }
 
+// One block per distinct id u: column c (strided over the block) sums dout[rows[j], c] over the
+// id's rows in fp32, in row order (deterministic), then adds into dwte[uniq[u], c].
+template <class G>
+__global__ void embedding_bwd_sorted_kernel(G* dwte, const bf16* dout, const int32_t* uniq,
+                                            const int32_t* uoff, const int32_t* rows, int64_t C) {
+  const int64_t u = blockIdx.x;
+  const int32_t j0 = uoff[u], j1 = uoff[u + 1];
+  G* dst = dwte + int64_t(uniq[u]) * C;
+  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
+    float s = 0.f;
+    for (int32_t j = j0; j < j1; ++j) s += to_f(dout[int64_t(rows[j]) * C + c]);
+    if constexpr (sizeof(G) == 2)
+      dst[c] = to_bf(to_f(dst[c]) + s);
+    else
+      dst[c] += s;
+  }
+}
+
+template <class G>
+void embedding_bwd_sorted_run(G* dwte, const bf16* dout, const int32_t* uniq, const int32_t* uoff,
+                              const int32_t* rows, int64_t U, int64_t C, const Ctx& ctx) {
+  if (U == 0 || C == 0) return;
+  embedding_bwd_sorted_kernel<G><<<unsigned(U), 256, 0, ctx.stream>>>(dwte, dout, uniq, uoff,
+                                                                      rows, C);
+  CUDA_CHECK_LAUNCH();
+}
+
 }  // namespace
+
+void embedding_bwd_sorted(bf16* dwte, const bf16* dout, const int32_t* uniq, const int32_t* uoff,
+                          const int32_t* rows, int64_t U, int64_t C, const Ctx& ctx) {
+  embedding_bwd_sorted_run(dwte, dout, uniq, uoff, rows, U, C, ctx);
+}
+
+void embedding_bwd_sorted(float* dwte, const bf16* dout, const int32_t* uniq,
+                          const int32_t* uoff, const int32_t* rows, int64_t U, int64_t C,
+                          const Ctx& ctx) {
+  embedding_bwd_sorted_run(dwte, dout, uniq, uoff, rows, U, C, ctx);
+}
 
 void embedding_fwd(bf16* out, const int64_t* ids, const bf16* wte, int64_t N, int64_t C,
                    const Ctx& ctx) {

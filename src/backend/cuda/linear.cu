@@ -145,4 +145,22 @@ void linear_bwd(bf16* dx, float dx_beta, float* dw, float* db, const bf16* dout,
            nullptr);
 }
 
+// The same with a bf16 dW (bf16 C/D, fp32 compute): dw^T = dw_beta * dw^T + x^T-product.
+void linear_bwd(bf16* dx, float dx_beta, bf16* dw, float dw_beta, float* db, const bf16* dout,
+                const bf16* x, const bf16* w, int64_t N, int64_t I, int64_t O, const Ctx& ctx) {
+  if (I == 0 || O == 0) return;
+  if (N == 0) {  // nothing to add: an overwrite still has to clear dW
+    if (dw && dw_beta == 0.0f)
+      CUDA_CHECK(cudaMemsetAsync(dw, 0, size_t(O) * size_t(I) * sizeof(bf16), ctx.stream));
+    return;
+  }
+  if (db) colsum_accumulate(db, dout, nullptr, nullptr, N, O, ctx, "linear_bwd");
+  if (dx)
+    matmul(ctx, CUBLAS_OP_N, CUBLAS_OP_N, I, N, O, w, I, dout, O, dx, CUDA_R_16BF, I, dx_beta,
+           nullptr);
+  if (dw)
+    matmul(ctx, CUBLAS_OP_N, CUBLAS_OP_T, I, O, N, x, I, dout, O, dw, CUDA_R_16BF, I, dw_beta,
+           nullptr);
+}
+
 }  // namespace automoe::cuda

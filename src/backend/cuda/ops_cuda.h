@@ -218,4 +218,63 @@ void sum_squares(double* out /*[1] f64 =*/, const float* x /*[n] f32*/, int64_t 
                  const Ctx& ctx);
 void scale_inplace(float* x /*[n] f32*/, float s, int64_t n, const Ctx& ctx);
 
+// ==== Training-path additions: bf16 parameter gradients and the model's glue ===================
+// The default training precision keeps parameter gradients in bf16 (ARCHITECTURE.md,
+// "Precision"): the big matrices' dW is computed in fp32 and rounded once into the bf16
+// gradient, `dw = dw_beta * dw + sum`, dw_beta 0 overwriting (first micro-batch) and 1
+// accumulating (gradient accumulation).
+
+// linear backward with a bf16 dW (cuBLASLt: bf16 C/D, fp32 compute). dx and db as above.
+void linear_bwd(bf16* dx /*[N,I] bf16, nullable*/, float dx_beta, bf16* dw /*[O,I] bf16*/,
+                float dw_beta, float* db /*[O] f32 +=, nullable*/, const bf16* dout /*[N,O]*/,
+                const bf16* x /*[N,I] bf16*/, const bf16* w /*[O,I] bf16*/, int64_t N, int64_t I,
+                int64_t O, const Ctx& ctx);
+// grouped_linear backward with a bf16 dW: dw[e] = dw_beta * dw[e] + dout_e^T @ x_e (experts
+// without rows get dw_beta * dw[e], i.e. zeros when overwriting). No row count: the rows are
+// read from the device offsets (offsets[E] rows in all). dx nullable.
+void grouped_linear_bwd(bf16* dx /*[R,I] bf16 =, nullable*/, bf16* dw /*[E,O,I] bf16*/,
+                        float dw_beta, const bf16* dout /*[R,O] bf16*/,
+                        const bf16* x /*[R,I] bf16*/, const bf16* w /*[E,O,I] bf16*/,
+                        const int32_t* offsets /*[E+1] i32*/, int64_t E, int64_t I, int64_t O,
+                        const Ctx& ctx);
+// Deterministic embedding backward from rows grouped by id (host-sorted, no atomics):
+// dwte[uniq[u], :] += sum_{j in [uoff[u], uoff[u+1])} dout[rows[j], :] in fp32, rounded once.
+void embedding_bwd_sorted(bf16* dwte /*[V,C] bf16 +=*/, const bf16* dout /*[N,C] bf16*/,
+                          const int32_t* uniq /*[U]*/, const int32_t* uoff /*[U+1]*/,
+                          const int32_t* rows /*[N]*/, int64_t U, int64_t C, const Ctx& ctx);
+void embedding_bwd_sorted(float* dwte /*[V,C] f32 +=*/, const bf16* dout, const int32_t* uniq,
+                          const int32_t* uoff, const int32_t* rows, int64_t U, int64_t C,
+                          const Ctx& ctx);
+
+// ---- elementwise glue (elementwise.cu); fp32 arithmetic, one rounding ------------------------
+void add_inplace(bf16* y /*[n] +=*/, const bf16* x, int64_t n, const Ctx& ctx);   // y += x
+void add(bf16* out /*[n] =*/, const bf16* a, const bf16* b, int64_t n, const Ctx& ctx);
+// g = beta * g + s: an fp32 gradient computed in scratch folded into a bf16 gradient.
+void accumulate_grad(bf16* g /*[n]*/, const float* s /*[n] f32*/, float beta, int64_t n,
+                     const Ctx& ctx);
+void convert(bf16* out, const float* in, int64_t n, const Ctx& ctx);  // round to nearest
+void convert(float* out, const bf16* in, int64_t n, const Ctx& ctx);
+// Random init on the device: normal(0, std) from a counter-based hash of (seed, index).
+void fill_normal(bf16* p, int64_t n, float std, uint64_t seed, const Ctx& ctx);
+void fill_normal(float* p, int64_t n, float std, uint64_t seed, const Ctx& ctx);
+void fill(bf16* p, float value, int64_t n, const Ctx& ctx);
+void fill(float* p, float value, int64_t n, const Ctx& ctx);
+
+// ---- optimizer over bf16 gradients, global-norm clipping without a host sync ---------------
+void sum_squares(double* out /*[1] f64 =*/, const bf16* x /*[n] bf16*/, int64_t n,
+                 const Ctx& ctx);
+// coef[0] = max_norm / (sqrt(sumsq) + 1e-6) when max_norm > 0 and the norm exceeds it, else 1
+// (torch.nn.utils.clip_grad_norm_); norm[0] = sqrt(sumsq) (f32, for metrics).
+void clip_coef(float* coef /*[1] f32 =*/, float* norm /*[1] f32 =*/,
+               const double* sumsq /*[1] f64*/, float max_norm, const Ctx& ctx);
+// AdamW with the gradient scaled by gscale[0] (device; the clip coefficient), bf16 weights,
+// bf16 gradients and bf16 moments (torch's state dtype for a bf16 model); fp32 arithmetic.
+void adamw_step(bf16* p /*[n]*/, const bf16* g /*[n]*/, bf16* m /*[n]*/, bf16* v /*[n]*/,
+                int64_t n, float lr, float b1, float b2, float eps, float wd, int64_t t,
+                const float* gscale /*[1] f32*/, const Ctx& ctx);
+// Master weights: fp32 p, g, m, v; p_bf16 receives the rounded weights; g scaled by gscale[0].
+void adamw_step(float* p, bf16* p_bf16 /*nullable*/, const float* g, float* m, float* v,
+                int64_t n, float lr, float b1, float b2, float eps, float wd, int64_t t,
+                const float* gscale /*[1] f32*/, const Ctx& ctx);
+
 }  // namespace automoe::cuda

@@ -1,0 +1,188 @@
+// bench/cuda_bench.cpp: the W1 throughput benchmark (ARCHITECTURE.md, "Benchmark workloads") for
+// the single-GPU CUDA model, measured as ../shared/bench/hf_moe_baseline.py measures native
+// Transformers, so the two numbers compare directly:
+//   - the same model (Qwen3-30B-A3B layer shapes, random init, output_router_logits with
+//     router_aux_loss_coef 0.001, untied lm_head), random input ids, labels = input ids;
+//   - a step = forward + backward (timed alone as "fwd_bwd") + clip + AdamW; host wall-clock
+//     with a device sync around each step, WARM untimed steps, the median of STEPS timed ones;
+//   - TFLOP/s by the same formula (hf_moe_baseline.py flops_per_token: 6 x (attention
+//     projections + active experts + router per layer, + lm_head) + 3 x causal attention core).
+// Prints one JSON line. Usage:
+//   cuda_bench [--layers 12] [--seq 4096] [--mbs 2] [--warmup 3] [--steps 8]
+//              [--precision bf16|fp32_master] [--max-grad-norm 1.0]
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "core/rng.h"
+#include "model/config.h"
+#include "model/qwen3_moe_cuda.h"
+
+using namespace automoe;
+
+namespace {
+
+double flops_per_token(const ModelConfig& c, int64_t seq) {
+  const double h = double(c.hidden_size), L = double(c.num_hidden_layers);
+  const double attn_proj = h * double(c.num_attention_heads * c.head_dim) * 2 +
+                           h * double(c.num_key_value_heads * c.head_dim) * 2;
+  double layers = 0;
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    const double mlp = c.is_moe_layer(l)
+                           ? 3 * h * double(c.moe_intermediate_size * c.num_experts_per_tok) +
+                                 h * double(c.num_experts)
+                           : 3 * h * double(c.intermediate_size);
+    layers += attn_proj + mlp;
+  }
+  const double dense = layers + h * double(c.vocab_size);
+  const double attn_fwd = L * 2 * double(seq) * double(c.num_attention_heads * c.head_dim);
+  return 6 * dense + 3 * attn_fwd;
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0 : v[v.size() / 2];
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int64_t layers = 12, seq = 4096, mbs = 2, warm = 3, steps = 8;
+  std::string precision = "bf16";
+  float max_norm = 1.0f;
+  for (int i = 1; i < argc; ++i) {
+    auto need = [&](const char* f) {
+      if (i + 1 >= argc) {
+        std::fprintf(stderr, "cuda_bench: %s needs a value\n", f);
+        std::exit(2);
+      }
+      return argv[++i];
+    };
+    if (!std::strcmp(argv[i], "--layers")) layers = std::atoll(need("--layers"));
+    else if (!std::strcmp(argv[i], "--seq")) seq = std::atoll(need("--seq"));
+    else if (!std::strcmp(argv[i], "--mbs")) mbs = std::atoll(need("--mbs"));
+    else if (!std::strcmp(argv[i], "--warmup")) warm = std::atoll(need("--warmup"));
+    else if (!std::strcmp(argv[i], "--steps")) steps = std::atoll(need("--steps"));
+    else if (!std::strcmp(argv[i], "--precision")) precision = need("--precision");
+    else if (!std::strcmp(argv[i], "--max-grad-norm")) max_norm = float(std::atof(need("--max-grad-norm")));
+    else {
+      std::fprintf(stderr,
+                   "usage: cuda_bench [--layers 12] [--seq 4096] [--mbs 2] [--warmup 3] [--steps 8] "
+                   "[--precision bf16|fp32_master] [--max-grad-norm 1.0]\n");
+      return 2;
+    }
+  }
+  try {
+    nlohmann::json j = {{"architectures", {"Qwen3MoeForCausalLM"}},
+                        {"model_type", "qwen3_moe"},
+                        {"vocab_size", 151936},
+                        {"hidden_size", 2048},
+                        {"intermediate_size", 6144},
+                        {"num_hidden_layers", layers},
+                        {"num_attention_heads", 32},
+                        {"num_key_value_heads", 4},
+                        {"head_dim", 128},
+                        {"hidden_act", "silu"},
+                        {"rms_norm_eps", 1e-6},
+                        {"max_position_embeddings", 40960},
+                        {"rope_theta", 1000000.0},
+                        {"attention_bias", false},
+                        {"decoder_sparse_step", 1},
+                        {"mlp_only_layers", nlohmann::json::array()},
+                        {"moe_intermediate_size", 768},
+                        {"num_experts", 128},
+                        {"num_experts_per_tok", 8},
+                        {"norm_topk_prob", true},
+                        {"output_router_logits", true},
+                        {"router_aux_loss_coef", 0.001},
+                        {"tie_word_embeddings", false}};
+    ModelConfig mc = parse_model_config(j.dump(), "cuda_bench W1 config");
+    size_t free0 = 0, total = 0;
+    CUDA_CHECK(cudaSetDevice(0));
+    CUDA_CHECK(cudaFree(nullptr));  // the context exists before the baseline reading
+    CUDA_CHECK(cudaMemGetInfo(&free0, &total));
+
+    Qwen3MoeCuda model(mc, parse_precision(precision));
+    model.init_random(1234, 0.02f);
+    model.plan(mbs, seq);
+    model.enable_phase_timing(true);
+    Batch b;
+    b.B = mbs;
+    b.T = seq;
+    Rng rng(0);
+    b.ids.resize(size_t(mbs * seq));
+    for (auto& id : b.ids) id = int64_t(rng.next() % uint64_t(mc.vocab_size));
+    b.labels = b.ids;
+    AdamWConfig ac{1e-5f, 0.9f, 0.999f, 1e-8f, 0.01f};
+
+    std::vector<double> t_step, t_fb;
+    std::map<std::string, double> phase_sum;
+    size_t min_free = free0;
+    float loss = 0, gnorm = 0;
+    for (int64_t i = 0; i < warm + steps; ++i) {
+      model.synchronize();
+      auto t0 = std::chrono::steady_clock::now();
+      model.zero_grad();
+      model.forward(b);
+      model.backward();
+      model.synchronize();
+      auto tm = std::chrono::steady_clock::now();
+      model.optimizer_step(ac, 1e-5f, max_norm);
+      model.synchronize();
+      auto t1 = std::chrono::steady_clock::now();
+      loss = model.loss().loss;
+      gnorm = model.grad_norm();
+      size_t fr = 0, tt = 0;
+      CUDA_CHECK(cudaMemGetInfo(&fr, &tt));
+      min_free = std::min(min_free, fr);
+      if (i < warm) continue;
+      t_step.push_back(std::chrono::duration<double>(t1 - t0).count());
+      t_fb.push_back(std::chrono::duration<double>(tm - t0).count());
+      for (auto& [n, ms] : model.phase_ms()) phase_sum[n] += ms;
+    }
+    const double toks = double(mbs * seq), fpt = flops_per_token(mc, seq);
+    const double step_s = median(t_step), fb_s = median(t_fb);
+    CudaMemory mem = model.memory();
+    const double GiB = double(1 << 30);
+    nlohmann::json phases = nlohmann::json::object();
+    for (auto& [n, ms] : phase_sum) phases[n] = std::round(ms / double(std::max<int64_t>(steps, 1)) * 100) / 100;
+    nlohmann::json out = {
+        {"bench", "w1_cuda"},
+        {"layers", layers},
+        {"seq", seq},
+        {"mbs", mbs},
+        {"precision", precision},
+        {"params_B", std::round(double(model.numel()) / 1e7) / 100},
+        {"step_s", step_s},
+        {"tok_per_s", std::round(toks / step_s)},
+        {"model_tflops", std::round(fpt * toks / step_s / 1e11) / 10},
+        {"fwd_bwd_s", fb_s},
+        {"fwd_bwd_tok_per_s", std::round(toks / fb_s)},
+        {"fwd_bwd_tflops", std::round(fpt * toks / fb_s / 1e11) / 10},
+        {"flops_per_token", fpt},
+        {"peak_used_GiB", std::round(double(free0 - min_free) / GiB * 100) / 100},
+        {"arenas_GiB",
+         {{"params", mem.params / GiB},
+          {"master", mem.master / GiB},
+          {"grads", mem.grads / GiB},
+          {"moments", mem.moments / GiB},
+          {"activations", mem.activations / GiB},
+          {"workspace", mem.workspace / GiB},
+          {"total", mem.total() / GiB}}},
+        {"phases_ms", phases},
+        {"loss", loss},
+        {"grad_norm", gnorm},
+        {"warmup", warm},
+        {"steps", steps}};
+    std::printf("RESULT %s\n", out.dump().c_str());
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "cuda_bench: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,942 @@
+// model/qwen3_moe_cuda.cpp: Qwen3-MoE forward and hand-written backward on the CUDA ops, in
+// the order of model/qwen3_moe.cpp (the oracle), bf16 activations, fp32 statistics.
+// Backward rule: parameter gradients accumulate (dw = beta * dw + ..., beta 0 on the first
+// write after zero_grad() in bf16 mode); activation gradients assign; the residual gradient
+// dres flows down (+=).
+//
+// Gradient precision (Precision::BF16): matrices (projections, router, experts, lm_head,
+// embedding) write their bf16 gradient directly (cuBLASLt bf16 C/D, the bf16 grouped dW, the
+// sorted embedding backward). The small vectors (RMSNorm weights, biases) are reduced in an fp32
+// scratch by their ops (which only know fp32 +=) and folded into the bf16 gradient once by
+// accumulate_grad: a few thousand elements, so the scratch is tiny.
+//
+// Memory savers that cost no accuracy: q/k are normed and roped in place (RoPE's backward needs
+// no input), the expert inputs xs = permute(ln2) and the SwiGLU outputs are recomputed in the
+// backward (a row copy and an elementwise op) instead of being saved per layer.
+#include "model/qwen3_moe_cuda.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <map>
+
+#include "backend/cuda/ops_cuda.h"
+#include "core/check.h"
+
+namespace automoe {
+
+namespace cu = automoe::cuda;
+using cu::bf16;
+
+Precision parse_precision(const std::string& name) {
+  if (name == "bf16") return Precision::BF16;
+  if (name == "fp32_master") return Precision::FP32Master;
+  AM_FAIL("train.precision '{}' is not known; use bf16 (bf16 weights, gradients and AdamW state) "
+          "or fp32_master (fp32 master weights, gradients and moments)",
+          name);
+}
+
+const char* precision_name(Precision p) { return p == Precision::BF16 ? "bf16" : "fp32_master"; }
+
+namespace {
+
+constexpr size_t kAlign = 256;
+size_t align_up(size_t x) { return (x + kAlign - 1) / kAlign * kAlign; }
+
+// Bump allocation over one arena: a first pass with base 0 measures, the second carves.
+struct Carver {
+  uintptr_t base = 0;
+  size_t off = 0;
+  template <class T>
+  T* take(int64_t n) {
+    T* p = reinterpret_cast<T*>(base + off);
+    off = align_up(off + size_t(std::max<int64_t>(n, 0)) * sizeof(T));
+    return p;
+  }
+};
+
+// Host bf16 <-> fp32 (round to nearest even, NaN kept quiet), for uploads and downloads.
+uint16_t to_bf16_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return uint16_t(u >> 16);
+}
+float from_bf16_bits(uint16_t h) {
+  uint32_t u = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+constexpr int64_t kChunkElems = int64_t(1) << 26;  // host transfers in 64M-element pieces
+
+void upload_bf16(bf16* dst, const float* src, int64_t n) {
+  std::vector<uint16_t> tmp(size_t(std::min(n, kChunkElems)));
+  for (int64_t i = 0; i < n; i += kChunkElems) {
+    const int64_t c = std::min(kChunkElems, n - i);
+    for (int64_t j = 0; j < c; ++j) tmp[j] = to_bf16_bits(src[i + j]);
+    CUDA_CHECK(cudaMemcpy(dst + i, tmp.data(), size_t(c) * 2, cudaMemcpyHostToDevice));
+  }
+}
+void download_bf16(float* dst, const bf16* src, int64_t n) {
+  std::vector<uint16_t> tmp(size_t(std::min(n, kChunkElems)));
+  for (int64_t i = 0; i < n; i += kChunkElems) {
+    const int64_t c = std::min(kChunkElems, n - i);
+    CUDA_CHECK(cudaMemcpy(tmp.data(), src + i, size_t(c) * 2, cudaMemcpyDeviceToHost));
+    for (int64_t j = 0; j < c; ++j) dst[i + j] = from_bf16_bits(tmp[j]);
+  }
+}
+
+// One parameter tensor: element offsets in the host (packed) and device (aligned) arenas.
+struct Seg {
+  int64_t host, dev, n;
+};
+
+// Offsets (elements) of one layer's parameters in the arenas; -1 when absent.
+struct LayerOff {
+  int64_t ln1, wq, bq, wk, bk, wv, bv, wo, bo, qn, kn, ln2;
+  int64_t router, ex_gu, ex_down, mlp_gu, mlp_down;
+  bool moe;
+  int64_t moe_index;
+};
+
+// What one layer's backward reads, planned for (B, T). Shapes: N tokens, H hidden.
+struct LayerActs {
+  bf16 *ln1, *q_pre, *q, *k_pre, *k, *v, *ao, *x_mid, *ln2;  // [N,H] [N,nH*D] x2 [N,nKV*D] x3 [N,nH*D] [N,H] x2
+  float *ln1_rstd, *q_rstd, *k_rstd, *lse, *ln2_rstd;        // [N] [N*nH] [N*nKV] [B,nH,T] [N]
+  float* topk_w = nullptr;                                   // [N,K] (MoE)
+  int32_t *offsets = nullptr, *slot_row = nullptr;           // [E+1], [N*K] (MoE)
+  bf16* gu = nullptr;  // [N*K, 2I] (MoE) or [N, 2F] (dense): SwiGLU input
+  bf16* ys = nullptr;  // [N*K, H] expert outputs (MoE; unpermute's backward reads them)
+};
+
+}  // namespace
+
+struct Qwen3MoeCuda::State {
+  ModelConfig cfg;
+  Precision prec;
+  Qwen3Moe layout_model;  // layout and HF names, no host arenas
+  // The device arenas hold the tensors in layout order, each starting 256-byte aligned (GEMM
+  // and vector loads want it; the host layout packs them): P elements with the zero padding.
+  std::vector<Seg> segs;  // per layout parameter
+  int64_t P = 0, P_host = 0;
+  std::vector<LayerOff> lo;
+  int64_t off_wte = 0, off_lnf = 0, off_lm = 0;
+  bool tied = false;
+  int64_t max_small = 0;  // the largest parameter folded through the fp32 scratch
+
+  std::unique_ptr<cu::ScopedCtx> scoped;  // stream + cuBLASLt handle
+  cu::Ctx ctx;                            // + our workspace
+  cu::DeviceBuffer<unsigned char> ws;
+
+  // parameter-sized arenas
+  cu::DeviceBuffer<bf16> p16;      // compute weights
+  cu::DeviceBuffer<float> p32;     // master weights (FP32Master)
+  cu::DeviceBuffer<bf16> g16, m16, v16;
+  cu::DeviceBuffer<float> g32, m32, v32;
+  int64_t adam_t = 0;
+  bool fresh = true;   // gradients hold nothing since zero_grad()
+  float beta = 0.f;    // this micro-batch's first-write beta (0: overwrite, 1: accumulate)
+
+  // small device scalars: sumsq (f64), clip coef, norm, aux
+  cu::DeviceBuffer<unsigned char> misc;
+  double* d_sumsq = nullptr;
+  float *d_coef = nullptr, *d_norm = nullptr, *d_aux = nullptr;
+
+  // activations for (B, T)
+  int64_t B = 0, T = 0, N = 0, chunk = 0;
+  cu::DeviceBuffer<unsigned char> acts;
+  std::vector<LayerActs> la;
+  std::vector<bf16*> res;  // [L+1] residual stream [N,H]: res[l] enters layer l, res[L] = x_final
+  float *probs_all = nullptr;  // [nMoE*N, E]
+  int32_t* topk_all = nullptr;  // [nMoE*N, K]
+  bf16 *lnf_out = nullptr, *dres = nullptr;  // [N,H]
+  float *lnf_rstd = nullptr, *losses = nullptr, *small = nullptr;  // [N], [N], [max_small]
+  // forward temporaries
+  bf16 *rlogits = nullptr, *xs = nullptr, *act = nullptr, *tmp = nullptr;
+  bf16 *logits_c = nullptr, *dlnf = nullptr;
+  float* lse_c = nullptr;
+  // backward temporaries
+  bf16 *d1 = nullptr, *dln = nullptr, *dao = nullptr, *dq = nullptr, *dqn = nullptr, *dk = nullptr,
+       *dkn = nullptr, *dv = nullptr, *dys = nullptr, *dact = nullptr, *dgu = nullptr,
+       *xs_b = nullptr, *act_b = nullptr, *drl = nullptr;
+  float *dtopk_w = nullptr, *dprobs_all = nullptr;
+  // the batch on the device, and its pinned host staging (same byte layout)
+  size_t in_bytes = 0;
+  unsigned char* in_host = nullptr;  // cudaMallocHost
+  int64_t *ids = nullptr, *targets = nullptr;
+  int32_t *pos = nullptr, *doc = nullptr, *uniq = nullptr, *uoff = nullptr, *rows = nullptr;
+  int64_t n_uniq = 0;
+  bool has_doc = false;
+  cudaEvent_t upload_done = nullptr, loss_ready = nullptr, norm_ready = nullptr;
+  bool upload_pending = false;
+  float* loss_host = nullptr;  // pinned [N + 1]: losses, aux
+  float* norm_host = nullptr;  // pinned [1]
+
+  // last forward
+  bool have_grad_forward = false, has_aux = false;
+  int64_t labelled = 0;
+  float denom = 0.f, aux_grad = 0.f;
+
+  bool timing = false;
+  cudaEvent_t ev[5] = {};
+  std::vector<cudaEvent_t> lev;  // [L][6]: fwd start, after attention, end; bwd start, after MLP, end
+
+  State(const ModelConfig& c, Precision p) : cfg(c), prec(p), layout_model(c, nullptr, false) {}
+  ~State() {
+    if (scoped) cudaStreamSynchronize(ctx.stream);
+    if (in_host) cudaFreeHost(in_host);
+    if (loss_host) cudaFreeHost(loss_host);
+    if (norm_host) cudaFreeHost(norm_host);
+    for (cudaEvent_t e : {upload_done, loss_ready, norm_ready, ev[0], ev[1], ev[2], ev[3], ev[4]})
+      if (e) cudaEventDestroy(e);
+    for (cudaEvent_t e : lev) cudaEventDestroy(e);
+  }
+
+  bool bf16_mode() const { return prec == Precision::BF16; }
+  const bf16* W(int64_t off) const { return p16.get() + off; }
+  int64_t nmoe() const { return cfg.num_moe_layers(); }
+
+  // ---- gradient writers (see the file comment) ----
+  // dx (nullable) = dx_beta * dx + dout @ w; dW (and db when b_off >= 0) of the parameter at w_off.
+  void lin_bwd(bf16* dx, float dx_beta, int64_t w_off, int64_t b_off, const bf16* dout,
+               const bf16* x, int64_t n, int64_t I, int64_t O, float dw_beta) {
+    const bf16* w = W(w_off);
+    if (bf16_mode()) {
+      float* db = nullptr;
+      if (b_off >= 0) {
+        db = small;
+        CUDA_CHECK(cudaMemsetAsync(db, 0, size_t(O) * sizeof(float), ctx.stream));
+      }
+      cu::linear_bwd(dx, dx_beta, g16.get() + w_off, dw_beta, db, dout, x, w, n, I, O, ctx);
+      if (b_off >= 0) cu::accumulate_grad(g16.get() + b_off, db, beta, O, ctx);
+    } else {
+      cu::linear_bwd(dx, dx_beta, g32.get() + w_off, b_off >= 0 ? g32.get() + b_off : nullptr,
+                     dout, x, w, n, I, O, ctx);
+    }
+  }
+  // RMSNorm backward: dx = ..., d(weight at w_off) accumulates.
+  void norm_bwd(bf16* dx, int64_t w_off, const bf16* dout, const bf16* x, const float* rstd,
+                int64_t n, int64_t C) {
+    if (bf16_mode()) {
+      CUDA_CHECK(cudaMemsetAsync(small, 0, size_t(C) * sizeof(float), ctx.stream));
+      cu::rmsnorm_bwd(dx, small, dout, x, W(w_off), rstd, n, C, ctx);
+      cu::accumulate_grad(g16.get() + w_off, small, beta, C, ctx);
+    } else {
+      cu::rmsnorm_bwd(dx, g32.get() + w_off, dout, x, W(w_off), rstd, n, C, ctx);
+    }
+  }
+  void grouped_bwd(bf16* dx, int64_t w_off, const bf16* dout, const bf16* x,
+                   const int32_t* offsets, int64_t R, int64_t E, int64_t I, int64_t O) {
+    if (bf16_mode())
+      cu::grouped_linear_bwd(dx, g16.get() + w_off, beta, dout, x, W(w_off), offsets, E, I, O, ctx);
+    else
+      cu::grouped_linear_bwd(dx, g32.get() + w_off, dout, x, W(w_off), offsets, R, E, I, O, ctx);
+  }
+  void record(int i) {
+    if (timing) CUDA_CHECK(cudaEventRecord(ev[i], ctx.stream));
+  }
+  void lrecord(int64_t l, int i) {
+    if (timing) CUDA_CHECK(cudaEventRecord(lev[size_t(l * 6 + i)], ctx.stream));
+  }
+};
+
+Qwen3MoeCuda::Qwen3MoeCuda(const ModelConfig& cfg, Precision precision, int device)
+    : s_(std::make_unique<State>(cfg, precision)) {
+  State& s = *s_;
+  const auto& layout = s.layout_model.layout();
+  s.P_host = layout.total;
+  std::map<std::string, int64_t> off;  // device offsets
+  for (auto& p : layout.params) {
+    const int64_t dev = (s.P + 127) / 128 * 128;
+    s.segs.push_back({p.offset, dev, p.numel});
+    off[p.name] = dev;
+    s.P = dev + p.numel;
+  }
+  s.P = (s.P + 127) / 128 * 128;
+  auto O = [&](const std::string& n) {
+    auto it = off.find(n);
+    return it == off.end() ? int64_t(-1) : it->second;
+  };
+  int64_t mi = 0;
+  for (int64_t l = 0; l < cfg.num_hidden_layers; ++l) {
+    const std::string p = "layers." + std::to_string(l) + ".";
+    LayerOff o{};
+    o.ln1 = O(p + "ln1");
+    o.wq = O(p + "attn.wq");
+    o.bq = O(p + "attn.bq");
+    o.wk = O(p + "attn.wk");
+    o.bk = O(p + "attn.bk");
+    o.wv = O(p + "attn.wv");
+    o.bv = O(p + "attn.bv");
+    o.wo = O(p + "attn.wo");
+    o.bo = O(p + "attn.bo");
+    o.qn = O(p + "attn.q_norm");
+    o.kn = O(p + "attn.k_norm");
+    o.ln2 = O(p + "ln2");
+    o.moe = cfg.is_moe_layer(l);
+    o.moe_index = o.moe ? mi++ : -1;
+    o.router = O(p + "moe.router");
+    o.ex_gu = O(p + "moe.experts_gate_up");
+    o.ex_down = O(p + "moe.experts_down");
+    o.mlp_gu = O(p + "mlp.gate_up");
+    o.mlp_down = O(p + "mlp.down");
+    s.lo.push_back(o);
+  }
+  s.off_wte = O("wte");
+  s.off_lnf = O("ln_f");
+  s.tied = cfg.tie_word_embeddings;
+  s.off_lm = s.tied ? s.off_wte : O("lm_head");
+  AM_CHECK(s.off_wte >= 0 && s.off_lnf >= 0 && s.off_lm >= 0, "internal: layout without wte/ln_f/lm_head");
+  for (auto& p : layout.params)
+    if (p.shape.size() == 1) s.max_small = std::max(s.max_small, p.numel);
+
+  s.scoped = std::make_unique<cu::ScopedCtx>(0, device);
+  s.ctx = s.scoped->ctx();
+  const size_t P = size_t(s.P);
+  // Everything starts at zero, the padding between tensors stays zero (the gradient norm and
+  // AdamW run over whole arenas).
+  s.p16 = cu::DeviceBuffer<bf16>(P);
+  CUDA_CHECK(cudaMemset(s.p16.get(), 0, P * 2));
+  if (s.bf16_mode()) {
+    s.g16 = cu::DeviceBuffer<bf16>(P);
+    s.m16 = cu::DeviceBuffer<bf16>(P);
+    s.v16 = cu::DeviceBuffer<bf16>(P);
+    for (bf16* b : {s.g16.get(), s.m16.get(), s.v16.get()}) CUDA_CHECK(cudaMemset(b, 0, P * 2));
+  } else {
+    s.p32 = cu::DeviceBuffer<float>(P);
+    s.g32 = cu::DeviceBuffer<float>(P);
+    s.m32 = cu::DeviceBuffer<float>(P);
+    s.v32 = cu::DeviceBuffer<float>(P);
+    for (float* b : {s.p32.get(), s.g32.get(), s.m32.get(), s.v32.get()})
+      CUDA_CHECK(cudaMemset(b, 0, P * 4));
+  }
+  s.misc = cu::DeviceBuffer<unsigned char>(kAlign * 4);
+  s.d_sumsq = reinterpret_cast<double*>(s.misc.get());
+  s.d_coef = reinterpret_cast<float*>(s.misc.get() + kAlign);
+  s.d_norm = reinterpret_cast<float*>(s.misc.get() + 2 * kAlign);
+  s.d_aux = reinterpret_cast<float*>(s.misc.get() + 3 * kAlign);
+  CUDA_CHECK(cudaMemset(s.misc.get(), 0, kAlign * 4));
+  for (cudaEvent_t* e : {&s.upload_done, &s.loss_ready, &s.norm_ready})
+    CUDA_CHECK(cudaEventCreateWithFlags(e, cudaEventDisableTiming));
+  for (auto& e : s.ev) CUDA_CHECK(cudaEventCreate(&e));
+  CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&s.norm_host), sizeof(float)));
+  s.norm_host[0] = 0.f;
+  // cudaMemset/cudaMemcpy run on the legacy stream, which does not order with our
+  // non-blocking stream: set-up and transfers end with a device sync.
+  CUDA_CHECK(cudaDeviceSynchronize());
+}
+
+Qwen3MoeCuda::~Qwen3MoeCuda() = default;
+
+const ModelConfig& Qwen3MoeCuda::config() const { return s_->cfg; }
+const Qwen3Moe& Qwen3MoeCuda::host_layout() const { return s_->layout_model; }
+int64_t Qwen3MoeCuda::numel() const { return s_->P_host; }
+Precision Qwen3MoeCuda::precision() const { return s_->prec; }
+const cuda::Ctx& Qwen3MoeCuda::ctx() const { return s_->ctx; }
+int64_t Qwen3MoeCuda::adam_steps() const { return s_->adam_t; }
+void Qwen3MoeCuda::synchronize() const { CUDA_CHECK(cudaStreamSynchronize(s_->ctx.stream)); }
+
+// ---- parameters and optimizer state <-> host fp32 arenas ---------------------------------------
+
+namespace {
+
+// One fp32 host arena of the layout <-> one device arena (bf16 or fp32), tensor by tensor.
+template <class D>
+void to_device(D* dst, const std::vector<float>& src, const std::vector<Seg>& segs) {
+  for (auto& sg : segs) {
+    if constexpr (sizeof(D) == 2)
+      upload_bf16(dst + sg.dev, src.data() + sg.host, sg.n);
+    else
+      CUDA_CHECK(cudaMemcpy(dst + sg.dev, src.data() + sg.host, size_t(sg.n) * 4, cudaMemcpyHostToDevice));
+  }
+  // cudaMemcpy runs on the legacy stream, which does not order with the model's stream
+  CUDA_CHECK(cudaDeviceSynchronize());
+}
+template <class D>
+void to_host(std::vector<float>& dst, const D* src, const std::vector<Seg>& segs) {
+  for (auto& sg : segs) {
+    if constexpr (sizeof(D) == 2)
+      download_bf16(dst.data() + sg.host, src + sg.dev, sg.n);
+    else
+      CUDA_CHECK(cudaMemcpy(dst.data() + sg.host, src + sg.dev, size_t(sg.n) * 4, cudaMemcpyDeviceToHost));
+  }
+}
+
+}  // namespace
+
+void Qwen3MoeCuda::upload_params(const std::vector<float>& params) {
+  State& s = *s_;
+  AM_CHECK(int64_t(params.size()) == s.P_host, "upload_params: {} values for {} parameters",
+           params.size(), s.P_host);
+  synchronize();
+  if (s.bf16_mode()) {
+    to_device(s.p16.get(), params, s.segs);
+  } else {
+    to_device(s.p32.get(), params, s.segs);
+    cu::convert(s.p16.get(), s.p32.get(), s.P, s.ctx);
+    synchronize();
+  }
+}
+
+void Qwen3MoeCuda::download_params(std::vector<float>& params) const {
+  const State& s = *s_;
+  synchronize();
+  params.resize(size_t(s.P_host));
+  if (s.bf16_mode())
+    to_host(params, s.p16.get(), s.segs);
+  else
+    to_host(params, s.p32.get(), s.segs);
+}
+
+void Qwen3MoeCuda::download_grads(std::vector<float>& grads) const {
+  const State& s = *s_;
+  synchronize();
+  grads.assign(size_t(s.P_host), 0.f);
+  if (s.bf16_mode()) {
+    if (!s.fresh) to_host(grads, s.g16.get(), s.segs);
+  } else {
+    to_host(grads, s.g32.get(), s.segs);
+  }
+}
+
+void Qwen3MoeCuda::upload_moments(const std::vector<float>& m, const std::vector<float>& v, int64_t t) {
+  State& s = *s_;
+  AM_CHECK(int64_t(m.size()) == s.P_host && int64_t(v.size()) == s.P_host,
+           "upload_moments: sizes do not match the model");
+  synchronize();
+  if (s.bf16_mode()) {
+    to_device(s.m16.get(), m, s.segs);
+    to_device(s.v16.get(), v, s.segs);
+  } else {
+    to_device(s.m32.get(), m, s.segs);
+    to_device(s.v32.get(), v, s.segs);
+  }
+  s.adam_t = t;
+}
+
+void Qwen3MoeCuda::download_moments(std::vector<float>& m, std::vector<float>& v) const {
+  const State& s = *s_;
+  synchronize();
+  m.resize(size_t(s.P_host));
+  v.resize(size_t(s.P_host));
+  if (s.bf16_mode()) {
+    to_host(m, s.m16.get(), s.segs);
+    to_host(v, s.v16.get(), s.segs);
+  } else {
+    to_host(m, s.m32.get(), s.segs);
+    to_host(v, s.v32.get(), s.segs);
+  }
+}
+
+void Qwen3MoeCuda::init_random(uint64_t seed, float std) {
+  State& s = *s_;
+  const auto& params = s.layout_model.layout().params;
+  for (size_t k = 0; k < params.size(); ++k) {
+    const ParamSpec& p = params[k];
+    const bool is_norm = p.shape.size() == 1 && p.name.find("attn.b") == std::string::npos;
+    const bool is_bias = p.shape.size() == 1 && !is_norm;
+    const uint64_t sd = seed * 0x9e3779b97f4a7c15ull + uint64_t(k + 1);
+    const int64_t at = s.segs[k].dev;
+    if (s.bf16_mode()) {
+      bf16* d = s.p16.get() + at;
+      if (is_norm || is_bias) cu::fill(d, is_norm ? 1.f : 0.f, p.numel, s.ctx);
+      else cu::fill_normal(d, p.numel, std, sd, s.ctx);
+    } else {
+      float* d = s.p32.get() + at;
+      if (is_norm || is_bias) cu::fill(d, is_norm ? 1.f : 0.f, p.numel, s.ctx);
+      else cu::fill_normal(d, p.numel, std, sd, s.ctx);
+    }
+  }
+  if (!s.bf16_mode()) cu::convert(s.p16.get(), s.p32.get(), s.P, s.ctx);
+  synchronize();
+}
+
+// ---- planning --------------------------------------------------------------------------------
+
+void Qwen3MoeCuda::plan(int64_t B, int64_t T) {
+  State& s = *s_;
+  if (B == s.B && T == s.T && s.acts.get()) return;
+  synchronize();
+  const auto& c = s.cfg;
+  const int64_t N = B * T, H = c.hidden_size, nH = c.num_attention_heads,
+                nKV = c.num_key_value_heads, D = c.head_dim, E = c.num_experts,
+                K = c.num_experts_per_tok, I = c.moe_intermediate_size, F = c.intermediate_size,
+                V = c.vocab_size, L = c.num_hidden_layers, M = c.num_moe_layers();
+  const int64_t NK = M > 0 ? N * K : 0;
+  // lm_head + CE chunk: at most 2048 rows and 512 MiB of bf16 logits, a multiple of 64 rows
+  // (W1: 1728 rows, 5 chunks; fewer chunks = fewer bf16 roundings of the accumulated dW).
+  int64_t chunk = std::min<int64_t>(2048, (int64_t(512) << 20) / (2 * V));
+  chunk = std::max<int64_t>(64, chunk / 64 * 64);
+  chunk = std::min(chunk, N);
+
+  s.la.assign(size_t(L), LayerActs{});
+  s.res.assign(size_t(L + 1), nullptr);
+  auto carve = [&](uintptr_t base) -> size_t {
+    Carver cv{base, 0};
+    for (int64_t l = 0; l <= L; ++l) s.res[l] = cv.take<bf16>(N * H);
+    for (int64_t l = 0; l < L; ++l) {
+      LayerActs& a = s.la[l];
+      a.ln1 = cv.take<bf16>(N * H);
+      a.ln1_rstd = cv.take<float>(N);
+      a.q_pre = cv.take<bf16>(N * nH * D);
+      a.q = cv.take<bf16>(N * nH * D);
+      a.q_rstd = cv.take<float>(N * nH);
+      a.k_pre = cv.take<bf16>(N * nKV * D);
+      a.k = cv.take<bf16>(N * nKV * D);
+      a.k_rstd = cv.take<float>(N * nKV);
+      a.v = cv.take<bf16>(N * nKV * D);
+      a.ao = cv.take<bf16>(N * nH * D);
+      a.lse = cv.take<float>(B * nH * T);
+      a.x_mid = cv.take<bf16>(N * H);
+      a.ln2 = cv.take<bf16>(N * H);
+      a.ln2_rstd = cv.take<float>(N);
+      if (s.lo[l].moe) {
+        a.topk_w = cv.take<float>(N * K);
+        a.offsets = cv.take<int32_t>(E + 1);
+        a.slot_row = cv.take<int32_t>(N * K);
+        a.gu = cv.take<bf16>(N * K * 2 * I);
+        a.ys = cv.take<bf16>(N * K * H);
+      } else {
+        a.gu = cv.take<bf16>(N * 2 * F);
+      }
+    }
+    s.probs_all = cv.take<float>(M * N * E);
+    s.topk_all = cv.take<int32_t>(M * N * K);
+    s.lnf_out = cv.take<bf16>(N * H);
+    s.lnf_rstd = cv.take<float>(N);
+    s.dres = cv.take<bf16>(N * H);
+    s.losses = cv.take<float>(N);
+    s.small = cv.take<float>(std::max<int64_t>(s.max_small, 1));
+    // the batch
+    const size_t in0 = cv.off;
+    s.ids = cv.take<int64_t>(N);
+    s.targets = cv.take<int64_t>(N);
+    s.pos = cv.take<int32_t>(N);
+    s.doc = cv.take<int32_t>(N);
+    s.uniq = cv.take<int32_t>(N);
+    s.uoff = cv.take<int32_t>(N + 1);
+    s.rows = cv.take<int32_t>(N);
+    s.in_bytes = cv.off - in0;
+    // temporaries: the forward's and the backward's share one region
+    const size_t u0 = cv.off;
+    Carver f{base, u0};
+    s.rlogits = f.take<bf16>(N * E);
+    s.xs = f.take<bf16>(NK * H);
+    s.act = f.take<bf16>(std::max(NK * I, N * F));
+    s.tmp = f.take<bf16>(N * H);
+    s.logits_c = f.take<bf16>(chunk * V);
+    s.lse_c = f.take<float>(chunk);
+    s.dlnf = f.take<bf16>(N * H);
+    Carver b{base, u0};
+    s.d1 = b.take<bf16>(N * H);
+    s.dln = b.take<bf16>(N * H);
+    s.dao = b.take<bf16>(N * nH * D);
+    s.dq = b.take<bf16>(N * nH * D);
+    s.dqn = b.take<bf16>(N * nH * D);
+    s.dk = b.take<bf16>(N * nKV * D);
+    s.dkn = b.take<bf16>(N * nKV * D);
+    s.dv = b.take<bf16>(N * nKV * D);
+    s.dys = b.take<bf16>(NK * H);
+    s.xs_b = b.take<bf16>(NK * H);
+    s.act_b = b.take<bf16>(std::max(NK * I, N * F));
+    s.dact = b.take<bf16>(std::max(NK * I, N * F));
+    s.dgu = b.take<bf16>(std::max(NK * 2 * I, N * 2 * F));
+    s.drl = b.take<bf16>(N * E);
+    s.dtopk_w = b.take<float>(N * K);
+    s.dprobs_all = b.take<float>(M * N * E);
+    return std::max(f.off, b.off);
+  };
+  s.acts = cu::DeviceBuffer<unsigned char>();  // free the old arena first
+  const size_t bytes = carve(0);
+  s.acts = cu::DeviceBuffer<unsigned char>(bytes);
+  const size_t in_off_check = carve(reinterpret_cast<uintptr_t>(s.acts.get()));
+  AM_CHECK(in_off_check == bytes, "internal: activation plan changed between passes");
+
+  // pinned staging of the batch: the same byte layout as the device copy from `ids` on
+  if (s.in_host) cudaFreeHost(s.in_host);
+  if (s.loss_host) cudaFreeHost(s.loss_host);
+  CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&s.in_host), s.in_bytes));
+  CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&s.loss_host), size_t(N + 1) * sizeof(float)));
+  s.upload_pending = false;
+
+  // one workspace for the largest need of the ops at this shape
+  size_t ws = cu::linear_workspace_bytes();
+  for (int64_t o : {H, nH * D, nKV * D, E, 2 * F, 2 * I, V})
+    ws = std::max(ws, cu::linear_bwd_workspace_bytes(N, o));
+  ws = std::max(ws, cu::rmsnorm_bwd_workspace_bytes(N, H));
+  ws = std::max(ws, cu::rmsnorm_bwd_workspace_bytes(N * nH, D));
+  ws = std::max(ws, cu::rmsnorm_bwd_workspace_bytes(N * nKV, D));
+  ws = std::max(ws, cu::attention_bwd_workspace_bytes(B, T, nH));
+  if (M > 0) ws = std::max(ws, cu::aux_loss_workspace_bytes(M * N, E));
+  ws = std::max(ws, cu::sum_squares_workspace_bytes());
+  if (ws > s.ws.bytes()) {
+    s.ws = cu::DeviceBuffer<unsigned char>();
+    s.ws = cu::DeviceBuffer<unsigned char>(ws);
+  }
+  s.ctx.workspace = s.ws.get();
+  s.ctx.workspace_bytes = s.ws.bytes();
+  s.B = B;
+  s.T = T;
+  s.N = N;
+  s.chunk = chunk;
+  s.have_grad_forward = false;
+}
+
+CudaMemory Qwen3MoeCuda::memory() const {
+  const State& s = *s_;
+  CudaMemory m;
+  m.params = s.p16.bytes();
+  m.master = s.p32.bytes();
+  m.grads = s.g16.bytes() + s.g32.bytes();
+  m.moments = s.m16.bytes() + s.v16.bytes() + s.m32.bytes() + s.v32.bytes();
+  m.activations = s.acts.bytes();
+  m.workspace = s.ws.bytes();
+  return m;
+}
+
+void Qwen3MoeCuda::zero_grad() {
+  State& s = *s_;
+  s.fresh = true;
+  if (!s.bf16_mode()) CUDA_CHECK(cudaMemsetAsync(s.g32.get(), 0, s.g32.bytes(), s.ctx.stream));
+}
+
+// ---- forward -----------------------------------------------------------------------------------
+
+void Qwen3MoeCuda::forward(const Batch& bt, float ce_denominator, float aux_scale, bool grad,
+                           std::vector<float>* logits) {
+  State& s = *s_;
+  const auto& c = s.cfg;
+  const int64_t B = bt.B, T = bt.T, N = B * T, H = c.hidden_size, nH = c.num_attention_heads,
+                nKV = c.num_key_value_heads, D = c.head_dim, E = c.num_experts,
+                K = c.num_experts_per_tok, I = c.moe_intermediate_size, F = c.intermediate_size,
+                V = c.vocab_size, L = c.num_hidden_layers;
+  AM_CHECK(int64_t(bt.ids.size()) == N, "batch has {} ids, expected B*T = {}", bt.ids.size(), N);
+  AM_CHECK(bt.labels.empty() || int64_t(bt.labels.size()) == N, "batch labels must be [B,T]");
+  AM_CHECK(bt.pos.empty() || int64_t(bt.pos.size()) == N, "batch positions must be [B,T]");
+  AM_CHECK(bt.doc.empty() || int64_t(bt.doc.size()) == N, "batch document ids must be [B,T]");
+  for (int64_t i = 0; i < N; ++i)
+    AM_CHECK(bt.ids[i] >= 0 && bt.ids[i] < V,
+             "input id {} at row {}, position {} is outside the vocabulary [0, {}); check the "
+             "tokenizer matches the model",
+             bt.ids[i], i / T, i % T, V);
+  plan(B, T);
+  const cu::Ctx& ctx = s.ctx;
+
+  // ---- the batch: host staging (pinned), one copy to the device
+  if (s.upload_pending) CUDA_CHECK(cudaEventSynchronize(s.upload_done));  // staging is free again
+  Carver hv{reinterpret_cast<uintptr_t>(s.in_host), 0};
+  int64_t* h_ids = hv.take<int64_t>(N);
+  int64_t* h_tg = hv.take<int64_t>(N);
+  int32_t* h_pos = hv.take<int32_t>(N);
+  int32_t* h_doc = hv.take<int32_t>(N);
+  int32_t* h_uniq = hv.take<int32_t>(N);
+  int32_t* h_uoff = hv.take<int32_t>(N + 1);
+  int32_t* h_rows = hv.take<int32_t>(N);
+  int64_t labelled = 0;
+  for (int64_t r = 0; r < B; ++r)
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t i = r * T + t;
+      const int64_t y = (t + 1 < T && !bt.labels.empty()) ? bt.labels[i + 1] : -100;
+      AM_CHECK(y == -100 || (y >= 0 && y < V),
+               "label {} at row {}, position {} is outside the vocabulary [0, {})", y, r, t + 1, V);
+      h_ids[i] = bt.ids[i];
+      h_tg[i] = y;
+      labelled += y != -100;
+      h_pos[i] = bt.pos.empty() ? int32_t(t) : bt.pos[i];
+      h_doc[i] = bt.doc.empty() ? 0 : bt.doc[i];
+    }
+  // rows grouped by id for the deterministic embedding backward
+  {
+    std::vector<std::pair<int64_t, int32_t>> by_id(static_cast<size_t>(N));
+    for (int64_t i = 0; i < N; ++i) by_id[i] = {bt.ids[i], int32_t(i)};
+    std::sort(by_id.begin(), by_id.end());
+    int64_t u = 0;
+    for (int64_t j = 0; j < N; ++j) {
+      if (j == 0 || by_id[j].first != by_id[j - 1].first) {
+        h_uniq[u] = int32_t(by_id[j].first);
+        h_uoff[u++] = int32_t(j);
+      }
+      h_rows[j] = by_id[j].second;
+    }
+    h_uoff[u] = int32_t(N);
+    s.n_uniq = u;
+  }
+  s.has_doc = !bt.doc.empty();
+  CUDA_CHECK(cudaMemcpyAsync(s.ids, s.in_host, s.in_bytes, cudaMemcpyHostToDevice, ctx.stream));
+  CUDA_CHECK(cudaEventRecord(s.upload_done, ctx.stream));
+  s.upload_pending = true;
+  const int32_t* doc = s.has_doc ? s.doc : nullptr;
+
+  if (grad) {
+    s.beta = s.fresh ? 0.f : 1.f;
+    s.fresh = false;
+  }
+  const float eps = float(c.rms_norm_eps), theta = float(c.rope_theta);
+  s.record(0);
+  cu::embedding_fwd(s.res[0], s.ids, s.W(s.off_wte), N, H, ctx);
+  for (int64_t l = 0; l < L; ++l) {
+    LayerActs& a = s.la[l];
+    const LayerOff& o = s.lo[l];
+    const bf16* x_in = s.res[l];
+    bf16* x_out = s.res[l + 1];
+    auto Wn = [&](int64_t off) { return off < 0 ? nullptr : s.W(off); };
+    s.lrecord(l, 0);
+    // attention block
+    cu::rmsnorm_fwd(a.ln1, a.ln1_rstd, x_in, s.W(o.ln1), N, H, eps, ctx);
+    cu::linear_fwd(a.q_pre, a.ln1, s.W(o.wq), Wn(o.bq), N, H, nH * D, ctx);
+    cu::linear_fwd(a.k_pre, a.ln1, s.W(o.wk), Wn(o.bk), N, H, nKV * D, ctx);
+    cu::linear_fwd(a.v, a.ln1, s.W(o.wv), Wn(o.bv), N, H, nKV * D, ctx);
+    cu::rmsnorm_fwd(a.q, a.q_rstd, a.q_pre, s.W(o.qn), N * nH, D, eps, ctx);
+    cu::rmsnorm_fwd(a.k, a.k_rstd, a.k_pre, s.W(o.kn), N * nKV, D, eps, ctx);
+    cu::rope_fwd(a.q, a.q, s.pos, N, nH, D, theta, ctx);  // in place
+    cu::rope_fwd(a.k, a.k, s.pos, N, nKV, D, theta, ctx);
+    cu::attention_fwd(a.ao, a.lse, a.q, a.k, a.v, doc, B, T, nH, nKV, D, ctx);
+    cu::linear_fwd(s.tmp, a.ao, s.W(o.wo), Wn(o.bo), N, nH * D, H, ctx);
+    cu::add(a.x_mid, x_in, s.tmp, N * H, ctx);
+    s.lrecord(l, 1);
+    // MLP block
+    cu::rmsnorm_fwd(a.ln2, a.ln2_rstd, a.x_mid, s.W(o.ln2), N, H, eps, ctx);
+    if (o.moe) {
+      float* probs = s.probs_all + o.moe_index * N * E;
+      int32_t* idx = s.topk_all + o.moe_index * N * K;
+      cu::linear_fwd(s.rlogits, a.ln2, s.W(o.router), nullptr, N, H, E, ctx);
+      cu::router_fwd(probs, idx, a.topk_w, s.rlogits, N, E, K, c.norm_topk_prob, ctx);
+      cu::moe_layout(a.offsets, a.slot_row, idx, N, E, K, ctx);
+      cu::permute_fwd(s.xs, a.ln2, a.slot_row, N, K, H, ctx);
+      cu::grouped_linear_fwd(a.gu, s.xs, s.W(o.ex_gu), a.offsets, N * K, E, H, 2 * I, ctx);
+      cu::swiglu_fwd(s.act, a.gu, N * K, I, ctx);
+      cu::grouped_linear_fwd(a.ys, s.act, s.W(o.ex_down), a.offsets, N * K, E, I, H, ctx);
+      cu::unpermute_fwd(s.tmp, a.ys, a.topk_w, a.slot_row, N, K, H, ctx);
+    } else {
+      cu::linear_fwd(a.gu, a.ln2, s.W(o.mlp_gu), nullptr, N, H, 2 * F, ctx);
+      cu::swiglu_fwd(s.act, a.gu, N, F, ctx);
+      cu::linear_fwd(s.tmp, s.act, s.W(o.mlp_down), nullptr, N, F, H, ctx);
+    }
+    cu::add(x_out, a.x_mid, s.tmp, N * H, ctx);
+    s.lrecord(l, 2);
+  }
+  s.record(1);
+  cu::rmsnorm_fwd(s.lnf_out, s.lnf_rstd, s.res[L], s.W(s.off_lnf), N, H, eps, ctx);
+
+  // ---- lm_head + cross-entropy in chunks of rows (and their backward when training)
+  s.labelled = labelled;
+  s.denom = ce_denominator > 0 ? ce_denominator : float(labelled);
+  const float ce_scale = s.denom > 0 ? 1.0f / s.denom : 0.f;
+  if (logits) logits->resize(size_t(N * V));
+  std::vector<uint16_t> host_chunk;
+  for (int64_t r0 = 0; r0 < N; r0 += s.chunk) {
+    const int64_t rows = std::min(s.chunk, N - r0);
+    const bf16* xr = s.lnf_out + r0 * H;
+    cu::linear_fwd(s.logits_c, xr, s.W(s.off_lm), nullptr, rows, H, V, ctx);
+    cu::cross_entropy_fwd(s.losses + r0, s.lse_c, s.logits_c, s.targets + r0, rows, V, ctx);
+    if (logits) {  // `automoe forward`: this chunk's logits to the host (synchronous)
+      host_chunk.resize(size_t(rows * V));
+      CUDA_CHECK(cudaMemcpyAsync(host_chunk.data(), s.logits_c, size_t(rows * V) * 2,
+                                 cudaMemcpyDeviceToHost, ctx.stream));
+      CUDA_CHECK(cudaStreamSynchronize(ctx.stream));
+      float* dst = logits->data() + r0 * V;
+      for (int64_t i = 0; i < rows * V; ++i) dst[i] = from_bf16_bits(host_chunk[i]);
+    }
+    if (grad) {
+      cu::cross_entropy_bwd(s.logits_c, s.logits_c, s.lse_c, s.targets + r0, ce_scale, rows, V, ctx);
+      s.lin_bwd(s.dlnf + r0 * H, 0.f, s.off_lm, -1, s.logits_c, xr, rows, H, V,
+                r0 == 0 ? s.beta : 1.f);
+    }
+  }
+  if (grad) s.norm_bwd(s.dres, s.off_lnf, s.dlnf, s.res[L], s.lnf_rstd, N, H);
+
+  // ---- aux loss over every MoE layer's router outputs
+  s.has_aux = c.output_router_logits && c.num_moe_layers() > 0;
+  s.aux_grad = 0.f;
+  if (s.has_aux) {
+    cu::aux_loss_fwd(s.d_aux, s.probs_all, s.topk_all, c.num_moe_layers() * N, E, K, ctx);
+    s.aux_grad = float(c.router_aux_loss_coef) * aux_scale;
+  }
+  CUDA_CHECK(cudaMemcpyAsync(s.loss_host, s.losses, size_t(N) * sizeof(float),
+                             cudaMemcpyDeviceToHost, ctx.stream));
+  CUDA_CHECK(cudaMemcpyAsync(s.loss_host + N, s.d_aux, sizeof(float), cudaMemcpyDeviceToHost,
+                             ctx.stream));
+  CUDA_CHECK(cudaEventRecord(s.loss_ready, ctx.stream));
+  s.record(2);
+  s.have_grad_forward = grad;
+}
+
+LossParts Qwen3MoeCuda::loss() {
+  State& s = *s_;
+  AM_CHECK(s.loss_host && s.N > 0, "loss() needs a forward() first");
+  CUDA_CHECK(cudaEventSynchronize(s.loss_ready));
+  double sum = 0.0;
+  for (int64_t i = 0; i < s.N; ++i) sum += s.loss_host[i];
+  LossParts out;
+  out.labelled = s.labelled;
+  // HF: mean over labelled tokens; with no labelled token the mean is NaN there, 0 here.
+  out.ce = s.denom > 0 ? float(sum / s.denom) : 0.f;
+  out.loss = out.ce;
+  if (s.has_aux) {
+    out.has_aux = true;
+    out.aux = s.loss_host[s.N];
+    out.loss += s.aux_grad * out.aux;  // coef * aux_scale * aux, as the CPU model
+  }
+  return out;
+}
+
+// ---- backward ----------------------------------------------------------------------------------
+
+void Qwen3MoeCuda::backward() {
+  State& s = *s_;
+  AM_CHECK(s.have_grad_forward, "backward() needs a forward(grad = true) first");
+  const auto& c = s.cfg;
+  const cu::Ctx& ctx = s.ctx;
+  const int64_t B = s.B, T = s.T, N = s.N, H = c.hidden_size, nH = c.num_attention_heads,
+                nKV = c.num_key_value_heads, D = c.head_dim, E = c.num_experts,
+                K = c.num_experts_per_tok, I = c.moe_intermediate_size, F = c.intermediate_size,
+                L = c.num_hidden_layers;
+  const float theta = float(c.rope_theta);
+  const int32_t* doc = s.has_doc ? s.doc : nullptr;
+  const float beta = s.beta;
+  // aux loss: d(coef*aux)/dprobs for all MoE layers at once
+  if (s.aux_grad != 0.f)
+    cu::aux_loss_bwd(s.dprobs_all, s.aux_grad, s.topk_all, c.num_moe_layers() * N, E, K, ctx);
+  for (int64_t l = L - 1; l >= 0; --l) {
+    LayerActs& a = s.la[l];
+    const LayerOff& o = s.lo[l];
+    const bf16* x_in = s.res[l];
+    s.lrecord(l, 3);
+    // ---- MLP block: out = x_mid + mlp(ln2(x_mid)); dres is d(out)
+    if (o.moe) {
+      const float* probs = s.probs_all + o.moe_index * N * E;
+      const int32_t* idx = s.topk_all + o.moe_index * N * K;
+      cu::unpermute_bwd(s.dys, s.dtopk_w, s.dres, a.ys, a.topk_w, a.slot_row, N, K, H, ctx);
+      cu::swiglu_fwd(s.act_b, a.gu, N * K, I, ctx);  // recomputed
+      s.grouped_bwd(s.dact, o.ex_down, s.dys, s.act_b, a.offsets, N * K, E, I, H);
+      cu::swiglu_bwd(s.dgu, s.dact, a.gu, N * K, I, ctx);
+      cu::permute_fwd(s.xs_b, a.ln2, a.slot_row, N, K, H, ctx);  // recomputed
+      s.grouped_bwd(s.dys /*dxs*/, o.ex_gu, s.dgu, s.xs_b, a.offsets, N * K, E, H, 2 * I);
+      cu::permute_bwd(s.dln, s.dys, a.slot_row, N, K, H, ctx);
+      cu::router_bwd(s.drl, s.dtopk_w,
+                     s.aux_grad != 0.f ? s.dprobs_all + o.moe_index * N * E : nullptr, probs, idx,
+                     N, E, K, c.norm_topk_prob, ctx);
+      s.lin_bwd(s.dln, 1.f, o.router, -1, s.drl, a.ln2, N, H, E, beta);
+    } else {
+      cu::swiglu_fwd(s.act_b, a.gu, N, F, ctx);  // recomputed
+      s.lin_bwd(s.dact, 0.f, o.mlp_down, -1, s.dres, s.act_b, N, F, H, beta);
+      cu::swiglu_bwd(s.dgu, s.dact, a.gu, N, F, ctx);
+      s.lin_bwd(s.dln, 0.f, o.mlp_gu, -1, s.dgu, a.ln2, N, H, 2 * F, beta);
+    }
+    s.norm_bwd(s.d1, o.ln2, s.dln, a.x_mid, a.ln2_rstd, N, H);
+    cu::add_inplace(s.dres, s.d1, N * H, ctx);
+    s.lrecord(l, 4);
+    // ---- attention block: x_mid = x_in + o_proj(attn(ln1(x_in)))
+    s.lin_bwd(s.dao, 0.f, o.wo, o.bo, s.dres, a.ao, N, nH * D, H, beta);
+    cu::attention_bwd(s.dq, s.dk, s.dv, s.dao, a.ao, a.lse, a.q, a.k, a.v, doc, B, T, nH, nKV, D,
+                      ctx);
+    cu::rope_bwd(s.dqn, s.dq, s.pos, N, nH, D, theta, ctx);
+    cu::rope_bwd(s.dkn, s.dk, s.pos, N, nKV, D, theta, ctx);
+    s.norm_bwd(s.dq, o.qn, s.dqn, a.q_pre, a.q_rstd, N * nH, D);
+    s.norm_bwd(s.dk, o.kn, s.dkn, a.k_pre, a.k_rstd, N * nKV, D);
+    s.lin_bwd(s.dln, 0.f, o.wq, o.bq, s.dq, a.ln1, N, H, nH * D, beta);
+    s.lin_bwd(s.dln, 1.f, o.wk, o.bk, s.dk, a.ln1, N, H, nKV * D, beta);
+    s.lin_bwd(s.dln, 1.f, o.wv, o.bv, s.dv, a.ln1, N, H, nKV * D, beta);
+    s.norm_bwd(s.d1, o.ln1, s.dln, x_in, a.ln1_rstd, N, H);
+    cu::add_inplace(s.dres, s.d1, N * H, ctx);
+    s.lrecord(l, 5);
+  }
+  // embedding (tied: lm_head's gradient is already in this tensor, so always accumulate)
+  if (s.bf16_mode()) {
+    bf16* g = s.g16.get() + s.off_wte;
+    if (beta == 0.f && !s.tied)
+      CUDA_CHECK(cudaMemsetAsync(g, 0, size_t(c.vocab_size * H) * sizeof(bf16), ctx.stream));
+    cu::embedding_bwd_sorted(g, s.dres, s.uniq, s.uoff, s.rows, s.n_uniq, H, ctx);
+  } else {
+    cu::embedding_bwd_sorted(s.g32.get() + s.off_wte, s.dres, s.uniq, s.uoff, s.rows, s.n_uniq, H,
+                             ctx);
+  }
+  s.record(3);
+  s.have_grad_forward = false;
+}
+
+// ---- optimizer ---------------------------------------------------------------------------------
+
+void Qwen3MoeCuda::optimizer_step(const AdamWConfig& c, float lr, float max_grad_norm) {
+  State& s = *s_;
+  const cu::Ctx& ctx = s.ctx;
+  AM_CHECK(!s.fresh, "optimizer_step() without gradients: run forward() and backward() first");
+  ++s.adam_t;
+  if (s.bf16_mode())
+    cu::sum_squares(s.d_sumsq, s.g16.get(), s.P, ctx);
+  else
+    cu::sum_squares(s.d_sumsq, s.g32.get(), s.P, ctx);
+  cu::clip_coef(s.d_coef, s.d_norm, s.d_sumsq, max_grad_norm, ctx);
+  if (s.bf16_mode())
+    cu::adamw_step(s.p16.get(), s.g16.get(), s.m16.get(), s.v16.get(), s.P, lr, c.beta1, c.beta2,
+                   c.eps, c.weight_decay, s.adam_t, s.d_coef, ctx);
+  else
+    cu::adamw_step(s.p32.get(), s.p16.get(), s.g32.get(), s.m32.get(), s.v32.get(), s.P, lr,
+                   c.beta1, c.beta2, c.eps, c.weight_decay, s.adam_t, s.d_coef, ctx);
+  CUDA_CHECK(cudaMemcpyAsync(s.norm_host, s.d_norm, sizeof(float), cudaMemcpyDeviceToHost,
+                             ctx.stream));
+  CUDA_CHECK(cudaEventRecord(s.norm_ready, ctx.stream));
+  s.record(4);
+}
+
+float Qwen3MoeCuda::grad_norm() {
+  CUDA_CHECK(cudaEventSynchronize(s_->norm_ready));
+  return s_->norm_host[0];
+}
+
+std::vector<int32_t> Qwen3MoeCuda::download_router_topk() const {
+  const State& s = *s_;
+  synchronize();
+  std::vector<int32_t> out(size_t(s.nmoe() * s.N * s.cfg.num_experts_per_tok));
+  if (!out.empty())
+    CUDA_CHECK(cudaMemcpy(out.data(), s.topk_all, out.size() * sizeof(int32_t), cudaMemcpyDeviceToHost));
+  return out;
+}
+
+void Qwen3MoeCuda::enable_phase_timing(bool on) {
+  State& s = *s_;
+  s.timing = on;
+  const size_t want = size_t(s.cfg.num_hidden_layers * 6);
+  while (on && s.lev.size() < want) {
+    cudaEvent_t e;
+    CUDA_CHECK(cudaEventCreate(&e));
+    s.lev.push_back(e);
+  }
+}
+
+std::vector<std::pair<std::string, float>> Qwen3MoeCuda::phase_ms() const {
+  const State& s = *s_;
+  std::vector<std::pair<std::string, float>> out;
+  if (!s.timing) return out;
+  CUDA_CHECK(cudaEventSynchronize(s.ev[4]));
+  const char* names[4] = {"fwd_layers", "lm_head_ce", "bwd_layers", "optimizer"};
+  for (int i = 0; i < 4; ++i) {
+    float ms = 0.f;
+    CUDA_CHECK(cudaEventElapsedTime(&ms, s.ev[i], s.ev[i + 1]));
+    out.emplace_back(names[i], ms);
+  }
+  // the layers' share: attention and MLP (MoE or dense) blocks, forward and backward
+  float fa = 0, fm = 0, bm = 0, ba = 0;
+  for (int64_t l = 0; l < s.cfg.num_hidden_layers; ++l) {
+    const cudaEvent_t* e = s.lev.data() + l * 6;
+    float ms = 0.f;
+    CUDA_CHECK(cudaEventElapsedTime(&ms, e[0], e[1]));
+    fa += ms;
+    CUDA_CHECK(cudaEventElapsedTime(&ms, e[1], e[2]));
+    fm += ms;
+    CUDA_CHECK(cudaEventElapsedTime(&ms, e[3], e[4]));
+    bm += ms;
+    CUDA_CHECK(cudaEventElapsedTime(&ms, e[4], e[5]));
+    ba += ms;
+  }
+  out.emplace_back("fwd_attention", fa);
+  out.emplace_back("fwd_mlp", fm);
+  out.emplace_back("bwd_mlp", bm);
+  out.emplace_back("bwd_attention", ba);
+  return out;
+}
+
+}  // namespace automoe

@@ -1,0 +1,107 @@
+// model/qwen3_moe_cuda.h: the Qwen3-MoE model on one GPU (CUDA backend, bf16 compute): the CPU
+// model's forward and hand-written backward (model/qwen3_moe.cpp) on the CUDA ops, one stream,
+// no host synchronisation inside forward/backward, every buffer allocated once.
+// Only in builds with CUDA (the automoe_cuda_model target; AUTOMOE_HAVE_CUDA).
+//
+// Memory (all allocated up front, nothing on the hot path):
+//   parameters  bf16 compute copy [P] (+ fp32 master [P] with Precision::FP32Master)
+//   gradients   bf16 [P] (fp32 with FP32Master), same layout as the parameters
+//   AdamW m, v  bf16 [P] each (fp32 with FP32Master)
+//   activations one arena planned for (B, T) by plan(): saved per-layer tensors, the
+//               residual stream, then one region shared by the forward's and the backward's
+//               temporaries (their union), the lm_head+CE chunk buffers among them
+//   workspace   one buffer, the largest *_workspace_bytes() of the ops at this (B, T)
+// The layout (offsets, HF names) is the CPU model's, so the host fp32 arena of a Qwen3Moe loads,
+// checkpoints and exports through model/weights.h and train/checkpoint.h unchanged.
+//
+// The lm_head and the cross-entropy run in chunks of rows: per chunk, logits [rows, V] (bf16),
+// the loss, dlogits in place, and lm_head's backward into d(ln_f out) and dW_lm_head, all in
+// forward() (which knows the loss scale). Full [N, V] logits never exist on the device; forward()
+// can copy each chunk's logits to the host for `automoe forward` (small models).
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "backend/cuda/common.cuh"
+#include "model/qwen3_moe.h"
+#include "train/adamw.h"
+
+namespace automoe {
+
+// train.precision: "bf16" (default: bf16 weights, gradients and AdamW moments, what a
+// Transformers user with a bf16 model gets) or "fp32_master" (fp32 master weights, gradients
+// and moments; a bf16 copy of the weights for compute).
+enum class Precision { BF16, FP32Master };
+Precision parse_precision(const std::string& name);  // throws naming the accepted values
+const char* precision_name(Precision p);
+
+struct CudaMemory {  // bytes
+  size_t params = 0, master = 0, grads = 0, moments = 0, activations = 0, workspace = 0;
+  size_t total() const { return params + master + grads + moments + activations + workspace; }
+};
+
+class Qwen3MoeCuda {
+ public:
+  explicit Qwen3MoeCuda(const ModelConfig& cfg, Precision precision = Precision::BF16,
+                        int device = 0);
+  ~Qwen3MoeCuda();
+  Qwen3MoeCuda(const Qwen3MoeCuda&) = delete;
+  Qwen3MoeCuda& operator=(const Qwen3MoeCuda&) = delete;
+
+  const ModelConfig& config() const;
+  const Qwen3Moe& host_layout() const;  // layout and HF names (a Qwen3Moe without host arenas)
+  int64_t numel() const;
+  Precision precision() const;
+  const cuda::Ctx& ctx() const;
+
+  // Parameters, gradients and moments as fp32 host arenas of the layout (synchronous).
+  void upload_params(const std::vector<float>& params);
+  void download_params(std::vector<float>& params) const;
+  void download_grads(std::vector<float>& grads) const;
+  void upload_moments(const std::vector<float>& m, const std::vector<float>& v, int64_t t);
+  void download_moments(std::vector<float>& m, std::vector<float>& v) const;
+  int64_t adam_steps() const;
+  // Random init on the device (normal(0, std) matrices, ones for norms, zeros for biases);
+  // not the CPU model's values (use upload_params for those).
+  void init_random(uint64_t seed, float std = 0.02f);
+
+  // Sizes the activation arena and the workspace for micro-batches of B x T (the only
+  // allocations after construction; forward() calls it, a repeated shape costs nothing).
+  void plan(int64_t B, int64_t T);
+
+  // Marks the gradients empty: the next backward overwrites them (no memset in bf16 mode).
+  void zero_grad();
+  // Forward with loss (as Qwen3Moe::forward: ce_denominator > 0 divides the summed CE, else the
+  // mean over labelled tokens; aux_scale scales coef*aux). With `grad`, also lm_head + CE's
+  // backward and ln_f's: parameter gradients start here, so call zero_grad() BEFORE forward().
+  // `logits` (optional, host): filled with the fp32 [N,V] logits (syncs per chunk; for
+  // `automoe forward` only). Enqueues only otherwise; loss() reads the result.
+  void forward(const Batch& b, float ce_denominator = 0.f, float aux_scale = 1.f, bool grad = true,
+               std::vector<float>* logits = nullptr);
+  LossParts loss();  // waits for the last forward's loss
+  // Accumulates d(loss)/d(params) for the last forward(grad = true).
+  void backward();
+  // Global-norm clipping (max_grad_norm > 0) and AdamW, on the device without a host sync.
+  void optimizer_step(const AdamWConfig& c, float lr, float max_grad_norm);
+  float grad_norm();  // the last optimizer_step's norm before clipping (waits)
+  // Top-k experts of every MoE layer in the last forward, [nMoE * N, K] (parity tools; waits).
+  std::vector<int32_t> download_router_topk() const;
+
+  void synchronize() const;
+  CudaMemory memory() const;
+  // Per-phase GPU times of the last full step (cudaEvents; waits), in ms: fwd_layers,
+  // lm_head_ce (ln_f, chunked lm_head + CE forward and backward, aux loss), bwd_layers,
+  // optimizer; then the layers split into fwd_attention, fwd_mlp, bwd_mlp, bwd_attention.
+  // Recorded only when enabled (before the step).
+  void enable_phase_timing(bool on);
+  std::vector<std::pair<std::string, float>> phase_ms() const;
+
+ private:
+  struct State;
+  std::unique_ptr<State> s_;
+};
+
+}  // namespace automoe
