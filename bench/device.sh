@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# bench/device.sh: the one script run on the GPU machine (H200). From a fresh copy of the repo:
-# configures and builds the CUDA backend and its op check (CMake + Ninja, sm_90a), runs
-# cuda_op_check (every CUDA op against the CPU op), and prints a short table last.
-#   bash bench/device.sh [FILTER]      FILTER: only the op groups whose name contains it
-# Env: BUILD (build dir, default build-device), CUDA_ARCH (default 90a). Exit code: the op
-# check's (its number of failures), or the build's. The log is copied to $OUT when set.
-# cuDNN SDPA (attention): cuDNN comes with torch there (site-packages/nvidia/cudnn); the
-# cudnn-frontend headers do not, so carry its wheel in .whl/ (ignored by git), fetched here with
-#   python3 -m pip download --no-deps --only-binary=:all: nvidia-cudnn-frontend==1.32.0 -d .whl
-# and CMake unpacks include/ from it (cmake/cudnn.cmake). Without it attention runs the fallback
-# kernel only and the attention_*.cudnn checks SKIP.
+# bench/device.sh: the one script run on the GPU machine (H200). From a fresh copy of the repo
+# (run bench/fetch_deps.sh here first; carry [".whl", ".deps"]): configures and builds the CUDA
+# backend (CMake + Ninja, sm_90a), then runs the stages named in STAGES:
+#   ops       cuda_op_check: every CUDA op against the CPU op (OPS: its filter words, default
+#             "-grouped_perf"; e.g. OPS="grouped attention")
+#   parity    cuda_parity: the CUDA model (bf16, fp32_master) against the CPU model on the
+#             Transformers fixtures, and a STEPS-step (300) tiny-moe fine-tune on both
+#   bench     cuda_bench: a 2-layer smoke run, then W1 (LAYERS=12 SEQ=4096 MBS=2)
+#   baseline  native Transformers on the same shapes (.deps/bench/hf_moe_baseline.py, a copy of
+#             ../shared/bench; IMPLS, default "grouped_mm"), and the ratios
+# and prints a short table last. Default STAGES="ops parity bench baseline".
+#   bash bench/device.sh            Env: BUILD (build-device), CUDA_ARCH (90a), STAGES, OPS,
+#                                   STEPS, LAYERS, SEQ, MBS, IMPLS, BENCH_ARGS (extra cuda_bench flags)
+# Exit code: the number of failed stages (configure 3, build 4). Logs go to $OUT when set.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BUILD=${BUILD:-build-device}
@@ -42,6 +45,8 @@ if ! python3 -c "import importlib.util as u; assert u.find_spec('cutlass_library
 fi
 export CUDACXX=${CUDACXX:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null
+STAGES=${STAGES:-ops parity bench baseline}
+has() { [[ " $STAGES " == *" $1 "* ]]; }
 
 t0=$(date +%s)
 # Warnings stay warnings here (a newer host compiler must not stop the run); CI has -Werror.
@@ -49,20 +54,79 @@ cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DAUTOMOE_WERROR=OFF 
   -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCH:-90a}" > "$BUILD/configure.log" 2>&1 \
   || { cat "$BUILD/configure.log"; echo "device.sh: configure failed"; exit 3; }
 grep -E "PCRE2|CUDA compiler identification|cuDNN|CUTLASS" "$BUILD/configure.log"
-cmake --build "$BUILD" -j "$(nproc)" --target cuda_op_check > "$BUILD/build.log" 2>&1 \
+targets=(cuda_op_check cuda_parity cuda_bench)
+grep -q "PCRE2 (libpcre2-8) not found" "$BUILD/configure.log" || targets+=(automoe_cli)
+cmake --build "$BUILD" -j "$(nproc)" --target "${targets[@]}" > "$BUILD/build.log" 2>&1 \
   || { tail -n 60 "$BUILD/build.log"; echo "device.sh: build failed"; exit 4; }
-t1=$(date +%s)
-echo "device.sh: built in $((t1 - t0)) s"
+echo "device.sh: built ${targets[*]} in $(( $(date +%s) - t0 )) s"
 
-export AUTOMOE_THREADS=0  # the CPU reference on every core
-"$BUILD/cuda_op_check" "$@" 2>&1 | tee "$BUILD/op_check.log"
-rc=${PIPESTATUS[0]}
-t2=$(date +%s)
-[ -n "${OUT:-}" ] && cp "$BUILD/op_check.log" "$BUILD/build.log" "$OUT/" 2>/dev/null
+export AUTOMOE_THREADS=0  # the CPU references on every core
+fails=0
+LOGS=("$BUILD/build.log")
+SUMMARY=()
+stage() {  # name, command...
+  local name=$1; shift
+  local log="$BUILD/$name.log"
+  LOGS+=("$log")
+  echo "== $name: $*"
+  local s=$(date +%s)
+  "$@" 2>&1 | tee "$log"
+  local rc=${PIPESTATUS[0]}
+  echo "== $name: exit $rc in $(( $(date +%s) - s )) s"
+  SUMMARY+=("$(printf '%-12s exit %-3s %4s s' "$name" "$rc" "$(( $(date +%s) - s ))")")
+  [ "$rc" -ne 0 ] && fails=$((fails + 1))
+  return 0
+}
 
-# The short table, last: the failures, then one row per op.
+if has ops; then
+  # shellcheck disable=SC2086
+  stage op_check "$BUILD/cuda_op_check" ${OPS:--grouped_perf}
+fi
+has parity && stage parity "$BUILD/cuda_parity" --steps "${STEPS:-300}"
+if has bench; then
+  stage bench_smoke "$BUILD/cuda_bench" --layers 2 --seq 1024 --mbs 1 --warmup 1 --steps 2
+  # shellcheck disable=SC2086
+  stage bench_w1 "$BUILD/cuda_bench" --layers "${LAYERS:-12}" --seq "${SEQ:-4096}" --mbs "${MBS:-2}" ${BENCH_ARGS:-}
+fi
+if has baseline; then
+  if [ -f .deps/bench/hf_moe_baseline.py ]; then
+    stage baseline env LAYERS="${LAYERS:-12}" SEQ="${SEQ:-4096}" MBS="${MBS:-2}" \
+      IMPLS="${IMPLS:-grouped_mm}" python3 .deps/bench/hf_moe_baseline.py
+  else
+    echo "device.sh: no .deps/bench/hf_moe_baseline.py (run bench/fetch_deps.sh here first)"
+    fails=$((fails + 1))
+  fi
+fi
+
+# The short table, last.
 echo
-echo "== device.sh summary (build $((t1 - t0)) s, op check $((t2 - t1)) s, exit $rc) =="
-grep -E "^FAIL" "$BUILD/op_check.log" | head -n 40
-sed -n '/^op  *checks/,$p' "$BUILD/op_check.log"
-exit "$rc"
+echo "== device.sh summary (exit $fails) =="
+printf '%s\n' "${SUMMARY[@]}"
+if [ -f "$BUILD/op_check.log" ] && has ops; then
+  grep -E "^FAIL" "$BUILD/op_check.log" | head -n 20
+  grep -E "cuda_op_check: [0-9]+ failures" "$BUILD/op_check.log"
+fi
+has parity && grep -E "^(SUMMARY|FAIL|WARN)" "$BUILD/parity.log" | head -n 30
+python3 - "$BUILD/bench_w1.log" "$BUILD/baseline.log" <<'PY'
+import json, sys
+def results(path):
+    try:
+        return [json.loads(l[7:]) for l in open(path) if l.startswith("RESULT ")]
+    except OSError:
+        return []
+ours, hf = results(sys.argv[1]), results(sys.argv[2])
+keys = ("fwd_bwd_tok_per_s", "fwd_bwd_tflops", "tok_per_s", "model_tflops")
+rows = [("automoe", r) for r in ours] + [("transformers " + r.get("impl", ""), r) for r in hf]
+if rows:
+    print(f"{'W1':24s} {'fwd+bwd tok/s':>14s} {'TFLOP/s':>8s} {'step tok/s':>11s} {'TFLOP/s':>8s} {'peak GiB':>9s}")
+    for name, r in rows:
+        peak = r.get("peak_used_GiB", r.get("peak_GiB", "?"))
+        print(f"{name:24s} " + " ".join(f"{str(r.get(k, '?')):>{w}s}" for k, w in zip(keys, (14, 8, 11, 8))) + f" {str(peak):>9s}")
+if ours and hf:
+    best = max(hf, key=lambda r: r["fwd_bwd_tok_per_s"])
+    o = ours[-1]
+    print(f"ratio vs transformers ({best.get('impl')}): fwd+bwd {o['fwd_bwd_tok_per_s'] / best['fwd_bwd_tok_per_s']:.2f}x, "
+          f"step {o['tok_per_s'] / best['tok_per_s']:.2f}x, peak memory {o.get('peak_used_GiB', 0) / best['peak_GiB']:.2f}x")
+PY
+[ -n "${OUT:-}" ] && cp "${LOGS[@]}" "$OUT/" 2>/dev/null
+exit "$fails"

@@ -5,7 +5,8 @@
 // where the CPU is finite, and 256-byte sentinel zones before and after every CUDA output
 // buffer (checked after the op; "=" outputs start as NaN so an unwritten element shows).
 //
-//   cuda_op_check [FILTER]     runs the cases whose op name contains FILTER
+//   cuda_op_check [WORD ...] [-WORD ...]   runs the groups whose name contains a WORD (all
+//                                          without one) and no -WORD (e.g. -grouped_perf)
 // Prints `OK|FAIL op output shape nmse (limit)` per check, then a table per op. Exit code: the
 // number of failures (at most 255); 0 with a message when there is no CUDA device.
 #include <cuda_bf16.h>
@@ -1026,7 +1027,7 @@ void case_grouped_bf16_dw(const cu::Ctx& ctx, int64_t N, int64_t E, int64_t K, i
   auto& d_dw = pool.in(dw0.h);
   if (beta == 0) d_dw.fill_nan();  // experts without rows must be zeroed, not left
   auto& d_dx = pool.out<bf16>(R * I);
-  cu::grouped_linear_bwd(d_dx.p, d_dw.p, beta, d_dout.p, d_x.p, d_w.p, d_off.p, E, I, O, ctx);
+  cu::grouped_linear_bwd(d_dx.p, d_dw.p, beta, d_dout.p, d_x.p, d_w.p, d_off.p, R, E, I, O, ctx);
   sync(ctx);
   check("grouped_linear_bwd.bf16dw", "dx", sh, d_dx, dx_ref, kBf16Out);
   check("grouped_linear_bwd.bf16dw", "dw", sh, d_dw, dw_ref, kBf16Out);
@@ -1150,9 +1151,23 @@ void case_adamw_bf16_state(const cu::Ctx& ctx, int64_t n) {
 }
 
 // Runs one case; an exception (an op's check, a CUDA error) is a failure of that case.
+// The command line's filters: a group runs when its name contains one of the plain words (all
+// groups when there are none) and none of the words given as -WORD.
+struct Filter {
+  std::vector<std::string> want, skip;
+  bool operator()(const char* op) const {
+    for (auto& w : skip)
+      if (std::strstr(op, w.c_str())) return false;
+    if (want.empty()) return true;
+    for (auto& w : want)
+      if (std::strstr(op, w.c_str())) return true;
+    return false;
+  }
+};
+
 template <class F>
-void run(const char* filter, const char* op, F&& f) {
-  if (filter && !std::strstr(op, filter)) return;
+void run(const Filter& filter, const char* op, F&& f) {
+  if (!filter(op)) return;
   try {
     f();
   } catch (const std::exception& e) {
@@ -1171,7 +1186,9 @@ int main(int argc, char** argv) {
                 e != cudaSuccess ? cudaGetErrorString(e) : "0 devices");
     return 0;
   }
-  const char* filter = argc > 1 ? argv[1] : nullptr;
+  Filter filter;
+  for (int i = 1; i < argc; ++i)
+    (argv[i][0] == '-' ? filter.skip.emplace_back(argv[i] + 1) : filter.want.emplace_back(argv[i]));
   const int threads = cpu::set_num_threads_from_env();
   cudaDeviceProp prop{};
   CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));

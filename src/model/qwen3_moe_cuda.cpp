@@ -231,7 +231,8 @@ struct Qwen3MoeCuda::State {
   void grouped_bwd(bf16* dx, int64_t w_off, const bf16* dout, const bf16* x,
                    const int32_t* offsets, int64_t R, int64_t E, int64_t I, int64_t O) {
     if (bf16_mode())
-      cu::grouped_linear_bwd(dx, g16.get() + w_off, beta, dout, x, W(w_off), offsets, E, I, O, ctx);
+      cu::grouped_linear_bwd(dx, g16.get() + w_off, beta, dout, x, W(w_off), offsets, R, E, I, O,
+                             ctx);
     else
       cu::grouped_linear_bwd(dx, g32.get() + w_off, dout, x, W(w_off), offsets, R, E, I, O, ctx);
   }
@@ -569,8 +570,12 @@ void Qwen3MoeCuda::plan(int64_t B, int64_t T) {
   ws = std::max(ws, cu::rmsnorm_bwd_workspace_bytes(N, H));
   ws = std::max(ws, cu::rmsnorm_bwd_workspace_bytes(N * nH, D));
   ws = std::max(ws, cu::rmsnorm_bwd_workspace_bytes(N * nKV, D));
-  ws = std::max(ws, cu::attention_bwd_workspace_bytes(B, T, nH));
+  for (bool doc : {false, true}) {  // packed batches (document ids) may take another kernel
+    ws = std::max(ws, cu::attention_fwd_workspace_bytes(B, T, nH, nKV, D, doc));
+    ws = std::max(ws, cu::attention_bwd_workspace_bytes(B, T, nH, nKV, D, doc));
+  }
   if (M > 0) ws = std::max(ws, cu::aux_loss_workspace_bytes(M * N, E));
+  if (M > 0) ws = std::max(ws, cu::grouped_linear_workspace_bytes(E));
   ws = std::max(ws, cu::sum_squares_workspace_bytes());
   if (ws > s.ws.bytes()) {
     s.ws = cu::DeviceBuffer<unsigned char>();

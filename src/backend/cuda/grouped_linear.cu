@@ -72,8 +72,7 @@ __device__ void gemm_tile(float (&acc)[4][4], Tiles& sm, const bf16* A, int64_t 
 // Grid (row-tile slots, ceil(Nn/64)): slot s is tile t of expert e where the experts' tiles are
 // numbered in order (found by thread 0 from the device offsets). A block takes slots
 // blockIdx.x, blockIdx.x + gridDim.x, ... until one is past the last tile, so any grid covers
-// every tile (ceil(R/64) + E slots need one pass; the bf16-dW backward, which has no R, uses a
-// fixed grid). The strides of B say whether B_e is w[e]^T (fwd) or w[e] (dx).
+// every tile (ceil(R/64) + E slots need one pass). The strides of B say whether B_e is w[e]^T (fwd) or w[e] (dx).
 __global__ void grouped_rows_kernel(bf16* C /*[R,Nn]*/, const bf16* A /*[R,Kd]*/,
                                     const bf16* W /*[E, O*I]*/, int64_t sbk, int64_t sbn,
                                     const int32_t* offsets, int E, int64_t Nn, int64_t Kd) {
@@ -140,32 +139,6 @@ __global__ void grouped_dw_kernel(T* dw /*[E,O,I]*/, float beta, const bf16* dou
       if (m < O && n < I) {
         T& d = dwe[m * I + n];
         d = T(beta == 0.f ? acc[i][j] : acc[i][j] + beta * float(d));
-      }
-    }
-}
-
-// bf16 dW: dw[e][o,i] = beta * dw[e][o,i] + sum_{r of e} dout[r,o] x[r,i] (fp32 sum, one
-// rounding). Same grid as grouped_dw_kernel; an expert without rows still scales by beta.
-__global__ void grouped_dw_bf16_kernel(bf16* dw /*[E,O,I]*/, float beta, const bf16* dout,
-                                       const bf16* x, const int32_t* offsets, int64_t O,
-                                       int64_t I) {
-  __shared__ Tiles sm;
-  const int64_t e = blockIdx.y;
-  const int64_t r0 = offsets[e], rows = offsets[e + 1] - r0;
-  const int64_t tiles_n = (I + kBN - 1) / kBN;
-  const int64_t m0 = int64_t(blockIdx.x / tiles_n) * kBM, n0 = int64_t(blockIdx.x % tiles_n) * kBN;
-  float acc[4][4] = {};
-  if (rows > 0) gemm_tile(acc, sm, dout + r0 * O, 1, O, x + r0 * I, I, 1, O, I, rows, m0, n0);
-  bf16* dwe = dw + e * O * I;
-  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-#pragma unroll
-  for (int i = 0; i < 4; ++i)
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int64_t m = m0 + ty + 16 * i, n = n0 + tx + 16 * j;
-      if (m < O && n < I) {
-        const float old = beta == 0.0f ? 0.0f : beta * to_f(dwe[m * I + n]);
-        dwe[m * I + n] = to_bf(old + acc[i][j]);
       }
     }
 }
@@ -334,27 +307,6 @@ void grouped_linear_bwd(bf16* dx, bf16* dw, float dw_beta, const bf16* dout, con
                         const bf16* w, const int32_t* offsets, int64_t R, int64_t E, int64_t I,
                         int64_t O, const Ctx& ctx) {
   bwd_impl(dx, dw, dw_beta, dout, x, w, offsets, R, E, I, O, ctx);
-}
-
-// bf16 dW (the default training precision). The fallback's dx runs a fixed grid of row-tile
-// slots that loops until the device offsets run out (no R here).
-void grouped_linear_bwd(bf16* dx, bf16* dw, float dw_beta, const bf16* dout, const bf16* x,
-                        const bf16* w, const int32_t* offsets, int64_t E, int64_t I, int64_t O,
-                        const Ctx& ctx) {
-  check_sizes(0, E, "grouped_linear_bwd");
-  if (O == 0 || I == 0) return;
-  if (dx) {
-    dim3 grid(unsigned(ctx.num_sms * 4), unsigned((I + kBN - 1) / kBN));
-    grouped_rows_kernel<<<grid, kThreads, 0, ctx.stream>>>(dx, dout, w, I, 1, offsets, int(E), I,
-                                                           O);
-    CUDA_CHECK_LAUNCH();
-  }
-  if (dw) {
-    const int64_t tiles = ((O + kBM - 1) / kBM) * ((I + kBN - 1) / kBN);
-    grouped_dw_bf16_kernel<<<dim3(unsigned(tiles), unsigned(E)), kThreads, 0, ctx.stream>>>(
-        dw, dw_beta, dout, x, offsets, O, I);
-    CUDA_CHECK_LAUNCH();
-  }
 }
 
 }  // namespace automoe::cuda

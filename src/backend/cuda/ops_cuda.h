@@ -229,14 +229,6 @@ void linear_bwd(bf16* dx /*[N,I] bf16, nullable*/, float dx_beta, bf16* dw /*[O,
                 float dw_beta, float* db /*[O] f32 +=, nullable*/, const bf16* dout /*[N,O]*/,
                 const bf16* x /*[N,I] bf16*/, const bf16* w /*[O,I] bf16*/, int64_t N, int64_t I,
                 int64_t O, const Ctx& ctx);
-// grouped_linear backward with a bf16 dW: dw[e] = dw_beta * dw[e] + dout_e^T @ x_e (experts
-// without rows get dw_beta * dw[e], i.e. zeros when overwriting). No row count: the rows are
-// read from the device offsets (offsets[E] rows in all). dx nullable.
-void grouped_linear_bwd(bf16* dx /*[R,I] bf16 =, nullable*/, bf16* dw /*[E,O,I] bf16*/,
-                        float dw_beta, const bf16* dout /*[R,O] bf16*/,
-                        const bf16* x /*[R,I] bf16*/, const bf16* w /*[E,O,I] bf16*/,
-                        const int32_t* offsets /*[E+1] i32*/, int64_t E, int64_t I, int64_t O,
-                        const Ctx& ctx);
 // Deterministic embedding backward from rows grouped by id (host-sorted, no atomics):
 // dwte[uniq[u], :] += sum_{j in [uoff[u], uoff[u+1])} dout[rows[j], :] in fp32, rounded once.
 void embedding_bwd_sorted(bf16* dwte /*[V,C] bf16 +=*/, const bf16* dout /*[N,C] bf16*/,
