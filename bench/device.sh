@@ -11,7 +11,8 @@
 #             ../shared/bench; IMPLS, default "grouped_mm"), and the ratios
 # and prints a short table last. Default STAGES="ops parity bench baseline".
 #   bash bench/device.sh            Env: BUILD (build-device), CUDA_ARCH (90a), STAGES, OPS,
-#                                   STEPS, LAYERS, SEQ, MBS, IMPLS, BENCH_ARGS (extra cuda_bench flags)
+#                                   STEPS, LAYERS, SEQ, MBS, IMPLS, BENCH_ARGS (extra cuda_bench
+#                                   flags), STAGE_TIMEOUT (seconds per stage, 300; exit 124)
 # Exit code: the number of failed stages (configure 3, build 4). Logs go to $OUT when set.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -70,7 +71,7 @@ stage() {  # name, command...
   LOGS+=("$log")
   echo "== $name: $*"
   local s=$(date +%s)
-  "$@" 2>&1 | tee "$log"
+  timeout "${STAGE_TIMEOUT:-300}" "$@" 2>&1 | tee "$log"  # a hung stage must not eat the call
   local rc=${PIPESTATUS[0]}
   echo "== $name: exit $rc in $(( $(date +%s) - s )) s"
   SUMMARY+=("$(printf '%-12s exit %-3s %4s s' "$name" "$rc" "$(( $(date +%s) - s ))")")
