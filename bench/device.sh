@@ -5,7 +5,8 @@
 #   ops       cuda_op_check: every CUDA op against the CPU op (OPS: its filter words, default
 #             "-grouped_perf"; e.g. OPS="grouped attention")
 #   parity    cuda_parity: the CUDA model (bf16, fp32_master) against the CPU model on the
-#             Transformers fixtures, and a STEPS-step (300) tiny-moe fine-tune on both
+#             Transformers fixtures, judged against Transformers' own bf16 error there
+#             (bench/hf_bf16_noise.py), and a STEPS-step (300; 0 skips) tiny-moe fine-tune on both
 #   bench     cuda_bench: a 2-layer smoke run, then W1 (LAYERS=12 SEQ=4096 MBS=2)
 #   baseline  native Transformers on the same shapes (.deps/bench/hf_moe_baseline.py, a copy of
 #             ../shared/bench; IMPLS, default "grouped_mm"), and the ratios
@@ -83,7 +84,17 @@ if has ops; then
   # shellcheck disable=SC2086
   stage op_check "$BUILD/cuda_op_check" ${OPS:--grouped_perf}
 fi
-has parity && stage parity "$BUILD/cuda_parity" --steps "${STEPS:-300}"
+if has parity; then
+  # bf16's own yardstick: what bf16 costs Transformers on the same fixtures (torch is there)
+  noise=()
+  if python3 -c "import torch, transformers" 2>/dev/null; then
+    stage hf_bf16 python3 bench/hf_bf16_noise.py "$BUILD/hf_bf16_noise.json"
+    [ -f "$BUILD/hf_bf16_noise.json" ] && noise=(--hf-noise "$BUILD/hf_bf16_noise.json")
+  fi
+  train=(--steps "${STEPS:-300}")
+  [ "${STEPS:-300}" = 0 ] && train=(--skip-train)
+  stage parity "$BUILD/cuda_parity" "${train[@]}" "${noise[@]}"
+fi
 if has bench; then
   stage bench_smoke "$BUILD/cuda_bench" --layers 2 --seq 1024 --mbs 1 --warmup 1 --steps 2
   # shellcheck disable=SC2086
@@ -91,8 +102,11 @@ if has bench; then
 fi
 if has baseline; then
   if [ -f .deps/bench/hf_moe_baseline.py ]; then
+    # Parameters are created on the GPU (torch's default device) instead of on the CPU and then
+    # moved: the same model, step and timing, minutes less of random init on the host.
     stage baseline env LAYERS="${LAYERS:-12}" SEQ="${SEQ:-4096}" MBS="${MBS:-2}" \
-      IMPLS="${IMPLS:-grouped_mm}" python3 .deps/bench/hf_moe_baseline.py
+      IMPLS="${IMPLS:-grouped_mm}" python3 -c "import runpy, sys, torch; torch.set_default_device('cuda'); \
+sys.argv = ['hf_moe_baseline.py']; runpy.run_path('.deps/bench/hf_moe_baseline.py', run_name='__main__')"
   else
     echo "device.sh: no .deps/bench/hf_moe_baseline.py (run bench/fetch_deps.sh here first)"
     fails=$((fails + 1))
@@ -107,7 +121,10 @@ if [ -f "$BUILD/op_check.log" ] && has ops; then
   grep -E "^FAIL" "$BUILD/op_check.log" | head -n 20
   grep -E "cuda_op_check: [0-9]+ failures" "$BUILD/op_check.log"
 fi
-has parity && grep -E "^(SUMMARY|FAIL|WARN)" "$BUILD/parity.log" | head -n 30
+if has parity; then
+  grep -E "HF bf16 vs fp32" "$BUILD/hf_bf16.log" 2>/dev/null
+  grep -E "logits rel-L2|gradients, worst|^FAIL|loss curves|failed check" "$BUILD/parity.log" | head -n 40
+fi
 python3 - "$BUILD/bench_w1.log" "$BUILD/baseline.log" <<'PY'
 import json, sys
 def results(path):

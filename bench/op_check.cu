@@ -1211,6 +1211,7 @@ int main(int argc, char** argv) {
     case_rmsnorm(ctx, 7, 13);
     case_rmsnorm(ctx, 11, 5);
     case_rmsnorm(ctx, 13 * 4, 128);  // per-head q/k norm: N = tokens*heads, C = head dim
+    case_rmsnorm(ctx, 33 * 3, 6);    // the parity fixture tiny_c's q norm (head dim 6)
     case_rmsnorm(ctx, 512, 2048);
   });
   run(filter, "linear", [&] {
@@ -1223,12 +1224,14 @@ int main(int argc, char** argv) {
   run(filter, "rope", [&] {
     case_rope(ctx, 7, 5, 10, 10000.f);
     case_rope(ctx, 13, 3, 2, 10000.f);
+    case_rope(ctx, 33, 3, 6, 500.f);  // tiny_c: head dim 6, theta 500
     case_rope(ctx, 512, 32, 128, 1e6f);
   });
   // Every case through cuDNN SDPA (attention_*.cudnn; SKIP with the reason where cuDNN cannot
   // run it, e.g. document masking) and through the fallback kernel (attention_*.fallback).
   run(filter, "attention", [&] {
     case_attention(ctx, 1, 5, 2, 1, 8, 1);
+    case_attention(ctx, 3, 11, 3, 1, 6, 1);      // tiny_c: head dim 6, one kv head for three
     case_attention(ctx, 2, 13, 4, 2, 16, 3);     // document masking
     case_attention(ctx, 1, 37, 6, 2, 10, 1);     // D not a multiple of 8 (nor 32)
     case_attention(ctx, 2, 70, 2, 2, 40, 2);     // T past two tiles, documents
