@@ -6,13 +6,13 @@
 #             "-grouped_perf"; e.g. OPS="grouped attention")
 #   parity    cuda_parity: the CUDA model (bf16, fp32_master) against the CPU model on the
 #             Transformers fixtures, judged against Transformers' own bf16 error there
-#             (bench/hf_bf16_noise.py), and a STEPS-step (300; 0 skips) tiny-moe fine-tune on both
+#             (bench/hf_bf16_noise.py), and a TRAIN_STEPS-step (300; 0 skips) tiny-moe fine-tune on both
 #   bench     cuda_bench: a 2-layer smoke run, then W1 (LAYERS=12 SEQ=4096 MBS=2)
 #   baseline  native Transformers on the same shapes (.deps/bench/hf_moe_baseline.py, a copy of
 #             ../shared/bench; IMPLS, default "grouped_mm"), and the ratios
 # and prints a short table last. Default STAGES="ops parity bench baseline".
 #   bash bench/device.sh            Env: BUILD (build-device), CUDA_ARCH (90a), STAGES, OPS,
-#                                   STEPS, LAYERS, SEQ, MBS, IMPLS, BENCH_ARGS (extra cuda_bench
+#                                   TRAIN_STEPS, LAYERS, SEQ, MBS, IMPLS, BENCH_ARGS (extra cuda_bench
 #                                   flags), STAGE_TIMEOUT (seconds per stage, 300; exit 124)
 # Exit code: the number of failed stages (configure 3, build 4). Logs go to $OUT when set.
 set -uo pipefail
@@ -91,8 +91,8 @@ if has parity; then
     stage hf_bf16 python3 bench/hf_bf16_noise.py "$BUILD/hf_bf16_noise.json"
     [ -f "$BUILD/hf_bf16_noise.json" ] && noise=(--hf-noise "$BUILD/hf_bf16_noise.json")
   fi
-  train=(--steps "${STEPS:-300}")
-  [ "${STEPS:-300}" = 0 ] && train=(--skip-train)
+  train=(--steps "${TRAIN_STEPS:-300}")
+  [ "${TRAIN_STEPS:-300}" = 0 ] && train=(--skip-train)
   stage parity "$BUILD/cuda_parity" "${train[@]}" "${noise[@]}"
 fi
 if has bench; then
@@ -104,7 +104,7 @@ if has baseline; then
   if [ -f .deps/bench/hf_moe_baseline.py ]; then
     # Parameters are created on the GPU (torch's default device) instead of on the CPU and then
     # moved: the same model, step and timing, minutes less of random init on the host.
-    stage baseline env LAYERS="${LAYERS:-12}" SEQ="${SEQ:-4096}" MBS="${MBS:-2}" \
+    stage baseline env LAYERS="${LAYERS:-12}" SEQ="${SEQ:-4096}" MBS="${MBS:-2}" STEPS=8 WARM=3 \
       IMPLS="${IMPLS:-grouped_mm}" python3 -c "import runpy, sys, torch; torch.set_default_device('cuda'); \
 sys.argv = ['hf_moe_baseline.py']; runpy.run_path('.deps/bench/hf_moe_baseline.py', run_name='__main__')"
   else
