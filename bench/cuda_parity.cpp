@@ -269,7 +269,9 @@ int main(int argc, char** argv) {
             pk.doc[r * b.T + t] = int32_t(r * 2 + (t >= cut));
             pk.pos[r * b.T + t] = int32_t(t >= cut ? t - cut : t);
           }
-        compare(std::string(name) + " packed", cfg, host.params(), pk, Precision::BF16, "");
+        // the same model on a re-cut batch: Transformers' bf16 error on the fixture's batch is
+        // the yardstick (it was measured there, not on this batch)
+        compare(std::string(name) + " packed", cfg, host.params(), pk, Precision::BF16, name);
       }
     }
     if (train) train_both(steps);
