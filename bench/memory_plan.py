@@ -1,0 +1,110 @@
+"""bench/memory_plan.py: GPU memory per rank of a Qwen3-MoE training layout, computed from the
+model config and the layout with the CUDA model's own accounting (src/model/qwen3_moe_cuda.cpp:
+its parameter/gradient/moment arenas and its planned activation arena, buffer by buffer).
+
+    python3 bench/memory_plan.py --preset w1                      # check: the measured W1 arenas
+    python3 bench/memory_plan.py --preset qwen3-30b-a3b --ep 4 --world 4 --seq 4096 --mbs 1
+    python3 bench/memory_plan.py --config path/to/config.json --ep 8 --world 8
+
+Layout: experts split over `ep` ranks; everything else data-parallel over `world` ranks, its
+gradients and AdamW moments either replicated or sharded (ZeRO-2, --zero 2). Precision: the
+default policy, bf16 weights, gradients and moments. Activations: one micro-batch of mbs x seq
+tokens per rank; with EP each rank computes the rows its experts receive: mbs*seq*top_k on
+average (balanced routing; --imbalance scales the expert buffers for a busier rank).
+"""
+import argparse, json
+
+PRESETS = {
+    # Qwen3-30B-A3B layer shapes with 12 layers: workload W1 (ARCHITECTURE.md)
+    "w1": dict(hidden_size=2048, num_hidden_layers=12, num_attention_heads=32, num_key_value_heads=4,
+               head_dim=128, num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
+               intermediate_size=6144, vocab_size=151936, tie_word_embeddings=False, mlp_only_layers=[],
+               decoder_sparse_step=1),
+    # the real model: Qwen/Qwen3-30B-A3B config.json
+    "qwen3-30b-a3b": dict(hidden_size=2048, num_hidden_layers=48, num_attention_heads=32,
+                          num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+                          moe_intermediate_size=768, intermediate_size=6144, vocab_size=151936,
+                          tie_word_embeddings=False, mlp_only_layers=[], decoder_sparse_step=1),
+}
+GiB = 2 ** 30
+
+
+def is_moe(c, l):
+    step = c.get("decoder_sparse_step", 1) or 1
+    return l not in c.get("mlp_only_layers", []) and c["num_experts"] > 0 and (l + 1) % step == 0
+
+
+def plan(c, ep, world, seq, mbs, zero, imbalance):
+    H, L, nH, nKV, D = c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
+    E, K, I, F, V = c["num_experts"], c["num_experts_per_tok"], c["moe_intermediate_size"], c["intermediate_size"], c["vocab_size"]
+    moe = [is_moe(c, l) for l in range(L)]
+    M = sum(moe)
+    assert E % ep == 0, f"{E} experts do not split over ep={ep}"
+    # ---- parameters (elements): experts split over ep, the rest on every rank
+    attn = H * nH * D + 2 * H * nKV * D + nH * D * H + 2 * H + 2 * D  # q,k,v,o, ln1, ln2, q/k norm
+    dense = sum(attn + (H * E if moe[l] else 3 * H * F) for l in range(L))
+    dense += V * H * (1 if c.get("tie_word_embeddings") else 2) + H  # embeddings, lm_head, ln_f
+    experts = sum(3 * H * I * E for l in range(L) if moe[l])
+    experts_rank = experts // ep
+    dp_shard = world if zero >= 2 else 1  # ZeRO-2: grads and moments of the dense part sharded
+    mom_shard = world if zero >= 1 else 1
+    b = 2  # bf16
+    w = (dense + experts_rank) * b
+    g = (dense / dp_shard + experts_rank) * b
+    m = 2 * (dense / mom_shard + experts_rank) * b
+    # ---- activations: the CUDA model's plan for N tokens (R = N*K expert rows on average)
+    N = mbs * seq
+    R = int(N * K * imbalance)
+    per_layer = []
+    for l in range(L):
+        a = N * H * 2 + N * 4                                      # ln1, rstd
+        a += 2 * N * nH * D * 2 + N * nH * 4                       # q_pre, q, q_rstd
+        a += 2 * N * nKV * D * 2 + N * nKV * 4 + N * nKV * D * 2   # k_pre, k, k_rstd, v
+        a += N * nH * D * 2 + mbs * nH * seq * 4                   # attention out, lse
+        a += 2 * N * H * 2 + N * 4                                 # x_mid, ln2, rstd
+        if moe[l]:
+            a += N * K * 4 * 2 + (E + 1) * 4 + R * 2 * I * 2 + R * H * 2  # topk w/rows, offsets, gate|up, expert out
+        else:
+            a += N * 2 * F * 2
+        per_layer.append(a)
+    chunk = max(64, min(2048, (512 << 20) // (2 * V)) // 64 * 64)
+    fixed = (L + 1) * N * H * 2 + M * N * E * 4 + M * N * K * 4 + 2 * N * H * 2 + N * 8 + N * 40
+    fwd_tmp = N * E * 2 + R * H * 2 + max(R * I, N * F) * 2 + N * H * 2 + min(chunk, N) * V * 2 + N * H * 2
+    bwd_tmp = (2 * N * H + 3 * N * nH * D + 3 * N * nKV * D) * 2 + 2 * R * H * 2 + 2 * max(R * I, N * F) * 2 \
+        + max(R * 2 * I, N * 2 * F) * 2 + N * E * 2 + N * K * 4 + M * N * E * 4
+    act = sum(per_layer) + fixed + max(fwd_tmp, bwd_tmp)
+    dispatch = 2 * R * H * 2 if ep > 1 else 0  # EP send + receive buffers of one layer (transient)
+    ws = 0.25 * GiB + 1.0 * GiB  # measured op workspace (W1) + CUDA context, cuBLAS/cuDNN handles
+    return dict(params_B=(dense + experts) / 1e9, dense_B=dense / 1e9, experts_rank_B=experts_rank / 1e9,
+                weights=w, grads=g, moments=m, activations=act, dispatch=dispatch, workspace_context=ws,
+                total=w + g + m + act + dispatch + ws)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS))
+    ap.add_argument("--config", help="a Hugging Face config.json (qwen3_moe)")
+    ap.add_argument("--ep", type=int, default=1)
+    ap.add_argument("--world", type=int, default=0, help="ranks (default: ep)")
+    ap.add_argument("--seq", type=int, default=4096)
+    ap.add_argument("--mbs", type=int, default=2)
+    ap.add_argument("--zero", type=int, default=0, choices=[0, 1, 2])
+    ap.add_argument("--imbalance", type=float, default=1.0, help="expert rows of this rank / average")
+    ap.add_argument("--gpu-gib", type=float, default=139.8, help="usable GPU memory (H200: 139.8 GiB)")
+    a = ap.parse_args()
+    if bool(a.preset) == bool(a.config):
+        ap.error("give one of --preset or --config")
+    c = dict(PRESETS[a.preset]) if a.preset else json.load(open(a.config))
+    world = a.world or a.ep
+    p = plan(c, a.ep, world, a.seq, a.mbs, a.zero, a.imbalance)
+    print(f"{a.preset or a.config}: {p['params_B']:.2f}B parameters ({p['dense_B']:.2f}B outside the experts), "
+          f"EP={a.ep} over {world} ranks, ZeRO-{a.zero}, {a.mbs} x {a.seq} tokens per rank, "
+          f"expert rows x{a.imbalance:g}")
+    for k in ("weights", "grads", "moments", "activations", "dispatch", "workspace_context", "total"):
+        print(f"  {k:18s} {p[k] / GiB:7.2f} GiB")
+    verdict = "fits" if p["total"] / GiB <= a.gpu_gib else "does NOT fit"
+    print(f"  per GPU {p['total'] / GiB:.1f} GiB of {a.gpu_gib:g} GiB: {verdict}")
+
+
+if __name__ == "__main__":
+    main()
