@@ -30,6 +30,21 @@ std::vector<int64_t> read_ids(const SafetensorsFile& f, const std::string& name,
   *shape = t.shape;
   return v;
 }
+
+// The contract's scalar outputs: "loss" [1] when the batch has labels, "aux_loss" [1] when the
+// model computes the router's load-balancing loss.
+void add_loss_tensors(std::vector<std::pair<std::string, Tensor>>& out, const LossParts& lp, bool has_labels) {
+  if (has_labels) {
+    Tensor loss = Tensor::empty(DType::F32, {1});
+    loss.f32()[0] = lp.loss;
+    out.emplace_back("loss", loss);
+  }
+  if (lp.has_aux) {
+    Tensor aux = Tensor::empty(DType::F32, {1});
+    aux.f32()[0] = lp.aux;
+    out.emplace_back("aux_loss", aux);
+  }
+}
 }  // namespace
 
 void add_forward(CLI::App& app, Runners& runners) {
@@ -89,16 +104,7 @@ void add_forward(CLI::App& app, Runners& runners) {
       LossParts lp = gpu.loss();
       std::vector<std::pair<std::string, Tensor>> out;
       out.emplace_back("logits", Tensor::borrow(DType::F32, {b.B, b.T, mc.vocab_size}, logits_v.data()));
-      if (has_labels) {
-        Tensor loss = Tensor::empty(DType::F32, {1});
-        loss.f32()[0] = lp.loss;
-        out.emplace_back("loss", loss);
-      }
-      if (lp.has_aux) {
-        Tensor aux = Tensor::empty(DType::F32, {1});
-        aux.f32()[0] = lp.aux;
-        out.emplace_back("aux_loss", aux);
-      }
+      add_loss_tensors(out, lp, has_labels);
       if (o->grads) {
         gpu.backward();
         gpu.download_grads(grads_v);
@@ -123,16 +129,7 @@ void add_forward(CLI::App& app, Runners& runners) {
     Tensor logits = Tensor::empty(DType::F32, rank == 0 ? Shape{b.B * world, b.T, mc.vocab_size} : Shape{0});
     g.world.gather(logits.f32(), model.logits().data(), int64_t(model.logits().size() * sizeof(float)), 0);
     out.emplace_back("logits", logits);
-    if (has_labels) {
-      Tensor loss = Tensor::empty(DType::F32, {1});
-      loss.f32()[0] = lp.loss;
-      out.emplace_back("loss", loss);
-    }
-    if (lp.has_aux) {
-      Tensor aux = Tensor::empty(DType::F32, {1});
-      aux.f32()[0] = lp.aux;
-      out.emplace_back("aux_loss", aux);
-    }
+    add_loss_tensors(out, lp, has_labels);
     if (o->grads) {
       model.zero_grad();
       model.backward();
