@@ -8,6 +8,8 @@
 #             Transformers fixtures, judged against Transformers' own bf16 error there
 #             (bench/hf_bf16_noise.py), and a TRAIN_STEPS-step (300; 0 skips) tiny-moe fine-tune on both
 #   bench     cuda_bench: a 2-layer smoke run, then W1 (LAYERS=12 SEQ=4096 MBS=2)
+#   profile   ncu on one step of a 1-layer W1 model: the ten most expensive kernels with their
+#             share of the step and their SM and DRAM throughput as % of peak (kernel_table.py)
 #   baseline  native Transformers on the same shapes (.deps/bench/hf_moe_baseline.py, a copy of
 #             ../shared/bench; IMPLS, default "grouped_mm"), and the ratios
 # and prints a short table last. Default STAGES="ops parity bench baseline".
@@ -100,6 +102,19 @@ if has bench; then
   # shellcheck disable=SC2086
   stage bench_w1 "$BUILD/cuda_bench" --layers "${LAYERS:-12}" --seq "${SEQ:-4096}" --mbs "${MBS:-2}" ${BENCH_ARGS:-}
 fi
+if has profile; then
+  # Nsight Compute on one W1-shaped step (PROFILE_LAYERS layers, default 1): every kernel's time,
+  # its SM throughput and its DRAM throughput as % of the device's peak (its own roofline).
+  if command -v ncu >/dev/null 2>&1; then
+    stage profile ncu --clock-control none --csv --print-units base \
+      --metrics gpu__time_duration.sum,sm__throughput.avg.pct_of_peak_sustained_elapsed,dram__throughput.avg.pct_of_peak_sustained_elapsed \
+      "$BUILD/cuda_bench" --layers "${PROFILE_LAYERS:-1}" --seq "${SEQ:-4096}" --mbs "${MBS:-2}" --warmup 0 --steps 1
+    python3 bench/kernel_table.py "$BUILD/profile.log" > "$BUILD/kernels.log" && cat "$BUILD/kernels.log"
+    LOGS+=("$BUILD/kernels.log")
+  else
+    echo "device.sh: no ncu on this machine: no kernel profile"
+  fi
+fi
 if has baseline; then
   if [ -f .deps/bench/hf_moe_baseline.py ]; then
     # Parameters are created on the GPU (torch's default device) instead of on the CPU and then
@@ -117,6 +132,7 @@ fi
 echo
 echo "== device.sh summary (exit $fails) =="
 printf '%s\n' "${SUMMARY[@]}"
+has profile && [ -f "$BUILD/kernels.log" ] && head -n 14 "$BUILD/kernels.log"
 if [ -f "$BUILD/op_check.log" ] && has ops; then
   grep -E "^FAIL" "$BUILD/op_check.log" | head -n 20
   grep -E "cuda_op_check: [0-9]+ failures" "$BUILD/op_check.log"
