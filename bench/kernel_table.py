@@ -2,8 +2,10 @@
 log (bench/device.sh's profile stage), aggregated by kernel name: total time, share of all
 kernel time, launches, and the time-weighted SM and DRAM throughput as % of the device's peak
 (a kernel near 100% of either is at its roofline; low on both is latency or launch bound).
+Set-up kernels (the benchmark's random init) are not part of a step and are left out.
     python3 bench/kernel_table.py profile.log [N]
 """
+SETUP = ("fill_normal_kernel", "fill_const_kernel", "fill_kernel")
 import csv, io, sys
 from collections import defaultdict
 
@@ -18,6 +20,8 @@ for r in rows:
     try:
         v = float(value)
     except ValueError:
+        continue
+    if any(t in name for t in SETUP):
         continue
     key = (r["ID"], name)
     k[key][metric] = v
