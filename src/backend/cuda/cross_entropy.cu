@@ -44,19 +44,39 @@ __global__ void cross_entropy_fwd_kernel(float* losses, float* lse, const bf16* 
   losses[n] = t == kIgnore ? 0.f : (t >= 0 && t < V) ? z - to_f(l[t]) : NAN;
 }
 
-// Grid-stride over N*V: d = scale * (exp(l - lse) - [v == target]); ignored rows get 0.
+// Block per row: d = scale * (exp(l - lse) - [v == target]); ignored rows get 0. The row's
+// target and lse are read once; elements move 8 at a time (16-byte loads and stores) when V is a
+// multiple of 8 and both rows are 16-byte aligned, else one at a time. Each element is read
+// before the same thread writes it, so dlogits == logits is safe.
 __global__ void cross_entropy_bwd_kernel(bf16* dlogits, const bf16* logits, const float* lse,
-                                         const int64_t* targets, float scale, int64_t N,
-                                         int64_t V) {
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < N * V;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t n = i / V, v = i % V, t = targets[n];
-    float d = 0.f;
-    if (t != kIgnore) {
-      d = scale * expf(to_f(logits[i]) - lse[n]);
-      if (v == t) d -= scale;
+                                         const int64_t* targets, float scale, int64_t V) {
+  const int64_t n = blockIdx.x, t = targets[n];
+  const bf16* l = logits + n * V;
+  bf16* d = dlogits + n * V;
+  const float z = t == kIgnore ? 0.f : lse[n];
+  const float s = t == kIgnore ? 0.f : scale;  // an ignored row: exp(..) * 0 = 0
+  const bool vec = V % 8 == 0 && reinterpret_cast<uintptr_t>(l) % 16 == 0 &&
+                   reinterpret_cast<uintptr_t>(d) % 16 == 0;
+  if (vec) {
+    for (int64_t j = threadIdx.x; j < V / 8; j += blockDim.x) {
+      const uint4 in = reinterpret_cast<const uint4*>(l)[j];
+      const bf16* x = reinterpret_cast<const bf16*>(&in);
+      uint4 out;
+      bf16* o = reinterpret_cast<bf16*>(&out);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        float g = t == kIgnore ? 0.f : s * expf(to_f(x[k]) - z);
+        if (j * 8 + k == t) g -= s;
+        o[k] = to_bf(g);
+      }
+      reinterpret_cast<uint4*>(d)[j] = out;
     }
-    dlogits[i] = to_bf(d);
+  } else {
+    for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
+      float g = t == kIgnore ? 0.f : s * expf(to_f(l[v]) - z);
+      if (v == t) g -= s;
+      d[v] = to_bf(g);
+    }
   }
 }
 
@@ -75,8 +95,9 @@ void cross_entropy_bwd(bf16* dlogits, const bf16* logits, const float* lse,
                        const int64_t* targets, float scale, int64_t N, int64_t V,
                        const Ctx& ctx) {
   if (N == 0 || V == 0) return;
-  cross_entropy_bwd_kernel<<<grid_for(N * V, kThreads, ctx), kThreads, 0, ctx.stream>>>(
-      dlogits, logits, lse, targets, scale, N, V);
+  AM_CHECK(N < (int64_t(1) << 31), "[cross_entropy_bwd] {} rows: at most 2^31 - 1", N);
+  cross_entropy_bwd_kernel<<<unsigned(N), kThreads, 0, ctx.stream>>>(dlogits, logits, lse,
+                                                                     targets, scale, V);
   CUDA_CHECK_LAUNCH();
 }
 
