@@ -387,7 +387,10 @@ void Qwen3Moe::backward() {
     else
       aux_loss_bwd(dprobs_all.data(), aux_grad_, topk_all_.data(), c.num_moe_layers() * N, E, K);
   }
-  std::vector<float> d1, d2, d3, dw;  // scratch
+  std::vector<float> d1, d2, d3, dw;  // scratch, grown to the largest need, reused per layer
+  // the attention block's gradients, the same size in every layer: allocated once per call
+  std::vector<float> dao(N * nH * D), dq(N * nH * D), dk(N * nKV * D), dv(N * nKV * D);
+  std::vector<float> dqn(N * nH * D), dkn(N * nKV * D);
   for (int64_t l = c.num_hidden_layers - 1; l >= 0; --l) {
     LayerActs& a = *acts_[l];
     LayerW w = layer_ptrs(P, l), g = layer_ptrs(G, l);
@@ -431,11 +434,9 @@ void Qwen3Moe::backward() {
     rmsnorm_bwd(d1.data(), g.ln2, dln_.data(), a.x_mid.data(), w.ln2, a.ln2_rstd.data(), N, H);
     for (int64_t i = 0; i < N * H; ++i) dres_[i] += d1[i];
     // ---- attention block: x_mid = x_in + o_proj(attn(ln1(x_in)))
-    std::vector<float> dao(N * nH * D), dq(N * nH * D), dk(N * nKV * D), dv(N * nKV * D);
     linear_bwd(dao.data(), 0.f, g.wo, g.bo, dres_.data(), a.ao.data(), w.wo, N, nH * D, H);
     attention_bwd(dq.data(), dk.data(), dv.data(), dao.data(), a.att.data(), a.q.data(),
                   a.k.data(), a.v.data(), B, T, nH, nKV, D);
-    std::vector<float> dqn(N * nH * D), dkn(N * nKV * D);
     rope_bwd(dqn.data(), dq.data(), pos_.data(), N, nH, D, float(c.rope_theta));
     rope_bwd(dkn.data(), dk.data(), pos_.data(), N, nKV, D, float(c.rope_theta));
     rmsnorm_bwd(dq.data(), g.qn, dqn.data(), a.q_pre.data(), w.qn, a.q_rstd.data(), N * nH, D);
