@@ -9,7 +9,9 @@
 //     projections + active experts + router per layer, + lm_head) + 3 x causal attention core).
 // Prints one JSON line. Usage:
 //   cuda_bench [--layers 12] [--seq 4096] [--mbs 2] [--warmup 3] [--steps 8]
-//              [--precision bf16|fp32_master] [--max-grad-norm 1.0]
+//              [--precision bf16|fp32_master] [--max-grad-norm 1.0] [--memory-saving]
+// --memory-saving: AdamW inside the backward (there fwd_bwd includes the optimizer and the
+// step's separate optimizer phase only sums the norm), activations recomputed.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -55,6 +57,7 @@ int main(int argc, char** argv) {
   int64_t layers = 12, seq = 4096, mbs = 2, warm = 3, steps = 8;
   std::string precision = "bf16";
   float max_norm = 1.0f;
+  bool memsave = false;
   for (int i = 1; i < argc; ++i) {
     auto need = [&](const char* f) {
       if (i + 1 >= argc) {
@@ -70,10 +73,11 @@ int main(int argc, char** argv) {
     else if (!std::strcmp(argv[i], "--steps")) steps = std::atoll(need("--steps"));
     else if (!std::strcmp(argv[i], "--precision")) precision = need("--precision");
     else if (!std::strcmp(argv[i], "--max-grad-norm")) max_norm = float(std::atof(need("--max-grad-norm")));
+    else if (!std::strcmp(argv[i], "--memory-saving")) memsave = true;
     else {
       std::fprintf(stderr,
                    "usage: cuda_bench [--layers 12] [--seq 4096] [--mbs 2] [--warmup 3] [--steps 8] "
-                   "[--precision bf16|fp32_master] [--max-grad-norm 1.0]\n");
+                   "[--precision bf16|fp32_master] [--max-grad-norm 1.0] [--memory-saving]\n");
       return 2;
     }
   }
@@ -107,7 +111,7 @@ int main(int argc, char** argv) {
     CUDA_CHECK(cudaFree(nullptr));  // the context exists before the baseline reading
     CUDA_CHECK(cudaMemGetInfo(&free0, &total));
 
-    Qwen3MoeCuda model(mc, parse_precision(precision));
+    Qwen3MoeCuda model(mc, parse_precision(precision), 0, memsave);
     model.init_random(1234, 0.02f);
     model.plan(mbs, seq);
     model.enable_phase_timing(true);
@@ -128,6 +132,7 @@ int main(int argc, char** argv) {
       model.synchronize();
       auto t0 = std::chrono::steady_clock::now();
       model.zero_grad();
+      model.begin_step(ac, 1e-5f, max_norm);
       model.forward(b);
       model.backward();
       model.synchronize();
@@ -157,6 +162,7 @@ int main(int argc, char** argv) {
         {"seq", seq},
         {"mbs", mbs},
         {"precision", precision},
+        {"memory_saving", memsave},
         {"params_B", std::round(double(model.numel()) / 1e7) / 100},
         {"step_s", step_s},
         {"tok_per_s", std::round(toks / step_s)},

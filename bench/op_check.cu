@@ -1148,6 +1148,30 @@ void case_adamw_bf16_state(const cu::Ctx& ctx, int64_t n) {
   const float nrm = float(std::sqrt(ss_ref));
   check("clip_coef", "norm", sh, d_norm, {nrm}, kF32);
   check("clip_coef", "coef", sh, d_coef, {max_norm / (nrm + 1e-6f)}, kF32);
+
+  // the memory-saving mode's fused step: the same update, and the unscaled gradient's sum of
+  // squares; twice the same call must give the same bits (fixed-order reduction)
+  auto& d_p2 = pool.in(p.h);
+  auto& d_m2 = pool.in(m.h);
+  auto& d_v2 = pool.in(v.h);
+  auto& d_ss2 = pool.out<double>(1);
+  cu::adamw_step_sumsq(d_p2.p, d_g.p, d_m2.p, d_v2.p, n, lr, b1, b2, eps, wd, t, d_gs.p, d_ss2.p,
+                       ctx);
+  sync(ctx);
+  check("adamw_step_sumsq", "p", sh, d_p2, pf, kBf16Out);
+  check("adamw_step_sumsq", "m", sh, d_m2, mf, kBf16Out);
+  check("adamw_step_sumsq", "v", sh, d_v2, vf, kBf16Out);
+  const double ss2 = d_ss2.download()[0];
+  const double rel2b = (ss2 - ss_ref) * (ss2 - ss_ref) / (ss_ref * ss_ref);
+  record("adamw_step_sumsq", "sumsq", sh, d_ss2.guards_ok() && rel2b <= kF64, rel2b, kF64, "");
+  // and sum_f64 over per-tensor slots
+  auto& d_slots = pool.in(std::vector<double>{ss2, 1.5, -0.25});
+  auto& d_tot = pool.out<double>(1);
+  cu::sum_f64(d_tot.p, d_slots.p, 3, ctx);
+  sync(ctx);
+  const double tot = d_tot.download()[0], tot_ref = ss2 + 1.5 - 0.25;
+  record("sum_f64", "out", sh, d_tot.guards_ok() && tot == tot_ref, std::fabs(tot - tot_ref), 0.0,
+         "");
 }
 
 // Runs one case; an exception (an op's check, a CUDA error) is a failure of that case.

@@ -13,6 +13,12 @@
 // Memory savers that cost no accuracy: q/k are normed and roped in place (RoPE's backward needs
 // no input), the expert inputs xs = permute(ln2) and the SwiGLU outputs are recomputed in the
 // backward (a row copy and an elementwise op) instead of being saved per layer.
+//
+// The memory-saving mode (qwen3_moe_cuda.h) adds: no gradient arena (g16_at() points into a
+// scratch, done() runs AdamW on a tensor the moment its gradient is complete), and per layer
+// one shared set of the recomputable activations (ln1, q/k/v, ln2, gate_up, expert outputs),
+// recomputed at the start of the layer's MLP and attention backward. Every kernel is
+// deterministic, so the recomputed tensors are the forward's bits.
 #include "model/qwen3_moe_cuda.h"
 
 #include <algorithm>
@@ -117,6 +123,7 @@ struct LayerActs {
 struct Qwen3MoeCuda::State {
   ModelConfig cfg;
   Precision prec;
+  bool memsave = false;
   Qwen3Moe layout_model;  // layout and HF names, no host arenas
   // The device arenas hold the tensors in layout order, each starting 256-byte aligned (GEMM
   // and vector loads want it; the host layout packs them): P elements with the zero padding.
@@ -136,6 +143,15 @@ struct Qwen3MoeCuda::State {
   cu::DeviceBuffer<float> p32;     // master weights (FP32Master)
   cu::DeviceBuffer<bf16> g16, m16, v16;
   cu::DeviceBuffer<float> g32, m32, v32;
+  // memory-saving mode: gradient scratch (the largest tensor; biases beside their weight in
+  // gsc_small; a tied wte/lm_head gradient, alive from the forward's lm_head to the embedding
+  // backward, in gsc_tied), each tensor's g^2 sum (slots, per layout tensor), the step's settings
+  cu::DeviceBuffer<bf16> gsc, gsc_small, gsc_tied;
+  cu::DeviceBuffer<double> slots;
+  std::map<int64_t, int> seg_at;  // device offset -> index in segs
+  AdamWConfig ac{};
+  float lr = 0.f, max_norm = 0.f;
+  bool step_begun = false, step_applied = false;
   int64_t adam_t = 0;
   bool fresh = true;   // gradients hold nothing since zero_grad()
   float beta = 0.f;    // this micro-batch's first-write beta (0: overwrite, 1: accumulate)
@@ -184,7 +200,8 @@ struct Qwen3MoeCuda::State {
   cudaEvent_t ev[5] = {};
   std::vector<cudaEvent_t> lev;  // [L][6]: fwd start, after attention, end; bwd start, after MLP, end
 
-  State(const ModelConfig& c, Precision p) : cfg(c), prec(p), layout_model(c, nullptr, false) {}
+  State(const ModelConfig& c, Precision p, bool ms)
+      : cfg(c), prec(p), memsave(ms), layout_model(c, nullptr, false) {}
   ~State() {
     if (scoped) cudaStreamSynchronize(ctx.stream);
     if (in_host) cudaFreeHost(in_host);
@@ -200,9 +217,26 @@ struct Qwen3MoeCuda::State {
   int64_t nmoe() const { return cfg.num_moe_layers(); }
 
   // ---- gradient writers (see the file comment) ----
-  // dx (nullable) = dx_beta * dx + dout @ w; dW (and db when b_off >= 0) of the parameter at w_off.
+  // Where the bf16 gradient of the tensor at device offset `off` goes: its place in the arena,
+  // or (memory-saving mode) a scratch; `aux` for a bias written in the same op as its weight.
+  bf16* g16_at(int64_t off, bool aux = false) {
+    if (!memsave) return g16.get() + off;
+    if (tied && off == off_wte) return gsc_tied.get();
+    return aux ? gsc_small.get() : gsc.get();
+  }
+  // The gradient of the tensor at `off` is complete: the memory-saving mode's AdamW on it now
+  // (its weights are not read again in this step), and its g^2 sum into its slot.
+  void done(int64_t off, bool aux = false) {
+    if (!memsave) return;
+    const int k = seg_at.at(off);
+    cu::adamw_step_sumsq(p16.get() + off, g16_at(off, aux), m16.get() + off, v16.get() + off,
+                         segs[size_t(k)].n, lr, ac.beta1, ac.beta2, ac.eps, ac.weight_decay,
+                         adam_t, d_coef, slots.get() + k, ctx);
+  }
+  // dx (nullable) = dx_beta * dx + dout @ w; dW (and db when b_off >= 0) of the parameter at
+  // w_off; `last`: no further writes to dW follow in this step (done()).
   void lin_bwd(bf16* dx, float dx_beta, int64_t w_off, int64_t b_off, const bf16* dout,
-               const bf16* x, int64_t n, int64_t I, int64_t O, float dw_beta) {
+               const bf16* x, int64_t n, int64_t I, int64_t O, float dw_beta, bool last = true) {
     const bf16* w = W(w_off);
     if (bf16_mode()) {
       float* db = nullptr;
@@ -210,8 +244,12 @@ struct Qwen3MoeCuda::State {
         db = small;
         CUDA_CHECK(cudaMemsetAsync(db, 0, size_t(O) * sizeof(float), ctx.stream));
       }
-      cu::linear_bwd(dx, dx_beta, g16.get() + w_off, dw_beta, db, dout, x, w, n, I, O, ctx);
-      if (b_off >= 0) cu::accumulate_grad(g16.get() + b_off, db, beta, O, ctx);
+      cu::linear_bwd(dx, dx_beta, g16_at(w_off), dw_beta, db, dout, x, w, n, I, O, ctx);
+      if (b_off >= 0) cu::accumulate_grad(g16_at(b_off, true), db, beta, O, ctx);
+      if (last) {
+        done(w_off);
+        if (b_off >= 0) done(b_off, true);
+      }
     } else {
       cu::linear_bwd(dx, dx_beta, g32.get() + w_off, b_off >= 0 ? g32.get() + b_off : nullptr,
                      dout, x, w, n, I, O, ctx);
@@ -223,18 +261,21 @@ struct Qwen3MoeCuda::State {
     if (bf16_mode()) {
       CUDA_CHECK(cudaMemsetAsync(small, 0, size_t(C) * sizeof(float), ctx.stream));
       cu::rmsnorm_bwd(dx, small, dout, x, W(w_off), rstd, n, C, ctx);
-      cu::accumulate_grad(g16.get() + w_off, small, beta, C, ctx);
+      cu::accumulate_grad(g16_at(w_off), small, beta, C, ctx);
+      done(w_off);
     } else {
       cu::rmsnorm_bwd(dx, g32.get() + w_off, dout, x, W(w_off), rstd, n, C, ctx);
     }
   }
   void grouped_bwd(bf16* dx, int64_t w_off, const bf16* dout, const bf16* x,
                    const int32_t* offsets, int64_t R, int64_t E, int64_t I, int64_t O) {
-    if (bf16_mode())
-      cu::grouped_linear_bwd(dx, g16.get() + w_off, beta, dout, x, W(w_off), offsets, R, E, I, O,
+    if (bf16_mode()) {
+      cu::grouped_linear_bwd(dx, g16_at(w_off), beta, dout, x, W(w_off), offsets, R, E, I, O,
                              ctx);
-    else
+      done(w_off);
+    } else {
       cu::grouped_linear_bwd(dx, g32.get() + w_off, dout, x, W(w_off), offsets, R, E, I, O, ctx);
+    }
   }
   void record(int i) {
     if (timing) CUDA_CHECK(cudaEventRecord(ev[i], ctx.stream));
@@ -244,14 +285,19 @@ struct Qwen3MoeCuda::State {
   }
 };
 
-Qwen3MoeCuda::Qwen3MoeCuda(const ModelConfig& cfg, Precision precision, int device)
-    : s_(std::make_unique<State>(cfg, precision)) {
+Qwen3MoeCuda::Qwen3MoeCuda(const ModelConfig& cfg, Precision precision, int device,
+                           bool memory_saving)
+    : s_(std::make_unique<State>(cfg, precision, memory_saving)) {
   State& s = *s_;
+  AM_CHECK(!memory_saving || precision == Precision::BF16,
+           "train.memory_saving needs train.precision bf16 (the mode drops the bf16 gradient "
+           "arena; with fp32_master use the default mode)");
   const auto& layout = s.layout_model.layout();
   s.P_host = layout.total;
   std::map<std::string, int64_t> off;  // device offsets
   for (auto& p : layout.params) {
     const int64_t dev = (s.P + 127) / 128 * 128;
+    s.seg_at[dev] = int(s.segs.size());
     s.segs.push_back({p.offset, dev, p.numel});
     off[p.name] = dev;
     s.P = dev + p.numel;
@@ -302,10 +348,21 @@ Qwen3MoeCuda::Qwen3MoeCuda(const ModelConfig& cfg, Precision precision, int devi
   s.p16 = cu::DeviceBuffer<bf16>(P);
   CUDA_CHECK(cudaMemset(s.p16.get(), 0, P * 2));
   if (s.bf16_mode()) {
-    s.g16 = cu::DeviceBuffer<bf16>(P);
+    if (s.memsave) {
+      int64_t biggest = 0;
+      for (auto& sg : s.segs) biggest = std::max(biggest, sg.n);
+      s.gsc = cu::DeviceBuffer<bf16>(size_t(biggest));
+      s.gsc_small = cu::DeviceBuffer<bf16>(size_t(std::max<int64_t>(s.max_small, 1)));
+      if (s.tied) s.gsc_tied = cu::DeviceBuffer<bf16>(size_t(cfg.vocab_size * cfg.hidden_size));
+      s.slots = cu::DeviceBuffer<double>(s.segs.size());
+      CUDA_CHECK(cudaMemset(s.slots.get(), 0, s.segs.size() * sizeof(double)));
+    } else {
+      s.g16 = cu::DeviceBuffer<bf16>(P);
+      CUDA_CHECK(cudaMemset(s.g16.get(), 0, P * 2));
+    }
     s.m16 = cu::DeviceBuffer<bf16>(P);
     s.v16 = cu::DeviceBuffer<bf16>(P);
-    for (bf16* b : {s.g16.get(), s.m16.get(), s.v16.get()}) CUDA_CHECK(cudaMemset(b, 0, P * 2));
+    for (bf16* b : {s.m16.get(), s.v16.get()}) CUDA_CHECK(cudaMemset(b, 0, P * 2));
   } else {
     s.p32 = cu::DeviceBuffer<float>(P);
     s.g32 = cu::DeviceBuffer<float>(P);
@@ -336,6 +393,7 @@ const ModelConfig& Qwen3MoeCuda::config() const { return s_->cfg; }
 const Qwen3Moe& Qwen3MoeCuda::host_layout() const { return s_->layout_model; }
 int64_t Qwen3MoeCuda::numel() const { return s_->P_host; }
 Precision Qwen3MoeCuda::precision() const { return s_->prec; }
+bool Qwen3MoeCuda::memory_saving() const { return s_->memsave; }
 const cuda::Ctx& Qwen3MoeCuda::ctx() const { return s_->ctx; }
 int64_t Qwen3MoeCuda::adam_steps() const { return s_->adam_t; }
 void Qwen3MoeCuda::synchronize() const { CUDA_CHECK(cudaStreamSynchronize(s_->ctx.stream)); }
@@ -394,6 +452,8 @@ void Qwen3MoeCuda::download_params(std::vector<float>& params) const {
 
 void Qwen3MoeCuda::download_grads(std::vector<float>& grads) const {
   const State& s = *s_;
+  AM_CHECK(!s.memsave, "download_grads: the memory-saving mode keeps no gradients (AdamW runs "
+           "inside the backward); use the default mode to inspect them");
   synchronize();
   grads.assign(size_t(s.P_host), 0.f);
   if (s.bf16_mode()) {
@@ -478,8 +538,8 @@ void Qwen3MoeCuda::plan(int64_t B, int64_t T) {
   auto carve = [&](uintptr_t base) -> size_t {
     Carver cv{base, 0};
     for (int64_t l = 0; l <= L; ++l) s.res[l] = cv.take<bf16>(N * H);
-    for (int64_t l = 0; l < L; ++l) {
-      LayerActs& a = s.la[l];
+    // the recomputable activations: per layer, or one set shared by all (memory-saving mode)
+    auto recomputable = [&](LayerActs& a, bool moe, bool dense) {
       a.ln1 = cv.take<bf16>(N * H);
       a.ln1_rstd = cv.take<float>(N);
       a.q_pre = cv.take<bf16>(N * nH * D);
@@ -489,19 +549,24 @@ void Qwen3MoeCuda::plan(int64_t B, int64_t T) {
       a.k = cv.take<bf16>(N * nKV * D);
       a.k_rstd = cv.take<float>(N * nKV);
       a.v = cv.take<bf16>(N * nKV * D);
+      a.ln2 = cv.take<bf16>(N * H);
+      a.ln2_rstd = cv.take<float>(N);
+      a.gu = cv.take<bf16>(std::max(moe ? N * K * 2 * I : 0, dense ? N * 2 * F : 0));
+      if (moe) a.ys = cv.take<bf16>(N * K * H);
+    };
+    LayerActs shared{};
+    if (s.memsave) recomputable(shared, M > 0, M < L);
+    for (int64_t l = 0; l < L; ++l) {
+      LayerActs& a = s.la[l];
+      if (s.memsave) a = shared;
+      else recomputable(a, s.lo[l].moe, !s.lo[l].moe);
       a.ao = cv.take<bf16>(N * nH * D);
       a.lse = cv.take<float>(B * nH * T);
       a.x_mid = cv.take<bf16>(N * H);
-      a.ln2 = cv.take<bf16>(N * H);
-      a.ln2_rstd = cv.take<float>(N);
       if (s.lo[l].moe) {
         a.topk_w = cv.take<float>(N * K);
         a.offsets = cv.take<int32_t>(E + 1);
         a.slot_row = cv.take<int32_t>(N * K);
-        a.gu = cv.take<bf16>(N * K * 2 * I);
-        a.ys = cv.take<bf16>(N * K * H);
-      } else {
-        a.gu = cv.take<bf16>(N * 2 * F);
       }
     }
     s.probs_all = cv.take<float>(M * N * E);
@@ -595,7 +660,7 @@ CudaMemory Qwen3MoeCuda::memory() const {
   CudaMemory m;
   m.params = s.p16.bytes();
   m.master = s.p32.bytes();
-  m.grads = s.g16.bytes() + s.g32.bytes();
+  m.grads = s.g16.bytes() + s.g32.bytes() + s.gsc.bytes() + s.gsc_small.bytes() + s.gsc_tied.bytes();
   m.moments = s.m16.bytes() + s.v16.bytes() + s.m32.bytes() + s.v32.bytes();
   m.activations = s.acts.bytes();
   m.workspace = s.ws.bytes();
@@ -606,6 +671,21 @@ void Qwen3MoeCuda::zero_grad() {
   State& s = *s_;
   s.fresh = true;
   if (!s.bf16_mode()) CUDA_CHECK(cudaMemsetAsync(s.g32.get(), 0, s.g32.bytes(), s.ctx.stream));
+}
+
+void Qwen3MoeCuda::begin_step(const AdamWConfig& c, float lr, float max_grad_norm) {
+  State& s = *s_;
+  if (!s.memsave) return;
+  AM_CHECK(!s.step_begun, "begin_step() twice without a forward() and backward() between");
+  s.ac = c;
+  s.lr = lr;
+  s.max_norm = max_grad_norm;
+  ++s.adam_t;
+  // the clip coefficient from the previous step's norm (d_sumsq: 0 before the first step)
+  cu::clip_coef(s.d_coef, s.d_norm, s.d_sumsq, max_grad_norm, s.ctx);
+  CUDA_CHECK(cudaMemsetAsync(s.slots.get(), 0, s.slots.bytes(), s.ctx.stream));
+  s.step_begun = true;
+  s.step_applied = false;
 }
 
 // ---- forward -----------------------------------------------------------------------------------
@@ -676,6 +756,13 @@ void Qwen3MoeCuda::forward(const Batch& bt, float ce_denominator, float aux_scal
   const int32_t* doc = s.has_doc ? s.doc : nullptr;
 
   if (grad) {
+    if (s.memsave) {
+      AM_CHECK(s.step_begun, "memory-saving mode: call begin_step(adamw, lr, max_grad_norm) "
+               "before each forward(grad = true): its backward applies AdamW");
+      AM_CHECK(s.fresh, "memory-saving mode: AdamW runs inside the backward, so gradients "
+               "cannot accumulate over micro-batches; set train.grad_accum to 1 or turn "
+               "train.memory_saving off");
+    }
     s.beta = s.fresh ? 0.f : 1.f;
     s.fresh = false;
   }
@@ -747,8 +834,9 @@ void Qwen3MoeCuda::forward(const Batch& bt, float ce_denominator, float aux_scal
     }
     if (grad) {
       cu::cross_entropy_bwd(s.logits_c, s.logits_c, s.lse_c, s.targets + r0, ce_scale, rows, V, ctx);
+      // lm_head's gradient is complete after the last chunk (tied: after the embedding's)
       s.lin_bwd(s.dlnf + r0 * H, 0.f, s.off_lm, -1, s.logits_c, xr, rows, H, V,
-                r0 == 0 ? s.beta : 1.f);
+                r0 == 0 ? s.beta : 1.f, !s.tied && r0 + rows >= N);
     }
   }
   if (grad) s.norm_bwd(s.dres, s.off_lnf, s.dlnf, s.res[L], s.lnf_rstd, N, H);
@@ -799,9 +887,10 @@ void Qwen3MoeCuda::backward() {
                 nKV = c.num_key_value_heads, D = c.head_dim, E = c.num_experts,
                 K = c.num_experts_per_tok, I = c.moe_intermediate_size, F = c.intermediate_size,
                 L = c.num_hidden_layers;
-  const float theta = float(c.rope_theta);
+  const float theta = float(c.rope_theta), eps = float(c.rms_norm_eps);
   const int32_t* doc = s.has_doc ? s.doc : nullptr;
   const float beta = s.beta;
+  auto Wn = [&](int64_t off) { return off < 0 ? nullptr : s.W(off); };
   // aux loss: d(coef*aux)/dprobs for all MoE layers at once
   if (s.aux_grad != 0.f)
     cu::aux_loss_bwd(s.dprobs_all, s.aux_grad, s.topk_all, c.num_moe_layers() * N, E, K, ctx);
@@ -810,15 +899,26 @@ void Qwen3MoeCuda::backward() {
     const LayerOff& o = s.lo[l];
     const bf16* x_in = s.res[l];
     s.lrecord(l, 3);
+    if (s.memsave) {  // this layer's MLP activations again, before its weights change
+      cu::rmsnorm_fwd(a.ln2, a.ln2_rstd, a.x_mid, s.W(o.ln2), N, H, eps, ctx);
+      if (o.moe) {
+        cu::permute_fwd(s.xs_b, a.ln2, a.slot_row, N, K, H, ctx);
+        cu::grouped_linear_fwd(a.gu, s.xs_b, s.W(o.ex_gu), a.offsets, N * K, E, H, 2 * I, ctx);
+        cu::swiglu_fwd(s.act_b, a.gu, N * K, I, ctx);
+        cu::grouped_linear_fwd(a.ys, s.act_b, s.W(o.ex_down), a.offsets, N * K, E, I, H, ctx);
+      } else {
+        cu::linear_fwd(a.gu, a.ln2, s.W(o.mlp_gu), nullptr, N, H, 2 * F, ctx);
+      }
+    }
     // ---- MLP block: out = x_mid + mlp(ln2(x_mid)); dres is d(out)
     if (o.moe) {
       const float* probs = s.probs_all + o.moe_index * N * E;
       const int32_t* idx = s.topk_all + o.moe_index * N * K;
       cu::unpermute_bwd(s.dys, s.dtopk_w, s.dres, a.ys, a.topk_w, a.slot_row, N, K, H, ctx);
-      cu::swiglu_fwd(s.act_b, a.gu, N * K, I, ctx);  // recomputed
+      if (!s.memsave) cu::swiglu_fwd(s.act_b, a.gu, N * K, I, ctx);  // recomputed
       s.grouped_bwd(s.dact, o.ex_down, s.dys, s.act_b, a.offsets, N * K, E, I, H);
       cu::swiglu_bwd(s.dgu, s.dact, a.gu, N * K, I, ctx);
-      cu::permute_fwd(s.xs_b, a.ln2, a.slot_row, N, K, H, ctx);  // recomputed
+      if (!s.memsave) cu::permute_fwd(s.xs_b, a.ln2, a.slot_row, N, K, H, ctx);  // recomputed
       s.grouped_bwd(s.dys /*dxs*/, o.ex_gu, s.dgu, s.xs_b, a.offsets, N * K, E, H, 2 * I);
       cu::permute_bwd(s.dln, s.dys, a.slot_row, N, K, H, ctx);
       cu::router_bwd(s.drl, s.dtopk_w,
@@ -834,6 +934,16 @@ void Qwen3MoeCuda::backward() {
     s.norm_bwd(s.d1, o.ln2, s.dln, a.x_mid, a.ln2_rstd, N, H);
     cu::add_inplace(s.dres, s.d1, N * H, ctx);
     s.lrecord(l, 4);
+    if (s.memsave) {  // this layer's attention inputs again, before its weights change
+      cu::rmsnorm_fwd(a.ln1, a.ln1_rstd, x_in, s.W(o.ln1), N, H, eps, ctx);
+      cu::linear_fwd(a.q_pre, a.ln1, s.W(o.wq), Wn(o.bq), N, H, nH * D, ctx);
+      cu::linear_fwd(a.k_pre, a.ln1, s.W(o.wk), Wn(o.bk), N, H, nKV * D, ctx);
+      cu::linear_fwd(a.v, a.ln1, s.W(o.wv), Wn(o.bv), N, H, nKV * D, ctx);
+      cu::rmsnorm_fwd(a.q, a.q_rstd, a.q_pre, s.W(o.qn), N * nH, D, eps, ctx);
+      cu::rmsnorm_fwd(a.k, a.k_rstd, a.k_pre, s.W(o.kn), N * nKV, D, eps, ctx);
+      cu::rope_fwd(a.q, a.q, s.pos, N, nH, D, theta, ctx);
+      cu::rope_fwd(a.k, a.k, s.pos, N, nKV, D, theta, ctx);
+    }
     // ---- attention block: x_mid = x_in + o_proj(attn(ln1(x_in)))
     s.lin_bwd(s.dao, 0.f, o.wo, o.bo, s.dres, a.ao, N, nH * D, H, beta);
     cu::attention_bwd(s.dq, s.dk, s.dv, s.dao, a.ao, a.lse, a.q, a.k, a.v, doc, B, T, nH, nKV, D,
@@ -851,16 +961,21 @@ void Qwen3MoeCuda::backward() {
   }
   // embedding (tied: lm_head's gradient is already in this tensor, so always accumulate)
   if (s.bf16_mode()) {
-    bf16* g = s.g16.get() + s.off_wte;
+    bf16* g = s.g16_at(s.off_wte);
     if (beta == 0.f && !s.tied)
       CUDA_CHECK(cudaMemsetAsync(g, 0, size_t(c.vocab_size * H) * sizeof(bf16), ctx.stream));
     cu::embedding_bwd_sorted(g, s.dres, s.uniq, s.uoff, s.rows, s.n_uniq, H, ctx);
+    s.done(s.off_wte);
   } else {
     cu::embedding_bwd_sorted(s.g32.get() + s.off_wte, s.dres, s.uniq, s.uoff, s.rows, s.n_uniq, H,
                              ctx);
   }
   s.record(3);
   s.have_grad_forward = false;
+  if (s.memsave) {
+    s.step_begun = false;
+    s.step_applied = true;
+  }
 }
 
 // ---- optimizer ---------------------------------------------------------------------------------
@@ -869,6 +984,23 @@ void Qwen3MoeCuda::optimizer_step(const AdamWConfig& c, float lr, float max_grad
   State& s = *s_;
   const cu::Ctx& ctx = s.ctx;
   AM_CHECK(!s.fresh, "optimizer_step() without gradients: run forward() and backward() first");
+  if (s.memsave) {
+    AM_CHECK(s.step_applied, "memory-saving mode: optimizer_step() after begin_step(), "
+             "forward() and backward() of the step");
+    AM_CHECK(c.beta1 == s.ac.beta1 && c.beta2 == s.ac.beta2 && c.eps == s.ac.eps &&
+                 c.weight_decay == s.ac.weight_decay && lr == s.lr && max_grad_norm == s.max_norm,
+             "memory-saving mode: optimizer_step() settings differ from begin_step()'s, which "
+             "the backward already applied");
+    s.step_applied = false;
+    s.fresh = true;
+    cu::sum_f64(s.d_sumsq, s.slots.get(), int64_t(s.segs.size()), ctx);  // this step's g^2
+    cu::clip_coef(s.d_coef, s.d_norm, s.d_sumsq, max_grad_norm, ctx);    // its norm, for metrics
+    CUDA_CHECK(cudaMemcpyAsync(s.norm_host, s.d_norm, sizeof(float), cudaMemcpyDeviceToHost,
+                               ctx.stream));
+    CUDA_CHECK(cudaEventRecord(s.norm_ready, ctx.stream));
+    s.record(4);
+    return;
+  }
   ++s.adam_t;
   if (s.bf16_mode())
     cu::sum_squares(s.d_sumsq, s.g16.get(), s.P, ctx);

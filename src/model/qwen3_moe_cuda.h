@@ -5,7 +5,8 @@
 //
 // Memory (all allocated up front, nothing on the hot path):
 //   parameters  bf16 compute copy [P] (+ fp32 master [P] with Precision::FP32Master)
-//   gradients   bf16 [P] (fp32 with FP32Master), same layout as the parameters
+//   gradients   bf16 [P] (fp32 with FP32Master), same layout as the parameters; in the
+//               memory-saving mode (below) only a scratch of the largest tensor's size
 //   AdamW m, v  bf16 [P] each (fp32 with FP32Master)
 //   activations one arena planned for (B, T) by plan(): saved per-layer tensors, the
 //               residual stream, then one region shared by the forward's and the backward's
@@ -43,10 +44,24 @@ struct CudaMemory {  // bytes
   size_t total() const { return params + master + grads + moments + activations + workspace; }
 };
 
+// The memory-saving mode (train.memory_saving; bf16 precision only) removes the gradient arena
+// and most saved activations:
+//   - AdamW runs inside the backward, one tensor at a time, as soon as its gradient is complete
+//     (lm_head and ln_f at the end of forward(), a layer's tensors during its backward, the
+//     embedding last); each gradient lives in one scratch the size of the largest tensor.
+//     So there is no gradient accumulation over micro-batches, and begin_step() must give the
+//     step's lr and AdamW settings BEFORE forward().
+//   - Global-norm clipping cannot wait for the whole gradient: the clip coefficient of step t
+//     comes from step t-1's norm (no clipping on the first step). grad_norm() still reports
+//     this step's true norm. With max_grad_norm 0 the mode's update is the default mode's.
+//   - Per layer only the residual input, the attention output (+ its log-sum-exp), the
+//     post-attention residual and the routing (top-k, weights, expert offsets) are kept; the
+//     backward recomputes ln1, q/k/v (norm, RoPE), ln2 and the experts' gate_up and down
+//     outputs from them, before that layer's weights are updated.
 class Qwen3MoeCuda {
  public:
   explicit Qwen3MoeCuda(const ModelConfig& cfg, Precision precision = Precision::BF16,
-                        int device = 0);
+                        int device = 0, bool memory_saving = false);
   ~Qwen3MoeCuda();
   Qwen3MoeCuda(const Qwen3MoeCuda&) = delete;
   Qwen3MoeCuda& operator=(const Qwen3MoeCuda&) = delete;
@@ -58,6 +73,7 @@ class Qwen3MoeCuda {
   const cuda::Ctx& ctx() const;
 
   // Parameters, gradients and moments as fp32 host arenas of the layout (synchronous).
+  // download_grads throws in the memory-saving mode (there is no gradient arena).
   void upload_params(const std::vector<float>& params);
   void download_params(std::vector<float>& params) const;
   void download_grads(std::vector<float>& grads) const;
@@ -72,8 +88,12 @@ class Qwen3MoeCuda {
   // allocations after construction; forward() calls it, a repeated shape costs nothing).
   void plan(int64_t B, int64_t T);
 
+  bool memory_saving() const;
   // Marks the gradients empty: the next backward overwrites them (no memset in bf16 mode).
   void zero_grad();
+  // The optimizer settings of the coming step. Memory-saving mode: required before each
+  // forward(grad = true), whose backward applies them; a no-op otherwise.
+  void begin_step(const AdamWConfig& c, float lr, float max_grad_norm);
   // Forward with loss (as Qwen3Moe::forward: ce_denominator > 0 divides the summed CE, else the
   // mean over labelled tokens; aux_scale scales coef*aux). With `grad`, also lm_head + CE's
   // backward and ln_f's: parameter gradients start here, so call zero_grad() BEFORE forward().
@@ -85,6 +105,8 @@ class Qwen3MoeCuda {
   // Accumulates d(loss)/d(params) for the last forward(grad = true).
   void backward();
   // Global-norm clipping (max_grad_norm > 0) and AdamW, on the device without a host sync.
+  // Memory-saving mode: AdamW already ran in the backward (with begin_step's settings, which
+  // these must equal); this only sums the step's gradient norm.
   void optimizer_step(const AdamWConfig& c, float lr, float max_grad_norm);
   float grad_norm();  // the last optimizer_step's norm before clipping (waits)
   // Top-k experts of every MoE layer in the last forward, [nMoE * N, K] (parity tools; waits).

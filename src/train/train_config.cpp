@@ -60,6 +60,7 @@ const std::map<std::string, Setter>& keys() {
       KEY("train.keep_checkpoints", keep_checkpoints, int64_t),
       KEY("train.device", device, std::string),
       KEY("train.precision", precision, std::string),
+      KEY("train.memory_saving", memory_saving, bool),
       KEY("train.ep", ep, int64_t),
       KEY("output.dir", output_dir, std::string),
       KEY("output.export_hf", export_hf, bool),
@@ -125,6 +126,15 @@ TrainConfig load_train_config(const std::string& path,
   AM_CHECK(c.precision == "bf16" || c.precision == "fp32_master",
            "train.precision '{}' is not known; use bf16 (bf16 weights, gradients and AdamW state) or "
            "fp32_master (fp32 master weights, gradients and moments)", c.precision);
+  if (c.memory_saving) {
+    AM_CHECK(c.device == "cuda", "train.memory_saving is a mode of train.device cuda (the CPU "
+             "backend is the fp32 reference); remove it or set train.device cuda");
+    AM_CHECK(c.precision == "bf16", "train.memory_saving needs train.precision bf16 (it drops "
+             "the bf16 gradient arena); with fp32_master leave it off");
+    AM_CHECK(c.grad_accum == 1, "train.memory_saving applies AdamW inside the backward, so it "
+             "cannot accumulate gradients: set train.grad_accum 1 (and raise data.micro_batch) "
+             "or leave train.memory_saving off");
+  }
   return c;
 }
 
@@ -159,6 +169,7 @@ std::string TrainConfig::to_yaml() const {
     << YAML::Value << checkpoint_every << YAML::Key << "keep_checkpoints" << YAML::Value << keep_checkpoints
     << YAML::Key << "device" << YAML::Value << device;
   if (device != "cpu") e << YAML::Key << "precision" << YAML::Value << precision;
+  if (memory_saving) e << YAML::Key << "memory_saving" << YAML::Value << memory_saving;
   if (ep != 1) e << YAML::Key << "ep" << YAML::Value << ep;
   e << YAML::EndMap;
   e << YAML::Key << "output" << YAML::Value << YAML::BeginMap << YAML::Key << "dir" << YAML::Value

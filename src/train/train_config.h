@@ -41,6 +41,8 @@ struct TrainConfig {
   int64_t keep_checkpoints = 2;
   std::string device = "cpu";           // cpu | cuda (one GPU)
   std::string precision = "bf16";       // cuda: bf16 | fp32_master (the CPU backend is fp32)
+  bool memory_saving = false;           // cuda, bf16: AdamW inside the backward, recompute
+                                        // (model/qwen3_moe_cuda.h); needs grad_accum 1
   int64_t ep = 1;                       // expert-parallel size (ranks from mpirun; dp = world / ep)
   // output:
   std::string output_dir = "out/run";

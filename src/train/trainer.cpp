@@ -234,10 +234,15 @@ TrainResult run_finetune(const TrainConfig& cfg,
       mb = pack_rows(data, order, cfg.micro_batch * world, cfg.seq_len, pad_id);
       labelled += shifted_labelled(mb);
     }
-    if (dev) dev->zero_grad();
-    else model.zero_grad();
     StepMetrics m;
     m.step = step + 1;
+    m.lr = cfg.schedule.at(step);
+    if (dev) {
+      dev->zero_grad();
+      dev->begin_step(cfg.adamw, m.lr, cfg.max_grad_norm);
+    } else {
+      model.zero_grad();
+    }
     for (auto& mb : micro) {
       Batch b = multi ? rows_of(mb, rank * cfg.micro_batch, cfg.micro_batch)
                       : Batch{mb.B, mb.T, mb.ids, mb.labels, mb.pos, mb.doc};
@@ -254,7 +259,6 @@ TrainResult run_finetune(const TrainConfig& cfg,
       m.loss += lp.loss;
       m.tokens += mb.B * mb.T;
     }
-    m.lr = cfg.schedule.at(step);
     if (dev) {
       m.grad_norm = dev->clip_and_step(cfg.adamw, m.lr, cfg.max_grad_norm);
     } else {

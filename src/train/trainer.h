@@ -58,6 +58,9 @@ class DeviceTrainModel {
   virtual void upload(const Qwen3Moe& host, const AdamW* opt) = 0;  // params (+ moments, step)
   virtual void download(Qwen3Moe& host, AdamW* opt) = 0;            // params (+ moments, step)
   virtual void zero_grad() = 0;
+  // The step's optimizer settings, before its first micro-batch (a model that applies AdamW
+  // inside the backward needs them then; others ignore this).
+  virtual void begin_step(const AdamWConfig& c, float lr, float max_grad_norm) = 0;
   // One micro-batch: forward and backward, gradients accumulate; the loss as Qwen3Moe::forward.
   virtual LossParts forward_backward(const Batch& b, float ce_denominator, float aux_scale) = 0;
   // Global-norm clipping and AdamW at lr; returns the norm before clipping.

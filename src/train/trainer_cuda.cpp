@@ -15,7 +15,7 @@ namespace {
 class CudaTrainModel final : public DeviceTrainModel {
  public:
   CudaTrainModel(const ModelConfig& mc, const TrainConfig& cfg)
-      : free0_(free_bytes()), model_(mc, parse_precision(cfg.precision)) {}
+      : free0_(free_bytes()), model_(mc, parse_precision(cfg.precision), 0, cfg.memory_saving) {}
 
   void upload(const Qwen3Moe& host, const AdamW* opt) override {
     model_.upload_params(host.params());
@@ -29,6 +29,9 @@ class CudaTrainModel final : public DeviceTrainModel {
     }
   }
   void zero_grad() override { model_.zero_grad(); }
+  void begin_step(const AdamWConfig& c, float lr, float max_grad_norm) override {
+    model_.begin_step(c, lr, max_grad_norm);
+  }
   LossParts forward_backward(const Batch& b, float ce_denominator, float aux_scale) override {
     model_.forward(b, ce_denominator, aux_scale, true);
     model_.backward();           // enqueued before the loss is read: the GPU stays busy

@@ -136,6 +136,30 @@ TEST(Recipe, UnknownKeyAndBadValueAreClearErrors) {
   }
 }
 
+TEST(Recipe, MemorySavingNeedsCudaBf16AndNoAccumulation) {
+  auto err = [](std::vector<std::pair<std::string, std::string>> kv) {
+    kv.push_back({"model.builtin", "tiny-moe"});
+    kv.push_back({"data.builtin", "addition"});
+    kv.push_back({"train.memory_saving", "true"});
+    try {
+      load_train_config("", kv);
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string();
+  };
+  EXPECT_NE(err({}).find("train.device cuda"), std::string::npos);
+  EXPECT_NE(err({{"train.device", "cuda"}, {"train.precision", "fp32_master"}}).find("precision bf16"),
+            std::string::npos);
+  EXPECT_NE(err({{"train.device", "cuda"}, {"train.grad_accum", "2"}}).find("train.grad_accum 1"),
+            std::string::npos);
+  EXPECT_EQ(err({{"train.device", "cuda"}}), "");
+  TrainConfig ok = load_train_config("", {{"model.builtin", "tiny-moe"}, {"data.builtin", "addition"},
+                                          {"train.device", "cuda"}, {"train.memory_saving", "true"}});
+  EXPECT_TRUE(ok.memory_saving);
+  EXPECT_NE(ok.to_yaml().find("memory_saving: true"), std::string::npos) << ok.to_yaml();
+}
+
 TEST(Recipe, DeviceAndPrecisionAreChecked) {
   try {
     load_train_config("", {{"model.builtin", "tiny-moe"}, {"data.builtin", "addition"}, {"train.precision", "fp8"}});
@@ -186,12 +210,21 @@ class CpuAsDevice final : public DeviceTrainModel {
     }
   }
   void zero_grad() override { model_.zero_grad(); }
+  void begin_step(const AdamWConfig&, float lr, float max_grad_norm) override {
+    begun_lr_ = lr;
+    begun_norm_ = max_grad_norm;
+  }
   LossParts forward_backward(const Batch& b, float denom, float aux_scale) override {
+    // the trainer announces each step's settings before its micro-batches
+    EXPECT_GE(begun_lr_, 0.f) << "forward_backward before begin_step";
     LossParts lp = model_.forward(b, denom, aux_scale);
     model_.backward();
     return lp;
   }
   float clip_and_step(const AdamWConfig& c, float lr, float max_grad_norm) override {
+    EXPECT_EQ(lr, begun_lr_);
+    EXPECT_EQ(max_grad_norm, begun_norm_);
+    begun_lr_ = -1.f;
     const float n = clip_grad_norm(model_.grads(), max_grad_norm);
     opt_.cfg = c;
     opt_.step(model_.params(), model_.grads(), lr);
@@ -202,6 +235,7 @@ class CpuAsDevice final : public DeviceTrainModel {
  private:
   Qwen3Moe model_;
   AdamW opt_;
+  float begun_lr_ = -1.f, begun_norm_ = -1.f;
 };
 
 }  // namespace

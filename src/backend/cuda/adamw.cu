@@ -1,6 +1,8 @@
 // backend/cuda/adamw.cu: torch.optim.AdamW's update over one flat range of the parameter arena
 // (all tensors at once: the multi-tensor launch of a contiguous arena is one grid-stride loop),
-// and the helpers for the global gradient norm.
+// the helpers for the global gradient norm, and the memory-saving mode's fused form: AdamW on one
+// tensor that also sums its gradient's squares (the optimizer step runs inside the backward, one
+// tensor at a time, so there is no whole-arena gradient to take the norm of afterwards).
 #include "backend/cuda/device.cuh"
 #include "backend/cuda/ops_cuda.h"
 
@@ -74,8 +76,12 @@ __device__ __forceinline__ uint4 pack8(const float (&f)[8]) {
 // gradients and moments; fp32 arithmetic, one rounding each. Memory-bound over the whole
 // arena: with `vec` (every pointer 16-byte aligned) a thread moves 8 elements per 16-byte
 // access, the last n % 8 elements go one by one.
+// part (nullable): block b writes the sum of the unscaled g^2 of its share to part[b] (every
+// thread of the block reaches the reduction).
 __global__ void adamw_bf16_state_kernel(bf16* p, const bf16* g, bf16* m, bf16* v, int64_t n,
-                                        AdamHyper h, const float* gscale, bool vec) {
+                                        AdamHyper h, const float* gscale, bool vec, double* part) {
+  __shared__ double red[32];
+  double ss = 0.0;
   const float gs = gscale[0];
   const int64_t tid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
@@ -89,7 +95,10 @@ __global__ void adamw_bf16_state_kernel(bf16* p, const bf16* g, bf16* m, bf16* v
       unpack8(reinterpret_cast<const uint4*>(m)[i], fm);
       unpack8(reinterpret_cast<const uint4*>(v)[i], fv);
 #pragma unroll
-      for (int k = 0; k < 8; ++k) fp[k] = adam_update(fp[k], fg[k] * gs, fm[k], fv[k], h);
+      for (int k = 0; k < 8; ++k) {
+        ss += double(fg[k]) * double(fg[k]);
+        fp[k] = adam_update(fp[k], fg[k] * gs, fm[k], fv[k], h);
+      }
       reinterpret_cast<uint4*>(p)[i] = pack8(fp);
       reinterpret_cast<uint4*>(m)[i] = pack8(fm);
       reinterpret_cast<uint4*>(v)[i] = pack8(fv);
@@ -98,9 +107,15 @@ __global__ void adamw_bf16_state_kernel(bf16* p, const bf16* g, bf16* m, bf16* v
   }
   for (int64_t i = done + tid; i < n; i += stride) {
     float mi = to_f(m[i]), vi = to_f(v[i]);
-    p[i] = to_bf(adam_update(to_f(p[i]), to_f(g[i]) * gs, mi, vi, h));
+    const float gi = to_f(g[i]);
+    ss += double(gi) * double(gi);
+    p[i] = to_bf(adam_update(to_f(p[i]), gi * gs, mi, vi, h));
     m[i] = to_bf(mi);
     v[i] = to_bf(vi);
+  }
+  if (part) {
+    ss = block_sum(ss, red);
+    if (threadIdx.x == 0) part[blockIdx.x] = ss;
   }
 }
 
@@ -226,7 +241,33 @@ void adamw_step(bf16* p, const bf16* g, bf16* m, bf16* v, int64_t n, float lr, f
   if (n == 0) return;
   const bool vec = aligned16(p) && aligned16(g) && aligned16(m) && aligned16(v);
   adamw_bf16_state_kernel<<<grid_for(vec ? n / 8 + 1 : n, kThreads, ctx), kThreads, 0,
-                            ctx.stream>>>(p, g, m, v, n, h, gscale, vec);
+                            ctx.stream>>>(p, g, m, v, n, h, gscale, vec, nullptr);
+  CUDA_CHECK_LAUNCH();
+}
+
+void adamw_step_sumsq(bf16* p, const bf16* g, bf16* m, bf16* v, int64_t n, float lr, float b1,
+                      float b2, float eps, float wd, int64_t t, const float* gscale,
+                      double* sumsq, const Ctx& ctx) {
+  const AdamHyper h = hyper(lr, b1, b2, eps, wd, t);
+  if (n == 0) {
+    CUDA_CHECK(cudaMemsetAsync(sumsq, 0, sizeof(double), ctx.stream));
+    return;
+  }
+  double* part =
+      static_cast<double*>(workspace_for(ctx, sum_squares_workspace_bytes(), "adamw_step_sumsq"));
+  const bool vec = aligned16(p) && aligned16(g) && aligned16(m) && aligned16(v);
+  const unsigned blocks =
+      std::min<unsigned>(kMaxPartials, grid_for(vec ? n / 8 + 1 : n, kThreads, ctx));
+  adamw_bf16_state_kernel<<<blocks, kThreads, 0, ctx.stream>>>(p, g, m, v, n, h, gscale, vec,
+                                                               part);
+  CUDA_CHECK_LAUNCH();
+  sum_squares_final_kernel<<<1, kThreads, 0, ctx.stream>>>(sumsq, part, int(blocks));
+  CUDA_CHECK_LAUNCH();
+}
+
+void sum_f64(double* out, const double* x, int64_t n, const Ctx& ctx) {
+  AM_CHECK(n >= 0 && n <= (int64_t(1) << 30), "[sum_f64] n = {} out of range", n);
+  sum_squares_final_kernel<<<1, kThreads, 0, ctx.stream>>>(out, x, int(n));
   CUDA_CHECK_LAUNCH();
 }
 

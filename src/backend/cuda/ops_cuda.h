@@ -264,6 +264,15 @@ void clip_coef(float* coef /*[1] f32 =*/, float* norm /*[1] f32 =*/,
 void adamw_step(bf16* p /*[n]*/, const bf16* g /*[n]*/, bf16* m /*[n]*/, bf16* v /*[n]*/,
                 int64_t n, float lr, float b1, float b2, float eps, float wd, int64_t t,
                 const float* gscale /*[1] f32*/, const Ctx& ctx);
+// The memory-saving mode's step on ONE tensor inside the backward: adamw_step above (bf16
+// weights, gradients and moments, g scaled by gscale[0]) and sumsq[0] (=) the sum of the
+// UNscaled g^2 in double, deterministic (block partials in the workspace, then one block).
+void adamw_step_sumsq(bf16* p /*[n]*/, const bf16* g /*[n]*/, bf16* m /*[n]*/, bf16* v /*[n]*/,
+                      int64_t n, float lr, float b1, float b2, float eps, float wd, int64_t t,
+                      const float* gscale /*[1] f32*/, double* sumsq /*[1] f64 =*/,
+                      const Ctx& ctx);
+// out[0] = x[0] + ... + x[n-1] in a fixed order (one block).
+void sum_f64(double* out /*[1] =*/, const double* x /*[n]*/, int64_t n, const Ctx& ctx);
 // Master weights: fp32 p, g, m, v; p_bf16 receives the rounded weights; g scaled by gscale[0].
 void adamw_step(float* p, bf16* p_bf16 /*nullable*/, const float* g, float* m, float* v,
                 int64_t n, float lr, float b1, float b2, float eps, float wd, int64_t t,
