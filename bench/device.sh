@@ -7,16 +7,22 @@
 #   parity    cuda_parity: the CUDA model (bf16, fp32_master) against the CPU model on the
 #             Transformers fixtures, judged against Transformers' own bf16 error there
 #             (bench/hf_bf16_noise.py), and a TRAIN_STEPS-step (300; 0 skips) tiny-moe fine-tune on both
-#   bench     cuda_bench: a 2-layer smoke run, then W1 (LAYERS=12 SEQ=4096 MBS=2)
+#   bench     cuda_bench: a 2-layer smoke run, then W1 (LAYERS=12 SEQ=4096 MBS=2) in the default
+#             mode and (MEMSAVE=1, default) in the memory-saving mode
+#   cli       the CLI on the GPU: `automoe forward --device cuda --dtype bf16` on a Transformers
+#             fixture against its reference (bench/compare_forward.py), and `automoe finetune`
+#             of the demo recipe with train.device cuda, default and memory-saving
+#             (CLI_STEPS, default 300)
 #   profile   ncu on one step of a 1-layer W1 model: the ten most expensive kernels with their
 #             share of the step and their SM and DRAM throughput as % of peak (kernel_table.py)
 #   baseline  native Transformers on the same shapes (.deps/bench/hf_moe_baseline.py, a copy of
 #             ../shared/bench; IMPLS, default "grouped_mm"), and the ratios
-# and prints a short table last. Default STAGES="ops parity bench baseline".
+# and prints a short table last. Default STAGES="ops parity bench cli baseline".
 #   bash bench/device.sh            Env: BUILD (build-device), CUDA_ARCH (90a), STAGES, OPS,
 #                                   TRAIN_STEPS, LAYERS, SEQ, MBS, IMPLS, BENCH_ARGS (extra cuda_bench
 #                                   flags), STAGE_TIMEOUT (seconds per stage, 300; exit 124)
-# Exit code: the number of failed stages (configure 3, build 4). Logs go to $OUT when set.
+# Exit code: the number of failed stages (configure 3, build 4). Logs go to $OUT/device-logs.tgz
+# when OUT is set.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BUILD=${BUILD:-build-device}
@@ -49,7 +55,7 @@ if ! python3 -c "import importlib.util as u; assert u.find_spec('cutlass_library
 fi
 export CUDACXX=${CUDACXX:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null
-STAGES=${STAGES:-ops parity bench baseline}
+STAGES=${STAGES:-ops parity bench cli baseline}
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 
 t0=$(date +%s)
@@ -101,6 +107,29 @@ if has bench; then
   stage bench_smoke "$BUILD/cuda_bench" --layers 2 --seq 1024 --mbs 1 --warmup 1 --steps 2
   # shellcheck disable=SC2086
   stage bench_w1 "$BUILD/cuda_bench" --layers "${LAYERS:-12}" --seq "${SEQ:-4096}" --mbs "${MBS:-2}" ${BENCH_ARGS:-}
+  if [ "${MEMSAVE:-1}" = 1 ]; then
+    # shellcheck disable=SC2086
+    stage bench_w1_memsave "$BUILD/cuda_bench" --layers "${LAYERS:-12}" --seq "${SEQ:-4096}" --mbs "${MBS:-2}" \
+      --memory-saving ${BENCH_ARGS:-}
+  fi
+fi
+if has cli; then
+  if [ -x "$BUILD/automoe" ]; then
+    fx=tests/fixtures/hf/tiny_a
+    stage cli_forward bash -c "'$BUILD/automoe' forward --model $fx/model --batch $fx/reference.safetensors \
+      --out '$BUILD/fwd_cuda.safetensors' --grads --device cuda --dtype bf16 \
+      && python3 bench/compare_forward.py '$BUILD/fwd_cuda.safetensors' $fx/reference.safetensors"
+    for mode in default memsave; do
+      extra=()
+      [ "$mode" = memsave ] && extra=(--train.memory_saving true)
+      stage "cli_finetune_$mode" "$BUILD/automoe" finetune examples/demo.yaml --train.device cuda \
+        --train.steps "${CLI_STEPS:-300}" --train.log_every 50 --train.checkpoint_every 0 \
+        --output.dir "$BUILD/cli_$mode" "${extra[@]}"
+    done
+  else
+    echo "device.sh: no $BUILD/automoe (PCRE2 missing?): no cli stage"
+    fails=$((fails + 1))
+  fi
 fi
 if has profile; then
   # Nsight Compute on one W1-shaped step (PROFILE_LAYERS layers, default 1): every kernel's time,
@@ -139,18 +168,26 @@ if [ -f "$BUILD/op_check.log" ] && has ops; then
 fi
 if has parity; then
   grep -E "HF bf16 vs fp32" "$BUILD/hf_bf16.log" 2>/dev/null
-  grep -E "logits rel-L2|gradients, worst|^FAIL|loss curves|failed check" "$BUILD/parity.log" | head -n 40
+  grep -E "logits rel-L2|gradients, worst|^FAIL|loss curves|failed check|memory-saving vs" "$BUILD/parity.log" | head -n 48
 fi
-python3 - "$BUILD/bench_w1.log" "$BUILD/baseline.log" <<'PY'
+if has cli; then
+  grep -hE "^(ok|FAIL) " "$BUILD/cli_forward.log" 2>/dev/null
+  for mode in default memsave; do
+    echo "cli finetune $mode: $(grep -E "step +[0-9]+" "$BUILD/cli_finetune_$mode.log" 2>/dev/null | tail -n 1)"
+    grep -E "held-out accuracy" "$BUILD/cli_finetune_$mode.log" 2>/dev/null
+  done
+fi
+python3 - "$BUILD/bench_w1.log" "$BUILD/baseline.log" "$BUILD/bench_w1_memsave.log" <<'PY'
 import json, sys
 def results(path):
     try:
         return [json.loads(l[7:]) for l in open(path) if l.startswith("RESULT ")]
     except OSError:
         return []
-ours, hf = results(sys.argv[1]), results(sys.argv[2])
+ours, hf, ms = results(sys.argv[1]), results(sys.argv[2]), results(sys.argv[3])
 keys = ("fwd_bwd_tok_per_s", "fwd_bwd_tflops", "tok_per_s", "model_tflops")
-rows = [("automoe", r) for r in ours] + [("transformers " + r.get("impl", ""), r) for r in hf]
+rows = [("automoe", r) for r in ours] + [("automoe memory-saving", r) for r in ms] + \
+       [("transformers " + r.get("impl", ""), r) for r in hf]
 if rows:
     print(f"{'W1':24s} {'fwd+bwd tok/s':>14s} {'TFLOP/s':>8s} {'step tok/s':>11s} {'TFLOP/s':>8s} {'peak GiB':>9s}")
     for name, r in rows:
@@ -161,6 +198,10 @@ if ours and hf:
     o = ours[-1]
     print(f"ratio vs transformers ({best.get('impl')}): fwd+bwd {o['fwd_bwd_tok_per_s'] / best['fwd_bwd_tok_per_s']:.2f}x, "
           f"step {o['tok_per_s'] / best['tok_per_s']:.2f}x, peak memory {o.get('peak_used_GiB', 0) / best['peak_GiB']:.2f}x")
+    for o in ms:  # its fwd+bwd already holds AdamW: the step is the fair comparison
+        print(f"memory-saving vs transformers: step {o['tok_per_s'] / best['tok_per_s']:.2f}x, fwd+bwd(+AdamW) "
+              f"{o['fwd_bwd_tok_per_s'] / best['fwd_bwd_tok_per_s']:.2f}x, peak memory {o.get('peak_used_GiB', 0) / best['peak_GiB']:.2f}x")
 PY
-[ -n "${OUT:-}" ] && cp "${LOGS[@]}" "$OUT/" 2>/dev/null
+# one archive: the device tool brings back at most 8 files
+[ -n "${OUT:-}" ] && tar czf "$OUT/device-logs.tgz" "${LOGS[@]}" 2>/dev/null
 exit "$fails"
