@@ -118,7 +118,8 @@ if has cli; then
     fx=tests/fixtures/hf/tiny_a
     stage cli_forward bash -c "'$BUILD/automoe' forward --model $fx/model --batch $fx/reference.safetensors \
       --out '$BUILD/fwd_cuda.safetensors' --grads --device cuda --dtype bf16 \
-      && python3 bench/compare_forward.py '$BUILD/fwd_cuda.safetensors' $fx/reference.safetensors"
+      && python3 bench/compare_forward.py '$BUILD/fwd_cuda.safetensors' $fx/reference.safetensors \
+         \$( [ -f '$BUILD/hf_bf16_noise.json' ] && echo --hf-noise '$BUILD/hf_bf16_noise.json' --fixture tiny_a )"
     for mode in default memsave; do
       extra=()
       [ "$mode" = memsave ] && extra=(--train.memory_saving true)

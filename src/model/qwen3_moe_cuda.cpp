@@ -15,9 +15,10 @@
 // backward (a row copy and an elementwise op) instead of being saved per layer.
 //
 // The memory-saving mode (qwen3_moe_cuda.h) adds: no gradient arena (g16_at() points into a
-// scratch, done() runs AdamW on a tensor the moment its gradient is complete), and per layer
-// one shared set of the recomputable activations (ln1, q/k/v, ln2, gate_up, expert outputs),
-// recomputed at the start of the layer's MLP and attention backward. Every kernel is
+// scratch, done() runs AdamW on a tensor the moment its gradient is complete), and one set of
+// the recomputable activations shared by all layers (ln1, normed and roped q/k, ln2, gate_up;
+// the expert outputs in temporaries), recomputed at the start of the layer's MLP and attention
+// backward. Every kernel is
 // deterministic, so the recomputed tensors are the forward's bits.
 #include "model/qwen3_moe_cuda.h"
 
@@ -177,7 +178,7 @@ struct Qwen3MoeCuda::State {
   // backward temporaries
   bf16 *d1 = nullptr, *dln = nullptr, *dao = nullptr, *dq = nullptr, *dqn = nullptr, *dk = nullptr,
        *dkn = nullptr, *dv = nullptr, *dys = nullptr, *dact = nullptr, *dgu = nullptr,
-       *xs_b = nullptr, *act_b = nullptr, *drl = nullptr;
+       *xs_b = nullptr, *act_b = nullptr, *drl = nullptr, *ys_b = nullptr;
   float *dtopk_w = nullptr, *dprobs_all = nullptr;
   // the batch on the device, and its pinned host staging (same byte layout)
   size_t in_bytes = 0;
@@ -538,28 +539,31 @@ void Qwen3MoeCuda::plan(int64_t B, int64_t T) {
   auto carve = [&](uintptr_t base) -> size_t {
     Carver cv{base, 0};
     for (int64_t l = 0; l <= L; ++l) s.res[l] = cv.take<bf16>(N * H);
-    // the recomputable activations: per layer, or one set shared by all (memory-saving mode)
-    auto recomputable = [&](LayerActs& a, bool moe, bool dense) {
+    // the recomputable activations: per layer, or one set shared by all (memory-saving mode,
+    // whose expert outputs ys live in the forward's and the backward's temporaries instead)
+    auto recomputable = [&](LayerActs& a, bool moe, bool dense, bool ys) {
       a.ln1 = cv.take<bf16>(N * H);
       a.ln1_rstd = cv.take<float>(N);
-      a.q_pre = cv.take<bf16>(N * nH * D);
       a.q = cv.take<bf16>(N * nH * D);
       a.q_rstd = cv.take<float>(N * nH);
-      a.k_pre = cv.take<bf16>(N * nKV * D);
       a.k = cv.take<bf16>(N * nKV * D);
       a.k_rstd = cv.take<float>(N * nKV);
-      a.v = cv.take<bf16>(N * nKV * D);
       a.ln2 = cv.take<bf16>(N * H);
       a.ln2_rstd = cv.take<float>(N);
       a.gu = cv.take<bf16>(std::max(moe ? N * K * 2 * I : 0, dense ? N * 2 * F : 0));
-      if (moe) a.ys = cv.take<bf16>(N * K * H);
+      if (moe && ys) a.ys = cv.take<bf16>(N * K * H);
     };
     LayerActs shared{};
-    if (s.memsave) recomputable(shared, M > 0, M < L);
+    if (s.memsave) recomputable(shared, M > 0, M < L, false);
     for (int64_t l = 0; l < L; ++l) {
       LayerActs& a = s.la[l];
       if (s.memsave) a = shared;
-      else recomputable(a, s.lo[l].moe, !s.lo[l].moe);
+      else recomputable(a, s.lo[l].moe, !s.lo[l].moe, true);
+      // kept per layer in both modes: q/k before their norms and v (the attention backward's
+      // recompute is then norms and RoPE, no GEMM), the attention output, x_mid, the routing
+      a.q_pre = cv.take<bf16>(N * nH * D);
+      a.k_pre = cv.take<bf16>(N * nKV * D);
+      a.v = cv.take<bf16>(N * nKV * D);
       a.ao = cv.take<bf16>(N * nH * D);
       a.lse = cv.take<float>(B * nH * T);
       a.x_mid = cv.take<bf16>(N * H);
@@ -608,12 +612,17 @@ void Qwen3MoeCuda::plan(int64_t B, int64_t T) {
     s.dys = b.take<bf16>(NK * H);
     s.xs_b = b.take<bf16>(NK * H);
     s.act_b = b.take<bf16>(std::max(NK * I, N * F));
+    const size_t dact_at = b.off;
     s.dact = b.take<bf16>(std::max(NK * I, N * F));
     s.dgu = b.take<bf16>(std::max(NK * 2 * I, N * 2 * F));
     s.drl = b.take<bf16>(N * E);
     s.dtopk_w = b.take<float>(N * K);
     s.dprobs_all = b.take<float>(M * N * E);
-    return std::max(f.off, b.off);
+    // memory-saving mode: the recomputed expert outputs overlay dact.. (dead until
+    // unpermute_bwd has read ys); the forward's go to xs (dead after the gate_up GEMM)
+    Carver ov{base, dact_at};
+    s.ys_b = ov.take<bf16>(NK * H);
+    return std::max({f.off, b.off, ov.off});
   };
   s.acts = cu::DeviceBuffer<unsigned char>();  // free the old arena first
   const size_t bytes = carve(0);
@@ -800,8 +809,9 @@ void Qwen3MoeCuda::forward(const Batch& bt, float ce_denominator, float aux_scal
       cu::permute_fwd(s.xs, a.ln2, a.slot_row, N, K, H, ctx);
       cu::grouped_linear_fwd(a.gu, s.xs, s.W(o.ex_gu), a.offsets, N * K, E, H, 2 * I, ctx);
       cu::swiglu_fwd(s.act, a.gu, N * K, I, ctx);
-      cu::grouped_linear_fwd(a.ys, s.act, s.W(o.ex_down), a.offsets, N * K, E, I, H, ctx);
-      cu::unpermute_fwd(s.tmp, a.ys, a.topk_w, a.slot_row, N, K, H, ctx);
+      bf16* ys = s.memsave ? s.xs : a.ys;  // memory-saving: not kept (see plan())
+      cu::grouped_linear_fwd(ys, s.act, s.W(o.ex_down), a.offsets, N * K, E, I, H, ctx);
+      cu::unpermute_fwd(s.tmp, ys, a.topk_w, a.slot_row, N, K, H, ctx);
     } else {
       cu::linear_fwd(a.gu, a.ln2, s.W(o.mlp_gu), nullptr, N, H, 2 * F, ctx);
       cu::swiglu_fwd(s.act, a.gu, N, F, ctx);
@@ -890,7 +900,6 @@ void Qwen3MoeCuda::backward() {
   const float theta = float(c.rope_theta), eps = float(c.rms_norm_eps);
   const int32_t* doc = s.has_doc ? s.doc : nullptr;
   const float beta = s.beta;
-  auto Wn = [&](int64_t off) { return off < 0 ? nullptr : s.W(off); };
   // aux loss: d(coef*aux)/dprobs for all MoE layers at once
   if (s.aux_grad != 0.f)
     cu::aux_loss_bwd(s.dprobs_all, s.aux_grad, s.topk_all, c.num_moe_layers() * N, E, K, ctx);
@@ -899,13 +908,14 @@ void Qwen3MoeCuda::backward() {
     const LayerOff& o = s.lo[l];
     const bf16* x_in = s.res[l];
     s.lrecord(l, 3);
+    bf16* ys = s.memsave ? s.ys_b : a.ys;
     if (s.memsave) {  // this layer's MLP activations again, before its weights change
       cu::rmsnorm_fwd(a.ln2, a.ln2_rstd, a.x_mid, s.W(o.ln2), N, H, eps, ctx);
       if (o.moe) {
         cu::permute_fwd(s.xs_b, a.ln2, a.slot_row, N, K, H, ctx);
         cu::grouped_linear_fwd(a.gu, s.xs_b, s.W(o.ex_gu), a.offsets, N * K, E, H, 2 * I, ctx);
         cu::swiglu_fwd(s.act_b, a.gu, N * K, I, ctx);
-        cu::grouped_linear_fwd(a.ys, s.act_b, s.W(o.ex_down), a.offsets, N * K, E, I, H, ctx);
+        cu::grouped_linear_fwd(ys, s.act_b, s.W(o.ex_down), a.offsets, N * K, E, I, H, ctx);
       } else {
         cu::linear_fwd(a.gu, a.ln2, s.W(o.mlp_gu), nullptr, N, H, 2 * F, ctx);
       }
@@ -914,7 +924,7 @@ void Qwen3MoeCuda::backward() {
     if (o.moe) {
       const float* probs = s.probs_all + o.moe_index * N * E;
       const int32_t* idx = s.topk_all + o.moe_index * N * K;
-      cu::unpermute_bwd(s.dys, s.dtopk_w, s.dres, a.ys, a.topk_w, a.slot_row, N, K, H, ctx);
+      cu::unpermute_bwd(s.dys, s.dtopk_w, s.dres, ys, a.topk_w, a.slot_row, N, K, H, ctx);
       if (!s.memsave) cu::swiglu_fwd(s.act_b, a.gu, N * K, I, ctx);  // recomputed
       s.grouped_bwd(s.dact, o.ex_down, s.dys, s.act_b, a.offsets, N * K, E, I, H);
       cu::swiglu_bwd(s.dgu, s.dact, a.gu, N * K, I, ctx);
@@ -936,9 +946,6 @@ void Qwen3MoeCuda::backward() {
     s.lrecord(l, 4);
     if (s.memsave) {  // this layer's attention inputs again, before its weights change
       cu::rmsnorm_fwd(a.ln1, a.ln1_rstd, x_in, s.W(o.ln1), N, H, eps, ctx);
-      cu::linear_fwd(a.q_pre, a.ln1, s.W(o.wq), Wn(o.bq), N, H, nH * D, ctx);
-      cu::linear_fwd(a.k_pre, a.ln1, s.W(o.wk), Wn(o.bk), N, H, nKV * D, ctx);
-      cu::linear_fwd(a.v, a.ln1, s.W(o.wv), Wn(o.bv), N, H, nKV * D, ctx);
       cu::rmsnorm_fwd(a.q, a.q_rstd, a.q_pre, s.W(o.qn), N * nH, D, eps, ctx);
       cu::rmsnorm_fwd(a.k, a.k_rstd, a.k_pre, s.W(o.kn), N * nKV, D, eps, ctx);
       cu::rope_fwd(a.q, a.q, s.pos, N, nH, D, theta, ctx);

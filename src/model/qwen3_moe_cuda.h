@@ -54,10 +54,10 @@ struct CudaMemory {  // bytes
 //   - Global-norm clipping cannot wait for the whole gradient: the clip coefficient of step t
 //     comes from step t-1's norm (no clipping on the first step). grad_norm() still reports
 //     this step's true norm. With max_grad_norm 0 the mode's update is the default mode's.
-//   - Per layer only the residual input, the attention output (+ its log-sum-exp), the
-//     post-attention residual and the routing (top-k, weights, expert offsets) are kept; the
-//     backward recomputes ln1, q/k/v (norm, RoPE), ln2 and the experts' gate_up and down
-//     outputs from them, before that layer's weights are updated.
+//   - Per layer only the residual input, q/k before their norms and v, the attention output
+//     (+ its log-sum-exp), the post-attention residual and the routing (top-k, weights, expert
+//     offsets) are kept; the backward recomputes ln1, the q/k norms and RoPE, ln2 and the
+//     experts' gate_up and down outputs from them, before that layer's weights are updated.
 class Qwen3MoeCuda {
  public:
   explicit Qwen3MoeCuda(const ModelConfig& cfg, Precision precision = Precision::BF16,
