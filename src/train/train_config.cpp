@@ -61,6 +61,7 @@ const std::map<std::string, Setter>& keys() {
       KEY("train.device", device, std::string),
       KEY("train.precision", precision, std::string),
       KEY("train.ep", ep, int64_t),
+      KEY("train.zero", zero, int64_t),
       KEY("output.dir", output_dir, std::string),
       KEY("output.export_hf", export_hf, bool),
       KEY("output.resume", resume, bool),
@@ -125,6 +126,12 @@ TrainConfig load_train_config(const std::string& path,
   AM_CHECK(c.precision == "bf16" || c.precision == "fp32_master",
            "train.precision '{}' is not known; use bf16 (bf16 weights, gradients and AdamW state) or "
            "fp32_master (fp32 master weights, gradients and moments)", c.precision);
+  AM_CHECK(c.zero >= 0 && c.zero <= 2,
+           "train.zero must be 0 (replicated optimizer state), 1 (optimizer state sharded over the "
+           "data-parallel ranks) or 2 (optimizer state and gradients sharded), got {}", c.zero);
+  AM_CHECK(c.zero == 0 || c.device == "cpu",
+           "train.zero {} runs on train.device cpu for now (ZeRO on the GPU path is not built yet); "
+           "use train.zero 0 with train.device {}", c.zero, c.device);
   return c;
 }
 
@@ -160,6 +167,7 @@ std::string TrainConfig::to_yaml() const {
     << YAML::Key << "device" << YAML::Value << device;
   if (device != "cpu") e << YAML::Key << "precision" << YAML::Value << precision;
   if (ep != 1) e << YAML::Key << "ep" << YAML::Value << ep;
+  if (zero != 0) e << YAML::Key << "zero" << YAML::Value << zero;
   e << YAML::EndMap;
   e << YAML::Key << "output" << YAML::Value << YAML::BeginMap << YAML::Key << "dir" << YAML::Value
     << output_dir << YAML::Key << "export_hf" << YAML::Value << export_hf << YAML::EndMap;

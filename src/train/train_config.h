@@ -42,6 +42,7 @@ struct TrainConfig {
   std::string device = "cpu";           // cpu | cuda (one GPU)
   std::string precision = "bf16";       // cuda: bf16 | fp32_master (the CPU backend is fp32)
   int64_t ep = 1;                       // expert-parallel size (ranks from mpirun; dp = world / ep)
+  int64_t zero = 0;                     // ZeRO: 0 replicated, 1 optimizer state sharded, 2 + gradients
   // output:
   std::string output_dir = "out/run";
   bool export_hf = true;
