@@ -57,9 +57,9 @@ void barrier(const Qwen3Moe& model) {
 }
 
 void save_part(const fs::path& dir, const std::string& suffix, const Qwen3Moe& model, const AdamW& opt, Part part,
-               bool moments) {
+               bool with_moments) {
   save_safetensors((dir / ("model" + suffix + ".safetensors")).string(), named(model, model.params(), part), {});
-  if (!moments) return;  // ZeRO: each rank writes its shard (save_zero_moments)
+  if (!with_moments) return;  // ZeRO: each rank writes its shard (save_zero_moments)
   auto m = named(model, opt.m, part), v = named(model, opt.v, part);
   std::vector<std::pair<std::string, Tensor>> moments;
   for (auto& [n, t] : m) moments.emplace_back("exp_avg." + n, t);
@@ -171,8 +171,8 @@ TrainState load_checkpoint(const std::string& dir, Qwen3Moe& model, AdamW& opt, 
   // ZeRO shards fit only the partition they were cut for: the same level and world size
   const int64_t ck_zero = j.value("zero", int64_t(0)), ck_world = j.value("world_size", int64_t(-1));
   const int64_t run_zero = zero ? zero->level() : 0, run_world = world_size(model);
-  auto layout = [](int64_t z, int64_t w) {
-    return z ? fmt::format("train.zero {} on {} rank{}", z, w, w == 1 ? "" : "s") : std::string("train.zero 0");
+  auto layout = [](int64_t z, int64_t w) {  // w < 0: not recorded (a train.zero 0 checkpoint)
+    return w < 0 ? fmt::format("train.zero {}", z) : fmt::format("train.zero {} on {} rank{}", z, w, w == 1 ? "" : "s");
   };
   if (ck_zero != 0 || run_zero != 0)
     AM_CHECK(ck_zero == run_zero && ck_world == run_world,
