@@ -6,6 +6,7 @@
 // over 20 fine-tuning steps of the built-in tiny-moe; checkpoints resume bit-identically.
 // Run directly (world size 1, as ctest's per-test entries do) it checks the CLI launched with
 // mpirun: the forward contract, finetune outputs, and that one failing rank stops all of them.
+// ZeRO (train.zero) is checked in test_zero.cpp; main() here starts MPI for both files.
 #include <gtest/gtest.h>
 
 #include <sys/wait.h>
