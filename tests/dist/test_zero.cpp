@@ -5,6 +5,7 @@
 // resume with another zero level or world size. Each prints its measured agreement ([zero] lines).
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
