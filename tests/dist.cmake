@@ -1,8 +1,8 @@
-# tests/dist.cmake: the expert-parallel tests under mpirun (tests/dist/test_dist.cpp). ctest's
-# per-test entries of test_dist (world size 1) check the CLI under mpirun; these run the binary
-# itself on 2, 4 and 8 ranks. CI runs as root on 2 cores: --allow-run-as-root, --oversubscribe,
-# and idle ranks yield the CPU. RUN_SERIAL: oversubscribed ranks must not also share the cores
-# with other tests.
+# tests/dist.cmake: the expert-parallel and ZeRO tests under mpirun (tests/dist/test_dist.cpp,
+# test_zero.cpp). ctest's per-test entries of test_dist (world size 1) check the CLI under
+# mpirun; these run the binary itself on 2, 4 and 8 ranks. CI runs as root on 2 cores:
+# --allow-run-as-root, --oversubscribe, and idle ranks yield the CPU. RUN_SERIAL: oversubscribed
+# ranks must not also share the cores with other tests.
 if(TARGET test_dist)
   find_program(MPIRUN NAMES mpirun mpiexec)
   if(MPIRUN)

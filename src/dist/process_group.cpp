@@ -149,6 +149,14 @@ void Comm::allreduce_max(double* x, int64_t n) const {
   if (impl_) allreduce_chunks(impl_->comm, x, n, MPI_DOUBLE, MPI_MAX);
 }
 
+void Comm::reduce_scatter_sum(float* recv, const float* send, int64_t n) const {
+  if (!impl_) {
+    if (n) std::memcpy(recv, send, size_t(n) * sizeof(float));
+    return;
+  }
+  MPI_Reduce_scatter_block(send, recv, as_int(n, "reduce-scatter block size"), MPI_FLOAT, MPI_SUM, impl_->comm);
+}
+
 void Comm::broadcast(void* data, int64_t bytes, int root) const {
   if (!impl_) return;
   auto* p = static_cast<char*>(data);

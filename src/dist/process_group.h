@@ -54,6 +54,9 @@ class Comm {
   void allreduce_sum(int64_t* x, int64_t n) const;
   void allreduce_max(int64_t* x, int64_t n) const;
   void allreduce_max(double* x, int64_t n) const;
+  // recv[n] (=) <- the sum over ranks of block `rank` of every rank's send[size * n]
+  // (MPI_Reduce_scatter_block; recv and send must not overlap). ZeRO's gradient reduce.
+  void reduce_scatter_sum(float* recv, const float* send, int64_t n) const;
   void broadcast(void* data, int64_t bytes, int root) const;
   // recv[size * bytes] (root only; may be null elsewhere) <- every rank's `bytes` in rank order.
   void gather(void* recv, const void* send, int64_t bytes, int root) const;

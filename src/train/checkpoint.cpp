@@ -9,6 +9,7 @@
 
 #include "core/check.h"
 #include "dist/process_group.h"
+#include "dist/zero.h"
 #include "io/safetensors.h"
 
 namespace automoe {
@@ -55,8 +56,10 @@ void barrier(const Qwen3Moe& model) {
   if (model.groups()) model.groups()->world.barrier();
 }
 
-void save_part(const fs::path& dir, const std::string& suffix, const Qwen3Moe& model, const AdamW& opt, Part part) {
+void save_part(const fs::path& dir, const std::string& suffix, const Qwen3Moe& model, const AdamW& opt, Part part,
+               bool with_moments) {
   save_safetensors((dir / ("model" + suffix + ".safetensors")).string(), named(model, model.params(), part), {});
+  if (!with_moments) return;  // ZeRO: each rank writes its shard (save_zero_moments)
   auto m = named(model, opt.m, part), v = named(model, opt.v, part);
   std::vector<std::pair<std::string, Tensor>> moments;
   for (auto& [n, t] : m) moments.emplace_back("exp_avg." + n, t);
@@ -65,11 +68,40 @@ void save_part(const fs::path& dir, const std::string& suffix, const Qwen3Moe& m
 }
 
 int ep_size(const Qwen3Moe& model) { return model.expert_parallel() ? model.groups()->ep_size() : 1; }
+int world_rank(const Qwen3Moe& model) { return model.groups() ? model.groups()->world.rank() : 0; }
+int world_size(const Qwen3Moe& model) { return model.groups() ? model.groups()->world.size() : 1; }
+
+// ZeRO: this rank's moment shards, flat ([replicated shard | expert shard] of opt.m and opt.v).
+fs::path zero_file(const fs::path& dir, int rank) { return dir / fmt::format("optimizer-zero-{}.safetensors", rank); }
+struct ZeroPart {
+  const char* name;
+  int64_t at, numel;
+};
+std::vector<ZeroPart> zero_parts(const dist::Zero& z) {
+  std::vector<ZeroPart> out;
+  if (z.replicated_shard() > 0) out.push_back({"replicated", 0, z.replicated_shard()});
+  if (z.expert_shard() > 0) out.push_back({"experts", z.replicated_shard(), z.expert_shard()});
+  return out;
+}
+
+void save_zero_moments(const fs::path& dir, const Qwen3Moe& model, const AdamW& opt, const dist::Zero& z) {
+  std::vector<std::pair<std::string, Tensor>> t;
+  for (auto& [prefix, arena] : {std::pair{"exp_avg.", &opt.m}, std::pair{"exp_avg_sq.", &opt.v}})
+    for (auto& p : zero_parts(z))
+      t.emplace_back(prefix + std::string(p.name),
+                     Tensor::borrow(DType::F32, {p.numel}, const_cast<float*>(arena->data() + p.at)));
+  SafetensorsMetadata meta = {{"zero", std::to_string(z.level())},
+                              {"world_size", std::to_string(world_size(model))},
+                              {"rank", std::to_string(world_rank(model))},
+                              {"replicated_numel", std::to_string(z.replicated_numel())},
+                              {"expert_numel", std::to_string(z.expert_numel())}};
+  save_safetensors(zero_file(dir, world_rank(model)).string(), t, meta);
+}
 
 }  // namespace
 
 void save_checkpoint(const std::string& output_dir, const TrainState& st, const Qwen3Moe& model,
-                     const AdamW& opt, int64_t keep) {
+                     const AdamW& opt, int64_t keep, const dist::Zero* zero) {
   const dist::Groups* g = model.groups();
   const bool lead = !g || g->world.rank() == 0, ep = model.expert_parallel();
   fs::path root = fs::path(output_dir) / "checkpoints";
@@ -81,9 +113,10 @@ void save_checkpoint(const std::string& output_dir, const TrainState& st, const 
     fs::create_directories(tmp);
   }
   barrier(model);
-  if (lead) save_part(tmp, "", model, opt, ep ? Part::Dense : Part::All);
+  if (lead) save_part(tmp, "", model, opt, ep ? Part::Dense : Part::All, !zero);
   if (ep && g->dp.rank() == 0)  // one copy of each expert shard: the first DP replica writes it
-    save_part(tmp, fmt::format("-rank-{}", g->ep.rank()), model, opt, Part::Experts);
+    save_part(tmp, fmt::format("-rank-{}", g->ep.rank()), model, opt, Part::Experts, !zero);
+  if (zero) save_zero_moments(tmp, model, opt, *zero);  // every rank: its own shard
   barrier(model);
   if (!lead) {
     barrier(model);  // the checkpoint is complete (renamed) when every rank leaves
@@ -92,6 +125,10 @@ void save_checkpoint(const std::string& output_dir, const TrainState& st, const 
   nlohmann::json j = {{"step", st.step}, {"data_epoch", st.data_epoch}, {"data_cursor", st.data_cursor},
                       {"adamw_t", opt.t}, {"num_params", model.global_numel()}};
   if (ep) j["expert_parallel"] = ep_size(model);
+  if (zero) {
+    j["zero"] = zero->level();
+    j["world_size"] = world_size(model);
+  }
   std::ofstream(tmp / "state.json") << j.dump(1) << "\n";
   fs::remove_all(final_dir);
   fs::rename(tmp, final_dir);
@@ -119,7 +156,7 @@ std::string latest_checkpoint(const std::string& output_dir) {
   return best;
 }
 
-TrainState load_checkpoint(const std::string& dir, Qwen3Moe& model, AdamW& opt) {
+TrainState load_checkpoint(const std::string& dir, Qwen3Moe& model, AdamW& opt, const dist::Zero* zero) {
   std::ifstream f(fs::path(dir) / "state.json");
   AM_CHECK(f.good(), "checkpoint {} has no state.json", dir);
   nlohmann::json j;
@@ -131,17 +168,43 @@ TrainState load_checkpoint(const std::string& dir, Qwen3Moe& model, AdamW& opt) 
   AM_CHECK(j.value("num_params", int64_t(-1)) == model.global_numel(),
            "checkpoint {} holds {} parameters, the model has {}: it belongs to another model",
            dir, j.value("num_params", int64_t(-1)), model.global_numel());
+  // ZeRO shards fit only the partition they were cut for: the same level and world size
+  const int64_t ck_zero = j.value("zero", int64_t(0)), ck_world = j.value("world_size", int64_t(-1));
+  const int64_t run_zero = zero ? zero->level() : 0, run_world = world_size(model);
+  auto layout = [](int64_t z, int64_t w) {  // w < 0: not recorded (a train.zero 0 checkpoint)
+    return w < 0 ? fmt::format("train.zero {}", z) : fmt::format("train.zero {} on {} rank{}", z, w, w == 1 ? "" : "s");
+  };
+  if (ck_zero != 0 || run_zero != 0)
+    AM_CHECK(ck_zero == run_zero && ck_world == run_world,
+             "checkpoint {} was written with {}, this run has {}; resume with {}{} (re-sharding ZeRO "
+             "optimizer state is not implemented yet)",
+             dir, layout(ck_zero, ck_world), layout(run_zero, run_world), layout(ck_zero, ck_world),
+             ck_zero ? fmt::format(" (mpirun -np {} ... --train.zero {})", ck_world, ck_zero) : std::string(""));
   const int64_t ck_ep = j.value("expert_parallel", int64_t(1));
   AM_CHECK(ck_ep == ep_size(model),
            "checkpoint {} was written with expert parallelism {}, this run has {}; resume with train.ep {} "
            "(re-sharding a checkpoint is not implemented yet)",
            dir, ck_ep, ep_size(model), ck_ep);
   const bool ep = model.expert_parallel();
-  opt.init(int64_t(model.params().size()));
+  opt.init(zero ? zero->shard_numel() : int64_t(model.params().size()));
+  if (zero) {
+    SafetensorsFile of(zero_file(dir, world_rank(model)).string());
+    for (auto& [prefix, arena] : {std::pair{"exp_avg.", &opt.m}, std::pair{"exp_avg_sq.", &opt.v}})
+      for (auto& p : zero_parts(*zero)) {
+        std::string key = prefix + std::string(p.name);
+        AM_CHECK(of.has(key), "checkpoint {} has no optimizer tensor '{}' in {}", dir, key, zero_file(dir, world_rank(model)).string());
+        Tensor t = of.view(key);
+        AM_CHECK(t.dtype == DType::F32 && t.shape == Shape{p.numel},
+                 "checkpoint {}: ZeRO shard '{}' is {} {}, this rank's shard is F32 [{}]: it was cut for another layout",
+                 dir, key, dtype_name(t.dtype), shape_str(t.shape), p.numel);
+        std::copy(t.data<float>(), t.data<float>() + p.numel, arena->data() + p.at);
+      }
+  }
   std::vector<std::pair<std::string, Part>> files = {{"", ep ? Part::Dense : Part::All}};
   if (ep) files.emplace_back(fmt::format("-rank-{}", model.groups()->ep.rank()), Part::Experts);
   for (auto& [suffix, part] : files) {
     read_into(SafetensorsFile((fs::path(dir) / ("model" + suffix + ".safetensors")).string()), model, model.params(), dir, part);
+    if (zero) continue;  // the moments came from this rank's ZeRO shard
     SafetensorsFile of((fs::path(dir) / ("optimizer" + suffix + ".safetensors")).string());
     for (auto& [prefix, arena] : {std::pair{"exp_avg.", &opt.m}, std::pair{"exp_avg_sq.", &opt.v}})
       for (auto& p : model.layout().params) {

@@ -62,6 +62,7 @@ const std::map<std::string, Setter>& keys() {
       KEY("train.precision", precision, std::string),
       KEY("train.memory_saving", memory_saving, bool),
       KEY("train.ep", ep, int64_t),
+      KEY("train.zero", zero, int64_t),
       KEY("output.dir", output_dir, std::string),
       KEY("output.export_hf", export_hf, bool),
       KEY("output.resume", resume, bool),
@@ -135,6 +136,12 @@ TrainConfig load_train_config(const std::string& path,
              "cannot accumulate gradients: set train.grad_accum 1 (and raise data.micro_batch) "
              "or leave train.memory_saving off");
   }
+  AM_CHECK(c.zero >= 0 && c.zero <= 2,
+           "train.zero must be 0 (replicated optimizer state), 1 (optimizer state sharded over the "
+           "data-parallel ranks) or 2 (optimizer state and gradients sharded), got {}", c.zero);
+  AM_CHECK(c.zero == 0 || c.device == "cpu",
+           "train.zero {} runs on train.device cpu for now (ZeRO on the GPU path is not built yet); "
+           "use train.zero 0 with train.device {}", c.zero, c.device);
   return c;
 }
 
@@ -171,6 +178,7 @@ std::string TrainConfig::to_yaml() const {
   if (device != "cpu") e << YAML::Key << "precision" << YAML::Value << precision;
   if (memory_saving) e << YAML::Key << "memory_saving" << YAML::Value << memory_saving;
   if (ep != 1) e << YAML::Key << "ep" << YAML::Value << ep;
+  if (zero != 0) e << YAML::Key << "zero" << YAML::Value << zero;
   e << YAML::EndMap;
   e << YAML::Key << "output" << YAML::Value << YAML::BeginMap << YAML::Key << "dir" << YAML::Value
     << output_dir << YAML::Key << "export_hf" << YAML::Value << export_hf << YAML::EndMap;

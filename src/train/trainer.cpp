@@ -15,6 +15,7 @@
 #include "core/check.h"
 #include "dist/data_parallel.h"
 #include "dist/process_group.h"
+#include "dist/zero.h"
 #include "model/qwen3_moe.h"
 #include "model/weights.h"
 #include "text/chat_template.h"
@@ -181,10 +182,12 @@ TrainResult run_finetune(const TrainConfig& cfg,
   int64_t pad_id = mc.pad_token_id >= 0 ? mc.pad_token_id : 0;
   DataOrder order;
   order.reset(cfg.seed, int64_t(data.size()));
-  // ---- optimizer
+  // ---- optimizer (ZeRO: the moments of this rank's shards only)
+  std::unique_ptr<dist::Zero> zero;
+  if (cfg.zero > 0) zero = std::make_unique<dist::Zero>(int(cfg.zero), model.layout(), g);
   AdamW opt;
   opt.cfg = cfg.adamw;
-  if (!on_device) opt.init(int64_t(model.params().size()));  // the device keeps its own
+  if (!on_device) opt.init(zero ? zero->shard_numel() : int64_t(model.params().size()));  // the device keeps its own
   int64_t start = 0;
   const fs::path metrics_path = fs::path(cfg.output_dir) / "metrics.jsonl";
   if (cfg.resume) {
@@ -194,7 +197,7 @@ TrainResult run_finetune(const TrainConfig& cfg,
         std::fprintf(stderr, "automoe: no checkpoint in %s/checkpoints; starting from step 0\n",
                    cfg.output_dir.c_str());
     } else {
-      TrainState st = load_checkpoint(ck, model, opt);
+      TrainState st = load_checkpoint(ck, model, opt, zero.get());
       start = st.step;
       order.seek(st.data_epoch, st.data_cursor);
       if (lead) {
@@ -222,6 +225,11 @@ TrainResult run_finetune(const TrainConfig& cfg,
                   "%lld rows per rank per micro-batch\n",
                   world, g.ep_size(), (long long)model.local_experts(), (long long)mc.num_experts,
                   g.dp_size(), (long long)cfg.micro_batch);
+    if (zero)
+      std::printf("ZeRO-%d: AdamW moments for %lld of %lld replicated parameters per rank%s%s\n", zero->level(),
+                  (long long)zero->replicated_shard(), (long long)zero->replicated_numel(),
+                  g.dp_size() > 1 ? fmt::format(", {} of {} expert parameters", zero->expert_shard(), zero->expert_numel()).c_str() : "",
+                  zero->level() == 2 ? "; gradients reduce-scattered after every micro-batch" : "");
     std::fflush(stdout);
   }
 
@@ -243,7 +251,8 @@ TrainResult run_finetune(const TrainConfig& cfg,
     } else {
       model.zero_grad();
     }
-    for (auto& mb : micro) {
+    for (size_t i = 0; i < micro.size(); ++i) {
+      const PackedBatch& mb = micro[i];
       Batch b = multi ? rows_of(mb, rank * cfg.micro_batch, cfg.micro_batch)
                       : Batch{mb.B, mb.T, mb.ids, mb.labels, mb.pos, mb.doc};
       const float denom = float(std::max<int64_t>(labelled, 1)), aux_scale = 1.0f / float(cfg.grad_accum);
@@ -253,6 +262,8 @@ TrainResult run_finetune(const TrainConfig& cfg,
       } else {
         lp = model.forward(b, denom, aux_scale);
         model.backward();
+        // ZeRO-2: this micro-batch's gradients go to the shard now; the arena is scratch again
+        if (zero && zero->level() == 2) zero->reduce_grads(model.grads(), i == 0);
       }
       m.ce += lp.ce;  // each is sum/labelled_total: they add up to the step's mean
       m.aux += lp.aux / float(cfg.grad_accum);
@@ -261,6 +272,12 @@ TrainResult run_finetune(const TrainConfig& cfg,
     }
     if (dev) {
       m.grad_norm = dev->clip_and_step(cfg.adamw, m.lr, cfg.max_grad_norm);
+    } else if (zero) {  // reduce-scatter, norm of the shards, AdamW on the shard, all-gather
+      if (zero->level() == 1) zero->reduce_grads(model.grads(), true);
+      m.grad_norm = zero->clip_grad_norm(cfg.max_grad_norm);
+      zero->load_param_shard(model.params());
+      opt.step(zero->param_shard(), zero->grad_shard(), m.lr);
+      zero->allgather_params(model.params());
     } else {
       if (multi) {  // dense grads summed over the world, expert grads over their DP group
         dist::allreduce_grads(model.grads(), model.layout(), g);
@@ -300,7 +317,7 @@ TrainResult run_finetune(const TrainConfig& cfg,
     if ((cfg.checkpoint_every > 0 && m.step % cfg.checkpoint_every == 0) || last) {
       TrainState st{m.step, order.epoch, order.cursor};
       if (dev) dev->download(model, &opt);  // weights and moments into the host arenas
-      save_checkpoint(cfg.output_dir, st, model, opt, cfg.keep_checkpoints);
+      save_checkpoint(cfg.output_dir, st, model, opt, cfg.keep_checkpoints, zero.get());
     }
   }
   if (cfg.export_hf) {

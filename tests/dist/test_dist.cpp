@@ -6,6 +6,7 @@
 // over 20 fine-tuning steps of the built-in tiny-moe; checkpoints resume bit-identically.
 // Run directly (world size 1, as ctest's per-test entries do) it checks the CLI launched with
 // mpirun: the forward contract, finetune outputs, and that one failing rank stops all of them.
+// ZeRO (train.zero) is checked in test_zero.cpp; main() here starts MPI for both files.
 #include <gtest/gtest.h>
 
 #include <sys/wait.h>
@@ -30,14 +31,15 @@
 #include "model/weights.h"
 #include "train/builtin.h"
 #include "train/trainer.h"
+#include "dist/dist_testing.h"
 
 using namespace automoe;
+using namespace automoe::dist_test;
 namespace fs = std::filesystem;
 
 namespace {
 
 const std::string kFix = std::string(AUTOMOE_SOURCE_DIR) + "/tests/fixtures/hf/";
-int g_world = 1, g_rank = 0;  // set in main
 
 // ---- helpers -------------------------------------------------------------------------------------
 
@@ -82,40 +84,6 @@ uint64_t fnv(const float* x, int64_t n, uint64_t h = 1469598103934665603ull) {
   for (int64_t i = 0; i < n * 4; ++i) h = (h ^ p[i]) * 1099511628211ull;
   return h;
 }
-
-// A folder every rank names the same (rank 0's pid).
-std::string shared_tmpdir(const dist::Comm& world, const std::string& name) {
-  int64_t pid = ::getpid();
-  world.broadcast(&pid, sizeof pid, 0);
-  auto d = fs::temp_directory_path() / ("automoe_dist_" + name + "_" + std::to_string(pid));
-  if (world.rank() == 0) fs::remove_all(d);
-  world.barrier();
-  return d.string();
-}
-
-TrainConfig tiny_recipe(const std::string& dir, int64_t steps, int64_t micro_batch, int64_t ep) {
-  return load_train_config("", {{"model.builtin", "tiny-moe"},
-                                {"data.builtin", "addition"},
-                                {"data.examples", "500"},
-                                {"data.seq_len", "32"},
-                                {"data.micro_batch", std::to_string(micro_batch)},
-                                {"train.steps", std::to_string(steps)},
-                                {"train.lr", "2e-3"},
-                                {"train.warmup", "2"},
-                                {"train.log_every", "1000"},
-                                {"train.ep", std::to_string(ep)},
-                                {"output.export_hf", "false"},
-                                {"output.dir", dir}});
-}
-
-uint32_t bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
-
-#define NEEDS_MPI()                                                            \
-  if (g_world == 1) GTEST_SKIP() << "runs under mpirun (tests/dist.cmake)"
 
 }  // namespace
 

@@ -105,6 +105,30 @@ TEST(Train, GradAccumulationMatchesOneBigBatch) {
   }
 }
 
+// ZeRO in one process: one shard holding everything, in the partition's order (replicated
+// tensors, then experts): the same steps as train.zero 0, and with gradient accumulation ZeRO-2's
+// per-micro-batch shard sums add in the same order as the arena's.
+TEST(Train, ZeroOnOneProcessTrainsLikeZero0) {
+  TrainConfig c0 = small(tmpdir("zero0"), 4);
+  c0.grad_accum = 2;
+  c0.micro_batch = 2;
+  auto h0 = run_finetune(c0).history;
+  for (int level : {1, 2}) {
+    TrainConfig cz = c0;
+    cz.output_dir = tmpdir("zero" + std::to_string(level));
+    cz.zero = level;
+    auto hz = run_finetune(cz).history;
+    ASSERT_EQ(hz.size(), h0.size());
+    for (size_t i = 0; i < h0.size(); ++i) {
+      EXPECT_EQ(bits(hz[i].loss), bits(h0[i].loss)) << "zero " << level << " step " << i + 1;
+      EXPECT_EQ(bits(hz[i].grad_norm), bits(h0[i].grad_norm)) << "zero " << level << " step " << i + 1;
+    }
+    EXPECT_TRUE(fs::exists(fs::path(cz.output_dir) / "checkpoints/step-0000004/optimizer-zero-0.safetensors"));
+    fs::remove_all(cz.output_dir);
+  }
+  fs::remove_all(c0.output_dir);
+}
+
 TEST(Schedule, MatchesTransformersFormulas) {
   Schedule s{"cosine", 1.0f, 10, 110, 0.f};
   EXPECT_FLOAT_EQ(s.at(0), 0.f);
@@ -172,6 +196,19 @@ TEST(Recipe, DeviceAndPrecisionAreChecked) {
     FAIL();
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("train.device 'tpu'"), std::string::npos) << e.what();
+  }
+  try {
+    load_train_config("", {{"model.builtin", "tiny-moe"}, {"data.builtin", "addition"}, {"train.zero", "3"}});
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("train.zero must be 0"), std::string::npos) << e.what();
+  }
+  try {
+    load_train_config("", {{"model.builtin", "tiny-moe"}, {"data.builtin", "addition"}, {"train.zero", "1"},
+                           {"train.device", "cuda"}});
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("train.zero 1 runs on train.device cpu"), std::string::npos) << e.what();
   }
   // This test binary registers no device model (the CLI registers CUDA when built with it).
   TrainConfig c = small(tmpdir("nocuda"), 1);

@@ -1,0 +1,89 @@
+// dist/zero.h: ZeRO-1/2 sharded data parallelism (train.zero 1 or 2) on the CPU backend:
+// gradients reduce-scattered, AdamW on this rank's shard only, the updated shard all-gathered.
+//
+// Partition. The parameters form two groups, each flattened in layout order (the order of
+// ParamLayout::params, skipping the other group's tensors) and cut into equal contiguous shards:
+//   replicated  (every non-expert tensor) over the world, W ranks
+//   experts     (this EP rank's expert shards) over the DP group, dp ranks (dp = 1: one shard)
+//   shard = ceil(numel / ranks); rank r owns flat elements [r*shard, (r+1)*shard); the last shard
+//   is padded with zeros up to ranks*shard (padding has zero gradient and stays zero under AdamW).
+// Each rank's optimizer arena is [replicated shard | expert shard] (shard_numel() elements): the
+// AdamW moments exist for those elements only, which is the memory saving.
+//
+// A step (the trainer calls these in order, each collective over the groups above):
+//   reduce_grads   (ZeRO-1: once after the last micro-batch; ZeRO-2: after every micro-batch)
+//                  the model's gradient arena -> grad_shard() (=, or += for later micro-batches)
+//   clip_grad_norm the global L2 norm: sum of squares of the shards, all-reduced over the world
+//   load_param_shard, AdamW on (param_shard(), grad_shard()), allgather_params
+// Collectives go in buckets: a round moves `bucket` elements of every rank's shard (the same
+// sub-block of each), packed from the arena into a fixed workspace of ranks*bucket floats
+// allocated once here; nothing is allocated per step.
+//
+// ZeRO-2: after each micro-batch's reduce the groups' elements of the model's gradient arena are
+// zeroed, so the full-size buffer is only a per-micro-batch workspace and the accumulated
+// gradient lives in the shard. The CPU model keeps that arena allocated (its backward writes at
+// fixed offsets); the GPU path reduces each bucket as the backward produces it and frees it.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "dist/process_group.h"
+#include "model/params.h"
+
+namespace automoe::dist {
+
+class Zero {
+ public:
+  // level 1 or 2; `bucket`: elements per rank per collective round (the workspace is
+  // ranks * bucket floats). The groups must outlive this object.
+  Zero(int level, const ParamLayout& layout, const Groups& g, int64_t bucket = int64_t(1) << 22);
+
+  int level() const { return level_; }
+  // This rank's optimizer arena: [replicated shard | expert shard] elements.
+  int64_t shard_numel() const { return dense_.shard + experts_.shard; }
+  int64_t replicated_numel() const { return dense_.numel; }
+  int64_t replicated_shard() const { return dense_.shard; }
+  int64_t expert_numel() const { return experts_.numel; }  // this EP rank's experts
+  int64_t expert_shard() const { return experts_.shard; }
+
+  // grads[layout.total] summed over each group's ranks, this rank's shards into grad_shard():
+  // assigned when `first` (the step's first reduce), added otherwise. ZeRO-2 then zeroes the
+  // reduced elements of `grads` (the next micro-batch accumulates from zero).
+  void reduce_grads(std::vector<float>& grads, bool first);
+  // The whole model's gradient norm (each element counted once over the world); scales
+  // grad_shard() to max_norm (> 0) as torch.nn.utils.clip_grad_norm_. Returns the norm before.
+  float clip_grad_norm(float max_norm);
+  // param_shard() <- this rank's elements of params (the replicas are identical).
+  void load_param_shard(const std::vector<float>& params);
+  // params <- every rank's param_shard(), over each group.
+  void allgather_params(std::vector<float>& params);
+
+  std::vector<float>& grad_shard() { return grad_; }    // [shard_numel()]
+  std::vector<float>& param_shard() { return param_; }  // [shard_numel()]
+
+ private:
+  struct Seg {
+    int64_t arena, flat, numel;  // one tensor: arena offset, flat offset in its group, elements
+  };
+  struct Group {
+    const Comm* comm = nullptr;
+    std::vector<Seg> segs;
+    int64_t numel = 0, shard = 0, begin = 0;  // begin = rank * shard
+    int64_t at = 0;                           // offset of this group's shard in the optimizer arena
+  };
+  void build(Group& gr, const ParamLayout& layout, bool expert, const Comm& comm);
+  // dst[hi-lo] <- flat elements [lo, hi) of the group from `arena` (zero past numel).
+  static void pack(float* dst, const Group& gr, const float* arena, int64_t lo, int64_t hi);
+  // arena <- src for flat [lo, hi) (padding dropped); src null: zeros.
+  static void unpack(float* arena, const Group& gr, const float* src, int64_t lo, int64_t hi);
+
+  int level_;
+  const Comm* world_;
+  int64_t bucket_;
+  Group dense_, experts_;
+  std::vector<float> grad_, param_;  // [shard_numel()] this rank's gradient and parameter shards
+  std::vector<float> send_;          // [ranks * bucket] a round's packed blocks (rank order)
+  std::vector<float> recv_;          // [bucket] a round's reduced block
+};
+
+}  // namespace automoe::dist

@@ -1,0 +1,237 @@
+// tests/dist/test_zero.cpp: ZeRO-1/2 (train.zero, dist/zero.h) under mpirun -np 2 and 4 against
+// train.zero 0 on the same ranks: the bucketed reduce-scatter / all-gather against the gradient
+// all-reduce, 20-step curves and final weights of tiny-moe in every ep x dp layout with ep <= 2,
+// gradient accumulation, bit-identical resume with sharded optimizer files, and the error for a
+// resume with another zero level or world size. Each prints its measured agreement ([zero] lines).
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "core/check.h"
+#include "core/rng.h"
+#include "dist/data_parallel.h"
+#include "dist/dist_testing.h"
+#include "dist/process_group.h"
+#include "dist/zero.h"
+#include "io/safetensors.h"
+#include "model/qwen3_moe.h"
+#include "train/builtin.h"
+#include "train/trainer.h"
+
+using namespace automoe;
+using namespace automoe::dist_test;
+namespace fs = std::filesystem;
+
+namespace {
+
+// Layouts ep x dp of the world with ep in {1, 2}: ep 1 x dp W, and ep 2 x dp W/2.
+std::vector<int> small_eps() { return g_world % 2 == 0 ? std::vector<int>{1, 2} : std::vector<int>{1}; }
+
+// How two float sequences agree: elements with other bits, the largest relative difference of
+// an element, the largest difference by the largest |reference| (parameters: some are near 0).
+struct Agree {
+  int64_t differ = 0, n = 0;
+  double rel = 0, diff = 0, scale = 0;
+  void add(float a, float b) {
+    ++n;
+    if (bits(a) != bits(b)) ++differ;
+    scale = std::max(scale, double(std::fabs(b)));
+    if (a != b) {
+      diff = std::max(diff, double(std::fabs(a - b)));
+      rel = std::max(rel, double(std::fabs(a - b)) / std::max(std::fabs(double(b)), 1e-30));
+    }
+  }
+  double by_scale() const { return scale > 0 ? diff / scale : 0; }
+};
+
+// Every parameter this rank's checkpoint files hold (model.safetensors, and its EP rank's
+// experts), read back from a run's last checkpoint.
+std::vector<float> checkpoint_params(const std::string& run, int64_t step, int ep_rank, bool ep) {
+  fs::path ck = fs::path(run) / fmt::format("checkpoints/step-{:07d}", step);
+  std::vector<float> out;
+  std::vector<std::string> files = {"model.safetensors"};
+  if (ep) files.push_back(fmt::format("model-rank-{}.safetensors", ep_rank));
+  for (auto& f : files) {
+    SafetensorsFile st((ck / f).string());
+    for (auto& n : st.names()) {
+      Tensor t = st.load_f32(n);
+      out.insert(out.end(), t.f32(), t.f32() + t.numel());
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+// The partition on its own: a reduce-scatter in many small buckets, then the shards all-gathered,
+// gives every rank the all-reduced gradient arena; ZeRO-2 leaves the arena zeroed.
+TEST(ZeroCollectives, BucketedReduceScatterAndAllGatherGiveTheAllReduce) {
+  NEEDS_MPI();
+  for (int ep : small_eps()) {
+    dist::Groups g = dist::make_groups(ep);
+    Qwen3Moe m(builtin_model_config("tiny-moe"), &g);
+    Rng rng(100 + g_rank);
+    std::vector<float> grads(m.grads().size());
+    for (auto& x : grads) x = float(rng.normal());
+    std::vector<float> want = grads;
+    dist::allreduce_grads(want, m.layout(), g);
+    for (int64_t bucket : {int64_t(37), int64_t(1) << 22}) {  // many rounds (odd size), one round
+      dist::Zero z(2, m.layout(), g, bucket);
+      std::vector<float> arena = grads, gathered(grads.size(), -1.f);
+      z.reduce_grads(arena, true);
+      EXPECT_TRUE(std::all_of(arena.begin(), arena.end(), [](float x) { return x == 0.f; }))
+          << "ZeRO-2 zeroes the reduced gradient arena";
+      z.param_shard() = z.grad_shard();
+      z.allgather_params(gathered);
+      Agree a;
+      for (size_t i = 0; i < want.size(); ++i) a.add(gathered[i], want[i]);
+      int64_t differ[2] = {a.differ, a.n};
+      double rel = a.by_scale();
+      g.world.allreduce_sum(differ, 2);
+      g.world.allreduce_max(&rel, 1);
+      EXPECT_LE(rel, 1e-6) << "ep " << ep << " bucket " << bucket;
+      if (g_rank == 0)
+        std::printf("[zero] reduce-scatter vs all-reduce, ep %d x dp %d, bucket %lld: %lld of %lld elements with "
+                    "other bits, max diff / max |grad| %.2e\n",
+                    ep, g_world / ep, (long long)bucket, (long long)differ[0], (long long)differ[1], rel);
+    }
+  }
+}
+
+namespace {
+
+// `steps` of zero 0 and zero `level` on the same ranks: losses, grad norms and final weights.
+void check_against_zero0(int ep, int level, int64_t steps, int64_t accum, int64_t rows_per_rank) {
+  dist::Groups g = dist::make_groups(ep);
+  std::string dir = shared_tmpdir(g.world, fmt::format("zero{}_ep{}_acc{}", level, ep, accum));
+  TrainConfig c0 = tiny_recipe(dir + "/z0", steps, rows_per_rank, ep), cz = tiny_recipe(dir + "/z", steps, rows_per_rank, ep);
+  c0.grad_accum = cz.grad_accum = accum;
+  cz.zero = level;
+  auto h0 = run_finetune(c0, nullptr, &g).history;
+  auto hz = run_finetune(cz, nullptr, &g).history;
+  ASSERT_EQ(hz.size(), size_t(steps));
+  Agree loss, norm, params;
+  for (int64_t i = 0; i < steps; ++i) {
+    loss.add(hz[i].loss, h0[i].loss);
+    norm.add(hz[i].grad_norm, h0[i].grad_norm);
+  }
+  auto p0 = checkpoint_params(c0.output_dir, steps, g.ep.rank(), ep > 1),
+       pz = checkpoint_params(cz.output_dir, steps, g.ep.rank(), ep > 1);
+  ASSERT_EQ(p0.size(), pz.size());
+  for (size_t i = 0; i < p0.size(); ++i) params.add(pz[i], p0[i]);
+  EXPECT_LE(loss.rel, 1e-6) << "ep " << ep;
+  EXPECT_LE(norm.rel, 1e-5) << "ep " << ep;
+  EXPECT_LE(params.by_scale(), 1e-5) << "ep " << ep << ": parameters after " << steps << " steps";
+  EXPECT_LT(hz.back().loss, hz.front().loss) << "the loss should fall";
+  // Two ranks add two numbers, whatever the algorithm: bit-identical unless ZeRO-2 sums each
+  // micro-batch over the ranks first ((a1+b1)+(a2+b2) instead of (a1+a2)+(b1+b2)). On more ranks
+  // Open MPI's reduce-scatter may pick another order than its all-reduce (docs/DISTRIBUTED.md).
+  if (g_world == 2 && !(level == 2 && accum > 1)) {
+    EXPECT_EQ(loss.differ + norm.differ + params.differ, 0) << "ep " << ep << " zero " << level;
+  }
+  double worst[3] = {loss.rel, norm.rel, params.by_scale()};
+  int64_t differ[2] = {params.differ, params.n};
+  g.world.allreduce_max(worst, 3);
+  g.world.allreduce_sum(differ, 2);
+  if (g_rank == 0)
+    std::printf("[zero] tiny-moe ep %d x dp %d, zero %d vs zero 0, %lld steps x %lld micro-batches: loss %.5f -> %.5f; "
+                "losses %lld/%lld bit-identical (max rel %.2e), grad norms %lld/%lld (max rel %.2e), final parameters "
+                "%lld/%lld elements bit-identical (max diff / max |param| %.2e)\n",
+                ep, g_world / ep, level, (long long)steps, (long long)accum, hz.front().loss, hz.back().loss,
+                (long long)(loss.n - loss.differ), (long long)loss.n, worst[0], (long long)(norm.n - norm.differ),
+                (long long)norm.n, worst[1], (long long)(differ[1] - differ[0]), (long long)differ[1], worst[2]);
+  g.world.barrier();
+  if (g_rank == 0) fs::remove_all(dir);
+}
+
+}  // namespace
+
+TEST(ZeroTrain, Zero2FollowsZero0For20Steps) {
+  NEEDS_MPI();
+  for (int ep : small_eps()) check_against_zero0(ep, 2, 20, 1, 4);
+}
+
+TEST(ZeroTrain, GradientAccumulationZero1AndZero2) {  // ZeRO-1 reduces once, ZeRO-2 per micro-batch
+  NEEDS_MPI();
+  check_against_zero0(1, 1, 4, 2, 2);
+  check_against_zero0(1, 2, 4, 2, 2);
+}
+
+TEST(ZeroTrain, ResumeIsBitIdenticalAndNeedsTheSameLayout) {
+  NEEDS_MPI();
+  const int ep = g_world / 2;  // -np 2: ep 1 x dp 2; -np 4: ep 2 x dp 2 (experts sharded too)
+  dist::Groups g = dist::make_groups(ep);
+  std::string dir = shared_tmpdir(g.world, "zero_resume");
+  TrainConfig full_cfg = tiny_recipe(dir + "/full", 10, 2, ep);
+  full_cfg.zero = 2;
+  auto full = run_finetune(full_cfg, nullptr, &g).history;
+  TrainConfig c = tiny_recipe(dir + "/run", 10, 2, ep);
+  c.zero = 2;
+  c.checkpoint_every = 4;
+  EXPECT_THROW(run_finetune(c, [](const StepMetrics& m) {
+                 if (m.step == 6) throw std::runtime_error("simulated crash");  // on every rank
+               }, &g),
+               std::runtime_error);
+  fs::path ck = fs::path(dir) / "run/checkpoints/step-0000004";
+  for (int r = 0; r < g_world; ++r)
+    EXPECT_TRUE(fs::exists(ck / fmt::format("optimizer-zero-{}.safetensors", r))) << "rank " << r << "'s shard";
+  EXPECT_FALSE(fs::exists(ck / "optimizer.safetensors")) << "no full optimizer file with ZeRO";
+  EXPECT_TRUE(fs::exists(ck / "model.safetensors"));
+  if (g_rank == 0) {
+    std::ifstream f(ck / "state.json");
+    auto j = nlohmann::json::parse(f);
+    EXPECT_EQ(j["zero"].get<int64_t>(), 2);
+    EXPECT_EQ(j["world_size"].get<int64_t>(), g_world);
+    // the shard files together hold exactly one copy of every moment
+    int64_t moments = 0;
+    for (int r = 0; r < g_world; ++r) {
+      SafetensorsFile s((ck / fmt::format("optimizer-zero-{}.safetensors", r)).string());
+      EXPECT_EQ(s.metadata().at("zero"), "2");
+      moments += s.info("exp_avg.replicated").shape[0] + (s.has("exp_avg.experts") ? s.info("exp_avg.experts").shape[0] : 0);
+    }
+    const int64_t total = j["num_params"].get<int64_t>();
+    EXPECT_GE(moments, total);
+    EXPECT_LT(moments, total + 2 * g_world) << "padding only: fewer than `ranks` elements per group";
+  }
+  c.resume = true;
+  auto resumed = run_finetune(c, nullptr, &g).history;
+  ASSERT_EQ(resumed.size(), 6u) << "steps 5..10 run after resuming from step 4";
+  for (size_t i = 0; i < resumed.size(); ++i) {
+    EXPECT_EQ(bits(resumed[i].loss), bits(full[4 + i].loss)) << "step " << resumed[i].step;
+    EXPECT_EQ(bits(resumed[i].grad_norm), bits(full[4 + i].grad_norm)) << "step " << resumed[i].step;
+  }
+  // another zero level: refused on every rank, naming both
+  TrainConfig o = c;
+  o.zero = 1;
+  o.steps = 12;
+  try {
+    run_finetune(o, nullptr, &g);
+    ADD_FAILURE() << "resuming a zero 2 checkpoint with zero 1";
+  } catch (const Error& e) {
+    std::string w = e.what();
+    EXPECT_NE(w.find(fmt::format("written with train.zero 2 on {} ranks, this run has train.zero 1 on {} ranks", g_world, g_world)),
+              std::string::npos) << w;
+  }
+  // another world size: one process on its own
+  if (g_rank == 0) {
+    dist::Groups one = dist::single_process_groups();
+    TrainConfig s = c;
+    s.ep = 1;
+    s.steps = 12;
+    try {
+      run_finetune(s, nullptr, &one);
+      ADD_FAILURE() << "resuming a " << g_world << "-rank zero checkpoint in one process";
+    } catch (const Error& e) {
+      std::string w = e.what();
+      EXPECT_NE(w.find(fmt::format("written with train.zero 2 on {} ranks, this run has train.zero 2 on 1 rank;", g_world)),
+                std::string::npos) << w;
+      EXPECT_NE(w.find(fmt::format("mpirun -np {}", g_world)), std::string::npos) << w;
+    }
+  }
+  g.world.barrier();
+  if (g_rank == 0) fs::remove_all(dir);
+}
