@@ -14,7 +14,8 @@
 #             of the demo recipe with train.device cuda, default and memory-saving
 #             (CLI_STEPS, default 300)
 #   profile   ncu on one step of a 1-layer W1 model: the ten most expensive kernels with their
-#             share of the step and their SM and DRAM throughput as % of peak (kernel_table.py)
+#             share of the step and their SM and DRAM throughput as % of peak (kernel_table.py;
+#             PROFILE_TOP kernels, default 10)
 #   baseline  native Transformers on the same shapes (.deps/bench/hf_moe_baseline.py, a copy of
 #             ../shared/bench; IMPLS, default "grouped_mm"), and the ratios
 # and prints a short table last. Default STAGES="ops parity bench cli baseline".
@@ -139,7 +140,7 @@ if has profile; then
     stage profile ncu --clock-control none --csv --print-units base \
       --metrics gpu__time_duration.sum,sm__throughput.avg.pct_of_peak_sustained_elapsed,dram__throughput.avg.pct_of_peak_sustained_elapsed \
       "$BUILD/cuda_bench" --layers "${PROFILE_LAYERS:-1}" --seq "${SEQ:-4096}" --mbs "${MBS:-2}" --warmup 0 --steps 1
-    python3 bench/kernel_table.py "$BUILD/profile.log" > "$BUILD/kernels.log" && cat "$BUILD/kernels.log"
+    python3 bench/kernel_table.py "$BUILD/profile.log" "${PROFILE_TOP:-10}" > "$BUILD/kernels.log" && cat "$BUILD/kernels.log"
     LOGS+=("$BUILD/kernels.log")
   else
     echo "device.sh: no ncu on this machine: no kernel profile"
