@@ -32,7 +32,7 @@ double seconds_since(Clock::time_point t0) {
   return std::chrono::duration<double>(Clock::now() - t0).count();
 }
 
-void pause() { std::this_thread::sleep_for(std::chrono::microseconds(50)); }
+void nap() { std::this_thread::sleep_for(std::chrono::microseconds(50)); }
 
 template <class T>
 ncclDataType_t nccl_dt();
@@ -101,7 +101,7 @@ NcclGroup::~NcclGroup() {
         ok = false;
         break;
       }
-      pause();
+      nap();
     }
     if (ok) ncclCommDestroy(comm_);
     else ncclCommAbort(comm_);
@@ -135,7 +135,7 @@ void NcclGroup::poll_ready(const char* what) {
       fail(what, fmt::format("{} ({})", ncclGetErrorString(st), ncclGetLastError(comm_)));
     if (seconds_since(t0) > timeout_s_)
       fail(what, fmt::format("not done after {} s", timeout_s_));
-    pause();
+    nap();
   }
 }
 
@@ -155,7 +155,7 @@ void NcclGroup::wait(cudaStream_t stream, const char* what) {
     if (seconds_since(t0) > timeout_s_)
       fail(what, fmt::format("the GPU work did not finish within {} s (AUTOMOE_NCCL_TIMEOUT_S)",
                              timeout_s_));
-    pause();
+    nap();
   }
 }
 
