@@ -18,10 +18,16 @@
 #             PROFILE_TOP kernels, default 10)
 #   baseline  native Transformers on the same shapes (.deps/bench/hf_moe_baseline.py, a copy of
 #             ../shared/bench; IMPLS, default "grouped_mm"), and the ratios
+#   ep        ep_check (not in the default STAGES): the GPU expert-parallel block against one
+#             GPU with P = 2, 4, 8 loopback ranks on GPU 0; with >= 2 GPUs also NCCL under
+#             mpirun -np 2 (check + dispatch/combine bandwidth) and the kill drills (a rank exits,
+#             or stops communicating, mid-run: the job must end non-zero within the NCCL timeout)
 # and prints a short table last. Default STAGES="ops parity bench cli baseline".
 #   bash bench/device.sh            Env: BUILD (build-device), CUDA_ARCH (90a), STAGES, OPS,
 #                                   TRAIN_STEPS, LAYERS, SEQ, MBS, IMPLS, BENCH_ARGS (extra cuda_bench
-#                                   flags), STAGE_TIMEOUT (seconds per stage, 300; exit 124)
+#                                   flags), EP_ARGS (extra ep_check flags), TARGETS (what to build;
+#                                   default: every bench binary), STAGE_TIMEOUT (seconds per stage,
+#                                   300; exit 124)
 # Exit code: the number of failed stages (configure 3, build 4). Logs go to $OUT/device-logs.tgz
 # when OUT is set.
 set -uo pipefail
@@ -65,8 +71,13 @@ cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DAUTOMOE_WERROR=OFF 
   -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCH:-90a}" > "$BUILD/configure.log" 2>&1 \
   || { cat "$BUILD/configure.log"; echo "device.sh: configure failed"; exit 3; }
 grep -E "PCRE2|CUDA compiler identification|cuDNN|CUTLASS" "$BUILD/configure.log"
-targets=(cuda_op_check cuda_parity cuda_bench)
-grep -q "PCRE2 (libpcre2-8) not found" "$BUILD/configure.log" || targets+=(automoe_cli)
+grep -E "NCCL" "$BUILD/configure.log"
+if [ -n "${TARGETS:-}" ]; then
+  read -r -a targets <<< "$TARGETS"
+else
+  targets=(cuda_op_check cuda_parity cuda_bench ep_check)
+  grep -q "PCRE2 (libpcre2-8) not found" "$BUILD/configure.log" || targets+=(automoe_cli)
+fi
 cmake --build "$BUILD" -j "$(nproc)" --target "${targets[@]}" > "$BUILD/build.log" 2>&1 \
   || { tail -n 60 "$BUILD/build.log"; echo "device.sh: build failed"; exit 4; }
 echo "device.sh: built ${targets[*]} in $(( $(date +%s) - t0 )) s"
@@ -89,6 +100,45 @@ stage() {  # name, command...
   return 0
 }
 
+# A drill that must FAIL: exit non-zero, but not by the stage timeout (124: it hung).
+stage_must_fail() {  # name, command...
+  local name=$1; shift
+  local log="$BUILD/$name.log"
+  LOGS+=("$log")
+  echo "== $name (must fail, not hang): $*"
+  local s
+  s=$(date +%s)
+  timeout "${STAGE_TIMEOUT:-300}" "$@" 2>&1 | tee "$log"
+  local rc=${PIPESTATUS[0]}
+  local verdict=ok
+  { [ "$rc" -eq 0 ] || [ "$rc" -eq 124 ]; } && verdict=FAILED && fails=$((fails + 1))
+  echo "== $name: exit $rc in $(( $(date +%s) - s )) s: $verdict"
+  SUMMARY+=("$(printf '%-12s exit %-3s %4s s  (must be non-zero, not 124): %s' "$name" "$rc" "$(( $(date +%s) - s ))" "$verdict")")
+  return 0
+}
+
+if has ep; then
+  for P in 2 4 8; do
+    # shellcheck disable=SC2086
+    stage "ep_loop$P" "$BUILD/ep_check" --loopback "$P" ${EP_ARGS:-}
+  done
+  ngpu=$(nvidia-smi -L 2>/dev/null | grep -c "^GPU")
+  if [ "$ngpu" -ge 2 ] && command -v mpirun >/dev/null 2>&1; then
+    # NVLink multicast stays off (NCCL, torch symmetric memory, NVSHMEM): KINDS.md says why.
+    MPI=(mpirun --allow-run-as-root -np 2 -x NCCL_NVLS_ENABLE=0 -x TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+         -x NVSHMEM_DISABLE_NVLS=1)
+    # shellcheck disable=SC2086
+    stage ep_nccl2 "${MPI[@]}" "$BUILD/ep_check" ${EP_ARGS:-}
+    # shellcheck disable=SC2086
+    stage_must_fail ep_kill_exit "${MPI[@]}" -x AUTOMOE_NCCL_TIMEOUT_S=30 "$BUILD/ep_check" \
+      --kill-rank 1 --kill-mode exit ${EP_ARGS:-}
+    # shellcheck disable=SC2086
+    stage_must_fail ep_kill_stall "${MPI[@]}" -x AUTOMOE_NCCL_TIMEOUT_S=30 "$BUILD/ep_check" \
+      --kill-rank 1 --kill-mode stall ${EP_ARGS:-}
+  else
+    echo "device.sh: $ngpu GPU(s) or no mpirun: the NCCL runs of stage ep need 2 GPUs (skipped)"
+  fi
+fi
 if has ops; then
   # shellcheck disable=SC2086
   stage op_check "$BUILD/cuda_op_check" ${OPS:--grouped_perf}
@@ -167,6 +217,9 @@ has profile && [ -f "$BUILD/kernels.log" ] && head -n 14 "$BUILD/kernels.log"
 if [ -f "$BUILD/op_check.log" ] && has ops; then
   grep -E "^FAIL" "$BUILD/op_check.log" | head -n 20
   grep -E "cuda_op_check: [0-9]+ failures" "$BUILD/op_check.log"
+fi
+if has ep; then
+  cat "$BUILD"/ep_*.log 2>/dev/null | grep -E "^FAIL|^BW|^ep_check .*checks|error" | head -n 40
 fi
 if has parity; then
   grep -E "HF bf16 vs fp32" "$BUILD/hf_bf16.log" 2>/dev/null

@@ -1,0 +1,547 @@
+// bench/ep_check.cpp: the GPU expert-parallel MoE block (dist/expert_parallel_cuda.h) against the
+// single-GPU MoE ops, and its dispatch/combine bandwidth.
+//
+//   ep_check [--loopback P]          P virtual ranks on ONE GPU (loopback transport; the default
+//                                    without mpirun, P = 4)
+//   mpirun -np P ep_check            one GPU per rank, NCCL (built with NCCL only)
+//   flags: --tokens N (8192, per rank) --hidden H (2048) --inter I (768) --experts E (128)
+//          --topk K (8) --modes counts,padded --iters 20 --warmup 3 --seed S --no-bench
+//          --kill-rank R [--kill-mode exit|stall]   (NCCL: rank R exits abruptly, or stops
+//          communicating, in the middle of the bandwidth run; the others must stop with an
+//          error within AUTOMOE_NCCL_TIMEOUT_S, never hang)
+//
+// Every rank has its own random tokens, routing and d(out); all of it is made from seeds, so each
+// process can rebuild every rank's inputs. The reference runs the tokens of ALL ranks through
+// all E experts on one GPU with the existing ops (moe_layout, permute, grouped_linear, swiglu,
+// unpermute and their backwards), exactly one process on the concatenated batch, as the CPU EP
+// tests do. Compared, per mode (counts, padded) and case (random routing; a rank receiving no
+// rows; every token on rank 0's experts; N odd), as NMSE = sum (ep - ref)^2 / sum ref^2:
+//   out, dx (bf16), dtopk_w (f32), the expert weight gradients (bf16, g_beta 0), then a second
+//   forward (must be bit-identical: no atomics) and a backward with g_beta 1 (gradients 2x).
+// A small unaligned suite (H 100, I 36, N 37: the scalar kernel paths, the GEMM fallback)
+// runs before the given shapes in loopback mode. Prints PASS/FAIL lines; the exit code is the
+// number of failures (at most 255).
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <string>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+#include "backend/cuda/ops_cuda.h"
+#include "dist/expert_parallel_cuda.h"
+#include "dist/process_group.h"
+#if AUTOMOE_HAVE_NCCL
+#include "dist/nccl_group.h"
+#endif
+
+namespace cu = automoe::cuda;
+namespace dist = automoe::dist;
+using cu::bf16;
+template <class T>
+using Buf = cu::DeviceBuffer<T>;
+
+namespace {
+
+// NMSE limits. bf16 outputs after fp32 math: one rounding is ~1e-6; the EP path rounds partial
+// sums once more (receiver's weighted sum, combine), so allow op_check's bf16 limit. dx also
+// goes through two grouped GEMMs of bf16 intermediates (op_check's "chain" limit).
+constexpr double kOut = 1e-4, kDx = 1e-3, kDw = 1e-4, kGrad = 1e-4;
+
+struct Opts {
+  int loopback = 0;  // 0: NCCL under mpirun, loopback with 4 ranks otherwise
+  int64_t N = 8192, H = 2048, I = 768, E = 128, K = 8;
+  std::vector<dist::EpMode> modes{dist::EpMode::kCounts, dist::EpMode::kPadded};
+  int iters = 20, warmup = 3;
+  uint64_t seed = 20261129;
+  bool bench = true;
+  int kill_rank = -1;
+  std::string kill_mode = "exit";
+};
+
+[[noreturn]] void usage(const std::string& why) {
+  std::fprintf(stderr,
+               "ep_check: %s\nusage: ep_check [--loopback P] [--tokens N] [--hidden H] [--inter I] "
+               "[--experts E] [--topk K] [--modes counts,padded] [--iters N] [--warmup N] "
+               "[--seed S] [--no-bench] [--kill-rank R] [--kill-mode exit|stall]\n",
+               why.c_str());
+  std::exit(2);
+}
+
+Opts parse(int argc, char** argv) {
+  Opts o;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    auto val = [&]() -> std::string {
+      if (i + 1 >= argc) usage(a + " needs a value");
+      return argv[++i];
+    };
+    auto num = [&]() -> int64_t {
+      const std::string v = val();
+      char* end = nullptr;
+      const long long x = std::strtoll(v.c_str(), &end, 10);
+      if (!end || *end) usage(a + " needs an integer, got " + v);
+      return x;
+    };
+    if (a == "--loopback") o.loopback = int(num());
+    else if (a == "--tokens") o.N = num();
+    else if (a == "--hidden") o.H = num();
+    else if (a == "--inter") o.I = num();
+    else if (a == "--experts") o.E = num();
+    else if (a == "--topk") o.K = num();
+    else if (a == "--iters") o.iters = int(num());
+    else if (a == "--warmup") o.warmup = int(num());
+    else if (a == "--seed") o.seed = uint64_t(num());
+    else if (a == "--no-bench") o.bench = false;
+    else if (a == "--kill-rank") o.kill_rank = int(num());
+    else if (a == "--kill-mode") o.kill_mode = val();
+    else if (a == "--modes") {
+      o.modes.clear();
+      const std::string v = val();
+      for (size_t p = 0; p <= v.size();) {
+        size_t q = v.find(',', p);
+        if (q == std::string::npos) q = v.size();
+        const std::string m = v.substr(p, q - p);
+        if (m == "counts") o.modes.push_back(dist::EpMode::kCounts);
+        else if (m == "padded") o.modes.push_back(dist::EpMode::kPadded);
+        else usage("unknown mode " + m + " (counts, padded)");
+        p = q + 1;
+      }
+    } else usage("unknown flag " + a);
+  }
+  if (o.kill_mode != "exit" && o.kill_mode != "stall") usage("--kill-mode is exit or stall");
+  if (o.N < 1 || o.H < 1 || o.I < 1 || o.K < 1 || o.E < o.K) usage("shapes must be positive, K <= E");
+  return o;
+}
+
+// ---- host helpers ------------------------------------------------------------------------------
+
+template <class T>
+std::vector<float> download(const T* d, int64_t n) {
+  std::vector<T> h(size_t(std::max<int64_t>(n, 0)));
+  if (n > 0) CUDA_CHECK(cudaMemcpy(h.data(), d, size_t(n) * sizeof(T), cudaMemcpyDeviceToHost));
+  std::vector<float> f(h.size());
+  for (size_t i = 0; i < h.size(); ++i) {
+    if constexpr (std::is_same_v<T, bf16>) f[i] = __bfloat162float(h[i]);
+    else f[i] = float(h[i]);
+  }
+  return f;
+}
+
+template <class T>
+void upload(T* d, const std::vector<T>& h) {
+  if (!h.empty()) CUDA_CHECK(cudaMemcpy(d, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
+}
+
+struct Tally {
+  int checks = 0, fails = 0;
+  std::string tag;  // "loopback P=4" or "nccl rank 1/2"
+};
+
+// NMSE of got against ref (scaled by ref_scale), NaN/Inf where ref is finite fail.
+void compare(Tally& t, const std::string& what, const std::vector<float>& got,
+             const std::vector<float>& ref, double limit, float ref_scale = 1.f) {
+  double num = 0, den = 0;
+  int64_t bad = 0;
+  const int64_t n = int64_t(std::min(got.size(), ref.size()));
+#pragma omp parallel for reduction(+ : num, den, bad)
+  for (int64_t i = 0; i < n; ++i) {
+    const double r = double(ref[size_t(i)]) * ref_scale, g = got[size_t(i)];
+    if (!std::isfinite(g) && std::isfinite(r)) ++bad;
+    num += (g - r) * (g - r);
+    den += r * r;
+  }
+  const double nmse = den > 0 ? num / den : num;
+  const bool ok = bad == 0 && got.size() == ref.size() && nmse <= limit;
+  ++t.checks;
+  if (!ok) ++t.fails;
+  std::printf("%-4s %s %-34s nmse=%.2e (limit %.0e)%s\n", ok ? "PASS" : "FAIL", t.tag.c_str(),
+              what.c_str(), nmse, limit,
+              bad ? (" " + std::to_string(bad) + " non-finite").c_str() : "");
+}
+
+void same_bits(Tally& t, const std::string& what, const std::vector<float>& a,
+               const std::vector<float>& b) {
+  const bool ok = a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+  ++t.checks;
+  if (!ok) ++t.fails;
+  std::printf("%-4s %s %-34s %s\n", ok ? "PASS" : "FAIL", t.tag.c_str(), what.c_str(),
+              ok ? "bit-identical" : "differs");
+}
+
+// ---- one problem: every rank's inputs, the reference, the EP outputs ---------------------------
+
+enum class Routing { kRandom, kNoneToLast, kAllToRank0 };
+const char* routing_name(Routing r) {
+  return r == Routing::kRandom ? "random" : r == Routing::kNoneToLast ? "none_to_last" : "all_to_rank0";
+}
+
+struct Shape {
+  int64_t N, H, I, E, K;
+  int P;
+  int64_t El() const { return E / P; }
+  int64_t T() const { return int64_t(P) * N; }  // tokens of all ranks
+};
+
+// K distinct experts per token from [lo, hi), weights positive and summing to 1.
+void make_routing(std::vector<int32_t>& idx, std::vector<float>& w, const Shape& s, Routing r,
+                  uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  int64_t lo = 0, hi = s.E;
+  if (r == Routing::kNoneToLast) hi = s.E - s.El();
+  if (r == Routing::kAllToRank0) hi = std::max(s.El(), s.K);
+  std::vector<int32_t> pool(size_t(hi - lo));
+  std::uniform_real_distribution<float> u(0.05f, 1.f);
+  idx.resize(size_t(s.T() * s.K));
+  w.resize(idx.size());
+  for (int64_t t = 0; t < s.T(); ++t) {
+    std::iota(pool.begin(), pool.end(), int32_t(lo));
+    float sum = 0;
+    for (int64_t j = 0; j < s.K; ++j) {
+      std::uniform_int_distribution<int64_t> pick(j, int64_t(pool.size()) - 1);
+      std::swap(pool[size_t(j)], pool[size_t(pick(rng))]);
+      idx[size_t(t * s.K + j)] = pool[size_t(j)];
+      sum += (w[size_t(t * s.K + j)] = u(rng));
+    }
+    for (int64_t j = 0; j < s.K; ++j) w[size_t(t * s.K + j)] /= sum;
+  }
+}
+
+struct Problem {
+  Shape s;
+  Buf<bf16> x, dout, w_gu, w_down;  // [T,H], [T,H], [E,2I,H], [E,H,I]
+  Buf<int32_t> idx;                 // [T,K]
+  Buf<float> tw;                    // [T,K]
+  // reference
+  Buf<bf16> out_ref, dx_ref;        // [T,H]
+  Buf<float> dtw_ref, ggu_ref, gdown_ref;  // [T,K], [E,2I,H], [E,H,I] f32
+  // EP
+  Buf<bf16> out_ep, out_ep2, dx_ep;  // [T,H]
+  Buf<float> dtw_ep;                 // [T,K]
+  Buf<bf16> ggu_ep, gdown_ep;        // [E,2I,H], [E,H,I] bf16
+};
+
+void make_problem(Problem& p, Routing routing, uint64_t seed, const cu::Ctx& ctx) {
+  const Shape& s = p.s;
+  const int64_t T = s.T(), H = s.H, I = s.I, E = s.E, K = s.K;
+  p.x = Buf<bf16>(size_t(T * H));
+  p.dout = Buf<bf16>(size_t(T * H));
+  p.w_gu = Buf<bf16>(size_t(E * 2 * I * H));
+  p.w_down = Buf<bf16>(size_t(E * H * I));
+  p.idx = Buf<int32_t>(size_t(T * K));
+  p.tw = Buf<float>(size_t(T * K));
+  cu::fill_normal(p.x.get(), T * H, 1.f, seed + 1, ctx);
+  cu::fill_normal(p.dout.get(), T * H, 1.f, seed + 2, ctx);
+  cu::fill_normal(p.w_gu.get(), E * 2 * I * H, 1.f / std::sqrt(float(H)), seed + 3, ctx);
+  cu::fill_normal(p.w_down.get(), E * H * I, 1.f / std::sqrt(float(I)), seed + 4, ctx);
+  std::vector<int32_t> idx;
+  std::vector<float> w;
+  make_routing(idx, w, s, routing, seed + 5);
+  CUDA_CHECK(cudaStreamSynchronize(ctx.stream));
+  upload(p.idx.get(), idx);
+  upload(p.tw.get(), w);
+  p.out_ref = Buf<bf16>(size_t(T * H));
+  p.dx_ref = Buf<bf16>(size_t(T * H));
+  p.dtw_ref = Buf<float>(size_t(T * K));
+  p.ggu_ref = Buf<float>(size_t(E * 2 * I * H));
+  p.gdown_ref = Buf<float>(size_t(E * H * I));
+  p.out_ep = Buf<bf16>(size_t(T * H));
+  p.out_ep2 = Buf<bf16>(size_t(T * H));
+  p.dx_ep = Buf<bf16>(size_t(T * H));
+  p.dtw_ep = Buf<float>(size_t(T * K));
+  p.ggu_ep = Buf<bf16>(size_t(E * 2 * I * H));
+  p.gdown_ep = Buf<bf16>(size_t(E * H * I));
+}
+
+// One GPU, all T tokens through all E experts: what the single-GPU model runs.
+void reference(Problem& p, const cu::Ctx& ctx) {
+  const Shape& s = p.s;
+  const int64_t T = s.T(), H = s.H, I = s.I, E = s.E, K = s.K, S = T * K;
+  Buf<int32_t> off{size_t(E + 1)}, slot{size_t(S)};
+  Buf<bf16> xs(size_t(S * H)), gu(size_t(S * 2 * I)), act(size_t(S * I)), ys(size_t(S * H));
+  Buf<bf16> dact(size_t(S * I)), dgu(size_t(S * 2 * I));
+  cu::moe_layout(off.get(), slot.get(), p.idx.get(), T, E, K, ctx);
+  cu::permute_fwd(xs.get(), p.x.get(), slot.get(), T, K, H, ctx);
+  cu::grouped_linear_fwd(gu.get(), xs.get(), p.w_gu.get(), off.get(), S, E, H, 2 * I, ctx);
+  cu::swiglu_fwd(act.get(), gu.get(), S, I, ctx);
+  cu::grouped_linear_fwd(ys.get(), act.get(), p.w_down.get(), off.get(), S, E, I, H, ctx);
+  cu::unpermute_fwd(p.out_ref.get(), ys.get(), p.tw.get(), slot.get(), T, K, H, ctx);
+  // backward, fp32 weight gradients (+= into zeros)
+  CUDA_CHECK(cudaMemsetAsync(p.ggu_ref.get(), 0, p.ggu_ref.bytes(), ctx.stream));
+  CUDA_CHECK(cudaMemsetAsync(p.gdown_ref.get(), 0, p.gdown_ref.bytes(), ctx.stream));
+  Buf<bf16>& dys = xs;  // xs is recomputed below
+  Buf<bf16> xs2(size_t(S * H));
+  cu::unpermute_bwd(dys.get(), p.dtw_ref.get(), p.dout.get(), ys.get(), p.tw.get(), slot.get(), T,
+                    K, H, ctx);
+  cu::grouped_linear_bwd(dact.get(), p.gdown_ref.get(), dys.get(), act.get(), p.w_down.get(),
+                         off.get(), S, E, I, H, ctx);
+  cu::swiglu_bwd(dgu.get(), dact.get(), gu.get(), S, I, ctx);
+  cu::permute_fwd(xs2.get(), p.x.get(), slot.get(), T, K, H, ctx);
+  cu::grouped_linear_bwd(dys.get() /*dxs*/, p.ggu_ref.get(), dgu.get(), xs2.get(), p.w_gu.get(),
+                         off.get(), S, E, H, 2 * I, ctx);
+  cu::permute_bwd(p.dx_ref.get(), dys.get(), slot.get(), T, K, H, ctx);
+  CUDA_CHECK(cudaStreamSynchronize(ctx.stream));
+}
+
+std::vector<dist::EpMoeFwdArgs> fwd_args(Problem& p, const dist::EpTransport& t, bf16* out) {
+  const Shape& s = p.s;
+  std::vector<dist::EpMoeFwdArgs> a;
+  for (int i = 0; i < t.num_local(); ++i) {
+    const int64_t g = t.rank_of(i);
+    a.push_back({out + g * s.N * s.H, p.x.get() + g * s.N * s.H, p.idx.get() + g * s.N * s.K,
+                 p.tw.get() + g * s.N * s.K, p.w_gu.get() + g * s.El() * 2 * s.I * s.H,
+                 p.w_down.get() + g * s.El() * s.H * s.I});
+  }
+  return a;
+}
+
+std::vector<dist::EpMoeBwdArgs> bwd_args(Problem& p, const dist::EpTransport& t) {
+  const Shape& s = p.s;
+  std::vector<dist::EpMoeBwdArgs> a;
+  for (int i = 0; i < t.num_local(); ++i) {
+    const int64_t g = t.rank_of(i);
+    a.push_back({p.dx_ep.get() + g * s.N * s.H, p.dtw_ep.get() + g * s.N * s.K,
+                 p.ggu_ep.get() + g * s.El() * 2 * s.I * s.H,
+                 p.gdown_ep.get() + g * s.El() * s.H * s.I, p.dout.get() + g * s.N * s.H,
+                 p.w_gu.get() + g * s.El() * 2 * s.I * s.H,
+                 p.w_down.get() + g * s.El() * s.H * s.I});
+  }
+  return a;
+}
+
+// The rows [g*rows, (g+1)*rows) of every local rank g, concatenated.
+template <class T>
+std::vector<float> local_rows(const Buf<T>& b, const dist::EpTransport& t, int64_t rows,
+                              int64_t cols) {
+  std::vector<float> out;
+  for (int i = 0; i < t.num_local(); ++i) {
+    auto part = download(b.get() + int64_t(t.rank_of(i)) * rows * cols, rows * cols);
+    out.insert(out.end(), part.begin(), part.end());
+  }
+  return out;
+}
+
+void check_case(Tally& tally, dist::EpMoeCuda& ep, dist::EpTransport& t, const Shape& s,
+                Routing routing, uint64_t seed, const cu::Ctx& ctx) {
+  const std::string name = std::string(dist::ep_mode_name(ep.mode())) + " " + routing_name(routing) +
+                           " N=" + std::to_string(s.N) + " H=" + std::to_string(s.H);
+  if (routing == Routing::kNoneToLast && s.E - s.El() < s.K) {
+    std::printf("SKIP %s %s: needs E - E/P >= K\n", tally.tag.c_str(), name.c_str());
+    return;
+  }
+  Problem p;
+  p.s = s;
+  make_problem(p, routing, seed, ctx);
+  reference(p, ctx);
+  auto fa = fwd_args(p, t, p.out_ep.get());
+  auto ba = bwd_args(p, t);
+  ep.fwd(fa.data(), s.N, ctx);
+  ep.bwd(ba.data(), 0.f, ctx);
+  t.sync(ctx.stream);
+  const int64_t El = s.El();
+  auto out = local_rows(p.out_ep, t, s.N, s.H), dx = local_rows(p.dx_ep, t, s.N, s.H);
+  compare(tally, name + " out", out, local_rows(p.out_ref, t, s.N, s.H), kOut);
+  compare(tally, name + " dx", dx, local_rows(p.dx_ref, t, s.N, s.H), kDx);
+  compare(tally, name + " dtopk_w", local_rows(p.dtw_ep, t, s.N, s.K),
+          local_rows(p.dtw_ref, t, s.N, s.K), kDw);
+  const auto ggu_ref = local_rows(p.ggu_ref, t, El, 2 * s.I * s.H);
+  const auto gdown_ref = local_rows(p.gdown_ref, t, El, s.H * s.I);
+  compare(tally, name + " d w_gate_up", local_rows(p.ggu_ep, t, El, 2 * s.I * s.H), ggu_ref, kGrad);
+  compare(tally, name + " d w_down", local_rows(p.gdown_ep, t, El, s.H * s.I), gdown_ref, kGrad);
+  if (ep.mode() == dist::EpMode::kCounts && t.num_local() > 1) {
+    std::printf("     %s rows received per rank:", name.c_str());
+    for (int i = 0; i < t.num_local(); ++i) std::printf(" %lld", (long long)ep.rows_received(i));
+    std::printf("\n");
+  }
+  // again: the same bits, and the weight gradients accumulate (g_beta 1: 2x the reference)
+  auto fa2 = fwd_args(p, t, p.out_ep2.get());
+  ep.fwd(fa2.data(), s.N, ctx);
+  ep.bwd(ba.data(), 1.f, ctx);
+  t.sync(ctx.stream);
+  same_bits(tally, name + " out, 2nd forward", local_rows(p.out_ep2, t, s.N, s.H), out);
+  same_bits(tally, name + " dx, 2nd backward", local_rows(p.dx_ep, t, s.N, s.H), dx);
+  compare(tally, name + " d w_gate_up, g_beta 1", local_rows(p.ggu_ep, t, El, 2 * s.I * s.H),
+          ggu_ref, kGrad, 2.f);
+  compare(tally, name + " d w_down, g_beta 1", local_rows(p.gdown_ep, t, El, s.H * s.I), gdown_ref,
+          kGrad, 2.f);
+  std::fflush(stdout);
+}
+
+// All cases of one shape and mode over one EpMoeCuda (sized once for the largest N).
+void check_shape(Tally& tally, dist::EpTransport& t, dist::EpMode mode, const Shape& s,
+                 uint64_t seed, const cu::Ctx& ctx) {
+  const int64_t n_odd = std::max<int64_t>(1, (s.N * 2 / 3) | 1);
+  dist::EpMoeCuda ep(t, {s.N, s.H, s.I, s.E, s.K}, mode);
+  std::printf("---- %s %s: N=%lld H=%lld I=%lld E=%lld K=%lld, %.2f GiB of EP buffers\n",
+              tally.tag.c_str(), dist::ep_mode_name(mode), (long long)s.N, (long long)s.H,
+              (long long)s.I, (long long)s.E, (long long)s.K, double(ep.device_bytes()) / (1 << 30));
+  Shape odd = s;
+  odd.N = n_odd;
+  check_case(tally, ep, t, s, Routing::kRandom, seed, ctx);
+  check_case(tally, ep, t, odd, Routing::kRandom, seed + 10, ctx);
+  check_case(tally, ep, t, s, Routing::kNoneToLast, seed + 20, ctx);
+  check_case(tally, ep, t, odd, Routing::kAllToRank0, seed + 30, ctx);
+}
+
+size_t workspace_for(const Shape& s) {
+  return std::max({size_t(16) << 20, cu::grouped_linear_workspace_bytes(s.E),
+                   dist::EpMoeCuda::workspace_bytes({s.N, s.H, s.I, s.E, s.K}, s.P)});
+}
+
+// ---- loopback: P ranks on this GPU -------------------------------------------------------------
+
+int run_loopback(const Opts& o, int P) {
+  dist::LoopbackTransport t(P);
+  Tally tally;
+  tally.tag = "loopback P=" + std::to_string(P);
+  const Shape small{37, 100, 36, 3 * P, 3, P};
+  const Shape big{o.N, o.H, o.I, o.E, o.K, P};
+  if (big.E % P != 0) usage("--experts must be a multiple of the rank count");
+  cu::ScopedCtx owner(std::max(workspace_for(small), workspace_for(big)));
+  for (dist::EpMode m : o.modes) check_shape(tally, t, m, small, o.seed, owner.ctx());
+  for (dist::EpMode m : o.modes) check_shape(tally, t, m, big, o.seed + 100, owner.ctx());
+  std::printf("ep_check %s: %d checks, %d failed\n", tally.tag.c_str(), tally.checks, tally.fails);
+  return std::min(tally.fails, 255);
+}
+
+// ---- NCCL: one GPU per rank under mpirun -------------------------------------------------------
+
+#if AUTOMOE_HAVE_NCCL
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0 : v[v.size() / 2];
+}
+
+void maybe_die(const Opts& o, int rank) {
+  if (rank != o.kill_rank) return;
+  std::printf("ep_check: rank %d %s now (--kill-rank %d --kill-mode %s)\n", rank,
+              o.kill_mode == "exit" ? "exits" : "stops communicating", rank, o.kill_mode.c_str());
+  std::fflush(stdout);
+  if (o.kill_mode == "exit") std::_Exit(9);  // no MPI_Finalize, no NCCL teardown: a crash
+  std::this_thread::sleep_for(std::chrono::hours(24));
+}
+
+// Dispatch/combine GPU time of the forward (EpTimes) against ncclAlltoAll of the same bytes.
+void bandwidth(const Opts& o, dist::NcclGroup& g, dist::NcclTransport& t, dist::EpMode mode,
+               const Shape& s, const cu::Ctx& ctx) {
+  Problem p;
+  p.s = s;
+  make_problem(p, Routing::kRandom, o.seed + 500, ctx);
+  dist::EpMoeCuda ep(t, {s.N, s.H, s.I, s.E, s.K}, mode);
+  ep.set_timing(true);
+  auto fa = fwd_args(p, t, p.out_ep.get());
+  std::vector<double> disp, comb;
+  dist::EpTimes last;
+  for (int it = 0; it < o.warmup + o.iters; ++it) {
+    if (it == o.warmup) maybe_die(o, g.rank());
+    ep.fwd(fa.data(), s.N, ctx);
+    t.sync(ctx.stream);
+    last = ep.last_times();
+    if (it >= o.warmup) {
+      disp.push_back(last.dispatch_ms);
+      comb.push_back(last.combine_ms);
+    }
+  }
+  const double row_d = double(2 * s.H + 8 * s.K), row_c = double(2 * s.H);
+  const double bd = double(last.rows_payload) * row_d, bc = double(last.rows_payload) * row_c;
+  const double md = median(disp), mc = median(comb), gib = double(1 << 30);
+  // the baseline: ncclAlltoAll of the dispatch's payload bytes, split evenly over the peers
+  const size_t per_peer = size_t(std::ceil(bd / 2.0 / s.P));  // bf16 elements
+  Buf<bf16> a2a_s(per_peer * s.P), a2a_r(per_peer * s.P);
+  cudaEvent_t e0, e1;
+  CUDA_CHECK(cudaEventCreate(&e0));
+  CUDA_CHECK(cudaEventCreate(&e1));
+  std::vector<double> base;
+  for (int it = 0; it < o.warmup + o.iters; ++it) {
+    CUDA_CHECK(cudaEventRecord(e0, ctx.stream));
+    g.alltoall(a2a_r.get(), a2a_s.get(), per_peer, ncclBfloat16, ctx.stream);
+    CUDA_CHECK(cudaEventRecord(e1, ctx.stream));
+    g.wait(ctx.stream, "all-to-all baseline");
+    float ms = 0;
+    CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
+    if (it >= o.warmup) base.push_back(ms);
+  }
+  CUDA_CHECK(cudaEventDestroy(e0));
+  CUDA_CHECK(cudaEventDestroy(e1));
+  const double mb = median(base);
+  std::printf("BW   nccl rank %d/%d %-6s N=%lld: dispatch %.3f ms %.1f GiB/s (payload %.1f MiB, "
+              "wire %.1f MiB; layout+pack+exchange), combine %.3f ms %.1f GiB/s (%.1f MiB); "
+              "ncclAlltoAll of the dispatch bytes %.3f ms %.1f GiB/s\n",
+              g.rank(), g.size(), dist::ep_mode_name(mode), (long long)s.N, md, bd / gib / (md / 1e3),
+              bd / (1 << 20), double(last.rows_wire) * row_d / (1 << 20), mc,
+              bc / gib / (mc / 1e3), bc / (1 << 20), mb, double(per_peer * s.P * 2) / gib / (mb / 1e3));
+  std::fflush(stdout);
+}
+
+int run_nccl(const Opts& o) {
+  const dist::LaunchInfo li = dist::detect_launch();
+  dist::Groups groups = dist::make_groups(li.world_size);  // the whole job is one EP group
+  const int P = groups.ep.size(), rank = groups.ep.rank();
+  int ndev = 0;
+  CUDA_CHECK(cudaGetDeviceCount(&ndev));
+  const int dev = li.local_rank % std::max(ndev, 1);
+  int nccl_runtime = 0;
+  ncclGetVersion(&nccl_runtime);
+  std::printf("ep_check: rank %d of %d on GPU %d of %d; NCCL header %d, library %d\n", rank, P, dev,
+              ndev, NCCL_VERSION_CODE, nccl_runtime);
+  std::fflush(stdout);
+  cu::ScopedCtx owner(workspace_for({o.N, o.H, o.I, o.E, o.K, P}), dev);
+  dist::NcclGroup g(groups.ep, dev);
+  dist::NcclTransport t(g);
+  Tally tally;
+  tally.tag = "nccl rank " + std::to_string(rank) + "/" + std::to_string(P);
+  const Shape s{o.N, o.H, o.I, o.E, o.K, P};
+  if (s.E % P != 0) usage("--experts must be a multiple of the rank count");
+  if (o.kill_rank < 0)
+    for (dist::EpMode m : o.modes) check_shape(tally, t, m, s, o.seed + 100, owner.ctx());
+  if (o.bench || o.kill_rank >= 0)
+    for (dist::EpMode m : o.modes) bandwidth(o, g, t, m, s, owner.ctx());
+  int64_t fails = tally.fails;
+  groups.world.allreduce_sum(&fails, 1);
+  std::printf("ep_check %s: %d checks, %d failed here, %lld on all ranks\n", tally.tag.c_str(),
+              tally.checks, tally.fails, (long long)fails);
+  return int(std::min<int64_t>(fails, 255));
+}
+#endif
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const Opts o = parse(argc, argv);
+  const dist::LaunchInfo li = dist::detect_launch();
+  const bool mpi = o.loopback == 0 && li.launcher != "none" && li.world_size > 1;
+  int devices = 0;
+  const cudaError_t e = cudaGetDeviceCount(&devices);
+  if (e != cudaSuccess || devices == 0) {
+    std::printf("ep_check: no CUDA device (%s): nothing checked\n",
+                e != cudaSuccess ? cudaGetErrorString(e) : "0 devices");
+    return 0;
+  }
+  int rc = 0;
+  try {
+    if (mpi) {
+#if AUTOMOE_HAVE_NCCL
+      rc = run_nccl(o);
+#else
+      throw automoe::Error("ep_check was built without NCCL (cmake/nccl.cmake found none), so it "
+                           "cannot run under mpirun; run it without mpirun (--loopback P)");
+#endif
+    } else {
+      rc = run_loopback(o, o.loopback > 0 ? o.loopback : 4);
+    }
+  } catch (const std::exception& ex) {
+    if (dist::mpi_active()) dist::abort_all(std::string("ep_check: ") + ex.what());
+    std::fprintf(stderr, "ep_check: error: %s\n", ex.what());
+    return 255;
+  }
+  dist::finalize();
+  return rc;
+}

@@ -1,0 +1,228 @@
+// backend/cuda/ep_kernels.cu: expert-parallel layout, dispatch pack, combine unpack and the padded
+// receive mask (declarations and buffer layouts in ep_kernels.h). Deterministic: no atomics, and
+// the combine sums a token's rows in rank order as the CPU path does.
+#include "backend/cuda/device.cuh"
+#include "backend/cuda/ep_kernels.h"
+
+namespace automoe::cuda {
+
+namespace {
+
+constexpr int kScanThreads = 256;
+constexpr int kRowThreads = 128;
+
+// Exclusive prefix sum over the block (one value per thread); `total` gets the block's sum.
+// `tmp` is __shared__ int[32]; the caller syncs before reusing it.
+__device__ int block_exclusive_scan(int v, int* tmp, int& total) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  int x = v;
+  for (int o = 1; o < 32; o <<= 1) {
+    const int y = __shfl_up_sync(kFullMask, x, o);
+    if (lane >= o) x += y;
+  }
+  if (lane == 31) tmp[warp] = x;
+  __syncthreads();
+  if (warp == 0) {
+    int w = lane < nwarps ? tmp[lane] : 0;
+    for (int o = 1; o < 32; o <<= 1) {
+      const int y = __shfl_up_sync(kFullMask, w, o);
+      if (lane >= o) w += y;
+    }
+    if (lane < nwarps) tmp[lane] = w;
+  }
+  __syncthreads();
+  total = tmp[nwarps - 1];
+  return (warp > 0 ? tmp[warp - 1] : 0) + x - v;
+}
+
+// Block d: which tokens have a pick on rank d, and their rank among them (token order).
+// send_pos gets the position relative to d's first row; send_cnt[d] the number of tokens.
+__global__ void ep_layout_count_kernel(int32_t* send_pos, int32_t* send_cnt,
+                                       const int32_t* topk_idx, int64_t N, int K, int El, int P) {
+  __shared__ int tmp[32];
+  const int d = blockIdx.x;
+  int run = 0;
+  for (int64_t c0 = 0; c0 < N; c0 += kScanThreads) {
+    const int64_t n = c0 + threadIdx.x;
+    int flag = 0;
+    if (n < N)
+      for (int j = 0; j < K; ++j) {
+        const int e = topk_idx[n * K + j];
+        if (e >= 0 && e / El == d) flag = 1;
+      }
+    int total = 0;
+    const int ex = block_exclusive_scan(flag, tmp, total);
+    if (n < N) send_pos[n * P + d] = flag ? run + ex : -1;
+    run += total;
+    __syncthreads();  // tmp is rewritten by the next chunk's scan
+  }
+  if (threadIdx.x == 0) send_cnt[d] = run;
+}
+
+// Relative positions to send-buffer rows: destination d starts at d * region (padded) or after
+// the rows of destinations 0..d-1 (packed; P is small, each thread sums the counts itself).
+__global__ void ep_layout_place_kernel(int32_t* send_pos, const int32_t* send_cnt, int64_t N,
+                                       int P, int64_t region) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < N * P;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int32_t pos = send_pos[i];
+    if (pos < 0) continue;
+    const int d = int(i % P);
+    int64_t off = 0;
+    if (region > 0) {
+      off = d * region;
+    } else {
+      for (int q = 0; q < d; ++q) off += send_cnt[q];
+    }
+    send_pos[i] = int32_t(off + pos);
+  }
+}
+
+// Block per token n: its row to every destination, with its picks remapped to that rank's
+// local experts. Chunk: 16 bytes (uint4) when rows allow it, else one bf16.
+template <class Chunk>
+__global__ void ep_dispatch_pack_kernel(Chunk* x_send, int32_t* idx_send, float* w_send,
+                                        const Chunk* x, const int32_t* topk_idx,
+                                        const float* topk_w, const int32_t* send_pos,
+                                        int64_t Hc /*chunks per row*/, int K, int El, int P) {
+  const int64_t n = blockIdx.x;
+  const Chunk* src = x + n * Hc;
+  for (int d = 0; d < P; ++d) {
+    const int64_t r = send_pos[n * P + d];
+    if (r < 0) continue;  // uniform over the block
+    Chunk* dst = x_send + r * Hc;
+    for (int64_t c = threadIdx.x; c < Hc; c += blockDim.x) dst[c] = src[c];
+    if (idx_send)
+      for (int j = threadIdx.x; j < K; j += blockDim.x) {
+        const int le = topk_idx[n * K + j] - d * El;
+        const bool here = le >= 0 && le < El;
+        idx_send[r * K + j] = here ? le : -1;
+        w_send[r * K + j] = here ? topk_w[n * K + j] : 0.f;
+      }
+  }
+}
+
+// Block per token n: out[n] = sum_d y_back[send_pos[n,d]] in rank order, fp32, one rounding.
+// Vectorised: each thread owns 8 channels (one uint4 of bf16) when rows allow it.
+__global__ void ep_combine_unpack_vec_kernel(uint4* out, float* dw_out, const uint4* y_back,
+                                             const float* dw_back, const int32_t* send_pos,
+                                             int64_t Hc, int K, int P) {
+  const int64_t n = blockIdx.x;
+  const int32_t* pos = send_pos + n * P;
+  for (int64_t c = threadIdx.x; c < Hc; c += blockDim.x) {
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    for (int d = 0; d < P; ++d) {
+      const int64_t r = pos[d];
+      if (r < 0) continue;
+      const uint4 v = y_back[r * Hc + c];
+      const bf16* b = reinterpret_cast<const bf16*>(&v);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) acc[k] += to_f(b[k]);
+    }
+    uint4 o;
+    bf16* ob = reinterpret_cast<bf16*>(&o);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) ob[k] = to_bf(acc[k]);
+    out[n * Hc + c] = o;
+  }
+  if (dw_out)
+    for (int j = threadIdx.x; j < K; j += blockDim.x) {
+      float acc = 0.f;
+      for (int d = 0; d < P; ++d)
+        if (pos[d] >= 0) acc += dw_back[int64_t(pos[d]) * K + j];
+      dw_out[n * K + j] = acc;
+    }
+}
+
+__global__ void ep_combine_unpack_kernel(bf16* out, float* dw_out, const bf16* y_back,
+                                         const float* dw_back, const int32_t* send_pos, int64_t H,
+                                         int K, int P) {
+  const int64_t n = blockIdx.x;
+  const int32_t* pos = send_pos + n * P;
+  for (int64_t c = threadIdx.x; c < H; c += blockDim.x) {
+    float acc = 0.f;
+    for (int d = 0; d < P; ++d)
+      if (pos[d] >= 0) acc += to_f(y_back[int64_t(pos[d]) * H + c]);
+    out[n * H + c] = to_bf(acc);
+  }
+  if (dw_out)
+    for (int j = threadIdx.x; j < K; j += blockDim.x) {
+      float acc = 0.f;
+      for (int d = 0; d < P; ++d)
+        if (pos[d] >= 0) acc += dw_back[int64_t(pos[d]) * K + j];
+      dw_out[n * K + j] = acc;
+    }
+}
+
+__global__ void ep_recv_mask_kernel(int32_t* idx_recv, const int32_t* recv_cnt, int64_t region,
+                                    int64_t K, int P) {
+  const int64_t total = int64_t(P) * region * K;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = i / K, s = r / region;
+    if (r - s * region >= recv_cnt[s]) idx_recv[i] = -1;
+  }
+}
+
+}  // namespace
+
+void ep_layout(int32_t* send_pos, int32_t* send_cnt, const int32_t* topk_idx, int64_t N,
+               int64_t K, int64_t El, int P, int64_t region, const Ctx& ctx) {
+  AM_CHECK(P >= 1 && El >= 1 && K >= 1, "[ep_layout] needs P, El, K >= 1 (got {}, {}, {})", P, El,
+           K);
+  AM_CHECK(int64_t(P) * std::max(N, region) < (int64_t(1) << 31),
+           "[ep_layout] {} ranks x {} rows do not fit int32 row indices; use fewer tokens per "
+           "micro-batch",
+           P, std::max(N, region));
+  AM_CHECK(region == 0 || region >= N, "[ep_layout] padded regions of {} rows cannot hold {} tokens",
+           region, N);
+  ep_layout_count_kernel<<<unsigned(P), kScanThreads, 0, ctx.stream>>>(
+      send_pos, send_cnt, topk_idx, N, int(K), int(El), P);
+  CUDA_CHECK_LAUNCH();
+  if (N == 0) return;
+  ep_layout_place_kernel<<<grid_for(N * P, kScanThreads, ctx), kScanThreads, 0, ctx.stream>>>(
+      send_pos, send_cnt, N, P, region);
+  CUDA_CHECK_LAUNCH();
+}
+
+void ep_dispatch_pack(bf16* x_send, int32_t* idx_send, float* w_send, const bf16* x,
+                      const int32_t* topk_idx, const float* topk_w, const int32_t* send_pos,
+                      int64_t N, int64_t H, int64_t K, int64_t El, int P, const Ctx& ctx) {
+  if (N == 0) return;
+  AM_CHECK((idx_send == nullptr) == (w_send == nullptr),
+           "[ep_dispatch_pack] idx_send and w_send go together (both or neither)");
+  if (rows_16b(H, x_send, x))
+    ep_dispatch_pack_kernel<uint4><<<unsigned(N), kRowThreads, 0, ctx.stream>>>(
+        reinterpret_cast<uint4*>(x_send), idx_send, w_send, reinterpret_cast<const uint4*>(x),
+        topk_idx, topk_w, send_pos, H / 8, int(K), int(El), P);
+  else
+    ep_dispatch_pack_kernel<bf16><<<unsigned(N), kRowThreads, 0, ctx.stream>>>(
+        x_send, idx_send, w_send, x, topk_idx, topk_w, send_pos, H, int(K), int(El), P);
+  CUDA_CHECK_LAUNCH();
+}
+
+void ep_combine_unpack(bf16* out, float* dw_out, const bf16* y_back, const float* dw_back,
+                       const int32_t* send_pos, int64_t N, int64_t H, int64_t K, int P,
+                       const Ctx& ctx) {
+  if (N == 0) return;
+  AM_CHECK(dw_out == nullptr || dw_back != nullptr,
+           "[ep_combine_unpack] dw_out needs the returned dw rows (dw_back)");
+  if (rows_16b(H, out, y_back))
+    ep_combine_unpack_vec_kernel<<<unsigned(N), kRowThreads, 0, ctx.stream>>>(
+        reinterpret_cast<uint4*>(out), dw_out, reinterpret_cast<const uint4*>(y_back), dw_back,
+        send_pos, H / 8, int(K), P);
+  else
+    ep_combine_unpack_kernel<<<unsigned(N), kRowThreads, 0, ctx.stream>>>(
+        out, dw_out, y_back, dw_back, send_pos, H, int(K), P);
+  CUDA_CHECK_LAUNCH();
+}
+
+void ep_recv_mask(int32_t* idx_recv, const int32_t* recv_cnt, int64_t region, int64_t K, int P,
+                  const Ctx& ctx) {
+  if (region == 0 || K == 0) return;
+  ep_recv_mask_kernel<<<grid_for(int64_t(P) * region * K, kScanThreads, ctx), kScanThreads, 0,
+                        ctx.stream>>>(idx_recv, recv_cnt, region, K, P);
+  CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace automoe::cuda

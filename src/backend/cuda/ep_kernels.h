@@ -1,0 +1,48 @@
+// backend/cuda/ep_kernels.h: the device side of expert-parallel dispatch and combine (DeepEP's
+// normal mode as the design; dist/expert_parallel_cuda.h drives them). The layout is computed on
+// the device from the top-k indices, so nothing here waits for the host.
+//
+// Send buffer layout (one per rank; S rows): rows for destination rank d are contiguous and in
+// token order, destination after destination. Two placements:
+//   packed  (region = 0)  destination d starts at sum_{d' < d} send_cnt[d'] (counts mode)
+//   regions (region = R)  destination d starts at d * R, R >= N rows each (padded mode)
+// send_pos[n*P + d] is the row of token n's copy for rank d, -1 when n has no pick on d.
+// A token goes ONCE per destination rank, however many of its top-k experts live there.
+//
+// Legend: N local tokens, K top-k, H hidden, P EP ranks, El experts per rank (expert e lives on
+// rank e / El, local index e % El), S send rows, Rr received rows. Outputs first; `=` assigns.
+#pragma once
+#include <cstdint>
+
+#include "backend/cuda/common.cuh"
+
+namespace automoe::cuda {
+
+// send_pos[N,P] (=) and send_cnt[P] (=) from topk_idx[N,K] (global experts in [0, P*El)).
+void ep_layout(int32_t* send_pos /*[N,P] i32 =*/, int32_t* send_cnt /*[P] i32 =*/,
+               const int32_t* topk_idx /*[N,K] i32*/, int64_t N, int64_t K, int64_t El, int P,
+               int64_t region /*0: packed, else rows per destination*/, const Ctx& ctx);
+
+// Dispatch: x_send[send_pos[n,d]] = x[n]; idx_send row = the token's picks remapped to rank d's
+// local experts (-1 = not on d); w_send row = their weights (0 where -1). idx_send and w_send
+// may be null (the backward of combine dispatches d(out) rows only).
+void ep_dispatch_pack(bf16* x_send /*[S,H] bf16 =*/, int32_t* idx_send /*[S,K] i32 =, nullable*/,
+                      float* w_send /*[S,K] f32 =, nullable*/, const bf16* x /*[N,H] bf16*/,
+                      const int32_t* topk_idx /*[N,K] i32*/, const float* topk_w /*[N,K] f32*/,
+                      const int32_t* send_pos /*[N,P] i32*/, int64_t N, int64_t H, int64_t K,
+                      int64_t El, int P, const Ctx& ctx);
+
+// Combine: out[n] = sum over d in rank order of y_back[send_pos[n,d]] (fp32 sum, one rounding);
+// dw_out[n,j] (nullable) = sum over d of dw_back[send_pos[n,d], j] (exact: only the rank holding
+// pick j sends a non-zero). Also the backward of dispatch (dx, dtopk_w).
+void ep_combine_unpack(bf16* out /*[N,H] bf16 =*/, float* dw_out /*[N,K] f32 =, nullable*/,
+                       const bf16* y_back /*[S,H] bf16*/, const float* dw_back /*[S,K], nullable*/,
+                       const int32_t* send_pos /*[N,P] i32*/, int64_t N, int64_t H, int64_t K,
+                       int P, const Ctx& ctx);
+
+// Padded receive: rows [s*region + recv_cnt[s], (s+1)*region) of idx_recv hold no token; set
+// their picks to -1 so the receiver's moe_layout / permute / unpermute skip them.
+void ep_recv_mask(int32_t* idx_recv /*[P*region,K] i32*/, const int32_t* recv_cnt /*[P] i32*/,
+                  int64_t region, int64_t K, int P, const Ctx& ctx);
+
+}  // namespace automoe::cuda

@@ -1,0 +1,71 @@
+// dist/ep_transport.h: how expert-parallel dispatch/combine moves rows between the ranks of an EP
+// group on the device. One interface, two transports, so the same EpMoeCuda code runs on both:
+//   NcclTransport      (dist/nccl_group.h)         one process per GPU, ncclSend/ncclRecv
+//   LoopbackTransport  (dist/ep_loopback_cuda.cpp) all P ranks in ONE process on ONE GPU; the
+//                      all-to-all is cudaMemcpyAsync between the ranks' buffers. It exists so a
+//                      single GPU can check the EP kernels and layout logic against one GPU.
+// A process drives num_local() ranks (1 over NCCL, P in loopback); every call below is collective
+// over the group and takes the buffers of all the ranks this process drives, in local order.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace automoe::dist {
+
+enum class EpDtype { kBf16, kF32, kI32 };
+inline size_t ep_dtype_bytes(EpDtype t) { return t == EpDtype::kBf16 ? 2 : 4; }
+
+// One tensor of an all-to-all-v: rows of row_elems elements of dtype.
+struct EpA2aTensor {
+  EpDtype dtype = EpDtype::kBf16;
+  int64_t row_elems = 0;
+  const void* const* send = nullptr;  // [num_local] device buffers
+  void* const* recv = nullptr;        // [num_local] device buffers
+};
+
+// Which rows move, on the host, at [i*P + p] for local rank i and peer p (rows, not bytes):
+// rows [send_off, send_off + send_cnt) of send[i] go to peer p and land at rows
+// [recv_off, recv_off + recv_cnt) of peer p's recv buffer, where p's recv_cnt from i must equal
+// i's send_cnt to p.
+struct EpA2aRows {
+  const int64_t* send_off = nullptr;
+  const int64_t* send_cnt = nullptr;
+  const int64_t* recv_off = nullptr;
+  const int64_t* recv_cnt = nullptr;
+};
+
+class EpTransport {
+ public:
+  virtual ~EpTransport() = default;
+  virtual const char* name() const = 0;
+  virtual int size() const = 0;              // P, ranks in the EP group
+  virtual int num_local() const = 0;         // ranks this process drives
+  virtual int rank_of(int local) const = 0;  // the EP rank of local rank `local`
+  // The all-to-all-v of nt tensors sharing one row plan, enqueued on `stream` (one group of
+  // sends and receives over NCCL). Does not wait for the host.
+  virtual void alltoallv(const EpA2aTensor* t, int nt, const EpA2aRows& rows,
+                         cudaStream_t stream) = 0;
+  // Waits until everything enqueued on `stream` has finished (the one host sync of the counts
+  // mode, and the end of a step). Over NCCL, with a timeout; throws on a failed or lost peer.
+  virtual void sync(cudaStream_t stream) = 0;
+};
+
+// All P ranks of the group in this process, on the current device.
+class LoopbackTransport final : public EpTransport {
+ public:
+  explicit LoopbackTransport(int P);
+  const char* name() const override { return "loopback"; }
+  int size() const override { return P_; }
+  int num_local() const override { return P_; }
+  int rank_of(int local) const override { return local; }
+  void alltoallv(const EpA2aTensor* t, int nt, const EpA2aRows& rows,
+                 cudaStream_t stream) override;
+  void sync(cudaStream_t stream) override;
+
+ private:
+  int P_;
+};
+
+}  // namespace automoe::dist

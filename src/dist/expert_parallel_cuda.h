@@ -1,0 +1,140 @@
+// dist/expert_parallel_cuda.h: the expert block of one MoE layer over the EP group on the GPU
+// (bf16 activations, fp32 routing weights), the device twin of ep_moe_fwd/ep_moe_bwd in
+// dist/expert_parallel.h (the oracle: same semantics, same order of sums):
+//   layout    on the device from topk_idx: which ranks each token goes to (ONCE per destination
+//             rank), rows per destination, send order by destination rank then token ascending
+//   dispatch  each sent row: the token's hidden state, its picks remapped to the destination's
+//             local experts (-1 = not here), their weights (0 where -1)
+//   experts   receiver: moe_layout over its received picks -> permute -> grouped linear ->
+//             SwiGLU -> grouped linear -> unpermute weighted by the received weights, summed
+//             over its local picks: one row per (token, rank) travels back
+//   combine   the sender sums the returned rows of each token in rank order
+// Backward mirrors it, reusing the forward's layout: combine's gradient is a dispatch of
+// d(out), dispatch's gradient is a combine of d(x) and d(weights).
+//
+// Two ways to size the receive (EpMode):
+//   kCounts  the per-destination counts are exchanged, then ONE device-to-host sync per layer
+//            forward reads them and sizes the all-to-all-v exactly (the backward reuses them)
+//   kPadded  every peer gets a region of N rows (worst case) with the true count sent
+//            alongside; no host sync at all: the receiver masks the rows past the count
+//            (picks -1) and its grouped GEMMs read their offsets on the device. Costs wire
+//            bytes (P*N rows per rank) and the receiver's elementwise ops run over P*N rows.
+// Transports (dist/ep_transport.h): NCCL, one process per GPU; or loopback, all P ranks in this
+// process on one GPU (checking). The calls take the tensors of every rank this process drives.
+//
+// Buffers are allocated once, in the constructor, for max_tokens tokens per rank and the worst
+// routing (all tokens of all ranks on one rank's experts); nothing is allocated per call. The
+// object holds what the backward needs of ONE forward (one layer; the model will keep one per
+// layer or an arena of them). The caller's Ctx needs workspace_bytes() of workspace.
+//
+// Gradient rule: dx and dtopk_w assign (=); expert weight gradients are bf16,
+// g = g_beta * g + dW (g_beta 0 overwrites, experts without rows then get 0; 1 accumulates).
+// Legend: N tokens per rank, H hidden, I expert width, E experts, K top-k, P EP ranks,
+// El = E/P experts per rank.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "backend/cuda/common.cuh"
+#include "dist/ep_transport.h"
+
+namespace automoe::dist {
+
+enum class EpMode { kCounts, kPadded };
+const char* ep_mode_name(EpMode m);
+
+struct EpMoeShape {
+  int64_t max_tokens = 0;  // N of any call is <= this
+  int64_t H = 0, I = 0, E = 0, K = 0;
+};
+
+// One rank's tensors for fwd (device pointers).
+struct EpMoeFwdArgs {
+  cuda::bf16* out = nullptr;             // [N,H] bf16 =
+  const cuda::bf16* x = nullptr;         // [N,H] bf16
+  const int32_t* topk_idx = nullptr;     // [N,K] i32, global experts
+  const float* topk_w = nullptr;         // [N,K] f32
+  const cuda::bf16* w_gu = nullptr;      // [El,2I,H] bf16, this rank's experts (gate | up)
+  const cuda::bf16* w_down = nullptr;    // [El,H,I] bf16
+};
+// One rank's tensors for bwd.
+struct EpMoeBwdArgs {
+  cuda::bf16* dx = nullptr;              // [N,H] bf16 =
+  float* dtopk_w = nullptr;              // [N,K] f32 =
+  cuda::bf16* g_gu = nullptr;            // [El,2I,H] bf16 = g_beta * g_gu + dW
+  cuda::bf16* g_down = nullptr;          // [El,H,I] bf16 = g_beta * g_down + dW
+  const cuda::bf16* dout = nullptr;      // [N,H] bf16
+  const cuda::bf16* w_gu = nullptr;      // [El,2I,H] bf16
+  const cuda::bf16* w_down = nullptr;    // [El,H,I] bf16
+};
+
+// GPU time of the last forward's dispatch (layout .. rows received) and combine (rows sent back
+// .. summed), and the rows moved by this process's ranks (payload: true rows; wire: what the
+// all-to-all moved, = payload in counts mode, P*N per rank in padded mode). Needs set_timing.
+struct EpTimes {
+  float dispatch_ms = 0, combine_ms = 0;
+  int64_t rows_payload = 0, rows_wire = 0;
+};
+
+class EpMoeCuda {
+ public:
+  EpMoeCuda(EpTransport& t, const EpMoeShape& shape, EpMode mode);
+  ~EpMoeCuda();
+  EpMoeCuda(const EpMoeCuda&) = delete;
+  EpMoeCuda& operator=(const EpMoeCuda&) = delete;
+
+  // Workspace the Ctx must carry (the grouped GEMMs').
+  static size_t workspace_bytes(const EpMoeShape& shape, int P);
+
+  // ranks[num_local()]: every rank this process drives, in local order; N tokens on each.
+  void fwd(const EpMoeFwdArgs* ranks, int64_t N, const cuda::Ctx& ctx);
+  void bwd(const EpMoeBwdArgs* ranks, float g_beta, const cuda::Ctx& ctx);
+  // One rank per process (NCCL): the same, outputs first.
+  void fwd(cuda::bf16* out, const cuda::bf16* x, const int32_t* topk_idx, const float* topk_w,
+           const cuda::bf16* w_gu, const cuda::bf16* w_down, int64_t N, const cuda::Ctx& ctx);
+  void bwd(cuda::bf16* dx, float* dtopk_w, cuda::bf16* g_gu, cuda::bf16* g_down, float g_beta,
+           const cuda::bf16* dout, const cuda::bf16* w_gu, const cuda::bf16* w_down,
+           const cuda::Ctx& ctx);
+
+  EpMode mode() const { return mode_; }
+  int num_local() const { return L_; }
+  int64_t local_experts() const { return El_; }
+  size_t device_bytes() const { return bytes_; }  // everything this object allocated
+  // Counts mode: rows local rank `i` received in the last forward; padded mode: -1 (on the
+  // device only).
+  int64_t rows_received(int i) const;
+
+  void set_timing(bool on) { timing_ = on; }
+  EpTimes last_times() const;  // synchronises with the last forward's events
+
+ private:
+  struct Rank;  // one local rank's buffers (expert_parallel_cuda.cpp)
+  void exchange_counts(const cuda::Ctx& ctx);
+  void set_plan(int64_t N);  // host row plan of the all-to-alls for this forward
+  // The tensor of every local rank for one all-to-all: pointer table slot `slot` (0..2) filled
+  // with send_of(rank) / recv_of(rank).
+  template <class S, class D>
+  EpA2aTensor tensor(int slot, EpDtype dt, int64_t row_elems, S send_of, D recv_of);
+
+  EpTransport& t_;
+  EpMoeShape s_;
+  EpMode mode_;
+  int P_ = 1, L_ = 1;
+  int64_t El_ = 0, Scap_ = 0, Rcap_ = 0, Mcap_ = 0;
+  int64_t N_ = -1;  // tokens of the last forward (-1: none yet)
+  size_t bytes_ = 0;
+  bool timing_ = false;
+  std::vector<std::unique_ptr<Rank>> r_;
+  // Shared scratch (the local ranks run one after the other on the stream): [Mcap, .]
+  cuda::DeviceBuffer<cuda::bf16> xs_, act_, dys_, dact_, dgu_;
+  // Host side: counts read back (pinned, [L, 2P]) and the row plans ([L*P] each).
+  int32_t* host_cnt_ = nullptr;
+  std::vector<int64_t> send_off_, send_cnt_, recv_off_, recv_cnt_, unit_off_, unit_cnt_;
+  std::vector<int64_t> R_;            // [L] rows each local rank's kernels run over
+  std::vector<const void*> ptr_send_;  // [3*L] pointer tables for EpA2aTensor
+  std::vector<void*> ptr_recv_;
+  cudaEvent_t ev_[4] = {nullptr, nullptr, nullptr, nullptr};
+};
+
+}  // namespace automoe::dist

@@ -1,0 +1,245 @@
+// dist/nccl_group.cpp: NCCL communicator bootstrap over MPI, non-blocking with a timeout and
+// abort, point-to-point all-to-all-v, and the EP transport over it (see nccl_group.h).
+#include "dist/nccl_group.h"
+
+#include <fmt/format.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <thread>
+
+#include "core/check.h"
+
+namespace automoe::dist {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double env_timeout_s() {
+  const char* v = std::getenv("AUTOMOE_NCCL_TIMEOUT_S");
+  if (!v || !*v) return 300.0;
+  char* end = nullptr;
+  const double t = std::strtod(v, &end);
+  AM_CHECK(end && *end == 0 && t > 0,
+           "AUTOMOE_NCCL_TIMEOUT_S={} is not a positive number of seconds; unset it (default 300) "
+           "or set e.g. AUTOMOE_NCCL_TIMEOUT_S=600",
+           v);
+  return t;
+}
+
+double seconds_since(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+void nap() { std::this_thread::sleep_for(std::chrono::microseconds(50)); }
+
+template <class T>
+ncclDataType_t nccl_dt();
+template <>
+ncclDataType_t nccl_dt<cuda::bf16>() { return ncclBfloat16; }
+template <>
+ncclDataType_t nccl_dt<float>() { return ncclFloat32; }
+template <>
+ncclDataType_t nccl_dt<int32_t>() { return ncclInt32; }
+
+}  // namespace
+
+ncclDataType_t nccl_type(EpDtype t) {
+  switch (t) {
+    case EpDtype::kBf16: return ncclBfloat16;
+    case EpDtype::kF32: return ncclFloat32;
+    case EpDtype::kI32: return ncclInt32;
+  }
+  return ncclInt8;
+}
+
+NcclGroup::NcclGroup(const Comm& comm, int device)
+    : rank_(comm.rank()), size_(comm.size()), device_(device) {
+  // NVLink multicast (NVLS) must stay off on the machines this runs on (NCCL would otherwise
+  // set up multicast objects at init). Forced to 0, overwriting whatever the environment says:
+  // a setenv without overwrite would let an inherited NCCL_NVLS_ENABLE=1 through.
+  setenv("NCCL_NVLS_ENABLE", "0", 1);
+  timeout_s_ = env_timeout_s();
+  CUDA_CHECK(cudaSetDevice(device));
+  ncclUniqueId id{};
+  if (rank_ == 0) {
+    const ncclResult_t r = ncclGetUniqueId(&id);
+    AM_CHECK(r == ncclSuccess, "ncclGetUniqueId failed on rank 0: {}; check that NCCL can open a "
+             "socket on this host (NCCL_SOCKET_IFNAME, NCCL_DEBUG=INFO says more)",
+             ncclGetErrorString(r));
+  }
+  comm.broadcast(&id, sizeof id, 0);
+  ncclConfig_t cfg = NCCL_CONFIG_INITIALIZER;
+  cfg.blocking = 0;  // no NCCL call may block the host: we poll, time out and abort instead
+  const ncclResult_t r = ncclCommInitRankConfig(&comm_, size_, id, rank_, &cfg);
+  if (r != ncclSuccess && r != ncclInProgress) {
+    if (comm_) ncclCommAbort(comm_);
+    aborted_ = true;
+    AM_FAIL("ncclCommInitRankConfig failed on rank {} of {} (GPU {}): {}; run with NCCL_DEBUG=INFO "
+            "for NCCL's reason",
+            rank_, size_, device_, ncclGetErrorString(r));
+  }
+  poll_ready("communicator init");
+  CUDA_CHECK(cudaEventCreateWithFlags(&done_, cudaEventDisableTiming));
+}
+
+NcclGroup::~NcclGroup() {
+  // No throwing here: flush and destroy when healthy, abort when anything looks wrong.
+  if (comm_ && !aborted_) {
+    const ncclResult_t r = ncclCommFinalize(comm_);
+    bool ok = r == ncclSuccess || r == ncclInProgress;
+    const auto t0 = Clock::now();
+    while (ok) {
+      ncclResult_t st = ncclSuccess;
+      if (ncclCommGetAsyncError(comm_, &st) != ncclSuccess || (st != ncclSuccess && st != ncclInProgress)) {
+        ok = false;
+        break;
+      }
+      if (st == ncclSuccess) break;
+      if (seconds_since(t0) > timeout_s_) {
+        ok = false;
+        break;
+      }
+      nap();
+    }
+    if (ok) ncclCommDestroy(comm_);
+    else ncclCommAbort(comm_);
+  }
+  if (done_) cudaEventDestroy(done_);
+}
+
+void NcclGroup::fail(const char* what, const std::string& why) {
+  if (comm_ && !aborted_) ncclCommAbort(comm_);  // also stops this communicator's kernels
+  aborted_ = true;
+  AM_FAIL("NCCL {} failed on rank {} of {} (GPU {}): {}. The communicator was aborted. Usually "
+          "another rank failed, exited or stopped communicating first: look for the first error "
+          "of the other ranks; if a rank is just slow (a long first step), raise "
+          "AUTOMOE_NCCL_TIMEOUT_S (now {} s)",
+          what, rank_, size_, device_, why, timeout_s_);
+}
+
+void NcclGroup::check(ncclResult_t r, const char* what) {
+  if (r == ncclSuccess || r == ncclInProgress) return;
+  fail(what, fmt::format("{} ({})", ncclGetErrorString(r), comm_ ? ncclGetLastError(comm_) : ""));
+}
+
+void NcclGroup::poll_ready(const char* what) {
+  const auto t0 = Clock::now();
+  for (;;) {
+    ncclResult_t st = ncclSuccess;
+    const ncclResult_t r = ncclCommGetAsyncError(comm_, &st);
+    if (r != ncclSuccess) fail(what, fmt::format("ncclCommGetAsyncError: {}", ncclGetErrorString(r)));
+    if (st == ncclSuccess) return;
+    if (st != ncclInProgress)
+      fail(what, fmt::format("{} ({})", ncclGetErrorString(st), ncclGetLastError(comm_)));
+    if (seconds_since(t0) > timeout_s_)
+      fail(what, fmt::format("not done after {} s", timeout_s_));
+    nap();
+  }
+}
+
+void NcclGroup::wait(cudaStream_t stream, const char* what) {
+  AM_CHECK(!aborted_, "NCCL communicator of rank {} was aborted after an earlier error; it cannot "
+           "be used again",
+           rank_);
+  CUDA_CHECK(cudaEventRecord(done_, stream));
+  const auto t0 = Clock::now();
+  for (;;) {
+    const cudaError_t e = cudaEventQuery(done_);
+    if (e == cudaSuccess) return;
+    if (e != cudaErrorNotReady) CUDA_CHECK(e);
+    ncclResult_t st = ncclSuccess;
+    if (ncclCommGetAsyncError(comm_, &st) != ncclSuccess || (st != ncclSuccess && st != ncclInProgress))
+      fail(what, fmt::format("{} ({})", ncclGetErrorString(st), ncclGetLastError(comm_)));
+    if (seconds_since(t0) > timeout_s_)
+      fail(what, fmt::format("the GPU work did not finish within {} s (AUTOMOE_NCCL_TIMEOUT_S)",
+                             timeout_s_));
+    nap();
+  }
+}
+
+void NcclGroup::group_start() {
+  AM_CHECK(!aborted_, "NCCL communicator of rank {} was aborted after an earlier error; it cannot "
+           "be used again",
+           rank_);
+  check(ncclGroupStart(), "group start");
+}
+
+void NcclGroup::group_end(const char* what) {
+  check(ncclGroupEnd(), what);
+  poll_ready(what);
+}
+
+void NcclGroup::send(const void* buf, size_t count, ncclDataType_t type, int peer,
+                     cudaStream_t stream) {
+  check(ncclSend(buf, count, type, peer, comm_, stream), "send");
+}
+
+void NcclGroup::recv(void* buf, size_t count, ncclDataType_t type, int peer,
+                     cudaStream_t stream) {
+  check(ncclRecv(buf, count, type, peer, comm_, stream), "recv");
+}
+
+template <class T>
+void NcclGroup::alltoallv(T* recv, const int64_t* recv_off, const int64_t* recv_cnt,
+                          const T* send, const int64_t* send_off, const int64_t* send_cnt,
+                          int64_t row_elems, cudaStream_t stream) {
+  group_start();
+  for (int p = 0; p < size_; ++p) {
+    if (send_cnt[p] > 0)
+      this->send(send + send_off[p] * row_elems, size_t(send_cnt[p] * row_elems), nccl_dt<T>(), p,
+                 stream);
+    if (recv_cnt[p] > 0)
+      this->recv(recv + recv_off[p] * row_elems, size_t(recv_cnt[p] * row_elems), nccl_dt<T>(), p,
+                 stream);
+  }
+  group_end("all-to-all-v");
+}
+
+template void NcclGroup::alltoallv<cuda::bf16>(cuda::bf16*, const int64_t*, const int64_t*,
+                                               const cuda::bf16*, const int64_t*, const int64_t*,
+                                               int64_t, cudaStream_t);
+template void NcclGroup::alltoallv<float>(float*, const int64_t*, const int64_t*, const float*,
+                                          const int64_t*, const int64_t*, int64_t, cudaStream_t);
+template void NcclGroup::alltoallv<int32_t>(int32_t*, const int64_t*, const int64_t*,
+                                            const int32_t*, const int64_t*, const int64_t*, int64_t,
+                                            cudaStream_t);
+
+void NcclGroup::alltoall(void* recv, const void* send, size_t count, ncclDataType_t type,
+                         cudaStream_t stream) {
+#if NCCL_VERSION_CODE >= NCCL_VERSION(2, 28, 0)
+  AM_CHECK(!aborted_, "NCCL communicator of rank {} was aborted after an earlier error", rank_);
+  check(ncclAlltoAll(send, recv, count, type, comm_, stream), "all-to-all");
+  poll_ready("all-to-all");
+#else  // before ncclAlltoAll: the same exchange as one group of sends and receives
+  size_t es = type == ncclBfloat16 ? 2 : 4;
+  group_start();
+  for (int p = 0; p < size_; ++p) {
+    this->send(static_cast<const char*>(send) + p * count * es, count, type, p, stream);
+    this->recv(static_cast<char*>(recv) + p * count * es, count, type, p, stream);
+  }
+  group_end("all-to-all");
+#endif
+}
+
+void NcclTransport::alltoallv(const EpA2aTensor* t, int nt, const EpA2aRows& rows,
+                              cudaStream_t stream) {
+  const int P = g_.size();
+  g_.group_start();
+  for (int k = 0; k < nt; ++k) {
+    const size_t rb = size_t(t[k].row_elems) * ep_dtype_bytes(t[k].dtype);
+    const ncclDataType_t type = nccl_type(t[k].dtype);
+    for (int p = 0; p < P; ++p) {
+      if (rows.send_cnt[p] > 0)
+        g_.send(static_cast<const char*>(t[k].send[0]) + rows.send_off[p] * rb,
+                size_t(rows.send_cnt[p] * t[k].row_elems), type, p, stream);
+      if (rows.recv_cnt[p] > 0)
+        g_.recv(static_cast<char*>(t[k].recv[0]) + rows.recv_off[p] * rb,
+                size_t(rows.recv_cnt[p] * t[k].row_elems), type, p, stream);
+    }
+  }
+  g_.group_end("EP all-to-all-v");
+}
+
+}  // namespace automoe::dist
