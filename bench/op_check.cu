@@ -1250,6 +1250,8 @@ int main(int argc, char** argv) {
     case_rope(ctx, 13, 3, 2, 10000.f);
     case_rope(ctx, 33, 3, 6, 500.f);  // tiny_c: head dim 6, theta 500
     case_rope(ctx, 512, 32, 128, 1e6f);
+    case_rope(ctx, 37, 4, 64, 1e6f);  // the per-token kernel at its smallest shape
+    case_rope(ctx, 8192, 4, 128, 1e6f);  // W1's k heads
   });
   // Every case through cuDNN SDPA (attention_*.cudnn; SKIP with the reason where cuDNN cannot
   // run it, e.g. document masking) and through the fallback kernel (attention_*.fallback).
@@ -1305,6 +1307,7 @@ int main(int argc, char** argv) {
     case_swiglu(ctx, 7, 13);
     case_swiglu(ctx, 5, 11);
     case_swiglu(ctx, 4096, 768);
+    case_swiglu(ctx, 9, 16);  // the 16-byte kernel, small
   });
   run(filter, "cross_entropy", [&] {
     case_cross_entropy(ctx, 7, 13, false);
@@ -1315,6 +1318,7 @@ int main(int argc, char** argv) {
     case_aux_loss(ctx, 13, 5, 2, 0);
     case_aux_loss(ctx, 11, 7, 3, 1);
     case_aux_loss(ctx, 4096, 128, 8, 0);
+    case_aux_loss(ctx, 12 * 8192, 128, 8, 0);  // W1: 12 layers' routing at once
   });
   run(filter, "adamw", [&] {
     case_adamw(ctx, 13);

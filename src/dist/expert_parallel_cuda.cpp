@@ -39,7 +39,9 @@ struct EpMoeCuda::Rank {
 };
 
 size_t EpMoeCuda::workspace_bytes(const EpMoeShape& s, int P) {
-  return cu::grouped_linear_workspace_bytes(s.E / std::max(P, 1));
+  const int64_t El = s.E / std::max(P, 1);
+  return std::max(cu::grouped_linear_workspace_bytes(El),
+                  cu::moe_layout_workspace_bytes(int64_t(std::max(P, 1)) * s.max_tokens, s.K, El));
 }
 
 EpMoeCuda::EpMoeCuda(EpTransport& t, const EpMoeShape& shape, EpMode mode)

@@ -650,6 +650,7 @@ void Qwen3MoeCuda::plan(int64_t B, int64_t T) {
   }
   if (M > 0) ws = std::max(ws, cu::aux_loss_workspace_bytes(M * N, E));
   if (M > 0) ws = std::max(ws, cu::grouped_linear_workspace_bytes(E));
+  if (M > 0) ws = std::max(ws, cu::moe_layout_workspace_bytes(N, K, E));
   ws = std::max(ws, cu::sum_squares_workspace_bytes());
   if (ws > s.ws.bytes()) {
     s.ws = cu::DeviceBuffer<unsigned char>();

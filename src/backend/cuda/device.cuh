@@ -54,6 +54,26 @@ __device__ __forceinline__ MaxSum maxsum_merge(MaxSum a, MaxSum b) {
   return {m, a.s * expf(a.m - m) + b.s * expf(b.m - m)};
 }
 
+// 8 consecutive bf16 <-> 8 floats through one 16-byte access (p 16-byte aligned).
+__device__ __forceinline__ void load8(const bf16* p, float (&f)[8]) {
+  const uint4 u = *reinterpret_cast<const uint4*>(p);
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 t = __bfloat1622float2(h[i]);
+    f[2 * i] = t.x;
+    f[2 * i + 1] = t.y;
+  }
+}
+__device__ __forceinline__ void store8(bf16* p, const float (&f)[8]) {
+  uint4 u;
+  __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&u);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
+  *reinterpret_cast<uint4*>(p) = u;
+}
+inline bool aligned_16b(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
 // Rows of C bf16 can move as 16-byte chunks (uint4) between these buffers.
 inline bool rows_16b(int64_t C, const void* a, const void* b) {
   return C % 8 == 0 && reinterpret_cast<uintptr_t>(a) % 16 == 0 &&

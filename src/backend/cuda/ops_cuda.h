@@ -120,7 +120,9 @@ void router_bwd(bf16* dlogits /*[N,E] bf16 =*/, const float* dtopk_w /*[N,K] f32
                 bool norm_topk, const Ctx& ctx);
 
 // ---- MoE layout: the N*K (token, pick) slots sorted by expert, stable in slot order ------------
-// Computed on the device by one block (no atomics on slot_row, no host sync); E <= 1024.
+// Computed on the device by blocks over tiles of slots (no atomics on slot_row, no host sync),
+// per-tile counts in ctx.workspace (moe_layout_workspace_bytes); E <= 1024.
+size_t moe_layout_workspace_bytes(int64_t N, int64_t K, int64_t E);
 void moe_layout(int32_t* offsets /*[E+1] i32 =*/, int32_t* slot_row /*[N*K] i32 =*/,
                 const int32_t* topk_idx /*[N,K] i32*/, int64_t N, int64_t E, int64_t K,
                 const Ctx& ctx);
