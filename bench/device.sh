@@ -21,7 +21,10 @@
 #   ep        ep_check (not in the default STAGES): the GPU expert-parallel block against one
 #             GPU with P = 2, 4, 8 loopback ranks on GPU 0; with >= 2 GPUs also NCCL under
 #             mpirun -np 2 (check + dispatch/combine bandwidth) and the kill drills (a rank exits,
-#             or stops communicating, mid-run: the job must end non-zero within the NCCL timeout)
+#             or stops communicating, mid-run: the job must end non-zero within the NCCL timeout).
+#             At the default shapes each loopback P took about 3 minutes on an H200: give the
+#             call room, or EP_ARGS="--tokens 2048". A call that outruns the device tool's limit
+#             brings back no output: keep logs under $OUT, not only in a pipe.
 # and prints a short table last. Default STAGES="ops parity bench cli baseline".
 #   bash bench/device.sh            Env: BUILD (build-device), CUDA_ARCH (90a), STAGES, OPS,
 #                                   TRAIN_STEPS, LAYERS, SEQ, MBS, IMPLS, BENCH_ARGS (extra cuda_bench
@@ -117,28 +120,6 @@ stage_must_fail() {  # name, command...
   return 0
 }
 
-if has ep; then
-  for P in 2 4 8; do
-    # shellcheck disable=SC2086
-    stage "ep_loop$P" "$BUILD/ep_check" --loopback "$P" ${EP_ARGS:-}
-  done
-  ngpu=$(nvidia-smi -L 2>/dev/null | grep -c "^GPU")
-  if [ "$ngpu" -ge 2 ] && command -v mpirun >/dev/null 2>&1; then
-    # NVLink multicast stays off (NCCL, torch symmetric memory, NVSHMEM): KINDS.md says why.
-    MPI=(mpirun --allow-run-as-root -np 2 -x NCCL_NVLS_ENABLE=0 -x TORCH_SYMM_MEM_DISABLE_MULTICAST=1
-         -x NVSHMEM_DISABLE_NVLS=1)
-    # shellcheck disable=SC2086
-    stage ep_nccl2 "${MPI[@]}" "$BUILD/ep_check" ${EP_ARGS:-}
-    # shellcheck disable=SC2086
-    stage_must_fail ep_kill_exit "${MPI[@]}" -x AUTOMOE_NCCL_TIMEOUT_S=30 "$BUILD/ep_check" \
-      --kill-rank 1 --kill-mode exit ${EP_ARGS:-}
-    # shellcheck disable=SC2086
-    stage_must_fail ep_kill_stall "${MPI[@]}" -x AUTOMOE_NCCL_TIMEOUT_S=30 "$BUILD/ep_check" \
-      --kill-rank 1 --kill-mode stall ${EP_ARGS:-}
-  else
-    echo "device.sh: $ngpu GPU(s) or no mpirun: the NCCL runs of stage ep need 2 GPUs (skipped)"
-  fi
-fi
 if has ops; then
   # shellcheck disable=SC2086
   stage op_check "$BUILD/cuda_op_check" ${OPS:--grouped_perf}
@@ -181,6 +162,28 @@ if has cli; then
   else
     echo "device.sh: no $BUILD/automoe (PCRE2 missing?): no cli stage"
     fails=$((fails + 1))
+  fi
+fi
+if has ep; then
+  for P in 2 4 8; do
+    # shellcheck disable=SC2086
+    stage "ep_loop$P" "$BUILD/ep_check" --loopback "$P" ${EP_ARGS:-}
+  done
+  ngpu=$(nvidia-smi -L 2>/dev/null | grep -c "^GPU")
+  if [ "$ngpu" -ge 2 ] && command -v mpirun >/dev/null 2>&1; then
+    # NVLink multicast stays off (NCCL, torch symmetric memory, NVSHMEM): KINDS.md says why.
+    MPI=(mpirun --allow-run-as-root -np 2 -x NCCL_NVLS_ENABLE=0 -x TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+         -x NVSHMEM_DISABLE_NVLS=1)
+    # shellcheck disable=SC2086
+    stage ep_nccl2 "${MPI[@]}" "$BUILD/ep_check" ${EP_ARGS:-}
+    # shellcheck disable=SC2086
+    stage_must_fail ep_kill_exit "${MPI[@]}" -x AUTOMOE_NCCL_TIMEOUT_S=30 "$BUILD/ep_check" \
+      --kill-rank 1 --kill-mode exit ${EP_ARGS:-}
+    # shellcheck disable=SC2086
+    stage_must_fail ep_kill_stall "${MPI[@]}" -x AUTOMOE_NCCL_TIMEOUT_S=30 "$BUILD/ep_check" \
+      --kill-rank 1 --kill-mode stall ${EP_ARGS:-}
+  else
+    echo "device.sh: $ngpu GPU(s) or no mpirun: the NCCL runs of stage ep need 2 GPUs (skipped)"
   fi
 fi
 if has profile; then
