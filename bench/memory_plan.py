@@ -5,12 +5,15 @@ its parameter/gradient/moment arenas and its planned activation arena, buffer by
     python3 bench/memory_plan.py --preset w1                      # check: the measured W1 arenas
     python3 bench/memory_plan.py --preset qwen3-30b-a3b --ep 4 --world 4 --seq 4096 --mbs 1
     python3 bench/memory_plan.py --config path/to/config.json --ep 8 --world 8
+    python3 bench/memory_plan.py --preset w1 --memory-saving       # train.memory_saving
 
 Layout: experts split over `ep` ranks; everything else data-parallel over `world` ranks, its
 gradients and AdamW moments either replicated or sharded (ZeRO-2, --zero 2). Precision: the
 default policy, bf16 weights, gradients and moments. Activations: one micro-batch of mbs x seq
 tokens per rank; with EP each rank computes the rows its experts receive: mbs*seq*top_k on
 average (balanced routing; --imbalance scales the expert buffers for a busier rank).
+--memory-saving: train.memory_saving (model/qwen3_moe_cuda.h): no gradient arena (a scratch of
+the largest tensor), one shared set of the recomputed activations instead of one per layer.
 """
 import argparse, json
 
@@ -34,7 +37,7 @@ def is_moe(c, l):
     return l not in c.get("mlp_only_layers", []) and c["num_experts"] > 0 and (l + 1) % step == 0
 
 
-def plan(c, ep, world, seq, mbs, zero, imbalance):
+def plan(c, ep, world, seq, mbs, zero, imbalance, memsave=False):
     H, L, nH, nKV, D = c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
     E, K, I, F, V = c["num_experts"], c["num_experts_per_tok"], c["moe_intermediate_size"], c["intermediate_size"], c["vocab_size"]
     moe = [is_moe(c, l) for l in range(L)]
@@ -51,27 +54,36 @@ def plan(c, ep, world, seq, mbs, zero, imbalance):
     b = 2  # bf16
     w = (dense + experts_rank) * b
     g = (dense / dp_shard + experts_rank) * b
+    if memsave:  # the gradient scratch: the largest tensor (an expert block or lm_head), + biases
+        g = (max(2 * H * I * E // ep, V * H) + H) * b
     m = 2 * (dense / mom_shard + experts_rank) * b
     # ---- activations: the CUDA model's plan for N tokens (R = N*K expert rows on average)
     N = mbs * seq
     R = int(N * K * imbalance)
+    # recomputable (per layer, or one shared set with memsave): ln1, q, k (+ rstds), ln2, gate|up,
+    # expert outputs (memsave: in temporaries); kept per layer: q_pre, k_pre, v, attention out
+    # and lse, x_mid, routing
+    def recomputable(moe_l, dense_l, ys):
+        a = N * H * 2 + N * 4 + N * nH * D * 2 + N * nH * 4 + N * nKV * D * 2 + N * nKV * 4
+        a += N * H * 2 + N * 4
+        a += max(R * 2 * I * 2 if moe_l else 0, N * 2 * F * 2 if dense_l else 0)
+        return a + (R * H * 2 if moe_l and ys else 0)
     per_layer = []
     for l in range(L):
-        a = N * H * 2 + N * 4                                      # ln1, rstd
-        a += 2 * N * nH * D * 2 + N * nH * 4                       # q_pre, q, q_rstd
-        a += 2 * N * nKV * D * 2 + N * nKV * 4 + N * nKV * D * 2   # k_pre, k, k_rstd, v
-        a += N * nH * D * 2 + mbs * nH * seq * 4                   # attention out, lse
-        a += 2 * N * H * 2 + N * 4                                 # x_mid, ln2, rstd
+        a = 0 if memsave else recomputable(moe[l], not moe[l], True)
+        a += N * nH * D * 2 + 2 * N * nKV * D * 2                  # q_pre, k_pre, v
+        a += N * nH * D * 2 + mbs * nH * seq * 4 + N * H * 2       # attention out, lse, x_mid
         if moe[l]:
-            a += N * K * 4 * 2 + (E + 1) * 4 + R * 2 * I * 2 + R * H * 2  # topk w/rows, offsets, gate|up, expert out
-        else:
-            a += N * 2 * F * 2
+            a += N * K * 4 * 2 + (E + 1) * 4                       # topk weights, rows, offsets
         per_layer.append(a)
+    if memsave:
+        per_layer.append(recomputable(M > 0, M < L, False))
     chunk = max(64, min(2048, (512 << 20) // (2 * V)) // 64 * 64)
     fixed = (L + 1) * N * H * 2 + M * N * E * 4 + M * N * K * 4 + 2 * N * H * 2 + N * 8 + N * 40
     fwd_tmp = N * E * 2 + R * H * 2 + max(R * I, N * F) * 2 + N * H * 2 + min(chunk, N) * V * 2 + N * H * 2
-    bwd_tmp = (2 * N * H + 3 * N * nH * D + 3 * N * nKV * D) * 2 + 2 * R * H * 2 + 2 * max(R * I, N * F) * 2 \
-        + max(R * 2 * I, N * 2 * F) * 2 + N * E * 2 + N * K * 4 + M * N * E * 4
+    bwd_tail = max(R * I, N * F) * 2 + max(R * 2 * I, N * 2 * F) * 2 + N * E * 2 + N * K * 4 + M * N * E * 4
+    bwd_tmp = (2 * N * H + 3 * N * nH * D + 3 * N * nKV * D) * 2 + 2 * R * H * 2 + max(R * I, N * F) * 2 \
+        + bwd_tail + max(0, R * H * 2 - bwd_tail)  # memsave's expert outputs overlay the tail
     act = sum(per_layer) + fixed + max(fwd_tmp, bwd_tmp)
     dispatch = 2 * R * H * 2 if ep > 1 else 0  # EP send + receive buffers of one layer (transient)
     ws = 0.25 * GiB + 1.0 * GiB  # measured op workspace (W1) + CUDA context, cuBLAS/cuDNN handles
@@ -91,15 +103,16 @@ def main():
     ap.add_argument("--zero", type=int, default=0, choices=[0, 1, 2])
     ap.add_argument("--imbalance", type=float, default=1.0, help="expert rows of this rank / average")
     ap.add_argument("--gpu-gib", type=float, default=139.8, help="usable GPU memory (H200: 139.8 GiB)")
+    ap.add_argument("--memory-saving", action="store_true", help="train.memory_saving")
     a = ap.parse_args()
     if bool(a.preset) == bool(a.config):
         ap.error("give one of --preset or --config")
     c = dict(PRESETS[a.preset]) if a.preset else json.load(open(a.config))
     world = a.world or a.ep
-    p = plan(c, a.ep, world, a.seq, a.mbs, a.zero, a.imbalance)
+    p = plan(c, a.ep, world, a.seq, a.mbs, a.zero, a.imbalance, a.memory_saving)
     print(f"{a.preset or a.config}: {p['params_B']:.2f}B parameters ({p['dense_B']:.2f}B outside the experts), "
           f"EP={a.ep} over {world} ranks, ZeRO-{a.zero}, {a.mbs} x {a.seq} tokens per rank, "
-          f"expert rows x{a.imbalance:g}")
+          f"expert rows x{a.imbalance:g}" + (", memory-saving mode" if a.memory_saving else ""))
     for k in ("weights", "grads", "moments", "activations", "dispatch", "workspace_context", "total"):
         print(f"  {k:18s} {p[k] / GiB:7.2f} GiB")
     verdict = "fits" if p["total"] / GiB <= a.gpu_gib else "does NOT fit"
