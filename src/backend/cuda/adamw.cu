@@ -54,24 +54,6 @@ __global__ void adamw_bf16_kernel(bf16* p, const float* g, float* m, float* v, i
   }
 }
 
-// 8 bf16 <-> 8 floats through one 16-byte word.
-__device__ __forceinline__ void unpack8(const uint4& u, float (&f)[8]) {
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 t = __bfloat1622float2(h[i]);
-    f[2 * i] = t.x;
-    f[2 * i + 1] = t.y;
-  }
-}
-__device__ __forceinline__ uint4 pack8(const float (&f)[8]) {
-  uint4 u;
-  __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&u);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
-  return u;
-}
-
 // With the gradient scaled by gscale[0] (the clip coefficient, on the device). bf16 weights,
 // gradients and moments; fp32 arithmetic, one rounding each. Memory-bound over the whole
 // arena: with `vec` (every pointer 16-byte aligned) a thread moves 8 elements per 16-byte
@@ -90,18 +72,18 @@ __global__ void adamw_bf16_state_kernel(bf16* p, const bf16* g, bf16* m, bf16* v
     const int64_t n8 = n / 8;
     for (int64_t i = tid; i < n8; i += stride) {
       float fp[8], fg[8], fm[8], fv[8];
-      unpack8(reinterpret_cast<const uint4*>(p)[i], fp);
-      unpack8(reinterpret_cast<const uint4*>(g)[i], fg);
-      unpack8(reinterpret_cast<const uint4*>(m)[i], fm);
-      unpack8(reinterpret_cast<const uint4*>(v)[i], fv);
+      load8(p + 8 * i, fp);
+      load8(g + 8 * i, fg);
+      load8(m + 8 * i, fm);
+      load8(v + 8 * i, fv);
 #pragma unroll
       for (int k = 0; k < 8; ++k) {
         ss += double(fg[k]) * double(fg[k]);
         fp[k] = adam_update(fp[k], fg[k] * gs, fm[k], fv[k], h);
       }
-      reinterpret_cast<uint4*>(p)[i] = pack8(fp);
-      reinterpret_cast<uint4*>(m)[i] = pack8(fm);
-      reinterpret_cast<uint4*>(v)[i] = pack8(fv);
+      store8(p + 8 * i, fp);
+      store8(m + 8 * i, fm);
+      store8(v + 8 * i, fv);
     }
     done = n8 * 8;
   }
@@ -119,7 +101,6 @@ __global__ void adamw_bf16_state_kernel(bf16* p, const bf16* g, bf16* m, bf16* v
   }
 }
 
-bool aligned16(const void* a) { return reinterpret_cast<uintptr_t>(a) % 16 == 0; }
 
 __global__ void adamw_master_kernel(float* p, bf16* p16, const float* g, float* m, float* v,
                                     int64_t n, AdamHyper h, const float* gscale) {
@@ -155,7 +136,7 @@ __global__ void sum_squares_partial_bf16_kernel(double* part, const bf16* x, int
   if (vec) {
     for (int64_t i = tid; i < n / 8; i += stride) {
       float f[8];
-      unpack8(reinterpret_cast<const uint4*>(x)[i], f);
+      load8(x + 8 * i, f);
 #pragma unroll
       for (int k = 0; k < 8; ++k) s += double(f[k]) * double(f[k]);
     }
@@ -239,7 +220,7 @@ void adamw_step(bf16* p, const bf16* g, bf16* m, bf16* v, int64_t n, float lr, f
                 float b2, float eps, float wd, int64_t t, const float* gscale, const Ctx& ctx) {
   const AdamHyper h = hyper(lr, b1, b2, eps, wd, t);
   if (n == 0) return;
-  const bool vec = aligned16(p) && aligned16(g) && aligned16(m) && aligned16(v);
+  const bool vec = aligned_16b(p) && aligned_16b(g) && aligned_16b(m) && aligned_16b(v);
   adamw_bf16_state_kernel<<<grid_for(vec ? n / 8 + 1 : n, kThreads, ctx), kThreads, 0,
                             ctx.stream>>>(p, g, m, v, n, h, gscale, vec, nullptr);
   CUDA_CHECK_LAUNCH();
@@ -255,7 +236,7 @@ void adamw_step_sumsq(bf16* p, const bf16* g, bf16* m, bf16* v, int64_t n, float
   }
   double* part =
       static_cast<double*>(workspace_for(ctx, sum_squares_workspace_bytes(), "adamw_step_sumsq"));
-  const bool vec = aligned16(p) && aligned16(g) && aligned16(m) && aligned16(v);
+  const bool vec = aligned_16b(p) && aligned_16b(g) && aligned_16b(m) && aligned_16b(v);
   const unsigned blocks =
       std::min<unsigned>(kMaxPartials, grid_for(vec ? n / 8 + 1 : n, kThreads, ctx));
   adamw_bf16_state_kernel<<<blocks, kThreads, 0, ctx.stream>>>(p, g, m, v, n, h, gscale, vec,
@@ -284,7 +265,7 @@ void adamw_step(float* p, bf16* p_bf16, const float* g, float* m, float* v, int6
 void sum_squares(double* out, const bf16* x, int64_t n, const Ctx& ctx) {
   double* part =
       static_cast<double*>(workspace_for(ctx, sum_squares_workspace_bytes(), "sum_squares"));
-  const bool vec = aligned16(x);
+  const bool vec = aligned_16b(x);
   const unsigned blocks =
       std::min<unsigned>(kMaxPartials, grid_for(vec ? n / 8 + 1 : n, kThreads, ctx));
   sum_squares_partial_bf16_kernel<<<blocks, kThreads, 0, ctx.stream>>>(part, x, n, vec);

@@ -44,6 +44,30 @@ __device__ __forceinline__ T block_sum(T v, T* red) {
   return warp_sum(v);
 }
 
+// Exclusive prefix sum over the block (one value per thread); `total` gets the sum.
+// `tmp` is __shared__ int[32]; the caller syncs before reusing it.
+__device__ __forceinline__ int block_exclusive_scan(int v, int* tmp, int& total) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  int x = v;  // inclusive scan within the warp
+  for (int o = 1; o < 32; o <<= 1) {
+    const int y = __shfl_up_sync(kFullMask, x, o);
+    if (lane >= o) x += y;
+  }
+  if (lane == 31) tmp[warp] = x;
+  __syncthreads();
+  if (warp == 0) {  // inclusive scan of the warp totals
+    int w = lane < nwarps ? tmp[lane] : 0;
+    for (int o = 1; o < 32; o <<= 1) {
+      const int y = __shfl_up_sync(kFullMask, w, o);
+      if (lane >= o) w += y;
+    }
+    if (lane < nwarps) tmp[lane] = w;
+  }
+  __syncthreads();
+  total = tmp[nwarps - 1];
+  return (warp > 0 ? tmp[warp - 1] : 0) + x - v;
+}
+
 // Online softmax state: running max m and sum s of exp(x - m). Merging is associative.
 struct MaxSum {
   float m, s;

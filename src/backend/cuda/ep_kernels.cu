@@ -11,30 +11,6 @@ namespace {
 constexpr int kScanThreads = 256;
 constexpr int kRowThreads = 128;
 
-// Exclusive prefix sum over the block (one value per thread); `total` gets the block's sum.
-// `tmp` is __shared__ int[32]; the caller syncs before reusing it.
-__device__ int block_exclusive_scan(int v, int* tmp, int& total) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-  int x = v;
-  for (int o = 1; o < 32; o <<= 1) {
-    const int y = __shfl_up_sync(kFullMask, x, o);
-    if (lane >= o) x += y;
-  }
-  if (lane == 31) tmp[warp] = x;
-  __syncthreads();
-  if (warp == 0) {
-    int w = lane < nwarps ? tmp[lane] : 0;
-    for (int o = 1; o < 32; o <<= 1) {
-      const int y = __shfl_up_sync(kFullMask, w, o);
-      if (lane >= o) w += y;
-    }
-    if (lane < nwarps) tmp[lane] = w;
-  }
-  __syncthreads();
-  total = tmp[nwarps - 1];
-  return (warp > 0 ? tmp[warp - 1] : 0) + x - v;
-}
-
 // Block d: which tokens have a pick on rank d, and their rank among them (token order).
 // send_pos gets the position relative to d's first row; send_cnt[d] the number of tokens.
 __global__ void ep_layout_count_kernel(int32_t* send_pos, int32_t* send_cnt,

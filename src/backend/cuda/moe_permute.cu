@@ -12,30 +12,6 @@ namespace {
 constexpr int kLayoutThreads = 256, kLayoutWarps = kLayoutThreads / 32;
 constexpr int kMaxExperts = 1024;
 
-// Exclusive prefix sum over the block (one value per thread); `total` gets the sum.
-// `tmp` is __shared__ int[32].
-__device__ int block_exclusive_scan(int v, int* tmp, int& total) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-  int x = v;  // inclusive scan within the warp
-  for (int o = 1; o < 32; o <<= 1) {
-    const int y = __shfl_up_sync(kFullMask, x, o);
-    if (lane >= o) x += y;
-  }
-  if (lane == 31) tmp[warp] = x;
-  __syncthreads();
-  if (warp == 0) {  // inclusive scan of the warp totals
-    int w = lane < nwarps ? tmp[lane] : 0;
-    for (int o = 1; o < 32; o <<= 1) {
-      const int y = __shfl_up_sync(kFullMask, w, o);
-      if (lane >= o) w += y;
-    }
-    if (lane < nwarps) tmp[lane] = w;
-  }
-  __syncthreads();
-  total = tmp[nwarps - 1];
-  return (warp > 0 ? tmp[warp - 1] : 0) + x - v;
-}
-
 // The layout in three kernels over tiles of kLayoutTile slots (one block per tile):
 //  1. count:  per tile, the slots of each expert (shared-memory atomics: counts do not depend on
 //             the order) -> cnt[tile][E];
