@@ -683,6 +683,16 @@ void Qwen3MoeCuda::zero_grad() {
   if (!s.bf16_mode()) CUDA_CHECK(cudaMemsetAsync(s.g32.get(), 0, s.g32.bytes(), s.ctx.stream));
 }
 
+void Qwen3MoeCuda::set_previous_grad_norm(float norm) {
+  State& s = *s_;
+  if (!s.memsave) return;
+  AM_CHECK(std::isfinite(norm) && norm >= 0.f, "set_previous_grad_norm: bad norm {}", norm);
+  // squared in double: exact for a float, so clip_coef's sqrt gives `norm` back bit for bit
+  const double sumsq = double(norm) * double(norm);
+  synchronize();
+  CUDA_CHECK(cudaMemcpy(s.d_sumsq, &sumsq, sizeof(double), cudaMemcpyHostToDevice));
+}
+
 void Qwen3MoeCuda::begin_step(const AdamWConfig& c, float lr, float max_grad_norm) {
   State& s = *s_;
   if (!s.memsave) return;

@@ -52,7 +52,8 @@ struct CudaMemory {  // bytes
 //     So there is no gradient accumulation over micro-batches, and begin_step() must give the
 //     step's lr and AdamW settings BEFORE forward().
 //   - Global-norm clipping cannot wait for the whole gradient: the clip coefficient of step t
-//     comes from step t-1's norm (no clipping on the first step). grad_norm() still reports
+//     comes from step t-1's norm (no clipping on the first step; after a resume, from the norm
+//     the checkpoint recorded: set_previous_grad_norm). grad_norm() still reports
 //     this step's true norm. With max_grad_norm 0 the mode's update is the default mode's.
 //   - Per layer only the residual input, q/k before their norms and v, the attention output
 //     (+ its log-sum-exp), the post-attention residual and the routing (top-k, weights, expert
@@ -94,6 +95,9 @@ class Qwen3MoeCuda {
   // The optimizer settings of the coming step. Memory-saving mode: required before each
   // forward(grad = true), whose backward applies them; a no-op otherwise.
   void begin_step(const AdamWConfig& c, float lr, float max_grad_norm);
+  // The grad norm of the step before the next one (on resume: the memory-saving mode's first
+  // step then clips as the uninterrupted run would have). Ignored in the default mode.
+  void set_previous_grad_norm(float norm);
   // Forward with loss (as Qwen3Moe::forward: ce_denominator > 0 divides the summed CE, else the
   // mean over labelled tokens; aux_scale scales coef*aux). With `grad`, also lm_head + CE's
   // backward and ln_f's: parameter gradients start here, so call zero_grad() BEFORE forward().

@@ -123,7 +123,8 @@ void save_checkpoint(const std::string& output_dir, const TrainState& st, const 
     return;
   }
   nlohmann::json j = {{"step", st.step}, {"data_epoch", st.data_epoch}, {"data_cursor", st.data_cursor},
-                      {"adamw_t", opt.t}, {"num_params", model.global_numel()}};
+                      {"adamw_t", opt.t}, {"num_params", model.global_numel()},
+                      {"last_grad_norm", st.last_grad_norm}};
   if (ep) j["expert_parallel"] = ep_size(model);
   if (zero) {
     j["zero"] = zero->level();
@@ -217,7 +218,10 @@ TrainState load_checkpoint(const std::string& dir, Qwen3Moe& model, AdamW& opt, 
       }
   }
   opt.t = j.at("adamw_t").get<int64_t>();
-  return {j.at("step").get<int64_t>(), j.at("data_epoch").get<int64_t>(), j.at("data_cursor").get<int64_t>()};
+  TrainState st{j.at("step").get<int64_t>(), j.at("data_epoch").get<int64_t>(),
+                j.at("data_cursor").get<int64_t>()};
+  if (j.contains("last_grad_norm")) st.last_grad_norm = j.at("last_grad_norm").get<double>();
+  return st;
 }
 
 }  // namespace automoe

@@ -26,6 +26,9 @@ class Zero;
 struct TrainState {
   int64_t step = 0;  // optimizer steps done
   int64_t data_epoch = 0, data_cursor = 0;
+  // the grad norm of step `step` (before clipping); < 0 when unknown (older checkpoints). The
+  // CUDA memory-saving mode clips a step by the previous step's norm, so a resume needs it.
+  double last_grad_norm = -1.0;
 };
 
 // `zero` (null: train.zero 0): opt holds this rank's shard moments ([zero->shard_numel()]).

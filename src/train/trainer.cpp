@@ -189,6 +189,7 @@ TrainResult run_finetune(const TrainConfig& cfg,
   opt.cfg = cfg.adamw;
   if (!on_device) opt.init(zero ? zero->shard_numel() : int64_t(model.params().size()));  // the device keeps its own
   int64_t start = 0;
+  double resumed_grad_norm = -1.0;
   const fs::path metrics_path = fs::path(cfg.output_dir) / "metrics.jsonl";
   if (cfg.resume) {
     std::string ck = latest_checkpoint(cfg.output_dir);
@@ -199,6 +200,7 @@ TrainResult run_finetune(const TrainConfig& cfg,
     } else {
       TrainState st = load_checkpoint(ck, model, opt, zero.get());
       start = st.step;
+      resumed_grad_norm = st.last_grad_norm;
       order.seek(st.data_epoch, st.data_cursor);
       if (lead) {
         truncate_metrics(metrics_path, start);
@@ -209,6 +211,7 @@ TrainResult run_finetune(const TrainConfig& cfg,
     std::ofstream(metrics_path, std::ios::trunc);
   }
   if (dev) dev->upload(model, start > 0 ? &opt : nullptr);  // weights (and resumed moments)
+  if (dev && start > 0 && resumed_grad_norm >= 0) dev->set_last_grad_norm(float(resumed_grad_norm));
   std::ofstream metrics;
   if (lead) metrics.open(metrics_path, std::ios::app);
 
@@ -315,7 +318,7 @@ TrainResult run_finetune(const TrainConfig& cfg,
     if (on_step) on_step(m);
     bool last = m.step == cfg.steps;
     if ((cfg.checkpoint_every > 0 && m.step % cfg.checkpoint_every == 0) || last) {
-      TrainState st{m.step, order.epoch, order.cursor};
+      TrainState st{m.step, order.epoch, order.cursor, double(m.grad_norm)};
       if (dev) dev->download(model, &opt);  // weights and moments into the host arenas
       save_checkpoint(cfg.output_dir, st, model, opt, cfg.keep_checkpoints, zero.get());
     }

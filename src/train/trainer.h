@@ -62,6 +62,9 @@ class DeviceTrainModel {
   // The step's optimizer settings, before its first micro-batch (a model that applies AdamW
   // inside the backward needs them then; others ignore this).
   virtual void begin_step(const AdamWConfig& c, float lr, float max_grad_norm) = 0;
+  // On resume: the grad norm of the step before (a model that clips by it needs it; others
+  // ignore this).
+  virtual void set_last_grad_norm(float norm) { (void)norm; }
   // One micro-batch: forward and backward, gradients accumulate; the loss as Qwen3Moe::forward.
   virtual LossParts forward_backward(const Batch& b, float ce_denominator, float aux_scale) = 0;
   // Global-norm clipping and AdamW at lr; returns the norm before clipping.

@@ -32,6 +32,7 @@ class CudaTrainModel final : public DeviceTrainModel {
   void begin_step(const AdamWConfig& c, float lr, float max_grad_norm) override {
     model_.begin_step(c, lr, max_grad_norm);
   }
+  void set_last_grad_norm(float norm) override { model_.set_previous_grad_norm(norm); }
   LossParts forward_backward(const Batch& b, float ce_denominator, float aux_scale) override {
     model_.forward(b, ce_denominator, aux_scale, true);
     model_.backward();           // enqueued before the loss is read: the GPU stays busy

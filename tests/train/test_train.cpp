@@ -268,6 +268,9 @@ class CpuAsDevice final : public DeviceTrainModel {
     return n;
   }
   int64_t peak_mem_bytes() override { return 1; }
+  void set_last_grad_norm(float norm) override { last_norm_set = norm; }
+
+  static inline float last_norm_set = -1.f;  // what the trainer handed over on resume
 
  private:
   Qwen3Moe model_;
@@ -298,7 +301,10 @@ TEST(Train, DeviceBranchTrainsAndResumesLikeTheCpuLoop) {
                }),
                std::runtime_error);
   r.resume = true;
+  CpuAsDevice::last_norm_set = -1.f;
   auto resumed = run_finetune(r).history;
+  // the checkpoint of step 3 carries step 3's grad norm to the resumed device model
+  EXPECT_EQ(bits(CpuAsDevice::last_norm_set), bits(cpu[2].grad_norm));
   register_device_model("cuda", nullptr);
   ASSERT_EQ(dev.size(), cpu.size());
   for (size_t i = 0; i < cpu.size(); ++i) {
