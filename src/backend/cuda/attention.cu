@@ -18,7 +18,7 @@
 #include <mutex>
 #include <set>
 #include <string>
-#include <vector>
+#include <unordered_set>
 
 #include "backend/cuda/attention_cudnn.h"
 #include "backend/cuda/device.cuh"
@@ -378,14 +378,13 @@ int64_t attention_segments_build(void* table_host, const int32_t* doc, int64_t B
   int64_t* off_st = off_q + 2 * C;
   auto* len = reinterpret_cast<int32_t*>(off_q + 3 * C);
   int64_t S = 0;
-  std::vector<int32_t> seen;  // the document ids of the current row, to catch one reappearing
+  std::unordered_set<int32_t> seen;  // the document ids of the row, to catch one reappearing
   for (int64_t b = 0; b < B; ++b) {
     seen.clear();
     for (int64_t t = 0; t < T;) {
       const int32_t id = doc[b * T + t];
-      for (int32_t x : seen)
-        if (x == id) return 0;  // not contiguous: the fallback's doc[] comparison is needed
-      seen.push_back(id);
+      // not contiguous: only the fallback's doc[] comparison describes it
+      if (!seen.insert(id).second) return 0;
       int64_t e = t + 1;
       while (e < T && doc[b * T + e] == id) ++e;
       const int64_t tok = b * T + t;
