@@ -99,6 +99,7 @@ struct Handle {
   cudnnHandle_t h = nullptr;
   int device = -1;
   int cc_major = 0;
+  int cc_minor = 0;
 };
 
 Handle& handle() {
@@ -118,6 +119,7 @@ Handle& handle() {
              cudnnGetErrorString(st), ver);
     CUDA_CHECK(cudaGetDevice(&r.device));
     CUDA_CHECK(cudaDeviceGetAttribute(&r.cc_major, cudaDevAttrComputeCapabilityMajor, r.device));
+    CUDA_CHECK(cudaDeviceGetAttribute(&r.cc_minor, cudaDevAttrComputeCapabilityMinor, r.device));
     return r;
   }();
   return hd;
@@ -166,9 +168,12 @@ std::shared_ptr<fe::graph::Tensor_attributes> stats_tensor(fe::graph::Graph& g, 
                       .set_data_type(fe::DataType_t::FLOAT));
 }
 
+// sm: the device's compute capability (90 for sm_90), given to the graph before its nodes so
+// cudnn-frontend's support checks use it rather than query the current device.
 std::shared_ptr<fe::graph::Graph> make_graph(bool bwd, int64_t B, int64_t T, int64_t nH,
-                                             int64_t nKV, int64_t D) {
+                                             int64_t nKV, int64_t D, int sm) {
   auto g = std::make_shared<fe::graph::Graph>();
+  g->set_sm_version(sm);
   g->set_io_data_type(fe::DataType_t::BFLOAT16)
       .set_intermediate_data_type(fe::DataType_t::FLOAT)
       .set_compute_data_type(fe::DataType_t::FLOAT);
@@ -212,8 +217,9 @@ std::shared_ptr<fe::graph::Graph> make_graph(bool bwd, int64_t B, int64_t T, int
 // views of the [B,T,H,D] buffers (dims [S,H,T,D], the BSHD strides within a sequence; cuDNN
 // ignores the batch stride of a ragged tensor and takes the sequence's offset instead).
 std::shared_ptr<fe::graph::Graph> make_packed_graph(bool bwd, int64_t B, int64_t T, int64_t nH,
-                                                    int64_t nKV, int64_t D, int64_t S) {
+                                                    int64_t nKV, int64_t D, int64_t S, int sm) {
   auto g = std::make_shared<fe::graph::Graph>();
+  g->set_sm_version(sm);
   g->set_io_data_type(fe::DataType_t::BFLOAT16)
       .set_intermediate_data_type(fe::DataType_t::FLOAT)
       .set_compute_data_type(fe::DataType_t::FLOAT);
@@ -343,7 +349,9 @@ Plan& plan_locked(bool bwd, int64_t B, int64_t T, int64_t nH, int64_t nKV, int64
     std::shared_ptr<fe::graph::Graph> g;
     fe::error_t e;
     try {  // the frontend reports through error_t, and throws on some paths
-      g = S > 0 ? make_packed_graph(bwd, B, T, nH, nKV, D, S) : make_graph(bwd, B, T, nH, nKV, D);
+      const int sm = hd.cc_major * 10 + hd.cc_minor;
+      g = S > 0 ? make_packed_graph(bwd, B, T, nH, nKV, D, S, sm)
+                : make_graph(bwd, B, T, nH, nKV, D, sm);
       e = g->validate();
       if (e.is_good()) e = g->build_operation_graph(hd.h);
       if (e.is_good()) e = g->create_execution_plans({fe::HeurMode_t::A});
