@@ -402,9 +402,10 @@ constexpr AttnImpl kAttnImpls[] = {{cu::AttentionImpl::kCudnn, "cudnn"},
 
 // Why `impl` cannot run this case's fwd or bwd ("" when it can): cuDNN's support check.
 std::string attention_skip_reason(cu::AttentionImpl impl, bool bwd, int64_t B, int64_t T,
-                                  int64_t nH, int64_t nKV, int64_t D, bool doc) {
+                                  int64_t nH, int64_t nKV, int64_t D, bool doc,
+                                  int64_t segments) {
   if (impl != cu::AttentionImpl::kCudnn) return "";
-  return cu::attention_cudnn_unsupported(bwd, B, T, nH, nKV, D, doc);
+  return cu::attention_cudnn_unsupported(bwd, B, T, nH, nKV, D, doc, segments);
 }
 
 // Random document cuts: docs documents of random lengths per row.
@@ -420,28 +421,70 @@ std::vector<int32_t> attention_docs(int64_t B, int64_t T, int docs) {
   return doc;
 }
 
-// Each implementation against the CPU op (the same reference for both).
-void case_attention(const cu::Ctx& ctx, int64_t B, int64_t T, int64_t nH, int64_t nKV,
-                    int64_t D, int docs) {
-  const std::string sh =
-      shape_str({{"B", B}, {"T", T}, {"nH", nH}, {"nKV", nKV}, {"D", D}, {"docs", docs}});
+// Document ids from explicit lengths per row (each row's lengths sum to T).
+std::vector<int32_t> attention_docs_from(int64_t T, const std::vector<std::vector<int>>& rows) {
+  std::vector<int32_t> doc;
+  for (const auto& row : rows) {
+    int64_t n = 0;
+    for (size_t i = 0; i < row.size(); ++i)
+      for (int j = 0; j < row[i]; ++j, ++n) doc.push_back(int32_t(i));
+    if (n != T) throw automoe::Error("op_check: document lengths of a row must sum to T");
+  }
+  return doc;
+}
+
+// The documents of a packed batch as "docs=[5,1,7|13]" (lengths per row, rows split by |; long
+// rows as a count), then the segment count and cuDNN's bucket.
+std::string docs_str(const std::vector<int32_t>& doc, int64_t B, int64_t T, int64_t segments) {
+  std::string s = "docs=[";
+  for (int64_t b = 0; b < B; ++b) {
+    std::vector<int64_t> lens;
+    for (int64_t t = 0; t < T; ++t)
+      if (t == 0 || doc[b * T + t] != doc[b * T + t - 1]) lens.push_back(1);
+      else ++lens.back();
+    if (b) s += "|";
+    if (lens.size() > 10) {
+      s += std::to_string(lens.size()) + " docs";
+      continue;
+    }
+    for (size_t i = 0; i < lens.size(); ++i) s += (i ? "," : "") + std::to_string(lens[i]);
+  }
+  s += "] seqs=" + std::to_string(segments);
+  if (segments == B) s += "(causal graph)";  // one document per row: cuDNN's plain causal graph
+  else if (segments > 0) s += " bucket=" + std::to_string(cu::attention_segment_bucket(segments));
+  return s;
+}
+
+// Each implementation against the CPU op (the same reference for both). doc empty: plain
+// causal; otherwise document ids [B*T], given to cuDNN as a segment table (packed sequences).
+void case_attention_doc(const cu::Ctx& ctx, int64_t B, int64_t T, int64_t nH, int64_t nKV,
+                        int64_t D, const std::vector<int32_t>& doc) {
+  const bool has_doc = !doc.empty();
+  // the segment table, as the model builds it on the host (uploaded below)
+  std::vector<unsigned char> table(cu::attention_segments_bytes(B, T));
+  const int64_t segments =
+      has_doc ? cu::attention_segments_build(table.data(), doc.data(), B, T, nH, nKV, D) : 0;
+  std::string sh = shape_str({{"B", B}, {"T", T}, {"nH", nH}, {"nKV", nKV}, {"D", D}});
+  if (has_doc) sh += " " + docs_str(doc, B, T, segments);
   const int64_t nq = B * T * nH * D, nk = B * T * nKV * D;
   Bf q = bf_uniform(nq, -1, 1), k = bf_uniform(nk, -1, 1), v = bf_uniform(nk, -1, 1);
   Bf dout = bf_uniform(nq, -1, 1);
-  std::vector<int32_t> doc = attention_docs(B, T, docs);
-  const int32_t* doc_p = docs > 1 ? doc.data() : nullptr;
+  const int32_t* doc_p = has_doc ? doc.data() : nullptr;
   std::vector<float> out_ref(nq), att(B * nH * T * T), dq_ref(nq), dk_ref(nk), dv_ref(nk);
   cpu::attention_fwd(out_ref.data(), att.data(), q.f.data(), k.f.data(), v.f.data(), doc_p, B, T,
                      nH, nKV, D);
   cpu::attention_bwd(dq_ref.data(), dk_ref.data(), dv_ref.data(), dout.f.data(), att.data(),
                      q.f.data(), k.f.data(), v.f.data(), B, T, nH, nKV, D);
-  std::vector<float> lse_ref = attention_lse(q.f, k.f, docs > 1 ? &doc : nullptr, B, T, nH, nKV, D);
+  std::vector<float>().swap(att);
+  std::vector<float> lse_ref = attention_lse(q.f, k.f, has_doc ? &doc : nullptr, B, T, nH, nKV, D);
 
   for (const AttnImpl& im : kAttnImpls) {
     const std::string fwd_op = std::string("attention_fwd.") + im.tag;
     const std::string bwd_op = std::string("attention_bwd.") + im.tag;
-    const std::string why_fwd = attention_skip_reason(im.impl, false, B, T, nH, nKV, D, docs > 1);
-    const std::string why_bwd = attention_skip_reason(im.impl, true, B, T, nH, nKV, D, docs > 1);
+    const std::string why_fwd =
+        attention_skip_reason(im.impl, false, B, T, nH, nKV, D, has_doc, segments);
+    const std::string why_bwd =
+        attention_skip_reason(im.impl, true, B, T, nH, nKV, D, has_doc, segments);
     // a skipped forward still runs (the fallback) to give the backward its out and lse
     cu::set_attention_impl(why_fwd.empty() ? im.impl : cu::AttentionImpl::kFallback);
     const double lim = im.impl == cu::AttentionImpl::kCudnn ? kFlash : kBf16Out;
@@ -450,11 +493,17 @@ void case_attention(const cu::Ctx& ctx, int64_t B, int64_t T, int64_t nH, int64_
     auto& d_q = pool.in(q.h);
     auto& d_k = pool.in(k.h);
     auto& d_v = pool.in(v.h);
-    auto& d_doc = pool.in(doc);
+    auto& d_doc = pool.in(has_doc ? doc : std::vector<int32_t>(1));
+    auto& d_table = pool.in(table);
     auto& d_out = pool.out<bf16>(nq);
     auto& d_lse = pool.out<float>(B * nH * T);
-    const int32_t* d_doc_p = docs > 1 ? d_doc.p : nullptr;
-    cu::attention_fwd(d_out.p, d_lse.p, d_q.p, d_k.p, d_v.p, d_doc_p, B, T, nH, nKV, D, ctx);
+    const int32_t* d_doc_p = has_doc ? d_doc.p : nullptr;
+    cu::AttentionSegments seg;
+    seg.table = d_table.p;
+    seg.count = segments;
+    const cu::AttentionSegments* seg_p = has_doc ? &seg : nullptr;
+    cu::attention_fwd(d_out.p, d_lse.p, d_q.p, d_k.p, d_v.p, d_doc_p, seg_p, B, T, nH, nKV, D,
+                      ctx);
     sync(ctx);
     if (why_fwd.empty()) {
       check(fwd_op, "out", sh, d_out, out_ref, lim);
@@ -472,13 +521,27 @@ void case_attention(const cu::Ctx& ctx, int64_t B, int64_t T, int64_t nH, int64_
     auto& d_dk = pool.out<bf16>(nk);
     auto& d_dv = pool.out<bf16>(nk);
     cu::attention_bwd(d_dq.p, d_dk.p, d_dv.p, d_dout.p, d_out.p, d_lse.p, d_q.p, d_k.p, d_v.p,
-                      d_doc_p, B, T, nH, nKV, D, ctx);
+                      d_doc_p, seg_p, B, T, nH, nKV, D, ctx);
     sync(ctx);
     check(bwd_op, "dq", sh, d_dq, dq_ref, lim_bwd);
     check(bwd_op, "dk", sh, d_dk, dk_ref, lim_bwd);
     check(bwd_op, "dv", sh, d_dv, dv_ref, lim_bwd);
   }
   cu::set_attention_impl(cu::AttentionImpl::kAuto);
+}
+
+// docs random documents per row (1: plain causal).
+void case_attention(const cu::Ctx& ctx, int64_t B, int64_t T, int64_t nH, int64_t nKV,
+                    int64_t D, int docs) {
+  std::vector<int32_t> doc = attention_docs(B, T, docs);
+  if (docs <= 1) doc.clear();
+  case_attention_doc(ctx, B, T, nH, nKV, D, doc);
+}
+
+// Explicit document lengths per row.
+void case_attention_lens(const cu::Ctx& ctx, int64_t T, int64_t nH, int64_t nKV, int64_t D,
+                         const std::vector<std::vector<int>>& rows) {
+  case_attention_doc(ctx, int64_t(rows.size()), T, nH, nKV, D, attention_docs_from(T, rows));
 }
 
 // A large shape where the CPU reference is too slow (W1: B=2, T=4096, nH=32, nKV=4, D=128):
@@ -519,11 +582,12 @@ void case_attention_large(int64_t B, int64_t T, int64_t nH, int64_t nKV, int64_t
     x.dv = &pool.out<bf16>(nk);
   }
   auto fwd = [&](const Outs& x) {
-    cu::attention_fwd(x.out->p, x.lse->p, d_q.p, d_k.p, d_v.p, nullptr, B, T, nH, nKV, D, ctx);
+    cu::attention_fwd(x.out->p, x.lse->p, d_q.p, d_k.p, d_v.p, nullptr, nullptr, B, T, nH, nKV, D,
+                      ctx);
   };
   auto bwd = [&](const Outs& x) {
     cu::attention_bwd(x.dq->p, x.dk->p, x.dv->p, d_dout.p, x.out->p, x.lse->p, d_q.p, d_k.p,
-                      d_v.p, nullptr, B, T, nH, nKV, D, ctx);
+                      d_v.p, nullptr, nullptr, B, T, nH, nKV, D, ctx);
   };
   // mean milliseconds of `iters` calls after one warm-up
   auto time_ms = [&](auto&& f, int iters) {
@@ -577,6 +641,99 @@ void case_attention_large(int64_t B, int64_t T, int64_t nH, int64_t nKV, int64_t
                 "TFLOP/s (causal)\n",
                 kAttnImpls[i].tag, sh.c_str(), f_ms, fwd_flop / (f_ms * 1e9), b_ms,
                 bwd_flop / (b_ms * 1e9));
+    std::fflush(stdout);
+  }
+  cu::set_attention_impl(cu::AttentionImpl::kAuto);
+}
+
+// W1's attention on a packed batch (B=2, T=4096, nH=32, nKV=4, D=128; documents of uneven
+// lengths, one of length 1 in each row): both implementations against the CPU op (about 4.3 GB
+// of CPU attention probabilities, a few seconds), in a Ctx sized by the op's own workspace
+// queries with doc = true (what the model's plan() does), then the time of each in TFLOP/s
+// counting only the causal-within-document pairs.
+void case_attention_packed_w1(const std::vector<std::vector<int>>& rows) {
+  const int64_t B = int64_t(rows.size()), T = 4096, nH = 32, nKV = 4, D = 128;
+  const std::string sh0 = shape_str({{"B", B}, {"T", T}, {"nH", nH}, {"nKV", nKV}, {"D", D}});
+  cu::set_attention_impl(cu::AttentionImpl::kAuto);
+  const size_t ws = std::max(cu::attention_fwd_workspace_bytes(B, T, nH, nKV, D, true),
+                             cu::attention_bwd_workspace_bytes(B, T, nH, nKV, D, true));
+  std::printf("attention packed %s: workspace %.1f MiB (fwd+bwd with documents: cuDNN's packed "
+              "graphs of the smallest and largest bucket + Stats scratch, and the fallback)\n",
+              sh0.c_str(), double(ws) / (1 << 20));
+  cu::ScopedCtx owner(ws);
+  const cu::Ctx& ctx = owner.ctx();
+  const std::vector<int32_t> doc = attention_docs_from(T, rows);
+  case_attention_doc(ctx, B, T, nH, nKV, D, doc);
+
+  // timing: the same batch through each implementation
+  std::vector<unsigned char> table(cu::attention_segments_bytes(B, T));
+  const int64_t segments =
+      cu::attention_segments_build(table.data(), doc.data(), B, T, nH, nKV, D);
+  const std::string sh = sh0 + " " + docs_str(doc, B, T, segments);
+  const int64_t nq = B * T * nH * D, nk = B * T * nKV * D;
+  Bf q = bf_uniform(nq, -2, 2), k = bf_uniform(nk, -1, 1), v = bf_uniform(nk, -1, 1);
+  Bf dout = bf_uniform(nq, -1, 1);
+  Pool pool;
+  auto& d_q = pool.in(q.h);
+  auto& d_k = pool.in(k.h);
+  auto& d_v = pool.in(v.h);
+  auto& d_dout = pool.in(dout.h);
+  auto& d_doc = pool.in(doc);
+  auto& d_table = pool.in(table);
+  auto& d_out = pool.out<bf16>(nq);
+  auto& d_lse = pool.out<float>(B * nH * T);
+  auto& d_dq = pool.out<bf16>(nq);
+  auto& d_dk = pool.out<bf16>(nk);
+  auto& d_dv = pool.out<bf16>(nk);
+  cu::AttentionSegments seg;
+  seg.table = d_table.p;
+  seg.count = segments;
+  auto fwd = [&] {
+    cu::attention_fwd(d_out.p, d_lse.p, d_q.p, d_k.p, d_v.p, d_doc.p, &seg, B, T, nH, nKV, D,
+                      ctx);
+  };
+  auto bwd = [&] {
+    cu::attention_bwd(d_dq.p, d_dk.p, d_dv.p, d_dout.p, d_out.p, d_lse.p, d_q.p, d_k.p, d_v.p,
+                      d_doc.p, &seg, B, T, nH, nKV, D, ctx);
+  };
+  auto time_ms = [&](auto&& f, int iters) {  // mean of `iters` calls after one warm-up
+    f();
+    cudaEvent_t e0, e1;
+    CUDA_CHECK(cudaEventCreate(&e0));
+    CUDA_CHECK(cudaEventCreate(&e1));
+    CUDA_CHECK(cudaEventRecord(e0, ctx.stream));
+    for (int i = 0; i < iters; ++i) f();
+    CUDA_CHECK(cudaEventRecord(e1, ctx.stream));
+    CUDA_CHECK(cudaEventSynchronize(e1));
+    float ms = 0;
+    CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
+    CUDA_CHECK(cudaEventDestroy(e0));
+    CUDA_CHECK(cudaEventDestroy(e1));
+    return double(ms) / iters;
+  };
+  double pairs = 0;  // (query, key <= query) pairs within documents
+  for (int64_t i = 0; i < B * T;) {
+    int64_t e = i + 1;
+    while (e < B * T && e % T != 0 && doc[e] == doc[i]) ++e;
+    pairs += double(e - i) * double(e - i + 1) / 2;
+    i = e;
+  }
+  const double fwd_flop = 4.0 * double(D) * pairs * double(nH);
+  const double bwd_flop = 2.5 * fwd_flop;
+  std::string why = cu::attention_cudnn_unsupported(false, B, T, nH, nKV, D, true, segments);
+  if (why.empty()) why = cu::attention_cudnn_unsupported(true, B, T, nH, nKV, D, true, segments);
+  for (const AttnImpl& im : kAttnImpls) {
+    if (im.impl == cu::AttentionImpl::kCudnn && !why.empty()) {
+      std::printf("TIME attention packed cudnn %s: not run: %s\n", sh.c_str(), why.c_str());
+      continue;
+    }
+    cu::set_attention_impl(im.impl);
+    const int iters = im.impl == cu::AttentionImpl::kCudnn ? 20 : 2;
+    const double f_ms = time_ms(fwd, iters);
+    const double b_ms = time_ms(bwd, iters);
+    std::printf("TIME attention packed %-8s %s: fwd %8.3f ms %6.1f TFLOP/s, bwd %8.3f ms %6.1f "
+                "TFLOP/s (causal within documents)\n",
+                im.tag, sh.c_str(), f_ms, fwd_flop / (f_ms * 1e9), b_ms, bwd_flop / (b_ms * 1e9));
     std::fflush(stdout);
   }
   cu::set_attention_impl(cu::AttentionImpl::kAuto);
@@ -1254,7 +1411,9 @@ int main(int argc, char** argv) {
     case_rope(ctx, 8192, 4, 128, 1e6f);  // W1's k heads
   });
   // Every case through cuDNN SDPA (attention_*.cudnn; SKIP with the reason where cuDNN cannot
-  // run it, e.g. document masking) and through the fallback kernel (attention_*.fallback).
+  // run it) and through the fallback kernel (attention_*.fallback). Cases with documents give
+  // cuDNN a segment table: its packed (ragged) graph, "docs=[lengths per row] seqs=S bucket=N"
+  // in the shape column, or "(causal graph)" when every row is one document.
   run(filter, "attention", [&] {
     case_attention(ctx, 1, 5, 2, 1, 8, 1);
     case_attention(ctx, 3, 11, 3, 1, 6, 1);      // tiny_c: head dim 6, one kv head for three
@@ -1268,10 +1427,24 @@ int main(int argc, char** argv) {
     case_attention(ctx, 1, 301, 8, 1, 64, 1);    // GQA ratio 8, D 64
     case_attention(ctx, 1, 512, 8, 2, 128, 1);   // Qwen3 head dim, plain causal
     case_attention(ctx, 1, 512, 8, 2, 128, 3);   // the same with documents
+    // packed batches: uneven documents, length 1, a row that is one document
+    case_attention_lens(ctx, 20, 4, 2, 16, {{1, 6, 13}, {20}, {7, 1, 1, 11}});
+    case_attention_lens(ctx, 77, 8, 2, 64, {{1, 1, 75}, {30, 47}});
+    case_attention_lens(ctx, 129, 16, 4, 128, {{64, 64, 1}});  // tile boundaries
+    case_attention_lens(ctx, 40, 8, 1, 128, {{40}, {40}});     // one document per row
+    case_attention_lens(ctx, 50, 4, 2, 200, {{10, 1, 39}, {25, 25}});  // D 200: not % 16
+    case_attention_lens(ctx, 30, 3, 1, 6, {{10, 20}, {30}});   // D 6: fallback only
+    case_attention(ctx, 2, 300, 8, 1, 128, 9);   // 18 sequences: bucket 32
+    case_attention(ctx, 2, 64, 4, 2, 64, 33);    // many short documents: bucket 128
   });
   // W1 (seq 4096, micro-batch 2, 32 q heads, 4 kv heads, D 128): cuDNN against the fallback,
   // and the TIME lines (TFLOP/s of each, fwd and bwd).
   run(filter, "attention_w1", [&] { case_attention_large(2, 4096, 32, 4, 128); });
+  // W1 on a packed batch: 6 and 9 documents, a length-1 document in each row
+  run(filter, "attention_packed_w1", [&] {
+    case_attention_packed_w1({{1500, 1, 900, 700, 600, 395},
+                              {313, 2048, 17, 1, 640, 129, 500, 447, 1}});
+  });
   run(filter, "router", [&] {
     case_router(ctx, 7, 5, 2, true, false);
     case_router(ctx, 13, 11, 3, false, true);

@@ -185,8 +185,10 @@ struct Qwen3MoeCuda::State {
   unsigned char* in_host = nullptr;  // cudaMallocHost
   int64_t *ids = nullptr, *targets = nullptr;
   int32_t *pos = nullptr, *doc = nullptr, *uniq = nullptr, *uoff = nullptr, *rows = nullptr;
+  unsigned char* seg_table = nullptr;  // the packed batch's segment table (attention, cuDNN)
   int64_t n_uniq = 0;
   bool has_doc = false;
+  cu::AttentionSegments seg;  // table = seg_table, count from the host's doc ids
   cudaEvent_t upload_done = nullptr, loss_ready = nullptr, norm_ready = nullptr;
   bool upload_pending = false;
   float* loss_host = nullptr;  // pinned [N + 1]: losses, aux
@@ -589,6 +591,7 @@ void Qwen3MoeCuda::plan(int64_t B, int64_t T) {
     s.uniq = cv.take<int32_t>(N);
     s.uoff = cv.take<int32_t>(N + 1);
     s.rows = cv.take<int32_t>(N);
+    s.seg_table = cv.take<unsigned char>(int64_t(cu::attention_segments_bytes(B, T)));
     s.in_bytes = cv.off - in0;
     // temporaries: the forward's and the backward's share one region
     const size_t u0 = cv.off;
@@ -644,7 +647,9 @@ void Qwen3MoeCuda::plan(int64_t B, int64_t T) {
   ws = std::max(ws, cu::rmsnorm_bwd_workspace_bytes(N, H));
   ws = std::max(ws, cu::rmsnorm_bwd_workspace_bytes(N * nH, D));
   ws = std::max(ws, cu::rmsnorm_bwd_workspace_bytes(N * nKV, D));
-  for (bool doc : {false, true}) {  // packed batches (document ids) may take another kernel
+  // packed batches (document ids): cuDNN's packed graphs (smallest and largest bucket) and
+  // their Stats scratch, or the fallback kernel
+  for (bool doc : {false, true}) {
     ws = std::max(ws, cu::attention_fwd_workspace_bytes(B, T, nH, nKV, D, doc));
     ws = std::max(ws, cu::attention_bwd_workspace_bytes(B, T, nH, nKV, D, doc));
   }
@@ -740,6 +745,7 @@ void Qwen3MoeCuda::forward(const Batch& bt, float ce_denominator, float aux_scal
   int32_t* h_uniq = hv.take<int32_t>(N);
   int32_t* h_uoff = hv.take<int32_t>(N + 1);
   int32_t* h_rows = hv.take<int32_t>(N);
+  unsigned char* h_seg = hv.take<unsigned char>(int64_t(cu::attention_segments_bytes(B, T)));
   int64_t labelled = 0;
   for (int64_t r = 0; r < B; ++r)
     for (int64_t t = 0; t < T; ++t) {
@@ -770,10 +776,15 @@ void Qwen3MoeCuda::forward(const Batch& bt, float ce_denominator, float aux_scal
     s.n_uniq = u;
   }
   s.has_doc = !bt.doc.empty();
+  // the documents as (row, document) sequences for cuDNN's packed attention; uploaded below
+  s.seg.table = s.seg_table;
+  s.seg.count = s.has_doc ? cu::attention_segments_build(h_seg, bt.doc.data(), B, T, nH, nKV, D)
+                          : 0;
   CUDA_CHECK(cudaMemcpyAsync(s.ids, s.in_host, s.in_bytes, cudaMemcpyHostToDevice, ctx.stream));
   CUDA_CHECK(cudaEventRecord(s.upload_done, ctx.stream));
   s.upload_pending = true;
   const int32_t* doc = s.has_doc ? s.doc : nullptr;
+  const cu::AttentionSegments* seg = s.has_doc ? &s.seg : nullptr;
 
   if (grad) {
     if (s.memsave) {
@@ -805,7 +816,7 @@ void Qwen3MoeCuda::forward(const Batch& bt, float ce_denominator, float aux_scal
     cu::rmsnorm_fwd(a.k, a.k_rstd, a.k_pre, s.W(o.kn), N * nKV, D, eps, ctx);
     cu::rope_fwd(a.q, a.q, s.pos, N, nH, D, theta, ctx);  // in place
     cu::rope_fwd(a.k, a.k, s.pos, N, nKV, D, theta, ctx);
-    cu::attention_fwd(a.ao, a.lse, a.q, a.k, a.v, doc, B, T, nH, nKV, D, ctx);
+    cu::attention_fwd(a.ao, a.lse, a.q, a.k, a.v, doc, seg, B, T, nH, nKV, D, ctx);
     cu::linear_fwd(s.tmp, a.ao, s.W(o.wo), Wn(o.bo), N, nH * D, H, ctx);
     cu::add(a.x_mid, x_in, s.tmp, N * H, ctx);
     s.lrecord(l, 1);
@@ -910,6 +921,7 @@ void Qwen3MoeCuda::backward() {
                 L = c.num_hidden_layers;
   const float theta = float(c.rope_theta), eps = float(c.rms_norm_eps);
   const int32_t* doc = s.has_doc ? s.doc : nullptr;
+  const cu::AttentionSegments* seg = s.has_doc ? &s.seg : nullptr;
   const float beta = s.beta;
   // aux loss: d(coef*aux)/dprobs for all MoE layers at once
   if (s.aux_grad != 0.f)
@@ -964,8 +976,8 @@ void Qwen3MoeCuda::backward() {
     }
     // ---- attention block: x_mid = x_in + o_proj(attn(ln1(x_in)))
     s.lin_bwd(s.dao, 0.f, o.wo, o.bo, s.dres, a.ao, N, nH * D, H, beta);
-    cu::attention_bwd(s.dq, s.dk, s.dv, s.dao, a.ao, a.lse, a.q, a.k, a.v, doc, B, T, nH, nKV, D,
-                      ctx);
+    cu::attention_bwd(s.dq, s.dk, s.dv, s.dao, a.ao, a.lse, a.q, a.k, a.v, doc, seg, B, T, nH, nKV,
+                      D, ctx);
     cu::rope_bwd(s.dqn, s.dq, s.pos, N, nH, D, theta, ctx);
     cu::rope_bwd(s.dkn, s.dk, s.pos, N, nKV, D, theta, ctx);
     s.norm_bwd(s.dq, o.qn, s.dqn, a.q_pre, a.q_rstd, N * nH, D);

@@ -1,6 +1,8 @@
 // backend/cuda/attention.cu: the attention op. attention_fwd/attention_bwd run cuDNN SDPA
-// (attention_cudnn.cpp) where it can, else the fallback kernel below; the choice is made per call
-// (see ops_cuda.h: AUTOMOE_ATTENTION, set_attention_impl).
+// (attention_cudnn.cpp; plain causal, or packed sequences through a segment table) where it can,
+// else the fallback kernel below; the choice is made per call (see ops_cuda.h:
+// AUTOMOE_ATTENTION, set_attention_impl). Also here: the host-side segment table builder and the
+// kernels converting cuDNN's ragged (token-major) Stats to and from our lse [B,nH,T].
 //
 // The fallback: causal grouped-query attention with document masking, bf16 in/out, fp32
 // scores, online softmax; saves lse per (b, h, t) and recomputes the probabilities in the
@@ -16,6 +18,7 @@
 #include <mutex>
 #include <set>
 #include <string>
+#include <unordered_set>
 
 #include "backend/cuda/attention_cudnn.h"
 #include "backend/cuda/device.cuh"
@@ -274,6 +277,41 @@ __global__ void attention_bwd_dkdv_kernel(bf16* dk, bf16* dv, const float* delta
   }
 }
 
+// ---- ragged Stats <-> lse ----------------------------------------------------------------------
+// st[B*T, nH] (token-major: cuDNN's ragged Stats) and lse[B, nH, T], per row a [T, nH] <-> [nH, T]
+// transpose through a 32x33 shared tile. Grid (ceil(T/32), ceil(nH/32), B), block (32, 8).
+template <bool kToLse>
+__global__ void stats_lse_kernel(float* dst, const float* src, int T, int nH) {
+  __shared__ float tile[32][33];
+  const int b = blockIdx.z, t0 = blockIdx.x * 32, h0 = blockIdx.y * 32;
+  for (int i = threadIdx.y; i < 32; i += blockDim.y) {
+    if (kToLse) {  // read st along h (coalesced), tile[t][h]
+      const int t = t0 + i, h = h0 + threadIdx.x;
+      if (t < T && h < nH) tile[i][threadIdx.x] = src[(int64_t(b) * T + t) * nH + h];
+    } else {  // read lse along t, tile[t][h]
+      const int h = h0 + i, t = t0 + threadIdx.x;
+      if (t < T && h < nH) tile[threadIdx.x][i] = src[(int64_t(b) * nH + h) * T + t];
+    }
+  }
+  __syncthreads();
+  for (int i = threadIdx.y; i < 32; i += blockDim.y) {
+    if (kToLse) {  // write lse along t
+      const int h = h0 + i, t = t0 + threadIdx.x;
+      if (t < T && h < nH) dst[(int64_t(b) * nH + h) * T + t] = tile[threadIdx.x][i];
+    } else {  // write st along h
+      const int t = t0 + i, h = h0 + threadIdx.x;
+      if (t < T && h < nH) dst[(int64_t(b) * T + t) * nH + h] = tile[i][threadIdx.x];
+    }
+  }
+}
+
+template <bool kToLse>
+void stats_lse(float* dst, const float* src, int64_t B, int64_t T, int64_t nH, const Ctx& ctx) {
+  dim3 grid(unsigned((T + 31) / 32), unsigned((nH + 31) / 32), unsigned(B));
+  stats_lse_kernel<kToLse><<<grid, dim3(32, 8), 0, ctx.stream>>>(dst, src, int(T), int(nH));
+  CUDA_CHECK_LAUNCH();
+}
+
 void check_sizes(int64_t B, int64_t T, int64_t nH, int64_t nKV, int64_t D, const char* op) {
   AM_CHECK(D > 0 && D <= kMaxD, "[{}] head dim {} is not supported (1..{})", op, D, kMaxD);
   AM_CHECK(nKV > 0 && nH % nKV == 0, "[{}] {} query heads are not a multiple of {} kv heads", op,
@@ -326,6 +364,47 @@ void fallback_bwd(bf16* dq, bf16* dk, bf16* dv, const bf16* dout, const bf16* ou
 
 }  // namespace
 
+// ---- segment tables (host) ---------------------------------------------------------------------
+
+size_t attention_segments_bytes(int64_t B, int64_t T) { return sdpa::segment_table_bytes(B, T); }
+
+int64_t attention_segment_bucket(int64_t count) { return sdpa::segment_bucket(count); }
+
+int64_t attention_segments_build(void* table_host, const int32_t* doc, int64_t B, int64_t T,
+                                 int64_t nH, int64_t nKV, int64_t D) {
+  const int64_t C = sdpa::segment_capacity(B, T), N = B * T;
+  auto* off_q = static_cast<int64_t*>(table_host);  // layout: attention_cudnn.h
+  int64_t* off_kv = off_q + C;
+  int64_t* off_st = off_q + 2 * C;
+  auto* len = reinterpret_cast<int32_t*>(off_q + 3 * C);
+  int64_t S = 0;
+  std::unordered_set<int32_t> seen;  // the document ids of the row, to catch one reappearing
+  for (int64_t b = 0; b < B; ++b) {
+    seen.clear();
+    for (int64_t t = 0; t < T;) {
+      const int32_t id = doc[b * T + t];
+      // not contiguous: only the fallback's doc[] comparison describes it
+      if (!seen.insert(id).second) return 0;
+      int64_t e = t + 1;
+      while (e < T && doc[b * T + e] == id) ++e;
+      const int64_t tok = b * T + t;
+      off_q[S] = tok * nH * D;
+      off_kv[S] = tok * nKV * D;
+      off_st[S] = tok * nH;
+      len[S] = int32_t(e - t);
+      ++S;
+      t = e;
+    }
+  }
+  for (int64_t i = S; i < C; ++i) {  // padding sequences: empty, at the end of the buffers
+    off_q[i] = N * nH * D;
+    off_kv[i] = N * nKV * D;
+    off_st[i] = N * nH;
+    len[i] = 0;
+  }
+  return S;
+}
+
 // ---- dispatch: cuDNN SDPA or the fallback ------------------------------------------------------
 namespace {
 
@@ -341,31 +420,72 @@ int g_impl_override = -1;  // an AttentionImpl set by set_attention_impl, or -1:
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-// Whether this call runs cuDNN. kAuto: cuDNN when the build has it and it can run the case,
-// else the fallback; kCudnn: cuDNN or an Error saying why not; kFallback: the fallback.
-bool use_cudnn(bool bwd, int64_t B, int64_t T, int64_t nH, int64_t nKV, int64_t D, bool doc,
-               bool aligned, const char* op) {
+constexpr size_t kScratchAlign = 256;
+size_t align_scratch(size_t n) { return (n + kScratchAlign - 1) / kScratchAlign * kScratchAlign; }
+
+// The packed path's workspace: cuDNN's, then the token-major Stats scratch [B*T, nH] f32.
+size_t packed_scratch_offset(bool bwd, int64_t B, int64_t T, int64_t nH, int64_t nKV, int64_t D,
+                             int64_t segments) {
+  return align_scratch(sdpa::workspace_bytes(bwd, B, T, nH, nKV, D, segments));
+}
+size_t packed_workspace_bytes(bool bwd, int64_t B, int64_t T, int64_t nH, int64_t nKV, int64_t D,
+                              int64_t segments) {
+  return packed_scratch_offset(bwd, B, T, nH, nKV, D, segments) +
+         size_t(B) * size_t(T) * size_t(nH) * sizeof(float);
+}
+
+enum class Path { kFallback, kCausal, kPacked };
+
+// Which implementation runs this call (ops_cuda.h). kAuto: cuDNN when the build has it and it
+// can run the case, else the fallback; kCudnn: cuDNN or an Error saying why not; kFallback: the
+// fallback. *segments is set to the packed graph's sequence count (kPacked only).
+Path choose(bool bwd, int64_t B, int64_t T, int64_t nH, int64_t nKV, int64_t D,
+            const int32_t* doc, const AttentionSegments* seg, bool aligned, const Ctx& ctx,
+            const char* op, int64_t* segments) {
   const AttentionImpl impl = attention_impl();
-  if (impl == AttentionImpl::kFallback) return false;
-  // kAuto's expected fallbacks, said in ops_cuda.h: no cuDNN in the build, document masking.
-  if (impl == AttentionImpl::kAuto && (doc || !sdpa::compiled_in())) return false;
-  if (aligned && sdpa::supported(bwd, B, T, nH, nKV, D, doc, nullptr)) return true;
+  if (impl == AttentionImpl::kFallback) return Path::kFallback;
+  const bool has_doc = doc != nullptr;
+  int64_t segs = has_doc && seg ? seg->count : 0;
+  bool packed = has_doc;
+  if (has_doc && segs == B) packed = false;  // every row one document: plain causal
+  // kAuto's expected fallbacks, said in ops_cuda.h: no cuDNN in the build, doc without a table.
+  if (impl == AttentionImpl::kAuto && (!sdpa::compiled_in() || (packed && segs <= 0)))
+    return Path::kFallback;
+  if (!packed) segs = 0;
+  bool ok = aligned && sdpa::supported(bwd, B, T, nH, nKV, D, packed, segs, nullptr);
+  bool ws_ok = true;
+  if (ok && packed) {
+    ws_ok = packed_workspace_bytes(bwd, B, T, nH, nKV, D, segs) <= ctx.workspace_bytes;
+    ok = ws_ok;
+  }
+  if (ok) {
+    *segments = segs;
+    return packed ? Path::kPacked : Path::kCausal;
+  }
   auto why = [&] {
     std::string w = "tensors not 16-byte aligned";
-    if (aligned) sdpa::supported(bwd, B, T, nH, nKV, D, doc, &w);
+    if (aligned) sdpa::supported(bwd, B, T, nH, nKV, D, packed, segs, &w);
+    if (aligned && !ws_ok)
+      w = fmt::format("the packed graph of {} sequences (bucket {}) needs {} bytes of workspace, "
+                      "the Ctx has {} (size it with attention_*_workspace_bytes(.., doc = true))",
+                      segs, sdpa::segment_bucket(segs),
+                      packed_workspace_bytes(bwd, B, T, nH, nKV, D, segs), ctx.workspace_bytes);
     return w;
   };
   if (impl == AttentionImpl::kCudnn)
-    AM_FAIL("[{}] AUTOMOE_ATTENTION=cudnn but cuDNN cannot run B={} T={} nH={} nKV={} D={}: {}",
-            op, B, T, nH, nKV, D, why());
+    AM_FAIL("[{}] AUTOMOE_ATTENTION=cudnn but cuDNN cannot run B={} T={} nH={} nKV={} D={}{}: {}",
+            op, B, T, nH, nKV, D,
+            packed ? fmt::format(" packed ({} sequences)", segs) : std::string(), why());
   // kAuto on a case cuDNN rejects: say so once per case, then run the fallback.
   static std::mutex mu;
-  static std::set<std::array<int64_t, 7>> noted;
+  static std::set<std::array<int64_t, 8>> noted;
   std::lock_guard<std::mutex> lock(mu);
-  if (noted.insert({bwd, B, T, nH, nKV, D, aligned}).second)
-    fmt::print(stderr, "[{}] B={} T={} nH={} nKV={} D={}: fallback kernel, not cuDNN: {}\n", op, B,
-               T, nH, nKV, D, why());
-  return false;
+  const int64_t bucket = packed ? sdpa::segment_bucket(segs) : 0;
+  if (noted.insert({bwd, B, T, nH, nKV, D, aligned, bucket}).second)
+    fmt::print(stderr, "[{}] B={} T={} nH={} nKV={} D={}{}: fallback kernel, not cuDNN: {}\n", op,
+               B, T, nH, nKV, D,
+               packed ? fmt::format(" packed (bucket {})", bucket) : std::string(), why());
+  return Path::kFallback;
 }
 
 }  // namespace
@@ -378,19 +498,42 @@ AttentionImpl attention_impl() {
 }
 
 std::string attention_cudnn_unsupported(bool bwd, int64_t B, int64_t T, int64_t nH, int64_t nKV,
-                                        int64_t D, bool doc) {
+                                        int64_t D, bool doc, int64_t segments) {
   check_sizes(B, T, nH, nKV, D, bwd ? "attention_bwd" : "attention_fwd");
+  if (doc && segments == B) {  // one document per row: plain causal
+    doc = false;
+    segments = 0;
+  }
   std::string why;
-  if (sdpa::supported(bwd, B, T, nH, nKV, D, doc, &why)) return "";
+  if (sdpa::supported(bwd, B, T, nH, nKV, D, doc, doc ? segments : 0, &why)) return "";
   return why;
 }
+
+namespace {
+
+// cuDNN's workspace at (B, T): the causal graph, and with doc the packed graphs of the smallest
+// and the largest bucket (the workspace grows with the bucket, if at all: with
+// max_total_seq_len set it is sized by the B*T tokens) plus the Stats scratch.
+size_t cudnn_workspace_bytes(bool bwd, int64_t B, int64_t T, int64_t nH, int64_t nKV, int64_t D,
+                             bool doc) {
+  size_t n = 0;
+  if (sdpa::supported(bwd, B, T, nH, nKV, D, false, 0, nullptr))
+    n = sdpa::workspace_bytes(bwd, B, T, nH, nKV, D, 0);
+  if (doc)
+    for (int64_t segs : {int64_t(1), B * T})
+      if (sdpa::supported(bwd, B, T, nH, nKV, D, true, segs, nullptr))
+        n = std::max(n, packed_workspace_bytes(bwd, B, T, nH, nKV, D, segs));
+  return n;
+}
+
+}  // namespace
 
 size_t attention_fwd_workspace_bytes(int64_t B, int64_t T, int64_t nH, int64_t nKV, int64_t D,
                                      bool doc) {
   check_sizes(B, T, nH, nKV, D, "attention_fwd");
   if (B == 0 || T == 0 || nH == 0 || attention_impl() == AttentionImpl::kFallback) return 0;
-  if (!sdpa::supported(false, B, T, nH, nKV, D, doc, nullptr)) return 0;  // the fallback: none
-  return sdpa::workspace_bytes(false, B, T, nH, nKV, D);
+  if (!sdpa::compiled_in()) return 0;  // the fallback's forward: none
+  return cudnn_workspace_bytes(false, B, T, nH, nKV, D, doc);
 }
 
 size_t attention_bwd_workspace_bytes(int64_t B, int64_t T, int64_t nH, int64_t nKV, int64_t D,
@@ -398,38 +541,62 @@ size_t attention_bwd_workspace_bytes(int64_t B, int64_t T, int64_t nH, int64_t n
   check_sizes(B, T, nH, nKV, D, "attention_bwd");
   if (B == 0 || T == 0 || nH == 0) return 0;
   size_t n = fallback_bwd_workspace_bytes(B, T, nH);
-  if (attention_impl() != AttentionImpl::kFallback &&
-      sdpa::supported(true, B, T, nH, nKV, D, doc, nullptr))
-    n = std::max(n, sdpa::workspace_bytes(true, B, T, nH, nKV, D));
+  if (attention_impl() != AttentionImpl::kFallback && sdpa::compiled_in())
+    n = std::max(n, cudnn_workspace_bytes(true, B, T, nH, nKV, D, doc));
   return n;
 }
 
 void attention_fwd(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v,
-                   const int32_t* doc, int64_t B, int64_t T, int64_t nH, int64_t nKV, int64_t D,
-                   const Ctx& ctx) {
+                   const int32_t* doc, const AttentionSegments* seg, int64_t B, int64_t T,
+                   int64_t nH, int64_t nKV, int64_t D, const Ctx& ctx) {
   check_sizes(B, T, nH, nKV, D, "attention_fwd");
   if (B == 0 || T == 0 || nH == 0) return;
   const bool aligned = aligned16(out) && aligned16(lse) && aligned16(q) && aligned16(k) &&
-                       aligned16(v);
-  if (use_cudnn(false, B, T, nH, nKV, D, doc != nullptr, aligned, "attention_fwd"))
-    sdpa::fwd(out, lse, q, k, v, B, T, nH, nKV, D, ctx);
-  else
-    fallback_fwd(out, lse, q, k, v, doc, B, T, nH, nKV, D, ctx);
+                       aligned16(v) && (!seg || aligned16(seg->table));
+  int64_t segs = 0;
+  switch (choose(false, B, T, nH, nKV, D, doc, seg, aligned, ctx, "attention_fwd", &segs)) {
+    case Path::kCausal:
+      sdpa::fwd(out, lse, q, k, v, B, T, nH, nKV, D, ctx);
+      break;
+    case Path::kPacked: {
+      const size_t at = packed_scratch_offset(false, B, T, nH, nKV, D, segs);
+      float* st = reinterpret_cast<float*>(static_cast<unsigned char*>(ctx.workspace) + at);
+      sdpa::fwd_packed(out, st, q, k, v, seg->table, segs, B, T, nH, nKV, D, ctx);
+      stats_lse<true>(lse, st, B, T, nH, ctx);  // [B*T,nH] -> [B,nH,T]
+      break;
+    }
+    case Path::kFallback:
+      fallback_fwd(out, lse, q, k, v, doc, B, T, nH, nKV, D, ctx);
+      break;
+  }
 }
 
 void attention_bwd(bf16* dq, bf16* dk, bf16* dv, const bf16* dout, const bf16* out,
                    const float* lse, const bf16* q, const bf16* k, const bf16* v,
-                   const int32_t* doc, int64_t B, int64_t T, int64_t nH, int64_t nKV, int64_t D,
-                   const Ctx& ctx) {
+                   const int32_t* doc, const AttentionSegments* seg, int64_t B, int64_t T,
+                   int64_t nH, int64_t nKV, int64_t D, const Ctx& ctx) {
   check_sizes(B, T, nH, nKV, D, "attention_bwd");
   if (B == 0 || T == 0 || nH == 0) return;
   const bool aligned = aligned16(dq) && aligned16(dk) && aligned16(dv) && aligned16(dout) &&
                        aligned16(out) && aligned16(lse) && aligned16(q) && aligned16(k) &&
-                       aligned16(v);
-  if (use_cudnn(true, B, T, nH, nKV, D, doc != nullptr, aligned, "attention_bwd"))
-    sdpa::bwd(dq, dk, dv, dout, out, lse, q, k, v, B, T, nH, nKV, D, ctx);
-  else
-    fallback_bwd(dq, dk, dv, dout, out, lse, q, k, v, doc, B, T, nH, nKV, D, ctx);
+                       aligned16(v) && (!seg || aligned16(seg->table));
+  int64_t segs = 0;
+  switch (choose(true, B, T, nH, nKV, D, doc, seg, aligned, ctx, "attention_bwd", &segs)) {
+    case Path::kCausal:
+      sdpa::bwd(dq, dk, dv, dout, out, lse, q, k, v, B, T, nH, nKV, D, ctx);
+      break;
+    case Path::kPacked: {
+      const size_t at = packed_scratch_offset(true, B, T, nH, nKV, D, segs);
+      float* st = reinterpret_cast<float*>(static_cast<unsigned char*>(ctx.workspace) + at);
+      stats_lse<false>(st, lse, B, T, nH, ctx);  // [B,nH,T] -> [B*T,nH]
+      sdpa::bwd_packed(dq, dk, dv, dout, out, st, q, k, v, seg->table, segs, B, T, nH, nKV, D,
+                       ctx);
+      break;
+    }
+    case Path::kFallback:
+      fallback_bwd(dq, dk, dv, dout, out, lse, q, k, v, doc, B, T, nH, nKV, D, ctx);
+      break;
+  }
 }
 
 }  // namespace automoe::cuda

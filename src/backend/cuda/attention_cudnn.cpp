@@ -5,6 +5,13 @@
 // Tensors are described to cuDNN as [B, H, T, D] with BSHD strides (d 1, head D, token H*D,
 // batch T*H*D); Stats as [B, nH, T, 1] with strides (nH*T, T, 1, 1), i.e. our lse[b,h,t].
 // Causal mask: top-left diagonal alignment with right bound 0 (key s <= query t).
+// Packed graphs (see attention_cudnn.h): the same tensors as [S, H, T, D] with ragged offsets
+// (int64, elements) and seq_len_q/kv (int32) from the segment table, padding mask on, Stats
+// [S, nH, T, 1] with token-major strides (nH*T, 1, nH, 1) and a ragged offset, and
+// max_total_seq_len_q/kv = B*T so the backward's workspace is sized by the real token count
+// (not S*T). The API usage follows cudnn-frontend's docs/operations/Attention.md (ragged layout)
+// and TransformerEngine's THD path (fused_attn_f16_arbitrary_seqlen.cu), which runs the same
+// bucketed-batch, zero-length-padding scheme on cuDNN >= 9.6.
 #include "backend/cuda/attention_cudnn.h"
 
 #if AUTOMOE_HAVE_CUDNN
@@ -24,22 +31,46 @@
 
 namespace automoe::cuda::sdpa {
 
+int64_t segment_bucket(int64_t segments) {
+  int64_t b = kMinSegmentBucket;
+  while (b < segments) b *= 2;
+  return b;
+}
+
+int64_t segment_capacity(int64_t B, int64_t T) {
+  return (segment_bucket(B * T) + 1 + 3) / 4 * 4;  // a multiple of 4: every array 16-aligned
+}
+
+size_t segment_table_bytes(int64_t B, int64_t T) {
+  return size_t(segment_capacity(B, T)) * (3 * sizeof(int64_t) + sizeof(int32_t));
+}
+
 #if !AUTOMOE_HAVE_CUDNN
 
 bool compiled_in() { return false; }
-bool supported(bool, int64_t, int64_t, int64_t, int64_t, int64_t, bool, std::string* why) {
+bool supported(bool, int64_t, int64_t, int64_t, int64_t, int64_t, bool, int64_t,
+               std::string* why) {
   if (why)
     *why = "built without cuDNN (CMake found no cudnn.h/libcudnn or no cudnn-frontend headers: "
            "run scripts/setup.sh and reconfigure)";
   return false;
 }
-size_t workspace_bytes(bool, int64_t, int64_t, int64_t, int64_t, int64_t) { return 0; }
+size_t workspace_bytes(bool, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t) { return 0; }
 void fwd(bf16*, float*, const bf16*, const bf16*, const bf16*, int64_t, int64_t, int64_t,
          int64_t, int64_t, const Ctx&) {
   AM_FAIL("[attention_fwd] built without cuDNN; use the fallback (AUTOMOE_ATTENTION=fallback)");
 }
 void bwd(bf16*, bf16*, bf16*, const bf16*, const bf16*, const float*, const bf16*, const bf16*,
          const bf16*, int64_t, int64_t, int64_t, int64_t, int64_t, const Ctx&) {
+  AM_FAIL("[attention_bwd] built without cuDNN; use the fallback (AUTOMOE_ATTENTION=fallback)");
+}
+void fwd_packed(bf16*, float*, const bf16*, const bf16*, const bf16*, const void*, int64_t,
+                int64_t, int64_t, int64_t, int64_t, int64_t, const Ctx&) {
+  AM_FAIL("[attention_fwd] built without cuDNN; use the fallback (AUTOMOE_ATTENTION=fallback)");
+}
+void bwd_packed(bf16*, bf16*, bf16*, const bf16*, const bf16*, const float*, const bf16*,
+                const bf16*, const bf16*, const void*, int64_t, int64_t, int64_t, int64_t,
+                int64_t, int64_t, const Ctx&) {
   AM_FAIL("[attention_bwd] built without cuDNN; use the fallback (AUTOMOE_ATTENTION=fallback)");
 }
 
@@ -50,10 +81,17 @@ namespace fe = cudnn_frontend;
 namespace {
 
 constexpr int64_t kMinCudnnVersion = 90000;  // cuDNN 9.0: bf16 flash fwd/bwd with GQA
+// Packed: GQA with ragged offsets and ragged Stats need 9.6 (cudnn-frontend's sdpa_backward
+// checks; TransformerEngine's THD path uses ragged Stats and max_total_seq_len from 9.6 on).
+constexpr int64_t kMinCudnnVersionPacked = 90600;
 constexpr int64_t kMaxD = 256;
 
 // Tensor uids of the variant packs (fixed: the packs below are keyed by them).
-enum Uid : int64_t { kQ = 1, kK, kV, kO, kStats, kdO, kdQ, kdK, kdV };
+enum Uid : int64_t {
+  kQ = 1, kK, kV, kO, kStats, kdO, kdQ, kdK, kdV,
+  // packed graphs only: ragged offsets and sequence lengths from the segment table
+  kOffQ, kOffO, kOffK, kOffV, kOffStats, kSeqQ, kSeqKV
+};
 
 // The process's cuDNN handle, created on first use on the current device. cudnnCreate is where
 // a missing sub-library or a broken install shows, so its error says what to do.
@@ -61,6 +99,7 @@ struct Handle {
   cudnnHandle_t h = nullptr;
   int device = -1;
   int cc_major = 0;
+  int cc_minor = 0;
 };
 
 Handle& handle() {
@@ -80,6 +119,7 @@ Handle& handle() {
              cudnnGetErrorString(st), ver);
     CUDA_CHECK(cudaGetDevice(&r.device));
     CUDA_CHECK(cudaDeviceGetAttribute(&r.cc_major, cudaDevAttrComputeCapabilityMajor, r.device));
+    CUDA_CHECK(cudaDeviceGetAttribute(&r.cc_minor, cudaDevAttrComputeCapabilityMinor, r.device));
     return r;
   }();
   return hd;
@@ -95,7 +135,9 @@ struct Plan {
   std::unordered_map<int64_t, void*> pack;
 };
 
-using Key = std::array<int64_t, 7>;  // bwd, B, T, nH, nKV, D, mask kind (1 = causal)
+// bwd, B, T, nH, nKV, D, mask kind (1 = causal, 2 = packed: causal within ragged sequences),
+// sequences of the packed graph (its bucket; 0 for causal)
+using Key = std::array<int64_t, 8>;
 std::mutex g_mu;                     // guards the cache and the handle's stream binding
 // Never destroyed (nor is the handle): at exit their destructors would run after the CUDA
 // runtime's own teardown.
@@ -126,9 +168,12 @@ std::shared_ptr<fe::graph::Tensor_attributes> stats_tensor(fe::graph::Graph& g, 
                       .set_data_type(fe::DataType_t::FLOAT));
 }
 
+// sm: the device's compute capability (90 for sm_90), given to the graph before its nodes so
+// cudnn-frontend's support checks use it rather than query the current device.
 std::shared_ptr<fe::graph::Graph> make_graph(bool bwd, int64_t B, int64_t T, int64_t nH,
-                                             int64_t nKV, int64_t D) {
+                                             int64_t nKV, int64_t D, int sm) {
   auto g = std::make_shared<fe::graph::Graph>();
+  g->set_sm_version(sm);
   g->set_io_data_type(fe::DataType_t::BFLOAT16)
       .set_intermediate_data_type(fe::DataType_t::FLOAT)
       .set_compute_data_type(fe::DataType_t::FLOAT);
@@ -168,10 +213,118 @@ std::shared_ptr<fe::graph::Graph> make_graph(bool bwd, int64_t B, int64_t T, int
   return g;
 }
 
+// The packed graph: S sequences (a bucket) of at most T tokens each, B*T tokens in all, ragged
+// views of the [B,T,H,D] buffers (dims [S,H,T,D], the BSHD strides within a sequence; cuDNN
+// ignores the batch stride of a ragged tensor and takes the sequence's offset instead).
+std::shared_ptr<fe::graph::Graph> make_packed_graph(bool bwd, int64_t B, int64_t T, int64_t nH,
+                                                    int64_t nKV, int64_t D, int64_t S, int sm) {
+  auto g = std::make_shared<fe::graph::Graph>();
+  g->set_sm_version(sm);
+  g->set_io_data_type(fe::DataType_t::BFLOAT16)
+      .set_intermediate_data_type(fe::DataType_t::FLOAT)
+      .set_compute_data_type(fe::DataType_t::FLOAT);
+  const float scale = 1.0f / std::sqrt(float(D));
+  const int64_t total = B * T;  // tokens in the buffers: bounds the ragged token axis
+  auto offsets = [&](const char* name, int64_t uid) {
+    return g->tensor(fe::graph::Tensor_attributes()
+                         .set_name(name)
+                         .set_uid(uid)
+                         .set_dim({S + 1, 1, 1, 1})
+                         .set_stride({1, 1, 1, 1})
+                         .set_data_type(fe::DataType_t::INT64));
+  };
+  auto lengths = [&](const char* name, int64_t uid) {
+    return g->tensor(fe::graph::Tensor_attributes()
+                         .set_name(name)
+                         .set_uid(uid)
+                         .set_dim({S, 1, 1, 1})
+                         .set_stride({1, 1, 1, 1})
+                         .set_data_type(fe::DataType_t::INT32));
+  };
+  auto off_q = offsets("offset_q", kOffQ), off_o = offsets("offset_o", kOffO);
+  auto off_k = offsets("offset_k", kOffK), off_v = offsets("offset_v", kOffV);
+  auto off_st = offsets("offset_stats", kOffStats);
+  auto seq_q = lengths("seq_len_q", kSeqQ), seq_kv = lengths("seq_len_kv", kSeqKV);
+  const std::vector<int64_t> stats_dim{S, nH, T, 1}, stats_stride{nH * T, 1, nH, 1};
+
+  auto Q = bf16_tensor(*g, "Q", kQ, S, T, nH, D);
+  auto K = bf16_tensor(*g, "K", kK, S, T, nKV, D);
+  auto V = bf16_tensor(*g, "V", kV, S, T, nKV, D);
+  Q->set_ragged_offset(off_q);
+  K->set_ragged_offset(off_k);
+  V->set_ragged_offset(off_v);
+  if (!bwd) {
+    auto attr = fe::graph::SDPA_attributes()
+                    .set_name("attention_fwd_packed")
+                    .set_generate_stats(true)
+                    .set_attn_scale(scale)
+                    .set_diagonal_alignment(fe::DiagonalAlignment_t::TOP_LEFT)
+                    .set_diagonal_band_right_bound(0)
+                    .set_padding_mask(true)
+                    .set_seq_len_q(seq_q)
+                    .set_seq_len_kv(seq_kv)
+                    .set_max_total_seq_len_q(total)
+                    .set_max_total_seq_len_kv(total);
+    auto [O, Stats] = g->sdpa(Q, K, V, attr);
+    O->set_output(true)
+        .set_uid(kO)
+        .set_dim({S, nH, T, D})
+        .set_stride(bshd_strides(T, nH, D))
+        .set_ragged_offset(off_o);
+    Stats->set_output(true)
+        .set_uid(kStats)
+        .set_dim(stats_dim)
+        .set_stride(stats_stride)
+        .set_data_type(fe::DataType_t::FLOAT)
+        .set_ragged_offset(off_st);
+  } else {
+    auto O = bf16_tensor(*g, "O", kO, S, T, nH, D);
+    auto dO = bf16_tensor(*g, "dO", kdO, S, T, nH, D);
+    O->set_ragged_offset(off_o);
+    dO->set_ragged_offset(off_o);
+    auto Stats = g->tensor(fe::graph::Tensor_attributes()
+                               .set_name("Stats")
+                               .set_uid(kStats)
+                               .set_dim(stats_dim)
+                               .set_stride(stats_stride)
+                               .set_data_type(fe::DataType_t::FLOAT)
+                               .set_ragged_offset(off_st));
+    auto attr = fe::graph::SDPA_backward_attributes()
+                    .set_name("attention_bwd_packed")
+                    .set_attn_scale(scale)
+                    .set_diagonal_alignment(fe::DiagonalAlignment_t::TOP_LEFT)
+                    .set_diagonal_band_right_bound(0)
+                    .set_padding_mask(true)
+                    .set_seq_len_q(seq_q)
+                    .set_seq_len_kv(seq_kv)
+                    .set_max_total_seq_len_q(total)
+                    .set_max_total_seq_len_kv(total);
+    auto [dQ, dK, dV] = g->sdpa_backward(Q, K, V, O, dO, Stats, attr);
+    dQ->set_output(true)
+        .set_uid(kdQ)
+        .set_dim({S, nH, T, D})
+        .set_stride(bshd_strides(T, nH, D))
+        .set_ragged_offset(off_q);
+    dK->set_output(true)
+        .set_uid(kdK)
+        .set_dim({S, nKV, T, D})
+        .set_stride(bshd_strides(T, nKV, D))
+        .set_ragged_offset(off_k);
+    dV->set_output(true)
+        .set_uid(kdV)
+        .set_dim({S, nKV, T, D})
+        .set_stride(bshd_strides(T, nKV, D))
+        .set_ragged_offset(off_v);
+  }
+  return g;
+}
+
 // The cached plan for a shape, built on first use (under g_mu). A case cuDNN rejects is cached
 // too (graph null, why set), so it is checked once.
-Plan& plan_locked(bool bwd, int64_t B, int64_t T, int64_t nH, int64_t nKV, int64_t D) {
-  const Key key{bwd, B, T, nH, nKV, D, 1};
+// S = 0: the causal graph; S > 0: the packed graph of S sequences (a bucket).
+Plan& plan_locked(bool bwd, int64_t B, int64_t T, int64_t nH, int64_t nKV, int64_t D,
+                  int64_t S = 0) {
+  const Key key{bwd, B, T, nH, nKV, D, S > 0 ? 2 : 1, S};
   auto it = g_plans.find(key);
   if (it != g_plans.end()) return *it->second;
   auto p = std::make_unique<Plan>();
@@ -184,11 +337,21 @@ Plan& plan_locked(bool bwd, int64_t B, int64_t T, int64_t nH, int64_t nKV, int64
            hd.device, device);
   if (hd.cc_major < 8) {
     p->why = fmt::format("device compute capability {}.x < 8.0", hd.cc_major);
+  } else if (S > 0 && hd.cc_major < 9) {
+    p->why = fmt::format("packed (ragged) SDPA needs compute capability >= 9.0 (Hopper) in the "
+                         "cuDNN versions checked here; the device is {}.x",
+                         hd.cc_major);
+  } else if (S > 0 && cudnnGetVersion() < size_t(kMinCudnnVersionPacked)) {
+    p->why = fmt::format("packed (ragged) SDPA with GQA and ragged Stats needs cuDNN >= 9.6; "
+                         "found {} at run time (pip install nvidia-cudnn-cu13)",
+                         cudnnGetVersion());
   } else {
     std::shared_ptr<fe::graph::Graph> g;
     fe::error_t e;
     try {  // the frontend reports through error_t, and throws on some paths
-      g = make_graph(bwd, B, T, nH, nKV, D);
+      const int sm = hd.cc_major * 10 + hd.cc_minor;
+      g = S > 0 ? make_packed_graph(bwd, B, T, nH, nKV, D, S, sm)
+                : make_graph(bwd, B, T, nH, nKV, D, sm);
       e = g->validate();
       if (e.is_good()) e = g->build_operation_graph(hd.h);
       if (e.is_good()) e = g->create_execution_plans({fe::HeurMode_t::A});
@@ -203,6 +366,9 @@ Plan& plan_locked(bool bwd, int64_t B, int64_t T, int64_t nH, int64_t nKV, int64
       const int64_t uids[] = {kQ, kK, kV, kO, kStats, kdO, kdQ, kdK, kdV};
       for (int64_t u : uids)
         if (bwd || u <= kStats) p->pack.emplace(u, nullptr);
+      if (S > 0)
+        for (int64_t u : {kOffQ, kOffO, kOffK, kOffV, kOffStats, kSeqQ, kSeqKV})
+          p->pack.emplace(u, nullptr);
     } else {
       p->why = "cuDNN rejects the graph: " + e.get_message();
     }
@@ -226,26 +392,30 @@ void execute_locked(Plan& p, const Ctx& ctx, const char* op) {
 bool compiled_in() { return true; }
 
 bool supported(bool bwd, int64_t B, int64_t T, int64_t nH, int64_t nKV, int64_t D, bool doc,
-               std::string* why) {
+               int64_t segments, std::string* why) {
   auto no = [&](std::string reason) {
     if (why) *why = std::move(reason);
     return false;
   };
-  if (doc)
-    return no("document masking runs the fallback (cuDNN's packed layout needs the number of "
-              "documents on the host when the graph is built)");
+  if (doc && segments <= 0)
+    return no("document ids without a segment table run the fallback (cuDNN's packed layout "
+              "needs the (row, document) runs on the host: pass AttentionSegments from "
+              "attention_segments_build)");
   if (D % 8 != 0 || D > kMaxD)
     return no(fmt::format("head dim {} (cuDNN: a multiple of 8, at most 256)", D));
+  if (doc && B * T * std::max(nH, nKV) * D >= (int64_t(1) << 40))
+    return no("packed batch too large for the segment table's offsets");
   std::lock_guard<std::mutex> lock(g_mu);
-  Plan& p = plan_locked(bwd, B, T, nH, nKV, D);
+  Plan& p = plan_locked(bwd, B, T, nH, nKV, D, doc ? segment_bucket(segments) : 0);
   if (!p.graph) return no(p.why);
   return true;
 }
 
-size_t workspace_bytes(bool bwd, int64_t B, int64_t T, int64_t nH, int64_t nKV, int64_t D) {
+size_t workspace_bytes(bool bwd, int64_t B, int64_t T, int64_t nH, int64_t nKV, int64_t D,
+                       int64_t segments) {
   if (D % 8 != 0 || D > kMaxD) return 0;
   std::lock_guard<std::mutex> lock(g_mu);
-  Plan& p = plan_locked(bwd, B, T, nH, nKV, D);
+  Plan& p = plan_locked(bwd, B, T, nH, nKV, D, segments > 0 ? segment_bucket(segments) : 0);
   return p.graph ? size_t(p.workspace) : 0;
 }
 
@@ -279,6 +449,63 @@ void bwd(bf16* dq, bf16* dk, bf16* dv, const bf16* dout, const bf16* out, const 
   p.pack[kdQ] = dq;
   p.pack[kdK] = dk;
   p.pack[kdV] = dv;
+  execute_locked(p, ctx, "attention_bwd");
+}
+
+namespace {
+
+// The segment table's arrays (see attention_cudnn.h) in a packed plan's variant pack. The
+// Q-side and KV-side offsets serve two tensor uids each (cuDNN only reads them).
+void bind_segments(Plan& p, const void* table, int64_t B, int64_t T) {
+  const int64_t C = segment_capacity(B, T);
+  auto* off = static_cast<int64_t*>(const_cast<void*>(table));
+  p.pack[kOffQ] = off;
+  p.pack[kOffO] = off;
+  p.pack[kOffK] = off + C;
+  p.pack[kOffV] = off + C;
+  p.pack[kOffStats] = off + 2 * C;
+  p.pack[kSeqQ] = off + 3 * C;  // int32 len[C]
+  p.pack[kSeqKV] = off + 3 * C;
+}
+
+}  // namespace
+
+void fwd_packed(bf16* out, float* stats, const bf16* q, const bf16* k, const bf16* v,
+                const void* table, int64_t segments, int64_t B, int64_t T, int64_t nH,
+                int64_t nKV, int64_t D, const Ctx& ctx) {
+  std::lock_guard<std::mutex> lock(g_mu);
+  const int64_t S = segment_bucket(segments);
+  Plan& p = plan_locked(false, B, T, nH, nKV, D, S);
+  AM_CHECK(p.graph, "[attention_fwd] cuDNN cannot run packed B={} T={} nH={} nKV={} D={} "
+           "sequences={} (bucket {}): {}", B, T, nH, nKV, D, segments, S, p.why);
+  p.pack[kQ] = const_cast<bf16*>(q);
+  p.pack[kK] = const_cast<bf16*>(k);
+  p.pack[kV] = const_cast<bf16*>(v);
+  p.pack[kO] = out;
+  p.pack[kStats] = stats;
+  bind_segments(p, table, B, T);
+  execute_locked(p, ctx, "attention_fwd");
+}
+
+void bwd_packed(bf16* dq, bf16* dk, bf16* dv, const bf16* dout, const bf16* out,
+                const float* stats, const bf16* q, const bf16* k, const bf16* v,
+                const void* table, int64_t segments, int64_t B, int64_t T, int64_t nH,
+                int64_t nKV, int64_t D, const Ctx& ctx) {
+  std::lock_guard<std::mutex> lock(g_mu);
+  const int64_t S = segment_bucket(segments);
+  Plan& p = plan_locked(true, B, T, nH, nKV, D, S);
+  AM_CHECK(p.graph, "[attention_bwd] cuDNN cannot run packed B={} T={} nH={} nKV={} D={} "
+           "sequences={} (bucket {}): {}", B, T, nH, nKV, D, segments, S, p.why);
+  p.pack[kQ] = const_cast<bf16*>(q);
+  p.pack[kK] = const_cast<bf16*>(k);
+  p.pack[kV] = const_cast<bf16*>(v);
+  p.pack[kO] = const_cast<bf16*>(out);
+  p.pack[kStats] = const_cast<float*>(stats);
+  p.pack[kdO] = const_cast<bf16*>(dout);
+  p.pack[kdQ] = dq;
+  p.pack[kdK] = dk;
+  p.pack[kdV] = dv;
+  bind_segments(p, table, B, T);
   execute_locked(p, ctx, "attention_bwd");
 }
 

@@ -68,46 +68,75 @@ void rope_bwd(bf16* dx /*[N,H,D] bf16 =*/, const bf16* dout /*[N,H,D] bf16*/,
 // ---- causal GQA attention, scale D^-0.5, fp32 scores and softmax, D <= 256 ---------------------
 // doc[B*T] (nullable): document id per token; a token attends only within its document
 // (documents are contiguous runs within a row).
+// seg (nullable, only with doc): the same documents as a segment table for cuDNN (below).
 // Saves lse[b,h,t] = ln sum_s exp(score) (natural log, over the unmasked keys) instead of the
-// probabilities (recomputed in bwd). Both implementations below keep this contract, so a
-// forward of one may feed a backward of the other.
+// probabilities (recomputed in bwd). Every implementation below keeps this contract, so a
+// forward of one may feed a backward of another.
 //
-// Two implementations, chosen per call:
+// Implementations, chosen per call:
 //  - cuDNN SDPA (flash attention, attention_cudnn.cpp), the fast path: when the build has cuDNN
-//    (AUTOMOE_HAVE_CUDNN), doc == nullptr, D % 8 == 0, every pointer is 16-byte aligned and
-//    cuDNN accepts the graph (checked once per shape). Its backward accumulates dq with fp32
-//    atomics (not bit-reproducible run to run); P and dS go through bf16 on the tensor cores.
-//  - the fallback kernel (attention.cu): everything else, in particular document masking
-//    (cuDNN's packed/ragged layout needs the number of documents on the host when the graph is
-//    built; doc[] is on the device).
+//    (AUTOMOE_HAVE_CUDNN), D % 8 == 0, every pointer is 16-byte aligned and cuDNN accepts the
+//    graph (checked once per shape). Its backward accumulates dq with fp32 atomics (not
+//    bit-reproducible run to run); P and dS go through bf16 on the tensor cores.
+//    - plain causal: doc == nullptr, or every row is one document (seg->count == B).
+//    - packed (document masks): doc with seg: each (row, document) run is one sequence of a
+//      ragged (THD) view of the same buffers, causal within it; graphs cached per bucket of the
+//      number of sequences (a power of two >= 8), so batches do not rebuild them. Needs
+//      cuDNN >= 9.6 and a Hopper (sm_90+) GPU; the Stats go through a workspace scratch
+//      (token-major) and are converted to lse[B,nH,T] by a small kernel.
+//  - the fallback kernel (attention.cu): everything else: doc without seg, head dims cuDNN
+//    rejects, no cuDNN in the build, a packed bucket whose workspace exceeds ctx's.
 // AUTOMOE_ATTENTION (read once) = auto (default: as above) | cudnn (cuDNN or an Error saying
 // why not) | fallback (always the fallback kernel); set_attention_impl() overrides it. In auto,
 // a shape cuDNN rejects runs the fallback with one line on stderr per shape.
 //
-// Workspace: attention_*_workspace_bytes() build the cuDNN graph for the shape (slow, needs the
+// Workspace: attention_*_workspace_bytes() build the cuDNN graphs for the shape (slow, needs the
 // device): query them at set-up for every shape to be run and size ctx.workspace for the
-// largest; the first call of a shape not queried builds its graph then. cuDNN's plans and
-// handle are cached for the process (one GPU per process).
+// largest; the first call of a shape not queried builds its graph then. With doc = true they
+// cover the packed graphs of the smallest and the largest bucket (B*T sequences) plus the Stats
+// scratch; other buckets are built on their first batch (host time, no device sync). cuDNN's
+// plans and handle are cached for the process (one GPU per process).
 enum class AttentionImpl { kAuto, kCudnn, kFallback };
 void set_attention_impl(AttentionImpl impl);
 AttentionImpl attention_impl();
-// Why cuDNN cannot run this case ("" when it can; builds the graph).
+
+// The segment table of a packed batch: built on the host by attention_segments_build() into
+// attention_segments_bytes(B, T) bytes (put them in the batch's pinned staging and copy them to
+// the device with the batch: no extra copy, no sync), then handed to attention_fwd/bwd with the
+// device address. count > 0: sequences in the table ((row, document) runs); 0: doc[] cannot be
+// described by one (a document id that reappears after another in a row): the fallback runs.
+struct AttentionSegments {
+  const void* table = nullptr;  // device, 16-byte aligned, attention_segments_bytes(B, T) bytes
+  int64_t count = 0;            // host
+};
+size_t attention_segments_bytes(int64_t B, int64_t T);
+// The number of sequences of the cuDNN graph that runs `count` segments: a power of two >= 8.
+int64_t attention_segment_bucket(int64_t count);
+// Writes the table for doc[B*T] (host) into table_host; returns the count (see above). The
+// table's offsets depend on nH, nKV and D: build it for the shape the op runs.
+int64_t attention_segments_build(void* table_host, const int32_t* doc /*[B*T] host*/, int64_t B,
+                                 int64_t T, int64_t nH, int64_t nKV, int64_t D);
+
+// Why cuDNN cannot run this case ("" when it can; builds the graph). segments: the count of a
+// segment table (0: none; with doc, the fallback then).
 std::string attention_cudnn_unsupported(bool bwd, int64_t B, int64_t T, int64_t nH, int64_t nKV,
-                                        int64_t D, bool doc);
+                                        int64_t D, bool doc, int64_t segments = 0);
 
 size_t attention_fwd_workspace_bytes(int64_t B, int64_t T, int64_t nH, int64_t nKV, int64_t D,
                                      bool doc);
 void attention_fwd(bf16* out /*[B,T,nH,D] bf16 =*/, float* lse /*[B,nH,T] f32 =*/,
                    const bf16* q /*[B,T,nH,D] bf16*/, const bf16* k /*[B,T,nKV,D] bf16*/,
                    const bf16* v /*[B,T,nKV,D] bf16*/, const int32_t* doc /*[B*T] i32*/,
-                   int64_t B, int64_t T, int64_t nH, int64_t nKV, int64_t D, const Ctx& ctx);
+                   const AttentionSegments* seg /*nullable*/, int64_t B, int64_t T, int64_t nH,
+                   int64_t nKV, int64_t D, const Ctx& ctx);
 size_t attention_bwd_workspace_bytes(int64_t B, int64_t T, int64_t nH, int64_t nKV, int64_t D,
                                      bool doc);
 void attention_bwd(bf16* dq /*[B,T,nH,D] bf16 =*/, bf16* dk /*[B,T,nKV,D] bf16 =*/,
                    bf16* dv /*[B,T,nKV,D] bf16 =*/, const bf16* dout /*[B,T,nH,D] bf16*/,
                    const bf16* out /*[B,T,nH,D] bf16 (fwd)*/, const float* lse /*[B,nH,T] f32*/,
-                   const bf16* q, const bf16* k, const bf16* v, const int32_t* doc, int64_t B,
-                   int64_t T, int64_t nH, int64_t nKV, int64_t D, const Ctx& ctx);
+                   const bf16* q, const bf16* k, const bf16* v, const int32_t* doc,
+                   const AttentionSegments* seg /*nullable*/, int64_t B, int64_t T, int64_t nH,
+                   int64_t nKV, int64_t D, const Ctx& ctx);
 
 // ---- router: probs = softmax(logits) in fp32, top-k (descending, ties to the lower index),
 // weights = top-k probs, renormalised to sum 1 when norm_topk. One warp per token.
