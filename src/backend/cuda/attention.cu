@@ -436,6 +436,20 @@ size_t packed_workspace_bytes(bool bwd, int64_t B, int64_t T, int64_t nH, int64_
 
 enum class Path { kFallback, kCausal, kPacked };
 
+// Packed (document-masked) batches through cuDNN: with AttentionImpl::kCudnn always (what
+// cuda_op_check uses to check the path), under kAuto only with AUTOMOE_ATTENTION_PACKED=cudnn
+// until the path has been checked on a GPU; the model's default stays the fallback kernel.
+bool packed_cudnn_allowed() {
+  if (attention_impl() == AttentionImpl::kCudnn) return true;
+  static const bool on = [] {
+    const char* e = std::getenv("AUTOMOE_ATTENTION_PACKED");
+    if (!e || !*e || std::strcmp(e, "fallback") == 0) return false;
+    if (std::strcmp(e, "cudnn") == 0) return true;
+    AM_FAIL("AUTOMOE_ATTENTION_PACKED={} is not one of cudnn, fallback", e);
+  }();
+  return on;
+}
+
 // Which implementation runs this call (ops_cuda.h). kAuto: cuDNN when the build has it and it
 // can run the case, else the fallback; kCudnn: cuDNN or an Error saying why not; kFallback: the
 // fallback. *segments is set to the packed graph's sequence count (kPacked only).
@@ -448,6 +462,7 @@ Path choose(bool bwd, int64_t B, int64_t T, int64_t nH, int64_t nKV, int64_t D,
   int64_t segs = has_doc && seg ? seg->count : 0;
   bool packed = has_doc;
   if (has_doc && segs == B) packed = false;  // every row one document: plain causal
+  if (packed && !packed_cudnn_allowed()) return Path::kFallback;
   // kAuto's expected fallbacks, said in ops_cuda.h: no cuDNN in the build, doc without a table.
   if (impl == AttentionImpl::kAuto && (!sdpa::compiled_in() || (packed && segs <= 0)))
     return Path::kFallback;
@@ -519,7 +534,7 @@ size_t cudnn_workspace_bytes(bool bwd, int64_t B, int64_t T, int64_t nH, int64_t
   size_t n = 0;
   if (sdpa::supported(bwd, B, T, nH, nKV, D, false, 0, nullptr))
     n = sdpa::workspace_bytes(bwd, B, T, nH, nKV, D, 0);
-  if (doc)
+  if (doc && packed_cudnn_allowed())
     for (int64_t segs : {int64_t(1), B * T})
       if (sdpa::supported(bwd, B, T, nH, nKV, D, true, segs, nullptr))
         n = std::max(n, packed_workspace_bytes(bwd, B, T, nH, nKV, D, segs));

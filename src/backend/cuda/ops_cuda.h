@@ -88,7 +88,9 @@ void rope_bwd(bf16* dx /*[N,H,D] bf16 =*/, const bf16* dout /*[N,H,D] bf16*/,
 //    rejects, no cuDNN in the build, a packed bucket whose workspace exceeds ctx's.
 // AUTOMOE_ATTENTION (read once) = auto (default: as above) | cudnn (cuDNN or an Error saying
 // why not) | fallback (always the fallback kernel); set_attention_impl() overrides it. In auto,
-// a shape cuDNN rejects runs the fallback with one line on stderr per shape.
+// a shape cuDNN rejects runs the fallback with one line on stderr per shape, and packed batches
+// take cuDNN only with AUTOMOE_ATTENTION_PACKED=cudnn (default fallback) until that path has
+// been checked on a GPU; kCudnn (cuda_op_check's cuDNN cases) always tries it.
 //
 // Workspace: attention_*_workspace_bytes() build the cuDNN graphs for the shape (slow, needs the
 // device): query them at set-up for every shape to be run and size ctx.workspace for the
