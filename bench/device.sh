@@ -25,6 +25,14 @@
 #             At the default shapes each loopback P took about 3 minutes on an H200: give the
 #             call room, or EP_ARGS="--tokens 2048". A call that outruns the device tool's limit
 #             brings back no output: keep logs under $OUT, not only in a pipe.
+#   ep_model  (not default) the CUDA model and trainer with expert parallelism: the demo recipe,
+#             EP_STEPS (50) steps, on one GPU with micro_batch 16, then `mpirun -np 2 ...
+#             --train.ep 2` with micro_batch 8 per rank (the same global batches) with both
+#             ranks on GPU 0 over the MPI-staged transport; bench/compare_loss_curves.py judges
+#             the two loss curves (bf16 noise; its limits say why). With >= 2 GPUs the same
+#             over NCCL, a GPU per rank. And `automoe forward --device cuda --ep 2` under
+#             mpirun (MPI staging) against the single-GPU forward of the same fixture
+#             (bench/compare_forward.py: logits, loss, aux loss, every gradient).
 # and prints a short table last. Default STAGES="ops parity bench cli baseline".
 #   bash bench/device.sh            Env: BUILD (build-device), CUDA_ARCH (90a), STAGES, OPS,
 #                                   TRAIN_STEPS, LAYERS, SEQ, MBS, IMPLS, BENCH_ARGS (extra cuda_bench
@@ -186,6 +194,41 @@ if has ep; then
     echo "device.sh: $ngpu GPU(s) or no mpirun: the NCCL runs of stage ep need 2 GPUs (skipped)"
   fi
 fi
+if has ep_model; then
+  if [ -x "$BUILD/automoe" ] && command -v mpirun >/dev/null 2>&1; then
+    run=(finetune examples/demo.yaml --train.device cuda --train.steps "${EP_STEPS:-50}"
+         --train.log_every 10 --train.checkpoint_every 0)
+    stage ep_model_1gpu "$BUILD/automoe" "${run[@]}" --data.micro_batch 16 --output.dir "$BUILD/ep_model_1gpu"
+    # two ranks on ONE GPU: NCCL refuses that, so the rows go through host memory and MPI
+    stage ep_model_mpi2 mpirun --allow-run-as-root --oversubscribe -np 2 -x CUDA_VISIBLE_DEVICES=0 \
+      -x AUTOMOE_EP_TRANSPORT=mpi "$BUILD/automoe" "${run[@]}" --train.ep 2 --data.micro_batch 8 \
+      --output.dir "$BUILD/ep_model_mpi2"
+    stage ep_model_cmp_mpi python3 bench/compare_loss_curves.py "$BUILD/ep_model_1gpu/metrics.jsonl" \
+      "$BUILD/ep_model_mpi2/metrics.jsonl"
+    fx=tests/fixtures/hf/tiny_a
+    stage ep_model_fwd1 "$BUILD/automoe" forward --model $fx/model --batch $fx/reference.safetensors \
+      --out "$BUILD/ep_fwd1.safetensors" --grads --device cuda --dtype bf16
+    stage ep_model_fwd_mpi2 mpirun --allow-run-as-root --oversubscribe -np 2 -x CUDA_VISIBLE_DEVICES=0 \
+      -x AUTOMOE_EP_TRANSPORT=mpi "$BUILD/automoe" forward --model $fx/model \
+      --batch $fx/reference.safetensors --out "$BUILD/ep_fwd_mpi2.safetensors" --grads --device cuda \
+      --dtype bf16 --ep 2
+    stage ep_model_fwd_cmp python3 bench/compare_forward.py "$BUILD/ep_fwd_mpi2.safetensors" \
+      "$BUILD/ep_fwd1.safetensors"
+    ngpu=$(nvidia-smi -L 2>/dev/null | grep -c "^GPU")
+    if [ "$ngpu" -ge 2 ]; then
+      stage ep_model_nccl2 mpirun --allow-run-as-root -np 2 -x NCCL_NVLS_ENABLE=0 \
+        -x TORCH_SYMM_MEM_DISABLE_MULTICAST=1 -x NVSHMEM_DISABLE_NVLS=1 -x AUTOMOE_EP_TRANSPORT=nccl \
+        "$BUILD/automoe" "${run[@]}" --train.ep 2 --data.micro_batch 8 --output.dir "$BUILD/ep_model_nccl2"
+      stage ep_model_cmp_nccl python3 bench/compare_loss_curves.py "$BUILD/ep_model_1gpu/metrics.jsonl" \
+        "$BUILD/ep_model_nccl2/metrics.jsonl"
+    else
+      echo "device.sh: $ngpu GPU: the NCCL run of stage ep_model needs 2 GPUs (skipped)"
+    fi
+  else
+    echo "device.sh: no $BUILD/automoe or no mpirun: no ep_model stage"
+    fails=$((fails + 1))
+  fi
+fi
 if has profile; then
   # Nsight Compute on one W1-shaped step (PROFILE_LAYERS layers, default 1): every kernel's time,
   # its SM throughput and its DRAM throughput as % of the device's peak (its own roofline).
@@ -227,6 +270,12 @@ fi
 if has parity; then
   grep -E "HF bf16 vs fp32" "$BUILD/hf_bf16.log" 2>/dev/null
   grep -E "logits rel-L2|gradients, worst|^FAIL|loss curves|failed check|memory-saving vs" "$BUILD/parity.log" | head -n 48
+fi
+if has ep_model; then
+  for f in "$BUILD"/ep_model_cmp_*.log "$BUILD"/ep_model_fwd_cmp.log; do
+    [ -f "$f" ] && echo "$(basename "$f" .log):" && grep -hE "^(ok|FAIL)" "$f"
+  done
+  grep -hE "expert parallel on the GPU|share .* GPU|error" "$BUILD"/ep_model_*.log 2>/dev/null | sort -u | head -n 8
 fi
 if has cli; then
   grep -hE "^(ok|FAIL) " "$BUILD/cli_forward.log" 2>/dev/null
