@@ -19,7 +19,8 @@
 #   baseline  native Transformers on the same shapes (.deps/bench/hf_moe_baseline.py, a copy of
 #             ../shared/bench; IMPLS, default "grouped_mm"), and the ratios
 #   ep        ep_check (not in the default STAGES): the GPU expert-parallel block against one
-#             GPU with P = 2, 4, 8 loopback ranks on GPU 0; with >= 2 GPUs also NCCL under
+#             GPU with P = 2, 4, 8 loopback ranks on GPU 0, then mpirun -np 2 on GPU 0 over the
+#             MPI-staged transport; with >= 2 GPUs also NCCL under
 #             mpirun -np 2 (check + dispatch/combine bandwidth) and the kill drills (a rank exits,
 #             or stops communicating, mid-run: the job must end non-zero within the NCCL timeout).
 #             At the default shapes each loopback P took about 3 minutes on an H200: give the
@@ -30,7 +31,8 @@
 #             --train.ep 2` with micro_batch 8 per rank (the same global batches) with both
 #             ranks on GPU 0 over the MPI-staged transport; bench/compare_loss_curves.py judges
 #             the two loss curves (bf16 noise; its limits say why). With >= 2 GPUs the same
-#             over NCCL, a GPU per rank. And `automoe forward --device cuda --ep 2` under
+#             over NCCL, a GPU per rank. First ep_check under mpirun -np 2 on GPU 0 over MPI
+#             staging (small shapes), which checks the transport alone. And `automoe forward --device cuda --ep 2` under
 #             mpirun (MPI staging) against the single-GPU forward of the same fixture
 #             (bench/compare_forward.py: logits, loss, aux loss, every gradient).
 # and prints a short table last. Default STAGES="ops parity bench cli baseline".
@@ -177,6 +179,11 @@ if has ep; then
     # shellcheck disable=SC2086
     stage "ep_loop$P" "$BUILD/ep_check" --loopback "$P" ${EP_ARGS:-}
   done
+  if command -v mpirun >/dev/null 2>&1; then  # two processes on ONE GPU: MPI staging
+    # shellcheck disable=SC2086
+    stage ep_mpi2 mpirun --allow-run-as-root --oversubscribe -np 2 -x CUDA_VISIBLE_DEVICES=0 \
+      "$BUILD/ep_check" --transport mpi --no-bench ${EP_ARGS:-}
+  fi
   ngpu=$(nvidia-smi -L 2>/dev/null | grep -c "^GPU")
   if [ "$ngpu" -ge 2 ] && command -v mpirun >/dev/null 2>&1; then
     # NVLink multicast stays off (NCCL, torch symmetric memory, NVSHMEM): KINDS.md says why.
@@ -198,6 +205,9 @@ if has ep_model; then
   if [ -x "$BUILD/automoe" ] && command -v mpirun >/dev/null 2>&1; then
     run=(finetune examples/demo.yaml --train.device cuda --train.steps "${EP_STEPS:-50}"
          --train.log_every 10 --train.checkpoint_every 0)
+    # the transport and the EP block first, two processes on GPU 0 (small shapes: seconds)
+    stage ep_model_check_mpi2 mpirun --allow-run-as-root --oversubscribe -np 2 -x CUDA_VISIBLE_DEVICES=0 \
+      "$BUILD/ep_check" --transport mpi --no-bench --tokens 1024 --hidden 512 --inter 256 --experts 16 --topk 4
     stage ep_model_1gpu "$BUILD/automoe" "${run[@]}" --data.micro_batch 16 --output.dir "$BUILD/ep_model_1gpu"
     # two ranks on ONE GPU: NCCL refuses that, so the rows go through host memory and MPI
     stage ep_model_mpi2 mpirun --allow-run-as-root --oversubscribe -np 2 -x CUDA_VISIBLE_DEVICES=0 \
