@@ -512,8 +512,8 @@ int run_ranks(const Opts& o) {
   const Shape small{37, 100, 36, 3 * P, 3, P};  // the unaligned suite (scalar kernel paths)
   cu::ScopedCtx owner(std::max(workspace_for(small), workspace_for({o.N, o.H, o.I, o.E, o.K, P})),
                       pl.device);
-  dist::GpuEpComm comm(groups, pl, kind);
-  dist::EpTransport& t = comm.transport();
+  dist::GpuComms comm(groups, pl, kind, /*gradients=*/false);
+  dist::EpTransport& t = *comm.ep_transport();
   Tally tally;
   tally.tag = std::string(t.name()) + " rank " + std::to_string(rank) + "/" + std::to_string(P);
   const Shape s{o.N, o.H, o.I, o.E, o.K, P};
@@ -524,8 +524,8 @@ int run_ranks(const Opts& o) {
     for (dist::EpMode m : o.modes) check_shape(tally, t, m, s, o.seed + 100, owner.ctx());
   }
 #if AUTOMOE_HAVE_NCCL
-  if (comm.nccl() && (o.bench || o.kill_rank >= 0))
-    for (dist::EpMode m : o.modes) bandwidth(o, *comm.nccl(), t, m, s, owner.ctx());
+  if (comm.nccl_ep() && (o.bench || o.kill_rank >= 0))
+    for (dist::EpMode m : o.modes) bandwidth(o, *comm.nccl_ep(), t, m, s, owner.ctx());
 #endif
   int64_t fails = tally.fails;
   groups.world.allreduce_sum(&fails, 1);

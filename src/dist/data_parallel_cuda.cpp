@@ -8,6 +8,12 @@
 #include <type_traits>
 
 #include "core/check.h"
+#if defined(AUTOMOE_HAVE_NCCL) && AUTOMOE_HAVE_NCCL
+#include "dist/nccl_group.h"
+#define AUTOMOE_DP_NCCL 1
+#else
+#define AUTOMOE_DP_NCCL 0
+#endif
 
 namespace automoe::dist {
 
@@ -65,14 +71,37 @@ void DeviceGradReducer::reduce_group(T* grads, bool expert, const Comm& c, cudaS
   flush();
 }
 
+template <class T>
+void DeviceGradReducer::reduce_group_nccl(T* grads, bool expert, NcclGroup& g,
+                                          cudaStream_t stream) {
+#if AUTOMOE_DP_NCCL
+  bufs_.clear();
+  counts_.clear();
+  for (const DeviceTensor& t : t_)
+    if (t.expert == expert) {
+      bufs_.push_back(grads + t.off);
+      counts_.push_back(size_t(t.n));
+    }
+  g.allreduce_sum(bufs_.data(), counts_.data(), int(bufs_.size()),
+                  std::is_same_v<T, cuda::bf16> ? ncclBfloat16 : ncclFloat32, stream);
+  g.wait(stream, "gradient all-reduce");
+#else
+  AM_FAIL("internal: NCCL gradient all-reduce in a build without NCCL");
+#endif
+}
+
 void DeviceGradReducer::allreduce(cuda::bf16* grads, cudaStream_t stream) {
-  reduce_group(grads, false, g_.world, stream);
-  reduce_group(grads, true, g_.dp, stream);
+  if (nccl_world_) reduce_group_nccl(grads, false, *nccl_world_, stream);
+  else reduce_group(grads, false, g_.world, stream);
+  if (nccl_dp_) reduce_group_nccl(grads, true, *nccl_dp_, stream);
+  else reduce_group(grads, true, g_.dp, stream);
 }
 
 void DeviceGradReducer::allreduce(float* grads, cudaStream_t stream) {
-  reduce_group(grads, false, g_.world, stream);
-  reduce_group(grads, true, g_.dp, stream);
+  if (nccl_world_) reduce_group_nccl(grads, false, *nccl_world_, stream);
+  else reduce_group(grads, false, g_.world, stream);
+  if (nccl_dp_) reduce_group_nccl(grads, true, *nccl_dp_, stream);
+  else reduce_group(grads, true, g_.dp, stream);
 }
 
 double DeviceGradReducer::global_sumsq(const double* sumsq, cudaStream_t stream) {

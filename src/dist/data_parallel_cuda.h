@@ -3,7 +3,11 @@
 // group) and the global gradient norm (each expert counted once: shard sums added over the EP
 // group), on any device arena laid out as a list of tensors.
 //
-// First version: MPI staging. A bucket of at most kBucket elements is copied device -> pinned
+// With NCCL communicators (use_nccl; the trainer passes them when the ranks run over NCCL): one
+// ncclAllReduce per tensor in place, grouped, on the stream (bf16 arenas are summed by NCCL in
+// bf16 storage with fp32 arithmetic per step: with 2 ranks one rounding, as below; every rank
+// gets the same bits), then a timed wait.
+// Otherwise (MPI staging, the first version and the fallback): a bucket of at most kBucket elements is copied device -> pinned
 // host, widened to fp32, summed with one MPI_Allreduce (dist::Comm) and rounded back once
 // (bf16 arenas) before the copy host -> device. Every rank receives the same sum, so replicated
 // weights stay bit-identical after AdamW. It synchronises the host once per bucket: correct and
@@ -26,6 +30,8 @@ struct DeviceTensor {
   bool expert = false;
 };
 
+class NcclGroup;
+
 class DeviceGradReducer {
  public:
   static constexpr int64_t kBucket = int64_t(1) << 24;  // elements per MPI_Allreduce
@@ -34,6 +40,11 @@ class DeviceGradReducer {
   DeviceGradReducer(const DeviceGradReducer&) = delete;
   DeviceGradReducer& operator=(const DeviceGradReducer&) = delete;
 
+  // NCCL communicators of the world and the DP group (null: that group is one rank, or MPI).
+  void use_nccl(NcclGroup* world, NcclGroup* dp) {
+    nccl_world_ = world;
+    nccl_dp_ = dp;
+  }
   // Sums the arena's gradients over the ranks (=, in place); work enqueued on `stream` before
   // the call is waited for, the uploads are enqueued on it. Collective over world and dp.
   void allreduce(cuda::bf16* grads, cudaStream_t stream);
@@ -51,12 +62,17 @@ class DeviceGradReducer {
  private:
   template <class T>
   void reduce_group(T* grads, bool expert, const Comm& c, cudaStream_t stream);
+  template <class T>
+  void reduce_group_nccl(T* grads, bool expert, NcclGroup& g, cudaStream_t stream);
 
   Groups g_;  // copies share the communicators
   std::vector<DeviceTensor> t_;
   void* pin_ = nullptr;        // cudaMallocHost, kBucket * 4 bytes: the bucket as it moves
   std::vector<float> sum_;     // [kBucket] fp32 bucket for MPI
   std::vector<double> small_;  // allreduce_small / global_sumsq staging
+  NcclGroup *nccl_world_ = nullptr, *nccl_dp_ = nullptr;
+  std::vector<void*> bufs_;       // NCCL: the group's tensors
+  std::vector<size_t> counts_;
 };
 
 }  // namespace automoe::dist

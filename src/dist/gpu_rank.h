@@ -4,8 +4,10 @@
 //   choose_ep_transport  AUTOMOE_EP_TRANSPORT = mpi | nccl | auto (default auto): auto takes NCCL
 //                        when automoe was built with it and every rank has a GPU of its own
 //                        (NCCL refuses two ranks of one communicator on one GPU), else MPI staging
-//   GpuEpComm            owns the chosen transport of this rank's EP group (and the NCCL
-//                        communicator behind it)
+//   GpuComms             owns what the choice gives a rank: the EP group's transport (ep > 1),
+//                        and with NCCL the communicators of the world and the DP group that the
+//                        gradient all-reduce uses (dist/data_parallel_cuda.h; MPI staging
+//                        otherwise)
 // Only in builds with CUDA (automoe_cuda_model); collective over the world where it says so.
 #pragma once
 #include <memory>
@@ -33,20 +35,25 @@ bool built_with_nccl();
 EpTransportKind choose_ep_transport(const std::string& request, const GpuPlacement& pl);
 
 class NcclGroup;
-// The transport of this rank's EP group (collective over groups.ep).
-class GpuEpComm {
+// Collective over the world (each communicator over its group). NCCL communicators exist only
+// with kind kNccl, each only where its group has more than one rank; `gradients` false: the EP
+// transport only (ep_check).
+class GpuComms {
  public:
-  GpuEpComm(const Groups& g, const GpuPlacement& pl, EpTransportKind kind);
-  ~GpuEpComm();
-  GpuEpComm(const GpuEpComm&) = delete;
-  GpuEpComm& operator=(const GpuEpComm&) = delete;
-  EpTransport& transport() { return *t_; }
+  GpuComms(const Groups& g, const GpuPlacement& pl, EpTransportKind kind, bool gradients = true);
+  ~GpuComms();
+  GpuComms(const GpuComms&) = delete;
+  GpuComms& operator=(const GpuComms&) = delete;
   EpTransportKind kind() const { return kind_; }
-  NcclGroup* nccl() { return nccl_.get(); }  // null with MPI staging
+  EpTransport* ep_transport() { return t_.get(); }  // null when the EP group is one rank
+  NcclGroup* nccl_ep() { return ep_.get(); }
+  NcclGroup* nccl_world() { return world_.get(); }
+  NcclGroup* nccl_dp() { return dp_.get(); }
 
  private:
   EpTransportKind kind_;
-  std::shared_ptr<NcclGroup> nccl_;  // shared_ptr: complete only in NCCL builds
+  // shared_ptr: NcclGroup is complete only in NCCL builds
+  std::shared_ptr<NcclGroup> ep_, world_, dp_;
   std::unique_ptr<EpTransport> t_;
 };
 

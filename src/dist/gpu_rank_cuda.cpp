@@ -65,22 +65,30 @@ EpTransportKind choose_ep_transport(const std::string& request, const GpuPlaceme
   return built_with_nccl() && !pl.shared() ? EpTransportKind::kNccl : EpTransportKind::kMpiStaged;
 }
 
-GpuEpComm::GpuEpComm(const Groups& g, const GpuPlacement& pl, EpTransportKind kind) : kind_(kind) {
+GpuComms::GpuComms(const Groups& g, const GpuPlacement& pl, EpTransportKind kind, bool gradients)
+    : kind_(kind) {
   if (kind == EpTransportKind::kNccl) {
 #if AUTOMOE_GPU_RANK_NCCL
-    nccl_ = std::make_shared<NcclGroup>(g.ep, pl.device);
-    t_ = std::make_unique<NcclTransport>(*nccl_);
+    // the same order on every rank: world, DP group, EP group
+    if (gradients && g.world.size() > 1) world_ = std::make_shared<NcclGroup>(g.world, pl.device);
+    if (gradients && g.dp.size() > 1) dp_ = std::make_shared<NcclGroup>(g.dp, pl.device);
+    if (g.ep.size() > 1) {
+      ep_ = std::make_shared<NcclGroup>(g.ep, pl.device);
+      t_ = std::make_unique<NcclTransport>(*ep_);
+    }
 #else
-    AM_FAIL("internal: NCCL transport chosen in a build without NCCL");
+    AM_FAIL("internal: NCCL chosen in a build without NCCL");
 #endif
-  } else {
+  } else if (g.ep.size() > 1) {
     t_ = std::make_unique<MpiStagedTransport>(g.ep);
   }
 }
 
-GpuEpComm::~GpuEpComm() {
-  t_.reset();  // the transport refers to the communicator: it goes first
-  nccl_.reset();
+GpuComms::~GpuComms() {
+  t_.reset();  // the transport refers to the EP communicator: it goes first
+  ep_.reset();
+  dp_.reset();
+  world_.reset();
 }
 
 }  // namespace automoe::dist

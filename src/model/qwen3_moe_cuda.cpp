@@ -218,6 +218,7 @@ struct Qwen3MoeCuda::State {
   // several ranks (CudaDist): dist = world > 1, ep = an EP group of P > 1 ranks
   const dist::Groups* groups = nullptr;
   dist::EpTransport* ept = nullptr;
+  dist::NcclGroup *nccl_world = nullptr, *nccl_dp = nullptr;
   bool dist = false, ep = false;
   std::unique_ptr<dist::DeviceGradReducer> reducer;     // gradient all-reduce, global norm
   std::vector<std::unique_ptr<dist::EpMoeCuda>> ep_moe;  // [nMoE], sized in plan()
@@ -227,7 +228,7 @@ struct Qwen3MoeCuda::State {
 
   State(const ModelConfig& c, Precision p, bool ms, const CudaDist& d)
       : cfg(c), prec(p), memsave(ms), layout_model(c, d.groups, false), groups(d.groups),
-        ept(d.ep_transport) {
+        ept(d.ep_transport), nccl_world(d.nccl_world), nccl_dp(d.nccl_dp) {
     dist = groups && groups->world.size() > 1;
     ep = groups && groups->ep.size() > 1 && c.num_moe_layers() > 0;
   }
@@ -424,6 +425,7 @@ Qwen3MoeCuda::Qwen3MoeCuda(const ModelConfig& cfg, Precision precision, int devi
     for (size_t k = 0; k < layout.params.size(); ++k)
       ts.push_back({s.segs[k].dev, s.segs[k].n, layout.params[k].expert});
     s.reducer = std::make_unique<dist::DeviceGradReducer>(*s.groups, std::move(ts));
+    s.reducer->use_nccl(s.nccl_world, s.nccl_dp);
     s.auxstats = cu::DeviceBuffer<double>(size_t(2 * cfg.num_experts + 1));
     s.tsumsq = cu::DeviceBuffer<double>(s.segs.size());
     CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&s.sumsq_host), sizeof(double)));

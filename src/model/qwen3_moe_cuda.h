@@ -44,6 +44,7 @@ namespace automoe {
 
 namespace dist {
 class EpTransport;
+class NcclGroup;
 }
 
 // The ranks a Qwen3MoeCuda belongs to. Default: one GPU.
@@ -51,6 +52,10 @@ struct CudaDist {
   const dist::Groups* groups = nullptr;       // world, ep, dp; null or world size 1: one GPU
   dist::EpTransport* ep_transport = nullptr;  // needed when groups->ep has P > 1 ranks: moves
                                               // the MoE rows (one rank per process)
+  // Optional NCCL communicators of the world and the DP group: the gradient all-reduce runs on
+  // them (null: MPI staging through host memory; dist/data_parallel_cuda.h).
+  dist::NcclGroup* nccl_world = nullptr;
+  dist::NcclGroup* nccl_dp = nullptr;
 };
 
 // train.precision: "bf16" (default: bf16 weights, gradients and AdamW moments, what a

@@ -23,9 +23,11 @@ class CudaTrainModel final : public DeviceTrainModel {
   CudaTrainModel(const ModelConfig& mc, const TrainConfig& cfg, const dist::Groups& g)
       : device_(pick_device(g)),
         free0_(free_bytes()),
-        ep_(make_ep(g, device_)),
+        comms_(make_comms(g, device_)),
         model_(mc, parse_precision(cfg.precision), device_.device, cfg.memory_saving,
-               CudaDist{&g, ep_ ? &ep_->transport() : nullptr}) {}
+               comms_ ? CudaDist{&g, comms_->ep_transport(), comms_->nccl_world(),
+                                 comms_->nccl_dp()}
+                      : CudaDist{&g, nullptr, nullptr, nullptr}) {}
 
   void upload(const Qwen3Moe& host, const AdamW* opt) override {
     model_.upload_params(host.params());
@@ -61,21 +63,21 @@ class CudaTrainModel final : public DeviceTrainModel {
     if (g.world.size() == 1) return dist::GpuPlacement{};
     return dist::place_on_gpu(g.world, dist::detect_launch(), "automoe");
   }
-  // The EP group's transport (collective over it), when the experts are split.
-  static std::unique_ptr<dist::GpuEpComm> make_ep(const dist::Groups& g,
-                                                  const dist::GpuPlacement& pl) {
-    if (g.ep.size() == 1) return nullptr;
+  // Several ranks: the EP transport and, over NCCL, the gradient communicators (collective).
+  static std::unique_ptr<dist::GpuComms> make_comms(const dist::Groups& g,
+                                                    const dist::GpuPlacement& pl) {
+    if (g.world.size() == 1) return nullptr;
     const dist::EpTransportKind kind = dist::choose_ep_transport("", pl);
     if (g.world.rank() == 0) {
-      std::printf("expert parallel on the GPU: %d ranks per EP group, transport %s%s\n",
-                  g.ep.size(), dist::ep_transport_kind_name(kind),
+      std::printf("%d GPU ranks: expert parallel %d x data parallel %d; EP rows and gradient "
+                  "all-reduce over %s%s\n",
+                  g.world.size(), g.ep.size(), g.dp.size(), dist::ep_transport_kind_name(kind),
                   kind == dist::EpTransportKind::kMpiStaged
-                      ? " (rows staged through host memory; AUTOMOE_EP_TRANSPORT=nccl with one GPU "
-                        "per rank is the fast path)"
+                      ? " (staged through host memory; NCCL with one GPU per rank is the fast path)"
                       : "");
       std::fflush(stdout);
     }
-    return std::make_unique<dist::GpuEpComm>(g, pl, kind);
+    return std::make_unique<dist::GpuComms>(g, pl, kind);
   }
   static size_t free_bytes() {
     size_t fr = 0, total = 0;
@@ -92,7 +94,7 @@ class CudaTrainModel final : public DeviceTrainModel {
   dist::GpuPlacement device_;   // before free0_: the GPU is chosen first
   size_t free0_ = 0, peak_ = 0;  // before model_: measured before it allocates (on a shared GPU
                                  // the drop includes the other ranks' memory)
-  std::unique_ptr<dist::GpuEpComm> ep_;  // before model_, which uses its transport
+  std::unique_ptr<dist::GpuComms> comms_;  // before model_, which uses them
   Qwen3MoeCuda model_;
 };
 

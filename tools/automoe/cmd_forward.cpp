@@ -102,13 +102,12 @@ void add_forward(CLI::App& app, Runners& runners) {
 #ifdef AUTOMOE_HAVE_CUDA
     if (o->device == "cuda" && world > 1) {  // a GPU per rank (or shared), bf16, EP over --ep
       const dist::GpuPlacement pl = dist::place_on_gpu(g.world, dist::detect_launch(), "automoe forward");
-      std::unique_ptr<dist::GpuEpComm> epc;
-      if (g.ep.size() > 1) epc = std::make_unique<dist::GpuEpComm>(g, pl, dist::choose_ep_transport("", pl));
+      dist::GpuComms comms(g, pl, dist::choose_ep_transport("", pl));
       Qwen3Moe host(mc, &g, false);  // this rank's experts
       host.params().assign(size_t(host.layout().total), 0.f);
       load_hf_weights(host, o->model);
       Qwen3MoeCuda gpu(mc, Precision::BF16, pl.device, false,
-                       CudaDist{&g, epc ? &epc->transport() : nullptr});
+                       CudaDist{&g, comms.ep_transport(), comms.nccl_world(), comms.nccl_dp()});
       gpu.upload_params(host.params());
       gpu.zero_grad();
       std::vector<float> logits_v, grads_v;
