@@ -53,8 +53,12 @@ void MpiStagedTransport::alltoallv(const EpA2aTensor* t, int nt, const EpA2aRows
     send_units_[size_t(p)] = int64_t(size_t(rows.send_cnt[p]) * rb_all / kUnit);
     recv_units_[size_t(p)] = int64_t(size_t(rows.recv_cnt[p]) * rb_all / kUnit);
   }
-  // Not reserved (a caller without EpMoeCuda's reserve): grow once, never shrink.
-  reserve(send_total, recv_total);
+  // Not reserved (a caller without EpMoeCuda's reserve): grow once, never shrink, after the
+  // previous call's uploads from recv_host_ are done.
+  if (send_total > send_cap_ || recv_total > recv_cap_) {
+    CUDA_CHECK(cudaStreamSynchronize(stream));
+    reserve(send_total, recv_total);
+  }
   // device -> host: peer by peer, tensor by tensor, as the staging layout says
   size_t at = 0;
   for (int p = 0; p < P; ++p)
