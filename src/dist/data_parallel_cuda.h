@@ -3,16 +3,16 @@
 // group) and the global gradient norm (each expert counted once: shard sums added over the EP
 // group), on any device arena laid out as a list of tensors.
 //
-// With NCCL communicators (use_nccl; the trainer passes them when the ranks run over NCCL): one
-// ncclAllReduce per tensor in place, grouped, on the stream (bf16 arenas are summed by NCCL in
-// bf16 storage with fp32 arithmetic per step: with 2 ranks one rounding, as below; every rank
-// gets the same bits), then a timed wait.
-// Otherwise (MPI staging, the first version and the fallback): a bucket of at most kBucket elements is copied device -> pinned
-// host, widened to fp32, summed with one MPI_Allreduce (dist::Comm) and rounded back once
-// (bf16 arenas) before the copy host -> device. Every rank receives the same sum, so replicated
-// weights stay bit-identical after AdamW. It synchronises the host once per bucket: correct and
-// simple, not fast (an NCCL all-reduce on the device, overlapped with the backward, is the
-// next step; docs/DISTRIBUTED.md, "Not yet"). Buffers are allocated once, in the constructor.
+// With NCCL communicators (use_nccl; given when the ranks run over NCCL): one ncclAllReduce per
+// tensor in place, grouped, on the stream (bf16 arenas: each of NCCL's additions is rounded to
+// bf16; with 2 ranks that is one rounding, as below; every rank gets the same bits), then a
+// timed wait.
+// Otherwise (MPI staging, the first version and the fallback): a bucket of at most kBucket
+// elements is copied device -> pinned host, widened to fp32, summed with one MPI_Allreduce
+// (dist::Comm) and rounded back once (bf16 arenas) before the copy host -> device. Every rank
+// receives the same sum, so replicated weights stay bit-identical after AdamW. It synchronises
+// the host once per bucket: correct and simple, not fast. Neither overlaps the backward yet
+// (docs/DISTRIBUTED.md, "Not yet"). Buffers are allocated once, in the constructor.
 #pragma once
 #include <cuda_runtime.h>
 

@@ -231,7 +231,8 @@ void NcclGroup::allreduce_sum(void* const* bufs, const size_t* counts, int n, nc
     group_start();
     for (int i = i0; i < std::min(n, i0 + kPerGroup); ++i)
       if (counts[i] > 0)
-        check(ncclAllReduce(bufs[i], bufs[i], counts[i], type, ncclSum, comm_, stream), "all-reduce");
+        check(ncclAllReduce(bufs[i], bufs[i], counts[i], type, ncclSum, comm_, stream),
+              "all-reduce");
     group_end("all-reduce");
   }
 }

@@ -1113,8 +1113,9 @@ void Qwen3MoeCuda::optimizer_step(const AdamWConfig& c, float lr, float max_grad
   if (s.dist) {  // gradients summed over the ranks, then the global norm (experts counted once)
     allreduce_grads();
     for (size_t k = 0; k < s.segs.size(); ++k) {
-      if (s.bf16_mode()) cu::sum_squares(s.tsumsq.get() + k, s.g16.get() + s.segs[k].dev, s.segs[k].n, ctx);
-      else cu::sum_squares(s.tsumsq.get() + k, s.g32.get() + s.segs[k].dev, s.segs[k].n, ctx);
+      const Seg& sg = s.segs[k];
+      if (s.bf16_mode()) cu::sum_squares(s.tsumsq.get() + k, s.g16.get() + sg.dev, sg.n, ctx);
+      else cu::sum_squares(s.tsumsq.get() + k, s.g32.get() + sg.dev, sg.n, ctx);
     }
     s.sumsq_host[0] = s.reducer->global_sumsq(s.tsumsq.get(), ctx.stream);  // waits
     CUDA_CHECK(cudaMemcpyAsync(s.d_sumsq, s.sumsq_host, sizeof(double), cudaMemcpyHostToDevice,

@@ -101,7 +101,8 @@ void add_forward(CLI::App& app, Runners& runners) {
     }
 #ifdef AUTOMOE_HAVE_CUDA
     if (o->device == "cuda" && world > 1) {  // a GPU per rank (or shared), bf16, EP over --ep
-      const dist::GpuPlacement pl = dist::place_on_gpu(g.world, dist::detect_launch(), "automoe forward");
+      const dist::GpuPlacement pl =
+          dist::place_on_gpu(g.world, dist::detect_launch(), "automoe forward");
       dist::GpuComms comms(g, pl, dist::choose_ep_transport("", pl));
       Qwen3Moe host(mc, &g, false);  // this rank's experts
       host.params().assign(size_t(host.layout().total), 0.f);
@@ -114,7 +115,8 @@ void add_forward(CLI::App& app, Runners& runners) {
       gpu.forward(b, 0.f, 1.f, o->grads, &logits_v);  // loss and aux over the whole batch
       LossParts lp = gpu.loss();
       std::vector<std::pair<std::string, Tensor>> out;
-      Tensor logits = Tensor::empty(DType::F32, rank == 0 ? Shape{b.B * world, b.T, mc.vocab_size} : Shape{0});
+      Tensor logits =
+          Tensor::empty(DType::F32, rank == 0 ? Shape{b.B * world, b.T, mc.vocab_size} : Shape{0});
       g.world.gather(logits.f32(), logits_v.data(), int64_t(logits_v.size() * sizeof(float)), 0);
       out.emplace_back("logits", logits);
       add_loss_tensors(out, lp, has_labels);

@@ -130,7 +130,8 @@ void aux_loss_bwd(float* dprobs, float daux, const int32_t* topk_idx, int64_t N,
 void aux_loss_stats(double* stats, const float* probs, const int32_t* topk_idx, int64_t N,
                     int64_t E, int64_t K, const Ctx& ctx) {
   AM_CHECK(E >= 1 && E <= 8192, "[aux_loss_stats] {} experts: supported 1..8192", E);
-  char* ws = static_cast<char*>(workspace_for(ctx, aux_loss_workspace_bytes(N, E), "aux_loss_stats"));
+  char* ws = static_cast<char*>(
+      workspace_for(ctx, aux_loss_workspace_bytes(N, E), "aux_loss_stats"));
   int* counts = reinterpret_cast<int*>(ws);
   float* P = reinterpret_cast<float*>(ws + round_up(size_t(E) * sizeof(int)));
   Ctx rest = ctx;
