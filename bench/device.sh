@@ -19,12 +19,22 @@
 #   baseline  native Transformers on the same shapes (.deps/bench/hf_moe_baseline.py, a copy of
 #             ../shared/bench; IMPLS, default "grouped_mm"), and the ratios
 #   ep        ep_check (not in the default STAGES): the GPU expert-parallel block against one
-#             GPU with P = 2, 4, 8 loopback ranks on GPU 0; with >= 2 GPUs also NCCL under
+#             GPU with P = 2, 4, 8 loopback ranks on GPU 0, then mpirun -np 2 on GPU 0 over the
+#             MPI-staged transport; with >= 2 GPUs also NCCL under
 #             mpirun -np 2 (check + dispatch/combine bandwidth) and the kill drills (a rank exits,
 #             or stops communicating, mid-run: the job must end non-zero within the NCCL timeout).
 #             At the default shapes each loopback P took about 3 minutes on an H200: give the
 #             call room, or EP_ARGS="--tokens 2048". A call that outruns the device tool's limit
 #             brings back no output: keep logs under $OUT, not only in a pipe.
+#   ep_model  (not default) the CUDA model and trainer with expert parallelism: the demo recipe,
+#             EP_STEPS (50) steps, on one GPU with micro_batch 16, then `mpirun -np 2 ...
+#             --train.ep 2` with micro_batch 8 per rank (the same global batches) with both
+#             ranks on GPU 0 over the MPI-staged transport; bench/compare_loss_curves.py judges
+#             the two loss curves (bf16 noise; its limits say why). With >= 2 GPUs the same
+#             over NCCL, a GPU per rank. First ep_check under mpirun -np 2 on GPU 0 over MPI
+#             staging (small shapes), which checks the transport alone. And `automoe forward --device cuda --ep 2` under
+#             mpirun (MPI staging) against the single-GPU forward of the same fixture
+#             (bench/compare_forward.py: logits, loss, aux loss, every gradient).
 # and prints a short table last. Default STAGES="ops parity bench cli baseline".
 #   bash bench/device.sh            Env: BUILD (build-device), CUDA_ARCH (90a), STAGES, OPS,
 #                                   TRAIN_STEPS, LAYERS, SEQ, MBS, IMPLS, BENCH_ARGS (extra cuda_bench
@@ -169,6 +179,11 @@ if has ep; then
     # shellcheck disable=SC2086
     stage "ep_loop$P" "$BUILD/ep_check" --loopback "$P" ${EP_ARGS:-}
   done
+  if command -v mpirun >/dev/null 2>&1; then  # two processes on ONE GPU: MPI staging
+    # shellcheck disable=SC2086
+    stage ep_mpi2 mpirun --allow-run-as-root --oversubscribe -np 2 -x CUDA_VISIBLE_DEVICES=0 \
+      "$BUILD/ep_check" --transport mpi --no-bench ${EP_ARGS:-}
+  fi
   ngpu=$(nvidia-smi -L 2>/dev/null | grep -c "^GPU")
   if [ "$ngpu" -ge 2 ] && command -v mpirun >/dev/null 2>&1; then
     # NVLink multicast stays off (NCCL, torch symmetric memory, NVSHMEM): KINDS.md says why.
@@ -184,6 +199,44 @@ if has ep; then
       --kill-rank 1 --kill-mode stall ${EP_ARGS:-}
   else
     echo "device.sh: $ngpu GPU(s) or no mpirun: the NCCL runs of stage ep need 2 GPUs (skipped)"
+  fi
+fi
+if has ep_model; then
+  if [ -x "$BUILD/automoe" ] && command -v mpirun >/dev/null 2>&1; then
+    run=(finetune examples/demo.yaml --train.device cuda --train.steps "${EP_STEPS:-50}"
+         --train.log_every 10 --train.checkpoint_every 0)
+    # the transport and the EP block first, two processes on GPU 0 (small shapes: seconds)
+    stage ep_model_check_mpi2 mpirun --allow-run-as-root --oversubscribe -np 2 -x CUDA_VISIBLE_DEVICES=0 \
+      "$BUILD/ep_check" --transport mpi --no-bench --tokens 1024 --hidden 512 --inter 256 --experts 16 --topk 4
+    stage ep_model_1gpu "$BUILD/automoe" "${run[@]}" --data.micro_batch 16 --output.dir "$BUILD/ep_model_1gpu"
+    # two ranks on ONE GPU: NCCL refuses that, so the rows go through host memory and MPI
+    stage ep_model_mpi2 mpirun --allow-run-as-root --oversubscribe -np 2 -x CUDA_VISIBLE_DEVICES=0 \
+      -x AUTOMOE_EP_TRANSPORT=mpi "$BUILD/automoe" "${run[@]}" --train.ep 2 --data.micro_batch 8 \
+      --output.dir "$BUILD/ep_model_mpi2"
+    stage ep_model_cmp_mpi python3 bench/compare_loss_curves.py "$BUILD/ep_model_1gpu/metrics.jsonl" \
+      "$BUILD/ep_model_mpi2/metrics.jsonl"
+    fx=tests/fixtures/hf/tiny_a
+    stage ep_model_fwd1 "$BUILD/automoe" forward --model $fx/model --batch $fx/reference.safetensors \
+      --out "$BUILD/ep_fwd1.safetensors" --grads --device cuda --dtype bf16
+    stage ep_model_fwd_mpi2 mpirun --allow-run-as-root --oversubscribe -np 2 -x CUDA_VISIBLE_DEVICES=0 \
+      -x AUTOMOE_EP_TRANSPORT=mpi "$BUILD/automoe" forward --model $fx/model \
+      --batch $fx/reference.safetensors --out "$BUILD/ep_fwd_mpi2.safetensors" --grads --device cuda \
+      --dtype bf16 --ep 2
+    stage ep_model_fwd_cmp python3 bench/compare_forward.py "$BUILD/ep_fwd_mpi2.safetensors" \
+      "$BUILD/ep_fwd1.safetensors"
+    ngpu=$(nvidia-smi -L 2>/dev/null | grep -c "^GPU")
+    if [ "$ngpu" -ge 2 ]; then
+      stage ep_model_nccl2 mpirun --allow-run-as-root -np 2 -x NCCL_NVLS_ENABLE=0 \
+        -x TORCH_SYMM_MEM_DISABLE_MULTICAST=1 -x NVSHMEM_DISABLE_NVLS=1 -x AUTOMOE_EP_TRANSPORT=nccl \
+        "$BUILD/automoe" "${run[@]}" --train.ep 2 --data.micro_batch 8 --output.dir "$BUILD/ep_model_nccl2"
+      stage ep_model_cmp_nccl python3 bench/compare_loss_curves.py "$BUILD/ep_model_1gpu/metrics.jsonl" \
+        "$BUILD/ep_model_nccl2/metrics.jsonl"
+    else
+      echo "device.sh: $ngpu GPU: the NCCL run of stage ep_model needs 2 GPUs (skipped)"
+    fi
+  else
+    echo "device.sh: no $BUILD/automoe or no mpirun: no ep_model stage"
+    fails=$((fails + 1))
   fi
 fi
 if has profile; then
@@ -227,6 +280,12 @@ fi
 if has parity; then
   grep -E "HF bf16 vs fp32" "$BUILD/hf_bf16.log" 2>/dev/null
   grep -E "logits rel-L2|gradients, worst|^FAIL|loss curves|failed check|memory-saving vs" "$BUILD/parity.log" | head -n 48
+fi
+if has ep_model; then
+  for f in "$BUILD"/ep_model_cmp_*.log "$BUILD"/ep_model_fwd_cmp.log; do
+    [ -f "$f" ] && echo "$(basename "$f" .log):" && grep -hE "^(ok|FAIL)" "$f"
+  done
+  grep -hE "expert parallel on the GPU|share .* GPU|error" "$BUILD"/ep_model_*.log 2>/dev/null | sort -u | head -n 8
 fi
 if has cli; then
   grep -hE "^(ok|FAIL) " "$BUILD/cli_forward.log" 2>/dev/null

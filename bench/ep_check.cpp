@@ -3,9 +3,14 @@
 //
 //   ep_check [--loopback P]          P virtual ranks on ONE GPU (loopback transport; the default
 //                                    without mpirun, P = 4)
-//   mpirun -np P ep_check            one GPU per rank, NCCL (built with NCCL only)
+//   mpirun -np P ep_check            one rank per process; the transport is --transport or
+//                                    AUTOMOE_EP_TRANSPORT: nccl (a GPU per rank, built with
+//                                    NCCL), mpi (rows staged through host memory and MPI: any
+//                                    number of ranks on ONE GPU), auto (default: nccl when every
+//                                    rank has its own GPU and NCCL is built in, else mpi)
 //   flags: --tokens N (8192, per rank) --hidden H (2048) --inter I (768) --experts E (128)
 //          --topk K (8) --modes counts,padded --iters 20 --warmup 3 --seed S --no-bench
+//          --transport mpi|nccl|auto (under mpirun)
 //          --kill-rank R [--kill-mode exit|stall]   (NCCL: rank R exits abruptly, or stops
 //          communicating, in the middle of the bandwidth run; the others must stop with an
 //          error within AUTOMOE_NCCL_TIMEOUT_S, never hang)
@@ -38,6 +43,7 @@
 
 #include "backend/cuda/ops_cuda.h"
 #include "dist/expert_parallel_cuda.h"
+#include "dist/gpu_rank.h"
 #include "dist/process_group.h"
 #if AUTOMOE_HAVE_NCCL
 #include "dist/nccl_group.h"
@@ -65,13 +71,15 @@ struct Opts {
   bool bench = true;
   int kill_rank = -1;
   std::string kill_mode = "exit";
+  std::string transport;  // "" = AUTOMOE_EP_TRANSPORT (default auto)
 };
 
 [[noreturn]] void usage(const std::string& why) {
   std::fprintf(stderr,
                "ep_check: %s\nusage: ep_check [--loopback P] [--tokens N] [--hidden H] [--inter I] "
                "[--experts E] [--topk K] [--modes counts,padded] [--iters N] [--warmup N] "
-               "[--seed S] [--no-bench] [--kill-rank R] [--kill-mode exit|stall]\n",
+               "[--seed S] [--no-bench] [--kill-rank R] [--kill-mode exit|stall] "
+               "[--transport mpi|nccl|auto]\n",
                why.c_str());
   std::exit(2);
 }
@@ -103,6 +111,7 @@ Opts parse(int argc, char** argv) {
     else if (a == "--no-bench") o.bench = false;
     else if (a == "--kill-rank") o.kill_rank = int(num());
     else if (a == "--kill-mode") o.kill_mode = val();
+    else if (a == "--transport") o.transport = val();
     else if (a == "--modes") {
       o.modes.clear();
       const std::string v = val();
@@ -412,7 +421,7 @@ int run_loopback(const Opts& o, int P) {
   return std::min(tally.fails, 255);
 }
 
-// ---- NCCL: one GPU per rank under mpirun -------------------------------------------------------
+// ---- under mpirun: one rank per process, NCCL or MPI staging ----------------------------------
 
 #if AUTOMOE_HAVE_NCCL
 double median(std::vector<double> v) {
@@ -430,7 +439,7 @@ void maybe_die(const Opts& o, int rank) {
 }
 
 // Dispatch/combine GPU time of the forward (EpTimes) against ncclAlltoAll of the same bytes.
-void bandwidth(const Opts& o, dist::NcclGroup& g, dist::NcclTransport& t, dist::EpMode mode,
+void bandwidth(const Opts& o, dist::NcclGroup& g, dist::EpTransport& t, dist::EpMode mode,
                const Shape& s, const cu::Ctx& ctx) {
   Problem p;
   p.s = s;
@@ -481,36 +490,49 @@ void bandwidth(const Opts& o, dist::NcclGroup& g, dist::NcclTransport& t, dist::
   std::fflush(stdout);
 }
 
-int run_nccl(const Opts& o) {
+#endif
+
+int run_ranks(const Opts& o) {
   const dist::LaunchInfo li = dist::detect_launch();
   dist::Groups groups = dist::make_groups(li.world_size);  // the whole job is one EP group
   const int P = groups.ep.size(), rank = groups.ep.rank();
-  int ndev = 0;
-  CUDA_CHECK(cudaGetDeviceCount(&ndev));
-  const int dev = li.local_rank % std::max(ndev, 1);
+  const dist::GpuPlacement pl = dist::place_on_gpu(groups.world, li, "ep_check");
+  const dist::EpTransportKind kind = dist::choose_ep_transport(o.transport, pl);
+  std::printf("ep_check: rank %d of %d on GPU %d of %d, transport %s", rank, P, pl.device,
+              pl.devices, dist::ep_transport_kind_name(kind));
+#if AUTOMOE_HAVE_NCCL
   int nccl_runtime = 0;
   ncclGetVersion(&nccl_runtime);
-  std::printf("ep_check: rank %d of %d on GPU %d of %d; NCCL header %d, library %d\n", rank, P, dev,
-              ndev, NCCL_VERSION_CODE, nccl_runtime);
+  std::printf("; NCCL header %d, library %d", NCCL_VERSION_CODE, nccl_runtime);
+#endif
+  std::printf("\n");
   std::fflush(stdout);
-  cu::ScopedCtx owner(workspace_for({o.N, o.H, o.I, o.E, o.K, P}), dev);
-  dist::NcclGroup g(groups.ep, dev);
-  dist::NcclTransport t(g);
+  if (o.kill_rank >= 0 && kind != dist::EpTransportKind::kNccl)
+    usage("--kill-rank drills the NCCL timeout: run it with the nccl transport");
+  const Shape small{37, 100, 36, 3 * P, 3, P};  // the unaligned suite (scalar kernel paths)
+  cu::ScopedCtx owner(std::max(workspace_for(small), workspace_for({o.N, o.H, o.I, o.E, o.K, P})),
+                      pl.device);
+  dist::GpuComms comm(groups, pl, kind, /*gradients=*/false);
+  dist::EpTransport& t = *comm.ep_transport();
   Tally tally;
-  tally.tag = "nccl rank " + std::to_string(rank) + "/" + std::to_string(P);
+  tally.tag = std::string(t.name()) + " rank " + std::to_string(rank) + "/" + std::to_string(P);
   const Shape s{o.N, o.H, o.I, o.E, o.K, P};
   if (s.E % P != 0) usage("--experts must be a multiple of the rank count");
-  if (o.kill_rank < 0)
+  if (o.kill_rank < 0) {
+    // the small unaligned suite first, then the given shapes
+    for (dist::EpMode m : o.modes) check_shape(tally, t, m, small, o.seed, owner.ctx());
     for (dist::EpMode m : o.modes) check_shape(tally, t, m, s, o.seed + 100, owner.ctx());
-  if (o.bench || o.kill_rank >= 0)
-    for (dist::EpMode m : o.modes) bandwidth(o, g, t, m, s, owner.ctx());
+  }
+#if AUTOMOE_HAVE_NCCL
+  if (comm.nccl_ep() && (o.bench || o.kill_rank >= 0))
+    for (dist::EpMode m : o.modes) bandwidth(o, *comm.nccl_ep(), t, m, s, owner.ctx());
+#endif
   int64_t fails = tally.fails;
   groups.world.allreduce_sum(&fails, 1);
   std::printf("ep_check %s: %d checks, %d failed here, %lld on all ranks\n", tally.tag.c_str(),
               tally.checks, tally.fails, (long long)fails);
   return int(std::min<int64_t>(fails, 255));
 }
-#endif
 
 }  // namespace
 
@@ -528,12 +550,7 @@ int main(int argc, char** argv) {
   int rc = 0;
   try {
     if (mpi) {
-#if AUTOMOE_HAVE_NCCL
-      rc = run_nccl(o);
-#else
-      throw automoe::Error("ep_check was built without NCCL (cmake/nccl.cmake found none), so it "
-                           "cannot run under mpirun; run it without mpirun (--loopback P)");
-#endif
+      rc = run_ranks(o);
     } else {
       rc = run_loopback(o, o.loopback > 0 ? o.loopback : 4);
     }

@@ -4,6 +4,9 @@
 //   LoopbackTransport  (dist/ep_loopback_cuda.cpp) all P ranks in ONE process on ONE GPU; the
 //                      all-to-all is cudaMemcpyAsync between the ranks' buffers. It exists so a
 //                      single GPU can check the EP kernels and layout logic against one GPU.
+//   MpiStagedTransport (dist/ep_mpi_staged.h)      one rank per process, rows staged through
+//                      pinned host memory and MPI_Alltoallv: several processes on one GPU, or
+//                      no NCCL.
 // A process drives num_local() ranks (1 over NCCL, P in loopback); every call below is collective
 // over the group and takes the buffers of all the ranks this process drives, in local order.
 #pragma once
@@ -43,6 +46,9 @@ class EpTransport {
   virtual int size() const = 0;              // P, ranks in the EP group
   virtual int num_local() const = 0;         // ranks this process drives
   virtual int rank_of(int local) const = 0;  // the EP rank of local rank `local`
+  // The largest bytes one alltoallv() call will send and receive (all tensors, all peers):
+  // a transport that stages rows allocates for it here, once (EpMoeCuda calls it).
+  virtual void reserve(size_t send_bytes, size_t recv_bytes) {}
   // The all-to-all-v of nt tensors sharing one row plan, enqueued on `stream` (one group of
   // sends and receives over NCCL). Does not wait for the host.
   virtual void alltoallv(const EpA2aTensor* t, int nt, const EpA2aRows& rows,

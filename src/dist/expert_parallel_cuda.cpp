@@ -95,6 +95,10 @@ EpMoeCuda::EpMoeCuda(EpTransport& t, const EpMoeShape& shape, EpMode mode)
   bytes_ += xs_.bytes() + act_.bytes() + dys_.bytes() + dact_.bytes() + dgu_.bytes();
 
   CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&host_cnt_), size_t(L_) * 2 * P_ * sizeof(int32_t)));
+  // The largest all-to-all: dispatch's rows (x, picks, weights), or dispatch's backward with
+  // send and receive swapped; at most Rcap >= Scap rows either way (staging transports).
+  const size_t a2a_bytes = size_t(std::max(Scap_, Rcap_)) * size_t(2 * H + 8 * K) * size_t(L_);
+  t_.reserve(a2a_bytes, a2a_bytes);
   const size_t LP = size_t(L_) * P_;
   send_off_.assign(LP, 0);
   send_cnt_.assign(LP, 0);

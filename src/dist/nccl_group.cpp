@@ -4,6 +4,7 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <thread>
@@ -221,6 +222,19 @@ void NcclGroup::alltoall(void* recv, const void* send, size_t count, ncclDataTyp
   }
   group_end("all-to-all");
 #endif
+}
+
+void NcclGroup::allreduce_sum(void* const* bufs, const size_t* counts, int n, ncclDataType_t type,
+                              cudaStream_t stream) {
+  constexpr int kPerGroup = 256;  // keep each NCCL group modest
+  for (int i0 = 0; i0 < n; i0 += kPerGroup) {
+    group_start();
+    for (int i = i0; i < std::min(n, i0 + kPerGroup); ++i)
+      if (counts[i] > 0)
+        check(ncclAllReduce(bufs[i], bufs[i], counts[i], type, ncclSum, comm_, stream),
+              "all-reduce");
+    group_end("all-reduce");
+  }
 }
 
 void NcclTransport::alltoallv(const EpA2aTensor* t, int nt, const EpA2aRows& rows,

@@ -52,6 +52,11 @@ class NcclGroup {
   void alltoall(void* recv, const void* send, size_t count, ncclDataType_t type,
                 cudaStream_t stream);
 
+  // In-place sums over the group: buffer i holds counts[i] elements of `type` (gradient
+  // tensors); ncclAllReduce calls grouped (at most 256 per NCCL group), enqueued on `stream`.
+  void allreduce_sum(void* const* bufs, const size_t* counts, int n, ncclDataType_t type,
+                     cudaStream_t stream);
+
   // Waits for `stream` to drain, polling the communicator: throws (after aborting it) on an
   // NCCL error or when the timeout passes.
   void wait(cudaStream_t stream, const char* what);

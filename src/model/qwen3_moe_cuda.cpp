@@ -20,6 +20,16 @@
 // the expert outputs in temporaries), recomputed at the start of the layer's MLP and attention
 // backward. Every kernel is
 // deterministic, so the recomputed tensors are the forward's bits.
+//
+// Several ranks (CudaDist): every `if (s.dist)` / `if (s.ep)` branch below; without them the
+// single-GPU path runs exactly as before. Expert parallelism keeps ONE dist::EpMoeCuda per MoE
+// layer (each holds that layer's received rows, routing and expert activations for the
+// backward): simple, and the verified EP block unchanged, at a memory cost: every object sizes
+// its buffers for the worst routing (all P*N tokens of the group on this rank's experts, about
+// P*N*min(K, E/P) expert rows) plus its own scratch (xs, act, dys, dact, dgu), i.e. roughly
+// P x the single-GPU per-layer MoE activations, per layer. Sharing the scratch and carving the
+// saved state of all layers from one arena sized by the counts is the next step
+// (docs/CUDA.md, "Expert parallelism").
 #include "model/qwen3_moe_cuda.h"
 
 #include <algorithm>
@@ -29,6 +39,10 @@
 
 #include "backend/cuda/ops_cuda.h"
 #include "core/check.h"
+#include "dist/data_parallel_cuda.h"
+#include "dist/ep_transport.h"
+#include "dist/expert_parallel_cuda.h"
+#include "dist/process_group.h"
 
 namespace automoe {
 
@@ -203,13 +217,29 @@ struct Qwen3MoeCuda::State {
   cudaEvent_t ev[5] = {};
   std::vector<cudaEvent_t> lev;  // [L][6]: fwd start, after attention, end; bwd start, after MLP, end
 
-  State(const ModelConfig& c, Precision p, bool ms)
-      : cfg(c), prec(p), memsave(ms), layout_model(c, nullptr, false) {}
+  // several ranks (CudaDist): dist = world > 1, ep = an EP group of P > 1 ranks
+  const dist::Groups* groups = nullptr;
+  dist::EpTransport* ept = nullptr;
+  dist::NcclGroup *nccl_world = nullptr, *nccl_dp = nullptr;
+  bool dist = false, ep = false;
+  std::unique_ptr<dist::DeviceGradReducer> reducer;     // gradient all-reduce, global norm
+  std::vector<std::unique_ptr<dist::EpMoeCuda>> ep_moe;  // [nMoE], sized in plan()
+  cu::DeviceBuffer<double> auxstats;                     // [2E+1] global aux statistics
+  cu::DeviceBuffer<double> tsumsq;                       // [segs] g^2 per tensor
+  double* sumsq_host = nullptr;                          // pinned [1]: the global g^2 sum
+
+  State(const ModelConfig& c, Precision p, bool ms, const CudaDist& d)
+      : cfg(c), prec(p), memsave(ms), layout_model(c, d.groups, false), groups(d.groups),
+        ept(d.ep_transport), nccl_world(d.nccl_world), nccl_dp(d.nccl_dp) {
+    dist = groups && groups->world.size() > 1;
+    ep = groups && groups->ep.size() > 1 && c.num_moe_layers() > 0;
+  }
   ~State() {
     if (scoped) cudaStreamSynchronize(ctx.stream);
     if (in_host) cudaFreeHost(in_host);
     if (loss_host) cudaFreeHost(loss_host);
     if (norm_host) cudaFreeHost(norm_host);
+    if (sumsq_host) cudaFreeHost(sumsq_host);
     for (cudaEvent_t e : {upload_done, loss_ready, norm_ready, ev[0], ev[1], ev[2], ev[3], ev[4]})
       if (e) cudaEventDestroy(e);
     for (cudaEvent_t e : lev) cudaEventDestroy(e);
@@ -289,12 +319,24 @@ struct Qwen3MoeCuda::State {
 };
 
 Qwen3MoeCuda::Qwen3MoeCuda(const ModelConfig& cfg, Precision precision, int device,
-                           bool memory_saving)
-    : s_(std::make_unique<State>(cfg, precision, memory_saving)) {
+                           bool memory_saving, const CudaDist& dist)
+    : s_(std::make_unique<State>(cfg, precision, memory_saving, dist)) {
   State& s = *s_;
   AM_CHECK(!memory_saving || precision == Precision::BF16,
            "train.memory_saving needs train.precision bf16 (the mode drops the bf16 gradient "
            "arena; with fp32_master use the default mode)");
+  AM_CHECK(!s.dist || !memory_saving,
+           "train.memory_saving runs on one GPU for now (its AdamW inside the backward would need "
+           "the gradient all-reduce per tensor); turn it off under mpirun, or run one process");
+  AM_CHECK(!s.ep || precision == Precision::BF16,
+           "train.precision fp32_master is not supported with expert parallelism on the GPU yet "
+           "(the EP block writes bf16 expert gradients); use train.precision bf16, or train.ep 1");
+  if (s.ep) {
+    AM_CHECK(s.ept, "internal: an expert-parallel Qwen3MoeCuda needs an EP transport");
+    AM_CHECK(s.ept->size() == s.groups->ep.size() && s.ept->num_local() == 1,
+             "internal: EP transport of {} ranks ({} in this process) for an EP group of {}",
+             s.ept->size(), s.ept->num_local(), s.groups->ep.size());
+  }
   const auto& layout = s.layout_model.layout();
   s.P_host = layout.total;
   std::map<std::string, int64_t> off;  // device offsets
@@ -380,6 +422,16 @@ Qwen3MoeCuda::Qwen3MoeCuda(const ModelConfig& cfg, Precision precision, int devi
   s.d_norm = reinterpret_cast<float*>(s.misc.get() + 2 * kAlign);
   s.d_aux = reinterpret_cast<float*>(s.misc.get() + 3 * kAlign);
   CUDA_CHECK(cudaMemset(s.misc.get(), 0, kAlign * 4));
+  if (s.dist) {  // the gradient all-reduce over the arena's tensors, and the global statistics
+    std::vector<dist::DeviceTensor> ts;
+    for (size_t k = 0; k < layout.params.size(); ++k)
+      ts.push_back({s.segs[k].dev, s.segs[k].n, layout.params[k].expert});
+    s.reducer = std::make_unique<dist::DeviceGradReducer>(*s.groups, std::move(ts));
+    s.reducer->use_nccl(s.nccl_world, s.nccl_dp);
+    s.auxstats = cu::DeviceBuffer<double>(size_t(2 * cfg.num_experts + 1));
+    s.tsumsq = cu::DeviceBuffer<double>(s.segs.size());
+    CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&s.sumsq_host), sizeof(double)));
+  }
   for (cudaEvent_t* e : {&s.upload_done, &s.loss_ready, &s.norm_ready})
     CUDA_CHECK(cudaEventCreateWithFlags(e, cudaEventDisableTiming));
   for (auto& e : s.ev) CUDA_CHECK(cudaEventCreate(&e));
@@ -529,7 +581,8 @@ void Qwen3MoeCuda::plan(int64_t B, int64_t T) {
                 nKV = c.num_key_value_heads, D = c.head_dim, E = c.num_experts,
                 K = c.num_experts_per_tok, I = c.moe_intermediate_size, F = c.intermediate_size,
                 V = c.vocab_size, L = c.num_hidden_layers, M = c.num_moe_layers();
-  const int64_t NK = M > 0 ? N * K : 0;
+  // Expert parallelism: the EP blocks keep the expert rows; the model's own are not needed.
+  const int64_t NK = M > 0 && !s.ep ? N * K : 0;
   // lm_head + CE chunk: at most 2048 rows and 512 MiB of bf16 logits, a multiple of 64 rows
   // (W1: 1728 rows, 5 chunks; fewer chunks = fewer bf16 roundings of the accumulated dW).
   int64_t chunk = std::min<int64_t>(2048, (int64_t(512) << 20) / (2 * V));
@@ -552,8 +605,8 @@ void Qwen3MoeCuda::plan(int64_t B, int64_t T) {
       a.k_rstd = cv.take<float>(N * nKV);
       a.ln2 = cv.take<bf16>(N * H);
       a.ln2_rstd = cv.take<float>(N);
-      a.gu = cv.take<bf16>(std::max(moe ? N * K * 2 * I : 0, dense ? N * 2 * F : 0));
-      if (moe && ys) a.ys = cv.take<bf16>(N * K * H);
+      a.gu = cv.take<bf16>(std::max(moe && !s.ep ? N * K * 2 * I : 0, dense ? N * 2 * F : 0));
+      if (moe && ys && !s.ep) a.ys = cv.take<bf16>(N * K * H);
     };
     LayerActs shared{};
     if (s.memsave) recomputable(shared, M > 0, M < L, false);
@@ -571,8 +624,10 @@ void Qwen3MoeCuda::plan(int64_t B, int64_t T) {
       a.x_mid = cv.take<bf16>(N * H);
       if (s.lo[l].moe) {
         a.topk_w = cv.take<float>(N * K);
-        a.offsets = cv.take<int32_t>(E + 1);
-        a.slot_row = cv.take<int32_t>(N * K);
+        if (!s.ep) {
+          a.offsets = cv.take<int32_t>(E + 1);
+          a.slot_row = cv.take<int32_t>(N * K);
+        }
       }
     }
     s.probs_all = cv.take<float>(M * N * E);
@@ -628,6 +683,12 @@ void Qwen3MoeCuda::plan(int64_t B, int64_t T) {
     return std::max({f.off, b.off, ov.off});
   };
   s.acts = cu::DeviceBuffer<unsigned char>();  // free the old arena first
+  if (s.ep) {  // one EP block per MoE layer, sized for N tokens (see the file comment)
+    s.ep_moe.clear();
+    for (int64_t m = 0; m < M; ++m)
+      s.ep_moe.push_back(std::make_unique<dist::EpMoeCuda>(
+          *s.ept, dist::EpMoeShape{N, H, I, E, K}, dist::EpMode::kCounts));
+  }
   const size_t bytes = carve(0);
   s.acts = cu::DeviceBuffer<unsigned char>(bytes);
   const size_t in_off_check = carve(reinterpret_cast<uintptr_t>(s.acts.get()));
@@ -656,6 +717,8 @@ void Qwen3MoeCuda::plan(int64_t B, int64_t T) {
   if (M > 0) ws = std::max(ws, cu::aux_loss_workspace_bytes(M * N, E));
   if (M > 0) ws = std::max(ws, cu::grouped_linear_workspace_bytes(E));
   if (M > 0) ws = std::max(ws, cu::moe_layout_workspace_bytes(N, K, E));
+  if (s.ep)
+    ws = std::max(ws, dist::EpMoeCuda::workspace_bytes({N, H, I, E, K}, s.groups->ep.size()));
   ws = std::max(ws, cu::sum_squares_workspace_bytes());
   if (ws > s.ws.bytes()) {
     s.ws = cu::DeviceBuffer<unsigned char>();
@@ -678,6 +741,7 @@ CudaMemory Qwen3MoeCuda::memory() const {
   m.grads = s.g16.bytes() + s.g32.bytes() + s.gsc.bytes() + s.gsc_small.bytes() + s.gsc_tied.bytes();
   m.moments = s.m16.bytes() + s.v16.bytes() + s.m32.bytes() + s.v32.bytes();
   m.activations = s.acts.bytes();
+  for (auto& e : s.ep_moe) m.activations += e->device_bytes();  // EP buffers count as activations
   m.workspace = s.ws.bytes();
   return m;
 }
@@ -822,7 +886,14 @@ void Qwen3MoeCuda::forward(const Batch& bt, float ce_denominator, float aux_scal
     s.lrecord(l, 1);
     // MLP block
     cu::rmsnorm_fwd(a.ln2, a.ln2_rstd, a.x_mid, s.W(o.ln2), N, H, eps, ctx);
-    if (o.moe) {
+    if (o.moe && s.ep) {  // the expert block over the EP group: layout, dispatch, experts, combine
+      float* probs = s.probs_all + o.moe_index * N * E;
+      int32_t* idx = s.topk_all + o.moe_index * N * K;
+      cu::linear_fwd(s.rlogits, a.ln2, s.W(o.router), nullptr, N, H, E, ctx);
+      cu::router_fwd(probs, idx, a.topk_w, s.rlogits, N, E, K, c.norm_topk_prob, ctx);
+      s.ep_moe[size_t(o.moe_index)]->fwd(s.tmp, a.ln2, idx, a.topk_w, s.W(o.ex_gu),
+                                         s.W(o.ex_down), N, ctx);
+    } else if (o.moe) {
       float* probs = s.probs_all + o.moe_index * N * E;
       int32_t* idx = s.topk_all + o.moe_index * N * K;
       cu::linear_fwd(s.rlogits, a.ln2, s.W(o.router), nullptr, N, H, E, ctx);
@@ -847,6 +918,11 @@ void Qwen3MoeCuda::forward(const Batch& bt, float ce_denominator, float aux_scal
 
   // ---- lm_head + cross-entropy in chunks of rows (and their backward when training)
   s.labelled = labelled;
+  if (s.dist && ce_denominator <= 0) {  // the mean over the GLOBAL batch's labelled tokens
+    int64_t all = labelled;
+    s.groups->world.allreduce_sum(&all, 1);
+    ce_denominator = float(all);
+  }
   s.denom = ce_denominator > 0 ? ce_denominator : float(labelled);
   const float ce_scale = s.denom > 0 ? 1.0f / s.denom : 0.f;
   if (logits) logits->resize(size_t(N * V));
@@ -876,7 +952,13 @@ void Qwen3MoeCuda::forward(const Batch& bt, float ce_denominator, float aux_scal
   // ---- aux loss over every MoE layer's router outputs
   s.has_aux = c.output_router_logits && c.num_moe_layers() > 0;
   s.aux_grad = 0.f;
-  if (s.has_aux) {
+  if (s.has_aux && s.dist) {  // f and P of the global batch: statistics summed over the world
+    cu::aux_loss_stats(s.auxstats.get(), s.probs_all, s.topk_all, c.num_moe_layers() * N, E, K,
+                       ctx);
+    s.reducer->allreduce_small(s.auxstats.get(), 2 * E + 1, s.groups->world, ctx.stream);
+    cu::aux_loss_fwd_global(s.d_aux, s.auxstats.get(), E, ctx);
+    s.aux_grad = float(c.router_aux_loss_coef) * aux_scale;
+  } else if (s.has_aux) {
     cu::aux_loss_fwd(s.d_aux, s.probs_all, s.topk_all, c.num_moe_layers() * N, E, K, ctx);
     s.aux_grad = float(c.router_aux_loss_coef) * aux_scale;
   }
@@ -897,6 +979,12 @@ LossParts Qwen3MoeCuda::loss() {
   for (int64_t i = 0; i < s.N; ++i) sum += s.loss_host[i];
   LossParts out;
   out.labelled = s.labelled;
+  if (s.dist) {  // the global batch: CE summed and labelled tokens counted over every rank
+    double both[2] = {sum, double(s.labelled)};
+    s.groups->world.allreduce_sum(both, 2);
+    sum = both[0];
+    out.labelled = int64_t(both[1]);
+  }
   // HF: mean over labelled tokens; with no labelled token the mean is NaN there, 0 here.
   out.ce = s.denom > 0 ? float(sum / s.denom) : 0.f;
   out.loss = out.ce;
@@ -924,7 +1012,10 @@ void Qwen3MoeCuda::backward() {
   const cu::AttentionSegments* seg = s.has_doc ? &s.seg : nullptr;
   const float beta = s.beta;
   // aux loss: d(coef*aux)/dprobs for all MoE layers at once
-  if (s.aux_grad != 0.f)
+  if (s.aux_grad != 0.f && s.dist)
+    cu::aux_loss_bwd_global(s.dprobs_all, s.aux_grad, s.auxstats.get(), c.num_moe_layers() * N, E,
+                            ctx);
+  else if (s.aux_grad != 0.f)
     cu::aux_loss_bwd(s.dprobs_all, s.aux_grad, s.topk_all, c.num_moe_layers() * N, E, K, ctx);
   for (int64_t l = L - 1; l >= 0; --l) {
     LayerActs& a = s.la[l];
@@ -944,7 +1035,16 @@ void Qwen3MoeCuda::backward() {
       }
     }
     // ---- MLP block: out = x_mid + mlp(ln2(x_mid)); dres is d(out)
-    if (o.moe) {
+    if (o.moe && s.ep) {  // combine's gradient is a dispatch, dispatch's a combine
+      const float* probs = s.probs_all + o.moe_index * N * E;
+      const int32_t* idx = s.topk_all + o.moe_index * N * K;
+      s.ep_moe[size_t(o.moe_index)]->bwd(s.dln, s.dtopk_w, s.g16_at(o.ex_gu), s.g16_at(o.ex_down),
+                                         beta, s.dres, s.W(o.ex_gu), s.W(o.ex_down), ctx);
+      cu::router_bwd(s.drl, s.dtopk_w,
+                     s.aux_grad != 0.f ? s.dprobs_all + o.moe_index * N * E : nullptr, probs, idx,
+                     N, E, K, c.norm_topk_prob, ctx);
+      s.lin_bwd(s.dln, 1.f, o.router, -1, s.drl, a.ln2, N, H, E, beta);
+    } else if (o.moe) {
       const float* probs = s.probs_all + o.moe_index * N * E;
       const int32_t* idx = s.topk_all + o.moe_index * N * K;
       cu::unpermute_bwd(s.dys, s.dtopk_w, s.dres, ys, a.topk_w, a.slot_row, N, K, H, ctx);
@@ -1032,10 +1132,21 @@ void Qwen3MoeCuda::optimizer_step(const AdamWConfig& c, float lr, float max_grad
     return;
   }
   ++s.adam_t;
-  if (s.bf16_mode())
+  if (s.dist) {  // gradients summed over the ranks, then the global norm (experts counted once)
+    allreduce_grads();
+    for (size_t k = 0; k < s.segs.size(); ++k) {
+      const Seg& sg = s.segs[k];
+      if (s.bf16_mode()) cu::sum_squares(s.tsumsq.get() + k, s.g16.get() + sg.dev, sg.n, ctx);
+      else cu::sum_squares(s.tsumsq.get() + k, s.g32.get() + sg.dev, sg.n, ctx);
+    }
+    s.sumsq_host[0] = s.reducer->global_sumsq(s.tsumsq.get(), ctx.stream);  // waits
+    CUDA_CHECK(cudaMemcpyAsync(s.d_sumsq, s.sumsq_host, sizeof(double), cudaMemcpyHostToDevice,
+                               ctx.stream));
+  } else if (s.bf16_mode()) {
     cu::sum_squares(s.d_sumsq, s.g16.get(), s.P, ctx);
-  else
+  } else {
     cu::sum_squares(s.d_sumsq, s.g32.get(), s.P, ctx);
+  }
   cu::clip_coef(s.d_coef, s.d_norm, s.d_sumsq, max_grad_norm, ctx);
   if (s.bf16_mode())
     cu::adamw_step(s.p16.get(), s.g16.get(), s.m16.get(), s.v16.get(), s.P, lr, c.beta1, c.beta2,
@@ -1047,6 +1158,14 @@ void Qwen3MoeCuda::optimizer_step(const AdamWConfig& c, float lr, float max_grad
                              ctx.stream));
   CUDA_CHECK(cudaEventRecord(s.norm_ready, ctx.stream));
   s.record(4);
+}
+
+void Qwen3MoeCuda::allreduce_grads() {
+  State& s = *s_;
+  if (!s.dist) return;
+  AM_CHECK(!s.fresh, "allreduce_grads() without gradients: run forward() and backward() first");
+  if (s.bf16_mode()) s.reducer->allreduce(s.g16.get(), s.ctx.stream);
+  else s.reducer->allreduce(s.g32.get(), s.ctx.stream);
 }
 
 float Qwen3MoeCuda::grad_norm() {

@@ -15,6 +15,16 @@
 // The layout (offsets, HF names) is the CPU model's, so the host fp32 arena of a Qwen3Moe loads,
 // checkpoints and exports through model/weights.h and train/checkpoint.h unchanged.
 //
+// Several GPU ranks (CudaDist below; docs/DISTRIBUTED.md): each rank runs its own micro-batch;
+// with an expert-parallel group of P > 1 ranks it holds only its E/P experts of every MoE layer
+// (the host layout of a Qwen3Moe built with the same dist::Groups, so loading, checkpoints and
+// exports go through the CPU code unchanged) and each MoE layer's expert block runs through a
+// dist::EpMoeCuda (counts mode) over the given transport. The loss and aux loss are those of the
+// global batch; optimizer_step() all-reduces the gradients (replicated tensors over the world,
+// expert shards over their DP group), clips by the global norm (each expert counted once) and
+// runs AdamW on this rank. With world size 1 nothing of this runs: the single-GPU code path and
+// its numerics are unchanged (bit-identical).
+//
 // The lm_head and the cross-entropy run in chunks of rows: per chunk, logits [rows, V] (bf16),
 // the loss, dlogits in place, and lm_head's backward into d(ln_f out) and dW_lm_head, all in
 // forward() (which knows the loss scale). Full [N, V] logits never exist on the device; forward()
@@ -31,6 +41,22 @@
 #include "train/adamw.h"
 
 namespace automoe {
+
+namespace dist {
+class EpTransport;
+class NcclGroup;
+}
+
+// The ranks a Qwen3MoeCuda belongs to. Default: one GPU.
+struct CudaDist {
+  const dist::Groups* groups = nullptr;       // world, ep, dp; null or world size 1: one GPU
+  dist::EpTransport* ep_transport = nullptr;  // needed when groups->ep has P > 1 ranks: moves
+                                              // the MoE rows (one rank per process)
+  // Optional NCCL communicators of the world and the DP group: the gradient all-reduce runs on
+  // them (null: MPI staging through host memory; dist/data_parallel_cuda.h).
+  dist::NcclGroup* nccl_world = nullptr;
+  dist::NcclGroup* nccl_dp = nullptr;
+};
 
 // train.precision: "bf16" (default: bf16 weights, gradients and AdamW moments, what a
 // Transformers user with a bf16 model gets) or "fp32_master" (fp32 master weights, gradients
@@ -61,8 +87,11 @@ struct CudaMemory {  // bytes
 //     experts' gate_up and down outputs from them, before that layer's weights are updated.
 class Qwen3MoeCuda {
  public:
+  // Several ranks (`dist.groups` with world size > 1): bf16 precision under expert parallelism
+  // (the EP block's expert gradients are bf16), no memory-saving mode; the groups and the
+  // transport must outlive the model.
   explicit Qwen3MoeCuda(const ModelConfig& cfg, Precision precision = Precision::BF16,
-                        int device = 0, bool memory_saving = false);
+                        int device = 0, bool memory_saving = false, const CudaDist& dist = {});
   ~Qwen3MoeCuda();
   Qwen3MoeCuda(const Qwen3MoeCuda&) = delete;
   Qwen3MoeCuda& operator=(const Qwen3MoeCuda&) = delete;
@@ -109,10 +138,16 @@ class Qwen3MoeCuda {
   // Accumulates d(loss)/d(params) for the last forward(grad = true).
   void backward();
   // Global-norm clipping (max_grad_norm > 0) and AdamW, on the device without a host sync.
+  // Several ranks: first the gradient all-reduce and the global norm (host-staged over MPI:
+  // synchronises; dist/data_parallel_cuda.h).
   // Memory-saving mode: AdamW already ran in the backward (with begin_step's settings, which
   // these must equal); this only sums the step's gradient norm.
   void optimizer_step(const AdamWConfig& c, float lr, float max_grad_norm);
   float grad_norm();  // the last optimizer_step's norm before clipping (waits)
+  // Several ranks: sums the gradients over the ranks now (replicated over the world, experts
+  // over their DP group), for a caller that reads them without a step (`automoe forward
+  // --grads`); optimizer_step() does it itself. A no-op in one process.
+  void allreduce_grads();
   // Top-k experts of every MoE layer in the last forward, [nMoE * N, K] (parity tools; waits).
   std::vector<int32_t> download_router_topk() const;
 

@@ -162,9 +162,7 @@ TrainResult run_finetune(const TrainConfig& cfg,
              "train.device {}: this automoe was built without the {} backend (nvcc was not found "
              "when it was configured); rebuild where CUDA is installed, or use train.device cpu",
              cfg.device, cfg.device);
-    AM_CHECK(world == 1, "train.device {} runs on one GPU for now; run it without mpirun (or use "
-             "train.device cpu for expert parallelism)", cfg.device);
-    dev = it->second(mc, cfg);
+    dev = it->second(mc, cfg, g);  // under mpirun: this rank's GPU and experts
   }
   Qwen3Moe model(mc, &g, !on_device);
   if (on_device) model.params().assign(size_t(model.layout().total), 0.f);

@@ -67,12 +67,15 @@ class DeviceTrainModel {
   virtual void set_last_grad_norm(float norm) { (void)norm; }
   // One micro-batch: forward and backward, gradients accumulate; the loss as Qwen3Moe::forward.
   virtual LossParts forward_backward(const Batch& b, float ce_denominator, float aux_scale) = 0;
-  // Global-norm clipping and AdamW at lr; returns the norm before clipping.
+  // Several ranks: the gradients summed over the ranks first (as dist::allreduce_grads).
+  // Global-norm clipping (the global norm) and AdamW at lr; returns the norm before clipping.
   virtual float clip_and_step(const AdamWConfig& c, float lr, float max_grad_norm) = 0;
   virtual int64_t peak_mem_bytes() = 0;  // device memory in use at its peak
 };
-using DeviceModelFactory =
-    std::function<std::unique_ptr<DeviceTrainModel>(const ModelConfig&, const TrainConfig&)>;
+// `groups`: the job's ranks (world size 1 in one process); the model holds the experts of its
+// EP rank (the host model's layout with the same groups) and reduces its gradients over them.
+using DeviceModelFactory = std::function<std::unique_ptr<DeviceTrainModel>(
+    const ModelConfig&, const TrainConfig&, const dist::Groups&)>;
 // Registers the model for train.device `device` (e.g. "cuda"); an empty `make` removes it.
 void register_device_model(const std::string& device, DeviceModelFactory make);
 

@@ -1,10 +1,16 @@
-// train/trainer_cuda.cpp: the trainer's DeviceTrainModel on one GPU: Qwen3MoeCuda in the
+// train/trainer_cuda.cpp: the trainer's DeviceTrainModel on a GPU: Qwen3MoeCuda in the
 // recipe's train.precision. Checkpoints and exports go through the host model's fp32 arena
 // (bf16 values convert exactly), so they are the CPU run's formats.
+// Under mpirun (world > 1) each rank takes the GPU of its local_rank (round-robin when there are
+// fewer GPUs than ranks per node) and, with train.ep > 1, an EP transport (dist/gpu_rank.h:
+// AUTOMOE_EP_TRANSPORT, NCCL when every rank has its own GPU, else MPI staging).
 #include "train/trainer_cuda.h"
 
 #include <algorithm>
+#include <cstdio>
 
+#include "dist/gpu_rank.h"
+#include "dist/process_group.h"
 #include "model/qwen3_moe_cuda.h"
 #include "train/trainer.h"
 
@@ -14,8 +20,14 @@ namespace {
 
 class CudaTrainModel final : public DeviceTrainModel {
  public:
-  CudaTrainModel(const ModelConfig& mc, const TrainConfig& cfg)
-      : free0_(free_bytes()), model_(mc, parse_precision(cfg.precision), 0, cfg.memory_saving) {}
+  CudaTrainModel(const ModelConfig& mc, const TrainConfig& cfg, const dist::Groups& g)
+      : device_(pick_device(g)),
+        free0_(free_bytes()),
+        comms_(make_comms(g, device_)),
+        model_(mc, parse_precision(cfg.precision), device_.device, cfg.memory_saving,
+               comms_ ? CudaDist{&g, comms_->ep_transport(), comms_->nccl_world(),
+                                 comms_->nccl_dp()}
+                      : CudaDist{&g, nullptr, nullptr, nullptr}) {}
 
   void upload(const Qwen3Moe& host, const AdamW* opt) override {
     model_.upload_params(host.params());
@@ -47,6 +59,27 @@ class CudaTrainModel final : public DeviceTrainModel {
   int64_t peak_mem_bytes() override { return int64_t(peak_); }
 
  private:
+  // One process: GPU 0, as always. Several: local_rank's GPU (collective over the world).
+  static dist::GpuPlacement pick_device(const dist::Groups& g) {
+    if (g.world.size() == 1) return dist::GpuPlacement{};
+    return dist::place_on_gpu(g.world, dist::detect_launch(), "automoe");
+  }
+  // Several ranks: the EP transport and, over NCCL, the gradient communicators (collective).
+  static std::unique_ptr<dist::GpuComms> make_comms(const dist::Groups& g,
+                                                    const dist::GpuPlacement& pl) {
+    if (g.world.size() == 1) return nullptr;
+    const dist::EpTransportKind kind = dist::choose_ep_transport("", pl);
+    if (g.world.rank() == 0) {
+      std::printf("%d GPU ranks: expert parallel %d x data parallel %d; EP rows and gradient "
+                  "all-reduce over %s%s\n",
+                  g.world.size(), g.ep.size(), g.dp.size(), dist::ep_transport_kind_name(kind),
+                  kind == dist::EpTransportKind::kMpiStaged
+                      ? " (staged through host memory; NCCL with one GPU per rank is the fast path)"
+                      : "");
+      std::fflush(stdout);
+    }
+    return std::make_unique<dist::GpuComms>(g, pl, kind);
+  }
   static size_t free_bytes() {
     size_t fr = 0, total = 0;
     CUDA_CHECK(cudaMemGetInfo(&fr, &total));  // creates the context first
@@ -59,15 +92,19 @@ class CudaTrainModel final : public DeviceTrainModel {
     if (free0_ > fr) peak_ = std::max(peak_, free0_ - fr);
   }
 
-  size_t free0_ = 0, peak_ = 0;  // before model_: measured before it allocates
+  dist::GpuPlacement device_;   // before free0_: the GPU is chosen first
+  size_t free0_ = 0, peak_ = 0;  // before model_: measured before it allocates (on a shared GPU
+                                 // the drop includes the other ranks' memory)
+  std::unique_ptr<dist::GpuComms> comms_;  // before model_, which uses them
   Qwen3MoeCuda model_;
 };
 
 }  // namespace
 
 void register_cuda_trainer() {
-  register_device_model("cuda", [](const ModelConfig& mc, const TrainConfig& cfg) {
-    return std::unique_ptr<DeviceTrainModel>(new CudaTrainModel(mc, cfg));
+  register_device_model("cuda", [](const ModelConfig& mc, const TrainConfig& cfg,
+                                   const dist::Groups& g) {
+    return std::unique_ptr<DeviceTrainModel>(new CudaTrainModel(mc, cfg, g));
   });
 }
 

@@ -282,7 +282,7 @@ class CpuAsDevice final : public DeviceTrainModel {
 
 TEST(Train, DeviceBranchTrainsAndResumesLikeTheCpuLoop) {
   auto cpu = run_finetune(small(tmpdir("dev_cpu"), 8)).history;
-  register_device_model("cuda", [](const ModelConfig& mc, const TrainConfig&) {
+  register_device_model("cuda", [](const ModelConfig& mc, const TrainConfig&, const dist::Groups&) {
     return std::unique_ptr<DeviceTrainModel>(new CpuAsDevice(mc));
   });
   TrainConfig c = small(tmpdir("dev_full"), 8);

@@ -11,6 +11,7 @@
 #include "model/qwen3_moe.h"
 #include "model/weights.h"
 #ifdef AUTOMOE_HAVE_CUDA
+#include "dist/gpu_rank.h"
 #include "model/qwen3_moe_cuda.h"
 #endif
 
@@ -90,9 +91,47 @@ void add_forward(CLI::App& app, Runners& runners) {
                shape_str(s_lab), shape_str(s_ids));
     }
     AM_CHECK(!o->grads || has_labels, "--grads needs labels in the batch file '{}'", o->batch);
+    if (world > 1) {  // this rank's rows
+      AM_CHECK(b.B % world == 0, "batch file '{}' has {} rows, which cannot be split evenly over {} ranks; "
+               "use a multiple of {} rows", o->batch, b.B, world, world);
+      const int64_t rows = b.B / world, a = rank * rows * b.T, e = (rank + 1) * rows * b.T;
+      b.ids = std::vector<int64_t>(b.ids.begin() + a, b.ids.begin() + e);
+      if (has_labels) b.labels = std::vector<int64_t>(b.labels.begin() + a, b.labels.begin() + e);
+      b.B = rows;
+    }
 #ifdef AUTOMOE_HAVE_CUDA
+    if (o->device == "cuda" && world > 1) {  // a GPU per rank (or shared), bf16, EP over --ep
+      const dist::GpuPlacement pl =
+          dist::place_on_gpu(g.world, dist::detect_launch(), "automoe forward");
+      dist::GpuComms comms(g, pl, dist::choose_ep_transport("", pl));
+      Qwen3Moe host(mc, &g, false);  // this rank's experts
+      host.params().assign(size_t(host.layout().total), 0.f);
+      load_hf_weights(host, o->model);
+      Qwen3MoeCuda gpu(mc, Precision::BF16, pl.device, false,
+                       CudaDist{&g, comms.ep_transport(), comms.nccl_world(), comms.nccl_dp()});
+      gpu.upload_params(host.params());
+      gpu.zero_grad();
+      std::vector<float> logits_v, grads_v;
+      gpu.forward(b, 0.f, 1.f, o->grads, &logits_v);  // loss and aux over the whole batch
+      LossParts lp = gpu.loss();
+      std::vector<std::pair<std::string, Tensor>> out;
+      Tensor logits =
+          Tensor::empty(DType::F32, rank == 0 ? Shape{b.B * world, b.T, mc.vocab_size} : Shape{0});
+      g.world.gather(logits.f32(), logits_v.data(), int64_t(logits_v.size() * sizeof(float)), 0);
+      out.emplace_back("logits", logits);
+      add_loss_tensors(out, lp, has_labels);
+      if (o->grads) {
+        gpu.backward();
+        gpu.allreduce_grads();
+        gpu.download_grads(grads_v);
+        for_each_hf_tensor(host, grads_v, [&](const std::string& name, const Tensor& t) {
+          out.emplace_back("grad." + name, t);  // rank 0: experts gathered layer by layer
+        });
+      }
+      if (rank == 0) save_safetensors(o->out, out, {});
+      return 0;
+    }
     if (o->device == "cuda") {  // one GPU, bf16; the logits come back chunk by chunk
-      AM_CHECK(world == 1, "--device cuda runs on one GPU: run it without mpirun");
       Qwen3Moe host(mc, nullptr, false);
       host.params().assign(size_t(host.layout().total), 0.f);
       load_hf_weights(host, o->model);
@@ -116,14 +155,6 @@ void add_forward(CLI::App& app, Runners& runners) {
 #endif
     Qwen3Moe model(mc, &g);
     load_hf_weights(model, o->model);
-    if (world > 1) {  // this rank's rows
-      AM_CHECK(b.B % world == 0, "batch file '{}' has {} rows, which cannot be split evenly over {} ranks; "
-               "use a multiple of {} rows", o->batch, b.B, world, world);
-      const int64_t rows = b.B / world, a = rank * rows * b.T, e = (rank + 1) * rows * b.T;
-      b.ids = std::vector<int64_t>(b.ids.begin() + a, b.ids.begin() + e);
-      if (has_labels) b.labels = std::vector<int64_t>(b.labels.begin() + a, b.labels.begin() + e);
-      b.B = rows;
-    }
     LossParts lp = model.forward(b);  // loss and aux over the whole batch (all ranks)
     std::vector<std::pair<std::string, Tensor>> out;
     Tensor logits = Tensor::empty(DType::F32, rank == 0 ? Shape{b.B * world, b.T, mc.vocab_size} : Shape{0});

@@ -58,6 +58,36 @@ void count_experts(int* counts, const int32_t* topk_idx, int64_t S, int E, const
   CUDA_CHECK_LAUNCH();
 }
 
+// stats = counts | P | N in f64 (one thread per expert).
+__global__ void aux_stats_kernel(double* stats, const int* counts, const float* P, int64_t N,
+                                 int E) {
+  for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < E; e += gridDim.x * blockDim.x) {
+    stats[e] = double(counts[e]);
+    stats[E + e] = double(P[e]);
+  }
+  if (blockIdx.x == 0 && threadIdx.x == 0) stats[2 * E] = double(N);
+}
+
+// One block: aux from global stats, the same formula as aux_fwd_kernel with Ng rows.
+__global__ void aux_fwd_global_kernel(float* aux, const double* stats, int E) {
+  __shared__ double red[32];
+  double s = 0.0;
+  for (int e = threadIdx.x; e < E; e += blockDim.x) s += stats[e] * stats[E + e];
+  s = block_sum(s, red);
+  const double Ng = stats[2 * E];
+  if (threadIdx.x == 0) aux[0] = Ng > 0 ? float(s / Ng / Ng * double(E)) : 0.f;
+}
+
+__global__ void aux_bwd_global_kernel(float* dprobs, float daux, const double* stats, int64_t N,
+                                      int E) {
+  const double Ng = stats[2 * E];
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < N * E;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int e = int(i % E);
+    dprobs[i] = Ng > 0 ? float(double(daux) * E * (stats[e] / Ng) / Ng) : 0.f;
+  }
+}
+
 }  // namespace
 
 // counts[E] and P[E] (each rounded up to 256 bytes), then the column-sum partials.
@@ -94,6 +124,37 @@ void aux_loss_bwd(float* dprobs, float daux, const int32_t* topk_idx, int64_t N,
   count_experts(counts, topk_idx, N * K, int(E), ctx);
   aux_bwd_kernel<<<grid_for(N * E, kThreads, ctx), kThreads, 0, ctx.stream>>>(dprobs, daux,
                                                                              counts, N, int(E));
+  CUDA_CHECK_LAUNCH();
+}
+
+void aux_loss_stats(double* stats, const float* probs, const int32_t* topk_idx, int64_t N,
+                    int64_t E, int64_t K, const Ctx& ctx) {
+  AM_CHECK(E >= 1 && E <= 8192, "[aux_loss_stats] {} experts: supported 1..8192", E);
+  char* ws = static_cast<char*>(
+      workspace_for(ctx, aux_loss_workspace_bytes(N, E), "aux_loss_stats"));
+  int* counts = reinterpret_cast<int*>(ws);
+  float* P = reinterpret_cast<float*>(ws + round_up(size_t(E) * sizeof(int)));
+  Ctx rest = ctx;
+  rest.workspace = ws + 2 * round_up(size_t(E) * sizeof(float));
+  rest.workspace_bytes = ctx.workspace_bytes - 2 * round_up(size_t(E) * sizeof(float));
+  CUDA_CHECK(cudaMemsetAsync(P, 0, size_t(E) * sizeof(float), ctx.stream));
+  if (N > 0) colsum_accumulate(P, probs, N, E, rest, "aux_loss_stats");
+  count_experts(counts, topk_idx, N * K, int(E), ctx);
+  aux_stats_kernel<<<unsigned((E + kThreads - 1) / kThreads), kThreads, 0, ctx.stream>>>(
+      stats, counts, P, N, int(E));
+  CUDA_CHECK_LAUNCH();
+}
+
+void aux_loss_fwd_global(float* aux, const double* stats, int64_t E, const Ctx& ctx) {
+  aux_fwd_global_kernel<<<1, kThreads, 0, ctx.stream>>>(aux, stats, int(E));
+  CUDA_CHECK_LAUNCH();
+}
+
+void aux_loss_bwd_global(float* dprobs, float daux, const double* stats, int64_t N, int64_t E,
+                         const Ctx& ctx) {
+  if (N == 0) return;
+  aux_bwd_global_kernel<<<grid_for(N * E, kThreads, ctx), kThreads, 0, ctx.stream>>>(
+      dprobs, daux, stats, N, int(E));
   CUDA_CHECK_LAUNCH();
 }
 

@@ -234,6 +234,19 @@ void aux_loss_fwd(float* aux /*[1] f32 =*/, const float* probs /*[N,E] f32*/,
 // dprobs = daux * E * (sum_k f[k,e]) / N; daux is a host scalar (the loss coefficient).
 void aux_loss_bwd(float* dprobs /*[N,E] f32 =*/, float daux, const int32_t* topk_idx /*[N,K]*/,
                   int64_t N, int64_t E, int64_t K, const Ctx& ctx);
+// Over several ranks (the global batch, as dist::aux_loss_global_fwd on the CPU): each rank's
+// statistics, which the caller sums over the world, then the loss and this rank's share of the
+// gradient from the global sums. stats[2E+1] f64: pick counts[e] | sum_n probs[n,e] | rows N.
+// Workspace: aux_loss_workspace_bytes(N, E).
+void aux_loss_stats(double* stats /*[2E+1] f64 =*/, const float* probs /*[N,E] f32*/,
+                    const int32_t* topk_idx /*[N,K] i32*/, int64_t N, int64_t E, int64_t K,
+                    const Ctx& ctx);
+// aux[0] = E / Ng^2 * sum_e counts[e] * P[e] from the summed stats (Ng = stats[2E]; 0 if none).
+void aux_loss_fwd_global(float* aux /*[1] f32 =*/, const double* stats /*[2E+1] f64*/, int64_t E,
+                         const Ctx& ctx);
+// dprobs[N,E] (=) = daux * E * (counts[e] / Ng) / Ng for this rank's N rows.
+void aux_loss_bwd_global(float* dprobs /*[N,E] f32 =*/, float daux,
+                         const double* stats /*[2E+1] f64*/, int64_t N, int64_t E, const Ctx& ctx);
 
 // ---- optimizer: torch.optim.AdamW over one flat range of the parameter arena ------------------
 // All-fp32 (master weights): p, m, v fp32; p_bf16 (nullable) receives the rounded weights the

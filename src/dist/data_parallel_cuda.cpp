@@ -1,0 +1,130 @@
+// dist/data_parallel_cuda.cpp: DeviceGradReducer (dist/data_parallel_cuda.h): gradient
+// all-reduce and global norm for GPU ranks, staged through host memory and MPI.
+#include "dist/data_parallel_cuda.h"
+
+#include <cuda_bf16.h>
+
+#include <algorithm>
+#include <type_traits>
+
+#include "core/check.h"
+#if defined(AUTOMOE_HAVE_NCCL) && AUTOMOE_HAVE_NCCL
+#include "dist/nccl_group.h"
+#define AUTOMOE_DP_NCCL 1
+#else
+#define AUTOMOE_DP_NCCL 0
+#endif
+
+namespace automoe::dist {
+
+DeviceGradReducer::DeviceGradReducer(const Groups& g, std::vector<DeviceTensor> tensors)
+    : g_(g), t_(std::move(tensors)), sum_(size_t(kBucket)) {
+  CUDA_CHECK(cudaMallocHost(&pin_, size_t(kBucket) * sizeof(float)));
+}
+
+DeviceGradReducer::~DeviceGradReducer() {
+  if (pin_) cudaFreeHost(pin_);
+}
+
+template <class T>
+void DeviceGradReducer::reduce_group(T* grads, bool expert, const Comm& c, cudaStream_t stream) {
+  if (c.size() == 1) return;
+  T* pin = static_cast<T*>(pin_);
+  struct Piece {
+    T* dev;
+    int64_t at, n;
+  };
+  std::vector<Piece> pieces;  // at most a few per tensor per bucket; small host bookkeeping
+  int64_t fill = 0;
+  auto flush = [&]() {
+    if (fill == 0) return;
+    CUDA_CHECK(cudaStreamSynchronize(stream));  // the bucket is on the host
+    for (int64_t i = 0; i < fill; ++i) {
+      if constexpr (std::is_same_v<T, cuda::bf16>) sum_[size_t(i)] = __bfloat162float(pin[i]);
+      else sum_[size_t(i)] = pin[i];
+    }
+    c.allreduce_sum(sum_.data(), fill);
+    for (int64_t i = 0; i < fill; ++i) {
+      if constexpr (std::is_same_v<T, cuda::bf16>) pin[i] = __float2bfloat16_rn(sum_[size_t(i)]);
+      else pin[i] = sum_[size_t(i)];
+    }
+    for (const Piece& p : pieces)
+      CUDA_CHECK(cudaMemcpyAsync(p.dev, pin + p.at, size_t(p.n) * sizeof(T),
+                                 cudaMemcpyHostToDevice, stream));
+    // the next bucket's device -> host copies queue behind these uploads on the same stream
+    pieces.clear();
+    fill = 0;
+  };
+  for (const DeviceTensor& t : t_) {
+    if (t.expert != expert) continue;
+    for (int64_t done = 0; done < t.n;) {
+      const int64_t n = std::min(t.n - done, kBucket - fill);
+      T* dev = grads + t.off + done;
+      CUDA_CHECK(cudaMemcpyAsync(pin + fill, dev, size_t(n) * sizeof(T), cudaMemcpyDeviceToHost,
+                                 stream));
+      pieces.push_back({dev, fill, n});
+      fill += n;
+      done += n;
+      if (fill == kBucket) flush();
+    }
+  }
+  flush();
+}
+
+template <class T>
+void DeviceGradReducer::reduce_group_nccl(T* grads, bool expert, NcclGroup& g,
+                                          cudaStream_t stream) {
+#if AUTOMOE_DP_NCCL
+  bufs_.clear();
+  counts_.clear();
+  for (const DeviceTensor& t : t_)
+    if (t.expert == expert) {
+      bufs_.push_back(grads + t.off);
+      counts_.push_back(size_t(t.n));
+    }
+  g.allreduce_sum(bufs_.data(), counts_.data(), int(bufs_.size()),
+                  std::is_same_v<T, cuda::bf16> ? ncclBfloat16 : ncclFloat32, stream);
+  g.wait(stream, "gradient all-reduce");
+#else
+  AM_FAIL("internal: NCCL gradient all-reduce in a build without NCCL");
+#endif
+}
+
+void DeviceGradReducer::allreduce(cuda::bf16* grads, cudaStream_t stream) {
+  if (nccl_world_) reduce_group_nccl(grads, false, *nccl_world_, stream);
+  else reduce_group(grads, false, g_.world, stream);
+  if (nccl_dp_) reduce_group_nccl(grads, true, *nccl_dp_, stream);
+  else reduce_group(grads, true, g_.dp, stream);
+}
+
+void DeviceGradReducer::allreduce(float* grads, cudaStream_t stream) {
+  if (nccl_world_) reduce_group_nccl(grads, false, *nccl_world_, stream);
+  else reduce_group(grads, false, g_.world, stream);
+  if (nccl_dp_) reduce_group_nccl(grads, true, *nccl_dp_, stream);
+  else reduce_group(grads, true, g_.dp, stream);
+}
+
+double DeviceGradReducer::global_sumsq(const double* sumsq, cudaStream_t stream) {
+  small_.resize(t_.size());
+  CUDA_CHECK(cudaMemcpyAsync(small_.data(), sumsq, t_.size() * sizeof(double),
+                             cudaMemcpyDeviceToHost, stream));
+  CUDA_CHECK(cudaStreamSynchronize(stream));
+  double dense = 0.0, experts = 0.0;  // dense: the same on every rank; experts: this shard
+  for (size_t i = 0; i < t_.size(); ++i) (t_[i].expert ? experts : dense) += small_[i];
+  g_.ep.allreduce_sum(&experts, 1);
+  return dense + experts;
+}
+
+void DeviceGradReducer::allreduce_small(double* x, int64_t n, const Comm& c, cudaStream_t stream) {
+  if (c.size() == 1) return;
+  small_.resize(size_t(n));
+  CUDA_CHECK(cudaMemcpyAsync(small_.data(), x, size_t(n) * sizeof(double), cudaMemcpyDeviceToHost,
+                             stream));
+  CUDA_CHECK(cudaStreamSynchronize(stream));
+  c.allreduce_sum(small_.data(), n);
+  CUDA_CHECK(cudaMemcpyAsync(x, small_.data(), size_t(n) * sizeof(double), cudaMemcpyHostToDevice,
+                             stream));
+  CUDA_CHECK(cudaStreamSynchronize(stream));  // small_ is pageable and reused
+}
+
+}  // namespace automoe::dist
