@@ -44,8 +44,23 @@ size_t EpMoeCuda::workspace_bytes(const EpMoeShape& s, int P) {
                   cu::moe_layout_workspace_bytes(int64_t(std::max(P, 1)) * s.max_tokens, s.K, El));
 }
 
-EpMoeCuda::EpMoeCuda(EpTransport& t, const EpMoeShape& shape, EpMode mode)
-    : t_(t), s_(shape), mode_(mode), P_(t.size()), L_(t.num_local()) {
+EpMoeScratch::EpMoeScratch(const EpMoeShape& s, int P) {
+  const int64_t El = s.E / std::max(P, 1);
+  Mcap = int64_t(std::max(P, 1)) * s.max_tokens * std::min(s.K, std::max<int64_t>(El, 1));
+  xs = Buf<bf16>(size_t(Mcap * s.H));
+  act = Buf<bf16>(size_t(Mcap * s.I));
+  dys = Buf<bf16>(size_t(Mcap * s.H));
+  dact = Buf<bf16>(size_t(Mcap * s.I));
+  dgu = Buf<bf16>(size_t(Mcap * 2 * s.I));
+}
+
+size_t EpMoeScratch::bytes() const {
+  return xs.bytes() + act.bytes() + dys.bytes() + dact.bytes() + dgu.bytes();
+}
+
+EpMoeCuda::EpMoeCuda(EpTransport& t, const EpMoeShape& shape, EpMode mode,
+                     std::shared_ptr<EpMoeScratch> scratch)
+    : t_(t), s_(shape), mode_(mode), P_(t.size()), L_(t.num_local()), sc_(std::move(scratch)) {
   const int64_t H = s_.H, I = s_.I, E = s_.E, K = s_.K, Nmax = s_.max_tokens;
   AM_CHECK(H > 0 && I > 0 && K > 0 && Nmax >= 0, "[EpMoeCuda] needs H, I, K > 0 (got {}, {}, {})",
            H, I, K);
@@ -87,12 +102,15 @@ EpMoeCuda::EpMoeCuda(EpTransport& t, const EpMoeShape& shape, EpMode mode)
               r->gu.bytes() + r->ys.bytes();
     r_.push_back(std::move(r));
   }
-  xs_ = Buf<bf16>(size_t(Mcap_ * H));
-  act_ = Buf<bf16>(size_t(Mcap_ * I));
-  dys_ = Buf<bf16>(size_t(Mcap_ * H));
-  dact_ = Buf<bf16>(size_t(Mcap_ * I));
-  dgu_ = Buf<bf16>(size_t(Mcap_ * 2 * I));
-  bytes_ += xs_.bytes() + act_.bytes() + dys_.bytes() + dact_.bytes() + dgu_.bytes();
+  if (sc_) {
+    AM_CHECK(sc_->Mcap >= Mcap_ && sc_->xs.size() >= size_t(Mcap_ * H) &&
+                 sc_->dgu.size() >= size_t(Mcap_ * 2 * I),
+             "internal: [EpMoeCuda] a shared scratch of {} slots for a block of {}", sc_->Mcap,
+             Mcap_);
+  } else {
+    sc_ = std::make_shared<EpMoeScratch>(s_, P_);
+    bytes_ += sc_->bytes();
+  }
 
   CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&host_cnt_), size_t(L_) * 2 * P_ * sizeof(int32_t)));
   // The largest all-to-all: dispatch's rows (x, picks, weights), or dispatch's backward with
@@ -209,10 +227,12 @@ void EpMoeCuda::fwd(const EpMoeFwdArgs* a, int64_t N, const cu::Ctx& ctx) {
     const int64_t R = R_[i], M = R * std::min(K, El);
     if (mode_ == EpMode::kPadded) cu::ep_recv_mask(r.idx_recv.get(), r.cnt.get() + P, N, K, P, ctx);
     cu::moe_layout(r.offsets.get(), r.slot_row.get(), r.idx_recv.get(), R, El, K, ctx);
-    cu::permute_fwd(xs_.get(), r.x_recv.get(), r.slot_row.get(), R, K, H, ctx);
-    cu::grouped_linear_fwd(r.gu.get(), xs_.get(), a[i].w_gu, r.offsets.get(), M, El, H, 2 * I, ctx);
-    cu::swiglu_fwd(act_.get(), r.gu.get(), M, I, ctx);
-    cu::grouped_linear_fwd(r.ys.get(), act_.get(), a[i].w_down, r.offsets.get(), M, El, I, H, ctx);
+    cu::permute_fwd(sc_->xs.get(), r.x_recv.get(), r.slot_row.get(), R, K, H, ctx);
+    cu::grouped_linear_fwd(r.gu.get(), sc_->xs.get(), a[i].w_gu, r.offsets.get(), M, El, H, 2 * I,
+                           ctx);
+    cu::swiglu_fwd(sc_->act.get(), r.gu.get(), M, I, ctx);
+    cu::grouped_linear_fwd(r.ys.get(), sc_->act.get(), a[i].w_down, r.offsets.get(), M, El, I, H,
+                           ctx);
     cu::unpermute_fwd(r.y_recv.get(), r.ys.get(), r.w_recv.get(), r.slot_row.get(), R, K, H, ctx);
   }
   // ---- combine: rows back along the dispatch's path, summed per token in rank order
@@ -247,15 +267,15 @@ void EpMoeCuda::bwd(const EpMoeBwdArgs* a, float g_beta, const cu::Ctx& ctx) {
   for (int i = 0; i < L_; ++i) {
     Rank& r = *r_[i];
     const int64_t R = R_[i], M = R * std::min(K, El);
-    cu::unpermute_bwd(dys_.get(), r.dw_recv.get(), r.y_recv.get(), r.ys.get(), r.w_recv.get(),
+    cu::unpermute_bwd(sc_->dys.get(), r.dw_recv.get(), r.y_recv.get(), r.ys.get(), r.w_recv.get(),
                       r.slot_row.get(), R, K, H, ctx);
-    cu::swiglu_fwd(act_.get(), r.gu.get(), M, I, ctx);
-    cu::grouped_linear_bwd(dact_.get(), a[i].g_down, g_beta, dys_.get(), act_.get(), a[i].w_down,
-                           r.offsets.get(), M, El, I, H, ctx);
-    cu::swiglu_bwd(dgu_.get(), dact_.get(), r.gu.get(), M, I, ctx);
-    cu::permute_fwd(xs_.get(), r.x_recv.get(), r.slot_row.get(), R, K, H, ctx);
-    bf16* dxs = dys_.get();  // [M,H], reused: dys was consumed above
-    cu::grouped_linear_bwd(dxs, a[i].g_gu, g_beta, dgu_.get(), xs_.get(), a[i].w_gu,
+    cu::swiglu_fwd(sc_->act.get(), r.gu.get(), M, I, ctx);
+    cu::grouped_linear_bwd(sc_->dact.get(), a[i].g_down, g_beta, sc_->dys.get(), sc_->act.get(),
+                           a[i].w_down, r.offsets.get(), M, El, I, H, ctx);
+    cu::swiglu_bwd(sc_->dgu.get(), sc_->dact.get(), r.gu.get(), M, I, ctx);
+    cu::permute_fwd(sc_->xs.get(), r.x_recv.get(), r.slot_row.get(), R, K, H, ctx);
+    bf16* dxs = sc_->dys.get();  // [M,H], reused: dys was consumed above
+    cu::grouped_linear_bwd(dxs, a[i].g_gu, g_beta, sc_->dgu.get(), sc_->xs.get(), a[i].w_gu,
                            r.offsets.get(), M, El, H, 2 * I, ctx);
     cu::permute_bwd(r.y_recv.get() /*dx rows*/, dxs, r.slot_row.get(), R, K, H, ctx);
   }

@@ -77,9 +77,21 @@ struct EpTimes {
   int64_t rows_payload = 0, rows_wire = 0;
 };
 
+// What the block uses only inside one fwd() or bwd() call: xs, act, dys, dact, dgu over the
+// worst-case local slots (Mcap = P * max_tokens * min(K, E/P)). Blocks that run one after another
+// on one stream (a model's MoE layers) share one instead of holding one each.
+struct EpMoeScratch {
+  EpMoeScratch(const EpMoeShape& shape, int P);
+  int64_t Mcap = 0;
+  cuda::DeviceBuffer<cuda::bf16> xs, act, dys, dact, dgu;  // [Mcap,H] [Mcap,I] [Mcap,H] [Mcap,I] [Mcap,2I]
+  size_t bytes() const;
+};
+
 class EpMoeCuda {
  public:
-  EpMoeCuda(EpTransport& t, const EpMoeShape& shape, EpMode mode);
+  // `scratch`: shared with other blocks of the same shape and stream; null: the block owns one.
+  EpMoeCuda(EpTransport& t, const EpMoeShape& shape, EpMode mode,
+            std::shared_ptr<EpMoeScratch> scratch = nullptr);
   ~EpMoeCuda();
   EpMoeCuda(const EpMoeCuda&) = delete;
   EpMoeCuda& operator=(const EpMoeCuda&) = delete;
@@ -100,7 +112,7 @@ class EpMoeCuda {
   EpMode mode() const { return mode_; }
   int num_local() const { return L_; }
   int64_t local_experts() const { return El_; }
-  size_t device_bytes() const { return bytes_; }  // everything this object allocated
+  size_t device_bytes() const { return bytes_; }  // what this object allocated (+ own scratch)
   // Counts mode: rows local rank `i` received in the last forward; padded mode: -1 (on the
   // device only).
   int64_t rows_received(int i) const;
@@ -126,8 +138,8 @@ class EpMoeCuda {
   size_t bytes_ = 0;
   bool timing_ = false;
   std::vector<std::unique_ptr<Rank>> r_;
-  // Shared scratch (the local ranks run one after the other on the stream): [Mcap, .]
-  cuda::DeviceBuffer<cuda::bf16> xs_, act_, dys_, dact_, dgu_;
+  // Scratch (the local ranks run one after the other on the stream), maybe shared with others
+  std::shared_ptr<EpMoeScratch> sc_;
   // Host side: counts read back (pinned, [L, 2P]) and the row plans ([L*P] each).
   int32_t* host_cnt_ = nullptr;
   std::vector<int64_t> send_off_, send_cnt_, recv_off_, recv_cnt_, unit_off_, unit_cnt_;

@@ -224,6 +224,7 @@ struct Qwen3MoeCuda::State {
   bool dist = false, ep = false;
   std::unique_ptr<dist::DeviceGradReducer> reducer;     // gradient all-reduce, global norm
   std::vector<std::unique_ptr<dist::EpMoeCuda>> ep_moe;  // [nMoE], sized in plan()
+  std::shared_ptr<dist::EpMoeScratch> ep_scratch;        // their per-call scratch, one for all
   cu::DeviceBuffer<double> auxstats;                     // [2E+1] global aux statistics
   cu::DeviceBuffer<double> tsumsq;                       // [segs] g^2 per tensor
   double* sumsq_host = nullptr;                          // pinned [1]: the global g^2 sum
@@ -685,9 +686,12 @@ void Qwen3MoeCuda::plan(int64_t B, int64_t T) {
   s.acts = cu::DeviceBuffer<unsigned char>();  // free the old arena first
   if (s.ep) {  // one EP block per MoE layer, sized for N tokens (see the file comment)
     s.ep_moe.clear();
+    s.ep_scratch.reset();  // free the old one before sizing the new
+    s.ep_scratch = std::make_shared<dist::EpMoeScratch>(dist::EpMoeShape{N, H, I, E, K},
+                                                        int(s.groups->ep.size()));
     for (int64_t m = 0; m < M; ++m)
       s.ep_moe.push_back(std::make_unique<dist::EpMoeCuda>(
-          *s.ept, dist::EpMoeShape{N, H, I, E, K}, dist::EpMode::kCounts));
+          *s.ept, dist::EpMoeShape{N, H, I, E, K}, dist::EpMode::kCounts, s.ep_scratch));
   }
   const size_t bytes = carve(0);
   s.acts = cu::DeviceBuffer<unsigned char>(bytes);
@@ -742,6 +746,7 @@ CudaMemory Qwen3MoeCuda::memory() const {
   m.moments = s.m16.bytes() + s.v16.bytes() + s.m32.bytes() + s.v32.bytes();
   m.activations = s.acts.bytes();
   for (auto& e : s.ep_moe) m.activations += e->device_bytes();  // EP buffers count as activations
+  if (s.ep_scratch) m.activations += s.ep_scratch->bytes();
   m.workspace = s.ws.bytes();
   return m;
 }
