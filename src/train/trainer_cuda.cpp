@@ -61,7 +61,10 @@ class CudaTrainModel final : public DeviceTrainModel {
  private:
   // One process: GPU 0, as always. Several: local_rank's GPU (collective over the world).
   static dist::GpuPlacement pick_device(const dist::Groups& g) {
-    if (g.world.size() == 1) return dist::GpuPlacement{};
+    if (g.world.size() == 1) {
+      cuda::require_device("train.device cuda");
+      return dist::GpuPlacement{};
+    }
     return dist::place_on_gpu(g.world, dist::detect_launch(), "automoe");
   }
   // Several ranks: the EP transport and, over NCCL, the gradient communicators (collective).

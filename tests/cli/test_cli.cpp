@@ -78,6 +78,30 @@ TEST(CliFinetune, UnknownOverrideIsAClearError) {
   EXPECT_NE(log.find("unknown recipe key 'train.stepz'"), std::string::npos) << log;
 }
 
+// Without a usable GPU (CI, this machine) `--device cuda` must stop with a sentence saying so,
+// not a raw CUDA error; with one, it runs (then there is nothing to check here).
+TEST(CliGpu, NoUsableGpuIsAClearError) {
+  std::string log;
+  const int rc = run("forward --model " + kFix + "tiny_a/model --batch " + kFix +
+                         "tiny_a/reference.safetensors --out " + tmp("gpu.safetensors") +
+                         " --device cuda --dtype bf16",
+                     &log);
+  if (rc == 0) GTEST_SKIP() << "a GPU is here: forward --device cuda ran";
+  EXPECT_EQ(rc, 1) << log;
+  const bool clear = log.find("no usable CUDA GPU") != std::string::npos ||
+                     log.find("built without CUDA") != std::string::npos;
+  EXPECT_TRUE(clear) << log;
+  const int rc2 = run("finetune " + std::string(AUTOMOE_SOURCE_DIR) +
+                          "/examples/demo.yaml --train.device cuda --train.steps 1 "
+                      "--output.dir " + tmp("gpu_run"),
+                      &log);
+  if (rc2 == 0) GTEST_SKIP() << "a GPU is here: finetune on cuda ran";
+  EXPECT_EQ(rc2, 1) << log;
+  EXPECT_TRUE(log.find("no usable CUDA GPU") != std::string::npos ||
+              log.find("built without the cuda backend") != std::string::npos)
+      << log;
+}
+
 TEST(CliEncode, ChatRendersAndTokenizesAsTransformers) {
   const std::string tok = std::string(AUTOMOE_SOURCE_DIR) + "/../shared/data/tokenizers/qwen3";
   if (!fs::exists(tok + "/tokenizer.json")) GTEST_SKIP() << "../shared/data/tokenizers/qwen3 not found";

@@ -132,6 +132,7 @@ void add_forward(CLI::App& app, Runners& runners) {
       return 0;
     }
     if (o->device == "cuda") {  // one GPU, bf16; the logits come back chunk by chunk
+      cuda::require_device("forward --device cuda");
       Qwen3Moe host(mc, nullptr, false);
       host.params().assign(size_t(host.layout().total), 0.f);
       load_hf_weights(host, o->model);

@@ -26,7 +26,20 @@ void* workspace_for(const Ctx& ctx, size_t bytes, const char* op) {
   return ctx.workspace;
 }
 
+void require_device(const char* who) {
+  int n = 0;
+  const cudaError_t e = cudaGetDeviceCount(&n);
+  if (e != cudaSuccess) (void)cudaGetLastError();  // the error is not sticky: clear it
+  AM_CHECK(e == cudaSuccess && n > 0,
+           "{}: no usable CUDA GPU in this process ({}); run it on a machine with an NVIDIA GPU "
+           "and a driver for CUDA {}.{} or newer (check nvidia-smi and CUDA_VISIBLE_DEVICES), or "
+           "use the CPU backend",
+           who, e != cudaSuccess ? cudaGetErrorString(e) : "0 devices", CUDART_VERSION / 1000,
+           CUDART_VERSION % 1000 / 10);
+}
+
 ScopedCtx::ScopedCtx(size_t workspace_bytes, int device) : ws_(0) {
+  require_device("the CUDA backend");
   CUDA_CHECK(cudaSetDevice(device));
   CUDA_CHECK(cudaDeviceGetAttribute(&ctx_.num_sms, cudaDevAttrMultiProcessorCount, device));
   CUDA_CHECK(cudaStreamCreateWithFlags(&ctx_.stream, cudaStreamNonBlocking));

@@ -54,6 +54,9 @@ struct Ctx {
 
 // ctx.workspace when it holds `bytes`; otherwise an Error naming the op and what to do.
 void* workspace_for(const Ctx& ctx, size_t bytes, const char* op);
+// Throws, saying what to do, when this process has no usable CUDA device (no GPU, no or too
+// old a driver, CUDA_VISIBLE_DEVICES empty). `who`: the command or option that needs one.
+void require_device(const char* who);
 
 // Device memory owned by one object (move-only). Allocation is cudaMalloc: do it at set-up.
 template <class T>
