@@ -310,6 +310,63 @@ void case_rmsnorm(const cu::Ctx& ctx, int64_t N, int64_t C) {
   check("rmsnorm_bwd", "dw", sh, d_dw, dw, kF32);
 }
 
+// The fused forward pairs: against the CPU ops they replace, and against the two CUDA ops
+// (the same bits expected; the limit lets a rare ulp of a different FMA contraction through).
+void case_add_rmsnorm(const cu::Ctx& ctx, int64_t N, int64_t C) {
+  const std::string sh = shape_str({{"N", N}, {"C", C}});
+  Pool pool;
+  const float eps = 1e-6f;
+  Bf a = bf_uniform(N * C, -2, 2), b = bf_uniform(N * C, -2, 2), w = bf_uniform(C, 0.5f, 1.5f);
+  std::vector<float> sum_ref(N * C), out_ref(N * C), rstd_ref(N);
+  for (int64_t i = 0; i < N * C; ++i) sum_ref[i] = a.f[i] + b.f[i];
+  cpu::rmsnorm_fwd(out_ref.data(), rstd_ref.data(), sum_ref.data(), w.f.data(), N, C, eps);
+  auto& d_a = pool.in(a.h);
+  auto& d_b = pool.in(b.h);
+  auto& d_w = pool.in(w.h);
+  auto& d_sum = pool.out<bf16>(N * C);
+  auto& d_out = pool.out<bf16>(N * C);
+  auto& d_rstd = pool.out<float>(N);
+  auto& d_sum2 = pool.out<bf16>(N * C);
+  auto& d_out2 = pool.out<bf16>(N * C);
+  auto& d_rstd2 = pool.out<float>(N);
+  cu::add_rmsnorm_fwd(d_sum.p, d_out.p, d_rstd.p, d_a.p, d_b.p, d_w.p, N, C, eps, ctx);
+  cu::add(d_sum2.p, d_a.p, d_b.p, N * C, ctx);
+  cu::rmsnorm_fwd(d_out2.p, d_rstd2.p, d_sum2.p, d_w.p, N, C, eps, ctx);
+  sync(ctx);
+  check("add_rmsnorm_fwd", "sum", sh, d_sum, sum_ref, kBf16Out);
+  check("add_rmsnorm_fwd", "out", sh, d_out, out_ref, kBf16Chain);
+  check("add_rmsnorm_fwd", "rstd", sh, d_rstd, rstd_ref, kF32);
+  check("add_rmsnorm_fwd", "out=add;norm", sh, d_out, to_f(d_out2.download()), kF32Exact);
+  check("add_rmsnorm_fwd", "rstd=add;norm", sh, d_rstd, d_rstd2.download(), kF32Exact);
+}
+
+void case_qk_norm_rope(const cu::Ctx& ctx, int64_t N, int64_t H, int64_t D, float theta) {
+  const std::string sh = shape_str({{"N", N}, {"H", H}, {"D", D}});
+  Pool pool;
+  const float eps = 1e-6f;
+  Bf x = bf_uniform(N * H * D, -2, 2), w = bf_uniform(D, 0.5f, 1.5f);
+  std::vector<int32_t> pos(N);
+  for (auto& p : pos) p = rand_int(0, 4095);
+  std::vector<float> normed(N * H * D), rstd_ref(N * H), out_ref(N * H * D);
+  cpu::rmsnorm_fwd(normed.data(), rstd_ref.data(), x.f.data(), w.f.data(), N * H, D, eps);
+  cpu::rope_fwd(out_ref.data(), normed.data(), pos.data(), N, H, D, theta);
+  auto& d_x = pool.in(x.h);
+  auto& d_w = pool.in(w.h);
+  auto& d_pos = pool.in(pos);
+  auto& d_out = pool.out<bf16>(N * H * D);
+  auto& d_rstd = pool.out<float>(N * H);
+  auto& d_out2 = pool.out<bf16>(N * H * D);
+  auto& d_rstd2 = pool.out<float>(N * H);
+  cu::qk_norm_rope_fwd(d_out.p, d_rstd.p, d_x.p, d_w.p, d_pos.p, N, H, D, eps, theta, ctx);
+  cu::rmsnorm_fwd(d_out2.p, d_rstd2.p, d_x.p, d_w.p, N * H, D, eps, ctx);
+  cu::rope_fwd(d_out2.p, d_out2.p, d_pos.p, N, H, D, theta, ctx);  // in place, as the model
+  sync(ctx);
+  check("qk_norm_rope_fwd", "out", sh, d_out, out_ref, kBf16Chain);
+  check("qk_norm_rope_fwd", "rstd", sh, d_rstd, rstd_ref, kF32);
+  check("qk_norm_rope_fwd", "out=norm;rope", sh, d_out, to_f(d_out2.download()), kF32Exact);
+  check("qk_norm_rope_fwd", "rstd=norm;rope", sh, d_rstd, d_rstd2.download(), kF32Exact);
+}
+
 void case_linear(const cu::Ctx& ctx, int64_t N, int64_t I, int64_t O, bool bias, float dx_beta) {
   const std::string sh = shape_str({{"N", N}, {"I", I}, {"O", O}, {"bias", bias}}) +
                          (dx_beta != 0 ? " dx+=" : "");
@@ -1394,6 +1451,9 @@ int main(int argc, char** argv) {
     case_rmsnorm(ctx, 13 * 4, 128);  // per-head q/k norm: N = tokens*heads, C = head dim
     case_rmsnorm(ctx, 33 * 3, 6);    // the parity fixture tiny_c's q norm (head dim 6)
     case_rmsnorm(ctx, 512, 2048);
+    case_add_rmsnorm(ctx, 7, 13);
+    case_add_rmsnorm(ctx, 512, 2048);
+    case_add_rmsnorm(ctx, 8192, 2048);  // W1's residual stream
   });
   run(filter, "linear", [&] {
     case_linear(ctx, 5, 7, 11, true, 0.0f);
@@ -1407,6 +1467,10 @@ int main(int argc, char** argv) {
     case_rope(ctx, 13, 3, 2, 10000.f);
     case_rope(ctx, 33, 3, 6, 500.f);  // tiny_c: head dim 6, theta 500
     case_rope(ctx, 512, 32, 128, 1e6f);
+    case_qk_norm_rope(ctx, 7, 5, 10, 10000.f);
+    case_qk_norm_rope(ctx, 33, 3, 6, 500.f);    // tiny_c
+    case_qk_norm_rope(ctx, 512, 32, 128, 1e6f);  // W1's q heads
+    case_qk_norm_rope(ctx, 8192, 4, 128, 1e6f);  // W1's k heads
     case_rope(ctx, 37, 4, 64, 1e6f);  // the per-token kernel at its smallest shape
     case_rope(ctx, 8192, 4, 128, 1e6f);  // W1's k heads
   });

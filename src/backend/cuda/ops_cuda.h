@@ -287,6 +287,16 @@ void embedding_bwd_sorted(float* dwte /*[V,C] f32 +=*/, const bf16* dout, const 
 // ---- elementwise glue (elementwise.cu); fp32 arithmetic, one rounding ------------------------
 void add_inplace(bf16* y /*[n] +=*/, const bf16* x, int64_t n, const Ctx& ctx);   // y += x
 void add(bf16* out /*[n] =*/, const bf16* a, const bf16* b, int64_t n, const Ctx& ctx);
+
+// ---- fused forward pairs: the same bits as the two ops they replace, fewer passes ----------------
+// add() then rmsnorm_fwd(): sum = a + b (one rounding), out = (sum * rstd) * w.
+void add_rmsnorm_fwd(bf16* sum /*[N,C] =*/, bf16* out /*[N,C] =*/, float* rstd /*[N] f32 =*/,
+                     const bf16* a /*[N,C]*/, const bf16* b /*[N,C]*/, const bf16* w /*[C]*/,
+                     int64_t N, int64_t C, float eps, const Ctx& ctx);
+// rmsnorm_fwd() over the N*H rows of D (per-head q/k norm) then rope_fwd(): out must not alias x.
+void qk_norm_rope_fwd(bf16* out /*[N,H,D] =*/, float* rstd /*[N*H] f32 =*/,
+                      const bf16* x /*[N,H,D]*/, const bf16* w /*[D]*/, const int32_t* pos /*[N]*/,
+                      int64_t N, int64_t H, int64_t D, float eps, float theta, const Ctx& ctx);
 // g = beta * g + s: an fp32 gradient computed in scratch folded into a bf16 gradient.
 void accumulate_grad(bf16* g /*[n]*/, const float* s /*[n] f32*/, float beta, int64_t n,
                      const Ctx& ctx);
