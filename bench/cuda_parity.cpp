@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -313,6 +314,38 @@ void memsave_resume(const std::string& name, const ModelConfig& cfg,
   verdict(differ == 0, name + " memory-saving mode: a resumed run does not continue exactly");
 }
 
+// AUTOMOE_FUSED_NORM=1 (add_rmsnorm_fwd, qk_norm_rope_fwd in the forward) against the op
+// pairs: the same bits are expected (the fused ops keep the pairs' arithmetic); the verdict
+// allows a rare ulp of a different FMA contraction (gradients rel-L2 <= 1e-5).
+void fused_vs_unfused(const std::string& name, const ModelConfig& cfg,
+                      const std::vector<float>& params, const Batch& b) {
+  unsetenv("AUTOMOE_FUSED_NORM");
+  Qwen3MoeCuda plain(cfg, Precision::BF16);
+  setenv("AUTOMOE_FUSED_NORM", "1", 1);
+  Qwen3MoeCuda fused(cfg, Precision::BF16);
+  unsetenv("AUTOMOE_FUSED_NORM");
+  std::vector<float> gp, gf;
+  float lp = 0, lf = 0;
+  for (Qwen3MoeCuda* x : {&plain, &fused}) {
+    x->upload_params(params);
+    x->zero_grad();
+    x->forward(b);
+    x->backward();
+  }
+  lp = plain.loss().loss;
+  lf = fused.loss().loss;
+  plain.download_grads(gp);
+  fused.download_grads(gf);
+  int64_t differ = 0;
+  for (size_t i = 0; i < gp.size(); ++i) differ += gp[i] != gf[i];
+  const double rel = rel_l2(gf.data(), gp.data(), int64_t(gp.size()));
+  std::printf("%-16s fused norms vs op pairs: loss %.7f / %.7f, gradients differing %lld of %zu "
+              "(rel-L2 %.3g)\n",
+              name.c_str(), lf, lp, (long long)differ, gp.size(), rel);
+  verdict(std::fabs(double(lf) - lp) <= 1e-6 * std::fabs(double(lp)) && rel <= 1e-5,
+          name + " AUTOMOE_FUSED_NORM=1 changes the results");
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -343,6 +376,7 @@ int main(int argc, char** argv) {
       for (Precision p : {Precision::BF16, Precision::FP32Master}) compare(name, cfg, host.params(), b, p, name);
       memsave_vs_default(name, cfg, host.params(), b, 4);
       memsave_resume(name, cfg, host.params(), b);
+      fused_vs_unfused(name, cfg, host.params(), b);
       if (std::string(name) == "tiny_a") {  // packed rows: two documents per row
         Batch pk = b;
         pk.pos.resize(size_t(b.B * b.T));

@@ -34,6 +34,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 
@@ -247,6 +248,27 @@ struct Qwen3MoeCuda::State {
   }
 
   bool bf16_mode() const { return prec == Precision::BF16; }
+
+  // AUTOMOE_FUSED_NORM=1: the residual adds fused with the next RMSNorm and the q/k norms with
+  // RoPE (add_rmsnorm_fwd, qk_norm_rope_fwd: the same bits as the op pairs). Off by default
+  // until those ops have been checked on a GPU.
+  bool fused_norm = [] {
+    const char* e = std::getenv("AUTOMOE_FUSED_NORM");
+    return e && std::string(e) == "1";
+  }();
+  // q, k = RoPE(per-head RMSNorm(q_pre, k_pre)), rstds kept.
+  void qk_norm_rope(LayerActs& a, const LayerOff& o, int64_t N, float eps, float theta) {
+    const int64_t nH = cfg.num_attention_heads, nKV = cfg.num_key_value_heads, D = cfg.head_dim;
+    if (fused_norm) {
+      cu::qk_norm_rope_fwd(a.q, a.q_rstd, a.q_pre, W(o.qn), pos, N, nH, D, eps, theta, ctx);
+      cu::qk_norm_rope_fwd(a.k, a.k_rstd, a.k_pre, W(o.kn), pos, N, nKV, D, eps, theta, ctx);
+      return;
+    }
+    cu::rmsnorm_fwd(a.q, a.q_rstd, a.q_pre, W(o.qn), N * nH, D, eps, ctx);
+    cu::rmsnorm_fwd(a.k, a.k_rstd, a.k_pre, W(o.kn), N * nKV, D, eps, ctx);
+    cu::rope_fwd(a.q, a.q, pos, N, nH, D, theta, ctx);  // in place
+    cu::rope_fwd(a.k, a.k, pos, N, nKV, D, theta, ctx);
+  }
   const bf16* W(int64_t off) const { return p16.get() + off; }
   int64_t nmoe() const { return cfg.num_moe_layers(); }
 
@@ -876,21 +898,23 @@ void Qwen3MoeCuda::forward(const Batch& bt, float ce_denominator, float aux_scal
     bf16* x_out = s.res[l + 1];
     auto Wn = [&](int64_t off) { return off < 0 ? nullptr : s.W(off); };
     s.lrecord(l, 0);
-    // attention block
-    cu::rmsnorm_fwd(a.ln1, a.ln1_rstd, x_in, s.W(o.ln1), N, H, eps, ctx);
+    // attention block (fused: ln1 came with the previous layer's residual add)
+    if (!(s.fused_norm && l > 0)) cu::rmsnorm_fwd(a.ln1, a.ln1_rstd, x_in, s.W(o.ln1), N, H, eps, ctx);
     cu::linear_fwd(a.q_pre, a.ln1, s.W(o.wq), Wn(o.bq), N, H, nH * D, ctx);
     cu::linear_fwd(a.k_pre, a.ln1, s.W(o.wk), Wn(o.bk), N, H, nKV * D, ctx);
     cu::linear_fwd(a.v, a.ln1, s.W(o.wv), Wn(o.bv), N, H, nKV * D, ctx);
-    cu::rmsnorm_fwd(a.q, a.q_rstd, a.q_pre, s.W(o.qn), N * nH, D, eps, ctx);
-    cu::rmsnorm_fwd(a.k, a.k_rstd, a.k_pre, s.W(o.kn), N * nKV, D, eps, ctx);
-    cu::rope_fwd(a.q, a.q, s.pos, N, nH, D, theta, ctx);  // in place
-    cu::rope_fwd(a.k, a.k, s.pos, N, nKV, D, theta, ctx);
+    s.qk_norm_rope(a, o, N, eps, theta);
     cu::attention_fwd(a.ao, a.lse, a.q, a.k, a.v, doc, seg, B, T, nH, nKV, D, ctx);
     cu::linear_fwd(s.tmp, a.ao, s.W(o.wo), Wn(o.bo), N, nH * D, H, ctx);
-    cu::add(a.x_mid, x_in, s.tmp, N * H, ctx);
-    s.lrecord(l, 1);
+    if (s.fused_norm) {
+      cu::add_rmsnorm_fwd(a.x_mid, a.ln2, a.ln2_rstd, x_in, s.tmp, s.W(o.ln2), N, H, eps, ctx);
+      s.lrecord(l, 1);
+    } else {
+      cu::add(a.x_mid, x_in, s.tmp, N * H, ctx);
+      s.lrecord(l, 1);
+      cu::rmsnorm_fwd(a.ln2, a.ln2_rstd, a.x_mid, s.W(o.ln2), N, H, eps, ctx);
+    }
     // MLP block
-    cu::rmsnorm_fwd(a.ln2, a.ln2_rstd, a.x_mid, s.W(o.ln2), N, H, eps, ctx);
     if (o.moe && s.ep) {  // the expert block over the EP group: layout, dispatch, experts, combine
       float* probs = s.probs_all + o.moe_index * N * E;
       int32_t* idx = s.topk_all + o.moe_index * N * K;
@@ -915,11 +939,19 @@ void Qwen3MoeCuda::forward(const Batch& bt, float ce_denominator, float aux_scal
       cu::swiglu_fwd(s.act, a.gu, N, F, ctx);
       cu::linear_fwd(s.tmp, s.act, s.W(o.mlp_down), nullptr, N, F, H, ctx);
     }
-    cu::add(x_out, a.x_mid, s.tmp, N * H, ctx);
+    if (s.fused_norm && l + 1 < L)  // the residual add with the next layer's ln1
+      cu::add_rmsnorm_fwd(x_out, s.la[l + 1].ln1, s.la[l + 1].ln1_rstd, a.x_mid, s.tmp,
+                          s.W(s.lo[l + 1].ln1), N, H, eps, ctx);
+    else if (s.fused_norm)  // ... or with ln_f
+      cu::add_rmsnorm_fwd(x_out, s.lnf_out, s.lnf_rstd, a.x_mid, s.tmp, s.W(s.off_lnf), N, H, eps,
+                          ctx);
+    else
+      cu::add(x_out, a.x_mid, s.tmp, N * H, ctx);
     s.lrecord(l, 2);
   }
   s.record(1);
-  cu::rmsnorm_fwd(s.lnf_out, s.lnf_rstd, s.res[L], s.W(s.off_lnf), N, H, eps, ctx);
+  if (!(s.fused_norm && L > 0))
+    cu::rmsnorm_fwd(s.lnf_out, s.lnf_rstd, s.res[L], s.W(s.off_lnf), N, H, eps, ctx);
 
   // ---- lm_head + cross-entropy in chunks of rows (and their backward when training)
   s.labelled = labelled;
@@ -1074,10 +1106,7 @@ void Qwen3MoeCuda::backward() {
     s.lrecord(l, 4);
     if (s.memsave) {  // this layer's attention inputs again, before its weights change
       cu::rmsnorm_fwd(a.ln1, a.ln1_rstd, x_in, s.W(o.ln1), N, H, eps, ctx);
-      cu::rmsnorm_fwd(a.q, a.q_rstd, a.q_pre, s.W(o.qn), N * nH, D, eps, ctx);
-      cu::rmsnorm_fwd(a.k, a.k_rstd, a.k_pre, s.W(o.kn), N * nKV, D, eps, ctx);
-      cu::rope_fwd(a.q, a.q, s.pos, N, nH, D, theta, ctx);
-      cu::rope_fwd(a.k, a.k, s.pos, N, nKV, D, theta, ctx);
+      s.qk_norm_rope(a, o, N, eps, theta);
     }
     // ---- attention block: x_mid = x_in + o_proj(attn(ln1(x_in)))
     s.lin_bwd(s.dao, 0.f, o.wo, o.bo, s.dres, a.ao, N, nH * D, H, beta);
