@@ -254,6 +254,25 @@ std::string shape_str(std::initializer_list<std::pair<const char*, int64_t>> dim
 
 void sync(const cu::Ctx& ctx) { CUDA_CHECK(cudaStreamSynchronize(ctx.stream)); }
 
+// Mean milliseconds of `iters` calls of f on ctx.stream, after one warm-up call (first launch:
+// module load, cuDNN/CUTLASS set-up).
+template <class F>
+double mean_ms(const cu::Ctx& ctx, F&& f, int iters) {
+  f();
+  cudaEvent_t e0, e1;
+  CUDA_CHECK(cudaEventCreate(&e0));
+  CUDA_CHECK(cudaEventCreate(&e1));
+  CUDA_CHECK(cudaEventRecord(e0, ctx.stream));
+  for (int i = 0; i < iters; ++i) f();
+  CUDA_CHECK(cudaEventRecord(e1, ctx.stream));
+  CUDA_CHECK(cudaEventSynchronize(e1));
+  float ms = 0;
+  CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
+  CUDA_CHECK(cudaEventDestroy(e0));
+  CUDA_CHECK(cudaEventDestroy(e1));
+  return double(ms) / iters;
+}
+
 // ---- cases, one function per op file ---------------------------------------------------------
 
 void case_embedding(const cu::Ctx& ctx, int64_t V, int64_t N, int64_t C) {
@@ -646,22 +665,6 @@ void case_attention_large(int64_t B, int64_t T, int64_t nH, int64_t nKV, int64_t
     cu::attention_bwd(x.dq->p, x.dk->p, x.dv->p, d_dout.p, x.out->p, x.lse->p, d_q.p, d_k.p,
                       d_v.p, nullptr, nullptr, B, T, nH, nKV, D, ctx);
   };
-  // mean milliseconds of `iters` calls after one warm-up
-  auto time_ms = [&](auto&& f, int iters) {
-    f();
-    cudaEvent_t e0, e1;
-    CUDA_CHECK(cudaEventCreate(&e0));
-    CUDA_CHECK(cudaEventCreate(&e1));
-    CUDA_CHECK(cudaEventRecord(e0, ctx.stream));
-    for (int i = 0; i < iters; ++i) f();
-    CUDA_CHECK(cudaEventRecord(e1, ctx.stream));
-    CUDA_CHECK(cudaEventSynchronize(e1));
-    float ms = 0;
-    CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
-    CUDA_CHECK(cudaEventDestroy(e0));
-    CUDA_CHECK(cudaEventDestroy(e1));
-    return double(ms) / iters;
-  };
 
   // the fallback is the reference here (fp32 softmax and sums, no bf16 intermediates)
   cu::set_attention_impl(cu::AttentionImpl::kFallback);
@@ -692,8 +695,8 @@ void case_attention_large(int64_t B, int64_t T, int64_t nH, int64_t nKV, int64_t
   for (int i = have_cudnn ? 0 : 1; i < 2; ++i) {
     cu::set_attention_impl(kAttnImpls[i].impl);
     const int iters = i == 0 ? 20 : 2;
-    const double f_ms = time_ms([&] { fwd(o[i]); }, iters);
-    const double b_ms = time_ms([&] { bwd(o[i]); }, iters);
+    const double f_ms = mean_ms(ctx, [&] { fwd(o[i]); }, iters);
+    const double b_ms = mean_ms(ctx, [&] { bwd(o[i]); }, iters);
     std::printf("TIME attention %-8s %s: fwd %8.3f ms %6.1f TFLOP/s, bwd %8.3f ms %6.1f "
                 "TFLOP/s (causal)\n",
                 kAttnImpls[i].tag, sh.c_str(), f_ms, fwd_flop / (f_ms * 1e9), b_ms,
@@ -753,21 +756,6 @@ void case_attention_packed_w1(const std::vector<std::vector<int>>& rows) {
     cu::attention_bwd(d_dq.p, d_dk.p, d_dv.p, d_dout.p, d_out.p, d_lse.p, d_q.p, d_k.p, d_v.p,
                       d_doc.p, &seg, B, T, nH, nKV, D, ctx);
   };
-  auto time_ms = [&](auto&& f, int iters) {  // mean of `iters` calls after one warm-up
-    f();
-    cudaEvent_t e0, e1;
-    CUDA_CHECK(cudaEventCreate(&e0));
-    CUDA_CHECK(cudaEventCreate(&e1));
-    CUDA_CHECK(cudaEventRecord(e0, ctx.stream));
-    for (int i = 0; i < iters; ++i) f();
-    CUDA_CHECK(cudaEventRecord(e1, ctx.stream));
-    CUDA_CHECK(cudaEventSynchronize(e1));
-    float ms = 0;
-    CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
-    CUDA_CHECK(cudaEventDestroy(e0));
-    CUDA_CHECK(cudaEventDestroy(e1));
-    return double(ms) / iters;
-  };
   double pairs = 0;  // (query, key <= query) pairs within documents
   for (int64_t i = 0; i < B * T;) {
     int64_t e = i + 1;
@@ -786,8 +774,8 @@ void case_attention_packed_w1(const std::vector<std::vector<int>>& rows) {
     }
     cu::set_attention_impl(im.impl);
     const int iters = im.impl == cu::AttentionImpl::kCudnn ? 20 : 2;
-    const double f_ms = time_ms(fwd, iters);
-    const double b_ms = time_ms(bwd, iters);
+    const double f_ms = mean_ms(ctx, fwd, iters);
+    const double b_ms = mean_ms(ctx, bwd, iters);
     std::printf("TIME attention packed %-8s %s: fwd %8.3f ms %6.1f TFLOP/s, bwd %8.3f ms %6.1f "
                 "TFLOP/s (causal within documents)\n",
                 im.tag, sh.c_str(), f_ms, fwd_flop / (f_ms * 1e9), b_ms, bwd_flop / (b_ms * 1e9));
@@ -1027,24 +1015,12 @@ void perf_grouped(const cu::Ctx& ctx, const char* name, int64_t E, int64_t R, in
   auto& d_out = pool.out<bf16>(R * O);
   auto& d_dx = pool.out<bf16>(R * I);
   auto& d_dw = pool.in(std::vector<bf16>(E * O * I, __float2bfloat16_rn(0.f)));
-  cudaEvent_t t0, t1;
-  CUDA_CHECK(cudaEventCreate(&t0));
-  CUDA_CHECK(cudaEventCreate(&t1));
   const double flop = 2.0 * double(R) * double(I) * double(O);
   std::string line;
   for (const char* impl : grouped_impls(I, O)) {
     with_impl(impl, [&] {
       const int iters = std::strcmp(impl, "fallback") ? 20 : 3;
-      auto time = [&](auto&& op) {
-        op();  // warm-up (first launch: module load, CUTLASS smem attribute)
-        CUDA_CHECK(cudaEventRecord(t0, ctx.stream));
-        for (int i = 0; i < iters; ++i) op();
-        CUDA_CHECK(cudaEventRecord(t1, ctx.stream));
-        CUDA_CHECK(cudaEventSynchronize(t1));
-        float ms = 0;
-        CUDA_CHECK(cudaEventElapsedTime(&ms, t0, t1));
-        return double(ms) / iters;
-      };
+      auto time = [&](auto&& op) { return mean_ms(ctx, op, iters); };
       const double fwd = time([&] {
         cu::grouped_linear_fwd(d_out.p, d_x.p, d_w.p, d_off.p, R, E, I, O, ctx);
       });
@@ -1064,8 +1040,6 @@ void perf_grouped(const cu::Ctx& ctx, const char* name, int64_t E, int64_t R, in
       line += buf;
     });
   }
-  CUDA_CHECK(cudaEventDestroy(t0));
-  CUDA_CHECK(cudaEventDestroy(t1));
   std::printf("PERF grouped_linear %s E=%lld R=%lld I=%lld O=%lld (bf16 in, fp32 accumulate)\n%s",
               name, (long long)E, (long long)R, (long long)I, (long long)O, line.c_str());
   std::fflush(stdout);

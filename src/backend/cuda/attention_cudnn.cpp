@@ -246,6 +246,17 @@ std::shared_ptr<fe::graph::Graph> make_packed_graph(bool bwd, int64_t B, int64_t
   auto off_st = offsets("offset_stats", kOffStats);
   auto seq_q = lengths("seq_len_q", kSeqQ), seq_kv = lengths("seq_len_kv", kSeqKV);
   const std::vector<int64_t> stats_dim{S, nH, T, 1}, stats_stride{nH * T, 1, nH, 1};
+  // both passes' masking: causal (top-left) within each ragged sequence of its own length
+  auto packed_mask = [&](auto& a) {
+    a.set_attn_scale(scale)
+        .set_diagonal_alignment(fe::DiagonalAlignment_t::TOP_LEFT)
+        .set_diagonal_band_right_bound(0)
+        .set_padding_mask(true)
+        .set_seq_len_q(seq_q)
+        .set_seq_len_kv(seq_kv)
+        .set_max_total_seq_len_q(total)
+        .set_max_total_seq_len_kv(total);
+  };
 
   auto Q = bf16_tensor(*g, "Q", kQ, S, T, nH, D);
   auto K = bf16_tensor(*g, "K", kK, S, T, nKV, D);
@@ -254,17 +265,8 @@ std::shared_ptr<fe::graph::Graph> make_packed_graph(bool bwd, int64_t B, int64_t
   K->set_ragged_offset(off_k);
   V->set_ragged_offset(off_v);
   if (!bwd) {
-    auto attr = fe::graph::SDPA_attributes()
-                    .set_name("attention_fwd_packed")
-                    .set_generate_stats(true)
-                    .set_attn_scale(scale)
-                    .set_diagonal_alignment(fe::DiagonalAlignment_t::TOP_LEFT)
-                    .set_diagonal_band_right_bound(0)
-                    .set_padding_mask(true)
-                    .set_seq_len_q(seq_q)
-                    .set_seq_len_kv(seq_kv)
-                    .set_max_total_seq_len_q(total)
-                    .set_max_total_seq_len_kv(total);
+    auto attr = fe::graph::SDPA_attributes();
+    packed_mask(attr.set_name("attention_fwd_packed").set_generate_stats(true));
     auto [O, Stats] = g->sdpa(Q, K, V, attr);
     O->set_output(true)
         .set_uid(kO)
@@ -289,16 +291,8 @@ std::shared_ptr<fe::graph::Graph> make_packed_graph(bool bwd, int64_t B, int64_t
                                .set_stride(stats_stride)
                                .set_data_type(fe::DataType_t::FLOAT)
                                .set_ragged_offset(off_st));
-    auto attr = fe::graph::SDPA_backward_attributes()
-                    .set_name("attention_bwd_packed")
-                    .set_attn_scale(scale)
-                    .set_diagonal_alignment(fe::DiagonalAlignment_t::TOP_LEFT)
-                    .set_diagonal_band_right_bound(0)
-                    .set_padding_mask(true)
-                    .set_seq_len_q(seq_q)
-                    .set_seq_len_kv(seq_kv)
-                    .set_max_total_seq_len_q(total)
-                    .set_max_total_seq_len_kv(total);
+    auto attr = fe::graph::SDPA_backward_attributes();
+    packed_mask(attr.set_name("attention_bwd_packed"));
     auto [dQ, dK, dV] = g->sdpa_backward(Q, K, V, O, dO, Stats, attr);
     dQ->set_output(true)
         .set_uid(kdQ)
@@ -419,39 +413,6 @@ size_t workspace_bytes(bool bwd, int64_t B, int64_t T, int64_t nH, int64_t nKV, 
   return p.graph ? size_t(p.workspace) : 0;
 }
 
-void fwd(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v, int64_t B,
-         int64_t T, int64_t nH, int64_t nKV, int64_t D, const Ctx& ctx) {
-  std::lock_guard<std::mutex> lock(g_mu);
-  Plan& p = plan_locked(false, B, T, nH, nKV, D);
-  AM_CHECK(p.graph, "[attention_fwd] cuDNN cannot run B={} T={} nH={} nKV={} D={}: {}", B, T, nH,
-           nKV, D, p.why);
-  p.pack[kQ] = const_cast<bf16*>(q);
-  p.pack[kK] = const_cast<bf16*>(k);
-  p.pack[kV] = const_cast<bf16*>(v);
-  p.pack[kO] = out;
-  p.pack[kStats] = lse;
-  execute_locked(p, ctx, "attention_fwd");
-}
-
-void bwd(bf16* dq, bf16* dk, bf16* dv, const bf16* dout, const bf16* out, const float* lse,
-         const bf16* q, const bf16* k, const bf16* v, int64_t B, int64_t T, int64_t nH,
-         int64_t nKV, int64_t D, const Ctx& ctx) {
-  std::lock_guard<std::mutex> lock(g_mu);
-  Plan& p = plan_locked(true, B, T, nH, nKV, D);
-  AM_CHECK(p.graph, "[attention_bwd] cuDNN cannot run B={} T={} nH={} nKV={} D={}: {}", B, T, nH,
-           nKV, D, p.why);
-  p.pack[kQ] = const_cast<bf16*>(q);
-  p.pack[kK] = const_cast<bf16*>(k);
-  p.pack[kV] = const_cast<bf16*>(v);
-  p.pack[kO] = const_cast<bf16*>(out);
-  p.pack[kStats] = const_cast<float*>(lse);
-  p.pack[kdO] = const_cast<bf16*>(dout);
-  p.pack[kdQ] = dq;
-  p.pack[kdK] = dk;
-  p.pack[kdV] = dv;
-  execute_locked(p, ctx, "attention_bwd");
-}
-
 namespace {
 
 // The segment table's arrays (see attention_cudnn.h) in a packed plan's variant pack. The
@@ -468,34 +429,34 @@ void bind_segments(Plan& p, const void* table, int64_t B, int64_t T) {
   p.pack[kSeqKV] = off + 3 * C;
 }
 
-}  // namespace
-
-void fwd_packed(bf16* out, float* stats, const bf16* q, const bf16* k, const bf16* v,
-                const void* table, int64_t segments, int64_t B, int64_t T, int64_t nH,
-                int64_t nKV, int64_t D, const Ctx& ctx) {
+// One pass on the plan of (shape, bucket); segments > 0: the packed plan, with the table bound.
+void run_fwd(bf16* out, float* stats, const bf16* q, const bf16* k, const bf16* v,
+             const void* table, int64_t segments, int64_t B, int64_t T, int64_t nH, int64_t nKV,
+             int64_t D, const Ctx& ctx) {
   std::lock_guard<std::mutex> lock(g_mu);
-  const int64_t S = segment_bucket(segments);
+  const int64_t S = segments > 0 ? segment_bucket(segments) : 0;
   Plan& p = plan_locked(false, B, T, nH, nKV, D, S);
-  AM_CHECK(p.graph, "[attention_fwd] cuDNN cannot run packed B={} T={} nH={} nKV={} D={} "
-           "sequences={} (bucket {}): {}", B, T, nH, nKV, D, segments, S, p.why);
+  AM_CHECK(p.graph, "[attention_fwd] cuDNN cannot run {}B={} T={} nH={} nKV={} D={}{}: {}",
+           S ? "packed " : "", B, T, nH, nKV, D,
+           S ? fmt::format(" sequences={} (bucket {})", segments, S) : std::string(), p.why);
   p.pack[kQ] = const_cast<bf16*>(q);
   p.pack[kK] = const_cast<bf16*>(k);
   p.pack[kV] = const_cast<bf16*>(v);
   p.pack[kO] = out;
   p.pack[kStats] = stats;
-  bind_segments(p, table, B, T);
+  if (S) bind_segments(p, table, B, T);
   execute_locked(p, ctx, "attention_fwd");
 }
 
-void bwd_packed(bf16* dq, bf16* dk, bf16* dv, const bf16* dout, const bf16* out,
-                const float* stats, const bf16* q, const bf16* k, const bf16* v,
-                const void* table, int64_t segments, int64_t B, int64_t T, int64_t nH,
-                int64_t nKV, int64_t D, const Ctx& ctx) {
+void run_bwd(bf16* dq, bf16* dk, bf16* dv, const bf16* dout, const bf16* out, const float* stats,
+             const bf16* q, const bf16* k, const bf16* v, const void* table, int64_t segments,
+             int64_t B, int64_t T, int64_t nH, int64_t nKV, int64_t D, const Ctx& ctx) {
   std::lock_guard<std::mutex> lock(g_mu);
-  const int64_t S = segment_bucket(segments);
+  const int64_t S = segments > 0 ? segment_bucket(segments) : 0;
   Plan& p = plan_locked(true, B, T, nH, nKV, D, S);
-  AM_CHECK(p.graph, "[attention_bwd] cuDNN cannot run packed B={} T={} nH={} nKV={} D={} "
-           "sequences={} (bucket {}): {}", B, T, nH, nKV, D, segments, S, p.why);
+  AM_CHECK(p.graph, "[attention_bwd] cuDNN cannot run {}B={} T={} nH={} nKV={} D={}{}: {}",
+           S ? "packed " : "", B, T, nH, nKV, D,
+           S ? fmt::format(" sequences={} (bucket {})", segments, S) : std::string(), p.why);
   p.pack[kQ] = const_cast<bf16*>(q);
   p.pack[kK] = const_cast<bf16*>(k);
   p.pack[kV] = const_cast<bf16*>(v);
@@ -505,8 +466,36 @@ void bwd_packed(bf16* dq, bf16* dk, bf16* dv, const bf16* dout, const bf16* out,
   p.pack[kdQ] = dq;
   p.pack[kdK] = dk;
   p.pack[kdV] = dv;
-  bind_segments(p, table, B, T);
+  if (S) bind_segments(p, table, B, T);
   execute_locked(p, ctx, "attention_bwd");
+}
+
+}  // namespace
+
+void fwd(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v, int64_t B,
+         int64_t T, int64_t nH, int64_t nKV, int64_t D, const Ctx& ctx) {
+  run_fwd(out, lse, q, k, v, nullptr, 0, B, T, nH, nKV, D, ctx);
+}
+
+void bwd(bf16* dq, bf16* dk, bf16* dv, const bf16* dout, const bf16* out, const float* lse,
+         const bf16* q, const bf16* k, const bf16* v, int64_t B, int64_t T, int64_t nH,
+         int64_t nKV, int64_t D, const Ctx& ctx) {
+  run_bwd(dq, dk, dv, dout, out, lse, q, k, v, nullptr, 0, B, T, nH, nKV, D, ctx);
+}
+
+void fwd_packed(bf16* out, float* stats, const bf16* q, const bf16* k, const bf16* v,
+                const void* table, int64_t segments, int64_t B, int64_t T, int64_t nH,
+                int64_t nKV, int64_t D, const Ctx& ctx) {
+  AM_CHECK(segments > 0, "[attention_fwd] packed pass without segments");
+  run_fwd(out, stats, q, k, v, table, segments, B, T, nH, nKV, D, ctx);
+}
+
+void bwd_packed(bf16* dq, bf16* dk, bf16* dv, const bf16* dout, const bf16* out,
+                const float* stats, const bf16* q, const bf16* k, const bf16* v,
+                const void* table, int64_t segments, int64_t B, int64_t T, int64_t nH,
+                int64_t nKV, int64_t D, const Ctx& ctx) {
+  AM_CHECK(segments > 0, "[attention_bwd] packed pass without segments");
+  run_bwd(dq, dk, dv, dout, out, stats, q, k, v, table, segments, B, T, nH, nKV, D, ctx);
 }
 
 #endif  // AUTOMOE_HAVE_CUDNN

@@ -58,6 +58,26 @@ void count_experts(int* counts, const int32_t* topk_idx, int64_t S, int E, const
   CUDA_CHECK_LAUNCH();
 }
 
+// The statistics both losses start from, in the workspace (aux_loss_workspace_bytes): counts[E]
+// (picks per expert), then P[E] = sum_n probs[n,e], then the column sums' partials.
+struct CountsP {
+  int* counts;
+  float* P;
+};
+CountsP counts_and_probsum(const float* probs, const int32_t* topk_idx, int64_t N, int64_t E,
+                           int64_t K, const Ctx& ctx, const char* op) {
+  char* ws = static_cast<char*>(workspace_for(ctx, aux_loss_workspace_bytes(N, E), op));
+  CountsP c{reinterpret_cast<int*>(ws),
+            reinterpret_cast<float*>(ws + round_up(size_t(E) * sizeof(int)))};
+  Ctx rest = ctx;  // the column sums use the workspace after counts and P
+  rest.workspace = ws + 2 * round_up(size_t(E) * sizeof(float));
+  rest.workspace_bytes = ctx.workspace_bytes - 2 * round_up(size_t(E) * sizeof(float));
+  CUDA_CHECK(cudaMemsetAsync(c.P, 0, size_t(E) * sizeof(float), ctx.stream));
+  if (N > 0) colsum_accumulate(c.P, probs, N, E, rest, op);
+  count_experts(c.counts, topk_idx, N * K, int(E), ctx);
+  return c;
+}
+
 // stats = counts | P | N in f64 (one thread per expert).
 __global__ void aux_stats_kernel(double* stats, const int* counts, const float* P, int64_t N,
                                  int E) {
@@ -102,16 +122,8 @@ void aux_loss_fwd(float* aux, const float* probs, const int32_t* topk_idx, int64
     CUDA_CHECK(cudaMemsetAsync(aux, 0, sizeof(float), ctx.stream));
     return;
   }
-  char* ws = static_cast<char*>(workspace_for(ctx, aux_loss_workspace_bytes(N, E), "aux_loss_fwd"));
-  int* counts = reinterpret_cast<int*>(ws);
-  float* P = reinterpret_cast<float*>(ws + round_up(size_t(E) * sizeof(int)));
-  Ctx rest = ctx;  // the column sums use the workspace after counts and P
-  rest.workspace = ws + 2 * round_up(size_t(E) * sizeof(float));
-  rest.workspace_bytes = ctx.workspace_bytes - 2 * round_up(size_t(E) * sizeof(float));
-  CUDA_CHECK(cudaMemsetAsync(P, 0, size_t(E) * sizeof(float), ctx.stream));
-  colsum_accumulate(P, probs, N, E, rest, "aux_loss_fwd");
-  count_experts(counts, topk_idx, N * K, int(E), ctx);
-  aux_fwd_kernel<<<1, kThreads, 0, ctx.stream>>>(aux, P, counts, N, int(E));
+  const CountsP c = counts_and_probsum(probs, topk_idx, N, E, K, ctx, "aux_loss_fwd");
+  aux_fwd_kernel<<<1, kThreads, 0, ctx.stream>>>(aux, c.P, c.counts, N, int(E));
   CUDA_CHECK_LAUNCH();
 }
 
@@ -130,18 +142,9 @@ void aux_loss_bwd(float* dprobs, float daux, const int32_t* topk_idx, int64_t N,
 void aux_loss_stats(double* stats, const float* probs, const int32_t* topk_idx, int64_t N,
                     int64_t E, int64_t K, const Ctx& ctx) {
   AM_CHECK(E >= 1 && E <= 8192, "[aux_loss_stats] {} experts: supported 1..8192", E);
-  char* ws = static_cast<char*>(
-      workspace_for(ctx, aux_loss_workspace_bytes(N, E), "aux_loss_stats"));
-  int* counts = reinterpret_cast<int*>(ws);
-  float* P = reinterpret_cast<float*>(ws + round_up(size_t(E) * sizeof(int)));
-  Ctx rest = ctx;
-  rest.workspace = ws + 2 * round_up(size_t(E) * sizeof(float));
-  rest.workspace_bytes = ctx.workspace_bytes - 2 * round_up(size_t(E) * sizeof(float));
-  CUDA_CHECK(cudaMemsetAsync(P, 0, size_t(E) * sizeof(float), ctx.stream));
-  if (N > 0) colsum_accumulate(P, probs, N, E, rest, "aux_loss_stats");
-  count_experts(counts, topk_idx, N * K, int(E), ctx);
+  const CountsP c = counts_and_probsum(probs, topk_idx, N, E, K, ctx, "aux_loss_stats");
   aux_stats_kernel<<<unsigned((E + kThreads - 1) / kThreads), kThreads, 0, ctx.stream>>>(
-      stats, counts, P, N, int(E));
+      stats, c.counts, c.P, N, int(E));
   CUDA_CHECK_LAUNCH();
 }
 

@@ -1,5 +1,6 @@
 // backend/cuda/rmsnorm.cu: RMSNorm over the last dim, bf16 in/out, fp32 statistics. Also the
-// per-head q/k norm (N = tokens*heads, C = head dim). HF order: (x * rstd) then * w.
+// per-head q/k norm (N = tokens*heads, C = head dim), and add_rmsnorm_fwd (the residual add
+// fused with the norm that follows it). HF order: (x * rstd) then * w.
 #include "backend/cuda/device.cuh"
 #include "backend/cuda/ops_cuda.h"
 
@@ -10,13 +11,23 @@ namespace {
 constexpr int kWarps = 4;  // rows per block
 
 // Thread mapping: one warp per row (row = blockIdx.x * 4 + warp); lane handles the columns
-// c = lane, lane+32, ...; the sum of squares is a warp reduction.
-__global__ void rmsnorm_fwd_kernel(bf16* out, float* rstd, const bf16* x, const bf16* w,
-                                   int64_t N, int64_t C, float eps) {
+// c = lane, lane+32, ...; the sum of squares is a warp reduction. kAdd (add_rmsnorm_fwd): the row
+// is first x + b, rounded to bf16 and stored to `sum` (the residual stream), then normed: the
+// same code, so the same bits as add() followed by rmsnorm_fwd().
+template <bool kAdd>
+__global__ void rmsnorm_fwd_kernel(bf16* out, float* rstd, bf16* sum, const bf16* x,
+                                   const bf16* b, const bf16* w, int64_t N, int64_t C,
+                                   float eps) {
   const int lane = threadIdx.x & 31;
   const int64_t n = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
   if (n >= N) return;
   const bf16* xr = x + n * C;
+  if constexpr (kAdd) {
+    const bf16* br = b + n * C;
+    bf16* sr = sum + n * C;
+    for (int64_t c = lane; c < C; c += 32) sr[c] = to_bf(to_f(xr[c]) + to_f(br[c]));
+    xr = sr;  // the lane reads back only what it wrote
+  }
   float ss = 0.f;
   for (int64_t c = lane; c < C; c += 32) {
     float v = to_f(xr[c]);
@@ -52,8 +63,16 @@ __global__ void rmsnorm_bwd_dx_kernel(bf16* dx, const bf16* dout, const bf16* x,
 void rmsnorm_fwd(bf16* out, float* rstd, const bf16* x, const bf16* w, int64_t N, int64_t C,
                  float eps, const Ctx& ctx) {
   if (N == 0) return;
-  rmsnorm_fwd_kernel<<<unsigned((N + kWarps - 1) / kWarps), kWarps * 32, 0, ctx.stream>>>(
-      out, rstd, x, w, N, C, eps);
+  rmsnorm_fwd_kernel<false><<<unsigned((N + kWarps - 1) / kWarps), kWarps * 32, 0,
+                               ctx.stream>>>(out, rstd, nullptr, x, nullptr, w, N, C, eps);
+  CUDA_CHECK_LAUNCH();
+}
+
+void add_rmsnorm_fwd(bf16* sum, bf16* out, float* rstd, const bf16* a, const bf16* b,
+                     const bf16* w, int64_t N, int64_t C, float eps, const Ctx& ctx) {
+  if (N == 0) return;
+  rmsnorm_fwd_kernel<true><<<unsigned((N + kWarps - 1) / kWarps), kWarps * 32, 0,
+                              ctx.stream>>>(out, rstd, sum, a, b, w, N, C, eps);
   CUDA_CHECK_LAUNCH();
 }
 
