@@ -80,6 +80,8 @@ STAGES=${STAGES:-ops parity bench cli baseline}
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 
 t0=$(date +%s)
+deadline=$(( t0 + ${DEADLINE:-570} ))
+left() { echo $(( deadline - $(date +%s) )); }
 # Warnings stay warnings here (a newer host compiler must not stop the run); CI has -Werror.
 cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DAUTOMOE_WERROR=OFF \
   -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCH:-90a}" > "$BUILD/configure.log" 2>&1 \
@@ -104,9 +106,17 @@ stage() {  # name, command...
   local name=$1; shift
   local log="$BUILD/$name.log"
   LOGS+=("$log")
-  echo "== $name: $*"
+  local budget=$(( $(left) - 20 ))  # 20 s for the summary and the archive
+  [ "$budget" -gt "${STAGE_TIMEOUT:-300}" ] && budget=${STAGE_TIMEOUT:-300}
+  if [ "$budget" -lt 10 ]; then
+    echo "== $name: skipped (the DEADLINE is near)"
+    SUMMARY+=("$(printf '%-12s skipped: no time left before DEADLINE' "$name")")
+    fails=$((fails + 1))
+    return 0
+  fi
+  echo "== $name: $* (at most $budget s)"
   local s=$(date +%s)
-  timeout "${STAGE_TIMEOUT:-300}" "$@" 2>&1 | tee "$log"  # a hung stage must not eat the call
+  timeout "$budget" "$@" 2>&1 | tee "$log"  # a hung stage must not eat the call
   local rc=${PIPESTATUS[0]}
   echo "== $name: exit $rc in $(( $(date +%s) - s )) s"
   SUMMARY+=("$(printf '%-12s exit %-3s %4s s' "$name" "$rc" "$(( $(date +%s) - s ))")")
