@@ -8,8 +8,8 @@
 #             Transformers fixtures, judged against Transformers' own bf16 error there
 #             (bench/hf_bf16_noise.py), and a TRAIN_STEPS-step (300; 0 skips) tiny-moe fine-tune on both
 #   bench     cuda_bench: a 2-layer smoke run, then W1 (LAYERS=12 SEQ=4096 MBS=2) in the default
-#             mode, (MEMSAVE=1, default) in the memory-saving mode and (FUSED=1) with
-#             AUTOMOE_FUSED_NORM=1
+#             mode, (MEMSAVE=1, default) in the memory-saving mode and (UNFUSED=1) with
+#             AUTOMOE_FUSED_NORM=0 (the norm op pairs instead of the fused ones)
 #   cli       the CLI on the GPU: `automoe forward --device cuda --dtype bf16` on a Transformers
 #             fixture against its reference (bench/compare_forward.py), and `automoe finetune`
 #             of the demo recipe with train.device cuda, default and memory-saving
@@ -160,9 +160,9 @@ if has bench; then
   stage bench_smoke "$BUILD/cuda_bench" --layers 2 --seq 1024 --mbs 1 --warmup 1 --steps 2
   # shellcheck disable=SC2086
   stage bench_w1 "$BUILD/cuda_bench" --layers "${LAYERS:-12}" --seq "${SEQ:-4096}" --mbs "${MBS:-2}" ${BENCH_ARGS:-}
-  if [ "${FUSED:-0}" = 1 ]; then  # the fused norm pairs (AUTOMOE_FUSED_NORM=1) beside the default
+  if [ "${UNFUSED:-0}" = 1 ]; then  # the norm op pairs (AUTOMOE_FUSED_NORM=0) beside the default
     # shellcheck disable=SC2086
-    stage bench_w1_fused env AUTOMOE_FUSED_NORM=1 "$BUILD/cuda_bench" --layers "${LAYERS:-12}" \
+    stage bench_w1_unfused env AUTOMOE_FUSED_NORM=0 "$BUILD/cuda_bench" --layers "${LAYERS:-12}" \
       --seq "${SEQ:-4096}" --mbs "${MBS:-2}" ${BENCH_ARGS:-}
   fi
   if [ "${MEMSAVE:-1}" = 1 ]; then
@@ -310,7 +310,7 @@ if has cli; then
     grep -E "held-out accuracy" "$BUILD/cli_finetune_$mode.log" 2>/dev/null
   done
 fi
-python3 - "$BUILD/bench_w1.log" "$BUILD/baseline.log" "$BUILD/bench_w1_memsave.log" "$BUILD/bench_w1_fused.log" <<'PY'
+python3 - "$BUILD/bench_w1.log" "$BUILD/baseline.log" "$BUILD/bench_w1_memsave.log" "$BUILD/bench_w1_unfused.log" <<'PY'
 import json, sys
 def results(path):
     try:
@@ -319,7 +319,7 @@ def results(path):
         return []
 ours, hf, ms, fu = results(sys.argv[1]), results(sys.argv[2]), results(sys.argv[3]), results(sys.argv[4])
 keys = ("fwd_bwd_tok_per_s", "fwd_bwd_tflops", "tok_per_s", "model_tflops")
-rows = [("automoe", r) for r in ours] + [("automoe fused norms", r) for r in fu] + \
+rows = [("automoe", r) for r in ours] + [("automoe unfused norms", r) for r in fu] + \
        [("automoe memory-saving", r) for r in ms] + \
        [("transformers " + r.get("impl", ""), r) for r in hf]
 if rows:

@@ -82,7 +82,7 @@ def plan(c, ep, world, seq, mbs, zero, imbalance, memsave=False):
     fixed = (L + 1) * N * H * 2 + M * N * E * 4 + M * N * K * 4 + 2 * N * H * 2 + N * 8 + N * 40
     fwd_tmp = N * E * 2 + R * H * 2 + max(R * I, N * F) * 2 + N * H * 2 + min(chunk, N) * V * 2 + N * H * 2
     bwd_tail = max(R * I, N * F) * 2 + max(R * 2 * I, N * 2 * F) * 2 + N * E * 2 + N * K * 4 + M * N * E * 4
-    bwd_tmp = (2 * N * H + 3 * N * nH * D + 3 * N * nKV * D) * 2 + 2 * R * H * 2 + max(R * I, N * F) * 2 \
+    bwd_tmp = (N * H + 3 * N * nH * D + 3 * N * nKV * D) * 2 + 2 * R * H * 2 + max(R * I, N * F) * 2 \
         + bwd_tail + max(0, R * H * 2 - bwd_tail)  # memsave's expert outputs overlay the tail
     act = sum(per_layer) + fixed + max(fwd_tmp, bwd_tmp)
     dispatch = 2 * R * H * 2 if ep > 1 else 0  # EP send + receive buffers of one layer (transient)

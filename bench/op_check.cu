@@ -323,10 +323,21 @@ void case_rmsnorm(const cu::Ctx& ctx, int64_t N, int64_t C) {
   auto& d_dx = pool.out<bf16>(N * C);
   cpu::rmsnorm_bwd(dx_ref.data(), dw.data(), dout.f.data(), x.f.data(), w.f.data(),
                    rstd_ref.data(), N, C);
-  cu::rmsnorm_bwd(d_dx.p, d_dw.p, d_dout.p, d_x.p, d_w.p, d_rstd.p, N, C, ctx);
+  cu::rmsnorm_bwd(d_dx.p, 0.f, d_dw.p, d_dout.p, d_x.p, d_w.p, d_rstd.p, N, C, ctx);
   sync(ctx);
   check("rmsnorm_bwd", "dx", sh, d_dx, dx_ref, kBf16Chain);
   check("rmsnorm_bwd", "dw", sh, d_dw, dw, kF32);
+  // dx_beta = 1: the residual gradient already in dx is added in the same pass (dw accumulates
+  // a second time)
+  Bf res = bf_uniform(N * C, -1, 1);
+  auto& d_acc = pool.in(res.h);
+  for (int64_t i = 0; i < N * C; ++i) dx_ref[i] += res.f[i];
+  cpu::rmsnorm_bwd(out_ref.data(), dw.data(), dout.f.data(), x.f.data(), w.f.data(),
+                   rstd_ref.data(), N, C);  // out_ref: scratch for the dx this call discards
+  cu::rmsnorm_bwd(d_acc.p, 1.f, d_dw.p, d_dout.p, d_x.p, d_w.p, d_rstd.p, N, C, ctx);
+  sync(ctx);
+  check("rmsnorm_bwd", "dx+=", sh, d_acc, dx_ref, kBf16Chain);
+  check("rmsnorm_bwd", "dw+=", sh, d_dw, dw, kF32);
 }
 
 // The fused forward pairs: against the CPU ops they replace, and against the two CUDA ops
@@ -714,9 +725,12 @@ void case_attention_large(int64_t B, int64_t T, int64_t nH, int64_t nKV, int64_t
 void case_attention_packed_w1(const std::vector<std::vector<int>>& rows) {
   const int64_t B = int64_t(rows.size()), T = 4096, nH = 32, nKV = 4, D = 128;
   const std::string sh0 = shape_str({{"B", B}, {"T", T}, {"nH", nH}, {"nKV", nKV}, {"D", D}});
-  cu::set_attention_impl(cu::AttentionImpl::kAuto);
+  // sized as for cuDNN's packed graphs (kAuto plans for them only with
+  // AUTOMOE_ATTENTION_PACKED=cudnn), which the cases below force
+  cu::set_attention_impl(cu::AttentionImpl::kCudnn);
   const size_t ws = std::max(cu::attention_fwd_workspace_bytes(B, T, nH, nKV, D, true),
                              cu::attention_bwd_workspace_bytes(B, T, nH, nKV, D, true));
+  cu::set_attention_impl(cu::AttentionImpl::kAuto);
   std::printf("attention packed %s: workspace %.1f MiB (fwd+bwd with documents: cuDNN's packed "
               "graphs of the smallest and largest bucket + Stats scratch, and the fallback)\n",
               sh0.c_str(), double(ws) / (1 << 20));
@@ -1089,6 +1103,16 @@ void case_cross_entropy(const cu::Ctx& ctx, int64_t N, int64_t V, bool inplace) 
   cu::cross_entropy_bwd(d_dl.p, d_logits.p, d_lse.p, d_tgt.p, scale, N, V, ctx);
   sync(ctx);
   check("cross_entropy_bwd", "dlogits", sh, d_dl, dl_ref, kBf16Out);
+  // both in one kernel, from fresh logits (in place or not, as above)
+  auto& d_logits2 = pool.in(logits.h);
+  auto& d_loss2 = pool.out<float>(N);
+  auto& d_lse2 = pool.out<float>(N);
+  Dev<bf16>& d_dl2 = inplace ? d_logits2 : pool.out<bf16>(N * V);
+  cu::cross_entropy_fwd_bwd(d_loss2.p, d_lse2.p, d_dl2.p, d_logits2.p, d_tgt.p, scale, N, V, ctx);
+  sync(ctx);
+  check("cross_entropy_fwd_bwd", "losses", sh, d_loss2, loss_ref, kF32);
+  check("cross_entropy_fwd_bwd", "lse", sh, d_lse2, lse_ref, kF32);
+  check("cross_entropy_fwd_bwd", "dlogits", sh, d_dl2, dl_ref, kBf16Out);
 }
 
 void case_aux_loss(const cu::Ctx& ctx, int64_t N, int64_t E, int64_t K, int mode) {
@@ -1425,6 +1449,13 @@ int main(int argc, char** argv) {
     case_rmsnorm(ctx, 13 * 4, 128);  // per-head q/k norm: N = tokens*heads, C = head dim
     case_rmsnorm(ctx, 33 * 3, 6);    // the parity fixture tiny_c's q norm (head dim 6)
     case_rmsnorm(ctx, 512, 2048);
+    // the fused backward's column counts (CPL 4..64) with chunk tails, and W1's shapes: the
+    // hidden norms (8192 x 2048) and the q norm (8192 tokens x 32 heads, head dim 128)
+    case_rmsnorm(ctx, 65, 256);
+    case_rmsnorm(ctx, 300, 512);
+    case_rmsnorm(ctx, 129, 1024);
+    case_rmsnorm(ctx, 8192, 2048);
+    case_rmsnorm(ctx, 8192 * 32, 128);
     case_add_rmsnorm(ctx, 7, 13);
     case_add_rmsnorm(ctx, 512, 2048);
     case_add_rmsnorm(ctx, 8192, 2048);  // W1's residual stream
@@ -1524,6 +1555,8 @@ int main(int argc, char** argv) {
     case_cross_entropy(ctx, 7, 13, false);
     case_cross_entropy(ctx, 5, 1000, true);
     case_cross_entropy(ctx, 64, 151936, false);
+    case_cross_entropy(ctx, 33, 151936, true);  // W1's vocabulary, in place (as the model runs it)
+    case_cross_entropy(ctx, 6, 1003, false);    // V not a multiple of 8: the scalar path
   });
   run(filter, "aux_loss", [&] {
     case_aux_loss(ctx, 13, 5, 2, 0);

@@ -191,7 +191,7 @@ struct Qwen3MoeCuda::State {
   bf16 *logits_c = nullptr, *dlnf = nullptr;
   float* lse_c = nullptr;
   // backward temporaries
-  bf16 *d1 = nullptr, *dln = nullptr, *dao = nullptr, *dq = nullptr, *dqn = nullptr, *dk = nullptr,
+  bf16 *dln = nullptr, *dao = nullptr, *dq = nullptr, *dqn = nullptr, *dk = nullptr,
        *dkn = nullptr, *dv = nullptr, *dys = nullptr, *dact = nullptr, *dgu = nullptr,
        *xs_b = nullptr, *act_b = nullptr, *drl = nullptr, *ys_b = nullptr;
   float *dtopk_w = nullptr, *dprobs_all = nullptr;
@@ -249,12 +249,12 @@ struct Qwen3MoeCuda::State {
 
   bool bf16_mode() const { return prec == Precision::BF16; }
 
-  // AUTOMOE_FUSED_NORM=1: the residual adds fused with the next RMSNorm and the q/k norms with
-  // RoPE (add_rmsnorm_fwd, qk_norm_rope_fwd: the same bits as the op pairs). Off by default
-  // until those ops have been checked on a GPU.
+  // The residual adds fused with the next RMSNorm and the q/k norms with RoPE (add_rmsnorm_fwd,
+  // qk_norm_rope_fwd: the same bits as the op pairs, checked on an H200 by cuda_op_check and
+  // cuda_parity). AUTOMOE_FUSED_NORM=0 runs the op pairs instead.
   bool fused_norm = [] {
     const char* e = std::getenv("AUTOMOE_FUSED_NORM");
-    return e && std::string(e) == "1";
+    return !(e && std::string(e) == "0");
   }();
   // q, k = RoPE(per-head RMSNorm(q_pre, k_pre)), rstds kept.
   void qk_norm_rope(LayerActs& a, const LayerOff& o, int64_t N, float eps, float theta) {
@@ -312,15 +312,15 @@ struct Qwen3MoeCuda::State {
     }
   }
   // RMSNorm backward: dx = ..., d(weight at w_off) accumulates.
-  void norm_bwd(bf16* dx, int64_t w_off, const bf16* dout, const bf16* x, const float* rstd,
-                int64_t n, int64_t C) {
+  void norm_bwd(bf16* dx, float dx_beta, int64_t w_off, const bf16* dout, const bf16* x,
+                const float* rstd, int64_t n, int64_t C) {
     if (bf16_mode()) {
       CUDA_CHECK(cudaMemsetAsync(small, 0, size_t(C) * sizeof(float), ctx.stream));
-      cu::rmsnorm_bwd(dx, small, dout, x, W(w_off), rstd, n, C, ctx);
+      cu::rmsnorm_bwd(dx, dx_beta, small, dout, x, W(w_off), rstd, n, C, ctx);
       cu::accumulate_grad(g16_at(w_off), small, beta, C, ctx);
       done(w_off);
     } else {
-      cu::rmsnorm_bwd(dx, g32.get() + w_off, dout, x, W(w_off), rstd, n, C, ctx);
+      cu::rmsnorm_bwd(dx, dx_beta, g32.get() + w_off, dout, x, W(w_off), rstd, n, C, ctx);
     }
   }
   void grouped_bwd(bf16* dx, int64_t w_off, const bf16* dout, const bf16* x,
@@ -682,7 +682,6 @@ void Qwen3MoeCuda::plan(int64_t B, int64_t T) {
     s.lse_c = f.take<float>(chunk);
     s.dlnf = f.take<bf16>(N * H);
     Carver b{base, u0};
-    s.d1 = b.take<bf16>(N * H);
     s.dln = b.take<bf16>(N * H);
     s.dao = b.take<bf16>(N * nH * D);
     s.dq = b.take<bf16>(N * nH * D);
@@ -734,8 +733,8 @@ void Qwen3MoeCuda::plan(int64_t B, int64_t T) {
   ws = std::max(ws, cu::rmsnorm_bwd_workspace_bytes(N, H));
   ws = std::max(ws, cu::rmsnorm_bwd_workspace_bytes(N * nH, D));
   ws = std::max(ws, cu::rmsnorm_bwd_workspace_bytes(N * nKV, D));
-  // packed batches (document ids): cuDNN's packed graphs (smallest and largest bucket) and
-  // their Stats scratch, or the fallback kernel
+  // packed batches (document ids): cuDNN's packed graphs (every bucket up to attention.cu's
+  // workspace cap) and their Stats scratch, or the fallback kernel
   for (bool doc : {false, true}) {
     ws = std::max(ws, cu::attention_fwd_workspace_bytes(B, T, nH, nKV, D, doc));
     ws = std::max(ws, cu::attention_bwd_workspace_bytes(B, T, nH, nKV, D, doc));
@@ -968,7 +967,13 @@ void Qwen3MoeCuda::forward(const Batch& bt, float ce_denominator, float aux_scal
     const int64_t rows = std::min(s.chunk, N - r0);
     const bf16* xr = s.lnf_out + r0 * H;
     cu::linear_fwd(s.logits_c, xr, s.W(s.off_lm), nullptr, rows, H, V, ctx);
-    cu::cross_entropy_fwd(s.losses + r0, s.lse_c, s.logits_c, s.targets + r0, rows, V, ctx);
+    // training without a host copy of the logits: the loss and its gradient in one kernel
+    const bool fused_ce = grad && !logits;
+    if (fused_ce)
+      cu::cross_entropy_fwd_bwd(s.losses + r0, s.lse_c, s.logits_c, s.logits_c, s.targets + r0,
+                                ce_scale, rows, V, ctx);
+    else
+      cu::cross_entropy_fwd(s.losses + r0, s.lse_c, s.logits_c, s.targets + r0, rows, V, ctx);
     if (logits) {  // `automoe forward`: this chunk's logits to the host (synchronous)
       host_chunk.resize(size_t(rows * V));
       CUDA_CHECK(cudaMemcpyAsync(host_chunk.data(), s.logits_c, size_t(rows * V) * 2,
@@ -978,13 +983,15 @@ void Qwen3MoeCuda::forward(const Batch& bt, float ce_denominator, float aux_scal
       for (int64_t i = 0; i < rows * V; ++i) dst[i] = from_bf16_bits(host_chunk[i]);
     }
     if (grad) {
-      cu::cross_entropy_bwd(s.logits_c, s.logits_c, s.lse_c, s.targets + r0, ce_scale, rows, V, ctx);
+      if (!fused_ce)
+        cu::cross_entropy_bwd(s.logits_c, s.logits_c, s.lse_c, s.targets + r0, ce_scale, rows, V,
+                              ctx);
       // lm_head's gradient is complete after the last chunk (tied: after the embedding's)
       s.lin_bwd(s.dlnf + r0 * H, 0.f, s.off_lm, -1, s.logits_c, xr, rows, H, V,
                 r0 == 0 ? s.beta : 1.f, !s.tied && r0 + rows >= N);
     }
   }
-  if (grad) s.norm_bwd(s.dres, s.off_lnf, s.dlnf, s.res[L], s.lnf_rstd, N, H);
+  if (grad) s.norm_bwd(s.dres, 0.f, s.off_lnf, s.dlnf, s.res[L], s.lnf_rstd, N, H);
 
   // ---- aux loss over every MoE layer's router outputs
   s.has_aux = c.output_router_logits && c.num_moe_layers() > 0;
@@ -1101,8 +1108,7 @@ void Qwen3MoeCuda::backward() {
       cu::swiglu_bwd(s.dgu, s.dact, a.gu, N, F, ctx);
       s.lin_bwd(s.dln, 0.f, o.mlp_gu, -1, s.dgu, a.ln2, N, H, 2 * F, beta);
     }
-    s.norm_bwd(s.d1, o.ln2, s.dln, a.x_mid, a.ln2_rstd, N, H);
-    cu::add_inplace(s.dres, s.d1, N * H, ctx);
+    s.norm_bwd(s.dres, 1.f, o.ln2, s.dln, a.x_mid, a.ln2_rstd, N, H);  // dres += ln2's dx
     s.lrecord(l, 4);
     if (s.memsave) {  // this layer's attention inputs again, before its weights change
       cu::rmsnorm_fwd(a.ln1, a.ln1_rstd, x_in, s.W(o.ln1), N, H, eps, ctx);
@@ -1114,13 +1120,12 @@ void Qwen3MoeCuda::backward() {
                       D, ctx);
     cu::rope_bwd(s.dqn, s.dq, s.pos, N, nH, D, theta, ctx);
     cu::rope_bwd(s.dkn, s.dk, s.pos, N, nKV, D, theta, ctx);
-    s.norm_bwd(s.dq, o.qn, s.dqn, a.q_pre, a.q_rstd, N * nH, D);
-    s.norm_bwd(s.dk, o.kn, s.dkn, a.k_pre, a.k_rstd, N * nKV, D);
+    s.norm_bwd(s.dq, 0.f, o.qn, s.dqn, a.q_pre, a.q_rstd, N * nH, D);
+    s.norm_bwd(s.dk, 0.f, o.kn, s.dkn, a.k_pre, a.k_rstd, N * nKV, D);
     s.lin_bwd(s.dln, 0.f, o.wq, o.bq, s.dq, a.ln1, N, H, nH * D, beta);
     s.lin_bwd(s.dln, 1.f, o.wk, o.bk, s.dk, a.ln1, N, H, nKV * D, beta);
     s.lin_bwd(s.dln, 1.f, o.wv, o.bv, s.dv, a.ln1, N, H, nKV * D, beta);
-    s.norm_bwd(s.d1, o.ln1, s.dln, x_in, a.ln1_rstd, N, H);
-    cu::add_inplace(s.dres, s.d1, N * H, ctx);
+    s.norm_bwd(s.dres, 1.f, o.ln1, s.dln, x_in, a.ln1_rstd, N, H);  // dres += ln1's dx
     s.lrecord(l, 5);
   }
   // embedding (tied: lm_head's gradient is already in this tensor, so always accumulate)

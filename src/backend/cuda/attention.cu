@@ -526,18 +526,29 @@ std::string attention_cudnn_unsupported(bool bwd, int64_t B, int64_t T, int64_t 
 
 namespace {
 
-// cuDNN's workspace at (B, T): the causal graph, and with doc the packed graphs of the smallest
-// and the largest bucket (the workspace grows with the bucket, if at all: with
-// max_total_seq_len set it is sized by the B*T tokens) plus the Stats scratch.
+// A packed batch's cuDNN workspace grows with its bucket (the sequence count rounded up to a
+// power of two; measured on an H200 at W1's shapes: bucket 16 needs 386 MiB); buckets whose
+// workspace is above this are not planned for, and such a batch runs the fallback kernel
+// (said once per bucket on stderr).
+constexpr size_t kPackedWorkspaceCap = size_t(1) << 30;
+
+// cuDNN's workspace at (B, T): the causal graph, and with doc the packed graph of every bucket
+// from the smallest up to B*T sequences while it fits kPackedWorkspaceCap, plus the Stats
+// scratch. Each bucket's graph is built (and cached) here, once per shape.
 size_t cudnn_workspace_bytes(bool bwd, int64_t B, int64_t T, int64_t nH, int64_t nKV, int64_t D,
                              bool doc) {
   size_t n = 0;
   if (sdpa::supported(bwd, B, T, nH, nKV, D, false, 0, nullptr))
     n = sdpa::workspace_bytes(bwd, B, T, nH, nKV, D, 0);
   if (doc && packed_cudnn_allowed())
-    for (int64_t segs : {int64_t(1), B * T})
-      if (sdpa::supported(bwd, B, T, nH, nKV, D, true, segs, nullptr))
-        n = std::max(n, packed_workspace_bytes(bwd, B, T, nH, nKV, D, segs));
+    for (int64_t S = sdpa::kMinSegmentBucket;; S *= 2) {
+      if (sdpa::supported(bwd, B, T, nH, nKV, D, true, S, nullptr)) {
+        const size_t b = packed_workspace_bytes(bwd, B, T, nH, nKV, D, S);
+        if (b > kPackedWorkspaceCap) break;
+        n = std::max(n, b);
+      }
+      if (S >= B * T) break;
+    }
   return n;
 }
 

@@ -122,5 +122,9 @@ void colsum_accumulate(float* out, const bf16* a, const bf16* b, const float* rs
                        int64_t C, const Ctx& ctx, const char* op);
 void colsum_accumulate(float* out, const float* a, int64_t N, int64_t C, const Ctx& ctx,
                        const char* op);
+// The second stage alone, for kernels that write their own partial rows: out[c] += sum over
+// r < chunks of part[r, c], in a fixed order.
+void colsum_finish(float* out /*[C] +=*/, const float* part /*[chunks,C]*/, int64_t chunks,
+                   int64_t C, const Ctx& ctx);
 
 }  // namespace automoe::cuda

@@ -36,7 +36,9 @@ void rmsnorm_fwd(bf16* out /*[N,C] bf16 =*/, float* rstd /*[N] f32 =*/,
                  const bf16* x /*[N,C] bf16*/, const bf16* w /*[C] bf16*/, int64_t N, int64_t C,
                  float eps, const Ctx& ctx);
 size_t rmsnorm_bwd_workspace_bytes(int64_t N, int64_t C);
-void rmsnorm_bwd(bf16* dx /*[N,C] bf16 =*/, float* dw /*[C] f32 +=*/,
+// dx = dx_beta * dx + d(out)/dx (dx_beta 0 or 1: 1 adds the residual stream's gradient in the
+// same pass, rounded once); dw += the weight's gradient. Workspace: rmsnorm_bwd_workspace_bytes.
+void rmsnorm_bwd(bf16* dx /*[N,C] bf16 = or +=*/, float dx_beta, float* dw /*[C] f32 +=*/,
                  const bf16* dout /*[N,C] bf16*/, const bf16* x /*[N,C] bf16*/,
                  const bf16* w /*[C] bf16*/, const float* rstd /*[N] f32*/, int64_t N, int64_t C,
                  const Ctx& ctx);
@@ -224,6 +226,12 @@ void cross_entropy_fwd(float* losses /*[N] f32 =*/, float* lse /*[N] f32 =*/,
 void cross_entropy_bwd(bf16* dlogits /*[N,V] bf16 =*/, const bf16* logits /*[N,V] bf16*/,
                        const float* lse /*[N] f32*/, const int64_t* targets /*[N] i64*/,
                        float scale, int64_t N, int64_t V, const Ctx& ctx);
+// cross_entropy_fwd() then cross_entropy_bwd() in one kernel (a block per row reads the row for
+// lse, then again, mostly from L2, for the gradient): dlogits may be logits.
+void cross_entropy_fwd_bwd(float* losses /*[N] f32 =*/, float* lse /*[N] f32 =*/,
+                           bf16* dlogits /*[N,V] bf16 =*/, const bf16* logits /*[N,V] bf16*/,
+                           const int64_t* targets /*[N] i64*/, float scale, int64_t N,
+                           int64_t V, const Ctx& ctx);
 
 // ---- load-balancing aux loss (HF load_balancing_loss_func), probs of every layer along N -----
 // aux = E * sum_{k,e} f[k,e] * P[e]; written to aux[0] on the device. Deterministic.
