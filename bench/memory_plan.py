@@ -67,7 +67,7 @@ def plan(c, ep, world, seq, mbs, zero, imbalance, memsave=False):
         a = N * H * 2 + N * 4 + N * nH * D * 2 + N * nH * 4 + N * nKV * D * 2 + N * nKV * 4
         a += N * H * 2 + N * 4
         a += max(R * 2 * I * 2 if moe_l else 0, N * 2 * F * 2 if dense_l else 0)
-        return a + (R * H * 2 if moe_l and ys else 0)
+        return a + ((R * H * 2 + R * H * 2 + R * I * 2) if moe_l and ys else 0)  # ys, xs, act
     per_layer = []
     for l in range(L):
         a = 0 if memsave else recomputable(moe[l], not moe[l], True)
@@ -80,9 +80,10 @@ def plan(c, ep, world, seq, mbs, zero, imbalance, memsave=False):
         per_layer.append(recomputable(M > 0, M < L, False))
     chunk = max(64, min(2048, (512 << 20) // (2 * V)) // 64 * 64)
     fixed = (L + 1) * N * H * 2 + M * N * E * 4 + M * N * K * 4 + 2 * N * H * 2 + N * 8 + N * 40
-    fwd_tmp = N * E * 2 + R * H * 2 + max(R * I, N * F) * 2 + N * H * 2 + min(chunk, N) * V * 2 + N * H * 2
+    Rt = R if memsave else 0  # expert rows in the temporaries (the default mode keeps xs, act)
+    fwd_tmp = N * E * 2 + Rt * H * 2 + max(Rt * I, N * F) * 2 + N * H * 2 + min(chunk, N) * V * 2 + N * H * 2
     bwd_tail = max(R * I, N * F) * 2 + max(R * 2 * I, N * 2 * F) * 2 + N * E * 2 + N * K * 4 + M * N * E * 4
-    bwd_tmp = (N * H + 3 * N * nH * D + 3 * N * nKV * D) * 2 + 2 * R * H * 2 + max(R * I, N * F) * 2 \
+    bwd_tmp = (N * H + 3 * N * nH * D + 3 * N * nKV * D) * 2 + (R + Rt) * H * 2 + max(Rt * I, N * F) * 2 \
         + bwd_tail + max(0, R * H * 2 - bwd_tail)  # memsave's expert outputs overlay the tail
     act = sum(per_layer) + fixed + max(fwd_tmp, bwd_tmp)
     dispatch = 2 * R * H * 2 if ep > 1 else 0  # EP send + receive buffers of one layer (transient)

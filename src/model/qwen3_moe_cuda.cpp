@@ -11,8 +11,9 @@
 // accumulate_grad: a few thousand elements, so the scratch is tiny.
 //
 // Memory savers that cost no accuracy: q/k are normed and roped in place (RoPE's backward needs
-// no input), the expert inputs xs = permute(ln2) and the SwiGLU outputs are recomputed in the
-// backward (a row copy and an elementwise op) instead of being saved per layer.
+// no input). The expert inputs xs = permute(ln2) and the SwiGLU outputs are kept per layer in
+// the default mode (0.37 GiB per W1 layer, and about 2 ms of a W1 step's 137 that recomputing
+// them cost) and recomputed in the memory-saving mode.
 //
 // The memory-saving mode (qwen3_moe_cuda.h) adds: no gradient arena (g16_at() points into a
 // scratch, done() runs AdamW on a tensor the moment its gradient is complete), and one set of
@@ -132,6 +133,10 @@ struct LayerActs {
   int32_t *offsets = nullptr, *slot_row = nullptr;           // [E+1], [N*K] (MoE)
   bf16* gu = nullptr;  // [N*K, 2I] (MoE) or [N, 2F] (dense): SwiGLU input
   bf16* ys = nullptr;  // [N*K, H] expert outputs (MoE; unpermute's backward reads them)
+  // default mode, MoE: the permuted inputs and the SwiGLU outputs, which the expert weight
+  // gradients read (the memory-saving mode recomputes them into temporaries instead)
+  bf16* xs = nullptr;   // [N*K, H]
+  bf16* act = nullptr;  // [N*K, I]
 };
 
 }  // namespace
@@ -629,7 +634,11 @@ void Qwen3MoeCuda::plan(int64_t B, int64_t T) {
       a.ln2 = cv.take<bf16>(N * H);
       a.ln2_rstd = cv.take<float>(N);
       a.gu = cv.take<bf16>(std::max(moe && !s.ep ? N * K * 2 * I : 0, dense ? N * 2 * F : 0));
-      if (moe && ys && !s.ep) a.ys = cv.take<bf16>(N * K * H);
+      if (moe && ys && !s.ep) {
+        a.ys = cv.take<bf16>(N * K * H);
+        a.xs = cv.take<bf16>(N * K * H);
+        a.act = cv.take<bf16>(N * K * I);
+      }
     };
     LayerActs shared{};
     if (s.memsave) recomputable(shared, M > 0, M < L, false);
@@ -674,9 +683,12 @@ void Qwen3MoeCuda::plan(int64_t B, int64_t T) {
     // temporaries: the forward's and the backward's share one region
     const size_t u0 = cv.off;
     Carver f{base, u0};
+    // expert rows in the temporaries: the memory-saving mode recomputes xs and act there (and
+    // puts the forward's expert outputs in xs); the default mode keeps them per layer
+    const int64_t NKt = s.memsave ? NK : 0;
     s.rlogits = f.take<bf16>(N * E);
-    s.xs = f.take<bf16>(NK * H);
-    s.act = f.take<bf16>(std::max(NK * I, N * F));
+    s.xs = f.take<bf16>(NKt * H);
+    s.act = f.take<bf16>(std::max(NKt * I, N * F));
     s.tmp = f.take<bf16>(N * H);
     s.logits_c = f.take<bf16>(chunk * V);
     s.lse_c = f.take<float>(chunk);
@@ -690,8 +702,8 @@ void Qwen3MoeCuda::plan(int64_t B, int64_t T) {
     s.dkn = b.take<bf16>(N * nKV * D);
     s.dv = b.take<bf16>(N * nKV * D);
     s.dys = b.take<bf16>(NK * H);
-    s.xs_b = b.take<bf16>(NK * H);
-    s.act_b = b.take<bf16>(std::max(NK * I, N * F));
+    s.xs_b = b.take<bf16>(NKt * H);
+    s.act_b = b.take<bf16>(std::max(NKt * I, N * F));
     const size_t dact_at = b.off;
     s.dact = b.take<bf16>(std::max(NK * I, N * F));
     s.dgu = b.take<bf16>(std::max(NK * 2 * I, N * 2 * F));
@@ -927,11 +939,13 @@ void Qwen3MoeCuda::forward(const Batch& bt, float ce_denominator, float aux_scal
       cu::linear_fwd(s.rlogits, a.ln2, s.W(o.router), nullptr, N, H, E, ctx);
       cu::router_fwd(probs, idx, a.topk_w, s.rlogits, N, E, K, c.norm_topk_prob, ctx);
       cu::moe_layout(a.offsets, a.slot_row, idx, N, E, K, ctx);
-      cu::permute_fwd(s.xs, a.ln2, a.slot_row, N, K, H, ctx);
-      cu::grouped_linear_fwd(a.gu, s.xs, s.W(o.ex_gu), a.offsets, N * K, E, H, 2 * I, ctx);
-      cu::swiglu_fwd(s.act, a.gu, N * K, I, ctx);
-      bf16* ys = s.memsave ? s.xs : a.ys;  // memory-saving: not kept (see plan())
-      cu::grouped_linear_fwd(ys, s.act, s.W(o.ex_down), a.offsets, N * K, E, I, H, ctx);
+      bf16* xs = s.memsave ? s.xs : a.xs;  // memory-saving: not kept (see plan())
+      bf16* act = s.memsave ? s.act : a.act;
+      cu::permute_fwd(xs, a.ln2, a.slot_row, N, K, H, ctx);
+      cu::grouped_linear_fwd(a.gu, xs, s.W(o.ex_gu), a.offsets, N * K, E, H, 2 * I, ctx);
+      cu::swiglu_fwd(act, a.gu, N * K, I, ctx);
+      bf16* ys = s.memsave ? s.xs : a.ys;  // xs is dead after the gate_up GEMM
+      cu::grouped_linear_fwd(ys, act, s.W(o.ex_down), a.offsets, N * K, E, I, H, ctx);
       cu::unpermute_fwd(s.tmp, ys, a.topk_w, a.slot_row, N, K, H, ctx);
     } else {
       cu::linear_fwd(a.gu, a.ln2, s.W(o.mlp_gu), nullptr, N, H, 2 * F, ctx);
@@ -1092,11 +1106,12 @@ void Qwen3MoeCuda::backward() {
       const float* probs = s.probs_all + o.moe_index * N * E;
       const int32_t* idx = s.topk_all + o.moe_index * N * K;
       cu::unpermute_bwd(s.dys, s.dtopk_w, s.dres, ys, a.topk_w, a.slot_row, N, K, H, ctx);
-      if (!s.memsave) cu::swiglu_fwd(s.act_b, a.gu, N * K, I, ctx);  // recomputed
-      s.grouped_bwd(s.dact, o.ex_down, s.dys, s.act_b, a.offsets, N * K, E, I, H);
+      // the expert inputs: kept (default) or recomputed above (memory-saving)
+      const bf16* act = s.memsave ? s.act_b : a.act;
+      const bf16* xs = s.memsave ? s.xs_b : a.xs;
+      s.grouped_bwd(s.dact, o.ex_down, s.dys, act, a.offsets, N * K, E, I, H);
       cu::swiglu_bwd(s.dgu, s.dact, a.gu, N * K, I, ctx);
-      if (!s.memsave) cu::permute_fwd(s.xs_b, a.ln2, a.slot_row, N, K, H, ctx);  // recomputed
-      s.grouped_bwd(s.dys /*dxs*/, o.ex_gu, s.dgu, s.xs_b, a.offsets, N * K, E, H, 2 * I);
+      s.grouped_bwd(s.dys /*dxs*/, o.ex_gu, s.dgu, xs, a.offsets, N * K, E, H, 2 * I);
       cu::permute_bwd(s.dln, s.dys, a.slot_row, N, K, H, ctx);
       cu::router_bwd(s.drl, s.dtopk_w,
                      s.aux_grad != 0.f ? s.dprobs_all + o.moe_index * N * E : nullptr, probs, idx,
