@@ -314,10 +314,11 @@ void memsave_resume(const std::string& name, const ModelConfig& cfg,
   verdict(differ == 0, name + " memory-saving mode: a resumed run does not continue exactly");
 }
 
-// The fused norm pairs (add_rmsnorm_fwd, qk_norm_rope_fwd in the forward; the default) against
-// the op pairs (AUTOMOE_FUSED_NORM=0): the same bits are expected (the fused ops keep the
-// pairs' arithmetic); the verdict allows a rare ulp of a different FMA contraction (gradients
-// rel-L2 <= 1e-5).
+// The fused norm ops (the default: add_rmsnorm_fwd and qk_norm_rope_fwd in the forward,
+// qk_norm_rope_bwd in the backward) against the op pairs (AUTOMOE_FUSED_NORM=0): the forward's
+// are the same bits, so the loss must match (a rare ulp of a different FMA contraction allowed);
+// the backward keeps the rotated q/k gradient in fp32 where the pair rounds it to bf16, so the
+// gradients differ by bf16 noise: rel-L2 <= 1e-2 (the model against fp32 is judged elsewhere).
 void fused_vs_unfused(const std::string& name, const ModelConfig& cfg,
                       const std::vector<float>& params, const Batch& b) {
   setenv("AUTOMOE_FUSED_NORM", "0", 1);
@@ -342,7 +343,7 @@ void fused_vs_unfused(const std::string& name, const ModelConfig& cfg,
   std::printf("%-16s fused norms vs op pairs: loss %.7f / %.7f, gradients differing %lld of %zu "
               "(rel-L2 %.3g)\n",
               name.c_str(), lf, lp, (long long)differ, gp.size(), rel);
-  verdict(std::fabs(double(lf) - lp) <= 1e-6 * std::fabs(double(lp)) && rel <= 1e-5,
+  verdict(std::fabs(double(lf) - lp) <= 1e-6 * std::fabs(double(lp)) && rel <= 1e-2,
           name + " the fused norm pairs change the results");
 }
 

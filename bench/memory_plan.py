@@ -83,7 +83,9 @@ def plan(c, ep, world, seq, mbs, zero, imbalance, memsave=False):
     Rt = R if memsave else 0  # expert rows in the temporaries (the default mode keeps xs, act)
     fwd_tmp = N * E * 2 + Rt * H * 2 + max(Rt * I, N * F) * 2 + N * H * 2 + min(chunk, N) * V * 2 + N * H * 2
     bwd_tail = max(R * I, N * F) * 2 + max(R * 2 * I, N * 2 * F) * 2 + N * E * 2 + N * K * 4 + M * N * E * 4
-    bwd_tmp = (N * H + 3 * N * nH * D + 3 * N * nKV * D) * 2 + (R + Rt) * H * 2 + max(Rt * I, N * F) * 2 \
+    rot = 0 if D % 2 == 0 and D <= 256 else 1  # dqn, dkn: only without the fused q/k backward
+    bwd_tmp = (N * H + (2 + rot) * N * nH * D + (2 + rot) * N * nKV * D) * 2 + (R + Rt) * H * 2 \
+        + max(Rt * I, N * F) * 2 \
         + bwd_tail + max(0, R * H * 2 - bwd_tail)  # memsave's expert outputs overlay the tail
     act = sum(per_layer) + fixed + max(fwd_tmp, bwd_tmp)
     dispatch = 2 * R * H * 2 if ep > 1 else 0  # EP send + receive buffers of one layer (transient)

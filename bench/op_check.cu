@@ -395,6 +395,22 @@ void case_qk_norm_rope(const cu::Ctx& ctx, int64_t N, int64_t H, int64_t D, floa
   check("qk_norm_rope_fwd", "rstd", sh, d_rstd, rstd_ref, kF32);
   check("qk_norm_rope_fwd", "out=norm;rope", sh, d_out, to_f(d_out2.download()), kF32Exact);
   check("qk_norm_rope_fwd", "rstd=norm;rope", sh, d_rstd, d_rstd2.download(), kF32Exact);
+  if (!cu::qk_norm_rope_bwd_fused(D)) return;
+
+  // the backward, in place as the model runs it (dx over dout), against rope_bwd then
+  // rmsnorm_bwd on the CPU (dw accumulates onto random values)
+  Bf dout = bf_uniform(N * H * D, -1, 1);
+  std::vector<float> dn(N * H * D), dx_ref(N * H * D), dw = uniform(D, -1, 1);
+  auto& d_g = pool.in(dout.h);
+  auto& d_dw = pool.in(dw);
+  cpu::rope_bwd(dn.data(), dout.f.data(), pos.data(), N, H, D, theta);
+  cpu::rmsnorm_bwd(dx_ref.data(), dw.data(), dn.data(), x.f.data(), w.f.data(), rstd_ref.data(),
+                   N * H, D);
+  cu::qk_norm_rope_bwd(d_g.p, d_dw.p, d_g.p, d_x.p, d_w.p, d_rstd.p, d_pos.p, N, H, D, theta,
+                       ctx);
+  sync(ctx);
+  check("qk_norm_rope_bwd", "dx", sh, d_g, dx_ref, kBf16Chain);
+  check("qk_norm_rope_bwd", "dw", sh, d_dw, dw, kF32);
 }
 
 void case_linear(const cu::Ctx& ctx, int64_t N, int64_t I, int64_t O, bool bias, float dx_beta) {
@@ -1476,6 +1492,11 @@ int main(int argc, char** argv) {
     case_qk_norm_rope(ctx, 33, 3, 6, 500.f);    // tiny_c
     case_qk_norm_rope(ctx, 512, 32, 128, 1e6f);  // W1's q heads
     case_qk_norm_rope(ctx, 8192, 4, 128, 1e6f);  // W1's k heads
+    case_qk_norm_rope(ctx, 8192, 32, 128, 1e6f);  // W1's q heads, all tokens
+    case_qk_norm_rope(ctx, 37, 3, 64, 10000.f);   // the per-token kernels' other head dims,
+    case_qk_norm_rope(ctx, 19, 1, 256, 10000.f);  // token counts that leave a partial block
+    case_qk_norm_rope(ctx, 21, 2, 200, 10000.f);  // backward: lanes without a pair sit out
+    case_qk_norm_rope(ctx, 40, 4, 16, 10000.f);   // backward at the parity fixtures' head dims
     case_rope(ctx, 37, 4, 64, 1e6f);  // the per-token kernel at its smallest shape
     case_rope(ctx, 8192, 4, 128, 1e6f);  // W1's k heads
   });

@@ -261,6 +261,9 @@ struct Qwen3MoeCuda::State {
     const char* e = std::getenv("AUTOMOE_FUSED_NORM");
     return !(e && std::string(e) == "0");
   }();
+  // ... and in the backward RoPE's and the q/k norms' (qk_norm_rope_bwd, even head dims up to
+  // 256; not the same bits as the pair: the rotated gradient stays fp32). Set in the constructor.
+  bool fused_qk_bwd = false;
   // q, k = RoPE(per-head RMSNorm(q_pre, k_pre)), rstds kept.
   void qk_norm_rope(LayerActs& a, const LayerOff& o, int64_t N, float eps, float theta) {
     const int64_t nH = cfg.num_attention_heads, nKV = cfg.num_key_value_heads, D = cfg.head_dim;
@@ -328,6 +331,20 @@ struct Qwen3MoeCuda::State {
       cu::rmsnorm_bwd(dx, dx_beta, g32.get() + w_off, dout, x, W(w_off), rstd, n, C, ctx);
     }
   }
+  // q or k: dg (the attention's gradient of the roped heads) becomes the gradient of the heads
+  // before their norm, in place; d(norm weight at w_off) accumulates.
+  void qk_norm_rope_bwd(bf16* dg, int64_t w_off, const bf16* x, const float* rstd, int64_t n,
+                        int64_t heads, float theta) {
+    const int64_t D = cfg.head_dim;
+    float* dw = small;
+    if (bf16_mode()) CUDA_CHECK(cudaMemsetAsync(small, 0, size_t(D) * sizeof(float), ctx.stream));
+    else dw = g32.get() + w_off;
+    cu::qk_norm_rope_bwd(dg, dw, dg, x, W(w_off), rstd, pos, n, heads, D, theta, ctx);
+    if (bf16_mode()) {
+      cu::accumulate_grad(g16_at(w_off), small, beta, D, ctx);
+      done(w_off);
+    }
+  }
   void grouped_bwd(bf16* dx, int64_t w_off, const bf16* dout, const bf16* x,
                    const int32_t* offsets, int64_t R, int64_t E, int64_t I, int64_t O) {
     if (bf16_mode()) {
@@ -365,6 +382,7 @@ Qwen3MoeCuda::Qwen3MoeCuda(const ModelConfig& cfg, Precision precision, int devi
              "internal: EP transport of {} ranks ({} in this process) for an EP group of {}",
              s.ept->size(), s.ept->num_local(), s.groups->ep.size());
   }
+  s.fused_qk_bwd = s.fused_norm && cu::qk_norm_rope_bwd_fused(cfg.head_dim);
   const auto& layout = s.layout_model.layout();
   s.P_host = layout.total;
   std::map<std::string, int64_t> off;  // device offsets
@@ -697,9 +715,9 @@ void Qwen3MoeCuda::plan(int64_t B, int64_t T) {
     s.dln = b.take<bf16>(N * H);
     s.dao = b.take<bf16>(N * nH * D);
     s.dq = b.take<bf16>(N * nH * D);
-    s.dqn = b.take<bf16>(N * nH * D);
+    s.dqn = b.take<bf16>(s.fused_qk_bwd ? 0 : N * nH * D);  // the op pairs' rotated gradients
     s.dk = b.take<bf16>(N * nKV * D);
-    s.dkn = b.take<bf16>(N * nKV * D);
+    s.dkn = b.take<bf16>(s.fused_qk_bwd ? 0 : N * nKV * D);
     s.dv = b.take<bf16>(N * nKV * D);
     s.dys = b.take<bf16>(NK * H);
     s.xs_b = b.take<bf16>(NKt * H);
@@ -745,6 +763,8 @@ void Qwen3MoeCuda::plan(int64_t B, int64_t T) {
   ws = std::max(ws, cu::rmsnorm_bwd_workspace_bytes(N, H));
   ws = std::max(ws, cu::rmsnorm_bwd_workspace_bytes(N * nH, D));
   ws = std::max(ws, cu::rmsnorm_bwd_workspace_bytes(N * nKV, D));
+  if (s.fused_qk_bwd)
+    for (int64_t h : {nH, nKV}) ws = std::max(ws, cu::qk_norm_rope_bwd_workspace_bytes(N, h, D));
   // packed batches (document ids): cuDNN's packed graphs (every bucket up to attention.cu's
   // workspace cap) and their Stats scratch, or the fallback kernel
   for (bool doc : {false, true}) {
@@ -1133,10 +1153,15 @@ void Qwen3MoeCuda::backward() {
     s.lin_bwd(s.dao, 0.f, o.wo, o.bo, s.dres, a.ao, N, nH * D, H, beta);
     cu::attention_bwd(s.dq, s.dk, s.dv, s.dao, a.ao, a.lse, a.q, a.k, a.v, doc, seg, B, T, nH, nKV,
                       D, ctx);
-    cu::rope_bwd(s.dqn, s.dq, s.pos, N, nH, D, theta, ctx);
-    cu::rope_bwd(s.dkn, s.dk, s.pos, N, nKV, D, theta, ctx);
-    s.norm_bwd(s.dq, 0.f, o.qn, s.dqn, a.q_pre, a.q_rstd, N * nH, D);
-    s.norm_bwd(s.dk, 0.f, o.kn, s.dkn, a.k_pre, a.k_rstd, N * nKV, D);
+    if (s.fused_qk_bwd) {  // RoPE's and the q/k norms' backward in one pass, in place
+      s.qk_norm_rope_bwd(s.dq, o.qn, a.q_pre, a.q_rstd, N, nH, theta);
+      s.qk_norm_rope_bwd(s.dk, o.kn, a.k_pre, a.k_rstd, N, nKV, theta);
+    } else {
+      cu::rope_bwd(s.dqn, s.dq, s.pos, N, nH, D, theta, ctx);
+      cu::rope_bwd(s.dkn, s.dk, s.pos, N, nKV, D, theta, ctx);
+      s.norm_bwd(s.dq, 0.f, o.qn, s.dqn, a.q_pre, a.q_rstd, N * nH, D);
+      s.norm_bwd(s.dk, 0.f, o.kn, s.dkn, a.k_pre, a.k_rstd, N * nKV, D);
+    }
     s.lin_bwd(s.dln, 0.f, o.wq, o.bq, s.dq, a.ln1, N, H, nH * D, beta);
     s.lin_bwd(s.dln, 1.f, o.wk, o.bk, s.dk, a.ln1, N, H, nKV * D, beta);
     s.lin_bwd(s.dln, 1.f, o.wv, o.bv, s.dv, a.ln1, N, H, nKV * D, beta);

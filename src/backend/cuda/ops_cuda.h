@@ -305,6 +305,16 @@ void add_rmsnorm_fwd(bf16* sum /*[N,C] =*/, bf16* out /*[N,C] =*/, float* rstd /
 void qk_norm_rope_fwd(bf16* out /*[N,H,D] =*/, float* rstd /*[N*H] f32 =*/,
                       const bf16* x /*[N,H,D]*/, const bf16* w /*[D]*/, const int32_t* pos /*[N]*/,
                       int64_t N, int64_t H, int64_t D, float eps, float theta, const Ctx& ctx);
+// Its backward, for an even D <= 256 (qk_norm_rope_bwd_fused(D)): rope_bwd() then
+// rmsnorm_bwd() over the N*H rows, the rotated gradient kept in fp32 between them; dx may be
+// dout (not x). dw += the norm weight's gradient. Workspace: qk_norm_rope_bwd_workspace_bytes.
+bool qk_norm_rope_bwd_fused(int64_t D);
+size_t qk_norm_rope_bwd_workspace_bytes(int64_t N, int64_t H, int64_t D);
+void qk_norm_rope_bwd(bf16* dx /*[N,H,D] =*/, float* dw /*[D] f32 +=*/,
+                      const bf16* dout /*[N,H,D] grad of the roped output*/,
+                      const bf16* x /*[N,H,D] before the norm*/, const bf16* w /*[D]*/,
+                      const float* rstd /*[N*H] f32*/, const int32_t* pos /*[N]*/, int64_t N,
+                      int64_t H, int64_t D, float theta, const Ctx& ctx);
 // g = beta * g + s: an fp32 gradient computed in scratch folded into a bf16 gradient.
 void accumulate_grad(bf16* g /*[n]*/, const float* s /*[n] f32*/, float beta, int64_t n,
                      const Ctx& ctx);
