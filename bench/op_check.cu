@@ -1472,6 +1472,8 @@ int main(int argc, char** argv) {
     case_rmsnorm(ctx, 129, 1024);
     case_rmsnorm(ctx, 8192, 2048);
     case_rmsnorm(ctx, 8192 * 32, 128);
+    case_rmsnorm(ctx, 70, 4096);  // the 16-byte forward's widest case
+    case_add_rmsnorm(ctx, 33, 1024);
     case_add_rmsnorm(ctx, 7, 13);
     case_add_rmsnorm(ctx, 512, 2048);
     case_add_rmsnorm(ctx, 8192, 2048);  // W1's residual stream

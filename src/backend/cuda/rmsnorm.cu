@@ -40,6 +40,109 @@ __global__ void rmsnorm_fwd_kernel(bf16* out, float* rstd, bf16* sum, const bf16
   for (int64_t c = lane; c < C; c += 32) o[c] = to_bf((to_f(xr[c]) * r) * to_f(w[c]));
 }
 
+// 8 bf16 in one uint4 <-> 8 floats.
+__device__ __forceinline__ void unpack8(const uint4& u, float (&f)[8]) {
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 t = __bfloat1622float2(h[i]);
+    f[2 * i] = t.x;
+    f[2 * i + 1] = t.y;
+  }
+}
+__device__ __forceinline__ uint4 pack8(const float (&f)[8]) {
+  uint4 u;
+  __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&u);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
+  return u;
+}
+
+// The 16-byte forward, for hidden sizes C = 256 * NV (NV 2..16: C 512..4096) with 16-byte
+// aligned rows: one warp per row as above, lane owning the 8-column vectors j * 32 + lane (kept
+// packed in registers between the sum of squares and the output). The same arithmetic per
+// element; the sum of squares adds in another order than the general kernel, so a C takes
+// one kernel or the other for every call (rmsnorm_fwd and add_rmsnorm_fwd alike: their bits
+// still match each other). Head dims (C <= 256) stay on the general kernel, whose order
+// qk_norm_rope_fwd repeats.
+template <bool kAdd, int NV>
+__global__ void __launch_bounds__(kWarps * 32)
+    rmsnorm_fwd_vec_kernel(bf16* __restrict__ out, float* __restrict__ rstd, bf16* sum,
+                           const bf16* x, const bf16* __restrict__ b, const bf16* __restrict__ w,
+                           int64_t N, float eps) {
+  constexpr int C = 256 * NV;
+  const int lane = threadIdx.x & 31;
+  const int64_t n = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  if (n >= N) return;
+  uint4 xv[NV];
+#pragma unroll
+  for (int j = 0; j < NV; ++j) {
+    const int64_t off = n * C + int64_t(j * 32 + lane) * 8;
+    if constexpr (kAdd) {
+      float a[8], bb[8];
+      load8(x + off, a);
+      load8(b + off, bb);
+#pragma unroll
+      for (int t = 0; t < 8; ++t) a[t] += bb[t];
+      xv[j] = pack8(a);  // the residual stream, rounded to bf16 once
+      *reinterpret_cast<uint4*>(sum + off) = xv[j];
+    } else {
+      xv[j] = *reinterpret_cast<const uint4*>(x + off);
+    }
+  }
+  float ss = 0.f;
+#pragma unroll
+  for (int j = 0; j < NV; ++j) {
+    float v[8];
+    unpack8(xv[j], v);
+#pragma unroll
+    for (int t = 0; t < 8; ++t) ss += v[t] * v[t];
+  }
+  ss = warp_sum(ss);
+  const float r = 1.0f / sqrtf(ss / float(C) + eps);
+  if (lane == 0) rstd[n] = r;
+#pragma unroll
+  for (int j = 0; j < NV; ++j) {
+    const int c = (j * 32 + lane) * 8;
+    float v[8], wf[8];
+    unpack8(xv[j], v);
+    load8(w + c, wf);
+#pragma unroll
+    for (int t = 0; t < 8; ++t) v[t] = (v[t] * r) * wf[t];
+    *reinterpret_cast<uint4*>(out + n * C + c) = pack8(v);
+  }
+}
+
+// Which forward kernel a C takes (the same for every call at that C; see above).
+bool fwd_vec_ok(int64_t C) {
+  return C == 512 || C == 1024 || C == 2048 || C == 4096;
+}
+
+template <bool kAdd>
+void launch_fwd(bf16* out, float* rstd, bf16* sum, const bf16* x, const bf16* b, const bf16* w,
+                int64_t N, int64_t C, float eps, const Ctx& ctx) {
+  const unsigned blocks = unsigned((N + kWarps - 1) / kWarps);
+  if (fwd_vec_ok(C)) {
+    const void* ptrs[] = {out, sum, x, b, w};
+    for (const void* p : ptrs)
+      AM_CHECK(p == nullptr || aligned_16b(p),
+               "[rmsnorm_fwd] C = {} takes the 16-byte kernel: its buffers must be 16-byte "
+               "aligned (got {})",
+               C, p);
+    auto go = [&](auto kernel) {
+      kernel<<<blocks, kWarps * 32, 0, ctx.stream>>>(out, rstd, sum, x, b, w, N, eps);
+    };
+    if (C == 512) go(rmsnorm_fwd_vec_kernel<kAdd, 2>);
+    else if (C == 1024) go(rmsnorm_fwd_vec_kernel<kAdd, 4>);
+    else if (C == 2048) go(rmsnorm_fwd_vec_kernel<kAdd, 8>);
+    else go(rmsnorm_fwd_vec_kernel<kAdd, 16>);
+  } else {
+    rmsnorm_fwd_kernel<kAdd><<<blocks, kWarps * 32, 0, ctx.stream>>>(out, rstd, sum, x, b, w, N,
+                                                                     C, eps);
+  }
+  CUDA_CHECK_LAUNCH();
+}
+
 // dx = r * w * g - x * r^3 / C * sum(w * g * x) (+ dx when dx_beta = 1). Same mapping as the
 // forward. The general path: any C, any alignment; the weight's column sums come after it
 // (colsum_accumulate, a second read of dout and x).
@@ -212,17 +315,13 @@ void launch_bwd_fused(bf16* dx, float dx_beta, float* part, const bf16* dout, co
 void rmsnorm_fwd(bf16* out, float* rstd, const bf16* x, const bf16* w, int64_t N, int64_t C,
                  float eps, const Ctx& ctx) {
   if (N == 0) return;
-  rmsnorm_fwd_kernel<false><<<unsigned((N + kWarps - 1) / kWarps), kWarps * 32, 0,
-                               ctx.stream>>>(out, rstd, nullptr, x, nullptr, w, N, C, eps);
-  CUDA_CHECK_LAUNCH();
+  launch_fwd<false>(out, rstd, nullptr, x, nullptr, w, N, C, eps, ctx);
 }
 
 void add_rmsnorm_fwd(bf16* sum, bf16* out, float* rstd, const bf16* a, const bf16* b,
                      const bf16* w, int64_t N, int64_t C, float eps, const Ctx& ctx) {
   if (N == 0) return;
-  rmsnorm_fwd_kernel<true><<<unsigned((N + kWarps - 1) / kWarps), kWarps * 32, 0,
-                              ctx.stream>>>(out, rstd, sum, a, b, w, N, C, eps);
-  CUDA_CHECK_LAUNCH();
+  launch_fwd<true>(out, rstd, sum, a, b, w, N, C, eps, ctx);
 }
 
 size_t rmsnorm_bwd_workspace_bytes(int64_t N, int64_t C) {
