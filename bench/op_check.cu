@@ -748,8 +748,16 @@ void case_attention_packed_w1(const std::vector<std::vector<int>>& rows) {
                              cu::attention_bwd_workspace_bytes(B, T, nH, nKV, D, true));
   cu::set_attention_impl(cu::AttentionImpl::kAuto);
   std::printf("attention packed %s: workspace %.1f MiB (fwd+bwd with documents: cuDNN's packed "
-              "graphs of the smallest and largest bucket + Stats scratch, and the fallback)\n",
+              "graphs of every bucket up to 1 GiB + Stats scratch, and the fallback)\n",
               sh0.c_str(), double(ws) / (1 << 20));
+  std::string per_bucket;  // what each bucket's packed graphs need (fwd / bwd)
+  auto mib = [&](bool bwd, int64_t S) {
+    return double(cu::attention_packed_workspace_bytes(bwd, B, T, nH, nKV, D, S)) / (1 << 20);
+  };
+  for (int64_t S = cu::attention_segment_bucket(1); S <= B * T; S *= 2)
+    per_bucket += fmt::format(" {}:{:.0f}/{:.0f}", S, mib(false, S), mib(true, S));
+  std::printf("attention packed %s: workspace MiB per bucket (sequences:fwd/bwd, 0 = cuDNN cannot "
+              "run it):%s\n", sh0.c_str(), per_bucket.c_str());
   cu::ScopedCtx owner(ws);
   const cu::Ctx& ctx = owner.ctx();
   const std::vector<int32_t> doc = attention_docs_from(T, rows);

@@ -208,6 +208,7 @@ struct Qwen3MoeCuda::State {
   unsigned char* seg_table = nullptr;  // the packed batch's segment table (attention, cuDNN)
   int64_t n_uniq = 0;
   bool has_doc = false;
+  bool planned_packed = false;  // plan() sized the workspace for packed batches too
   cu::AttentionSegments seg;  // table = seg_table, count from the host's doc ids
   cudaEvent_t upload_done = nullptr, loss_ready = nullptr, norm_ready = nullptr;
   bool upload_pending = false;
@@ -618,9 +619,11 @@ void Qwen3MoeCuda::init_random(uint64_t seed, float std) {
 
 // ---- planning --------------------------------------------------------------------------------
 
-void Qwen3MoeCuda::plan(int64_t B, int64_t T) {
+void Qwen3MoeCuda::plan(int64_t B, int64_t T, bool packed) {
   State& s = *s_;
-  if (B == s.B && T == s.T && s.acts.get()) return;
+  // a packed batch after unpacked ones at the same shape: planned again, for the workspace of
+  // cuDNN's packed attention graphs
+  if (B == s.B && T == s.T && s.acts.get() && (s.planned_packed || !packed)) return;
   synchronize();
   const auto& c = s.cfg;
   const int64_t N = B * T, H = c.hidden_size, nH = c.num_attention_heads,
@@ -767,10 +770,9 @@ void Qwen3MoeCuda::plan(int64_t B, int64_t T) {
     for (int64_t h : {nH, nKV}) ws = std::max(ws, cu::qk_norm_rope_bwd_workspace_bytes(N, h, D));
   // packed batches (document ids): cuDNN's packed graphs (every bucket up to attention.cu's
   // workspace cap) and their Stats scratch, or the fallback kernel
-  for (bool doc : {false, true}) {
-    ws = std::max(ws, cu::attention_fwd_workspace_bytes(B, T, nH, nKV, D, doc));
-    ws = std::max(ws, cu::attention_bwd_workspace_bytes(B, T, nH, nKV, D, doc));
-  }
+  s.planned_packed = packed;
+  ws = std::max(ws, cu::attention_fwd_workspace_bytes(B, T, nH, nKV, D, packed));
+  ws = std::max(ws, cu::attention_bwd_workspace_bytes(B, T, nH, nKV, D, packed));
   if (M > 0) ws = std::max(ws, cu::aux_loss_workspace_bytes(M * N, E));
   if (M > 0) ws = std::max(ws, cu::grouped_linear_workspace_bytes(E));
   if (M > 0) ws = std::max(ws, cu::moe_layout_workspace_bytes(N, K, E));
@@ -854,7 +856,7 @@ void Qwen3MoeCuda::forward(const Batch& bt, float ce_denominator, float aux_scal
              "input id {} at row {}, position {} is outside the vocabulary [0, {}); check the "
              "tokenizer matches the model",
              bt.ids[i], i / T, i % T, V);
-  plan(B, T);
+  plan(B, T, !bt.doc.empty());
   const cu::Ctx& ctx = s.ctx;
 
   // ---- the batch: host staging (pinned), one copy to the device

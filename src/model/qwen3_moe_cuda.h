@@ -116,7 +116,9 @@ class Qwen3MoeCuda {
 
   // Sizes the activation arena and the workspace for micro-batches of B x T (the only
   // allocations after construction; forward() calls it, a repeated shape costs nothing).
-  void plan(int64_t B, int64_t T);
+  // packed: batches with document ids will come (their attention graphs need more workspace;
+  // forward() plans again, once, when the first one comes after a plan without).
+  void plan(int64_t B, int64_t T, bool packed = false);
 
   bool memory_saving() const;
   // Marks the gradients empty: the next backward overwrites them (no memset in bf16 mode).

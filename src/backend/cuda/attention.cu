@@ -436,15 +436,14 @@ size_t packed_workspace_bytes(bool bwd, int64_t B, int64_t T, int64_t nH, int64_
 
 enum class Path { kFallback, kCausal, kPacked };
 
-// Packed (document-masked) batches through cuDNN: with AttentionImpl::kCudnn always (what
-// cuda_op_check uses to check the path), under kAuto only with AUTOMOE_ATTENTION_PACKED=cudnn
-// until the path has been checked on a GPU; the model's default stays the fallback kernel.
+// Packed (document-masked) batches through cuDNN: with AttentionImpl::kCudnn always, under
+// kAuto unless AUTOMOE_ATTENTION_PACKED=fallback.
 bool packed_cudnn_allowed() {
   if (attention_impl() == AttentionImpl::kCudnn) return true;
   static const bool on = [] {
     const char* e = std::getenv("AUTOMOE_ATTENTION_PACKED");
-    if (!e || !*e || std::strcmp(e, "fallback") == 0) return false;
-    if (std::strcmp(e, "cudnn") == 0) return true;
+    if (!e || !*e || std::strcmp(e, "cudnn") == 0) return true;
+    if (std::strcmp(e, "fallback") == 0) return false;
     AM_FAIL("AUTOMOE_ATTENTION_PACKED={} is not one of cudnn, fallback", e);
   }();
   return on;
@@ -553,6 +552,15 @@ size_t cudnn_workspace_bytes(bool bwd, int64_t B, int64_t T, int64_t nH, int64_t
 }
 
 }  // namespace
+
+size_t attention_packed_workspace_bytes(bool bwd, int64_t B, int64_t T, int64_t nH, int64_t nKV,
+                                        int64_t D, int64_t segments) {
+  check_sizes(B, T, nH, nKV, D, bwd ? "attention_bwd" : "attention_fwd");
+  if (!sdpa::compiled_in() || segments <= 0 ||
+      !sdpa::supported(bwd, B, T, nH, nKV, D, true, segments, nullptr))
+    return 0;
+  return packed_workspace_bytes(bwd, B, T, nH, nKV, D, segments);
+}
 
 size_t attention_fwd_workspace_bytes(int64_t B, int64_t T, int64_t nH, int64_t nKV, int64_t D,
                                      bool doc) {

@@ -78,6 +78,16 @@ __device__ __forceinline__ MaxSum maxsum_merge(MaxSum a, MaxSum b) {
   return {m, a.s * expf(a.m - m) + b.s * expf(b.m - m)};
 }
 
+// RoPE's rotation of the pair (a, b) by the angle with cos c, sin s: (a c - b s, b c + a s),
+// each product rounded before the sum (no FMA contraction), so every kernel that rotates (rope,
+// qk_norm_rope) gets the same bits whatever the compiler fuses around it.
+__device__ __forceinline__ float rot_lo(float a, float b, float c, float s) {
+  return __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, s));
+}
+__device__ __forceinline__ float rot_hi(float a, float b, float c, float s) {
+  return __fadd_rn(__fmul_rn(b, c), __fmul_rn(a, s));
+}
+
 // 8 consecutive bf16 <-> 8 floats through one 16-byte access (p 16-byte aligned).
 __device__ __forceinline__ void load8(const bf16* p, float (&f)[8]) {
   const uint4 u = *reinterpret_cast<const uint4*>(p);

@@ -42,8 +42,8 @@ __global__ void qk_norm_rope_fwd_kernel(bf16* out, float* rstd, const bf16* x, c
     const float inv_freq = 1.0f / powf(theta, float(2 * i) / float(D));
     float s, c;
     sincosf(p * inv_freq, &s, &c);
-    o[i] = to_bf(a * c - b * s);
-    o[i + h2] = to_bf(b * c + a * s);
+    o[i] = to_bf(rot_lo(a, b, c, s));
+    o[i + h2] = to_bf(rot_hi(a, b, c, s));
   }
 }
 
@@ -107,8 +107,8 @@ __global__ void __launch_bounds__(kTokWarps * 32)
       const float a = to_f(to_bf((xv[p] * r) * to_f(w[i])));
       const float b = to_f(to_bf((xv[p + PPL] * r) * to_f(w[i + h2])));
       const float2 c = cs[t * h2 + i];
-      o[i] = to_bf(a * c.x - b * c.y);
-      o[i + h2] = to_bf(b * c.x + a * c.y);
+      o[i] = to_bf(rot_lo(a, b, c.x, c.y));
+      o[i + h2] = to_bf(rot_hi(a, b, c.x, c.y));
     }
   }
 }

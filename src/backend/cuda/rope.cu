@@ -24,8 +24,8 @@ __global__ void rope_kernel(bf16* out, const bf16* x, const int32_t* pos, int64_
     s *= sign;
     const int64_t base = nh * D;
     const float a = to_f(x[base + i]), b = to_f(x[base + i + h2]);
-    out[base + i] = to_bf(a * c - b * s);
-    out[base + i + h2] = to_bf(b * c + a * s);
+    out[base + i] = to_bf(rot_lo(a, b, c, s));
+    out[base + i + h2] = to_bf(rot_hi(a, b, c, s));
   }
 }
 
@@ -46,8 +46,8 @@ __global__ void rope_heads_kernel(bf16* out, const bf16* x, const int32_t* pos, 
     for (int64_t h = 0; h < H; ++h) {
       const int64_t base = (n * H + h) * D;
       const float a = to_f(x[base + i]), b = to_f(x[base + i + h2]);
-      out[base + i] = to_bf(a * c - b * s);
-      out[base + i + h2] = to_bf(b * c + a * s);
+      out[base + i] = to_bf(rot_lo(a, b, c, s));
+      out[base + i + h2] = to_bf(rot_hi(a, b, c, s));
     }
   }
 }
