@@ -214,7 +214,10 @@ void run(const char* op, int64_t E, int m, int n, int k, Operand<const typename 
 }
 
 // Experts with no rows had no tile: their dw[e] = beta * dw[e] here (0 when beta = 0, so no
-// NaN from an uninitialised buffer survives). Grid (chunks, E); experts with rows exit at once.
+// NaN from an uninitialised buffer survives). Grid (chunks, E), chunks <= kScaleChunks: the
+// blocks of experts with rows exit at once, so few chunks keep the launch cheap (a 256-chunk
+// grid, 32k blocks for E = 128, cost ~22 us of block scheduling per call).
+constexpr int64_t kScaleChunks = 16;
 template <class T>
 __global__ void scale_empty_experts_kernel(T* dw, float beta, const int32_t* __restrict__ offsets,
                                            int64_t per_expert) {
@@ -241,7 +244,8 @@ void run_wgrad(typename G::ElementD* dw, float beta, const bf16* dout, const bf1
   if (beta != 1.f) {
     const int64_t per_expert = O * I;
     const int threads = 256;
-    const int64_t chunks = std::min<int64_t>((per_expert + threads * 8 - 1) / (threads * 8), 256);
+    const int64_t chunks =
+        std::min<int64_t>((per_expert + threads * 8 - 1) / (threads * 8), kScaleChunks);
     scale_empty_experts_kernel<<<dim3(unsigned(chunks), unsigned(E)), threads, 0, ctx.stream>>>(
         dw, beta, offsets, per_expert);
     CUDA_CHECK_LAUNCH();
