@@ -36,6 +36,11 @@
 #             staging (small shapes), which checks the transport alone. And `automoe forward --device cuda --ep 2` under
 #             mpirun (MPI staging) against the single-GPU forward of the same fixture
 #             (bench/compare_forward.py: logits, loss, aux loss, every gradient).
+#   sweep     (not default) grouped_sweep: every candidate CUTLASS configuration (tile, cluster,
+#             schedule) of the six W1 expert GEMMs, timed and checked against the production
+#             configuration; the summary names the fastest per GEMM. Configures the build with
+#             -DAUTOMOE_GROUPED_SWEEP=ON (~27 CUTLASS translation units). STAGES=sweep alone
+#             builds only grouped_sweep. SWEEP_ARGS: its flags (e.g. "--only fwd" to split it)
 # and prints a short table last. Default STAGES="ops parity bench cli baseline".
 #   bash bench/device.sh            Env: BUILD (build-device), CUDA_ARCH (90a), STAGES, OPS,
 #                                   TRAIN_STEPS, LAYERS, SEQ, MBS, IMPLS, BENCH_ARGS (extra cuda_bench
@@ -83,16 +88,24 @@ t0=$(date +%s)
 deadline=$(( t0 + ${DEADLINE:-570} ))
 left() { echo $(( deadline - $(date +%s) )); }
 # Warnings stay warnings here (a newer host compiler must not stop the run); CI has -Werror.
+# The sweep's CUTLASS instantiations only when it runs (an explicit OFF otherwise: the option
+# is cached in the build dir).
+sweep=OFF
+has sweep && sweep=ON
 cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DAUTOMOE_WERROR=OFF \
-  -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCH:-90a}" > "$BUILD/configure.log" 2>&1 \
+  -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCH:-90a}" -DAUTOMOE_GROUPED_SWEEP=$sweep \
+  > "$BUILD/configure.log" 2>&1 \
   || { cat "$BUILD/configure.log"; echo "device.sh: configure failed"; exit 3; }
 grep -E "PCRE2|CUDA compiler identification|cuDNN|CUTLASS" "$BUILD/configure.log"
 grep -E "NCCL" "$BUILD/configure.log"
 if [ -n "${TARGETS:-}" ]; then
   read -r -a targets <<< "$TARGETS"
+elif [ "${STAGES// /}" = sweep ]; then
+  targets=(grouped_sweep)
 else
   targets=(cuda_op_check cuda_parity cuda_bench ep_check)
   grep -q "PCRE2 (libpcre2-8) not found" "$BUILD/configure.log" || targets+=(automoe_cli)
+  has sweep && targets+=(grouped_sweep)
 fi
 cmake --build "$BUILD" -j "$(nproc)" --target "${targets[@]}" > "$BUILD/build.log" 2>&1 \
   || { tail -n 60 "$BUILD/build.log"; echo "device.sh: build failed"; exit 4; }
@@ -144,6 +157,10 @@ stage_must_fail() {  # name, command...
 if has ops; then
   # shellcheck disable=SC2086
   stage op_check "$BUILD/cuda_op_check" ${OPS:--grouped_perf}
+fi
+if has sweep; then
+  # shellcheck disable=SC2086
+  stage sweep "$BUILD/grouped_sweep" ${SWEEP_ARGS:-}
 fi
 if has parity; then
   # bf16's own yardstick: what bf16 costs Transformers on the same fixtures (torch is there)
@@ -289,6 +306,15 @@ has profile && [ -f "$BUILD/kernels.log" ] && head -n 14 "$BUILD/kernels.log"
 if [ -f "$BUILD/op_check.log" ] && has ops; then
   grep -E "^FAIL" "$BUILD/op_check.log" | head -n 20
   grep -E "cuda_op_check: [0-9]+ failures" "$BUILD/op_check.log"
+fi
+if has sweep; then  # the fastest correct configuration per GEMM, and what went wrong
+  if grep -q "^BEST " "$BUILD/sweep.log" 2>/dev/null; then
+    grep -E "^BEST " "$BUILD/sweep.log"
+  else  # cut short (DEADLINE, STAGE_TIMEOUT): the GEMMs it finished
+    grep -E "^-- BEST " "$BUILD/sweep.log" 2>/dev/null | sed 's/^-- //'
+    echo "sweep: no final summary (cut short?); rerun the rest with SWEEP_ARGS=\"--only GEMM\""
+  fi
+  grep -E "WRONG|FAILED|skip:" "$BUILD/sweep.log" 2>/dev/null | head -n 20
 fi
 if has ep; then
   cat "$BUILD"/ep_*.log 2>/dev/null | grep -E "^FAIL|^BW|^ep_check .*checks|error" | head -n 40

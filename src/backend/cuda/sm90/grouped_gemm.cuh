@@ -25,12 +25,23 @@
 
 namespace automoe::cuda::sm90 {
 
-// Cooperative warp-specialised persistent kernel, 128x256x64 tiles, 2x1x1 clusters (B tiles
-// multicast to the two M tiles of a cluster): the configuration torch._grouped_mm runs on Hopper
-// for groups larger than 128 in M and N. Two consumer warpgroups share a tile; one producer warp
-// issues the TMA loads; the epilogue stores through TMA. Stages: as many as shared memory holds
-// after the epilogue's buffers.
-template <class LayoutA_, class LayoutB_, class ElementD_>
+// Production configuration (the defaults): cooperative warp-specialised persistent kernel,
+// 128x256x64 tiles, 2x1x1 clusters (B tiles multicast to the two M tiles of a cluster), the
+// configuration torch._grouped_mm runs on Hopper for groups larger than 128 in M and N. Two
+// consumer warpgroups share a tile; one producer warp issues the TMA loads; the epilogue stores
+// through TMA. Stages: as many as shared memory holds after the epilogue's buffers.
+// bench/grouped_sweep.cu times other tiles, clusters and schedules (KernelSchedule and
+// EpilogueSchedule go in pairs: Cooperative/Cooperative, tile M >= 128; or Pingpong/Pingpong,
+// one consumer warpgroup per tile, tile M 64 or 128).
+using DefaultTileShape = cute::Shape<cute::_128, cute::_256, cute::_64>;  // M, N, K per CTA
+using DefaultClusterShape = cute::Shape<cute::_2, cute::_1, cute::_1>;    // CTAs per cluster
+using DefaultKernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
+using DefaultEpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
+
+template <class LayoutA_, class LayoutB_, class ElementD_, class TileShape_ = DefaultTileShape,
+          class ClusterShape_ = DefaultClusterShape,
+          class KernelSchedule_ = DefaultKernelSchedule,
+          class EpilogueSchedule_ = DefaultEpilogueSchedule>
 struct GroupedGemm {
   using ElementA = cutlass::bfloat16_t;
   using ElementB = cutlass::bfloat16_t;
@@ -42,22 +53,24 @@ struct GroupedGemm {
   using LayoutD = cutlass::layout::RowMajor;
   static constexpr int kAlignAB = 16 / int(sizeof(ElementA));  // TMA: 16-byte rows
   static constexpr int kAlignD = 16 / int(sizeof(ElementD));
-  using TileShape = cute::Shape<cute::_128, cute::_256, cute::_64>;
-  using ClusterShape = cute::Shape<cute::_2, cute::_1, cute::_1>;
+  using TileShape = TileShape_;
+  using ClusterShape = ClusterShape_;
+  using KernelSchedule = KernelSchedule_;
+  using EpilogueSchedule = EpilogueSchedule_;
   using ProblemShape = cutlass::gemm::GroupProblemShape<cute::Shape<int, int, int>>;
 
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
       cutlass::epilogue::collective::EpilogueTileAuto, ElementAcc, ElementAcc, ElementC, LayoutD*,
       kAlignD, ElementD, LayoutD*, kAlignD,
-      cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative,
+      EpilogueSchedule,
       cutlass::epilogue::fusion::LinearCombination<ElementD, ElementAcc>>::CollectiveOp;
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, ElementA, LayoutA*, kAlignAB, ElementB,
       LayoutB*, kAlignAB, ElementAcc, TileShape, ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<
           static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
-      cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative>::CollectiveOp;
+      KernelSchedule>::CollectiveOp;
   using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, Epilogue>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 
@@ -213,8 +226,37 @@ void run(const char* op, int64_t E, int m, int n, int k, Operand<const typename 
            cutlassGetStatusString(st));
 }
 
+// out[r,:] = x[r,:] @ w[e]^T: M = rows of e, N = O (B = w[e] [O,I], K contiguous), K = I.
+template <class G>
+void run_fwd(typename G::ElementD* out /*[R,O]*/, const bf16* x /*[R,I]*/,
+             const bf16* w /*[E,O,I]*/, const int32_t* offsets, int64_t E, int64_t I, int64_t O,
+             const Ctx& ctx) {
+  using TA = const typename G::ElementA;
+  using TB = const typename G::ElementB;
+  run<G>("grouped_linear_fwd", E, kRowsOfExpert, int(O), int(I),
+         Operand<TA>{reinterpret_cast<TA*>(x), I, 0, I},
+         Operand<TB>{reinterpret_cast<TB*>(w), 0, O * I, I},
+         Operand<typename G::ElementD>{out, O, 0, O}, 0.f, offsets, ctx);
+}
+
+// dx[r,:] = dout[r,:] @ w[e]: M = rows of e, N = I, K = O; B(n = i, k = o) = w[e][o*I + i].
+template <class G>
+void run_dgrad(typename G::ElementD* dx /*[R,I]*/, const bf16* dout /*[R,O]*/,
+               const bf16* w /*[E,O,I]*/, const int32_t* offsets, int64_t E, int64_t I,
+               int64_t O, const Ctx& ctx) {
+  using TA = const typename G::ElementA;
+  using TB = const typename G::ElementB;
+  run<G>("grouped_linear_bwd", E, kRowsOfExpert, int(I), int(O),
+         Operand<TA>{reinterpret_cast<TA*>(dout), O, 0, O},
+         Operand<TB>{reinterpret_cast<TB*>(w), 0, O * I, I},
+         Operand<typename G::ElementD>{dx, I, 0, I}, 0.f, offsets, ctx);
+}
+
 // Experts with no rows had no tile: their dw[e] = beta * dw[e] here (0 when beta = 0, so no
-// NaN from an uninitialised buffer survives). Grid (chunks, E); experts with rows exit at once.
+// NaN from an uninitialised buffer survives). Grid (chunks, E), chunks <= kScaleChunks: the
+// blocks of experts with rows exit at once, so few chunks keep the launch cheap (a 256-chunk
+// grid, 32k blocks for E = 128, cost ~22 us of block scheduling per call).
+constexpr int64_t kScaleChunks = 16;
 template <class T>
 __global__ void scale_empty_experts_kernel(T* dw, float beta, const int32_t* __restrict__ offsets,
                                            int64_t per_expert) {
@@ -241,7 +283,8 @@ void run_wgrad(typename G::ElementD* dw, float beta, const bf16* dout, const bf1
   if (beta != 1.f) {
     const int64_t per_expert = O * I;
     const int threads = 256;
-    const int64_t chunks = std::min<int64_t>((per_expert + threads * 8 - 1) / (threads * 8), 256);
+    const int64_t chunks =
+        std::min<int64_t>((per_expert + threads * 8 - 1) / (threads * 8), kScaleChunks);
     scale_empty_experts_kernel<<<dim3(unsigned(chunks), unsigned(E)), threads, 0, ctx.stream>>>(
         dw, beta, offsets, per_expert);
     CUDA_CHECK_LAUNCH();

@@ -13,11 +13,7 @@ size_t dgrad_workspace_bytes(int64_t E, int num_sms) { return workspace_bytes<G>
 
 void dgrad(bf16* dx, const bf16* dout, const bf16* w, const int32_t* offsets, int64_t E,
            int64_t I, int64_t O, const Ctx& ctx) {
-  // M = rows of e, N = I, K = O; B(n = i, k = o) = w[e][o*I + i]
-  run<G>("grouped_linear_bwd", E, kRowsOfExpert, int(I), int(O),
-         Operand<const T>{reinterpret_cast<const T*>(dout), O, 0, O},
-         Operand<const T>{reinterpret_cast<const T*>(w), 0, O * I, I},
-         Operand<T>{reinterpret_cast<T*>(dx), I, 0, I}, 0.f, offsets, ctx);
+  run_dgrad<G>(reinterpret_cast<T*>(dx), dout, w, offsets, E, I, O, ctx);
 }
 
 }  // namespace automoe::cuda::sm90

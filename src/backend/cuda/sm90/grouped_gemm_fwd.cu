@@ -13,11 +13,7 @@ size_t fwd_workspace_bytes(int64_t E, int num_sms) { return workspace_bytes<G>(E
 
 void fwd(bf16* out, const bf16* x, const bf16* w, const int32_t* offsets, int64_t E, int64_t I,
          int64_t O, const Ctx& ctx) {
-  // M = rows of e, N = O, K = I
-  run<G>("grouped_linear_fwd", E, kRowsOfExpert, int(O), int(I),
-         Operand<const T>{reinterpret_cast<const T*>(x), I, 0, I},
-         Operand<const T>{reinterpret_cast<const T*>(w), 0, O * I, I},
-         Operand<T>{reinterpret_cast<T*>(out), O, 0, O}, 0.f, offsets, ctx);
+  run_fwd<G>(reinterpret_cast<T*>(out), x, w, offsets, E, I, O, ctx);
 }
 
 }  // namespace automoe::cuda::sm90
