@@ -37,6 +37,10 @@ using DefaultTileShape = cute::Shape<cute::_128, cute::_256, cute::_64>;  // M, 
 using DefaultClusterShape = cute::Shape<cute::_2, cute::_1, cute::_1>;    // CTAs per cluster
 using DefaultKernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
 using DefaultEpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
+// Without clusters: what fwd and dgrad run (the sweep on an H200, 2026-11-29: 1.05-1.10x over
+// 2x1x1 on all four W1 fwd/dgrad GEMMs; the wgrads gained nothing from any configuration: their
+// bf16 dW read and write bound them).
+using NoCluster = cute::Shape<cute::_1, cute::_1, cute::_1>;
 
 template <class LayoutA_, class LayoutB_, class ElementD_, class TileShape_ = DefaultTileShape,
           class ClusterShape_ = DefaultClusterShape,

@@ -1,12 +1,13 @@
 // backend/cuda/sm90/grouped_gemm_dgrad.cu: dx = dout @ w[e] per expert on sm90 (one CUTLASS
-// instantiation: A = dout rows, K contiguous; B = w[e] read as [I x O] with I contiguous).
+// instantiation, 128x256x64 tiles without clusters: A = dout rows, K contiguous; B = w[e] read
+// as [I x O] with I contiguous).
 #include "backend/cuda/sm90/grouped_gemm.cuh"
 
 namespace automoe::cuda::sm90 {
 
 namespace {
 using T = cutlass::bfloat16_t;
-using G = GroupedGemm<cutlass::layout::RowMajor, cutlass::layout::RowMajor, T>;
+using G = GroupedGemm<cutlass::layout::RowMajor, cutlass::layout::RowMajor, T, DefaultTileShape, NoCluster>;
 }  // namespace
 
 size_t dgrad_workspace_bytes(int64_t E, int num_sms) { return workspace_bytes<G>(E, num_sms); }

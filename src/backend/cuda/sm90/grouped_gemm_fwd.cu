@@ -1,12 +1,13 @@
 // backend/cuda/sm90/grouped_gemm_fwd.cu: out = x @ w[e]^T per expert on sm90 (one CUTLASS
-// instantiation: A = x rows, K contiguous; B = w[e] [O,I], K contiguous; D = out rows).
+// instantiation, 128x256x64 tiles without clusters: A = x rows, K contiguous; B = w[e] [O,I],
+// K contiguous; D = out rows).
 #include "backend/cuda/sm90/grouped_gemm.cuh"
 
 namespace automoe::cuda::sm90 {
 
 namespace {
 using T = cutlass::bfloat16_t;
-using G = GroupedGemm<cutlass::layout::RowMajor, cutlass::layout::ColumnMajor, T>;
+using G = GroupedGemm<cutlass::layout::RowMajor, cutlass::layout::ColumnMajor, T, DefaultTileShape, NoCluster>;
 }  // namespace
 
 size_t fwd_workspace_bytes(int64_t E, int num_sms) { return workspace_bytes<G>(E, num_sms); }
