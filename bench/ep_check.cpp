@@ -24,7 +24,10 @@
 //   out, dx (bf16), dtopk_w (f32), the expert weight gradients (bf16, g_beta 0), then a second
 //   forward (must be bit-identical: no atomics) and a backward with g_beta 1 (gradients 2x).
 // A small unaligned suite (H 100, I 36, N 37: the scalar kernel paths, the GEMM fallback)
-// runs before the given shapes in loopback mode. Prints PASS/FAIL lines; the exit code is the
+// runs before the given shapes in loopback mode. Counts mode also runs the arena check
+// (check_arena): three layers' forwards then backwards in reverse through one shared
+// EpSavedArena, bit-identical to each layer run alone; a backward after a reset refused; an
+// arena too small stopping with the overflow error. Prints PASS/FAIL lines; the exit code is the
 // number of failures (at most 255).
 #include <cuda_runtime.h>
 
@@ -34,6 +37,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <numeric>
 #include <random>
 #include <string>
@@ -400,9 +404,130 @@ void check_shape(Tally& tally, dist::EpTransport& t, dist::EpMode mode, const Sh
   check_case(tally, ep, t, odd, Routing::kAllToRank0, seed + 30, ctx);
 }
 
+// Counts mode, several layers through ONE shared arena and scratch, as the model runs them:
+// forwards of layers 0..n-1, then backwards n-1..0, every carve alive until the end. Against
+// the same layers each run alone by a block that owns a worst-case arena: the same kernels on
+// the same data, so every output and gradient must be bit-identical. Then a backward after the
+// arena was reset must refuse, and an arena too small for two layers must stop with the
+// overflow error (on every rank: a rank that went on would hang in the next all-to-all).
+void check_arena(Tally& tally, dist::EpTransport& t, const Shape& s, uint64_t seed,
+                 const cu::Ctx& ctx) {
+  const int n = 3;
+  const Routing routings[n] = {Routing::kRandom, Routing::kNoneToLast, Routing::kRandom};
+  const std::string name = "arena N=" + std::to_string(s.N) + " H=" + std::to_string(s.H);
+  const dist::EpMoeShape sh{s.N, s.H, s.I, s.E, s.K};
+  const int64_t El = s.El();
+  std::vector<Problem> p(n);
+  struct Got {
+    std::vector<float> out, dx, dtw, ggu, gdown;
+  };
+  std::vector<Got> alone(n);
+  auto get = [&](Problem& q) {
+    return Got{local_rows(q.out_ep, t, s.N, s.H), local_rows(q.dx_ep, t, s.N, s.H),
+               local_rows(q.dtw_ep, t, s.N, s.K), local_rows(q.ggu_ep, t, El, 2 * s.I * s.H),
+               local_rows(q.gdown_ep, t, El, s.H * s.I)};
+  };
+  for (int l = 0; l < n; ++l) {
+    p[l].s = s;
+    const bool skip = routings[l] == Routing::kNoneToLast && s.E - s.El() < s.K;
+    make_problem(p[l], skip ? Routing::kRandom : routings[l], seed + 1000 * (l + 1), ctx);
+    dist::EpMoeCuda ep(t, sh, dist::EpMode::kCounts);  // alone: its own worst-case arena
+    auto fa = fwd_args(p[l], t, p[l].out_ep.get());
+    auto ba = bwd_args(p[l], t);
+    ep.fwd(fa.data(), s.N, ctx);
+    ep.bwd(ba.data(), 0.f, ctx);
+    t.sync(ctx.stream);
+    alone[l] = get(p[l]);
+  }
+  auto scratch = std::make_shared<dist::EpMoeScratch>(sh, s.P, t.num_local());
+  auto arena = std::make_shared<dist::EpSavedArena>(
+      dist::ep_arena_bytes(sh, s.P, n, t.num_local(), 2.0), "ep_check: 2x the balanced load");
+  std::vector<std::unique_ptr<dist::EpMoeCuda>> ep;
+  for (int l = 0; l < n; ++l)
+    ep.push_back(std::make_unique<dist::EpMoeCuda>(t, sh, dist::EpMode::kCounts, scratch, arena,
+                                                   "MoE layer " + std::to_string(l)));
+  std::printf("---- %s %s: %d layers, shared arena %.3f GiB (2x balanced; worst %.3f GiB), "
+              "scratch %.3f GiB\n",
+              tally.tag.c_str(), name.c_str(), n, double(arena->bytes()) / (1 << 30),
+              double(n * dist::ep_arena_worst_bytes(sh, s.P, t.num_local())) / (1 << 30),
+              double(scratch->bytes()) / (1 << 30));
+  arena->reset();
+  for (int l = 0; l < n; ++l) {
+    auto fa = fwd_args(p[l], t, p[l].out_ep.get());
+    ep[l]->fwd(fa.data(), s.N, ctx);
+  }
+  std::printf("     %s arena used %.3f of %.3f GiB\n", name.c_str(),
+              double(arena->bump.used()) / (1 << 30), double(arena->bytes()) / (1 << 30));
+  for (int l = n - 1; l >= 0; --l) {
+    auto ba = bwd_args(p[l], t);
+    ep[l]->bwd(ba.data(), 0.f, ctx);
+  }
+  t.sync(ctx.stream);
+  for (int l = 0; l < n; ++l) {
+    const Got g = get(p[l]);
+    const std::string ln = name + " layer " + std::to_string(l);
+    same_bits(tally, ln + " out", g.out, alone[l].out);
+    same_bits(tally, ln + " dx", g.dx, alone[l].dx);
+    same_bits(tally, ln + " dtopk_w", g.dtw, alone[l].dtw);
+    same_bits(tally, ln + " d w_gate_up", g.ggu, alone[l].ggu);
+    same_bits(tally, ln + " d w_down", g.gdown, alone[l].gdown);
+  }
+  // a backward whose saved state the next step's reset released: refused, on the host
+  arena->reset();
+  {
+    auto ba = bwd_args(p[0], t);
+    bool refused = false;
+    try {
+      ep[0]->bwd(ba.data(), 0.f, ctx);
+    } catch (const std::exception& e) {
+      refused = std::string(e.what()).find("released") != std::string::npos;
+    }
+    ++tally.checks;
+    tally.fails += refused ? 0 : 1;
+    std::printf("%-4s %s %-34s %s\n", refused ? "PASS" : "FAIL", tally.tag.c_str(),
+                (name + " bwd after reset").c_str(), refused ? "refused" : "NOT refused");
+  }
+  // an arena for one balanced layer: the layers stop with the overflow error by layer 1
+  ep.clear();
+  auto small = std::make_shared<dist::EpSavedArena>(
+      dist::ep_arena_bytes(sh, s.P, 1, t.num_local(), 1.0), "ep_check: one balanced layer");
+  for (int l = 0; l < n; ++l)
+    ep.push_back(std::make_unique<dist::EpMoeCuda>(t, sh, dist::EpMode::kCounts, scratch, small,
+                                                   "MoE layer " + std::to_string(l)));
+  std::string err;
+  int at = -1;
+  for (int l = 0; l < n && at < 0; ++l) {
+    auto fa = fwd_args(p[l], t, p[l].out_ep.get());
+    try {
+      ep[l]->fwd(fa.data(), s.N, ctx);
+    } catch (const std::exception& e) {
+      err = e.what();
+      at = l;
+    }
+  }
+  t.sync(ctx.stream);
+  const bool ok = at >= 0 && at <= 1 && err.find("raise train.ep_capacity") != std::string::npos &&
+                  err.find("MoE layer " + std::to_string(at)) != std::string::npos;
+  ++tally.checks;
+  tally.fails += ok ? 0 : 1;
+  std::printf("%-4s %s %-34s %s\n", ok ? "PASS" : "FAIL", tally.tag.c_str(),
+              (name + " overflow").c_str(),
+              at < 0 ? "no error" : ("layer " + std::to_string(at) + ": " + err).c_str());
+  std::fflush(stdout);
+}
+
 size_t workspace_for(const Shape& s) {
   return std::max({size_t(16) << 20, cu::grouped_linear_workspace_bytes(s.E),
                    dist::EpMoeCuda::workspace_bytes({s.N, s.H, s.I, s.E, s.K}, s.P)});
+}
+
+bool counts_in(const Opts& o) {
+  return std::find(o.modes.begin(), o.modes.end(), dist::EpMode::kCounts) != o.modes.end();
+}
+// The arena check keeps three layers' problems and a worst-case block: at most 4096 tokens.
+Shape arena_shape(Shape s) {
+  s.N = std::min<int64_t>(s.N, 4096);
+  return s;
 }
 
 // ---- loopback: P ranks on this GPU -------------------------------------------------------------
@@ -417,6 +542,10 @@ int run_loopback(const Opts& o, int P) {
   cu::ScopedCtx owner(std::max(workspace_for(small), workspace_for(big)));
   for (dist::EpMode m : o.modes) check_shape(tally, t, m, small, o.seed, owner.ctx());
   for (dist::EpMode m : o.modes) check_shape(tally, t, m, big, o.seed + 100, owner.ctx());
+  if (counts_in(o)) {
+    check_arena(tally, t, small, o.seed + 200, owner.ctx());
+    check_arena(tally, t, arena_shape(big), o.seed + 300, owner.ctx());
+  }
   std::printf("ep_check %s: %d checks, %d failed\n", tally.tag.c_str(), tally.checks, tally.fails);
   return std::min(tally.fails, 255);
 }
@@ -522,6 +651,10 @@ int run_ranks(const Opts& o) {
     // the small unaligned suite first, then the given shapes
     for (dist::EpMode m : o.modes) check_shape(tally, t, m, small, o.seed, owner.ctx());
     for (dist::EpMode m : o.modes) check_shape(tally, t, m, s, o.seed + 100, owner.ctx());
+    if (counts_in(o)) {
+      check_arena(tally, t, small, o.seed + 200, owner.ctx());
+      check_arena(tally, t, arena_shape(s), o.seed + 300, owner.ctx());
+    }
   }
 #if AUTOMOE_HAVE_NCCL
   if (comm.nccl_ep() && (o.bench || o.kill_rank >= 0))

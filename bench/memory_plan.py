@@ -10,12 +10,19 @@ its parameter/gradient/moment arenas and its planned activation arena, buffer by
 Layout: experts split over `ep` ranks; everything else data-parallel over `world` ranks, its
 gradients and AdamW moments either replicated or sharded (ZeRO-2, --zero 2). Precision: the
 default policy, bf16 weights, gradients and moments. Activations: one micro-batch of mbs x seq
-tokens per rank; with EP each rank computes the rows its experts receive: mbs*seq*top_k on
-average (balanced routing; --imbalance scales the expert buffers for a busier rank).
+tokens per rank. With EP (ep > 1) the model keeps no expert rows of its own; the EP block
+(src/dist/expert_parallel_cuda.h, dist/ep_arena.h) adds
+  ep_arena    every MoE layer's saved state (received rows, routing, gate|up and expert
+              outputs), carved per step by the received counts from one arena of
+              --ep-capacity (train.ep_capacity, default 2) x the balanced load: per layer
+              R = P*N*(1 - C(E-E/P, K)/C(E, K)) received rows and N*K expert rows
+  ep_scratch  the per-call buffers, for the worst routing of ONE layer (P*N rows,
+              P*N*min(K, E/P) expert rows): the expert GEMMs' inputs and gradients, send and
+              receive staging
 --memory-saving: train.memory_saving (model/qwen3_moe_cuda.h): no gradient arena (a scratch of
 the largest tensor), one shared set of the recomputed activations instead of one per layer.
 """
-import argparse, json
+import argparse, json, math
 
 PRESETS = {
     # Qwen3-30B-A3B layer shapes with 12 layers: workload W1 (ARCHITECTURE.md)
@@ -37,7 +44,33 @@ def is_moe(c, l):
     return l not in c.get("mlp_only_layers", []) and c["num_experts"] > 0 and (l + 1) % step == 0
 
 
-def plan(c, ep, world, seq, mbs, zero, imbalance, memsave=False):
+def ep_align(b):
+    return (int(b) + 255) // 256 * 256
+
+
+def ep_carve(N, P, R, M, H, I, K, El):
+    """bytes of one layer's saved state on one rank (dist/ep_arena.cpp, ep_saved_layout)"""
+    return sum(ep_align(b) for b in (N * P * 4, (El + 1) * 4, R * K * 4, R * K * 4, R * H * 2,
+                                     M * 2 * I * 2, M * H * 2))
+
+
+def ep_buffers(N, P, H, I, E, K, layers, capacity):
+    """(arena, worst-case arena, scratch) bytes of the EP block (dist/ep_arena.cpp, EpMoeScratch)"""
+    El = E // P
+    none = 1.0
+    for i in range(K):
+        none *= (E - El - i) / (E - i) if E - El - i > 0 else 0.0
+    rows, picks = P * N * (1 - none), N * K
+    expected = ep_carve(N, P, math.ceil(rows), math.ceil(picks), H, I, K, El)
+    worst = layers * ep_carve(N, P, P * N, P * N * min(K, El), H, I, K, El)
+    arena = min(worst, ep_align(math.ceil(capacity * expected * layers)))
+    Mcap, Rcap, Scap = P * N * min(K, El), P * N, N * min(P, K)
+    scratch = Mcap * (H + I + H + I + 2 * I) * 2  # xs, act, dys, dact, dgu
+    scratch += N * P * 4 + Scap * H * 2 + 2 * Scap * K * 4 + 2 * Rcap * K * 4 + Rcap * H * 2
+    return arena, worst, scratch
+
+
+def plan(c, ep, world, seq, mbs, zero, ep_capacity=2.0, memsave=False):
     H, L, nH, nKV, D = c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
     E, K, I, F, V = c["num_experts"], c["num_experts_per_tok"], c["moe_intermediate_size"], c["intermediate_size"], c["vocab_size"]
     moe = [is_moe(c, l) for l in range(L)]
@@ -57,9 +90,10 @@ def plan(c, ep, world, seq, mbs, zero, imbalance, memsave=False):
     if memsave:  # the gradient scratch: the largest tensor (an expert block or lm_head), + biases
         g = (max(2 * H * I * E // ep, V * H) + H) * b
     m = 2 * (dense / mom_shard + experts_rank) * b
-    # ---- activations: the CUDA model's plan for N tokens (R = N*K expert rows on average)
+    # ---- activations: the CUDA model's plan for N tokens (R = N*K expert rows; with EP the
+    # EP block keeps them instead, below)
     N = mbs * seq
-    R = int(N * K * imbalance)
+    R = 0 if ep > 1 else N * K
     # recomputable (per layer, or one shared set with memsave): ln1, q, k (+ rstds), ln2, gate|up,
     # expert outputs (memsave: in temporaries); kept per layer: q_pre, k_pre, v, attention out
     # and lse, x_mid, routing
@@ -74,7 +108,7 @@ def plan(c, ep, world, seq, mbs, zero, imbalance, memsave=False):
         a += N * nH * D * 2 + 2 * N * nKV * D * 2                  # q_pre, k_pre, v
         a += N * nH * D * 2 + mbs * nH * seq * 4 + N * H * 2       # attention out, lse, x_mid
         if moe[l]:
-            a += N * K * 4 * 2 + (E + 1) * 4                       # topk weights, rows, offsets
+            a += N * K * 4 + (0 if ep > 1 else N * K * 4 + (E + 1) * 4)  # topk weights, rows, offsets
         per_layer.append(a)
     if memsave:
         per_layer.append(recomputable(M > 0, M < L, False))
@@ -88,11 +122,12 @@ def plan(c, ep, world, seq, mbs, zero, imbalance, memsave=False):
         + max(Rt * I, N * F) * 2 \
         + bwd_tail + max(0, R * H * 2 - bwd_tail)  # memsave's expert outputs overlay the tail
     act = sum(per_layer) + fixed + max(fwd_tmp, bwd_tmp)
-    dispatch = 2 * R * H * 2 if ep > 1 else 0  # EP send + receive buffers of one layer (transient)
+    ep_arena, ep_worst, ep_scratch = ep_buffers(N, ep, H, I, E, K, M, ep_capacity) if ep > 1 else (0, 0, 0)
     ws = 0.25 * GiB + 1.0 * GiB  # measured op workspace (W1) + CUDA context, cuBLAS/cuDNN handles
     return dict(params_B=(dense + experts) / 1e9, dense_B=dense / 1e9, experts_rank_B=experts_rank / 1e9,
-                weights=w, grads=g, moments=m, activations=act, dispatch=dispatch, workspace_context=ws,
-                total=w + g + m + act + dispatch + ws)
+                weights=w, grads=g, moments=m, activations=act, ep_arena=ep_arena, ep_scratch=ep_scratch,
+                ep_arena_worst=ep_worst, workspace_context=ws,
+                total=w + g + m + act + ep_arena + ep_scratch + ws)
 
 
 def main():
@@ -104,7 +139,8 @@ def main():
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--mbs", type=int, default=2)
     ap.add_argument("--zero", type=int, default=0, choices=[0, 1, 2])
-    ap.add_argument("--imbalance", type=float, default=1.0, help="expert rows of this rank / average")
+    ap.add_argument("--ep-capacity", type=float, default=2.0,
+                    help="train.ep_capacity: the EP arena over the balanced load (ep > 1)")
     ap.add_argument("--gpu-gib", type=float, default=139.8, help="usable GPU memory (H200: 139.8 GiB)")
     ap.add_argument("--memory-saving", action="store_true", help="train.memory_saving")
     a = ap.parse_args()
@@ -112,12 +148,18 @@ def main():
         ap.error("give one of --preset or --config")
     c = dict(PRESETS[a.preset]) if a.preset else json.load(open(a.config))
     world = a.world or a.ep
-    p = plan(c, a.ep, world, a.seq, a.mbs, a.zero, a.imbalance, a.memory_saving)
+    if a.ep_capacity <= 0:
+        ap.error("--ep-capacity must be positive")
+    p = plan(c, a.ep, world, a.seq, a.mbs, a.zero, a.ep_capacity, a.memory_saving)
     print(f"{a.preset or a.config}: {p['params_B']:.2f}B parameters ({p['dense_B']:.2f}B outside the experts), "
           f"EP={a.ep} over {world} ranks, ZeRO-{a.zero}, {a.mbs} x {a.seq} tokens per rank, "
-          f"expert rows x{a.imbalance:g}" + (", memory-saving mode" if a.memory_saving else ""))
-    for k in ("weights", "grads", "moments", "activations", "dispatch", "workspace_context", "total"):
+          + (f"EP arena {a.ep_capacity:g} x the balanced load" if a.ep > 1 else "one GPU's experts")
+          + (", memory-saving mode" if a.memory_saving else ""))
+    for k in ("weights", "grads", "moments", "activations", "ep_arena", "ep_scratch", "workspace_context", "total"):
         print(f"  {k:18s} {p[k] / GiB:7.2f} GiB")
+    if a.ep > 1:
+        print(f"  (the EP arena at the worst routing, every token of the group on this rank: "
+              f"{p['ep_arena_worst'] / GiB:.2f} GiB)")
     verdict = "fits" if p["total"] / GiB <= a.gpu_gib else "does NOT fit"
     print(f"  per GPU {p['total'] / GiB:.1f} GiB of {a.gpu_gib:g} GiB: {verdict}")
 

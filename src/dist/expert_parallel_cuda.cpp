@@ -4,6 +4,7 @@
 #include "dist/expert_parallel_cuda.h"
 
 #include <algorithm>
+#include <climits>
 
 #include "backend/cuda/ep_kernels.h"
 #include "backend/cuda/ops_cuda.h"
@@ -18,24 +19,19 @@ using Buf = cu::DeviceBuffer<T>;
 
 const char* ep_mode_name(EpMode m) { return m == EpMode::kCounts ? "counts" : "padded"; }
 
-// One local rank's buffers. Sizes: Nmax tokens, Scap send rows, Rcap receive rows, Mcap slots.
+// One local rank's counts and the carve of its last forward (the saved state, dist/ep_arena.h:
+// pointers into the arena, valid while the arena's generation is carved_gen_).
 struct EpMoeCuda::Rank {
-  Buf<int32_t> cnt;       // [2P] send counts | received counts
-  Buf<int32_t> send_pos;  // [Nmax,P] send-buffer row of (token, destination), -1 if not sent
-  Buf<bf16> x_send;       // [Scap,H] dispatch rows; then combine's returned rows; in bwd the
-                          //          d(out) rows, then the returned dx rows
-  Buf<int32_t> idx_send;  // [Scap,K] picks remapped to the destination's local experts
-  Buf<float> w_send;      // [Scap,K] their weights; in bwd the returned d(weights) rows
-  Buf<bf16> x_recv;       // [Rcap,H] received tokens (kept: the backward recomputes permute)
-  Buf<int32_t> idx_recv;  // [Rcap,K] received picks, local experts or -1
-  Buf<float> w_recv;      // [Rcap,K] received weights (kept for unpermute's backward)
-  Buf<float> dw_recv;     // [Rcap,K] d(weights) of the received picks (bwd)
-  Buf<bf16> y_recv;       // [Rcap,H] weighted expert outputs per received row; in bwd the
-                          //          d(out) rows, then d(x) rows
-  Buf<int32_t> offsets;   // [El+1] rows of each local expert (kept)
-  Buf<int32_t> slot_row;  // [Rcap*K] expert-ordered row of each received pick, -1 (kept)
-  Buf<bf16> gu;           // [Mcap,2I] gate|up outputs (kept)
-  Buf<bf16> ys;           // [Mcap,H] expert outputs (kept)
+  Buf<int32_t> cnt;      // padded: [2P] send counts | received counts
+  Buf<int32_t> info;     // counts: [(1+P)*W] this rank's info row, then every rank's (row 1+s
+                         //         from rank s): send rows [P], send picks [P], N, room
+  int32_t* send_pos = nullptr;  // [N,P] (kept)
+  int32_t* offsets = nullptr;   // [El+1] (kept)
+  int32_t* slot_row = nullptr;  // [R*K] (kept)
+  float* w_recv = nullptr;      // [R,K] (kept)
+  bf16* x_recv = nullptr;       // [R,H] (kept)
+  bf16* gu = nullptr;           // [M,2I] (kept)
+  bf16* ys = nullptr;           // [M,H] (kept)
 };
 
 size_t EpMoeCuda::workspace_bytes(const EpMoeShape& s, int P) {
@@ -44,23 +40,45 @@ size_t EpMoeCuda::workspace_bytes(const EpMoeShape& s, int P) {
                   cu::moe_layout_workspace_bytes(int64_t(std::max(P, 1)) * s.max_tokens, s.K, El));
 }
 
-EpMoeScratch::EpMoeScratch(const EpMoeShape& s, int P) {
-  const int64_t El = s.E / std::max(P, 1);
-  Mcap = int64_t(std::max(P, 1)) * s.max_tokens * std::min(s.K, std::max<int64_t>(El, 1));
+EpMoeScratch::EpMoeScratch(const EpMoeShape& s, int P, int local_ranks, EpMode m) : mode(m) {
+  P = std::max(P, 1);
+  const int64_t El = s.E / P, Nmax = s.max_tokens;
+  Rcap = int64_t(P) * Nmax;
+  Mcap = Rcap * std::min(s.K, std::max<int64_t>(El, 1));
+  Scap = mode == EpMode::kPadded ? Rcap : Nmax * std::min<int64_t>(P, s.K);
   xs = Buf<bf16>(size_t(Mcap * s.H));
   act = Buf<bf16>(size_t(Mcap * s.I));
   dys = Buf<bf16>(size_t(Mcap * s.H));
   dact = Buf<bf16>(size_t(Mcap * s.I));
   dgu = Buf<bf16>(size_t(Mcap * 2 * s.I));
+  local.resize(size_t(std::max(local_ranks, 1)));
+  for (Local& l : local) {
+    l.send_pos = Buf<int32_t>(size_t(Nmax * P));
+    l.x_send = Buf<bf16>(size_t(Scap * s.H));
+    l.idx_send = Buf<int32_t>(size_t(Scap * s.K));
+    l.w_send = Buf<float>(size_t(Scap * s.K));
+    l.idx_recv = Buf<int32_t>(size_t(Rcap * s.K));
+    l.dw_recv = Buf<float>(size_t(Rcap * s.K));
+    l.y_recv = Buf<bf16>(size_t(Rcap * s.H));
+  }
 }
 
 size_t EpMoeScratch::bytes() const {
-  return xs.bytes() + act.bytes() + dys.bytes() + dact.bytes() + dgu.bytes();
+  size_t b = xs.bytes() + act.bytes() + dys.bytes() + dact.bytes() + dgu.bytes();
+  for (const Local& l : local)
+    b += l.send_pos.bytes() + l.x_send.bytes() + l.idx_send.bytes() + l.w_send.bytes() +
+         l.idx_recv.bytes() + l.dw_recv.bytes() + l.y_recv.bytes();
+  return b;
 }
 
+EpSavedArena::EpSavedArena(size_t bytes, std::string w)
+    : bump(bytes), mem(bytes), what(std::move(w)) {}
+
 EpMoeCuda::EpMoeCuda(EpTransport& t, const EpMoeShape& shape, EpMode mode,
-                     std::shared_ptr<EpMoeScratch> scratch)
-    : t_(t), s_(shape), mode_(mode), P_(t.size()), L_(t.num_local()), sc_(std::move(scratch)) {
+                     std::shared_ptr<EpMoeScratch> scratch, std::shared_ptr<EpSavedArena> arena,
+                     std::string label)
+    : t_(t), s_(shape), mode_(mode), P_(t.size()), L_(t.num_local()), sc_(std::move(scratch)),
+      arena_(std::move(arena)), label_(std::move(label)) {
   const int64_t H = s_.H, I = s_.I, E = s_.E, K = s_.K, Nmax = s_.max_tokens;
   AM_CHECK(H > 0 && I > 0 && K > 0 && Nmax >= 0, "[EpMoeCuda] needs H, I, K > 0 (got {}, {}, {})",
            H, I, K);
@@ -73,9 +91,13 @@ EpMoeCuda::EpMoeCuda(EpTransport& t, const EpMoeShape& shape, EpMode mode,
   AM_CHECK(El_ <= 1024, "[EpMoeCuda] {} experts per rank: the receiver's moe_layout takes at most "
            "1024; use more EP ranks",
            El_);
+  AM_CHECK(!arena_ || mode_ == EpMode::kCounts,
+           "[EpMoeCuda] padded mode sizes its saved state for the worst routing (its counts stay "
+           "on the device) and owns that arena; pass no arena, or use counts mode");
   Scap_ = mode_ == EpMode::kPadded ? P_ * Nmax : Nmax * std::min<int64_t>(P_, K);
   Rcap_ = P_ * Nmax;
   Mcap_ = Rcap_ * std::min(K, El_);
+  W_ = 2 * P_ + 2;
   AM_CHECK(Mcap_ < (int64_t(1) << 31),
            "[EpMoeCuda] {} tokens per rank x {} ranks x {} picks do not fit int32 rows; use fewer "
            "tokens per micro-batch",
@@ -83,39 +105,37 @@ EpMoeCuda::EpMoeCuda(EpTransport& t, const EpMoeShape& shape, EpMode mode,
   for (int i = 0; i < L_; ++i) {
     auto r = std::make_unique<Rank>();
     r->cnt = Buf<int32_t>(size_t(2 * P_));
-    r->send_pos = Buf<int32_t>(size_t(Nmax * P_));
-    r->x_send = Buf<bf16>(size_t(Scap_ * H));
-    r->idx_send = Buf<int32_t>(size_t(Scap_ * K));
-    r->w_send = Buf<float>(size_t(Scap_ * K));
-    r->x_recv = Buf<bf16>(size_t(Rcap_ * H));
-    r->idx_recv = Buf<int32_t>(size_t(Rcap_ * K));
-    r->w_recv = Buf<float>(size_t(Rcap_ * K));
-    r->dw_recv = Buf<float>(size_t(Rcap_ * K));
-    r->y_recv = Buf<bf16>(size_t(Rcap_ * H));
-    r->offsets = Buf<int32_t>(size_t(El_ + 1));
-    r->slot_row = Buf<int32_t>(size_t(Rcap_ * K));
-    r->gu = Buf<bf16>(size_t(Mcap_ * 2 * I));
-    r->ys = Buf<bf16>(size_t(Mcap_ * H));
-    bytes_ += r->cnt.bytes() + r->send_pos.bytes() + r->x_send.bytes() + r->idx_send.bytes() +
-              r->w_send.bytes() + r->x_recv.bytes() + r->idx_recv.bytes() + r->w_recv.bytes() +
-              r->dw_recv.bytes() + r->y_recv.bytes() + r->offsets.bytes() + r->slot_row.bytes() +
-              r->gu.bytes() + r->ys.bytes();
+    r->info = Buf<int32_t>(size_t((1 + P_) * W_));
+    bytes_ += r->cnt.bytes() + r->info.bytes();
     r_.push_back(std::move(r));
   }
   if (sc_) {
-    AM_CHECK(sc_->Mcap >= Mcap_ && sc_->xs.size() >= size_t(Mcap_ * H) &&
-                 sc_->dgu.size() >= size_t(Mcap_ * 2 * I),
-             "internal: [EpMoeCuda] a shared scratch of {} slots for a block of {}", sc_->Mcap,
-             Mcap_);
+    AM_CHECK(sc_->Mcap >= Mcap_ && sc_->Rcap >= Rcap_ && sc_->Scap >= Scap_ &&
+                 sc_->local.size() >= size_t(L_) && sc_->xs.size() >= size_t(Mcap_ * H) &&
+                 sc_->dgu.size() >= size_t(Mcap_ * 2 * I) &&
+                 sc_->local[0].send_pos.size() >= size_t(Nmax * P_),
+             "internal: [EpMoeCuda] a shared scratch of {} slots, {} send rows and {} local ranks "
+             "for a block of {}, {} and {}",
+             sc_->Mcap, sc_->Scap, sc_->local.size(), Mcap_, Scap_, L_);
   } else {
-    sc_ = std::make_shared<EpMoeScratch>(s_, P_);
+    sc_ = std::make_shared<EpMoeScratch>(s_, P_, L_, mode_);
     bytes_ += sc_->bytes();
   }
+  if (!arena_) {  // one forward's state at the worst routing, reset at each forward
+    arena_ = std::make_shared<EpSavedArena>(ep_arena_worst_bytes(s_, P_, L_),
+                                            "the worst routing of one layer");
+    own_arena_ = true;
+    bytes_ += arena_->bytes();
+  }
 
-  CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&host_cnt_), size_t(L_) * 2 * P_ * sizeof(int32_t)));
+  CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&host_cnt_),
+                            size_t(L_ * P_ * W_) * sizeof(int32_t)));
+  CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&host_tail_), size_t(L_) * 2 * sizeof(int32_t)));
   // The largest all-to-all: dispatch's rows (x, picks, weights), or dispatch's backward with
   // send and receive swapped; at most Rcap >= Scap rows either way (staging transports).
-  const size_t a2a_bytes = size_t(std::max(Scap_, Rcap_)) * size_t(2 * H + 8 * K) * size_t(L_);
+  const size_t a2a_bytes = std::max(size_t(std::max(Scap_, Rcap_)) * size_t(2 * H + 8 * K),
+                                    size_t(P_ * W_) * sizeof(int32_t)) *
+                           size_t(L_);
   t_.reserve(a2a_bytes, a2a_bytes);
   const size_t LP = size_t(L_) * P_;
   send_off_.assign(LP, 0);
@@ -124,8 +144,10 @@ EpMoeCuda::EpMoeCuda(EpTransport& t, const EpMoeShape& shape, EpMode mode,
   recv_cnt_.assign(LP, 0);
   unit_off_.resize(LP);
   unit_cnt_.assign(LP, 1);
+  zero_off_.assign(LP, 0);
   for (size_t i = 0; i < LP; ++i) unit_off_[i] = int64_t(i % P_);
   R_.assign(L_, 0);
+  M_.assign(L_, 0);
   ptr_send_.assign(size_t(3 * L_), nullptr);
   ptr_recv_.assign(size_t(3 * L_), nullptr);
   for (cudaEvent_t& e : ev_) CUDA_CHECK(cudaEventCreate(&e));
@@ -135,13 +157,14 @@ EpMoeCuda::~EpMoeCuda() {
   for (cudaEvent_t e : ev_)
     if (e) cudaEventDestroy(e);
   if (host_cnt_) cudaFreeHost(host_cnt_);
+  if (host_tail_) cudaFreeHost(host_tail_);
 }
 
 template <class S, class D>
 EpA2aTensor EpMoeCuda::tensor(int slot, EpDtype dt, int64_t row_elems, S send_of, D recv_of) {
   for (int i = 0; i < L_; ++i) {
-    ptr_send_[slot * L_ + i] = send_of(*r_[i]);
-    ptr_recv_[slot * L_ + i] = recv_of(*r_[i]);
+    ptr_send_[slot * L_ + i] = send_of(i);
+    ptr_recv_[slot * L_ + i] = recv_of(i);
   }
   return {dt, row_elems, ptr_send_.data() + slot * L_, ptr_recv_.data() + slot * L_};
 }
@@ -150,27 +173,80 @@ int64_t EpMoeCuda::rows_received(int i) const {
   return mode_ == EpMode::kCounts ? R_.at(i) : -1;
 }
 
-// Each rank's send counts (cnt[0,P)) to every peer, landing in the peer's cnt[P, 2P) at the
-// sender's index: one int32 per (rank, peer).
+int64_t EpMoeCuda::picks_received(int i) const {
+  return mode_ == EpMode::kCounts ? M_.at(i) : -1;
+}
+
+// Padded: each rank's send counts (cnt[0,P)) to every peer, landing in the peer's cnt[P, 2P) at
+// the sender's index: one int32 per (rank, peer).
 void EpMoeCuda::exchange_counts(const cu::Ctx& ctx) {
-  EpA2aTensor c = tensor(0, EpDtype::kI32, 1, [](Rank& r) { return r.cnt.get(); },
-                         [this](Rank& r) { return r.cnt.get() + P_; });
+  EpA2aTensor c = tensor(0, EpDtype::kI32, 1, [this](int i) { return r_[i]->cnt.get(); },
+                         [this](int i) { return r_[i]->cnt.get() + P_; });
   EpA2aRows rows{unit_off_.data(), unit_cnt_.data(), unit_off_.data(), unit_cnt_.data()};
   t_.alltoallv(&c, 1, rows, ctx.stream);
+}
+
+// Counts: every rank's info row (its send rows and picks per destination, from ep_layout; its N
+// and the room left in its arena, from here) to every rank: info row 0 goes to every peer and
+// lands at row 1+s of the peer's info, s the sender. P*W int32 per rank, the same all-to-all as
+// the counts alone, so no extra sync; every rank then knows every rank's need and room.
+void EpMoeCuda::exchange_info(int64_t N, const cu::Ctx& ctx) {
+  const size_t room = arena_->bump.left() / kEpArenaAlign;  // whole units: carves are aligned
+  for (int i = 0; i < L_; ++i) {
+    host_tail_[2 * i] = int32_t(N);
+    host_tail_[2 * i + 1] = int32_t(std::min<size_t>(room, INT32_MAX));
+    CUDA_CHECK(cudaMemcpyAsync(r_[i]->info.get() + 2 * P_, host_tail_ + 2 * i, 2 * sizeof(int32_t),
+                               cudaMemcpyHostToDevice, ctx.stream));
+  }
+  EpA2aTensor c = tensor(0, EpDtype::kI32, W_, [this](int i) { return r_[i]->info.get(); },
+                         [this](int i) { return r_[i]->info.get() + W_; });
+  EpA2aRows rows{zero_off_.data(), unit_cnt_.data(), unit_off_.data(), unit_cnt_.data()};
+  t_.alltoallv(&c, 1, rows, ctx.stream);
+}
+
+// Counts, after the sync: every rank's need for this layer from the info rows (the same on
+// every process), against the room it reported. The ranks of this process share its arena and
+// carve one after another (loopback); a rank of another process has its own (one rank per
+// process over NCCL or MPI). The first rank that does not fit names the error, on every rank.
+void EpMoeCuda::check_room() {
+  const int P = P_;
+  const int32_t* row = host_cnt_;  // local rank 0's copy of every rank's row: [P][W]
+  std::vector<bool> local(size_t(P), false);
+  for (int i = 0; i < L_; ++i) local[size_t(t_.rank_of(i))] = true;
+  const size_t left0 = arena_->bump.left();
+  size_t local_used = 0;
+  for (int d = 0; d < P; ++d) {
+    int64_t R = 0, M = 0;
+    for (int s = 0; s < P; ++s) {
+      R += row[s * W_ + d];
+      M += row[s * W_ + P + d];
+    }
+    const int64_t N = row[d * W_ + 2 * P];
+    const size_t need = ep_saved_layout(s_, P, N, R, M).bytes;
+    const size_t room = local[size_t(d)] ? left0 - std::min(left0, local_used)
+                                         : size_t(row[d * W_ + 2 * P + 1]) * kEpArenaAlign;
+    if (need > room)
+      AM_FAIL("{} ({})", ep_arena_overflow_message(label_, d, need, room, arena_->bump.capacity(), R, M),
+              arena_->what);
+    if (local[size_t(d)]) local_used += need;
+  }
 }
 
 void EpMoeCuda::set_plan(int64_t N) {
   const int P = P_;
   for (int i = 0; i < L_; ++i) {
-    int64_t so = 0, ro = 0;
+    const int d = t_.rank_of(i);
+    const int32_t* row = host_cnt_ + size_t(i) * P * W_;  // counts: every rank's info row
+    int64_t so = 0, ro = 0, picks = 0;
     for (int p = 0; p < P; ++p) {
       const size_t k = size_t(i) * P + p;
       if (mode_ == EpMode::kPadded) {  // regions of N rows, whatever the counts
         send_off_[k] = recv_off_[k] = p * N;
         send_cnt_[k] = recv_cnt_[k] = N;
       } else {  // packed, from the counts read back
-        send_cnt_[k] = host_cnt_[i * 2 * P + p];
-        recv_cnt_[k] = host_cnt_[i * 2 * P + P + p];
+        send_cnt_[k] = row[d * W_ + p];
+        recv_cnt_[k] = row[p * W_ + d];
+        picks += row[p * W_ + P + d];
         send_off_[k] = so;
         recv_off_[k] = ro;
         so += send_cnt_[k];
@@ -178,10 +254,38 @@ void EpMoeCuda::set_plan(int64_t N) {
       }
     }
     R_[i] = mode_ == EpMode::kPadded ? P * N : ro;
-    AM_CHECK(so <= Scap_ && R_[i] <= Rcap_,
-             "internal: EP rank {} sends {} rows (capacity {}) and receives {} (capacity {})",
-             t_.rank_of(i), so, Scap_, R_[i], Rcap_);
+    M_[i] = mode_ == EpMode::kPadded ? R_[i] * std::min(s_.K, El_) : picks;
+    AM_CHECK(so <= Scap_ && R_[i] <= Rcap_ && M_[i] <= Mcap_,
+             "internal: EP rank {} sends {} rows (capacity {}) and receives {} (capacity {}) with "
+             "{} picks (capacity {})",
+             d, so, Scap_, R_[i], Rcap_, M_[i], Mcap_);
   }
+}
+
+// This forward's saved state of every local rank, in local order, and the layout copied in.
+void EpMoeCuda::carve(int64_t N, const cu::Ctx& ctx) {
+  unsigned char* base = arena_->mem.get();
+  for (int i = 0; i < L_; ++i) {
+    Rank& r = *r_[i];
+    const EpSavedLayout l = ep_saved_layout(s_, P_, N, R_[i], M_[i]);
+    const int64_t at = arena_->bump.take(l.bytes);
+    AM_CHECK(at >= 0, "internal: [EpMoeCuda] {}: {} bytes passed the room check but do not fit "
+             "the {} left",
+             label_, l.bytes, arena_->bump.left());
+    unsigned char* c = base + at;
+    r.send_pos = reinterpret_cast<int32_t*>(c + l.send_pos);
+    r.offsets = reinterpret_cast<int32_t*>(c + l.offsets);
+    r.slot_row = reinterpret_cast<int32_t*>(c + l.slot_row);
+    r.w_recv = reinterpret_cast<float*>(c + l.w_recv);
+    r.x_recv = reinterpret_cast<bf16*>(c + l.x_recv);
+    r.gu = reinterpret_cast<bf16*>(c + l.gu);
+    r.ys = reinterpret_cast<bf16*>(c + l.ys);
+    if (N > 0)
+      CUDA_CHECK(cudaMemcpyAsync(r.send_pos, sc_->local[size_t(i)].send_pos.get(),
+                                 size_t(N * P_) * sizeof(int32_t), cudaMemcpyDeviceToDevice,
+                                 ctx.stream));
+  }
+  carved_gen_ = arena_->bump.generation();
 }
 
 void EpMoeCuda::fwd(const EpMoeFwdArgs* a, int64_t N, const cu::Ctx& ctx) {
@@ -191,106 +295,124 @@ void EpMoeCuda::fwd(const EpMoeFwdArgs* a, int64_t N, const cu::Ctx& ctx) {
            "[EpMoeCuda] {} tokens, but the buffers were sized for at most {}; construct it with "
            "a larger max_tokens",
            N, s_.max_tokens);
-  N_ = N;
-  const int64_t region = mode_ == EpMode::kPadded ? N : 0;
+  N_ = -1;  // no valid state until the carve below
+  if (own_arena_) arena_->reset();
+  const bool counts = mode_ == EpMode::kCounts;
+  const int64_t region = counts ? 0 : N;
+  auto lc = [this](int i) -> EpMoeScratch::Local& { return sc_->local[size_t(i)]; };
   if (timing_) CUDA_CHECK(cudaEventRecord(ev_[0], ctx.stream));
   // ---- layout and dispatch
+  for (int i = 0; i < L_; ++i) {
+    int32_t* cnt = counts ? r_[i]->info.get() : r_[i]->cnt.get();
+    cu::ep_layout(lc(i).send_pos.get(), cnt, counts ? cnt + P : nullptr, a[i].topk_idx, N, K, El, P,
+                  region, ctx);
+  }
+  if (counts) exchange_info(N, ctx);
+  else exchange_counts(ctx);
   for (int i = 0; i < L_; ++i)
-    cu::ep_layout(r_[i]->send_pos.get(), r_[i]->cnt.get(), a[i].topk_idx, N, K, El, P, region, ctx);
-  exchange_counts(ctx);
-  for (int i = 0; i < L_; ++i)
-    cu::ep_dispatch_pack(r_[i]->x_send.get(), r_[i]->idx_send.get(), r_[i]->w_send.get(), a[i].x,
-                         a[i].topk_idx, a[i].topk_w, r_[i]->send_pos.get(), N, H, K, El, P, ctx);
-  if (mode_ == EpMode::kCounts) {  // the one host sync: counts size the all-to-all-v
+    cu::ep_dispatch_pack(lc(i).x_send.get(), lc(i).idx_send.get(), lc(i).w_send.get(), a[i].x,
+                         a[i].topk_idx, a[i].topk_w, lc(i).send_pos.get(), N, H, K, El, P, ctx);
+  if (counts) {  // the one host sync: the counts size the all-to-all-v and the saved state
     for (int i = 0; i < L_; ++i)
-      CUDA_CHECK(cudaMemcpyAsync(host_cnt_ + i * 2 * P, r_[i]->cnt.get(), 2 * P * sizeof(int32_t),
-                                 cudaMemcpyDeviceToHost, ctx.stream));
+      CUDA_CHECK(cudaMemcpyAsync(host_cnt_ + size_t(i) * P * W_, r_[i]->info.get() + W_,
+                                 size_t(P * W_) * sizeof(int32_t), cudaMemcpyDeviceToHost,
+                                 ctx.stream));
     t_.sync(ctx.stream);
+    check_room();  // throws on every rank alike, before any rows move
   }
   set_plan(N);
+  carve(N, ctx);
+  N_ = N;
   const EpA2aRows fwd_rows{send_off_.data(), send_cnt_.data(), recv_off_.data(), recv_cnt_.data()};
   const EpA2aRows back_rows{recv_off_.data(), recv_cnt_.data(), send_off_.data(), send_cnt_.data()};
   {
     EpA2aTensor t[3] = {
-        tensor(0, EpDtype::kBf16, H, [](Rank& r) { return r.x_send.get(); },
-               [](Rank& r) { return r.x_recv.get(); }),
-        tensor(1, EpDtype::kI32, K, [](Rank& r) { return r.idx_send.get(); },
-               [](Rank& r) { return r.idx_recv.get(); }),
-        tensor(2, EpDtype::kF32, K, [](Rank& r) { return r.w_send.get(); },
-               [](Rank& r) { return r.w_recv.get(); })};
+        tensor(0, EpDtype::kBf16, H, [&](int i) { return lc(i).x_send.get(); },
+               [this](int i) { return r_[i]->x_recv; }),
+        tensor(1, EpDtype::kI32, K, [&](int i) { return lc(i).idx_send.get(); },
+               [&](int i) { return lc(i).idx_recv.get(); }),
+        tensor(2, EpDtype::kF32, K, [&](int i) { return lc(i).w_send.get(); },
+               [this](int i) { return r_[i]->w_recv; })};
     t_.alltoallv(t, 3, fwd_rows, ctx.stream);
   }
   if (timing_) CUDA_CHECK(cudaEventRecord(ev_[1], ctx.stream));
-  // ---- the local experts over the received rows
+  // ---- the local experts over the received rows (M: their picks, the expert rows)
   for (int i = 0; i < L_; ++i) {
     Rank& r = *r_[i];
-    const int64_t R = R_[i], M = R * std::min(K, El);
-    if (mode_ == EpMode::kPadded) cu::ep_recv_mask(r.idx_recv.get(), r.cnt.get() + P, N, K, P, ctx);
-    cu::moe_layout(r.offsets.get(), r.slot_row.get(), r.idx_recv.get(), R, El, K, ctx);
-    cu::permute_fwd(sc_->xs.get(), r.x_recv.get(), r.slot_row.get(), R, K, H, ctx);
-    cu::grouped_linear_fwd(r.gu.get(), sc_->xs.get(), a[i].w_gu, r.offsets.get(), M, El, H, 2 * I,
-                           ctx);
-    cu::swiglu_fwd(sc_->act.get(), r.gu.get(), M, I, ctx);
-    cu::grouped_linear_fwd(r.ys.get(), sc_->act.get(), a[i].w_down, r.offsets.get(), M, El, I, H,
-                           ctx);
-    cu::unpermute_fwd(r.y_recv.get(), r.ys.get(), r.w_recv.get(), r.slot_row.get(), R, K, H, ctx);
+    EpMoeScratch::Local& l = lc(i);
+    const int64_t R = R_[i], M = M_[i];
+    if (!counts) cu::ep_recv_mask(l.idx_recv.get(), r.cnt.get() + P, N, K, P, ctx);
+    cu::moe_layout(r.offsets, r.slot_row, l.idx_recv.get(), R, El, K, ctx);
+    cu::permute_fwd(sc_->xs.get(), r.x_recv, r.slot_row, R, K, H, ctx);
+    cu::grouped_linear_fwd(r.gu, sc_->xs.get(), a[i].w_gu, r.offsets, M, El, H, 2 * I, ctx);
+    cu::swiglu_fwd(sc_->act.get(), r.gu, M, I, ctx);
+    cu::grouped_linear_fwd(r.ys, sc_->act.get(), a[i].w_down, r.offsets, M, El, I, H, ctx);
+    cu::unpermute_fwd(l.y_recv.get(), r.ys, r.w_recv, r.slot_row, R, K, H, ctx);
   }
   // ---- combine: rows back along the dispatch's path, summed per token in rank order
   if (timing_) CUDA_CHECK(cudaEventRecord(ev_[2], ctx.stream));
   {
-    EpA2aTensor t = tensor(0, EpDtype::kBf16, H, [](Rank& r) { return r.y_recv.get(); },
-                           [](Rank& r) { return r.x_send.get(); });
+    EpA2aTensor t = tensor(0, EpDtype::kBf16, H, [&](int i) { return lc(i).y_recv.get(); },
+                           [&](int i) { return lc(i).x_send.get(); });
     t_.alltoallv(&t, 1, back_rows, ctx.stream);
   }
   for (int i = 0; i < L_; ++i)
-    cu::ep_combine_unpack(a[i].out, nullptr, r_[i]->x_send.get(), nullptr, r_[i]->send_pos.get(),
-                          N, H, K, P, ctx);
+    cu::ep_combine_unpack(a[i].out, nullptr, lc(i).x_send.get(), nullptr, r_[i]->send_pos, N, H,
+                          K, P, ctx);
   if (timing_) CUDA_CHECK(cudaEventRecord(ev_[3], ctx.stream));
 }
 
 void EpMoeCuda::bwd(const EpMoeBwdArgs* a, float g_beta, const cu::Ctx& ctx) {
   const int64_t H = s_.H, I = s_.I, K = s_.K, El = El_, N = N_;
   const int P = P_;
-  AM_CHECK(N >= 0, "[EpMoeCuda] bwd before any fwd: the backward reuses the forward's layout");
+  AM_CHECK(N >= 0, "[EpMoeCuda] {}: bwd before any (complete) fwd: the backward reuses the "
+           "forward's layout",
+           label_);
+  AM_CHECK(arena_->bump.generation() == carved_gen_,
+           "[EpMoeCuda] {}: backward after its saved state was released (the EP arena was reset "
+           "by a newer forward); run each forward's backward before the next forward",
+           label_);
+  auto lc = [this](int i) -> EpMoeScratch::Local& { return sc_->local[size_t(i)]; };
   const EpA2aRows fwd_rows{send_off_.data(), send_cnt_.data(), recv_off_.data(), recv_cnt_.data()};
   const EpA2aRows back_rows{recv_off_.data(), recv_cnt_.data(), send_off_.data(), send_cnt_.data()};
   // ---- combine's backward: a dispatch of d(out) rows
   for (int i = 0; i < L_; ++i)
-    cu::ep_dispatch_pack(r_[i]->x_send.get(), nullptr, nullptr, a[i].dout, nullptr, nullptr,
-                         r_[i]->send_pos.get(), N, H, K, El, P, ctx);
+    cu::ep_dispatch_pack(lc(i).x_send.get(), nullptr, nullptr, a[i].dout, nullptr, nullptr,
+                         r_[i]->send_pos, N, H, K, El, P, ctx);
   {
-    EpA2aTensor t = tensor(0, EpDtype::kBf16, H, [](Rank& r) { return r.x_send.get(); },
-                           [](Rank& r) { return r.y_recv.get(); });
+    EpA2aTensor t = tensor(0, EpDtype::kBf16, H, [&](int i) { return lc(i).x_send.get(); },
+                           [&](int i) { return lc(i).y_recv.get(); });
     t_.alltoallv(&t, 1, fwd_rows, ctx.stream);
   }
   // ---- the local experts' backward (xs and the SwiGLU output recomputed, as the model does)
   for (int i = 0; i < L_; ++i) {
     Rank& r = *r_[i];
-    const int64_t R = R_[i], M = R * std::min(K, El);
-    cu::unpermute_bwd(sc_->dys.get(), r.dw_recv.get(), r.y_recv.get(), r.ys.get(), r.w_recv.get(),
-                      r.slot_row.get(), R, K, H, ctx);
-    cu::swiglu_fwd(sc_->act.get(), r.gu.get(), M, I, ctx);
+    EpMoeScratch::Local& l = lc(i);
+    const int64_t R = R_[i], M = M_[i];
+    cu::unpermute_bwd(sc_->dys.get(), l.dw_recv.get(), l.y_recv.get(), r.ys, r.w_recv, r.slot_row,
+                      R, K, H, ctx);
+    cu::swiglu_fwd(sc_->act.get(), r.gu, M, I, ctx);
     cu::grouped_linear_bwd(sc_->dact.get(), a[i].g_down, g_beta, sc_->dys.get(), sc_->act.get(),
-                           a[i].w_down, r.offsets.get(), M, El, I, H, ctx);
-    cu::swiglu_bwd(sc_->dgu.get(), sc_->dact.get(), r.gu.get(), M, I, ctx);
-    cu::permute_fwd(sc_->xs.get(), r.x_recv.get(), r.slot_row.get(), R, K, H, ctx);
+                           a[i].w_down, r.offsets, M, El, I, H, ctx);
+    cu::swiglu_bwd(sc_->dgu.get(), sc_->dact.get(), r.gu, M, I, ctx);
+    cu::permute_fwd(sc_->xs.get(), r.x_recv, r.slot_row, R, K, H, ctx);
     bf16* dxs = sc_->dys.get();  // [M,H], reused: dys was consumed above
     cu::grouped_linear_bwd(dxs, a[i].g_gu, g_beta, sc_->dgu.get(), sc_->xs.get(), a[i].w_gu,
-                           r.offsets.get(), M, El, H, 2 * I, ctx);
-    cu::permute_bwd(r.y_recv.get() /*dx rows*/, dxs, r.slot_row.get(), R, K, H, ctx);
+                           r.offsets, M, El, H, 2 * I, ctx);
+    cu::permute_bwd(l.y_recv.get() /*dx rows*/, dxs, r.slot_row, R, K, H, ctx);
   }
   // ---- dispatch's backward: a combine of d(x) and d(weights)
   {
     EpA2aTensor t[2] = {
-        tensor(0, EpDtype::kBf16, H, [](Rank& r) { return r.y_recv.get(); },
-               [](Rank& r) { return r.x_send.get(); }),
-        tensor(1, EpDtype::kF32, K, [](Rank& r) { return r.dw_recv.get(); },
-               [](Rank& r) { return r.w_send.get(); })};
+        tensor(0, EpDtype::kBf16, H, [&](int i) { return lc(i).y_recv.get(); },
+               [&](int i) { return lc(i).x_send.get(); }),
+        tensor(1, EpDtype::kF32, K, [&](int i) { return lc(i).dw_recv.get(); },
+               [&](int i) { return lc(i).w_send.get(); })};
     t_.alltoallv(t, 2, back_rows, ctx.stream);
   }
   for (int i = 0; i < L_; ++i)
-    cu::ep_combine_unpack(a[i].dx, a[i].dtopk_w, r_[i]->x_send.get(), r_[i]->w_send.get(),
-                          r_[i]->send_pos.get(), N, H, K, P, ctx);
+    cu::ep_combine_unpack(a[i].dx, a[i].dtopk_w, lc(i).x_send.get(), lc(i).w_send.get(),
+                          r_[i]->send_pos, N, H, K, P, ctx);
 }
 
 void EpMoeCuda::fwd(bf16* out, const bf16* x, const int32_t* topk_idx, const float* topk_w,
@@ -319,11 +441,13 @@ EpTimes EpMoeCuda::last_times() const {
   CUDA_CHECK(cudaEventElapsedTime(&t.combine_ms, ev_[2], ev_[3]));
   std::vector<int32_t> cnt(size_t(2 * P_));
   for (int i = 0; i < L_; ++i) {
+    for (int p = 0; p < P_; ++p) t.rows_wire += send_cnt_[size_t(i) * P_ + p];
+    if (mode_ == EpMode::kCounts) continue;  // packed: the payload is what moved
     CUDA_CHECK(cudaMemcpy(cnt.data(), r_[i]->cnt.get(), cnt.size() * sizeof(int32_t),
                           cudaMemcpyDeviceToHost));
     for (int p = 0; p < P_; ++p) t.rows_payload += cnt[p];
-    for (int p = 0; p < P_; ++p) t.rows_wire += send_cnt_[size_t(i) * P_ + p];
   }
+  if (mode_ == EpMode::kCounts) t.rows_payload = t.rows_wire;
   return t;
 }
 

@@ -13,8 +13,9 @@
 // d(out), dispatch's gradient is a combine of d(x) and d(weights).
 //
 // Two ways to size the receive (EpMode):
-//   kCounts  the per-destination counts are exchanged, then ONE device-to-host sync per layer
-//            forward reads them and sizes the all-to-all-v exactly (the backward reuses them)
+//   kCounts  every rank's per-destination counts (rows and picks) are exchanged, then ONE
+//            device-to-host sync per layer forward reads them and sizes the all-to-all-v and
+//            the saved state exactly (the backward reuses them)
 //   kPadded  every peer gets a region of N rows (worst case) with the true count sent
 //            alongside; no host sync at all: the receiver masks the rows past the count
 //            (picks -1) and its grouped GEMMs read their offsets on the device. Costs wire
@@ -22,10 +23,21 @@
 // Transports (dist/ep_transport.h): NCCL, one process per GPU; or loopback, all P ranks in this
 // process on one GPU (checking). The calls take the tensors of every rank this process drives.
 //
-// Buffers are allocated once, in the constructor, for max_tokens tokens per rank and the worst
-// routing (all tokens of all ranks on one rank's experts); nothing is allocated per call. The
-// object holds what the backward needs of ONE forward (one layer; the model will keep one per
-// layer or an arena of them). The caller's Ctx needs workspace_bytes() of workspace.
+// Memory. What only one call uses (send/receive staging, the expert GEMMs' inputs and
+// gradients) lives in an EpMoeScratch, sized for the worst routing of ONE layer (all tokens of
+// all ranks on one rank's experts) and shareable by blocks that run one after another on one
+// stream. What the backward needs of a forward (dist/ep_arena.h: send_pos, offsets, slot_row,
+// w_recv, x_recv, gu, ys) is carved from an EpSavedArena at each forward:
+//   counts mode  exactly the rows and expert rows this rank received (their counts come with
+//                the counts exchange, so no extra sync). The arena may be shared by all MoE
+//                layers of a model (carved in layer order, reset by the model at the start of
+//                each step's forward, sized from the balanced load x train.ep_capacity); when
+//                a layer's carve does not fit, EVERY rank throws the same error (the exchange
+//                carries each rank's room left), before any rows move.
+//   padded mode  the worst case for N tokens (P*N rows), from an arena the block owns.
+// Without an arena the block owns one sized for its worst case, reset at each forward: one
+// forward's state, as a standalone block needs (bench/ep_check.cpp). Nothing is allocated per
+// call. The caller's Ctx needs workspace_bytes() of workspace.
 //
 // Gradient rule: dx and dtopk_w assign (=); expert weight gradients are bf16,
 // g = g_beta * g + dW (g_beta 0 overwrites, experts without rows then get 0; 1 accumulates).
@@ -34,20 +46,17 @@
 #pragma once
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "backend/cuda/common.cuh"
+#include "dist/ep_arena.h"
 #include "dist/ep_transport.h"
 
 namespace automoe::dist {
 
 enum class EpMode { kCounts, kPadded };
 const char* ep_mode_name(EpMode m);
-
-struct EpMoeShape {
-  int64_t max_tokens = 0;  // N of any call is <= this
-  int64_t H = 0, I = 0, E = 0, K = 0;
-};
 
 // One rank's tensors for fwd (device pointers).
 struct EpMoeFwdArgs {
@@ -77,21 +86,50 @@ struct EpTimes {
   int64_t rows_payload = 0, rows_wire = 0;
 };
 
-// What the block uses only inside one fwd() or bwd() call: xs, act, dys, dact, dgu over the
-// worst-case local slots (Mcap = P * max_tokens * min(K, E/P)). Blocks that run one after another
-// on one stream (a model's MoE layers) share one instead of holding one each.
+// What the block uses only inside one fwd() or bwd() call, for the worst routing of one layer
+// (Mcap = P * max_tokens * min(K, E/P) local slots, Rcap = P * max_tokens received rows, Scap
+// send rows: N * min(P, K) packed, P * N padded). Blocks that run one after another on one
+// stream (a model's MoE layers) share one instead of holding one each.
 struct EpMoeScratch {
-  EpMoeScratch(const EpMoeShape& shape, int P);
-  int64_t Mcap = 0;
+  EpMoeScratch(const EpMoeShape& shape, int P, int local_ranks = 1, EpMode mode = EpMode::kCounts);
+  int64_t Mcap = 0, Rcap = 0, Scap = 0;
+  EpMode mode = EpMode::kCounts;
+  // the expert GEMMs' (the local ranks run one after the other)
   cuda::DeviceBuffer<cuda::bf16> xs, act, dys, dact, dgu;  // [Mcap,H] [Mcap,I] [Mcap,H] [Mcap,I] [Mcap,2I]
+  struct Local {  // one per local rank (an all-to-all moves every local rank's rows at once)
+    cuda::DeviceBuffer<int32_t> send_pos;  // [Nmax,P] the layout, before the carve exists
+    cuda::DeviceBuffer<cuda::bf16> x_send;  // [Scap,H] dispatch rows; combine's returned rows;
+                                            //   in bwd d(out) rows, then the returned dx rows
+    cuda::DeviceBuffer<int32_t> idx_send;   // [Scap,K] picks remapped to the destination's experts
+    cuda::DeviceBuffer<float> w_send;       // [Scap,K] their weights; in bwd the returned dw rows
+    cuda::DeviceBuffer<int32_t> idx_recv;   // [Rcap,K] received picks (local experts or -1)
+    cuda::DeviceBuffer<float> dw_recv;      // [Rcap,K] d(weights) of the received picks (bwd)
+    cuda::DeviceBuffer<cuda::bf16> y_recv;  // [Rcap,H] weighted expert outputs per received row;
+                                            //   in bwd d(out) rows, then d(x) rows
+  };
+  std::vector<Local> local;  // [local_ranks]
   size_t bytes() const;
+};
+
+// The saved state of every forward until its backward (see "Memory" above): one device
+// allocation and its bump carving (dist/ep_arena.h). `what` says how it was sized (errors).
+struct EpSavedArena {
+  EpSavedArena(size_t bytes, std::string what);
+  EpBumpArena bump;
+  cuda::DeviceBuffer<unsigned char> mem;
+  std::string what;
+  void reset() { bump.reset(); }  // at the start of a step's forward: every carve is released
+  size_t bytes() const { return mem.bytes(); }
 };
 
 class EpMoeCuda {
  public:
   // `scratch`: shared with other blocks of the same shape and stream; null: the block owns one.
+  // `arena`: counts mode only, shared with the other MoE layers; null: the block owns one sized
+  // for its worst case. `label` names the block in errors ("MoE layer 3").
   EpMoeCuda(EpTransport& t, const EpMoeShape& shape, EpMode mode,
-            std::shared_ptr<EpMoeScratch> scratch = nullptr);
+            std::shared_ptr<EpMoeScratch> scratch = nullptr,
+            std::shared_ptr<EpSavedArena> arena = nullptr, std::string label = "the EP block");
   ~EpMoeCuda();
   EpMoeCuda(const EpMoeCuda&) = delete;
   EpMoeCuda& operator=(const EpMoeCuda&) = delete;
@@ -112,20 +150,27 @@ class EpMoeCuda {
   EpMode mode() const { return mode_; }
   int num_local() const { return L_; }
   int64_t local_experts() const { return El_; }
-  size_t device_bytes() const { return bytes_; }  // what this object allocated (+ own scratch)
+  // what this object allocated, with its own scratch and arena (not shared ones)
+  size_t device_bytes() const { return bytes_; }
   // Counts mode: rows local rank `i` received in the last forward; padded mode: -1 (on the
   // device only).
   int64_t rows_received(int i) const;
+  // Counts mode: expert rows (received picks) of local rank `i` in the last forward; padded: -1.
+  int64_t picks_received(int i) const;
 
   void set_timing(bool on) { timing_ = on; }
   EpTimes last_times() const;  // synchronises with the last forward's events
 
  private:
-  struct Rank;  // one local rank's buffers (expert_parallel_cuda.cpp)
-  void exchange_counts(const cuda::Ctx& ctx);
+  struct Rank;  // one local rank's counts and carve (expert_parallel_cuda.cpp)
+  void exchange_counts(const cuda::Ctx& ctx);  // padded: counts only
+  void exchange_info(int64_t N, const cuda::Ctx& ctx);  // counts: every rank's counts and room
+  void check_room();  // counts: the same verdict on every rank, before any rows move
+  // this forward's saved state of every local rank, from the arena
+  void carve(int64_t N, const cuda::Ctx& ctx);
   void set_plan(int64_t N);  // host row plan of the all-to-alls for this forward
   // The tensor of every local rank for one all-to-all: pointer table slot `slot` (0..2) filled
-  // with send_of(rank) / recv_of(rank).
+  // with send_of(i) / recv_of(i) for local rank i.
   template <class S, class D>
   EpA2aTensor tensor(int slot, EpDtype dt, int64_t row_elems, S send_of, D recv_of);
 
@@ -134,16 +179,24 @@ class EpMoeCuda {
   EpMode mode_;
   int P_ = 1, L_ = 1;
   int64_t El_ = 0, Scap_ = 0, Rcap_ = 0, Mcap_ = 0;
+  int64_t W_ = 0;  // counts mode: ints of one rank's info row (send rows [P], picks [P], N, room)
   int64_t N_ = -1;  // tokens of the last forward (-1: none yet)
   size_t bytes_ = 0;
   bool timing_ = false;
   std::vector<std::unique_ptr<Rank>> r_;
   // Scratch (the local ranks run one after the other on the stream), maybe shared with others
   std::shared_ptr<EpMoeScratch> sc_;
-  // Host side: counts read back (pinned, [L, 2P]) and the row plans ([L*P] each).
+  std::shared_ptr<EpSavedArena> arena_;  // the saved state's, maybe shared with other layers
+  bool own_arena_ = false;               // ours: reset at each forward
+  uint64_t carved_gen_ = 0;              // the arena generation of the last forward's carves
+  std::string label_;
+  // Host side (pinned, counts mode): every rank's info row read back ([L, P, W]) and this
+  // process's N and room going up ([L, 2]). Row plans ([L*P] each).
   int32_t* host_cnt_ = nullptr;
-  std::vector<int64_t> send_off_, send_cnt_, recv_off_, recv_cnt_, unit_off_, unit_cnt_;
+  int32_t* host_tail_ = nullptr;
+  std::vector<int64_t> send_off_, send_cnt_, recv_off_, recv_cnt_, unit_off_, unit_cnt_, zero_off_;
   std::vector<int64_t> R_;            // [L] rows each local rank's kernels run over
+  std::vector<int64_t> M_;            // [L] expert rows (slots) of each local rank
   std::vector<const void*> ptr_send_;  // [3*L] pointer tables for EpA2aTensor
   std::vector<void*> ptr_recv_;
   cudaEvent_t ev_[4] = {nullptr, nullptr, nullptr, nullptr};

@@ -23,14 +23,12 @@
 // deterministic, so the recomputed tensors are the forward's bits.
 //
 // Several ranks (CudaDist): every `if (s.dist)` / `if (s.ep)` branch below; without them the
-// single-GPU path runs exactly as before. Expert parallelism keeps ONE dist::EpMoeCuda per MoE
-// layer (each holds that layer's received rows, routing and expert activations for the
-// backward): simple, and the verified EP block unchanged, at a memory cost: every object sizes
-// its buffers for the worst routing (all P*N tokens of the group on this rank's experts, about
-// P*N*min(K, E/P) expert rows) plus its own scratch (xs, act, dys, dact, dgu), i.e. roughly
-// P x the single-GPU per-layer MoE activations, per layer. Sharing the scratch and carving the
-// saved state of all layers from one arena sized by the counts is the next step
-// (docs/CUDA.md, "Expert parallelism").
+// single-GPU path runs exactly as before. Expert parallelism keeps one dist::EpMoeCuda per MoE
+// layer (its host row plans); their per-call buffers are one shared EpMoeScratch (the worst
+// routing of one layer), and the state each layer's backward needs (received rows, routing,
+// expert activations) is carved from one EpSavedArena by the counts each forward received:
+// reset at the start of every forward, sized at plan() for CudaDist::ep_capacity (train.
+// ep_capacity) x the balanced load of all MoE layers (dist/ep_arena.h; docs/DISTRIBUTED.md).
 #include "model/qwen3_moe_cuda.h"
 
 #include <algorithm>
@@ -38,6 +36,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <map>
+
+#include <fmt/format.h>
 
 #include "backend/cuda/ops_cuda.h"
 #include "core/check.h"
@@ -232,13 +232,16 @@ struct Qwen3MoeCuda::State {
   std::unique_ptr<dist::DeviceGradReducer> reducer;     // gradient all-reduce, global norm
   std::vector<std::unique_ptr<dist::EpMoeCuda>> ep_moe;  // [nMoE], sized in plan()
   std::shared_ptr<dist::EpMoeScratch> ep_scratch;        // their per-call scratch, one for all
+  std::shared_ptr<dist::EpSavedArena> ep_arena;          // their saved state, reset per forward
+  double ep_capacity = 2.0;                              // the arena over the balanced load
   cu::DeviceBuffer<double> auxstats;                     // [2E+1] global aux statistics
   cu::DeviceBuffer<double> tsumsq;                       // [segs] g^2 per tensor
   double* sumsq_host = nullptr;                          // pinned [1]: the global g^2 sum
 
   State(const ModelConfig& c, Precision p, bool ms, const CudaDist& d)
       : cfg(c), prec(p), memsave(ms), layout_model(c, d.groups, false), groups(d.groups),
-        ept(d.ep_transport), nccl_world(d.nccl_world), nccl_dp(d.nccl_dp) {
+        ept(d.ep_transport), nccl_world(d.nccl_world), nccl_dp(d.nccl_dp),
+        ep_capacity(d.ep_capacity) {
     dist = groups && groups->world.size() > 1;
     ep = groups && groups->ep.size() > 1 && c.num_moe_layers() > 0;
   }
@@ -740,12 +743,23 @@ void Qwen3MoeCuda::plan(int64_t B, int64_t T, bool packed) {
   s.acts = cu::DeviceBuffer<unsigned char>();  // free the old arena first
   if (s.ep) {  // one EP block per MoE layer, sized for N tokens (see the file comment)
     s.ep_moe.clear();
-    s.ep_scratch.reset();  // free the old one before sizing the new
-    s.ep_scratch = std::make_shared<dist::EpMoeScratch>(dist::EpMoeShape{N, H, I, E, K},
-                                                        int(s.groups->ep.size()));
-    for (int64_t m = 0; m < M; ++m)
-      s.ep_moe.push_back(std::make_unique<dist::EpMoeCuda>(
-          *s.ept, dist::EpMoeShape{N, H, I, E, K}, dist::EpMode::kCounts, s.ep_scratch));
+    s.ep_scratch.reset();  // free the old ones before sizing the new
+    s.ep_arena.reset();
+    const dist::EpMoeShape sh{N, H, I, E, K};
+    const int P = int(s.groups->ep.size());
+    s.ep_scratch = std::make_shared<dist::EpMoeScratch>(sh, P);
+    s.ep_arena = std::make_shared<dist::EpSavedArena>(
+        dist::ep_arena_bytes(sh, P, M, 1, s.ep_capacity),
+        fmt::format("sized for train.ep_capacity {} x the balanced load of {} MoE layers of {} "
+                    "tokens",
+                    s.ep_capacity, M, N));
+    for (int64_t l = 0, m = 0; l < L; ++l)
+      if (s.lo[l].moe) {
+        s.ep_moe.push_back(std::make_unique<dist::EpMoeCuda>(
+            *s.ept, sh, dist::EpMode::kCounts, s.ep_scratch, s.ep_arena,
+            fmt::format("MoE layer {} (model layer {})", m, l)));
+        ++m;
+      }
   }
   const size_t bytes = carve(0);
   s.acts = cu::DeviceBuffer<unsigned char>(bytes);
@@ -802,6 +816,7 @@ CudaMemory Qwen3MoeCuda::memory() const {
   m.activations = s.acts.bytes();
   for (auto& e : s.ep_moe) m.activations += e->device_bytes();  // EP buffers count as activations
   if (s.ep_scratch) m.activations += s.ep_scratch->bytes();
+  if (s.ep_arena) m.activations += s.ep_arena->bytes();
   m.workspace = s.ws.bytes();
   return m;
 }
@@ -923,6 +938,8 @@ void Qwen3MoeCuda::forward(const Batch& bt, float ce_denominator, float aux_scal
   }
   const float eps = float(c.rms_norm_eps), theta = float(c.rope_theta);
   s.record(0);
+  // the EP arena: every layer carves its saved state in order below; last step's is released
+  if (s.ep) s.ep_arena->reset();
   cu::embedding_fwd(s.res[0], s.ids, s.W(s.off_wte), N, H, ctx);
   for (int64_t l = 0; l < L; ++l) {
     LayerActs& a = s.la[l];

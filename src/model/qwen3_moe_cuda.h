@@ -56,6 +56,10 @@ struct CudaDist {
   // them (null: MPI staging through host memory; dist/data_parallel_cuda.h).
   dist::NcclGroup* nccl_world = nullptr;
   dist::NcclGroup* nccl_dp = nullptr;
+  // train.ep_capacity: the EP arena (every MoE layer's saved expert state of one step, carved by
+  // the received counts) holds this many times the balanced load; a step whose routing needs
+  // more stops with an error on every rank (dist/expert_parallel_cuda.h).
+  double ep_capacity = 2.0;
 };
 
 // train.precision: "bf16" (default: bf16 weights, gradients and AdamW moments, what a

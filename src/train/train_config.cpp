@@ -62,6 +62,7 @@ const std::map<std::string, Setter>& keys() {
       KEY("train.precision", precision, std::string),
       KEY("train.memory_saving", memory_saving, bool),
       KEY("train.ep", ep, int64_t),
+      KEY("train.ep_capacity", ep_capacity, double),
       KEY("train.zero", zero, int64_t),
       KEY("output.dir", output_dir, std::string),
       KEY("output.export_hf", export_hf, bool),
@@ -123,6 +124,10 @@ TrainConfig load_train_config(const std::string& path,
   AM_CHECK(c.enable_thinking.empty() || c.enable_thinking == "true" || c.enable_thinking == "false",
            "data.enable_thinking must be true or false, got '{}'", c.enable_thinking);
   AM_CHECK(c.ep >= 1, "train.ep (the expert-parallel size) must be at least 1, got {}", c.ep);
+  AM_CHECK(c.ep_capacity > 0 && c.ep_capacity < 1e6,
+           "train.ep_capacity (the GPU EP arena over the balanced expert load) must be a positive "
+           "number such as 2, got {}",
+           c.ep_capacity);
   AM_CHECK(c.device == "cpu" || c.device == "cuda", "train.device '{}' is not known; use cpu or cuda", c.device);
   AM_CHECK(c.precision == "bf16" || c.precision == "fp32_master",
            "train.precision '{}' is not known; use bf16 (bf16 weights, gradients and AdamW state) or "
@@ -178,6 +183,7 @@ std::string TrainConfig::to_yaml() const {
   if (device != "cpu") e << YAML::Key << "precision" << YAML::Value << precision;
   if (memory_saving) e << YAML::Key << "memory_saving" << YAML::Value << memory_saving;
   if (ep != 1) e << YAML::Key << "ep" << YAML::Value << ep;
+  if (ep_capacity != 2.0) e << YAML::Key << "ep_capacity" << YAML::Value << ep_capacity;
   if (zero != 0) e << YAML::Key << "zero" << YAML::Value << zero;
   e << YAML::EndMap;
   e << YAML::Key << "output" << YAML::Value << YAML::BeginMap << YAML::Key << "dir" << YAML::Value

@@ -44,6 +44,7 @@ struct TrainConfig {
   bool memory_saving = false;           // cuda, bf16: AdamW inside the backward, recompute
                                         // (model/qwen3_moe_cuda.h); needs grad_accum 1
   int64_t ep = 1;                       // expert-parallel size (ranks from mpirun; dp = world / ep)
+  double ep_capacity = 2.0;             // cuda, ep > 1: the EP arena over the balanced load
   int64_t zero = 0;                     // ZeRO: 0 replicated, 1 optimizer state sharded, 2 + gradients
   // output:
   std::string output_dir = "out/run";

@@ -26,8 +26,8 @@ class CudaTrainModel final : public DeviceTrainModel {
         comms_(make_comms(g, device_)),
         model_(mc, parse_precision(cfg.precision), device_.device, cfg.memory_saving,
                comms_ ? CudaDist{&g, comms_->ep_transport(), comms_->nccl_world(),
-                                 comms_->nccl_dp()}
-                      : CudaDist{&g, nullptr, nullptr, nullptr}) {}
+                                 comms_->nccl_dp(), cfg.ep_capacity}
+                      : CudaDist{&g, nullptr, nullptr, nullptr, cfg.ep_capacity}) {}
 
   void upload(const Qwen3Moe& host, const AdamW* opt) override {
     model_.upload_params(host.params());

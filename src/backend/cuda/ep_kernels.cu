@@ -12,27 +12,34 @@ constexpr int kScanThreads = 256;
 constexpr int kRowThreads = 128;
 
 // Block d: which tokens have a pick on rank d, and their rank among them (token order).
-// send_pos gets the position relative to d's first row; send_cnt[d] the number of tokens.
-__global__ void ep_layout_count_kernel(int32_t* send_pos, int32_t* send_cnt,
+// send_pos gets the position relative to d's first row; send_cnt[d] the number of tokens;
+// send_picks[d] (nullable) the number of their picks on d (the receiver's expert rows).
+__global__ void ep_layout_count_kernel(int32_t* send_pos, int32_t* send_cnt, int32_t* send_picks,
                                        const int32_t* topk_idx, int64_t N, int K, int El, int P) {
-  __shared__ int tmp[32];
+  __shared__ int tmp[32], tmp_p[32];
   const int d = blockIdx.x;
-  int run = 0;
+  int run = 0, run_p = 0;
   for (int64_t c0 = 0; c0 < N; c0 += kScanThreads) {
     const int64_t n = c0 + threadIdx.x;
-    int flag = 0;
+    int picks = 0;
     if (n < N)
       for (int j = 0; j < K; ++j) {
         const int e = topk_idx[n * K + j];
-        if (e >= 0 && e / El == d) flag = 1;
+        if (e >= 0 && e / El == d) ++picks;
       }
-    int total = 0;
+    const int flag = picks > 0 ? 1 : 0;
+    int total = 0, total_p = 0;
     const int ex = block_exclusive_scan(flag, tmp, total);
+    if (send_picks) block_exclusive_scan(picks, tmp_p, total_p);  // uniform over the block
     if (n < N) send_pos[n * P + d] = flag ? run + ex : -1;
     run += total;
-    __syncthreads();  // tmp is rewritten by the next chunk's scan
+    run_p += total_p;
+    __syncthreads();  // tmp and tmp_p are rewritten by the next chunk's scans
   }
-  if (threadIdx.x == 0) send_cnt[d] = run;
+  if (threadIdx.x == 0) {
+    send_cnt[d] = run;
+    if (send_picks) send_picks[d] = run_p;
+  }
 }
 
 // Relative positions to send-buffer rows: destination d starts at d * region (padded) or after
@@ -142,8 +149,8 @@ __global__ void ep_recv_mask_kernel(int32_t* idx_recv, const int32_t* recv_cnt, 
 
 }  // namespace
 
-void ep_layout(int32_t* send_pos, int32_t* send_cnt, const int32_t* topk_idx, int64_t N,
-               int64_t K, int64_t El, int P, int64_t region, const Ctx& ctx) {
+void ep_layout(int32_t* send_pos, int32_t* send_cnt, int32_t* send_picks, const int32_t* topk_idx,
+               int64_t N, int64_t K, int64_t El, int P, int64_t region, const Ctx& ctx) {
   AM_CHECK(P >= 1 && El >= 1 && K >= 1, "[ep_layout] needs P, El, K >= 1 (got {}, {}, {})", P, El,
            K);
   AM_CHECK(int64_t(P) * std::max(N, region) < (int64_t(1) << 31),
@@ -153,7 +160,7 @@ void ep_layout(int32_t* send_pos, int32_t* send_cnt, const int32_t* topk_idx, in
   AM_CHECK(region == 0 || region >= N, "[ep_layout] padded regions of {} rows cannot hold {} tokens",
            region, N);
   ep_layout_count_kernel<<<unsigned(P), kScanThreads, 0, ctx.stream>>>(
-      send_pos, send_cnt, topk_idx, N, int(K), int(El), P);
+      send_pos, send_cnt, send_picks, topk_idx, N, int(K), int(El), P);
   CUDA_CHECK_LAUNCH();
   if (N == 0) return;
   ep_layout_place_kernel<<<grid_for(N * P, kScanThreads, ctx), kScanThreads, 0, ctx.stream>>>(

@@ -18,9 +18,12 @@
 
 namespace automoe::cuda {
 
-// send_pos[N,P] (=) and send_cnt[P] (=) from topk_idx[N,K] (global experts in [0, P*El)).
+// send_pos[N,P] (=), send_cnt[P] (=, tokens per destination) and send_picks[P] (=, nullable:
+// their picks on each destination, i.e. the expert rows it will run) from topk_idx[N,K] (global
+// experts in [0, P*El)).
 void ep_layout(int32_t* send_pos /*[N,P] i32 =*/, int32_t* send_cnt /*[P] i32 =*/,
-               const int32_t* topk_idx /*[N,K] i32*/, int64_t N, int64_t K, int64_t El, int P,
+               int32_t* send_picks /*[P] i32 =, nullable*/, const int32_t* topk_idx /*[N,K] i32*/,
+               int64_t N, int64_t K, int64_t El, int P,
                int64_t region /*0: packed, else rows per destination*/, const Ctx& ctx);
 
 // Dispatch: x_send[send_pos[n,d]] = x[n]; idx_send row = the token's picks remapped to rank d's

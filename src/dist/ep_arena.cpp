@@ -1,0 +1,88 @@
+// dist/ep_arena.cpp: the EP block's saved-state sizes and bump arena (see ep_arena.h).
+#include "dist/ep_arena.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "core/check.h"
+
+namespace automoe::dist {
+
+EpSavedLayout ep_saved_layout(const EpMoeShape& s, int P, int64_t N, int64_t R, int64_t M) {
+  const int64_t El = s.E / std::max(P, 1);
+  EpSavedLayout l;
+  size_t at = 0;
+  auto take = [&](size_t bytes) {
+    const size_t off = at;
+    at += ep_align(bytes);
+    return off;
+  };
+  l.send_pos = take(size_t(N * P) * 4);
+  l.offsets = take(size_t(El + 1) * 4);
+  l.slot_row = take(size_t(R * s.K) * 4);
+  l.w_recv = take(size_t(R * s.K) * 4);
+  l.x_recv = take(size_t(R * s.H) * 2);
+  l.gu = take(size_t(M * 2 * s.I) * 2);
+  l.ys = take(size_t(M * s.H) * 2);
+  l.bytes = at;
+  return l;
+}
+
+EpLoad ep_expected_load(const EpMoeShape& s, int P, int64_t N) {
+  const int64_t El = s.E / std::max(P, 1);
+  // P(a token has none of its K distinct picks among this rank's El experts) = C(E-El,K)/C(E,K)
+  double none = 1.0;
+  for (int64_t i = 0; i < s.K; ++i)
+    none *= s.E - El - i > 0 ? double(s.E - El - i) / double(s.E - i) : 0.0;
+  return {double(P) * double(N) * (1.0 - none), double(N) * double(s.K)};
+}
+
+EpLoad ep_worst_load(const EpMoeShape& s, int P, int64_t N) {
+  const int64_t El = s.E / std::max(P, 1);
+  const double R = double(P) * double(N);
+  return {R, R * double(std::min(s.K, El))};
+}
+
+size_t ep_arena_worst_bytes(const EpMoeShape& s, int P, int local_ranks) {
+  const EpLoad w = ep_worst_load(s, P, s.max_tokens);
+  return size_t(local_ranks) *
+         ep_saved_layout(s, P, s.max_tokens, int64_t(w.rows), int64_t(w.picks)).bytes;
+}
+
+size_t ep_arena_bytes(const EpMoeShape& s, int P, int64_t layers, int local_ranks,
+                      double capacity) {
+  AM_CHECK(capacity > 0 && std::isfinite(capacity),
+           "train.ep_capacity must be a positive number (the EP arena's size over the balanced "
+           "load; 2 is the default), got {}",
+           capacity);
+  const EpLoad e = ep_expected_load(s, P, s.max_tokens);
+  const size_t expected = ep_saved_layout(s, P, s.max_tokens, int64_t(std::ceil(e.rows)),
+                                          int64_t(std::ceil(e.picks)))
+                              .bytes;
+  const double want = std::ceil(capacity * double(expected) * double(layers) * double(local_ranks));
+  const size_t worst = size_t(layers) * ep_arena_worst_bytes(s, P, local_ranks);
+  return want >= double(worst) ? worst : ep_align(size_t(want));
+}
+
+int64_t EpBumpArena::take(size_t bytes) {
+  const size_t b = ep_align(bytes);
+  if (b > cap_ - used_) return -1;
+  const size_t off = used_;
+  used_ += b;
+  return int64_t(off);
+}
+
+std::string ep_arena_overflow_message(const std::string& label, int rank, size_t need,
+                                      size_t left, size_t capacity, int64_t rows, int64_t picks) {
+  const double MiB = double(1 << 20);
+  return fmt::format(
+      "[EpMoeCuda] {}: EP rank {} needs {:.1f} MiB for this layer's saved state ({} received "
+      "rows, {} expert rows), but only {:.1f} MiB of the {:.1f} MiB EP arena are left this step "
+      "(the routing is more skewed than the arena allows); raise train.ep_capacity (the arena "
+      "over the balanced load, default 2), or use fewer tokens per micro-batch",
+      label, rank, double(need) / MiB, rows, picks, double(left) / MiB, double(capacity) / MiB);
+}
+
+}  // namespace automoe::dist

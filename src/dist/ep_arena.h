@@ -1,0 +1,82 @@
+// dist/ep_arena.h: the host arithmetic of the GPU expert-parallel block's saved state
+// (dist/expert_parallel_cuda.h): what one layer's backward needs on one rank, how much a model's
+// arena holds for all its MoE layers, and the bump carving out of it. No CUDA here, so CI tests
+// it on the CPU (tests/dist/test_ep_arena.cpp).
+//
+// One carve (one MoE layer, one rank), byte offsets from its start, each buffer 256-byte aligned
+// (the grouped GEMMs' TMA wants 16-byte bases):
+//   send_pos [N,P] i32     send-buffer row of (token, destination), -1
+//   offsets  [El+1] i32    rows of each local expert
+//   slot_row [R*K] i32     expert-ordered row of each received pick, -1
+//   w_recv   [R,K] f32     received routing weights (unpermute's backward)
+//   x_recv   [R,H] bf16    received tokens (the backward recomputes permute)
+//   gu       [M,2I] bf16   gate|up outputs
+//   ys       [M,H] bf16    expert outputs (unpermute's backward)
+// N tokens of this rank, R received rows, M received picks (expert rows), El = E/P.
+//
+// The expected load (balanced routing: every token's K distinct experts uniform over E): a
+// rank receives R = P*N*(1 - C(E-El, K)/C(E, K)) rows (a token travels once per rank it has a
+// pick on) and M = N*K picks (P*N tokens x K picks x 1/P). The worst: R = P*N, M = R*min(K, El).
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+namespace automoe::dist {
+
+struct EpMoeShape {
+  int64_t max_tokens = 0;  // N of any call is <= this
+  int64_t H = 0, I = 0, E = 0, K = 0;
+};
+
+constexpr size_t kEpArenaAlign = 256;
+inline size_t ep_align(size_t bytes) { return (bytes + kEpArenaAlign - 1) / kEpArenaAlign * kEpArenaAlign; }
+
+// Byte offsets of one carve's buffers (see the file comment) and its total size.
+struct EpSavedLayout {
+  size_t send_pos = 0, offsets = 0, slot_row = 0, w_recv = 0, x_recv = 0, gu = 0, ys = 0;
+  size_t bytes = 0;
+};
+EpSavedLayout ep_saved_layout(const EpMoeShape& s, int P, int64_t N, int64_t R, int64_t M);
+
+// Received rows and picks of one rank and layer: expected under balanced routing, and the worst.
+struct EpLoad {
+  double rows = 0, picks = 0;
+};
+EpLoad ep_expected_load(const EpMoeShape& s, int P, int64_t N);
+EpLoad ep_worst_load(const EpMoeShape& s, int P, int64_t N);
+
+// Arena bytes for `layers` MoE layers x `local_ranks` ranks of this process:
+// ceil(capacity x the expected carves), at most the worst carves (a larger arena could never be
+// used up). capacity > 0 (train.ep_capacity).
+size_t ep_arena_bytes(const EpMoeShape& s, int P, int64_t layers, int local_ranks, double capacity);
+// The worst case of ONE layer's carves (what a block without a shared arena owns).
+size_t ep_arena_worst_bytes(const EpMoeShape& s, int P, int local_ranks);
+
+// Bump allocation out of [0, capacity): carves in call order, all valid until reset().
+class EpBumpArena {
+ public:
+  explicit EpBumpArena(size_t capacity = 0) : cap_(capacity) {}
+  size_t capacity() const { return cap_; }
+  size_t used() const { return used_; }
+  size_t left() const { return cap_ - used_; }
+  // Offset of `bytes` (rounded up to kEpArenaAlign); -1 when they do not fit (nothing taken).
+  int64_t take(size_t bytes);
+  void reset() {
+    used_ = 0;
+    ++generation_;
+  }
+  // Counts reset()s: a carve is valid while the generation it was taken in is current.
+  uint64_t generation() const { return generation_; }
+
+ private:
+  size_t cap_ = 0, used_ = 0;
+  uint64_t generation_ = 0;
+};
+
+// The sentence of an overflow, the same on every rank: which layer, which rank, what it needed
+// and what was left, and what to do.
+std::string ep_arena_overflow_message(const std::string& label, int rank, size_t need,
+                                      size_t left, size_t capacity, int64_t rows, int64_t picks);
+
+}  // namespace automoe::dist

@@ -1,0 +1,143 @@
+// tests/dist/test_ep_arena.cpp: the host arithmetic of the GPU EP block's saved-state arena
+// (dist/ep_arena.h): one carve's layout, the expected and worst loads, the arena's size from
+// train.ep_capacity, bump carving, and the overflow sentence. No GPU, no MPI: world size 1.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "dist/ep_arena.h"
+#include "train/train_config.h"
+
+namespace dist = automoe::dist;
+
+namespace {
+
+// Qwen3-30B-A3B's expert shapes, seq 4096, micro-batch 1
+const dist::EpMoeShape kQwen{4096, 2048, 768, 128, 8};
+
+}  // namespace
+
+TEST(EpArena, CarveLayoutIsAlignedAndInOrder) {
+  const dist::EpMoeShape s{37, 100, 36, 12, 3};
+  const dist::EpSavedLayout l = dist::ep_saved_layout(s, 4, 37, 101, 211);
+  const size_t offs[] = {l.send_pos, l.offsets, l.slot_row, l.w_recv, l.x_recv, l.gu, l.ys, l.bytes};
+  for (size_t o : offs) EXPECT_EQ(o % dist::kEpArenaAlign, 0u);
+  EXPECT_EQ(l.send_pos, 0u);
+  EXPECT_EQ(l.offsets, dist::ep_align(37 * 4 * 4));
+  EXPECT_EQ(l.slot_row - l.offsets, dist::ep_align((3 + 1) * 4));
+  EXPECT_EQ(l.w_recv - l.slot_row, dist::ep_align(101 * 3 * 4));
+  EXPECT_EQ(l.x_recv - l.w_recv, dist::ep_align(101 * 3 * 4));
+  EXPECT_EQ(l.gu - l.x_recv, dist::ep_align(101 * 100 * 2));
+  EXPECT_EQ(l.ys - l.gu, dist::ep_align(211 * 2 * 36 * 2));
+  EXPECT_EQ(l.bytes - l.ys, dist::ep_align(211 * 100 * 2));
+  // nothing received: only the layout and the offsets
+  const dist::EpSavedLayout z = dist::ep_saved_layout(s, 4, 37, 0, 0);
+  EXPECT_EQ(z.bytes, dist::ep_align(37 * 4 * 4) + dist::ep_align(4 * 4));
+}
+
+TEST(EpArena, ExpectedAndWorstLoad) {
+  // one rank: every token comes back to it, K picks each
+  const dist::EpLoad one = dist::ep_expected_load(kQwen, 1, 4096);
+  EXPECT_DOUBLE_EQ(one.rows, 4096.0);
+  EXPECT_DOUBLE_EQ(one.picks, 4096.0 * 8);
+  // P = 4: a token misses one rank's 32 experts with probability C(96,8)/C(128,8)
+  double none = 1;
+  for (int i = 0; i < 8; ++i) none *= (96.0 - i) / (128.0 - i);
+  const dist::EpLoad e = dist::ep_expected_load(kQwen, 4, 4096);
+  EXPECT_NEAR(e.rows, 4 * 4096 * (1 - none), 1e-6);
+  EXPECT_GT(e.rows, 0.89 * 4 * 4096);
+  EXPECT_LT(e.rows, 0.91 * 4 * 4096);
+  EXPECT_DOUBLE_EQ(e.picks, 4096.0 * 8);
+  const dist::EpLoad w = dist::ep_worst_load(kQwen, 4, 4096);
+  EXPECT_DOUBLE_EQ(w.rows, 4.0 * 4096);
+  EXPECT_DOUBLE_EQ(w.picks, 4.0 * 4096 * 8);
+  // more ranks than picks: every pick on its own rank at most, K per token
+  const dist::EpLoad w16 = dist::ep_worst_load({64, 64, 32, 16, 4}, 16, 64);
+  EXPECT_DOUBLE_EQ(w16.picks, 16.0 * 64 * 1);
+}
+
+TEST(EpArena, SizeFollowsTheCapacityFactorAndStopsAtTheWorstCase) {
+  const int P = 4;
+  const int64_t layers = 48;
+  const dist::EpLoad e = dist::ep_expected_load(kQwen, P, 4096);
+  const size_t one = dist::ep_saved_layout(kQwen, P, 4096, int64_t(std::ceil(e.rows)),
+                                           int64_t(std::ceil(e.picks)))
+                         .bytes;
+  const size_t a2 = dist::ep_arena_bytes(kQwen, P, layers, 1, 2.0);
+  EXPECT_EQ(a2, dist::ep_align(size_t(2 * one * layers)));
+  EXPECT_EQ(a2 % dist::kEpArenaAlign, 0u);
+  EXPECT_LT(dist::ep_arena_bytes(kQwen, P, layers, 1, 1.0), a2);
+  // 2x the balanced load is about half the worst case at EP = 4 (picks: N*K against 4*N*K)
+  const size_t worst = size_t(layers) * dist::ep_arena_worst_bytes(kQwen, P, 1);
+  EXPECT_LT(double(a2), 0.6 * double(worst));
+  EXPECT_GT(double(a2), 0.4 * double(worst));
+  // a factor past the worst case is the worst case (it could never be used up)
+  EXPECT_EQ(dist::ep_arena_bytes(kQwen, P, layers, 1, 100.0), worst);
+  // loopback: P local ranks carve from one arena
+  EXPECT_EQ(dist::ep_arena_worst_bytes(kQwen, P, P), size_t(P) * dist::ep_arena_worst_bytes(kQwen, P, 1));
+  EXPECT_THROW(dist::ep_arena_bytes(kQwen, P, layers, 1, 0.0), std::exception);
+  EXPECT_THROW(dist::ep_arena_bytes(kQwen, P, layers, 1, -1.0), std::exception);
+}
+
+TEST(EpArena, BumpCarvesInOrderUntilReset) {
+  dist::EpBumpArena a(4096);
+  EXPECT_EQ(a.take(1), 0);
+  EXPECT_EQ(a.take(256), 256);
+  EXPECT_EQ(a.take(300), 512);  // rounded up to 512 bytes
+  EXPECT_EQ(a.used(), 1024u);
+  EXPECT_EQ(a.left(), 3072u);
+  EXPECT_EQ(a.take(3073), -1);  // does not fit: nothing taken
+  EXPECT_EQ(a.used(), 1024u);
+  EXPECT_EQ(a.take(3072), 1024);
+  EXPECT_EQ(a.left(), 0u);
+  EXPECT_EQ(a.take(0), 1024 + 3072);  // an empty carve always fits
+  const uint64_t g = a.generation();
+  a.reset();
+  EXPECT_EQ(a.generation(), g + 1);
+  EXPECT_EQ(a.used(), 0u);
+  EXPECT_EQ(a.take(4096), 0);
+}
+
+TEST(EpArena, LayersOfARealisticStepFitTwiceTheBalancedLoad) {
+  // 48 layers at 1.5x the balanced load each fit an arena of 2x; 48 at 2.5x do not, and the
+  // first layer that does not fit is about index 38 (38 x 2.5 = 95 <= 96 < 97.5)
+  const int P = 4;
+  const dist::EpLoad e = dist::ep_expected_load(kQwen, P, 4096);
+  dist::EpBumpArena a(dist::ep_arena_bytes(kQwen, P, 48, 1, 2.0));
+  auto carve = [&](double x) {
+    return a.take(dist::ep_saved_layout(kQwen, P, 4096, int64_t(e.rows * x), int64_t(e.picks * x)).bytes);
+  };
+  for (int l = 0; l < 48; ++l) EXPECT_GE(carve(1.5), 0) << "layer " << l;
+  a.reset();
+  int first_fail = -1;
+  for (int l = 0; l < 48 && first_fail < 0; ++l)
+    if (carve(2.5) < 0) first_fail = l;
+  EXPECT_GE(first_fail, 37);
+  EXPECT_LE(first_fail, 39);
+}
+
+TEST(EpArena, OverflowMessageSaysWhatToDo) {
+  const std::string m = dist::ep_arena_overflow_message("MoE layer 7 (model layer 7)", 2,
+                                                        size_t(300) << 20, size_t(100) << 20,
+                                                        size_t(28) << 30, 16000, 70000);
+  for (const char* part : {"MoE layer 7", "EP rank 2", "300.0 MiB", "100.0 MiB", "28672.0 MiB",
+                           "16000 received rows", "70000 expert rows", "raise train.ep_capacity"})
+    EXPECT_NE(m.find(part), std::string::npos) << part << " not in: " << m;
+}
+
+TEST(EpArena, RecipeKey) {
+  using automoe::load_train_config;
+  const auto base = std::vector<std::pair<std::string, std::string>>{
+      {"model.builtin", "tiny-moe"}, {"data.builtin", "addition"}};
+  EXPECT_DOUBLE_EQ(load_train_config("", base).ep_capacity, 2.0);
+  auto o = base;
+  o.push_back({"train.ep_capacity", "1.25"});
+  const auto c = load_train_config("", o);
+  EXPECT_DOUBLE_EQ(c.ep_capacity, 1.25);
+  EXPECT_NE(c.to_yaml().find("ep_capacity: 1.25"), std::string::npos) << c.to_yaml();
+  o.back().second = "0";
+  EXPECT_THROW(load_train_config("", o), std::exception);
+}
