@@ -24,6 +24,7 @@
 #             MPI-staged transport; with >= 2 GPUs also NCCL under
 #             mpirun -np 2 (check + dispatch/combine bandwidth) and the kill drills (a rank exits,
 #             or stops communicating, mid-run: the job must end non-zero within the NCCL timeout).
+#             EP_LOOPBACK: the loopback P values (default "2 4 8").
 #             At the default shapes each loopback P took about 3 minutes on an H200: give the
 #             call room, or EP_ARGS="--tokens 2048". A call that outruns the device tool's limit
 #             brings back no output: keep logs under $OUT, not only in a pipe.
@@ -208,7 +209,7 @@ if has cli; then
   fi
 fi
 if has ep; then
-  for P in 2 4 8; do
+  for P in ${EP_LOOPBACK:-2 4 8}; do
     # shellcheck disable=SC2086
     stage "ep_loop$P" "$BUILD/ep_check" --loopback "$P" ${EP_ARGS:-}
   done
