@@ -21,7 +21,9 @@
 #             ../shared/bench; IMPLS, default "grouped_mm"), and the ratios
 #   ep        ep_check (not in the default STAGES): the GPU expert-parallel block against one
 #             GPU with P = 2, 4, 8 loopback ranks on GPU 0, then mpirun -np 2 on GPU 0 over the
-#             MPI-staged transport; with >= 2 GPUs also NCCL under
+#             MPI-staged transport and (small shapes) over CUDA IPC buffers (ep_ipc2: two
+#             processes on one GPU check its ordering, not its NVLink bandwidth); with >= 2
+#             GPUs also NCCL under
 #             mpirun -np 2 (check + dispatch/combine bandwidth) and the kill drills (a rank exits,
 #             or stops communicating, mid-run: the job must end non-zero within the NCCL timeout).
 #             EP_LOOPBACK: the loopback P values (default "2 4 8").
@@ -34,7 +36,9 @@
 #             ranks on GPU 0 over the MPI-staged transport; bench/compare_loss_curves.py judges
 #             the two loss curves (bf16 noise; its limits say why). With >= 2 GPUs the same
 #             over NCCL, a GPU per rank. First ep_check under mpirun -np 2 on GPU 0 over MPI
-#             staging (small shapes), which checks the transport alone. And `automoe forward --device cuda --ep 2` under
+#             staging (small shapes), which checks the transport alone. The same check and
+#             training run over CUDA IPC buffers (AUTOMOE_EP_TRANSPORT=ipc, both ranks on GPU 0:
+#             ep_model_check_ipc2, ep_model_ipc2, ep_model_cmp_ipc). And `automoe forward --device cuda --ep 2` under
 #             mpirun (MPI staging) against the single-GPU forward of the same fixture
 #             (bench/compare_forward.py: logits, loss, aux loss, every gradient).
 #   sweep     (not default) grouped_sweep: every candidate CUTLASS configuration (tile, cluster,
@@ -217,6 +221,11 @@ if has ep; then
     # shellcheck disable=SC2086
     stage ep_mpi2 mpirun --allow-run-as-root --oversubscribe -np 2 -x CUDA_VISIBLE_DEVICES=0 \
       "$BUILD/ep_check" --transport mpi --no-bench ${EP_ARGS:-}
+    # the same two processes over CUDA IPC buffers (small shapes, seconds: the ordering, not
+    # bandwidth; never run on a GPU yet, so a hang costs 120 s at most)
+    STAGE_TIMEOUT=120 stage ep_ipc2 mpirun --allow-run-as-root --oversubscribe -np 2 \
+      -x CUDA_VISIBLE_DEVICES=0 "$BUILD/ep_check" --transport ipc --no-bench --tokens 1024 \
+      --hidden 512 --inter 256 --experts 16 --topk 4
   fi
   ngpu=$(nvidia-smi -L 2>/dev/null | grep -c "^GPU")
   if [ "$ngpu" -ge 2 ] && command -v mpirun >/dev/null 2>&1; then
@@ -258,6 +267,22 @@ if has ep_model; then
       --dtype bf16 --ep 2
     stage ep_model_fwd_cmp python3 bench/compare_forward.py "$BUILD/ep_fwd_mpi2.safetensors" \
       "$BUILD/ep_fwd1.safetensors"
+    # The same over CUDA IPC buffers (both ranks on GPU 0), after the stages above (never run
+    # on a GPU yet: a hang here must not cost them): the transport alone (seconds; 120 s at
+    # most), then, only if it passed, the training run and its loss curve.
+    f0=$fails
+    STAGE_TIMEOUT=120 stage ep_model_check_ipc2 mpirun --allow-run-as-root --oversubscribe -np 2 \
+      -x CUDA_VISIBLE_DEVICES=0 "$BUILD/ep_check" --transport ipc --no-bench --tokens 1024 \
+      --hidden 512 --inter 256 --experts 16 --topk 4
+    if [ "$fails" -eq "$f0" ]; then
+      stage ep_model_ipc2 mpirun --allow-run-as-root --oversubscribe -np 2 -x CUDA_VISIBLE_DEVICES=0 \
+        -x AUTOMOE_EP_TRANSPORT=ipc "$BUILD/automoe" "${run[@]}" --train.ep 2 --data.micro_batch 8 \
+        --output.dir "$BUILD/ep_model_ipc2"
+      stage ep_model_cmp_ipc python3 bench/compare_loss_curves.py "$BUILD/ep_model_1gpu/metrics.jsonl" \
+        "$BUILD/ep_model_ipc2/metrics.jsonl"
+    else
+      echo "device.sh: ep_model_check_ipc2 failed: no training run over IPC"
+    fi
     ngpu=$(nvidia-smi -L 2>/dev/null | grep -c "^GPU")
     if [ "$ngpu" -ge 2 ]; then
       stage ep_model_nccl2 mpirun --allow-run-as-root -np 2 -x NCCL_NVLS_ENABLE=0 \

@@ -6,11 +6,13 @@
 //   mpirun -np P ep_check            one rank per process; the transport is --transport or
 //                                    AUTOMOE_EP_TRANSPORT: nccl (a GPU per rank, built with
 //                                    NCCL), mpi (rows staged through host memory and MPI: any
-//                                    number of ranks on ONE GPU), auto (default: nccl when every
-//                                    rank has its own GPU and NCCL is built in, else mpi)
+//                                    number of ranks on ONE GPU), ipc (CUDA IPC buffers: the
+//                                    ranks of one node, on one GPU or on P2P-capable GPUs; opt-in),
+//                                    auto (default: nccl when every rank has its own GPU and
+//                                    NCCL is built in, else mpi)
 //   flags: --tokens N (8192, per rank) --hidden H (2048) --inter I (768) --experts E (128)
 //          --topk K (8) --modes counts,padded --iters 20 --warmup 3 --seed S --no-bench
-//          --transport mpi|nccl|auto (under mpirun)
+//          --transport mpi|nccl|ipc|auto (under mpirun)
 //          --kill-rank R [--kill-mode exit|stall]   (NCCL: rank R exits abruptly, or stops
 //          communicating, in the middle of the bandwidth run; the others must stop with an
 //          error within AUTOMOE_NCCL_TIMEOUT_S, never hang)
@@ -83,7 +85,7 @@ struct Opts {
                "ep_check: %s\nusage: ep_check [--loopback P] [--tokens N] [--hidden H] [--inter I] "
                "[--experts E] [--topk K] [--modes counts,padded] [--iters N] [--warmup N] "
                "[--seed S] [--no-bench] [--kill-rank R] [--kill-mode exit|stall] "
-               "[--transport mpi|nccl|auto]\n",
+               "[--transport mpi|nccl|ipc|auto]\n",
                why.c_str());
   std::exit(2);
 }
@@ -550,7 +552,7 @@ int run_loopback(const Opts& o, int P) {
   return std::min(tally.fails, 255);
 }
 
-// ---- under mpirun: one rank per process, NCCL or MPI staging ----------------------------------
+// ---- under mpirun: one rank per process, NCCL, MPI staging or CUDA IPC ------------------------
 
 #if AUTOMOE_HAVE_NCCL
 double median(std::vector<double> v) {

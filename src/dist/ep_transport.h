@@ -1,5 +1,5 @@
 // dist/ep_transport.h: how expert-parallel dispatch/combine moves rows between the ranks of an EP
-// group on the device. One interface, two transports, so the same EpMoeCuda code runs on both:
+// group on the device. One interface, several transports, so the same EpMoeCuda code runs on all:
 //   NcclTransport      (dist/nccl_group.h)         one process per GPU, ncclSend/ncclRecv
 //   LoopbackTransport  (dist/ep_loopback_cuda.cpp) all P ranks in ONE process on ONE GPU; the
 //                      all-to-all is cudaMemcpyAsync between the ranks' buffers. It exists so a
@@ -7,6 +7,9 @@
 //   MpiStagedTransport (dist/ep_mpi_staged.h)      one rank per process, rows staged through
 //                      pinned host memory and MPI_Alltoallv: several processes on one GPU, or
 //                      no NCCL.
+//   IpcTransport       (dist/ep_ipc.h)             one rank per process, the ranks of one node:
+//                      rows copied into the peers' CUDA IPC staging buffers (NVLink P2P between
+//                      GPUs, or several processes on one GPU). Opt-in, not yet run on a GPU.
 // A process drives num_local() ranks (1 over NCCL, P in loopback); every call below is collective
 // over the group and takes the buffers of all the ranks this process drives, in local order.
 #pragma once

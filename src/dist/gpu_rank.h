@@ -1,9 +1,11 @@
 // dist/gpu_rank.h: where a GPU rank runs and how its expert-parallel rows travel.
 //   place_on_gpu         this process's GPU: local_rank, round-robin over the GPUs of the node
 //                        when there are more ranks than GPUs (said once, by world rank 0)
-//   choose_ep_transport  AUTOMOE_EP_TRANSPORT = mpi | nccl | auto (default auto): auto takes NCCL
-//                        when automoe was built with it and every rank has a GPU of its own
-//                        (NCCL refuses two ranks of one communicator on one GPU), else MPI staging
+//   choose_ep_transport  AUTOMOE_EP_TRANSPORT = mpi | nccl | ipc | auto (default auto): auto takes
+//                        NCCL when automoe was built with it and every rank has a GPU of its own
+//                        (NCCL refuses two ranks of one communicator on one GPU), else MPI staging;
+//                        ipc (CUDA IPC buffers, dist/ep_ipc.h: the ranks of one node, the same GPU
+//                        or P2P-capable GPUs) only when asked for, until it has run on GPUs
 //   GpuComms             owns what the choice gives a rank: the EP group's transport (ep > 1),
 //                        and with NCCL the communicators of the world and the DP group that the
 //                        gradient all-reduce uses (dist/data_parallel_cuda.h; MPI staging
@@ -27,17 +29,18 @@ struct GpuPlacement {
 // Collective over `world`. `who` names the program in the one message about shared GPUs.
 GpuPlacement place_on_gpu(const Comm& world, const LaunchInfo& li, const char* who);
 
-enum class EpTransportKind { kMpiStaged, kNccl };
+enum class EpTransportKind { kMpiStaged, kNccl, kIpc };
 const char* ep_transport_kind_name(EpTransportKind k);
 bool built_with_nccl();
-// `request`: "mpi", "nccl" or "auto"; empty = the AUTOMOE_EP_TRANSPORT environment variable
-// (default auto). Throws, saying what to do, for nccl without NCCL or on a shared GPU.
+// `request`: "mpi", "nccl", "ipc" or "auto"; empty = the AUTOMOE_EP_TRANSPORT environment
+// variable (default auto). Throws, saying what to do, for nccl without NCCL or on a shared GPU.
+// ipc is checked where the transport is made (GpuComms: one node, peer access, cudaIpc).
 EpTransportKind choose_ep_transport(const std::string& request, const GpuPlacement& pl);
 
 class NcclGroup;
 // Collective over the world (each communicator over its group). NCCL communicators exist only
-// with kind kNccl, each only where its group has more than one rank; `gradients` false: the EP
-// transport only (ep_check).
+// with kind kNccl, each only where its group has more than one rank (with kIpc the gradients go
+// through MPI staging); `gradients` false: the EP transport only (ep_check).
 class GpuComms {
  public:
   GpuComms(const Groups& g, const GpuPlacement& pl, EpTransportKind kind, bool gradients = true);

@@ -8,6 +8,7 @@
 
 #include "backend/cuda/common.cuh"
 #include "core/check.h"
+#include "dist/ep_ipc.h"
 #include "dist/ep_mpi_staged.h"
 #if defined(AUTOMOE_HAVE_NCCL) && AUTOMOE_HAVE_NCCL
 #include "dist/nccl_group.h"
@@ -40,7 +41,7 @@ GpuPlacement place_on_gpu(const Comm& world, const LaunchInfo& li, const char* w
 }
 
 const char* ep_transport_kind_name(EpTransportKind k) {
-  return k == EpTransportKind::kNccl ? "nccl" : "mpi-staged";
+  return k == EpTransportKind::kNccl ? "nccl" : k == EpTransportKind::kIpc ? "ipc" : "mpi-staged";
 }
 
 bool built_with_nccl() { return AUTOMOE_GPU_RANK_NCCL != 0; }
@@ -52,6 +53,7 @@ EpTransportKind choose_ep_transport(const std::string& request, const GpuPlaceme
     r = v && *v ? v : "auto";
   }
   if (r == "mpi") return EpTransportKind::kMpiStaged;
+  if (r == "ipc") return EpTransportKind::kIpc;  // opt-in: IpcTransport checks node and P2P
   if (r == "nccl") {
     AM_CHECK(built_with_nccl(), "AUTOMOE_EP_TRANSPORT=nccl, but automoe was built without NCCL "
              "(cmake/nccl.cmake found none); use AUTOMOE_EP_TRANSPORT=mpi or rebuild with NCCL");
@@ -61,7 +63,7 @@ EpTransportKind choose_ep_transport(const std::string& request, const GpuPlaceme
              pl.ranks_per_node, pl.devices);
     return EpTransportKind::kNccl;
   }
-  AM_CHECK(r == "auto", "AUTOMOE_EP_TRANSPORT={} is not known; use mpi, nccl or auto", r);
+  AM_CHECK(r == "auto", "AUTOMOE_EP_TRANSPORT={} is not known; use mpi, nccl, ipc or auto", r);
   return built_with_nccl() && !pl.shared() ? EpTransportKind::kNccl : EpTransportKind::kMpiStaged;
 }
 
@@ -79,6 +81,8 @@ GpuComms::GpuComms(const Groups& g, const GpuPlacement& pl, EpTransportKind kind
 #else
     AM_FAIL("internal: NCCL chosen in a build without NCCL");
 #endif
+  } else if (kind == EpTransportKind::kIpc && g.ep.size() > 1) {
+    t_ = std::make_unique<IpcTransport>(g.ep);
   } else if (g.ep.size() > 1) {
     t_ = std::make_unique<MpiStagedTransport>(g.ep);
   }

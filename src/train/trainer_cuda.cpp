@@ -78,6 +78,8 @@ class CudaTrainModel final : public DeviceTrainModel {
                   g.world.size(), g.ep.size(), g.dp.size(), dist::ep_transport_kind_name(kind),
                   kind == dist::EpTransportKind::kMpiStaged
                       ? " (staged through host memory; NCCL with one GPU per rank is the fast path)"
+                  : kind == dist::EpTransportKind::kIpc
+                      ? " (EP rows through CUDA IPC buffers, gradients staged through host memory)"
                       : "");
       std::fflush(stdout);
     }
