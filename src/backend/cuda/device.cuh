@@ -88,9 +88,8 @@ __device__ __forceinline__ float rot_hi(float a, float b, float c, float s) {
   return __fadd_rn(__fmul_rn(b, c), __fmul_rn(a, s));
 }
 
-// 8 consecutive bf16 <-> 8 floats through one 16-byte access (p 16-byte aligned).
-__device__ __forceinline__ void load8(const bf16* p, float (&f)[8]) {
-  const uint4 u = *reinterpret_cast<const uint4*>(p);
+// 8 bf16 packed in one uint4 <-> 8 floats (rounded to nearest when packing).
+__device__ __forceinline__ void unpack8(const uint4& u, float (&f)[8]) {
   const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
@@ -99,12 +98,19 @@ __device__ __forceinline__ void load8(const bf16* p, float (&f)[8]) {
     f[2 * i + 1] = t.y;
   }
 }
-__device__ __forceinline__ void store8(bf16* p, const float (&f)[8]) {
+__device__ __forceinline__ uint4 pack8(const float (&f)[8]) {
   uint4 u;
   __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&u);
 #pragma unroll
   for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
-  *reinterpret_cast<uint4*>(p) = u;
+  return u;
+}
+// 8 consecutive bf16 <-> 8 floats through one 16-byte access (p 16-byte aligned).
+__device__ __forceinline__ void load8(const bf16* p, float (&f)[8]) {
+  unpack8(*reinterpret_cast<const uint4*>(p), f);
+}
+__device__ __forceinline__ void store8(bf16* p, const float (&f)[8]) {
+  *reinterpret_cast<uint4*>(p) = pack8(f);
 }
 inline bool aligned_16b(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 

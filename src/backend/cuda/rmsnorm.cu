@@ -40,24 +40,6 @@ __global__ void rmsnorm_fwd_kernel(bf16* out, float* rstd, bf16* sum, const bf16
   for (int64_t c = lane; c < C; c += 32) o[c] = to_bf((to_f(xr[c]) * r) * to_f(w[c]));
 }
 
-// 8 bf16 in one uint4 <-> 8 floats.
-__device__ __forceinline__ void unpack8(const uint4& u, float (&f)[8]) {
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 t = __bfloat1622float2(h[i]);
-    f[2 * i] = t.x;
-    f[2 * i + 1] = t.y;
-  }
-}
-__device__ __forceinline__ uint4 pack8(const float (&f)[8]) {
-  uint4 u;
-  __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&u);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
-  return u;
-}
-
 // The 16-byte forward, for hidden sizes C = 256 * NV (NV 2..16: C 512..4096) with 16-byte
 // aligned rows: one warp per row as above, lane owning the 8-column vectors j * 32 + lane (kept
 // packed in registers between the sum of squares and the output). The same arithmetic per
