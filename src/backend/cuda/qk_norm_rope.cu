@@ -214,20 +214,13 @@ void qk_norm_rope_fwd(bf16* out, float* rstd, const bf16* x, const bf16* w, cons
   if (tok_ok(D)) {
     const int tpb = int(tokens_per_block(H));
     const unsigned blocks = unsigned(tok_blocks(N, H));
-    switch (D) {
-      case 64:
-        qk_norm_rope_fwd_tok_kernel<1><<<blocks, kTokWarps * 32, 0, ctx.stream>>>(
-            out, rstd, x, w, pos, N, H, eps, theta, tpb);
-        break;
-      case 128:
-        qk_norm_rope_fwd_tok_kernel<2><<<blocks, kTokWarps * 32, 0, ctx.stream>>>(
-            out, rstd, x, w, pos, N, H, eps, theta, tpb);
-        break;
-      default:
-        qk_norm_rope_fwd_tok_kernel<4><<<blocks, kTokWarps * 32, 0, ctx.stream>>>(
-            out, rstd, x, w, pos, N, H, eps, theta, tpb);
-        break;
-    }
+    auto launch = [&](auto kernel) {
+      kernel<<<blocks, kTokWarps * 32, 0, ctx.stream>>>(out, rstd, x, w, pos, N, H, eps, theta,
+                                                          tpb);
+    };
+    if (D == 64) launch(qk_norm_rope_fwd_tok_kernel<1>);
+    else if (D == 128) launch(qk_norm_rope_fwd_tok_kernel<2>);
+    else launch(qk_norm_rope_fwd_tok_kernel<4>);  // tok_ok: D is 256
     CUDA_CHECK_LAUNCH();
     return;
   }

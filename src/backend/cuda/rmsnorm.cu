@@ -282,16 +282,6 @@ __global__ void __launch_bounds__(BwdShape<CPL>::W * 32)
   }
 }
 
-template <int CPL>
-void launch_bwd_fused(bf16* dx, float dx_beta, float* part, const bf16* dout, const bf16* x,
-                      const bf16* w, const float* rstd, int64_t N, int64_t chunks,
-                      const Ctx& ctx) {
-  const int64_t rows_per_chunk = (N + chunks - 1) / chunks;
-  rmsnorm_bwd_fused_kernel<CPL><<<unsigned(chunks), BwdShape<CPL>::W * 32, 0, ctx.stream>>>(
-      dx, dx_beta, part, dout, x, w, rstd, N, rows_per_chunk);
-  CUDA_CHECK_LAUNCH();
-}
-
 }  // namespace
 
 void rmsnorm_fwd(bf16* out, float* rstd, const bf16* x, const bf16* w, int64_t N, int64_t C,
@@ -325,13 +315,17 @@ void rmsnorm_bwd(bf16* dx, float dx_beta, float* dw, const bf16* dout, const bf1
     const int64_t chunks = fused_bwd_chunks(N, C);
     float* part = static_cast<float*>(
         workspace_for(ctx, size_t(chunks * C) * sizeof(float), "rmsnorm_bwd"));
-    switch (C / 32) {
-      case 4: launch_bwd_fused<4>(dx, dx_beta, part, dout, x, w, rstd, N, chunks, ctx); break;
-      case 8: launch_bwd_fused<8>(dx, dx_beta, part, dout, x, w, rstd, N, chunks, ctx); break;
-      case 16: launch_bwd_fused<16>(dx, dx_beta, part, dout, x, w, rstd, N, chunks, ctx); break;
-      case 32: launch_bwd_fused<32>(dx, dx_beta, part, dout, x, w, rstd, N, chunks, ctx); break;
-      default: launch_bwd_fused<64>(dx, dx_beta, part, dout, x, w, rstd, N, chunks, ctx); break;
-    }
+    auto launch = [&](auto kernel, int warps) {
+      kernel<<<unsigned(chunks), warps * 32, 0, ctx.stream>>>(dx, dx_beta, part, dout, x, w, rstd,
+                                                               N, (N + chunks - 1) / chunks);
+      CUDA_CHECK_LAUNCH();
+    };
+    const int cpl = int(C / 32);  // fused_bwd_ok: 4, 8, 16, 32 or 64
+    if (cpl == 4) launch(rmsnorm_bwd_fused_kernel<4>, BwdShape<4>::W);
+    else if (cpl == 8) launch(rmsnorm_bwd_fused_kernel<8>, BwdShape<8>::W);
+    else if (cpl == 16) launch(rmsnorm_bwd_fused_kernel<16>, BwdShape<16>::W);
+    else if (cpl == 32) launch(rmsnorm_bwd_fused_kernel<32>, BwdShape<32>::W);
+    else launch(rmsnorm_bwd_fused_kernel<64>, BwdShape<64>::W);
     colsum_finish(dw, part, chunks, C, ctx);  // dw[c] += the chunks' sums, in chunk order
     return;
   }
