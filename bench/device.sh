@@ -230,8 +230,9 @@ if has ep; then
   ngpu=$(nvidia-smi -L 2>/dev/null | grep -c "^GPU")
   if [ "$ngpu" -ge 2 ] && command -v mpirun >/dev/null 2>&1; then
     # NVLink multicast stays off (NCCL, torch symmetric memory, NVSHMEM): KINDS.md says why.
+    # The transport named (auto takes ipc on one node): NCCL here, its kill drills below.
     MPI=(mpirun --allow-run-as-root -np 2 -x NCCL_NVLS_ENABLE=0 -x TORCH_SYMM_MEM_DISABLE_MULTICAST=1
-         -x NVSHMEM_DISABLE_NVLS=1)
+         -x NVSHMEM_DISABLE_NVLS=1 -x AUTOMOE_EP_TRANSPORT=nccl)
     # shellcheck disable=SC2086
     stage ep_nccl2 "${MPI[@]}" "$BUILD/ep_check" ${EP_ARGS:-}
     # shellcheck disable=SC2086
@@ -283,6 +284,12 @@ if has ep_model; then
     else
       echo "device.sh: ep_model_check_ipc2 failed: no training run over IPC"
     fi
+    # The kill drill on the trainer: rank 1 gets SIGKILL mid-run; the job must end non-zero,
+    # not hang (mpirun stops rank 0, which waits in a collective).
+    STAGE_TIMEOUT=120 stage_must_fail ep_model_kill mpirun --allow-run-as-root --oversubscribe -np 2 \
+      -x CUDA_VISIBLE_DEVICES=0 -x AUTOMOE_EP_TRANSPORT=mpi bash bench/kill_rank.sh 1 "${KILL_AFTER:-20}" \
+      "$BUILD/automoe" "${run[@]}" --train.steps 100000 --train.ep 2 --data.micro_batch 8 \
+      --output.dir "$BUILD/ep_model_kill"
     ngpu=$(nvidia-smi -L 2>/dev/null | grep -c "^GPU")
     if [ "$ngpu" -ge 2 ]; then
       stage ep_model_nccl2 mpirun --allow-run-as-root -np 2 -x NCCL_NVLS_ENABLE=0 \

@@ -1,15 +1,19 @@
 // dist/gpu_rank.h: where a GPU rank runs and how its expert-parallel rows travel.
 //   place_on_gpu         this process's GPU: local_rank, round-robin over the GPUs of the node
 //                        when there are more ranks than GPUs (said once, by world rank 0)
-//   choose_ep_transport  AUTOMOE_EP_TRANSPORT = mpi | nccl | ipc | auto (default auto): auto takes
-//                        NCCL when automoe was built with it and every rank has a GPU of its own
-//                        (NCCL refuses two ranks of one communicator on one GPU), else MPI staging;
-//                        ipc (CUDA IPC buffers, dist/ep_ipc.h: the ranks of one node, the same GPU
-//                        or P2P-capable GPUs) only when asked for, until it has run on GPUs
+//   choose_ep_transport  AUTOMOE_EP_TRANSPORT = mpi | nccl | ipc | auto (default auto)
 //   GpuComms             owns what the choice gives a rank: the EP group's transport (ep > 1),
-//                        and with NCCL the communicators of the world and the DP group that the
-//                        gradient all-reduce uses (dist/data_parallel_cuda.h; MPI staging
-//                        otherwise)
+//                        and, where NCCL is built in and every rank has a GPU of its own, the
+//                        NCCL communicators of the world and the DP group that the gradient
+//                        all-reduce uses (dist/data_parallel_cuda.h; MPI staging otherwise)
+// auto, resolved by GpuComms (collectively, so every rank takes the same transport):
+//   1 ipc  (CUDA IPC buffers, dist/ep_ipc.h) when the EP group is on one node and its GPUs are
+//          the same or have peer access (NVLink or PCIe P2P): the intra-node path;
+//   2 else nccl when built with NCCL and every rank has a GPU of its own (NCCL refuses two
+//          ranks of one communicator on one GPU): other nodes, or GPUs without P2P;
+//   3 else MPI staging through host memory (any placement).
+// IpcTransport refuses on every rank at once, with the reason, so the fall back is the same on
+// every rank; rank 0 prints the reason and what was taken instead.
 // Only in builds with CUDA (automoe_cuda_model); collective over the world where it says so.
 #pragma once
 #include <memory>
@@ -29,7 +33,8 @@ struct GpuPlacement {
 // Collective over `world`. `who` names the program in the one message about shared GPUs.
 GpuPlacement place_on_gpu(const Comm& world, const LaunchInfo& li, const char* who);
 
-enum class EpTransportKind { kMpiStaged, kNccl, kIpc };
+// kAuto only comes out of choose_ep_transport; GpuComms::kind() is never kAuto.
+enum class EpTransportKind { kMpiStaged, kNccl, kIpc, kAuto };
 const char* ep_transport_kind_name(EpTransportKind k);
 bool built_with_nccl();
 // `request`: "mpi", "nccl", "ipc" or "auto"; empty = the AUTOMOE_EP_TRANSPORT environment
@@ -38,9 +43,10 @@ bool built_with_nccl();
 EpTransportKind choose_ep_transport(const std::string& request, const GpuPlacement& pl);
 
 class NcclGroup;
-// Collective over the world (each communicator over its group). NCCL communicators exist only
-// with kind kNccl, each only where its group has more than one rank (with kIpc the gradients go
-// through MPI staging); `gradients` false: the EP transport only (ep_check).
+// Collective over the world (each communicator over its group). The gradient communicators
+// (NCCL, each only where its group has more than one rank) exist when NCCL is built in and no
+// GPU is shared, with kinds nccl, ipc and auto; `gradients` false: the EP transport only
+// (ep_check). kind kAuto is resolved here (above); kind() says what was taken.
 class GpuComms {
  public:
   GpuComms(const Groups& g, const GpuPlacement& pl, EpTransportKind kind, bool gradients = true);
@@ -48,6 +54,8 @@ class GpuComms {
   GpuComms(const GpuComms&) = delete;
   GpuComms& operator=(const GpuComms&) = delete;
   EpTransportKind kind() const { return kind_; }
+  // One line for rank 0's log: the EP transport and what the gradients travel over.
+  std::string describe(const Groups& g) const;
   EpTransport* ep_transport() { return t_.get(); }  // null when the EP group is one rank
   NcclGroup* nccl_ep() { return ep_.get(); }
   NcclGroup* nccl_world() { return world_.get(); }
@@ -55,6 +63,7 @@ class GpuComms {
 
  private:
   EpTransportKind kind_;
+  std::string fallback_;  // auto: why ipc was not taken (empty: it was, or not tried)
   // shared_ptr: NcclGroup is complete only in NCCL builds
   std::shared_ptr<NcclGroup> ep_, world_, dp_;
   std::unique_ptr<EpTransport> t_;

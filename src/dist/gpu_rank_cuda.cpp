@@ -5,6 +5,8 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <exception>
+#include <string>
 
 #include "backend/cuda/common.cuh"
 #include "core/check.h"
@@ -41,7 +43,13 @@ GpuPlacement place_on_gpu(const Comm& world, const LaunchInfo& li, const char* w
 }
 
 const char* ep_transport_kind_name(EpTransportKind k) {
-  return k == EpTransportKind::kNccl ? "nccl" : k == EpTransportKind::kIpc ? "ipc" : "mpi-staged";
+  switch (k) {
+    case EpTransportKind::kNccl: return "nccl";
+    case EpTransportKind::kIpc: return "ipc";
+    case EpTransportKind::kAuto: return "auto";
+    case EpTransportKind::kMpiStaged: break;
+  }
+  return "mpi-staged";
 }
 
 bool built_with_nccl() { return AUTOMOE_GPU_RANK_NCCL != 0; }
@@ -64,16 +72,35 @@ EpTransportKind choose_ep_transport(const std::string& request, const GpuPlaceme
     return EpTransportKind::kNccl;
   }
   AM_CHECK(r == "auto", "AUTOMOE_EP_TRANSPORT={} is not known; use mpi, nccl, ipc or auto", r);
-  return built_with_nccl() && !pl.shared() ? EpTransportKind::kNccl : EpTransportKind::kMpiStaged;
+  return EpTransportKind::kAuto;  // resolved by GpuComms (collective: the IPC probe)
 }
 
 GpuComms::GpuComms(const Groups& g, const GpuPlacement& pl, EpTransportKind kind, bool gradients)
     : kind_(kind) {
-  if (kind == EpTransportKind::kNccl) {
+  const bool nccl_ok = built_with_nccl() && !pl.shared();
+  if (kind_ == EpTransportKind::kAuto) {
+    kind_ = nccl_ok ? EpTransportKind::kNccl : EpTransportKind::kMpiStaged;
+    if (g.ep.size() > 1) {
+      // IpcTransport's checks end on every rank with the same verdict (it throws on all of
+      // them together), so every rank falls back the same way.
+      try {
+        t_ = std::make_unique<IpcTransport>(g.ep);
+        kind_ = EpTransportKind::kIpc;
+      } catch (const std::exception& e) {
+        fallback_ = e.what();
+      }
+    }
+  }
+  // The gradient communicators: NCCL wherever it can run, whatever moves the EP rows (the same
+  // order on every rank: world, DP group, then the EP group below).
 #if AUTOMOE_GPU_RANK_NCCL
-    // the same order on every rank: world, DP group, EP group
-    if (gradients && g.world.size() > 1) world_ = std::make_shared<NcclGroup>(g.world, pl.device);
-    if (gradients && g.dp.size() > 1) dp_ = std::make_shared<NcclGroup>(g.dp, pl.device);
+  if (nccl_ok && gradients && kind_ != EpTransportKind::kMpiStaged) {
+    if (g.world.size() > 1) world_ = std::make_shared<NcclGroup>(g.world, pl.device);
+    if (g.dp.size() > 1) dp_ = std::make_shared<NcclGroup>(g.dp, pl.device);
+  }
+#endif
+  if (kind_ == EpTransportKind::kNccl) {
+#if AUTOMOE_GPU_RANK_NCCL
     if (g.ep.size() > 1) {
       ep_ = std::make_shared<NcclGroup>(g.ep, pl.device);
       t_ = std::make_unique<NcclTransport>(*ep_);
@@ -81,11 +108,23 @@ GpuComms::GpuComms(const Groups& g, const GpuPlacement& pl, EpTransportKind kind
 #else
     AM_FAIL("internal: NCCL chosen in a build without NCCL");
 #endif
-  } else if (kind == EpTransportKind::kIpc && g.ep.size() > 1) {
-    t_ = std::make_unique<IpcTransport>(g.ep);
+  } else if (kind_ == EpTransportKind::kIpc && g.ep.size() > 1) {
+    if (!t_) t_ = std::make_unique<IpcTransport>(g.ep);
   } else if (g.ep.size() > 1) {
     t_ = std::make_unique<MpiStagedTransport>(g.ep);
   }
+}
+
+std::string GpuComms::describe(const Groups& g) const {
+  std::string s = g.ep.size() > 1 ? std::string("EP rows over ") + ep_transport_kind_name(kind_)
+                                  : std::string("no EP rows");
+  if (kind_ == EpTransportKind::kIpc) s += " (CUDA IPC buffers within the node)";
+  if (kind_ == EpTransportKind::kMpiStaged && g.ep.size() > 1) s += " (staged through host memory)";
+  s += world_ ? ", gradients over NCCL"
+              : ", gradients staged through host memory (NCCL needs a GPU per rank and a build "
+                "with NCCL)";
+  if (!fallback_.empty()) s += "; auto did not take ipc: " + fallback_;
+  return s;
 }
 
 GpuComms::~GpuComms() {

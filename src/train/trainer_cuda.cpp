@@ -71,19 +71,13 @@ class CudaTrainModel final : public DeviceTrainModel {
   static std::unique_ptr<dist::GpuComms> make_comms(const dist::Groups& g,
                                                     const dist::GpuPlacement& pl) {
     if (g.world.size() == 1) return nullptr;
-    const dist::EpTransportKind kind = dist::choose_ep_transport("", pl);
+    auto comms = std::make_unique<dist::GpuComms>(g, pl, dist::choose_ep_transport("", pl));
     if (g.world.rank() == 0) {
-      std::printf("%d GPU ranks: expert parallel %d x data parallel %d; EP rows and gradient "
-                  "all-reduce over %s%s\n",
-                  g.world.size(), g.ep.size(), g.dp.size(), dist::ep_transport_kind_name(kind),
-                  kind == dist::EpTransportKind::kMpiStaged
-                      ? " (staged through host memory; NCCL with one GPU per rank is the fast path)"
-                  : kind == dist::EpTransportKind::kIpc
-                      ? " (EP rows through CUDA IPC buffers, gradients staged through host memory)"
-                      : "");
+      std::printf("%d GPU ranks: expert parallel %d x data parallel %d; %s\n", g.world.size(),
+                  g.ep.size(), g.dp.size(), comms->describe(g).c_str());
       std::fflush(stdout);
     }
-    return std::make_unique<dist::GpuComms>(g, pl, kind);
+    return comms;
   }
   static size_t free_bytes() {
     size_t fr = 0, total = 0;

@@ -12,6 +12,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -537,6 +538,27 @@ TEST(DistCli, ARankThatFailsEndsEveryRank) {
   EXPECT_NE(rc, 124) << "timed out: a rank hung\n" << log;
   EXPECT_NE(log.find("automoe: error (rank 1 of 2): input id 100000"), std::string::npos) << log;
   fs::remove(batch);
+}
+
+TEST(DistCli, AKilledRankEndsTheJob) {
+  if (g_world != 1) GTEST_SKIP() << "starts mpirun itself";
+  if (!have_mpirun()) GTEST_SKIP() << "mpirun is not installed";
+  // Rank 1 of a long fine-tune gets SIGKILL after 3 s (bench/kill_rank.sh: a crash, no
+  // MPI_Finalize) while rank 0 computes or waits in a collective: the job must end non-zero,
+  // and soon, not hang until the timeout (124).
+  std::string log, dir = tmp("killed");
+  const std::string wrap = "bash " + std::string(AUTOMOE_SOURCE_DIR) + "/bench/kill_rank.sh 1 3 ";
+  const auto t0 = std::chrono::steady_clock::now();
+  int rc = run("timeout 120 mpirun --oversubscribe --allow-run-as-root -np 2 " + wrap + cli() +
+                   " finetune --model.builtin tiny-moe --data.builtin addition --train.ep 2 "
+                   "--train.steps 1000000 --train.checkpoint_every 0 --output.dir " + dir,
+               &log);
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  EXPECT_NE(rc, 0) << log;
+  EXPECT_NE(rc, 124) << "timed out: rank 0 hung after rank 1 died\n" << log;
+  EXPECT_NE(log.find("SIGKILL to rank 1"), std::string::npos) << log;
+  EXPECT_LT(secs, 60.0) << log;
+  fs::remove_all(dir);
 }
 
 TEST(DistCli, LayoutsThatDoNotFitAreClearErrors) {
