@@ -7,7 +7,8 @@
 //
 // Why: no host round trip (MpiStagedTransport) and no NCCL kernels on the SMs; two processes
 // on one GPU also work (CUDA IPC within a device), which is how a single GPU checks it.
-// Status: opt-in (AUTOMOE_EP_TRANSPORT=ipc); compiled, not yet run on a GPU.
+// Status: auto's choice within a node (dist/gpu_rank.h); checked with two processes on one GPU
+// (bench/RESULTS.md), not yet between two GPUs.
 //
 // Staging layout of rank p (cap_ bytes, the same on every rank; one call at a time):
 //   for source s != p in rank order, for tensor k in call order: cnt[s][p] rows of tensor k

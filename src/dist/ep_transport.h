@@ -9,7 +9,7 @@
 //                      no NCCL.
 //   IpcTransport       (dist/ep_ipc.h)             one rank per process, the ranks of one node:
 //                      rows copied into the peers' CUDA IPC staging buffers (NVLink P2P between
-//                      GPUs, or several processes on one GPU). Opt-in, not yet run on a GPU.
+//                      GPUs, or several processes on one GPU). auto's choice within a node.
 // A process drives num_local() ranks (1 over NCCL, P in loopback); every call below is collective
 // over the group and takes the buffers of all the ranks this process drives, in local order.
 #pragma once
