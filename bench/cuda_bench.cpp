@@ -1,27 +1,38 @@
 // bench/cuda_bench.cpp: the W1 throughput benchmark (ARCHITECTURE.md, "Benchmark workloads") for
-// the single-GPU CUDA model, measured as ../shared/bench/hf_moe_baseline.py measures native
-// Transformers, so the two numbers compare directly:
+// the single-GPU CUDA model, and under mpirun W2/W4/W3 (one rank per GPU, experts split over
+// --ep ranks), measured as ../shared/bench/hf_moe_baseline.py and hf_moe_fsdp.py measure native
+// Transformers, so the numbers compare directly:
 //   - the same model (Qwen3-30B-A3B layer shapes, random init, output_router_logits with
 //     router_aux_loss_coef 0.001, untied lm_head), random input ids, labels = input ids;
 //   - a step = forward + backward (timed alone as "fwd_bwd") + clip + AdamW; host wall-clock
 //     with a device sync around each step, WARM untimed steps, the median of STEPS timed ones;
 //   - TFLOP/s by the same formula (hf_moe_baseline.py flops_per_token: 6 x (attention
 //     projections + active experts + router per layer, + lm_head) + 3 x causal attention core).
-// Prints one JSON line. Usage:
+// Prints one JSON line (rank 0). Usage:
 //   cuda_bench [--layers 12] [--seq 4096] [--mbs 2] [--warmup 3] [--steps 8]
 //              [--precision bf16|fp32_master] [--max-grad-norm 1.0] [--memory-saving]
+//              [--ep E] [--ep-capacity 2]
 // --memory-saving: AdamW inside the backward (there fwd_bwd includes the optimizer and the
 // step's separate optimizer phase only sums the norm), activations recomputed.
+// Under mpirun (a GPU per rank; more ranks than GPUs share them, which checks but does not
+// measure): every rank runs --mbs rows of its own random tokens; --ep (default: the world size)
+// splits the experts, the rest is data parallel; the transport is AUTOMOE_EP_TRANSPORT (auto:
+// CUDA IPC within a node). Figures are per GPU: tokens of one rank over the slowest rank's
+// median step, peak memory of the rank that used most. The replicated weights start from the
+// same seed on every rank (their values do not change the speed).
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <map>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
 #include "core/rng.h"
+#include "dist/gpu_rank.h"
+#include "dist/process_group.h"
 #include "model/config.h"
 #include "model/qwen3_moe_cuda.h"
 
@@ -58,6 +69,8 @@ int main(int argc, char** argv) {
   std::string precision = "bf16";
   float max_norm = 1.0f;
   bool memsave = false;
+  int ep = 0;  // 0: the world size
+  double ep_capacity = 2.0;
   for (int i = 1; i < argc; ++i) {
     auto need = [&](const char* f) {
       if (i + 1 >= argc) {
@@ -74,13 +87,18 @@ int main(int argc, char** argv) {
     else if (!std::strcmp(argv[i], "--precision")) precision = need("--precision");
     else if (!std::strcmp(argv[i], "--max-grad-norm")) max_norm = float(std::atof(need("--max-grad-norm")));
     else if (!std::strcmp(argv[i], "--memory-saving")) memsave = true;
+    else if (!std::strcmp(argv[i], "--ep")) ep = std::atoi(need("--ep"));
+    else if (!std::strcmp(argv[i], "--ep-capacity")) ep_capacity = std::atof(need("--ep-capacity"));
     else {
       std::fprintf(stderr,
                    "usage: cuda_bench [--layers 12] [--seq 4096] [--mbs 2] [--warmup 3] [--steps 8] "
-                   "[--precision bf16|fp32_master] [--max-grad-norm 1.0] [--memory-saving]\n");
+                   "[--precision bf16|fp32_master] [--max-grad-norm 1.0] [--memory-saving] "
+                   "[--ep E] [--ep-capacity 2]\n");
       return 2;
     }
   }
+  const dist::LaunchInfo li = dist::detect_launch();
+  const bool multi = li.launcher != "none" && li.world_size > 1;
   try {
     nlohmann::json j = {{"architectures", {"Qwen3MoeForCausalLM"}},
                         {"model_type", "qwen3_moe"},
@@ -106,19 +124,37 @@ int main(int argc, char** argv) {
                         {"router_aux_loss_coef", 0.001},
                         {"tie_word_embeddings", false}};
     ModelConfig mc = parse_model_config(j.dump(), "cuda_bench W1 config");
+    // One GPU, or this rank's GPU and groups (collective over the world).
+    dist::Groups groups = multi ? dist::make_groups(ep > 0 ? ep : li.world_size)
+                                : dist::single_process_groups();
+    const int world = groups.world.size(), rank = groups.world.rank();
+    dist::GpuPlacement pl;
+    if (multi) pl = dist::place_on_gpu(groups.world, li, "cuda_bench");
     size_t free0 = 0, total = 0;
-    CUDA_CHECK(cudaSetDevice(0));
+    CUDA_CHECK(cudaSetDevice(pl.device));
     CUDA_CHECK(cudaFree(nullptr));  // the context exists before the baseline reading
     CUDA_CHECK(cudaMemGetInfo(&free0, &total));
+    std::unique_ptr<dist::GpuComms> comms;
+    CudaDist cd;
+    if (multi) {
+      comms = std::make_unique<dist::GpuComms>(groups, pl, dist::choose_ep_transport("", pl));
+      cd = CudaDist{&groups, comms->ep_transport(), comms->nccl_world(), comms->nccl_dp(),
+                    ep_capacity};
+      if (rank == 0) {
+        std::printf("cuda_bench: %d ranks, expert parallel %d x data parallel %d; %s\n", world,
+                    groups.ep.size(), groups.dp.size(), comms->describe(groups).c_str());
+        std::fflush(stdout);
+      }
+    }
 
-    Qwen3MoeCuda model(mc, parse_precision(precision), 0, memsave);
+    Qwen3MoeCuda model(mc, parse_precision(precision), pl.device, memsave, cd);
     model.init_random(1234, 0.02f);
     model.plan(mbs, seq);
     model.enable_phase_timing(true);
     Batch b;
     b.B = mbs;
     b.T = seq;
-    Rng rng(0);
+    Rng rng{uint64_t(rank)};  // rank 0's tokens are the single-GPU run's
     b.ids.resize(size_t(mbs * seq));
     for (auto& id : b.ids) id = int64_t(rng.next() % uint64_t(mc.vocab_size));
     b.labels = b.ids;
@@ -133,7 +169,8 @@ int main(int argc, char** argv) {
       auto t0 = std::chrono::steady_clock::now();
       model.zero_grad();
       model.begin_step(ac, 1e-5f, max_norm);
-      model.forward(b);
+      // several ranks: the CE mean over the global batch's labelled tokens (as the trainer)
+      model.forward(b, multi ? float(world * mbs * (seq - 1)) : 0.f);
       model.backward();
       model.synchronize();
       auto tm = std::chrono::steady_clock::now();
@@ -151,13 +188,19 @@ int main(int argc, char** argv) {
       for (auto& [n, ms] : model.phase_ms()) phase_sum[n] += ms;
     }
     const double toks = double(mbs * seq), fpt = flops_per_token(mc, seq);
-    const double step_s = median(t_step), fb_s = median(t_fb);
+    // per GPU: the slowest rank's medians, the largest rank's peak
+    double worst[3] = {median(t_step), median(t_fb), double(free0 - min_free)};
+    groups.world.allreduce_max(worst, 3);
+    const double step_s = worst[0], fb_s = worst[1], peak = worst[2];
     CudaMemory mem = model.memory();
     const double GiB = double(1 << 30);
     nlohmann::json phases = nlohmann::json::object();
     for (auto& [n, ms] : phase_sum) phases[n] = std::round(ms / double(std::max<int64_t>(steps, 1)) * 100) / 100;
     nlohmann::json out = {
-        {"bench", "w1_cuda"},
+        {"bench", multi ? "ep_cuda" : "w1_cuda"},
+        {"world", world},
+        {"ep", groups.ep.size()},
+        {"transport", multi ? dist::ep_transport_kind_name(comms->kind()) : "none"},
         {"layers", layers},
         {"seq", seq},
         {"mbs", mbs},
@@ -171,7 +214,7 @@ int main(int argc, char** argv) {
         {"fwd_bwd_tok_per_s", std::round(toks / fb_s)},
         {"fwd_bwd_tflops", std::round(fpt * toks / fb_s / 1e11) / 10},
         {"flops_per_token", fpt},
-        {"peak_used_GiB", std::round(double(free0 - min_free) / GiB * 100) / 100},
+        {"peak_used_GiB", std::round(peak / GiB * 100) / 100},
         {"arenas_GiB",
          {{"params", mem.params / GiB},
           {"master", mem.master / GiB},
@@ -185,10 +228,12 @@ int main(int argc, char** argv) {
         {"grad_norm", gnorm},
         {"warmup", warm},
         {"steps", steps}};
-    std::printf("RESULT %s\n", out.dump().c_str());
+    if (rank == 0) std::printf("RESULT %s\n", out.dump().c_str());
   } catch (const std::exception& e) {
+    if (dist::mpi_active()) dist::abort_all(std::string("cuda_bench: ") + e.what());
     std::fprintf(stderr, "cuda_bench: %s\n", e.what());
     return 1;
   }
+  dist::finalize();
   return 0;
 }

@@ -41,6 +41,10 @@
 #             ep_model_check_ipc2, ep_model_ipc2, ep_model_cmp_ipc). And `automoe forward --device cuda --ep 2` under
 #             mpirun (MPI staging) against the single-GPU forward of the same fixture
 #             (bench/compare_forward.py: logits, loss, aux loss, every gradient).
+#   multi     (not default) several GPUs: cuda_bench under mpirun, a rank per GPU, experts over
+#             all of them (transport auto), beside Transformers + FSDP2 (hf_moe_fsdp.py) for each
+#             MULTI_LAYERS (default "12 24": W2; W4: MULTI_LAYERS=48 MBS=1 on 4 GPUs); on one GPU
+#             a small two-rank smoke run of the same path
 #   sweep     (not default) grouped_sweep: every candidate CUTLASS configuration (tile, cluster,
 #             schedule) of the six W1 expert GEMMs, timed and checked against the production
 #             configuration; the summary names the fastest per GEMM. Configures the build with
@@ -305,6 +309,30 @@ if has ep_model; then
     fails=$((fails + 1))
   fi
 fi
+if has multi; then
+  # Several GPUs: cuda_bench under mpirun (a rank per GPU, EP over all of them, transport auto)
+  # beside native Transformers + FSDP2 (.deps/bench/hf_moe_fsdp.py, all GPUs), per layer count
+  # in MULTI_LAYERS (default "12 24": W2; W4 is MULTI_LAYERS=48 MBS=1 on four GPUs). With one
+  # GPU: two ranks on GPU 0 at small shapes, which checks the path, not its speed.
+  ngpu=$(nvidia-smi -L 2>/dev/null | grep -c "^GPU")
+  MPIM=(mpirun --allow-run-as-root -x NCCL_NVLS_ENABLE=0 -x TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+        -x NVSHMEM_DISABLE_NVLS=1)
+  if [ "$ngpu" -ge 2 ]; then
+    for L in ${MULTI_LAYERS:-12 24}; do
+      # shellcheck disable=SC2086
+      stage "multi_automoe_L$L" "${MPIM[@]}" -np "$ngpu" "$BUILD/cuda_bench" --layers "$L" \
+        --seq "${SEQ:-4096}" --mbs "${MBS:-2}" ${BENCH_ARGS:-}
+      if [ -f .deps/bench/hf_moe_fsdp.py ]; then
+        stage "multi_fsdp_L$L" env LAYERS="$L" SEQ="${SEQ:-4096}" MBS="${MBS:-2}" STEPS=8 WARM=3 \
+          NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
+          PYTHONPATH=.deps/bench python3 .deps/bench/hf_moe_fsdp.py
+      fi
+    done
+  else
+    stage multi_smoke "${MPIM[@]}" --oversubscribe -np 2 -x CUDA_VISIBLE_DEVICES=0 "$BUILD/cuda_bench" \
+      --layers 2 --seq 1024 --mbs 1 --warmup 1 --steps 2
+  fi
+fi
 if has profile; then
   # Nsight Compute on one W1-shaped step (PROFILE_LAYERS layers, default 1): every kernel's time,
   # its SM throughput and its DRAM throughput as % of the device's peak (its own roofline).
@@ -361,6 +389,24 @@ if has ep_model; then
     [ -f "$f" ] && echo "$(basename "$f" .log):" && grep -hE "^(ok|FAIL)" "$f"
   done
   grep -hE "expert parallel on the GPU|share .* GPU|error" "$BUILD"/ep_model_*.log 2>/dev/null | sort -u | head -n 8
+fi
+if has multi; then  # per GPU, automoe against Transformers + FSDP2 in this call
+  python3 - "$BUILD" <<'PY'
+import glob, json, os, re, sys
+def res(path):
+    try:
+        return [json.loads(l[7:]) for l in open(path) if l.startswith("RESULT ")]
+    except OSError:
+        return []
+for f in sorted(glob.glob(os.path.join(sys.argv[1], "multi_*.log"))):
+    for r in res(f):
+        name = os.path.basename(f)[:-4]
+        fb = r.get("fwd_bwd_tok_per_s", r.get("fwd_bwd_tok_per_s_per_gpu"))
+        tf = r.get("fwd_bwd_tflops", r.get("fwd_bwd_tflops_per_gpu"))
+        st = r.get("tok_per_s", r.get("tok_per_s_per_gpu"))
+        pk = r.get("peak_used_GiB", r.get("peak_GiB"))
+        print(f"{name:22s} fwd+bwd {fb:>8} tok/s/GPU {tf:>6} TFLOP/s  step {st:>8} tok/s/GPU  peak {pk} GiB")
+PY
 fi
 if has cli; then
   grep -hE "^(ok|FAIL) " "$BUILD/cli_forward.log" 2>/dev/null
