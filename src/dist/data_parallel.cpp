@@ -2,6 +2,9 @@
 #include "dist/data_parallel.h"
 
 #include <cmath>
+#include <cstring>
+
+#include "core/check.h"
 
 #include "ops/ops.h"
 
@@ -65,6 +68,32 @@ float clip_grad_norm_global(std::vector<float>& grads, const ParamLayout& layout
   if (max_norm > 0 && norm > max_norm)  // as clip_grad_norm (train/adamw.cpp) and torch
     cpu::scale_inplace(grads.data(), max_norm / (norm + 1e-6f), int64_t(grads.size()));
   return norm;
+}
+
+uint64_t check_replicas(const std::vector<float>& params, const ParamLayout& layout,
+                        const Groups& g) {
+  uint64_t h[2] = {1469598103934665603ull, 1469598103934665603ull};  // replicated, experts
+  for (const ParamSpec& p : layout.params) {
+    uint64_t& x = h[p.expert ? 1 : 0];
+    for (int64_t i = 0; i < p.numel; ++i) {
+      uint32_t u;
+      std::memcpy(&u, &params[size_t(p.offset + i)], 4);
+      x = (x ^ u) * 1099511628211ull;
+    }
+  }
+  auto compare = [&](uint64_t mine, const Comm& c, const char* what) {
+    std::vector<uint64_t> all(size_t(c.size()));
+    c.allgather(all.data(), &mine, sizeof(mine));
+    for (int r = 1; r < c.size(); ++r)
+      AM_CHECK(all[size_t(r)] == all[0],
+               "the {} differ between ranks {} and {} of their group after training (hashes "
+               "{:016x} and {:016x}): a gradient was not summed over the ranks, or the ranks "
+               "applied different updates; this is a bug in automoe's distributed step",
+               what, 0, r, all[0], all[size_t(r)]);
+  };
+  compare(h[0], g.world, "replicated parameters (everything but the experts)");
+  compare(h[1], g.dp, "expert shards (data-parallel replicas of the same experts)");
+  return h[0];
 }
 
 }  // namespace automoe::dist
