@@ -81,18 +81,33 @@ uint64_t check_replicas(const std::vector<float>& params, const ParamLayout& lay
       x = (x ^ u) * 1099511628211ull;
     }
   }
-  auto compare = [&](uint64_t mine, const Comm& c, const char* what) {
-    std::vector<uint64_t> all(size_t(c.size()));
-    c.allgather(all.data(), &mine, sizeof(mine));
+  // per group: the first rank whose hash differs from the group's rank 0 (world ranks, 1-based
+  // in `bad`: 0 = all equal); then every rank learns of any group's mismatch, so all throw
+  int64_t bad[4] = {0, 0, 0, 0};  // replicated: rank a, rank b; experts: rank a, rank b
+  auto compare = [&](uint64_t mine, const Comm& c, int64_t* out) {
+    const uint64_t me[2] = {mine, uint64_t(g.world.rank())};
+    std::vector<uint64_t> all(2 * size_t(c.size()));
+    c.allgather(all.data(), me, sizeof(me));
     for (int r = 1; r < c.size(); ++r)
-      AM_CHECK(all[size_t(r)] == all[0],
-               "the {} differ between ranks {} and {} of their group after training (hashes "
-               "{:016x} and {:016x}): a gradient was not summed over the ranks, or the ranks "
-               "applied different updates; this is a bug in automoe's distributed step",
-               what, 0, r, all[0], all[size_t(r)]);
+      if (all[2 * size_t(r)] != all[0]) {
+        out[0] = int64_t(all[1]) + 1;
+        out[1] = int64_t(all[2 * size_t(r) + 1]) + 1;
+        return;
+      }
   };
-  compare(h[0], g.world, "replicated parameters (everything but the experts)");
-  compare(h[1], g.dp, "expert shards (data-parallel replicas of the same experts)");
+  compare(h[0], g.world, bad);
+  compare(h[1], g.dp, bad + 2);
+  g.world.allreduce_max(bad, 4);
+  AM_CHECK(bad[0] == 0,
+           "the replicated parameters (everything but the experts) differ between world ranks {} "
+           "and {} after training: a gradient was not summed over the ranks, or the ranks applied "
+           "different updates; this is a bug in automoe's distributed step",
+           bad[0] - 1, bad[1] - 1);
+  AM_CHECK(bad[2] == 0,
+           "the expert shards differ between world ranks {} and {} (data-parallel replicas of the "
+           "same experts) after training: an expert gradient was not summed over the replicas; "
+           "this is a bug in automoe's distributed step",
+           bad[2] - 1, bad[3] - 1);
   return h[0];
 }
 
