@@ -4,7 +4,7 @@
 rank: the same global batches) must agree within bf16 noise.
 
     python3 bench/compare_loss_curves.py REF.jsonl RUN.jsonl [--first-rel 0.01] [--max-abs 0.1]
-                                         [--tail-rel 0.05] [--tail 10]
+                                         [--tail-rel 0.05] [--tail 10] [--exact KEYS]
 
 Limits (defaults), and why:
   first-rel  step 1's loss (and grad norm) relative difference <= 1%. Both runs start from the
@@ -17,6 +17,10 @@ Limits (defaults), and why:
              weights, differed by at most 0.085 over 300 steps (bench/RESULTS.md), which is what
              bf16 alone does to the curve.
   tail-rel   the mean loss of the last `tail` steps differs by <= 5%: both runs learn alike.
+  exact      comma-separated metrics (e.g. loss,ce_loss,aux_loss,grad_norm) that must be
+             bit-identical at every step, for two runs that should do the same arithmetic (the
+             memory-saving mode against the default mode, max_grad_norm 0, same ranks). A key
+             absent from both files is skipped (aux_loss without router logits).
 Prints one line per check (ok / FAIL) and exits with the number of failures.
 """
 import argparse
@@ -43,6 +47,7 @@ def main():
     ap.add_argument("--max-abs", type=float, default=0.1)
     ap.add_argument("--tail-rel", type=float, default=0.05)
     ap.add_argument("--tail", type=int, default=10)
+    ap.add_argument("--exact", default="", help="metrics that must be bit-identical, e.g. loss,grad_norm")
     a = ap.parse_args()
     ref, run = curve(a.ref), curve(a.run)
     steps = sorted(set(ref) & set(run))
@@ -73,6 +78,19 @@ def main():
     rel = abs(mg - mr) / max(abs(mr), 1e-12)
     check(rel <= a.tail_rel, f"mean loss of the last {len(tail)} steps: {mr:.4f} vs {mg:.4f}, "
           f"rel diff {rel:.2e} (limit {a.tail_rel})")
+    for key in [k for k in a.exact.split(",") if k]:
+        have = [(key in ref[s], key in run[s]) for s in steps]
+        if not any(r or g for r, g in have):
+            print(f"skip {key}: in neither file")
+            continue
+        if not all(r and g for r, g in have):
+            check(False, f"{key}: missing at some steps of one file")
+            continue
+        differ = [s for s in steps if ref[s][key] != run[s][key]]
+        first = (f"; first at step {differ[0]}: {ref[differ[0]][key]!r} vs {run[differ[0]][key]!r}"
+                 if differ else "")
+        check(not differ, f"{key} bit-identical at {len(steps) - len(differ)} of {len(steps)} "
+              f"steps{first}")
     for s in steps[:: max(1, len(steps) // 10)] + ([steps[-1]] if len(steps) > 1 else []):
         print(f"     step {s:5d}  ref {ref[s]['loss']:.5f}  run {run[s]['loss']:.5f}  "
               f"grad_norm {ref[s]['grad_norm']:.4f} / {run[s]['grad_norm']:.4f}")

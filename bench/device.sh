@@ -41,6 +41,15 @@
 #             ep_model_check_ipc2, ep_model_ipc2, ep_model_cmp_ipc). And `automoe forward --device cuda --ep 2` under
 #             mpirun (MPI staging) against the single-GPU forward of the same fixture
 #             (bench/compare_forward.py: logits, loss, aux loss, every gradient).
+#             The memory-saving mode under mpirun (MPI staging, both ranks on GPU 0):
+#             ep_model_ms_mpi2 against one GPU's memory-saving run (ep_model_cmp_ms, bf16
+#             noise), then with train.max_grad_norm 0 the EP default and EP memory-saving runs,
+#             whose losses, aux losses and grad norms must be BIT-identical
+#             (ep_model_cmp_ms_exact; the same check on one GPU, losses only, as the control:
+#             ep_model_cmp_ms_exact_1gpu). Every mpirun training run ends by comparing the
+#             replicas' weights over MPI ("replicas identical" or an error).
+#   ep_memsave (not default) only those memory-saving stages of ep_model (TARGETS=automoe_cli
+#             builds only the CLI they need).
 #   multi     (not default) several GPUs: cuda_bench under mpirun, a rank per GPU, experts over
 #             all of them (transport auto), beside Transformers + FSDP2 (hf_moe_fsdp.py) for each
 #             MULTI_LAYERS (default "12 24": W2; W4: MULTI_LAYERS=48 MBS=1 on 4 GPUs); on one GPU
@@ -249,6 +258,36 @@ if has ep; then
     echo "device.sh: $ngpu GPU(s) or no mpirun: the NCCL runs of stage ep need 2 GPUs (skipped)"
   fi
 fi
+# The memory-saving mode under mpirun (stage ep_model, or STAGES=ep_memsave alone: seven small
+# training runs and three comparisons). Needs $BUILD/automoe and mpirun.
+ep_memsave_stages() {
+  local run=(finetune examples/demo.yaml --train.device cuda --train.steps "${EP_STEPS:-50}"
+             --train.log_every 10 --train.checkpoint_every 0)
+  # The memory-saving mode under mpirun (AdamW per tensor inside the backward, each gradient
+  # summed over the ranks first): its loss curve against one GPU's memory-saving run ...
+  local ms=(--train.memory_saving true)
+  local mpi2=(mpirun --allow-run-as-root --oversubscribe -np 2 -x CUDA_VISIBLE_DEVICES=0
+        -x AUTOMOE_EP_TRANSPORT=mpi "$BUILD/automoe" "${run[@]}" --train.ep 2 --data.micro_batch 8)
+  stage ep_model_1gpu_ms "$BUILD/automoe" "${run[@]}" --data.micro_batch 16 "${ms[@]}" \
+    --output.dir "$BUILD/ep_model_1gpu_ms"
+  stage ep_model_ms_mpi2 "${mpi2[@]}" "${ms[@]}" --output.dir "$BUILD/ep_model_ms_mpi2"
+  stage ep_model_cmp_ms python3 bench/compare_loss_curves.py "$BUILD/ep_model_1gpu_ms/metrics.jsonl" \
+    "$BUILD/ep_model_ms_mpi2/metrics.jsonl"
+  # ... and, without clipping (the mode clips by the previous step's norm), bit for bit the
+  # default mode under the same two ranks; on one GPU the same pair is the control
+  local nc=(--train.max_grad_norm 0)
+  stage ep_model_mpi2_noclip "${mpi2[@]}" "${nc[@]}" --output.dir "$BUILD/ep_model_mpi2_noclip"
+  stage ep_model_ms_mpi2_noclip "${mpi2[@]}" "${nc[@]}" "${ms[@]}" \
+    --output.dir "$BUILD/ep_model_ms_mpi2_noclip"
+  stage ep_model_cmp_ms_exact python3 bench/compare_loss_curves.py --exact loss,ce_loss,aux_loss,grad_norm \
+    "$BUILD/ep_model_mpi2_noclip/metrics.jsonl" "$BUILD/ep_model_ms_mpi2_noclip/metrics.jsonl"
+  stage ep_model_1gpu_noclip "$BUILD/automoe" "${run[@]}" --data.micro_batch 16 "${nc[@]}" \
+    --output.dir "$BUILD/ep_model_1gpu_noclip"
+  stage ep_model_1gpu_ms_noclip "$BUILD/automoe" "${run[@]}" --data.micro_batch 16 "${nc[@]}" \
+    "${ms[@]}" --output.dir "$BUILD/ep_model_1gpu_ms_noclip"
+  stage ep_model_cmp_ms_exact_1gpu python3 bench/compare_loss_curves.py --exact loss,ce_loss,aux_loss \
+    "$BUILD/ep_model_1gpu_noclip/metrics.jsonl" "$BUILD/ep_model_1gpu_ms_noclip/metrics.jsonl"
+}
 if has ep_model; then
   if [ -x "$BUILD/automoe" ] && command -v mpirun >/dev/null 2>&1; then
     run=(finetune examples/demo.yaml --train.device cuda --train.steps "${EP_STEPS:-50}"
@@ -272,6 +311,7 @@ if has ep_model; then
       --dtype bf16 --ep 2
     stage ep_model_fwd_cmp python3 bench/compare_forward.py "$BUILD/ep_fwd_mpi2.safetensors" \
       "$BUILD/ep_fwd1.safetensors"
+    ep_memsave_stages
     # The same over CUDA IPC buffers (both ranks on GPU 0), after the stages above (never run
     # on a GPU yet: a hang here must not cost them): the transport alone (seconds; 120 s at
     # most), then, only if it passed, the training run and its loss curve.
@@ -306,6 +346,13 @@ if has ep_model; then
     fi
   else
     echo "device.sh: no $BUILD/automoe or no mpirun: no ep_model stage"
+    fails=$((fails + 1))
+  fi
+elif has ep_memsave; then
+  if [ -x "$BUILD/automoe" ] && command -v mpirun >/dev/null 2>&1; then
+    ep_memsave_stages
+  else
+    echo "device.sh: no $BUILD/automoe or no mpirun: no ep_memsave stage"
     fails=$((fails + 1))
   fi
 fi
@@ -384,11 +431,15 @@ if has parity; then
   grep -E "HF bf16 vs fp32" "$BUILD/hf_bf16.log" 2>/dev/null
   grep -E "logits rel-L2|gradients, worst|^FAIL|loss curves|failed check|memory-saving vs" "$BUILD/parity.log" | head -n 48
 fi
-if has ep_model; then
+if has ep_model || has ep_memsave; then
   for f in "$BUILD"/ep_model_cmp_*.log "$BUILD"/ep_model_fwd_cmp.log; do
     [ -f "$f" ] && echo "$(basename "$f" .log):" && grep -hE "^(ok|FAIL)" "$f"
   done
   grep -hE "expert parallel on the GPU|share .* GPU|error" "$BUILD"/ep_model_*.log 2>/dev/null | sort -u | head -n 8
+  for f in "$BUILD"/ep_model_{mpi2,ms_mpi2,mpi2_noclip,ms_mpi2_noclip,ipc2,nccl2}.log; do
+    [ -f "$f" ] && echo "$(basename "$f" .log): $(grep -m1 -hE "replicas identical|error" "$f" \
+      || echo "no replica check line")"
+  done
 fi
 if has multi; then  # per GPU, automoe against Transformers + FSDP2 in this call
   python3 - "$BUILD" <<'PY'

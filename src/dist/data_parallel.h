@@ -28,4 +28,12 @@ void allreduce_grads(std::vector<float>& grads, const ParamLayout& layout, const
 float clip_grad_norm_global(std::vector<float>& grads, const ParamLayout& layout, const Groups& g,
                             float max_norm);
 
+// The replicas agree bit for bit: the replicated parameters on every rank of the world, each
+// expert shard on every rank of its DP group (a 64-bit FNV-1a hash of each group's bits per rank,
+// all-gathered, then any mismatch all-reduced over the world). A gradient left out of the
+// all-reduce would let them drift apart silently; this throws on every rank, naming two world
+// ranks that differ. Returns the replicated parameters' hash.
+uint64_t check_replicas(const std::vector<float>& params, const ParamLayout& layout,
+                        const Groups& g);
+
 }  // namespace automoe::dist

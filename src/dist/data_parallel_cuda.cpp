@@ -27,7 +27,7 @@ DeviceGradReducer::~DeviceGradReducer() {
 }
 
 template <class T>
-void DeviceGradReducer::reduce_group(T* grads, bool expert, const Comm& c, cudaStream_t stream) {
+void DeviceGradReducer::reduce_mpi(const Comm& c, cudaStream_t stream) {
   if (c.size() == 1) return;
   T* pin = static_cast<T*>(pin_);
   struct Piece {
@@ -55,11 +55,10 @@ void DeviceGradReducer::reduce_group(T* grads, bool expert, const Comm& c, cudaS
     pieces.clear();
     fill = 0;
   };
-  for (const DeviceTensor& t : t_) {
-    if (t.expert != expert) continue;
-    for (int64_t done = 0; done < t.n;) {
-      const int64_t n = std::min(t.n - done, kBucket - fill);
-      T* dev = grads + t.off + done;
+  for (const Range& r : ranges_) {
+    for (int64_t done = 0; done < r.n;) {
+      const int64_t n = std::min(r.n - done, kBucket - fill);
+      T* dev = static_cast<T*>(r.p) + done;
       CUDA_CHECK(cudaMemcpyAsync(pin + fill, dev, size_t(n) * sizeof(T), cudaMemcpyDeviceToHost,
                                  stream));
       pieces.push_back({dev, fill, n});
@@ -72,36 +71,57 @@ void DeviceGradReducer::reduce_group(T* grads, bool expert, const Comm& c, cudaS
 }
 
 template <class T>
-void DeviceGradReducer::reduce_group_nccl(T* grads, bool expert, NcclGroup& g,
-                                          cudaStream_t stream) {
+void DeviceGradReducer::reduce_nccl(NcclGroup& g, bool wait, cudaStream_t stream) {
 #if AUTOMOE_DP_NCCL
   bufs_.clear();
   counts_.clear();
-  for (const DeviceTensor& t : t_)
-    if (t.expert == expert) {
-      bufs_.push_back(grads + t.off);
-      counts_.push_back(size_t(t.n));
-    }
+  for (const Range& r : ranges_) {
+    bufs_.push_back(r.p);
+    counts_.push_back(size_t(r.n));
+  }
   g.allreduce_sum(bufs_.data(), counts_.data(), int(bufs_.size()),
                   std::is_same_v<T, cuda::bf16> ? ncclBfloat16 : ncclFloat32, stream);
-  g.wait(stream, "gradient all-reduce");
+  if (wait) g.wait(stream, "gradient all-reduce");
 #else
+  (void)g;
+  (void)wait;
+  (void)stream;
   AM_FAIL("internal: NCCL gradient all-reduce in a build without NCCL");
 #endif
 }
 
-void DeviceGradReducer::allreduce(cuda::bf16* grads, cudaStream_t stream) {
-  if (nccl_world_) reduce_group_nccl(grads, false, *nccl_world_, stream);
-  else reduce_group(grads, false, g_.world, stream);
-  if (nccl_dp_) reduce_group_nccl(grads, true, *nccl_dp_, stream);
-  else reduce_group(grads, true, g_.dp, stream);
+template <class T>
+void DeviceGradReducer::reduce_ranges(bool expert, bool wait, cudaStream_t stream) {
+  if (NcclGroup* n = expert ? nccl_dp_ : nccl_world_) reduce_nccl<T>(*n, wait, stream);
+  else reduce_mpi<T>(expert ? g_.dp : g_.world, stream);
 }
 
-void DeviceGradReducer::allreduce(float* grads, cudaStream_t stream) {
-  if (nccl_world_) reduce_group_nccl(grads, false, *nccl_world_, stream);
-  else reduce_group(grads, false, g_.world, stream);
-  if (nccl_dp_) reduce_group_nccl(grads, true, *nccl_dp_, stream);
-  else reduce_group(grads, true, g_.dp, stream);
+template <class T>
+void DeviceGradReducer::reduce(T* grads, cudaStream_t stream) {
+  for (const bool expert : {false, true}) {  // replicated over the world, then experts over dp
+    ranges_.clear();
+    for (const DeviceTensor& t : t_)
+      if (t.expert == expert) ranges_.push_back({grads + t.off, t.n});
+    reduce_ranges<T>(expert, true, stream);
+  }
+}
+
+void DeviceGradReducer::allreduce(cuda::bf16* grads, cudaStream_t stream) { reduce(grads, stream); }
+void DeviceGradReducer::allreduce(float* grads, cudaStream_t stream) { reduce(grads, stream); }
+
+void DeviceGradReducer::allreduce_tensor(size_t k, cuda::bf16* g, cudaStream_t stream) {
+  AM_CHECK(k < t_.size(), "internal: allreduce_tensor({}) of {} tensors", k, t_.size());
+  ranges_.assign(1, Range{g, t_[k].n});
+  reduce_ranges<cuda::bf16>(t_[k].expert, false, stream);
+}
+
+void DeviceGradReducer::wait(cudaStream_t stream) {
+#if AUTOMOE_DP_NCCL
+  if (nccl_world_) nccl_world_->wait(stream, "gradient all-reduce");
+  if (nccl_dp_) nccl_dp_->wait(stream, "gradient all-reduce");
+#else
+  (void)stream;
+#endif
 }
 
 double DeviceGradReducer::global_sumsq(const double* sumsq, cudaStream_t stream) {

@@ -11,8 +11,10 @@
 // elements is copied device -> pinned host, widened to fp32, summed with one MPI_Allreduce
 // (dist::Comm) and rounded back once (bf16 arenas) before the copy host -> device. Every rank
 // receives the same sum, so replicated weights stay bit-identical after AdamW. It synchronises
-// the host once per bucket: correct and simple, not fast. Neither overlaps the backward yet
-// (docs/DISTRIBUTED.md, "Not yet"). Buffers are allocated once, in the constructor.
+// the host once per bucket: correct and simple, not fast. allreduce() reduces a whole arena after
+// the backward; allreduce_tensor() one tensor now (the memory-saving mode, whose AdamW runs in
+// the backward, reduces each tensor as its gradient completes: same sums, same roundings).
+// Buffers are allocated once, in the constructor.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -49,6 +51,15 @@ class DeviceGradReducer {
   // the call is waited for, the uploads are enqueued on it. Collective over world and dp.
   void allreduce(cuda::bf16* grads, cudaStream_t stream);
   void allreduce(float* grads, cudaStream_t stream);
+  // Sums tensor k's gradient (tensors()[k]: its size and group), held at `g` (its place in an
+  // arena or a scratch of its size), now and in place: over the world, or over the DP group for an
+  // expert shard. The same sum and rounding as allreduce(). Over NCCL it is enqueued on `stream`
+  // without a host wait (wait() waits); over MPI staging it synchronises like allreduce().
+  // Collective: every rank calls it for the same k in the same order.
+  void allreduce_tensor(size_t k, cuda::bf16* g, cudaStream_t stream);
+  // NCCL: waits (with the communicators' timeout) for what allreduce_tensor() enqueued; over MPI
+  // staging nothing is left in flight, so it returns at once.
+  void wait(cudaStream_t stream);
   // sumsq[t] (device, f64, one per tensor, after the all-reduce) -> the global sum of squares:
   // replicated tensors once, expert shards summed over the EP group. Waits for the stream.
   // Collective over the EP group.
@@ -60,10 +71,19 @@ class DeviceGradReducer {
   const std::vector<DeviceTensor>& tensors() const { return t_; }
 
  private:
+  struct Range {  // one tensor's elements on the device
+    void* p;
+    int64_t n;
+  };
   template <class T>
-  void reduce_group(T* grads, bool expert, const Comm& c, cudaStream_t stream);
+  void reduce(T* grads, cudaStream_t stream);  // allreduce(): every tensor, grouped
+  // ranges_ summed over the world (replicated) or the DP group (expert shards)
   template <class T>
-  void reduce_group_nccl(T* grads, bool expert, NcclGroup& g, cudaStream_t stream);
+  void reduce_ranges(bool expert, bool wait, cudaStream_t stream);
+  template <class T>
+  void reduce_mpi(const Comm& c, cudaStream_t stream);
+  template <class T>
+  void reduce_nccl(NcclGroup& g, bool wait, cudaStream_t stream);
 
   Groups g_;  // copies share the communicators
   std::vector<DeviceTensor> t_;
@@ -71,7 +91,8 @@ class DeviceGradReducer {
   std::vector<float> sum_;     // [kBucket] fp32 bucket for MPI
   std::vector<double> small_;  // allreduce_small / global_sumsq staging
   NcclGroup *nccl_world_ = nullptr, *nccl_dp_ = nullptr;
-  std::vector<void*> bufs_;       // NCCL: the group's tensors
+  std::vector<Range> ranges_;     // the tensors of one reduce (reused: no allocation per step)
+  std::vector<void*> bufs_;       // NCCL: the same as pointers and counts
   std::vector<size_t> counts_;
 };
 

@@ -20,7 +20,9 @@
 // the recomputable activations shared by all layers (ln1, normed and roped q/k, ln2, gate_up;
 // the expert outputs in temporaries), recomputed at the start of the layer's MLP and attention
 // backward. Every kernel is
-// deterministic, so the recomputed tensors are the forward's bits.
+// deterministic, so the recomputed tensors are the forward's bits. With several ranks done()
+// first sums the tensor's gradient over its group (DeviceGradReducer::allreduce_tensor: the
+// default mode's reduce, one tensor at a time), so both modes apply the same update.
 //
 // Several ranks (CudaDist): every `if (s.dist)` / `if (s.ep)` branch below; without them the
 // single-GPU path runs exactly as before. Expert parallelism keeps one dist::EpMoeCuda per MoE
@@ -166,9 +168,12 @@ struct Qwen3MoeCuda::State {
   cu::DeviceBuffer<float> g32, m32, v32;
   // memory-saving mode: gradient scratch (the largest tensor; biases beside their weight in
   // gsc_small; a tied wte/lm_head gradient, alive from the forward's lm_head to the embedding
-  // backward, in gsc_tied), each tensor's g^2 sum (slots, per layout tensor), the step's settings
-  cu::DeviceBuffer<bf16> gsc, gsc_small, gsc_tied;
+  // backward, in gsc_tied; under EP the experts' down gradient, written by the EP block's
+  // backward together with gate_up's, in gsc_down), each tensor's g^2 sum (slots, per layout
+  // tensor), which tensors this step has updated (applied; host), the step's settings
+  cu::DeviceBuffer<bf16> gsc, gsc_small, gsc_tied, gsc_down;
   cu::DeviceBuffer<double> slots;
+  std::vector<char> applied;      // [segs]
   std::map<int64_t, int> seg_at;  // device offset -> index in segs
   AdamWConfig ac{};
   float lr = 0.f, max_norm = 0.f;
@@ -295,11 +300,19 @@ struct Qwen3MoeCuda::State {
   // The gradient of the tensor at `off` is complete: the memory-saving mode's AdamW on it now
   // (its weights are not read again in this step), and its g^2 sum into its slot.
   void done(int64_t off, bool aux = false) {
-    if (!memsave) return;
+    if (memsave) done_at(off, g16_at(off, aux));
+  }
+  // ... with its gradient at `g`. Several ranks: summed over its group first (the default
+  // mode's reduce; every rank reaches the same done() calls in the same order).
+  void done_at(int64_t off, bf16* g) {
     const int k = seg_at.at(off);
-    cu::adamw_step_sumsq(p16.get() + off, g16_at(off, aux), m16.get() + off, v16.get() + off,
-                         segs[size_t(k)].n, lr, ac.beta1, ac.beta2, ac.eps, ac.weight_decay,
-                         adam_t, d_coef, slots.get() + k, ctx);
+    AM_CHECK(!applied[size_t(k)], "internal: memory-saving mode updated {} twice in one step",
+             layout_model.layout().params[size_t(k)].name);
+    applied[size_t(k)] = 1;
+    if (dist) reducer->allreduce_tensor(size_t(k), g, ctx.stream);
+    cu::adamw_step_sumsq(p16.get() + off, g, m16.get() + off, v16.get() + off, segs[size_t(k)].n,
+                         lr, ac.beta1, ac.beta2, ac.eps, ac.weight_decay, adam_t, d_coef,
+                         slots.get() + k, ctx);
   }
   // dx (nullable) = dx_beta * dx + dout @ w; dW (and db when b_off >= 0) of the parameter at
   // w_off; `last`: no further writes to dW follow in this step (done()).
@@ -374,9 +387,6 @@ Qwen3MoeCuda::Qwen3MoeCuda(const ModelConfig& cfg, Precision precision, int devi
   AM_CHECK(!memory_saving || precision == Precision::BF16,
            "train.memory_saving needs train.precision bf16 (the mode drops the bf16 gradient "
            "arena; with fp32_master use the default mode)");
-  AM_CHECK(!s.dist || !memory_saving,
-           "train.memory_saving runs on one GPU for now (its AdamW inside the backward would need "
-           "the gradient all-reduce per tensor); turn it off under mpirun, or run one process");
   AM_CHECK(!s.ep || precision == Precision::BF16,
            "train.precision fp32_master is not supported with expert parallelism on the GPU yet "
            "(the EP block writes bf16 expert gradients); use train.precision bf16, or train.ep 1");
@@ -449,7 +459,14 @@ Qwen3MoeCuda::Qwen3MoeCuda(const ModelConfig& cfg, Precision precision, int devi
       s.gsc = cu::DeviceBuffer<bf16>(size_t(biggest));
       s.gsc_small = cu::DeviceBuffer<bf16>(size_t(std::max<int64_t>(s.max_small, 1)));
       if (s.tied) s.gsc_tied = cu::DeviceBuffer<bf16>(size_t(cfg.vocab_size * cfg.hidden_size));
+      if (s.ep) {
+        int64_t down = 0;
+        for (auto& o : s.lo)
+          if (o.moe) down = std::max(down, s.segs[size_t(s.seg_at.at(o.ex_down))].n);
+        s.gsc_down = cu::DeviceBuffer<bf16>(size_t(down));
+      }
       s.slots = cu::DeviceBuffer<double>(s.segs.size());
+      s.applied.assign(s.segs.size(), 0);
       CUDA_CHECK(cudaMemset(s.slots.get(), 0, s.segs.size() * sizeof(double)));
     } else {
       s.g16 = cu::DeviceBuffer<bf16>(P);
@@ -811,7 +828,8 @@ CudaMemory Qwen3MoeCuda::memory() const {
   CudaMemory m;
   m.params = s.p16.bytes();
   m.master = s.p32.bytes();
-  m.grads = s.g16.bytes() + s.g32.bytes() + s.gsc.bytes() + s.gsc_small.bytes() + s.gsc_tied.bytes();
+  m.grads = s.g16.bytes() + s.g32.bytes() + s.gsc.bytes() + s.gsc_small.bytes() +
+            s.gsc_tied.bytes() + s.gsc_down.bytes();
   m.moments = s.m16.bytes() + s.v16.bytes() + s.m32.bytes() + s.v32.bytes();
   m.activations = s.acts.bytes();
   for (auto& e : s.ep_moe) m.activations += e->device_bytes();  // EP buffers count as activations
@@ -848,6 +866,7 @@ void Qwen3MoeCuda::begin_step(const AdamWConfig& c, float lr, float max_grad_nor
   // the clip coefficient from the previous step's norm (d_sumsq: 0 before the first step)
   cu::clip_coef(s.d_coef, s.d_norm, s.d_sumsq, max_grad_norm, s.ctx);
   CUDA_CHECK(cudaMemsetAsync(s.slots.get(), 0, s.slots.bytes(), s.ctx.stream));
+  std::fill(s.applied.begin(), s.applied.end(), char(0));
   s.step_begun = true;
   s.step_applied = false;
 }
@@ -1122,7 +1141,9 @@ void Qwen3MoeCuda::backward() {
     bf16* ys = s.memsave ? s.ys_b : a.ys;
     if (s.memsave) {  // this layer's MLP activations again, before its weights change
       cu::rmsnorm_fwd(a.ln2, a.ln2_rstd, a.x_mid, s.W(o.ln2), N, H, eps, ctx);
-      if (o.moe) {
+      if (o.moe && s.ep) {
+        // nothing more: the EP block's backward reads its saved state from the EP arena
+      } else if (o.moe) {
         cu::permute_fwd(s.xs_b, a.ln2, a.slot_row, N, K, H, ctx);
         cu::grouped_linear_fwd(a.gu, s.xs_b, s.W(o.ex_gu), a.offsets, N * K, E, H, 2 * I, ctx);
         cu::swiglu_fwd(s.act_b, a.gu, N * K, I, ctx);
@@ -1135,8 +1156,15 @@ void Qwen3MoeCuda::backward() {
     if (o.moe && s.ep) {  // combine's gradient is a dispatch, dispatch's a combine
       const float* probs = s.probs_all + o.moe_index * N * E;
       const int32_t* idx = s.topk_all + o.moe_index * N * K;
-      s.ep_moe[size_t(o.moe_index)]->bwd(s.dln, s.dtopk_w, s.g16_at(o.ex_gu), s.g16_at(o.ex_down),
-                                         beta, s.dres, s.W(o.ex_gu), s.W(o.ex_down), ctx);
+      // memory-saving: both expert gradients come out of one call, so down's has its own scratch
+      bf16* dgu = s.g16_at(o.ex_gu);
+      bf16* ddown = s.memsave ? s.gsc_down.get() : s.g16_at(o.ex_down);
+      s.ep_moe[size_t(o.moe_index)]->bwd(s.dln, s.dtopk_w, dgu, ddown, beta, s.dres,
+                                         s.W(o.ex_gu), s.W(o.ex_down), ctx);
+      if (s.memsave) {
+        s.done_at(o.ex_down, ddown);
+        s.done_at(o.ex_gu, dgu);
+      }
       cu::router_bwd(s.drl, s.dtopk_w,
                      s.aux_grad != 0.f ? s.dprobs_all + o.moe_index * N * E : nullptr, probs, idx,
                      N, E, K, c.norm_topk_prob, ctx);
@@ -1221,8 +1249,19 @@ void Qwen3MoeCuda::optimizer_step(const AdamWConfig& c, float lr, float max_grad
              "the backward already applied");
     s.step_applied = false;
     s.fresh = true;
-    cu::sum_f64(s.d_sumsq, s.slots.get(), int64_t(s.segs.size()), ctx);  // this step's g^2
-    cu::clip_coef(s.d_coef, s.d_norm, s.d_sumsq, max_grad_norm, ctx);    // its norm, for metrics
+    for (size_t k = 0; k < s.applied.size(); ++k)  // a tensor left out would never train
+      AM_CHECK(s.applied[k], "internal: memory-saving mode: the backward did not update {}",
+               s.layout_model.layout().params[k].name);
+    if (s.dist) {  // this step's g^2: replicated tensors once, expert shards over the EP group
+      s.reducer->wait(ctx.stream);  // NCCL: the backward's all-reduces (timed)
+      s.sumsq_host[0] = s.reducer->global_sumsq(s.slots.get(), ctx.stream);  // waits
+      CUDA_CHECK(cudaMemcpyAsync(s.d_sumsq, s.sumsq_host, sizeof(double), cudaMemcpyHostToDevice,
+                                 ctx.stream));
+    } else {
+      cu::sum_f64(s.d_sumsq, s.slots.get(), int64_t(s.segs.size()), ctx);  // this step's g^2
+    }
+    // its norm, for metrics; d_sumsq stays for the next begin_step's clip coefficient
+    cu::clip_coef(s.d_coef, s.d_norm, s.d_sumsq, max_grad_norm, ctx);
     CUDA_CHECK(cudaMemcpyAsync(s.norm_host, s.d_norm, sizeof(float), cudaMemcpyDeviceToHost,
                                ctx.stream));
     CUDA_CHECK(cudaEventRecord(s.norm_ready, ctx.stream));
@@ -1262,6 +1301,8 @@ void Qwen3MoeCuda::allreduce_grads() {
   State& s = *s_;
   if (!s.dist) return;
   AM_CHECK(!s.fresh, "allreduce_grads() without gradients: run forward() and backward() first");
+  AM_CHECK(!s.memsave, "allreduce_grads: the memory-saving mode keeps no gradient arena (each "
+           "gradient is summed over the ranks inside the backward); use the default mode");
   if (s.bf16_mode()) s.reducer->allreduce(s.g16.get(), s.ctx.stream);
   else s.reducer->allreduce(s.g32.get(), s.ctx.stream);
 }

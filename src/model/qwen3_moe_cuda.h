@@ -6,7 +6,8 @@
 // Memory (all allocated up front, nothing on the hot path):
 //   parameters  bf16 compute copy [P] (+ fp32 master [P] with Precision::FP32Master)
 //   gradients   bf16 [P] (fp32 with FP32Master), same layout as the parameters; in the
-//               memory-saving mode (below) only a scratch of the largest tensor's size
+//               memory-saving mode (below) only a scratch of the largest tensor's size (+ one
+//               layer's expert down gradient under expert parallelism)
 //   AdamW m, v  bf16 [P] each (fp32 with FP32Master)
 //   activations one arena planned for (B, T) by plan(): saved per-layer tensors, the
 //               residual stream, then one region shared by the forward's and the backward's
@@ -22,8 +23,9 @@
 // dist::EpMoeCuda (counts mode) over the given transport. The loss and aux loss are those of the
 // global batch; optimizer_step() all-reduces the gradients (replicated tensors over the world,
 // expert shards over their DP group), clips by the global norm (each expert counted once) and
-// runs AdamW on this rank. With world size 1 nothing of this runs: the single-GPU code path and
-// its numerics are unchanged (bit-identical).
+// runs AdamW on this rank (the memory-saving mode does the same per tensor inside the backward;
+// below). With world size 1 nothing of this runs: the single-GPU code path and its numerics are
+// unchanged (bit-identical).
 //
 // The lm_head and the cross-entropy run in chunks of rows: per chunk, logits [rows, V] (bf16),
 // the loss, dlogits in place, and lm_head's backward into d(ln_f out) and dW_lm_head, all in
@@ -88,12 +90,21 @@ struct CudaMemory {  // bytes
 //   - Per layer only the residual input, q/k before their norms and v, the attention output
 //     (+ its log-sum-exp), the post-attention residual and the routing (top-k, weights, expert
 //     offsets) are kept; the backward recomputes ln1, the q/k norms and RoPE, ln2 and the
-//     experts' gate_up and down outputs from them, before that layer's weights are updated.
+//     experts' gate_up and down outputs from them, before that layer's weights are updated
+//     (under expert parallelism the EP block keeps its expert state in its arena, as in the
+//     default mode; only ln2 is recomputed for the router).
+//   - Several ranks: each tensor's gradient is summed over its group just before its AdamW
+//     (replicated over the world, expert shards over their DP group: DeviceGradReducer::
+//     allreduce_tensor, the default mode's sum and bf16 rounding; over NCCL enqueued on the
+//     stream, over MPI staging one host sync per tensor), so with max_grad_norm 0 the mode
+//     trains exactly as the default mode under the same ranks. The norm that clips the next step
+//     is the global one (replicated tensors once, expert shards summed over the EP group, in
+//     optimizer_step(): one host sync), the same on every rank.
 class Qwen3MoeCuda {
  public:
   // Several ranks (`dist.groups` with world size > 1): bf16 precision under expert parallelism
-  // (the EP block's expert gradients are bf16), no memory-saving mode; the groups and the
-  // transport must outlive the model.
+  // (the EP block's expert gradients are bf16); the groups and the transport must outlive the
+  // model.
   explicit Qwen3MoeCuda(const ModelConfig& cfg, Precision precision = Precision::BF16,
                         int device = 0, bool memory_saving = false, const CudaDist& dist = {});
   ~Qwen3MoeCuda();
@@ -147,12 +158,14 @@ class Qwen3MoeCuda {
   // Several ranks: first the gradient all-reduce and the global norm (host-staged over MPI:
   // synchronises; dist/data_parallel_cuda.h).
   // Memory-saving mode: AdamW already ran in the backward (with begin_step's settings, which
-  // these must equal); this only sums the step's gradient norm.
+  // these must equal); this only sums the step's gradient norm (several ranks: the global norm,
+  // one host sync) and checks that every tensor was updated.
   void optimizer_step(const AdamWConfig& c, float lr, float max_grad_norm);
   float grad_norm();  // the last optimizer_step's norm before clipping (waits)
   // Several ranks: sums the gradients over the ranks now (replicated over the world, experts
   // over their DP group), for a caller that reads them without a step (`automoe forward
-  // --grads`); optimizer_step() does it itself. A no-op in one process.
+  // --grads`); optimizer_step() does it itself. A no-op in one process. Not in the
+  // memory-saving mode (its backward reduces each gradient itself).
   void allreduce_grads();
   // Top-k experts of every MoE layer in the last forward, [nMoE * N, K] (parity tools; waits).
   std::vector<int32_t> download_router_topk() const;

@@ -140,6 +140,9 @@ TrainConfig load_train_config(const std::string& path,
     AM_CHECK(c.grad_accum == 1, "train.memory_saving applies AdamW inside the backward, so it "
              "cannot accumulate gradients: set train.grad_accum 1 (and raise data.micro_batch) "
              "or leave train.memory_saving off");
+    AM_CHECK(c.zero == 0, "train.memory_saving keeps every rank's full AdamW moments and "
+             "updates each tensor inside the backward, so it does not combine with train.zero {}; "
+             "use train.zero 0 or leave train.memory_saving off", c.zero);
   }
   AM_CHECK(c.zero >= 0 && c.zero <= 2,
            "train.zero must be 0 (replicated optimizer state), 1 (optimizer state sharded over the "

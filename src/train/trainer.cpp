@@ -325,6 +325,15 @@ TrainResult run_finetune(const TrainConfig& cfg,
       save_checkpoint(cfg.output_dir, st, model, opt, cfg.keep_checkpoints, zero.get());
     }
   }
+  // Several ranks: the replicas must have stayed identical (the host model holds the last
+  // step's weights: the last step always saves a checkpoint).
+  if (multi) {
+    const uint64_t h = dist::check_replicas(model.params(), model.layout(), g);
+    if (lead)
+      std::printf("replicas identical on %d ranks: replicated parameters (hash %016llx), expert "
+                  "shards over each data-parallel group\n",
+                  world, (unsigned long long)h);
+  }
   if (cfg.export_hf) {
     result.export_dir = (fs::path(cfg.output_dir) / "hf").string();
     if (dev) dev->download(model, nullptr);

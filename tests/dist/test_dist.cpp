@@ -6,6 +6,7 @@
 // over 20 fine-tuning steps of the built-in tiny-moe; checkpoints resume bit-identically.
 // Run directly (world size 1, as ctest's per-test entries do) it checks the CLI launched with
 // mpirun: the forward contract, finetune outputs, and that one failing rank stops all of them.
+// The end-of-run replica check (dist::check_replicas) finds one changed element.
 // ZeRO (train.zero) is checked in test_zero.cpp; main() here starts MPI for both files.
 #include <gtest/gtest.h>
 
@@ -420,6 +421,36 @@ TEST(EpTrain, ResumeAfterInterruptionIsBitIdentical) {
   }
   g.world.barrier();
   if (g_rank == 0) fs::remove_all(dir);
+}
+
+// The end-of-run replica check (run_finetune calls it under mpirun): equal weights pass, one
+// replicated element changed on the last rank stops every rank, an expert element only when the
+// shard has DP replicas (with dp = 1 the EP ranks hold different experts by design).
+TEST(Replicas, ADriftedReplicaIsFoundOnEveryRank) {
+  NEEDS_MPI();
+  for (int ep = 1; ep <= g_world; ep *= 2) {
+    dist::Groups g = dist::make_groups(ep);
+    Qwen3Moe m(builtin_model_config("tiny-moe"), &g);
+    std::vector<float>& p = m.params();
+    std::fill(p.begin(), p.end(), 0.5f);
+    EXPECT_NO_THROW(dist::check_replicas(p, m.layout(), g)) << "ep " << ep;
+    auto drift = [&](const std::string& name) {  // +1 ulp of one element on the last rank
+      std::fill(p.begin(), p.end(), 0.5f);
+      if (g_rank == g_world - 1)
+        p[size_t(m.layout().find(name).offset)] = std::nextafter(0.5f, 1.f);
+      try {
+        dist::check_replicas(p, m.layout(), g);
+        return std::string();
+      } catch (const Error& e) {
+        return std::string(e.what());
+      }
+    };
+    EXPECT_NE(drift("layers.1.moe.router").find("replicated parameters"), std::string::npos)
+        << "ep " << ep;
+    const std::string ex = drift("layers.0.moe.experts_down");
+    if (g.dp_size() > 1) EXPECT_NE(ex.find("expert shards"), std::string::npos) << "ep " << ep;
+    else EXPECT_EQ(ex, "") << "ep " << ep;
+  }
 }
 
 TEST(Ep8, TinyMoeOneExpertPerRankFewSteps) {

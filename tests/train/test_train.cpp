@@ -178,6 +178,13 @@ TEST(Recipe, MemorySavingNeedsCudaBf16AndNoAccumulation) {
   EXPECT_NE(err({{"train.device", "cuda"}, {"train.grad_accum", "2"}}).find("train.grad_accum 1"),
             std::string::npos);
   EXPECT_EQ(err({{"train.device", "cuda"}}), "");
+  // under mpirun with expert parallelism (the gradients are summed inside the backward)
+  EXPECT_EQ(err({{"train.device", "cuda"}, {"train.ep", "2"}}), "");
+  EXPECT_NE(err({{"train.device", "cuda"}, {"train.ep", "2"}, {"train.grad_accum", "4"}})
+                .find("cannot accumulate gradients"),
+            std::string::npos);
+  EXPECT_NE(err({{"train.device", "cuda"}, {"train.zero", "1"}}).find("train.zero"),
+            std::string::npos);
   TrainConfig ok = load_train_config("", {{"model.builtin", "tiny-moe"}, {"data.builtin", "addition"},
                                           {"train.device", "cuda"}, {"train.memory_saving", "true"}});
   EXPECT_TRUE(ok.memory_saving);
