@@ -5,6 +5,11 @@ rank: the same global batches) must agree within bf16 noise.
 
     python3 bench/compare_loss_curves.py REF.jsonl RUN.jsonl [--first-rel 0.01] [--max-abs 0.1]
                                          [--tail-rel 0.05] [--tail 10]
+    python3 bench/compare_loss_curves.py --exact REF.jsonl RUN.jsonl
+
+--exact: two runs that must compute the same bits (e.g. train.ep_recompute experts against
+none, same ranks and transport: the recomputed activations are the forward's bits) must log
+the same loss and grad norm at every step; one FAIL line per step that differs.
 
 Limits (defaults), and why:
   first-rel  step 1's loss (and grad norm) relative difference <= 1%. Both runs start from the
@@ -43,6 +48,7 @@ def main():
     ap.add_argument("--max-abs", type=float, default=0.1)
     ap.add_argument("--tail-rel", type=float, default=0.05)
     ap.add_argument("--tail", type=int, default=10)
+    ap.add_argument("--exact", action="store_true", help="every step's loss and grad norm equal")
     a = ap.parse_args()
     ref, run = curve(a.ref), curve(a.run)
     steps = sorted(set(ref) & set(run))
@@ -57,6 +63,16 @@ def main():
           f"steps: {len(ref)} in {a.ref}, {len(run)} in {a.run}, {len(steps)} in common")
     if not steps:
         return 1
+    if a.exact:
+        differ = [s for s in steps if (ref[s]["loss"], ref[s]["grad_norm"]) != (run[s]["loss"], run[s]["grad_norm"])]
+        for s in differ[:10]:
+            check(False, f"step {s}: loss {ref[s]['loss']!r} vs {run[s]['loss']!r}, grad_norm "
+                  f"{ref[s]['grad_norm']!r} vs {run[s]['grad_norm']!r}")
+        fails += max(0, len(differ) - 10)
+        check(not differ, f"exact: {len(steps) - len(differ)} of {len(steps)} steps with the same "
+              f"loss and grad norm")
+        print(f"compare_loss_curves: {fails} failed")
+        return fails
     s1 = steps[0]
     for key in ("loss", "grad_norm"):
         r, g = ref[s1][key], run[s1][key]
