@@ -33,9 +33,9 @@
 // A small unaligned suite (H 100, I 36, N 37: the scalar kernel paths, the GEMM fallback)
 // runs before the given shapes in loopback mode. Counts mode also runs the arena check
 // (check_arena), once per recompute option: three layers' forwards then backwards in reverse
-// through one shared EpSavedArena, bit-identical to each layer run alone (keeping everything); a backward after a reset refused; an
-// arena too small stopping with the overflow error. Prints PASS/FAIL lines; the exit code is the
-// number of failures (at most 255).
+// through one shared EpSavedArena, bit-identical to each layer run alone (keeping everything);
+// a backward after a reset refused; an arena too small stopping with the overflow error.
+// Prints PASS/FAIL lines; the exit code is the number of failures (at most 255).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -455,7 +455,8 @@ void check_shape(Tally& tally, dist::EpTransport& t, dist::EpMode mode, const Sh
   const dist::EpMoeShape sh{s.N, s.H, s.I, s.E, s.K};
   Blocks blocks;
   blocks.scratch =
-      std::make_shared<dist::EpMoeScratch>(sh, s.P, t.num_local(), mode, dist::EpRecompute::kExperts);
+      std::make_shared<dist::EpMoeScratch>(sh, s.P, t.num_local(), mode,
+                                           dist::EpRecompute::kExperts);
   size_t bytes = blocks.scratch->bytes();
   std::string names;
   for (dist::EpRecompute rc : rcs) {

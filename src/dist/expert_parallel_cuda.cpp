@@ -79,8 +79,8 @@ EpSavedArena::EpSavedArena(size_t bytes, std::string w)
 EpMoeCuda::EpMoeCuda(EpTransport& t, const EpMoeShape& shape, EpMode mode, EpRecompute recompute,
                      std::shared_ptr<EpMoeScratch> scratch, std::shared_ptr<EpSavedArena> arena,
                      std::string label)
-    : t_(t), s_(shape), mode_(mode), rc_(recompute), P_(t.size()), L_(t.num_local()), sc_(std::move(scratch)),
-      arena_(std::move(arena)), label_(std::move(label)) {
+    : t_(t), s_(shape), mode_(mode), rc_(recompute), P_(t.size()), L_(t.num_local()),
+      sc_(std::move(scratch)), arena_(std::move(arena)), label_(std::move(label)) {
   const int64_t H = s_.H, I = s_.I, E = s_.E, K = s_.K, Nmax = s_.max_tokens;
   AM_CHECK(H > 0 && I > 0 && K > 0 && Nmax >= 0, "[EpMoeCuda] needs H, I, K > 0 (got {}, {}, {})",
            H, I, K);

@@ -133,7 +133,8 @@ TEST(EpArena, SizeFollowsTheCapacityFactorAndStopsAtTheWorstCase) {
   // a factor past the worst case is the worst case (it could never be used up)
   EXPECT_EQ(dist::ep_arena_bytes(kQwen, P, layers, 1, 100.0, EpRecompute::kNone), worst);
   // loopback: P local ranks carve from one arena
-  EXPECT_EQ(dist::ep_arena_worst_bytes(kQwen, P, P, EpRecompute::kNone), size_t(P) * dist::ep_arena_worst_bytes(kQwen, P, 1, EpRecompute::kNone));
+  EXPECT_EQ(dist::ep_arena_worst_bytes(kQwen, P, P, EpRecompute::kNone),
+            size_t(P) * dist::ep_arena_worst_bytes(kQwen, P, 1, EpRecompute::kNone));
   EXPECT_THROW(dist::ep_arena_bytes(kQwen, P, layers, 1, 0.0, EpRecompute::kNone), std::exception);
   EXPECT_THROW(dist::ep_arena_bytes(kQwen, P, layers, 1, -1.0, EpRecompute::kNone), std::exception);
 }
@@ -206,7 +207,8 @@ TEST(EpArena, RecomputeRecipeKey) {
       {"model.builtin", "tiny-moe"}, {"data.builtin", "addition"}};
   const auto d = load_train_config("", base);
   EXPECT_EQ(d.ep_recompute, "none");
-  EXPECT_EQ(d.to_yaml().find("ep_recompute"), std::string::npos) << d.to_yaml();  // default: not written
+  // the default is not written
+  EXPECT_EQ(d.to_yaml().find("ep_recompute"), std::string::npos) << d.to_yaml();
   auto o = base;
   o.push_back({"train.device", "cuda"});
   o.push_back({"train.ep", "2"});
