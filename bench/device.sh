@@ -27,8 +27,10 @@
 #             mpirun -np 2 (check + dispatch/combine bandwidth) and the kill drills (a rank exits,
 #             or stops communicating, mid-run: the job must end non-zero within the NCCL timeout).
 #             EP_LOOPBACK: the loopback P values (default "2 4 8").
-#             At the default shapes each loopback P took about 3 minutes on an H200: give the
-#             call room, or EP_ARGS="--tokens 2048". A call that outruns the device tool's limit
+#             At the default shapes each loopback P took about 3 minutes on an H200 (before
+#             ep_check also ran the recompute options, train.ep_recompute: two more blocks per
+#             case and two more arena checks, compared bitwise): give the call room, or
+#             EP_ARGS="--tokens 2048" (EP_ARGS="--recompute none" leaves the options out). A call that outruns the device tool's limit
 #             brings back no output: keep logs under $OUT, not only in a pipe.
 #   ep_model  (not default) the CUDA model and trainer with expert parallelism: the demo recipe,
 #             EP_STEPS (50) steps, on one GPU with micro_batch 16, then `mpirun -np 2 ...

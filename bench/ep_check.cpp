@@ -204,9 +204,10 @@ void compare(Tally& t, const std::string& what, const std::vector<float>& got,
               bad ? (" " + std::to_string(bad) + " non-finite").c_str() : "");
 }
 
-void same_bits(Tally& t, const std::string& what, const std::vector<float>& a,
-               const std::vector<float>& b) {
-  const bool ok = a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+template <class T>
+void same_bits(Tally& t, const std::string& what, const std::vector<T>& a,
+               const std::vector<T>& b) {
+  const bool ok = a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
   ++t.checks;
   if (!ok) ++t.fails;
   std::printf("%-4s %s %-34s %s\n", ok ? "PASS" : "FAIL", t.tag.c_str(), what.c_str(),
@@ -365,6 +366,19 @@ std::vector<float> local_rows(const Buf<T>& b, const dist::EpTransport& t, int64
   return out;
 }
 
+// The same rows as stored (bf16 or f32), for bitwise comparisons: no conversion, so the expert
+// gradients ([E,2I,H] over the local ranks) cost a copy, not a pass over floats.
+template <class T>
+std::vector<T> local_raw(const Buf<T>& b, const dist::EpTransport& t, int64_t rows, int64_t cols) {
+  std::vector<T> out(size_t(t.num_local() * rows * cols));
+  for (int i = 0; i < t.num_local(); ++i)
+    if (rows * cols > 0)
+      CUDA_CHECK(cudaMemcpy(out.data() + size_t(i * rows * cols),
+                            b.get() + int64_t(t.rank_of(i)) * rows * cols,
+                            size_t(rows * cols) * sizeof(T), cudaMemcpyDeviceToHost));
+  return out;
+}
+
 // What the forward leaves in the scratch's expert buffers must not reach the backward: fill
 // them with a wrong (finite) value between the two, so a recompute that was skipped reads it and
 // the bits differ. 0x3F bytes: every bf16 0.746.
@@ -402,16 +416,19 @@ void check_case(Tally& tally, Blocks& blocks, dist::EpTransport& t, const Shape&
   t.sync(ctx.stream);
   const int64_t El = s.El();
   auto out = local_rows(p.out_ep, t, s.N, s.H), dx = local_rows(p.dx_ep, t, s.N, s.H);
-  const auto dtw = local_rows(p.dtw_ep, t, s.N, s.K);
-  const auto ggu = local_rows(p.ggu_ep, t, El, 2 * s.I * s.H);
-  const auto gdown = local_rows(p.gdown_ep, t, El, s.H * s.I);
   compare(tally, name + " out", out, local_rows(p.out_ref, t, s.N, s.H), kOut);
   compare(tally, name + " dx", dx, local_rows(p.dx_ref, t, s.N, s.H), kDx);
-  compare(tally, name + " dtopk_w", dtw, local_rows(p.dtw_ref, t, s.N, s.K), kDw);
+  compare(tally, name + " dtopk_w", local_rows(p.dtw_ep, t, s.N, s.K),
+          local_rows(p.dtw_ref, t, s.N, s.K), kDw);
   const auto ggu_ref = local_rows(p.ggu_ref, t, El, 2 * s.I * s.H);
   const auto gdown_ref = local_rows(p.gdown_ref, t, El, s.H * s.I);
-  compare(tally, name + " d w_gate_up", ggu, ggu_ref, kGrad);
-  compare(tally, name + " d w_down", gdown, gdown_ref, kGrad);
+  compare(tally, name + " d w_gate_up", local_rows(p.ggu_ep, t, El, 2 * s.I * s.H), ggu_ref, kGrad);
+  compare(tally, name + " d w_down", local_rows(p.gdown_ep, t, El, s.H * s.I), gdown_ref, kGrad);
+  // this pass's bits, for the recompute options below
+  const auto dtw_b = local_raw(p.dtw_ep, t, s.N, s.K);
+  const auto ggu_b = local_raw(p.ggu_ep, t, El, 2 * s.I * s.H);
+  const auto gdown_b = local_raw(p.gdown_ep, t, El, s.H * s.I);
+  const auto out_b = local_raw(p.out_ep, t, s.N, s.H), dx_b = local_raw(p.dx_ep, t, s.N, s.H);
   if (ep.mode() == dist::EpMode::kCounts && t.num_local() > 1) {
     std::printf("     %s rows received per rank:", name.c_str());
     for (int i = 0; i < t.num_local(); ++i) std::printf(" %lld", (long long)ep.rows_received(i));
@@ -438,11 +455,11 @@ void check_case(Tally& tally, Blocks& blocks, dist::EpTransport& t, const Shape&
     poison_scratch(*blocks.scratch, ctx);
     re.bwd(ba.data(), 0.f, ctx);
     t.sync(ctx.stream);
-    same_bits(tally, rn + " out", local_rows(p.out_ep2, t, s.N, s.H), out);
-    same_bits(tally, rn + " dx", local_rows(p.dx_ep, t, s.N, s.H), dx);
-    same_bits(tally, rn + " dtopk_w", local_rows(p.dtw_ep, t, s.N, s.K), dtw);
-    same_bits(tally, rn + " d w_gate_up", local_rows(p.ggu_ep, t, El, 2 * s.I * s.H), ggu);
-    same_bits(tally, rn + " d w_down", local_rows(p.gdown_ep, t, El, s.H * s.I), gdown);
+    same_bits(tally, rn + " out", local_raw(p.out_ep2, t, s.N, s.H), out_b);
+    same_bits(tally, rn + " dx", local_raw(p.dx_ep, t, s.N, s.H), dx_b);
+    same_bits(tally, rn + " dtopk_w", local_raw(p.dtw_ep, t, s.N, s.K), dtw_b);
+    same_bits(tally, rn + " d w_gate_up", local_raw(p.ggu_ep, t, El, 2 * s.I * s.H), ggu_b);
+    same_bits(tally, rn + " d w_down", local_raw(p.gdown_ep, t, El, s.H * s.I), gdown_b);
   }
   std::fflush(stdout);
 }
@@ -493,14 +510,16 @@ void check_arena(Tally& tally, dist::EpTransport& t, const Shape& s,
   const dist::EpMoeShape sh{s.N, s.H, s.I, s.E, s.K};
   const int64_t El = s.El();
   std::vector<Problem> p(n);
-  struct Got {
-    std::vector<float> out, dx, dtw, ggu, gdown;
+  struct Got {  // as stored: compared bitwise
+    std::vector<bf16> out, dx;
+    std::vector<float> dtw;
+    std::vector<bf16> ggu, gdown;
   };
   std::vector<Got> alone(n);
   auto get = [&](Problem& q) {
-    return Got{local_rows(q.out_ep, t, s.N, s.H), local_rows(q.dx_ep, t, s.N, s.H),
-               local_rows(q.dtw_ep, t, s.N, s.K), local_rows(q.ggu_ep, t, El, 2 * s.I * s.H),
-               local_rows(q.gdown_ep, t, El, s.H * s.I)};
+    return Got{local_raw(q.out_ep, t, s.N, s.H), local_raw(q.dx_ep, t, s.N, s.H),
+               local_raw(q.dtw_ep, t, s.N, s.K), local_raw(q.ggu_ep, t, El, 2 * s.I * s.H),
+               local_raw(q.gdown_ep, t, El, s.H * s.I)};
   };
   for (int l = 0; l < n; ++l) {
     p[l].s = s;
