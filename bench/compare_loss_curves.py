@@ -19,7 +19,9 @@ Limits (defaults), and why:
   tail-rel   the mean loss of the last `tail` steps differs by <= 5%: both runs learn alike.
   exact      comma-separated metrics (e.g. loss,ce_loss,aux_loss,grad_norm) that must be
              bit-identical at every step, for two runs that should do the same arithmetic (the
-             memory-saving mode against the default mode, max_grad_norm 0, same ranks). A key
+             memory-saving mode against the default mode, max_grad_norm 0, same ranks;
+             train.ep_recompute experts against none: the recomputed activations are the
+             forward's bits). A key
              absent from both files is skipped (aux_loss without router logits).
 Prints one line per check (ok / FAIL) and exits with the number of failures.
 """

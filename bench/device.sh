@@ -27,8 +27,10 @@
 #             mpirun -np 2 (check + dispatch/combine bandwidth) and the kill drills (a rank exits,
 #             or stops communicating, mid-run: the job must end non-zero within the NCCL timeout).
 #             EP_LOOPBACK: the loopback P values (default "2 4 8").
-#             At the default shapes each loopback P took about 3 minutes on an H200: give the
-#             call room, or EP_ARGS="--tokens 2048". A call that outruns the device tool's limit
+#             At the default shapes each loopback P took about 3 minutes on an H200 (before
+#             ep_check also ran the recompute options, train.ep_recompute: two more blocks per
+#             case and two more arena checks, compared bitwise): give the call room, or
+#             EP_ARGS="--tokens 2048" (EP_ARGS="--recompute none" leaves the options out). A call that outruns the device tool's limit
 #             brings back no output: keep logs under $OUT, not only in a pipe.
 #   ep_model  (not default) the CUDA model and trainer with expert parallelism: the demo recipe,
 #             EP_STEPS (50) steps, on one GPU with micro_batch 16, then `mpirun -np 2 ...
@@ -36,7 +38,11 @@
 #             ranks on GPU 0 over the MPI-staged transport; bench/compare_loss_curves.py judges
 #             the two loss curves (bf16 noise; its limits say why). With >= 2 GPUs the same
 #             over NCCL, a GPU per rank. First ep_check under mpirun -np 2 on GPU 0 over MPI
-#             staging (small shapes), which checks the transport alone. The same check and
+#             staging (small shapes), which checks the transport alone (and, bitwise, the
+#             recompute options, train.ep_recompute). Then the MPI run again with
+#             --train.ep_recompute experts: its curve must equal the MPI run's exactly
+#             (ep_model_mpi2_rc, ep_model_cmp_rc_exact) and follow one GPU's (ep_model_cmp_rc).
+#             The same check and
 #             training run over CUDA IPC buffers (AUTOMOE_EP_TRANSPORT=ipc, both ranks on GPU 0:
 #             ep_model_check_ipc2, ep_model_ipc2, ep_model_cmp_ipc). And `automoe forward --device cuda --ep 2` under
 #             mpirun (MPI staging) against the single-GPU forward of the same fixture
@@ -302,6 +308,17 @@ if has ep_model; then
       --output.dir "$BUILD/ep_model_mpi2"
     stage ep_model_cmp_mpi python3 bench/compare_loss_curves.py "$BUILD/ep_model_1gpu/metrics.jsonl" \
       "$BUILD/ep_model_mpi2/metrics.jsonl"
+    # train.ep_recompute experts: the EP backward rebuilds gate|up and the expert outputs instead
+    # of keeping them (ep_model_check_mpi2's "rc=" lines check the block bitwise: ep_check runs
+    # every recompute option by default). The same bits, so the curve must equal
+    # ep_model_mpi2's exactly (cmp_rc_exact), and follow one GPU's (cmp_rc)
+    stage ep_model_mpi2_rc mpirun --allow-run-as-root --oversubscribe -np 2 -x CUDA_VISIBLE_DEVICES=0 \
+      -x AUTOMOE_EP_TRANSPORT=mpi "$BUILD/automoe" "${run[@]}" --train.ep 2 --data.micro_batch 8 \
+      --train.ep_recompute experts --output.dir "$BUILD/ep_model_mpi2_rc"
+    stage ep_model_cmp_rc python3 bench/compare_loss_curves.py "$BUILD/ep_model_1gpu/metrics.jsonl" \
+      "$BUILD/ep_model_mpi2_rc/metrics.jsonl"
+    stage ep_model_cmp_rc_exact python3 bench/compare_loss_curves.py --exact loss,ce_loss,aux_loss,grad_norm \
+      "$BUILD/ep_model_mpi2/metrics.jsonl" "$BUILD/ep_model_mpi2_rc/metrics.jsonl"
     fx=tests/fixtures/hf/tiny_a
     stage ep_model_fwd1 "$BUILD/automoe" forward --model $fx/model --batch $fx/reference.safetensors \
       --out "$BUILD/ep_fwd1.safetensors" --grads --device cuda --dtype bf16

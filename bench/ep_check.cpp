@@ -11,7 +11,8 @@
 //                                    auto (default: nccl when every rank has its own GPU and
 //                                    NCCL is built in, else mpi)
 //   flags: --tokens N (8192, per rank) --hidden H (2048) --inter I (768) --experts E (128)
-//          --topk K (8) --modes counts,padded --iters 20 --warmup 3 --seed S --no-bench
+//          --topk K (8) --modes counts,padded --recompute none,outputs,experts (all three)
+//          --iters 20 --warmup 3 --seed S --no-bench
 //          --transport mpi|nccl|ipc|auto (under mpirun)
 //          --kill-rank R [--kill-mode exit|stall]   (NCCL: rank R exits abruptly, or stops
 //          communicating, in the middle of the bandwidth run; the others must stop with an
@@ -25,12 +26,16 @@
 // rows; every token on rank 0's experts; N odd), as NMSE = sum (ep - ref)^2 / sum ref^2:
 //   out, dx (bf16), dtopk_w (f32), the expert weight gradients (bf16, g_beta 0), then a second
 //   forward (must be bit-identical: no atomics) and a backward with g_beta 1 (gradients 2x).
+//   Then each recompute option of --recompute (EpRecompute: outputs, experts; train.
+//   ep_recompute), a block sharing the scratch, with the scratch's expert buffers overwritten
+//   between its forward and backward: out, dx, dtopk_w and both weight gradients must be
+//   bit-identical to the block that keeps everything ("rc=outputs", "rc=experts" lines).
 // A small unaligned suite (H 100, I 36, N 37: the scalar kernel paths, the GEMM fallback)
 // runs before the given shapes in loopback mode. Counts mode also runs the arena check
-// (check_arena): three layers' forwards then backwards in reverse through one shared
-// EpSavedArena, bit-identical to each layer run alone; a backward after a reset refused; an
-// arena too small stopping with the overflow error. Prints PASS/FAIL lines; the exit code is the
-// number of failures (at most 255).
+// (check_arena), once per recompute option: three layers' forwards then backwards in reverse
+// through one shared EpSavedArena, bit-identical to each layer run alone (keeping everything);
+// a backward after a reset refused; an arena too small stopping with the overflow error.
+// Prints PASS/FAIL lines; the exit code is the number of failures (at most 255).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -72,6 +77,9 @@ struct Opts {
   int loopback = 0;  // 0: NCCL under mpirun, loopback with 4 ranks otherwise
   int64_t N = 8192, H = 2048, I = 768, E = 128, K = 8;
   std::vector<dist::EpMode> modes{dist::EpMode::kCounts, dist::EpMode::kPadded};
+  // none first: the block checked against the reference, the others bitwise against it
+  std::vector<dist::EpRecompute> recompute{dist::EpRecompute::kNone, dist::EpRecompute::kOutputs,
+                                           dist::EpRecompute::kExperts};
   int iters = 20, warmup = 3;
   uint64_t seed = 20261129;
   bool bench = true;
@@ -83,7 +91,8 @@ struct Opts {
 [[noreturn]] void usage(const std::string& why) {
   std::fprintf(stderr,
                "ep_check: %s\nusage: ep_check [--loopback P] [--tokens N] [--hidden H] [--inter I] "
-               "[--experts E] [--topk K] [--modes counts,padded] [--iters N] [--warmup N] "
+               "[--experts E] [--topk K] [--modes counts,padded] "
+               "[--recompute none,outputs,experts] [--iters N] [--warmup N] "
                "[--seed S] [--no-bench] [--kill-rank R] [--kill-mode exit|stall] "
                "[--transport mpi|nccl|ipc|auto]\n",
                why.c_str());
@@ -128,6 +137,18 @@ Opts parse(int argc, char** argv) {
         if (m == "counts") o.modes.push_back(dist::EpMode::kCounts);
         else if (m == "padded") o.modes.push_back(dist::EpMode::kPadded);
         else usage("unknown mode " + m + " (counts, padded)");
+        p = q + 1;
+      }
+    } else if (a == "--recompute") {
+      o.recompute.assign(1, dist::EpRecompute::kNone);  // always the baseline
+      const std::string v = val();
+      for (size_t p = 0; p <= v.size();) {
+        size_t q = v.find(',', p);
+        if (q == std::string::npos) q = v.size();
+        const std::string m = v.substr(p, q - p);
+        if (m == "outputs") o.recompute.push_back(dist::EpRecompute::kOutputs);
+        else if (m == "experts") o.recompute.push_back(dist::EpRecompute::kExperts);
+        else if (m != "none") usage("unknown recompute option " + m + " (none, outputs, experts)");
         p = q + 1;
       }
     } else usage("unknown flag " + a);
@@ -183,9 +204,10 @@ void compare(Tally& t, const std::string& what, const std::vector<float>& got,
               bad ? (" " + std::to_string(bad) + " non-finite").c_str() : "");
 }
 
-void same_bits(Tally& t, const std::string& what, const std::vector<float>& a,
-               const std::vector<float>& b) {
-  const bool ok = a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+template <class T>
+void same_bits(Tally& t, const std::string& what, const std::vector<T>& a,
+               const std::vector<T>& b) {
+  const bool ok = a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
   ++t.checks;
   if (!ok) ++t.fails;
   std::printf("%-4s %s %-34s %s\n", ok ? "PASS" : "FAIL", t.tag.c_str(), what.c_str(),
@@ -344,8 +366,38 @@ std::vector<float> local_rows(const Buf<T>& b, const dist::EpTransport& t, int64
   return out;
 }
 
-void check_case(Tally& tally, dist::EpMoeCuda& ep, dist::EpTransport& t, const Shape& s,
+// The same rows as stored (bf16 or f32), for bitwise comparisons: no conversion, so the expert
+// gradients ([E,2I,H] over the local ranks) cost a copy, not a pass over floats.
+template <class T>
+std::vector<T> local_raw(const Buf<T>& b, const dist::EpTransport& t, int64_t rows, int64_t cols) {
+  std::vector<T> out(size_t(t.num_local() * rows * cols));
+  for (int i = 0; i < t.num_local(); ++i)
+    if (rows * cols > 0)
+      CUDA_CHECK(cudaMemcpy(out.data() + size_t(i * rows * cols),
+                            b.get() + int64_t(t.rank_of(i)) * rows * cols,
+                            size_t(rows * cols) * sizeof(T), cudaMemcpyDeviceToHost));
+  return out;
+}
+
+// What the forward leaves in the scratch's expert buffers must not reach the backward: fill
+// them with a wrong (finite) value between the two, so a recompute that was skipped reads it and
+// the bits differ. 0x3F bytes: every bf16 0.746.
+void poison_scratch(dist::EpMoeScratch& sc, const cu::Ctx& ctx) {
+  for (cu::DeviceBuffer<bf16>* b : {&sc.xs, &sc.act, &sc.gu, &sc.dys, &sc.dact, &sc.dgu})
+    if (b->size()) CUDA_CHECK(cudaMemsetAsync(b->get(), 0x3F, b->bytes(), ctx.stream));
+}
+
+// The blocks of one shape and mode: ep[0] recomputes nothing (the one checked against the
+// reference), then one per recompute option; all share one scratch (built for kExperts, the
+// largest), as a model's layers do.
+struct Blocks {
+  std::shared_ptr<dist::EpMoeScratch> scratch;
+  std::vector<std::unique_ptr<dist::EpMoeCuda>> ep;
+};
+
+void check_case(Tally& tally, Blocks& blocks, dist::EpTransport& t, const Shape& s,
                 Routing routing, uint64_t seed, const cu::Ctx& ctx) {
+  dist::EpMoeCuda& ep = *blocks.ep[0];
   const std::string name = std::string(dist::ep_mode_name(ep.mode())) + " " + routing_name(routing) +
                            " N=" + std::to_string(s.N) + " H=" + std::to_string(s.H);
   if (routing == Routing::kNoneToLast && s.E - s.El() < s.K) {
@@ -359,6 +411,7 @@ void check_case(Tally& tally, dist::EpMoeCuda& ep, dist::EpTransport& t, const S
   auto fa = fwd_args(p, t, p.out_ep.get());
   auto ba = bwd_args(p, t);
   ep.fwd(fa.data(), s.N, ctx);
+  poison_scratch(*blocks.scratch, ctx);
   ep.bwd(ba.data(), 0.f, ctx);
   t.sync(ctx.stream);
   const int64_t El = s.El();
@@ -371,6 +424,11 @@ void check_case(Tally& tally, dist::EpMoeCuda& ep, dist::EpTransport& t, const S
   const auto gdown_ref = local_rows(p.gdown_ref, t, El, s.H * s.I);
   compare(tally, name + " d w_gate_up", local_rows(p.ggu_ep, t, El, 2 * s.I * s.H), ggu_ref, kGrad);
   compare(tally, name + " d w_down", local_rows(p.gdown_ep, t, El, s.H * s.I), gdown_ref, kGrad);
+  // this pass's bits, for the recompute options below
+  const auto dtw_b = local_raw(p.dtw_ep, t, s.N, s.K);
+  const auto ggu_b = local_raw(p.ggu_ep, t, El, 2 * s.I * s.H);
+  const auto gdown_b = local_raw(p.gdown_ep, t, El, s.H * s.I);
+  const auto out_b = local_raw(p.out_ep, t, s.N, s.H), dx_b = local_raw(p.dx_ep, t, s.N, s.H);
   if (ep.mode() == dist::EpMode::kCounts && t.num_local() > 1) {
     std::printf("     %s rows received per rank:", name.c_str());
     for (int i = 0; i < t.num_local(); ++i) std::printf(" %lld", (long long)ep.rows_received(i));
@@ -387,47 +445,81 @@ void check_case(Tally& tally, dist::EpMoeCuda& ep, dist::EpTransport& t, const S
           ggu_ref, kGrad, 2.f);
   compare(tally, name + " d w_down, g_beta 1", local_rows(p.gdown_ep, t, El, s.H * s.I), gdown_ref,
           kGrad, 2.f);
+  // the recompute options: the same forward, and a backward that rebuilds what the carve did
+  // not keep (from a poisoned scratch) with the same kernels on the same inputs, so every
+  // output and gradient is bit-identical to the block that keeps everything (g_beta 0 again)
+  for (size_t b = 1; b < blocks.ep.size(); ++b) {
+    dist::EpMoeCuda& re = *blocks.ep[b];
+    const std::string rn = name + " rc=" + dist::ep_recompute_name(re.recompute());
+    re.fwd(fa2.data(), s.N, ctx);
+    poison_scratch(*blocks.scratch, ctx);
+    re.bwd(ba.data(), 0.f, ctx);
+    t.sync(ctx.stream);
+    same_bits(tally, rn + " out", local_raw(p.out_ep2, t, s.N, s.H), out_b);
+    same_bits(tally, rn + " dx", local_raw(p.dx_ep, t, s.N, s.H), dx_b);
+    same_bits(tally, rn + " dtopk_w", local_raw(p.dtw_ep, t, s.N, s.K), dtw_b);
+    same_bits(tally, rn + " d w_gate_up", local_raw(p.ggu_ep, t, El, 2 * s.I * s.H), ggu_b);
+    same_bits(tally, rn + " d w_down", local_raw(p.gdown_ep, t, El, s.H * s.I), gdown_b);
+  }
   std::fflush(stdout);
 }
 
-// All cases of one shape and mode over one EpMoeCuda (sized once for the largest N).
+// All cases of one shape and mode over one EpMoeCuda per recompute option (kNone first; sized
+// once for the largest N).
 void check_shape(Tally& tally, dist::EpTransport& t, dist::EpMode mode, const Shape& s,
-                 uint64_t seed, const cu::Ctx& ctx) {
+                 const std::vector<dist::EpRecompute>& rcs, uint64_t seed, const cu::Ctx& ctx) {
   const int64_t n_odd = std::max<int64_t>(1, (s.N * 2 / 3) | 1);
-  dist::EpMoeCuda ep(t, {s.N, s.H, s.I, s.E, s.K}, mode);
-  std::printf("---- %s %s: N=%lld H=%lld I=%lld E=%lld K=%lld, %.2f GiB of EP buffers\n",
+  const dist::EpMoeShape sh{s.N, s.H, s.I, s.E, s.K};
+  Blocks blocks;
+  blocks.scratch =
+      std::make_shared<dist::EpMoeScratch>(sh, s.P, t.num_local(), mode,
+                                           dist::EpRecompute::kExperts);
+  size_t bytes = blocks.scratch->bytes();
+  std::string names;
+  for (dist::EpRecompute rc : rcs) {
+    blocks.ep.push_back(std::make_unique<dist::EpMoeCuda>(t, sh, mode, rc, blocks.scratch));
+    bytes += blocks.ep.back()->device_bytes();
+    names += std::string(names.empty() ? "" : ",") + dist::ep_recompute_name(rc);
+  }
+  std::printf("---- %s %s: N=%lld H=%lld I=%lld E=%lld K=%lld, recompute %s, %.2f GiB of EP "
+              "buffers\n",
               tally.tag.c_str(), dist::ep_mode_name(mode), (long long)s.N, (long long)s.H,
-              (long long)s.I, (long long)s.E, (long long)s.K, double(ep.device_bytes()) / (1 << 30));
+              (long long)s.I, (long long)s.E, (long long)s.K, names.c_str(),
+              double(bytes) / (1 << 30));
   Shape odd = s;
   odd.N = n_odd;
-  check_case(tally, ep, t, s, Routing::kRandom, seed, ctx);
-  check_case(tally, ep, t, odd, Routing::kRandom, seed + 10, ctx);
-  check_case(tally, ep, t, s, Routing::kNoneToLast, seed + 20, ctx);
-  check_case(tally, ep, t, odd, Routing::kAllToRank0, seed + 30, ctx);
+  check_case(tally, blocks, t, s, Routing::kRandom, seed, ctx);
+  check_case(tally, blocks, t, odd, Routing::kRandom, seed + 10, ctx);
+  check_case(tally, blocks, t, s, Routing::kNoneToLast, seed + 20, ctx);
+  check_case(tally, blocks, t, odd, Routing::kAllToRank0, seed + 30, ctx);
 }
 
 // Counts mode, several layers through ONE shared arena and scratch, as the model runs them:
 // forwards of layers 0..n-1, then backwards n-1..0, every carve alive until the end. Against
-// the same layers each run alone by a block that owns a worst-case arena: the same kernels on
-// the same data, so every output and gradient must be bit-identical. Then a backward after the
-// arena was reset must refuse, and an arena too small for two layers must stop with the
-// overflow error (on every rank: a rank that went on would hang in the next all-to-all).
-void check_arena(Tally& tally, dist::EpTransport& t, const Shape& s, uint64_t seed,
-                 const cu::Ctx& ctx) {
+// the same layers each run alone by a block that owns a worst-case arena and recomputes
+// nothing: the same kernels on the same data, so every output and gradient must be
+// bit-identical, for every recompute option (its arena laid out without what it recomputes;
+// the backwards of layers 1 and 0 then find layer 2's activations in the shared scratch, so a
+// recompute that was skipped shows). Then a backward after the arena was reset must refuse,
+// and an arena too small for two layers must stop with the overflow error (on every rank: a
+// rank that went on would hang in the next all-to-all).
+void check_arena(Tally& tally, dist::EpTransport& t, const Shape& s,
+                 const std::vector<dist::EpRecompute>& rcs, uint64_t seed, const cu::Ctx& ctx) {
   const int n = 3;
   const Routing routings[n] = {Routing::kRandom, Routing::kNoneToLast, Routing::kRandom};
-  const std::string name = "arena N=" + std::to_string(s.N) + " H=" + std::to_string(s.H);
   const dist::EpMoeShape sh{s.N, s.H, s.I, s.E, s.K};
   const int64_t El = s.El();
   std::vector<Problem> p(n);
-  struct Got {
-    std::vector<float> out, dx, dtw, ggu, gdown;
+  struct Got {  // as stored: compared bitwise
+    std::vector<bf16> out, dx;
+    std::vector<float> dtw;
+    std::vector<bf16> ggu, gdown;
   };
   std::vector<Got> alone(n);
   auto get = [&](Problem& q) {
-    return Got{local_rows(q.out_ep, t, s.N, s.H), local_rows(q.dx_ep, t, s.N, s.H),
-               local_rows(q.dtw_ep, t, s.N, s.K), local_rows(q.ggu_ep, t, El, 2 * s.I * s.H),
-               local_rows(q.gdown_ep, t, El, s.H * s.I)};
+    return Got{local_raw(q.out_ep, t, s.N, s.H), local_raw(q.dx_ep, t, s.N, s.H),
+               local_raw(q.dtw_ep, t, s.N, s.K), local_raw(q.ggu_ep, t, El, 2 * s.I * s.H),
+               local_raw(q.gdown_ep, t, El, s.H * s.I)};
   };
   for (int l = 0; l < n; ++l) {
     p[l].s = s;
@@ -441,81 +533,87 @@ void check_arena(Tally& tally, dist::EpTransport& t, const Shape& s, uint64_t se
     t.sync(ctx.stream);
     alone[l] = get(p[l]);
   }
-  auto scratch = std::make_shared<dist::EpMoeScratch>(sh, s.P, t.num_local());
-  auto arena = std::make_shared<dist::EpSavedArena>(
-      dist::ep_arena_bytes(sh, s.P, n, t.num_local(), 2.0), "ep_check: 2x the balanced load");
-  std::vector<std::unique_ptr<dist::EpMoeCuda>> ep;
-  for (int l = 0; l < n; ++l)
-    ep.push_back(std::make_unique<dist::EpMoeCuda>(t, sh, dist::EpMode::kCounts, scratch, arena,
-                                                   "MoE layer " + std::to_string(l)));
-  std::printf("---- %s %s: %d layers, shared arena %.3f GiB (2x balanced; worst %.3f GiB), "
-              "scratch %.3f GiB\n",
-              tally.tag.c_str(), name.c_str(), n, double(arena->bytes()) / (1 << 30),
-              double(n * dist::ep_arena_worst_bytes(sh, s.P, t.num_local())) / (1 << 30),
-              double(scratch->bytes()) / (1 << 30));
-  arena->reset();
-  for (int l = 0; l < n; ++l) {
-    auto fa = fwd_args(p[l], t, p[l].out_ep.get());
-    ep[l]->fwd(fa.data(), s.N, ctx);
-  }
-  std::printf("     %s arena used %.3f of %.3f GiB\n", name.c_str(),
-              double(arena->bump.used()) / (1 << 30), double(arena->bytes()) / (1 << 30));
-  for (int l = n - 1; l >= 0; --l) {
-    auto ba = bwd_args(p[l], t);
-    ep[l]->bwd(ba.data(), 0.f, ctx);
-  }
-  t.sync(ctx.stream);
-  for (int l = 0; l < n; ++l) {
-    const Got g = get(p[l]);
-    const std::string ln = name + " layer " + std::to_string(l);
-    same_bits(tally, ln + " out", g.out, alone[l].out);
-    same_bits(tally, ln + " dx", g.dx, alone[l].dx);
-    same_bits(tally, ln + " dtopk_w", g.dtw, alone[l].dtw);
-    same_bits(tally, ln + " d w_gate_up", g.ggu, alone[l].ggu);
-    same_bits(tally, ln + " d w_down", g.gdown, alone[l].gdown);
-  }
-  // a backward whose saved state the next step's reset released: refused, on the host
-  arena->reset();
-  {
-    auto ba = bwd_args(p[0], t);
-    bool refused = false;
-    try {
-      ep[0]->bwd(ba.data(), 0.f, ctx);
-    } catch (const std::exception& e) {
-      refused = std::string(e.what()).find("released") != std::string::npos;
-    }
-    ++tally.checks;
-    tally.fails += refused ? 0 : 1;
-    std::printf("%-4s %s %-34s %s\n", refused ? "PASS" : "FAIL", tally.tag.c_str(),
-                (name + " bwd after reset").c_str(), refused ? "refused" : "NOT refused");
-  }
-  // an arena for one balanced layer: the layers stop with the overflow error by layer 1
-  ep.clear();
-  auto small = std::make_shared<dist::EpSavedArena>(
-      dist::ep_arena_bytes(sh, s.P, 1, t.num_local(), 1.0), "ep_check: one balanced layer");
-  for (int l = 0; l < n; ++l)
-    ep.push_back(std::make_unique<dist::EpMoeCuda>(t, sh, dist::EpMode::kCounts, scratch, small,
-                                                   "MoE layer " + std::to_string(l)));
-  std::string err;
-  int at = -1;
-  for (int l = 0; l < n && at < 0; ++l) {
-    auto fa = fwd_args(p[l], t, p[l].out_ep.get());
-    try {
+  for (dist::EpRecompute rc : rcs) {
+    const std::string name = "arena N=" + std::to_string(s.N) + " H=" + std::to_string(s.H) +
+                             " rc=" + dist::ep_recompute_name(rc);
+    auto scratch = std::make_shared<dist::EpMoeScratch>(sh, s.P, t.num_local(),
+                                                        dist::EpMode::kCounts, rc);
+    auto arena = std::make_shared<dist::EpSavedArena>(
+        dist::ep_arena_bytes(sh, s.P, n, t.num_local(), 2.0, rc), "ep_check: 2x the balanced load");
+    std::vector<std::unique_ptr<dist::EpMoeCuda>> ep;
+    for (int l = 0; l < n; ++l)
+      ep.push_back(std::make_unique<dist::EpMoeCuda>(t, sh, dist::EpMode::kCounts, rc, scratch,
+                                                     arena, "MoE layer " + std::to_string(l)));
+    std::printf("---- %s %s: %d layers, shared arena %.3f GiB (2x balanced; worst %.3f GiB), "
+                "scratch %.3f GiB\n",
+                tally.tag.c_str(), name.c_str(), n, double(arena->bytes()) / (1 << 30),
+                double(n * dist::ep_arena_worst_bytes(sh, s.P, t.num_local(), rc)) / (1 << 30),
+                double(scratch->bytes()) / (1 << 30));
+    arena->reset();
+    for (int l = 0; l < n; ++l) {
+      auto fa = fwd_args(p[l], t, p[l].out_ep.get());
       ep[l]->fwd(fa.data(), s.N, ctx);
-    } catch (const std::exception& e) {
-      err = e.what();
-      at = l;
     }
+    std::printf("     %s arena used %.3f of %.3f GiB\n", name.c_str(),
+                double(arena->bump.used()) / (1 << 30), double(arena->bytes()) / (1 << 30));
+    for (int l = n - 1; l >= 0; --l) {
+      auto ba = bwd_args(p[l], t);
+      ep[l]->bwd(ba.data(), 0.f, ctx);
+    }
+    t.sync(ctx.stream);
+    for (int l = 0; l < n; ++l) {
+      const Got g = get(p[l]);
+      const std::string ln = name + " layer " + std::to_string(l);
+      same_bits(tally, ln + " out", g.out, alone[l].out);
+      same_bits(tally, ln + " dx", g.dx, alone[l].dx);
+      same_bits(tally, ln + " dtopk_w", g.dtw, alone[l].dtw);
+      same_bits(tally, ln + " d w_gate_up", g.ggu, alone[l].ggu);
+      same_bits(tally, ln + " d w_down", g.gdown, alone[l].gdown);
+    }
+    // a backward whose saved state the next step's reset released: refused, on the host
+    arena->reset();
+    {
+      auto ba = bwd_args(p[0], t);
+      bool refused = false;
+      try {
+        ep[0]->bwd(ba.data(), 0.f, ctx);
+      } catch (const std::exception& e) {
+        refused = std::string(e.what()).find("released") != std::string::npos;
+      }
+      ++tally.checks;
+      tally.fails += refused ? 0 : 1;
+      std::printf("%-4s %s %-34s %s\n", refused ? "PASS" : "FAIL", tally.tag.c_str(),
+                  (name + " bwd after reset").c_str(), refused ? "refused" : "NOT refused");
+    }
+    // an arena for one balanced layer: the layers stop with the overflow error by layer 1
+    ep.clear();
+    auto small = std::make_shared<dist::EpSavedArena>(
+        dist::ep_arena_bytes(sh, s.P, 1, t.num_local(), 1.0, rc), "ep_check: one balanced layer");
+    for (int l = 0; l < n; ++l)
+      ep.push_back(std::make_unique<dist::EpMoeCuda>(t, sh, dist::EpMode::kCounts, rc, scratch,
+                                                     small, "MoE layer " + std::to_string(l)));
+    std::string err;
+    int at = -1;
+    for (int l = 0; l < n && at < 0; ++l) {
+      auto fa = fwd_args(p[l], t, p[l].out_ep.get());
+      try {
+        ep[l]->fwd(fa.data(), s.N, ctx);
+      } catch (const std::exception& e) {
+        err = e.what();
+        at = l;
+      }
+    }
+    t.sync(ctx.stream);
+    const bool ok = at >= 0 && at <= 1 &&
+                    err.find("raise train.ep_capacity") != std::string::npos &&
+                    err.find("MoE layer " + std::to_string(at)) != std::string::npos;
+    ++tally.checks;
+    tally.fails += ok ? 0 : 1;
+    std::printf("%-4s %s %-34s %s\n", ok ? "PASS" : "FAIL", tally.tag.c_str(),
+                (name + " overflow").c_str(),
+                at < 0 ? "no error" : ("layer " + std::to_string(at) + ": " + err).c_str());
+    std::fflush(stdout);
   }
-  t.sync(ctx.stream);
-  const bool ok = at >= 0 && at <= 1 && err.find("raise train.ep_capacity") != std::string::npos &&
-                  err.find("MoE layer " + std::to_string(at)) != std::string::npos;
-  ++tally.checks;
-  tally.fails += ok ? 0 : 1;
-  std::printf("%-4s %s %-34s %s\n", ok ? "PASS" : "FAIL", tally.tag.c_str(),
-              (name + " overflow").c_str(),
-              at < 0 ? "no error" : ("layer " + std::to_string(at) + ": " + err).c_str());
-  std::fflush(stdout);
 }
 
 size_t workspace_for(const Shape& s) {
@@ -542,11 +640,13 @@ int run_loopback(const Opts& o, int P) {
   const Shape big{o.N, o.H, o.I, o.E, o.K, P};
   if (big.E % P != 0) usage("--experts must be a multiple of the rank count");
   cu::ScopedCtx owner(std::max(workspace_for(small), workspace_for(big)));
-  for (dist::EpMode m : o.modes) check_shape(tally, t, m, small, o.seed, owner.ctx());
-  for (dist::EpMode m : o.modes) check_shape(tally, t, m, big, o.seed + 100, owner.ctx());
+  for (dist::EpMode m : o.modes)
+    check_shape(tally, t, m, small, o.recompute, o.seed, owner.ctx());
+  for (dist::EpMode m : o.modes)
+    check_shape(tally, t, m, big, o.recompute, o.seed + 100, owner.ctx());
   if (counts_in(o)) {
-    check_arena(tally, t, small, o.seed + 200, owner.ctx());
-    check_arena(tally, t, arena_shape(big), o.seed + 300, owner.ctx());
+    check_arena(tally, t, small, o.recompute, o.seed + 200, owner.ctx());
+    check_arena(tally, t, arena_shape(big), o.recompute, o.seed + 300, owner.ctx());
   }
   std::printf("ep_check %s: %d checks, %d failed\n", tally.tag.c_str(), tally.checks, tally.fails);
   return std::min(tally.fails, 255);
@@ -651,11 +751,13 @@ int run_ranks(const Opts& o) {
   if (s.E % P != 0) usage("--experts must be a multiple of the rank count");
   if (o.kill_rank < 0) {
     // the small unaligned suite first, then the given shapes
-    for (dist::EpMode m : o.modes) check_shape(tally, t, m, small, o.seed, owner.ctx());
-    for (dist::EpMode m : o.modes) check_shape(tally, t, m, s, o.seed + 100, owner.ctx());
+    for (dist::EpMode m : o.modes)
+      check_shape(tally, t, m, small, o.recompute, o.seed, owner.ctx());
+    for (dist::EpMode m : o.modes)
+      check_shape(tally, t, m, s, o.recompute, o.seed + 100, owner.ctx());
     if (counts_in(o)) {
-      check_arena(tally, t, small, o.seed + 200, owner.ctx());
-      check_arena(tally, t, arena_shape(s), o.seed + 300, owner.ctx());
+      check_arena(tally, t, small, o.recompute, o.seed + 200, owner.ctx());
+      check_arena(tally, t, arena_shape(s), o.recompute, o.seed + 300, owner.ctx());
     }
   }
 #if AUTOMOE_HAVE_NCCL

@@ -10,7 +10,27 @@
 
 namespace automoe::dist {
 
-EpSavedLayout ep_saved_layout(const EpMoeShape& s, int P, int64_t N, int64_t R, int64_t M) {
+const char* ep_recompute_name(EpRecompute r) {
+  switch (r) {
+    case EpRecompute::kNone: return "none";
+    case EpRecompute::kOutputs: return "outputs";
+    case EpRecompute::kExperts: return "experts";
+  }
+  return "?";
+}
+
+EpRecompute parse_ep_recompute(const std::string& name) {
+  if (name == "none") return EpRecompute::kNone;
+  if (name == "outputs") return EpRecompute::kOutputs;
+  if (name == "experts") return EpRecompute::kExperts;
+  AM_FAIL("train.ep_recompute '{}' is not known; use none (the EP backward keeps the expert "
+          "activations), outputs (recomputes the expert outputs: one GEMM more per layer) or "
+          "experts (recomputes gate|up and the outputs from the received rows: two GEMMs more)",
+          name);
+}
+
+EpSavedLayout ep_saved_layout(const EpMoeShape& s, int P, int64_t N, int64_t R, int64_t M,
+                              EpRecompute rc) {
   const int64_t El = s.E / std::max(P, 1);
   EpSavedLayout l;
   size_t at = 0;
@@ -24,8 +44,8 @@ EpSavedLayout ep_saved_layout(const EpMoeShape& s, int P, int64_t N, int64_t R, 
   l.slot_row = take(size_t(R * s.K) * 4);
   l.w_recv = take(size_t(R * s.K) * 4);
   l.x_recv = take(size_t(R * s.H) * 2);
-  l.gu = take(size_t(M * 2 * s.I) * 2);
-  l.ys = take(size_t(M * s.H) * 2);
+  l.gu = rc == EpRecompute::kExperts ? kEpNotSaved : take(size_t(M * 2 * s.I) * 2);
+  l.ys = rc == EpRecompute::kNone ? take(size_t(M * s.H) * 2) : kEpNotSaved;
   l.bytes = at;
   return l;
 }
@@ -45,24 +65,24 @@ EpLoad ep_worst_load(const EpMoeShape& s, int P, int64_t N) {
   return {R, R * double(std::min(s.K, El))};
 }
 
-size_t ep_arena_worst_bytes(const EpMoeShape& s, int P, int local_ranks) {
+size_t ep_arena_worst_bytes(const EpMoeShape& s, int P, int local_ranks, EpRecompute rc) {
   const EpLoad w = ep_worst_load(s, P, s.max_tokens);
   return size_t(local_ranks) *
-         ep_saved_layout(s, P, s.max_tokens, int64_t(w.rows), int64_t(w.picks)).bytes;
+         ep_saved_layout(s, P, s.max_tokens, int64_t(w.rows), int64_t(w.picks), rc).bytes;
 }
 
 size_t ep_arena_bytes(const EpMoeShape& s, int P, int64_t layers, int local_ranks,
-                      double capacity) {
+                      double capacity, EpRecompute rc) {
   AM_CHECK(capacity > 0 && std::isfinite(capacity),
            "train.ep_capacity must be a positive number (the EP arena's size over the balanced "
            "load; 2 is the default), got {}",
            capacity);
   const EpLoad e = ep_expected_load(s, P, s.max_tokens);
   const size_t expected = ep_saved_layout(s, P, s.max_tokens, int64_t(std::ceil(e.rows)),
-                                          int64_t(std::ceil(e.picks)))
+                                          int64_t(std::ceil(e.picks)), rc)
                               .bytes;
   const double want = std::ceil(capacity * double(expected) * double(layers) * double(local_ranks));
-  const size_t worst = size_t(layers) * ep_arena_worst_bytes(s, P, local_ranks);
+  const size_t worst = size_t(layers) * ep_arena_worst_bytes(s, P, local_ranks, rc);
   return want >= double(worst) ? worst : ep_align(size_t(want));
 }
 

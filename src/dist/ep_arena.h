@@ -10,9 +10,12 @@
 //   slot_row [R*K] i32     expert-ordered row of each received pick, -1
 //   w_recv   [R,K] f32     received routing weights (unpermute's backward)
 //   x_recv   [R,H] bf16    received tokens (the backward recomputes permute)
-//   gu       [M,2I] bf16   gate|up outputs
-//   ys       [M,H] bf16    expert outputs (unpermute's backward)
+//   gu       [M,2I] bf16   gate|up outputs            (not with EpRecompute::kExperts)
+//   ys       [M,H] bf16    expert outputs (unpermute's backward; not with kOutputs, kExperts)
 // N tokens of this rank, R received rows, M received picks (expert rows), El = E/P.
+// gu and ys are most of a carve (at Qwen3-30B-A3B's shapes, EP = 4: 80%); the backward can
+// recompute them from x_recv with the forward's kernels on the forward's inputs, so the
+// gradients are bit-identical whichever is kept (EpRecompute, train.ep_recompute).
 //
 // The expected load (balanced routing: every token's K distinct experts uniform over E): a
 // rank receives R = P*N*(1 - C(E-El, K)/C(E, K)) rows (a token travels once per rank it has a
@@ -29,15 +32,31 @@ struct EpMoeShape {
   int64_t H = 0, I = 0, E = 0, K = 0;
 };
 
+// What the EP backward recomputes instead of keeping in the carve (train.ep_recompute):
+//   kNone     gu and ys kept
+//   kOutputs  ys not kept: the backward re-runs the down GEMM on swiglu(gu) (one GEMM)
+//   kExperts  neither: the backward re-permutes x_recv and re-runs the gate_up GEMM, SwiGLU and
+//             the down GEMM (two GEMMs), as the single-GPU memory-saving mode does; the
+//             scratch then holds one gate|up buffer for the worst routing of one layer
+enum class EpRecompute { kNone, kOutputs, kExperts };
+const char* ep_recompute_name(EpRecompute r);  // "none", "outputs", "experts"
+// "none" | "outputs" | "experts"; anything else throws naming the accepted values.
+EpRecompute parse_ep_recompute(const std::string& name);
+
 constexpr size_t kEpArenaAlign = 256;
 inline size_t ep_align(size_t bytes) { return (bytes + kEpArenaAlign - 1) / kEpArenaAlign * kEpArenaAlign; }
 
-// Byte offsets of one carve's buffers (see the file comment) and its total size.
+// Offset of a buffer the carve does not hold (recomputed in the backward).
+constexpr size_t kEpNotSaved = SIZE_MAX;
+
+// Byte offsets of one carve's buffers (see the file comment) and its total size; gu and ys are
+// kEpNotSaved when `rc` recomputes them.
 struct EpSavedLayout {
   size_t send_pos = 0, offsets = 0, slot_row = 0, w_recv = 0, x_recv = 0, gu = 0, ys = 0;
   size_t bytes = 0;
 };
-EpSavedLayout ep_saved_layout(const EpMoeShape& s, int P, int64_t N, int64_t R, int64_t M);
+EpSavedLayout ep_saved_layout(const EpMoeShape& s, int P, int64_t N, int64_t R, int64_t M,
+                              EpRecompute rc);
 
 // Received rows and picks of one rank and layer: expected under balanced routing, and the worst.
 struct EpLoad {
@@ -46,12 +65,13 @@ struct EpLoad {
 EpLoad ep_expected_load(const EpMoeShape& s, int P, int64_t N);
 EpLoad ep_worst_load(const EpMoeShape& s, int P, int64_t N);
 
-// Arena bytes for `layers` MoE layers x `local_ranks` ranks of this process:
-// ceil(capacity x the expected carves), at most the worst carves (a larger arena could never be
-// used up). capacity > 0 (train.ep_capacity).
-size_t ep_arena_bytes(const EpMoeShape& s, int P, int64_t layers, int local_ranks, double capacity);
+// Arena bytes for `layers` MoE layers x `local_ranks` ranks of this process, carves laid out for
+// `rc`: ceil(capacity x the expected carves), at most the worst carves (a larger arena could
+// never be used up). capacity > 0 (train.ep_capacity).
+size_t ep_arena_bytes(const EpMoeShape& s, int P, int64_t layers, int local_ranks, double capacity,
+                      EpRecompute rc);
 // The worst case of ONE layer's carves (what a block without a shared arena owns).
-size_t ep_arena_worst_bytes(const EpMoeShape& s, int P, int local_ranks);
+size_t ep_arena_worst_bytes(const EpMoeShape& s, int P, int local_ranks, EpRecompute rc);
 
 // Bump allocation out of [0, capacity): carves in call order, all valid until reset().
 class EpBumpArena {

@@ -30,8 +30,8 @@ struct EpMoeCuda::Rank {
   int32_t* slot_row = nullptr;  // [R*K] (kept)
   float* w_recv = nullptr;      // [R,K] (kept)
   bf16* x_recv = nullptr;       // [R,H] (kept)
-  bf16* gu = nullptr;           // [M,2I] (kept)
-  bf16* ys = nullptr;           // [M,H] (kept)
+  bf16* gu = nullptr;           // [M,2I] (kept; null with EpRecompute::kExperts)
+  bf16* ys = nullptr;           // [M,H] (kept; null with kOutputs, kExperts)
 };
 
 size_t EpMoeCuda::workspace_bytes(const EpMoeShape& s, int P) {
@@ -40,7 +40,8 @@ size_t EpMoeCuda::workspace_bytes(const EpMoeShape& s, int P) {
                   cu::moe_layout_workspace_bytes(int64_t(std::max(P, 1)) * s.max_tokens, s.K, El));
 }
 
-EpMoeScratch::EpMoeScratch(const EpMoeShape& s, int P, int local_ranks, EpMode m) : mode(m) {
+EpMoeScratch::EpMoeScratch(const EpMoeShape& s, int P, int local_ranks, EpMode m, EpRecompute rc)
+    : mode(m), recompute(rc) {
   P = std::max(P, 1);
   const int64_t El = s.E / P, Nmax = s.max_tokens;
   Rcap = int64_t(P) * Nmax;
@@ -51,6 +52,7 @@ EpMoeScratch::EpMoeScratch(const EpMoeShape& s, int P, int local_ranks, EpMode m
   dys = Buf<bf16>(size_t(Mcap * s.H));
   dact = Buf<bf16>(size_t(Mcap * s.I));
   dgu = Buf<bf16>(size_t(Mcap * 2 * s.I));
+  if (rc == EpRecompute::kExperts) gu = Buf<bf16>(size_t(Mcap * 2 * s.I));
   local.resize(size_t(std::max(local_ranks, 1)));
   for (Local& l : local) {
     l.send_pos = Buf<int32_t>(size_t(Nmax * P));
@@ -64,7 +66,7 @@ EpMoeScratch::EpMoeScratch(const EpMoeShape& s, int P, int local_ranks, EpMode m
 }
 
 size_t EpMoeScratch::bytes() const {
-  size_t b = xs.bytes() + act.bytes() + dys.bytes() + dact.bytes() + dgu.bytes();
+  size_t b = xs.bytes() + act.bytes() + dys.bytes() + dact.bytes() + dgu.bytes() + gu.bytes();
   for (const Local& l : local)
     b += l.send_pos.bytes() + l.x_send.bytes() + l.idx_send.bytes() + l.w_send.bytes() +
          l.idx_recv.bytes() + l.dw_recv.bytes() + l.y_recv.bytes();
@@ -74,11 +76,11 @@ size_t EpMoeScratch::bytes() const {
 EpSavedArena::EpSavedArena(size_t bytes, std::string w)
     : bump(bytes), mem(bytes), what(std::move(w)) {}
 
-EpMoeCuda::EpMoeCuda(EpTransport& t, const EpMoeShape& shape, EpMode mode,
+EpMoeCuda::EpMoeCuda(EpTransport& t, const EpMoeShape& shape, EpMode mode, EpRecompute recompute,
                      std::shared_ptr<EpMoeScratch> scratch, std::shared_ptr<EpSavedArena> arena,
                      std::string label)
-    : t_(t), s_(shape), mode_(mode), P_(t.size()), L_(t.num_local()), sc_(std::move(scratch)),
-      arena_(std::move(arena)), label_(std::move(label)) {
+    : t_(t), s_(shape), mode_(mode), rc_(recompute), P_(t.size()), L_(t.num_local()),
+      sc_(std::move(scratch)), arena_(std::move(arena)), label_(std::move(label)) {
   const int64_t H = s_.H, I = s_.I, E = s_.E, K = s_.K, Nmax = s_.max_tokens;
   AM_CHECK(H > 0 && I > 0 && K > 0 && Nmax >= 0, "[EpMoeCuda] needs H, I, K > 0 (got {}, {}, {})",
            H, I, K);
@@ -117,12 +119,16 @@ EpMoeCuda::EpMoeCuda(EpTransport& t, const EpMoeShape& shape, EpMode mode,
              "internal: [EpMoeCuda] a shared scratch of {} slots, {} send rows and {} local ranks "
              "for a block of {}, {} and {}",
              sc_->Mcap, sc_->Scap, sc_->local.size(), Mcap_, Scap_, L_);
+    AM_CHECK(rc_ != EpRecompute::kExperts || sc_->gu.size() >= size_t(Mcap_ * 2 * I),
+             "[EpMoeCuda] {} recomputes the experts (EpRecompute::kExperts) but its shared "
+             "scratch has no gate|up buffer; build the EpMoeScratch with EpRecompute::kExperts",
+             label_);
   } else {
-    sc_ = std::make_shared<EpMoeScratch>(s_, P_, L_, mode_);
+    sc_ = std::make_shared<EpMoeScratch>(s_, P_, L_, mode_, rc_);
     bytes_ += sc_->bytes();
   }
   if (!arena_) {  // one forward's state at the worst routing, reset at each forward
-    arena_ = std::make_shared<EpSavedArena>(ep_arena_worst_bytes(s_, P_, L_),
+    arena_ = std::make_shared<EpSavedArena>(ep_arena_worst_bytes(s_, P_, L_, rc_),
                                             "the worst routing of one layer");
     own_arena_ = true;
     bytes_ += arena_->bytes();
@@ -222,7 +228,7 @@ void EpMoeCuda::check_room() {
       M += row[s * W_ + P + d];
     }
     const int64_t N = row[d * W_ + 2 * P];
-    const size_t need = ep_saved_layout(s_, P, N, R, M).bytes;
+    const size_t need = ep_saved_layout(s_, P, N, R, M, rc_).bytes;
     const size_t room = local[size_t(d)] ? left0 - std::min(left0, local_used)
                                          : size_t(row[d * W_ + 2 * P + 1]) * kEpArenaAlign;
     if (need > room)
@@ -267,7 +273,7 @@ void EpMoeCuda::carve(int64_t N, const cu::Ctx& ctx) {
   unsigned char* base = arena_->mem.get();
   for (int i = 0; i < L_; ++i) {
     Rank& r = *r_[i];
-    const EpSavedLayout l = ep_saved_layout(s_, P_, N, R_[i], M_[i]);
+    const EpSavedLayout l = ep_saved_layout(s_, P_, N, R_[i], M_[i], rc_);
     const int64_t at = arena_->bump.take(l.bytes);
     AM_CHECK(at >= 0, "internal: [EpMoeCuda] {}: {} bytes passed the room check but do not fit "
              "the {} left",
@@ -278,8 +284,8 @@ void EpMoeCuda::carve(int64_t N, const cu::Ctx& ctx) {
     r.slot_row = reinterpret_cast<int32_t*>(c + l.slot_row);
     r.w_recv = reinterpret_cast<float*>(c + l.w_recv);
     r.x_recv = reinterpret_cast<bf16*>(c + l.x_recv);
-    r.gu = reinterpret_cast<bf16*>(c + l.gu);
-    r.ys = reinterpret_cast<bf16*>(c + l.ys);
+    r.gu = l.gu == kEpNotSaved ? nullptr : reinterpret_cast<bf16*>(c + l.gu);
+    r.ys = l.ys == kEpNotSaved ? nullptr : reinterpret_cast<bf16*>(c + l.ys);
     if (N > 0)
       CUDA_CHECK(cudaMemcpyAsync(r.send_pos, sc_->local[size_t(i)].send_pos.get(),
                                  size_t(N * P_) * sizeof(int32_t), cudaMemcpyDeviceToDevice,
@@ -342,12 +348,15 @@ void EpMoeCuda::fwd(const EpMoeFwdArgs* a, int64_t N, const cu::Ctx& ctx) {
     EpMoeScratch::Local& l = lc(i);
     const int64_t R = R_[i], M = M_[i];
     if (!counts) cu::ep_recv_mask(l.idx_recv.get(), r.cnt.get() + P, N, K, P, ctx);
+    // kept in the carve, or (recompute) in the scratch for this call only
+    bf16* gu = r.gu ? r.gu : sc_->gu.get();  // [M,2I]
+    bf16* ys = r.ys ? r.ys : sc_->xs.get();  // [M,H]: xs is dead after the gate_up GEMM
     cu::moe_layout(r.offsets, r.slot_row, l.idx_recv.get(), R, El, K, ctx);
     cu::permute_fwd(sc_->xs.get(), r.x_recv, r.slot_row, R, K, H, ctx);
-    cu::grouped_linear_fwd(r.gu, sc_->xs.get(), a[i].w_gu, r.offsets, M, El, H, 2 * I, ctx);
-    cu::swiglu_fwd(sc_->act.get(), r.gu, M, I, ctx);
-    cu::grouped_linear_fwd(r.ys, sc_->act.get(), a[i].w_down, r.offsets, M, El, I, H, ctx);
-    cu::unpermute_fwd(l.y_recv.get(), r.ys, r.w_recv, r.slot_row, R, K, H, ctx);
+    cu::grouped_linear_fwd(gu, sc_->xs.get(), a[i].w_gu, r.offsets, M, El, H, 2 * I, ctx);
+    cu::swiglu_fwd(sc_->act.get(), gu, M, I, ctx);
+    cu::grouped_linear_fwd(ys, sc_->act.get(), a[i].w_down, r.offsets, M, El, I, H, ctx);
+    cu::unpermute_fwd(l.y_recv.get(), ys, r.w_recv, r.slot_row, R, K, H, ctx);
   }
   // ---- combine: rows back along the dispatch's path, summed per token in rank order
   if (timing_) CUDA_CHECK(cudaEventRecord(ev_[2], ctx.stream));
@@ -384,17 +393,27 @@ void EpMoeCuda::bwd(const EpMoeBwdArgs* a, float g_beta, const cu::Ctx& ctx) {
                            [&](int i) { return lc(i).y_recv.get(); });
     t_.alltoallv(&t, 1, fwd_rows, ctx.stream);
   }
-  // ---- the local experts' backward (xs and the SwiGLU output recomputed, as the model does)
+  // ---- the local experts' backward: xs and the SwiGLU output always recomputed (as the model
+  // does), gu and ys too when the carve does not keep them (rc_): the forward's kernels on the
+  // forward's inputs, so the same bits
   for (int i = 0; i < L_; ++i) {
     Rank& r = *r_[i];
     EpMoeScratch::Local& l = lc(i);
     const int64_t R = R_[i], M = M_[i];
-    cu::unpermute_bwd(sc_->dys.get(), l.dw_recv.get(), l.y_recv.get(), r.ys, r.w_recv, r.slot_row,
+    bf16* gu = r.gu ? r.gu : sc_->gu.get();  // [M,2I]
+    bf16* ys = r.ys ? r.ys : sc_->xs.get();  // [M,H]: xs is permuted again below
+    if (rc_ == EpRecompute::kExperts) {
+      cu::permute_fwd(sc_->xs.get(), r.x_recv, r.slot_row, R, K, H, ctx);
+      cu::grouped_linear_fwd(gu, sc_->xs.get(), a[i].w_gu, r.offsets, M, El, H, 2 * I, ctx);
+    }
+    cu::swiglu_fwd(sc_->act.get(), gu, M, I, ctx);
+    if (rc_ != EpRecompute::kNone)
+      cu::grouped_linear_fwd(ys, sc_->act.get(), a[i].w_down, r.offsets, M, El, I, H, ctx);
+    cu::unpermute_bwd(sc_->dys.get(), l.dw_recv.get(), l.y_recv.get(), ys, r.w_recv, r.slot_row,
                       R, K, H, ctx);
-    cu::swiglu_fwd(sc_->act.get(), r.gu, M, I, ctx);
     cu::grouped_linear_bwd(sc_->dact.get(), a[i].g_down, g_beta, sc_->dys.get(), sc_->act.get(),
                            a[i].w_down, r.offsets, M, El, I, H, ctx);
-    cu::swiglu_bwd(sc_->dgu.get(), sc_->dact.get(), r.gu, M, I, ctx);
+    cu::swiglu_bwd(sc_->dgu.get(), sc_->dact.get(), gu, M, I, ctx);
     cu::permute_fwd(sc_->xs.get(), r.x_recv, r.slot_row, R, K, H, ctx);
     bf16* dxs = sc_->dys.get();  // [M,H], reused: dys was consumed above
     cu::grouped_linear_bwd(dxs, a[i].g_gu, g_beta, sc_->dgu.get(), sc_->xs.get(), a[i].w_gu,

@@ -27,7 +27,7 @@
 // gradients) lives in an EpMoeScratch, sized for the worst routing of ONE layer (all tokens of
 // all ranks on one rank's experts) and shareable by blocks that run one after another on one
 // stream. What the backward needs of a forward (dist/ep_arena.h: send_pos, offsets, slot_row,
-// w_recv, x_recv, gu, ys) is carved from an EpSavedArena at each forward:
+// w_recv, x_recv, gu and ys unless recomputed) is carved from an EpSavedArena at each forward:
 //   counts mode  exactly the rows and expert rows this rank received (their counts come with
 //                the counts exchange, so no extra sync). The arena may be shared by all MoE
 //                layers of a model (carved in layer order, reset by the model at the start of
@@ -38,6 +38,14 @@
 // Without an arena the block owns one sized for its worst case, reset at each forward: one
 // forward's state, as a standalone block needs (bench/ep_check.cpp). Nothing is allocated per
 // call. The caller's Ctx needs workspace_bytes() of workspace.
+//
+// Recompute (EpRecompute, dist/ep_arena.h; train.ep_recompute): the carve drops ys (kOutputs)
+// or gu and ys (kExperts), and the backward rebuilds them with the forward's kernels on the
+// forward's inputs (x_recv, slot_row, offsets, the weights, which have not changed), so its
+// results are bit-identical to kNone's. Where the dropped tensors live during one call:
+//   ys  the scratch's xs (dead after the gate_up GEMM; the backward permutes x_recv into xs
+//       again for the gate_up weight gradient, as it always has)
+//   gu  (kExperts) the scratch's gu, [Mcap,2I], allocated only for kExperts
 //
 // Gradient rule: dx and dtopk_w assign (=); expert weight gradients are bf16,
 // g = g_beta * g + dW (g_beta 0 overwrites, experts without rows then get 0; 1 accumulates).
@@ -90,12 +98,16 @@ struct EpTimes {
 // (Mcap = P * max_tokens * min(K, E/P) local slots, Rcap = P * max_tokens received rows, Scap
 // send rows: N * min(P, K) packed, P * N padded). Blocks that run one after another on one
 // stream (a model's MoE layers) share one instead of holding one each.
+// EpRecompute::kExperts adds the gate|up outputs the carve no longer keeps (gu).
 struct EpMoeScratch {
-  EpMoeScratch(const EpMoeShape& shape, int P, int local_ranks = 1, EpMode mode = EpMode::kCounts);
+  EpMoeScratch(const EpMoeShape& shape, int P, int local_ranks = 1, EpMode mode = EpMode::kCounts,
+               EpRecompute recompute = EpRecompute::kNone);
   int64_t Mcap = 0, Rcap = 0, Scap = 0;
   EpMode mode = EpMode::kCounts;
+  EpRecompute recompute = EpRecompute::kNone;
   // the expert GEMMs' (the local ranks run one after the other)
   cuda::DeviceBuffer<cuda::bf16> xs, act, dys, dact, dgu;  // [Mcap,H] [Mcap,I] [Mcap,H] [Mcap,I] [Mcap,2I]
+  cuda::DeviceBuffer<cuda::bf16> gu;  // [Mcap,2I] kExperts only (else empty): recomputed gate|up
   struct Local {  // one per local rank (an all-to-all moves every local rank's rows at once)
     cuda::DeviceBuffer<int32_t> send_pos;  // [Nmax,P] the layout, before the carve exists
     cuda::DeviceBuffer<cuda::bf16> x_send;  // [Scap,H] dispatch rows; combine's returned rows;
@@ -124,10 +136,14 @@ struct EpSavedArena {
 
 class EpMoeCuda {
  public:
-  // `scratch`: shared with other blocks of the same shape and stream; null: the block owns one.
-  // `arena`: counts mode only, shared with the other MoE layers; null: the block owns one sized
-  // for its worst case. `label` names the block in errors ("MoE layer 3").
+  // `recompute`: what the backward recomputes instead of keeping (see "Recompute" above).
+  // `scratch`: shared with other blocks of the same shape and stream (built with kExperts when
+  // this block recomputes the experts); null: the block owns one.
+  // `arena`: counts mode only, shared with the other MoE layers, sized for the same `recompute`;
+  // null: the block owns one sized for its worst case. `label` names the block in errors
+  // ("MoE layer 3").
   EpMoeCuda(EpTransport& t, const EpMoeShape& shape, EpMode mode,
+            EpRecompute recompute = EpRecompute::kNone,
             std::shared_ptr<EpMoeScratch> scratch = nullptr,
             std::shared_ptr<EpSavedArena> arena = nullptr, std::string label = "the EP block");
   ~EpMoeCuda();
@@ -148,6 +164,7 @@ class EpMoeCuda {
            const cuda::Ctx& ctx);
 
   EpMode mode() const { return mode_; }
+  EpRecompute recompute() const { return rc_; }
   int num_local() const { return L_; }
   int64_t local_experts() const { return El_; }
   // what this object allocated, with its own scratch and arena (not shared ones)
@@ -177,6 +194,7 @@ class EpMoeCuda {
   EpTransport& t_;
   EpMoeShape s_;
   EpMode mode_;
+  EpRecompute rc_;
   int P_ = 1, L_ = 1;
   int64_t El_ = 0, Scap_ = 0, Rcap_ = 0, Mcap_ = 0;
   int64_t W_ = 0;  // counts mode: ints of one rank's info row (send rows [P], picks [P], N, room)

@@ -239,6 +239,7 @@ struct Qwen3MoeCuda::State {
   std::shared_ptr<dist::EpMoeScratch> ep_scratch;        // their per-call scratch, one for all
   std::shared_ptr<dist::EpSavedArena> ep_arena;          // their saved state, reset per forward
   double ep_capacity = 2.0;                              // the arena over the balanced load
+  dist::EpRecompute ep_recompute = dist::EpRecompute::kNone;  // what the EP backward recomputes
   cu::DeviceBuffer<double> auxstats;                     // [2E+1] global aux statistics
   cu::DeviceBuffer<double> tsumsq;                       // [segs] g^2 per tensor
   double* sumsq_host = nullptr;                          // pinned [1]: the global g^2 sum
@@ -246,7 +247,7 @@ struct Qwen3MoeCuda::State {
   State(const ModelConfig& c, Precision p, bool ms, const CudaDist& d)
       : cfg(c), prec(p), memsave(ms), layout_model(c, d.groups, false), groups(d.groups),
         ept(d.ep_transport), nccl_world(d.nccl_world), nccl_dp(d.nccl_dp),
-        ep_capacity(d.ep_capacity) {
+        ep_capacity(d.ep_capacity), ep_recompute(d.ep_recompute) {
     dist = groups && groups->world.size() > 1;
     ep = groups && groups->ep.size() > 1 && c.num_moe_layers() > 0;
   }
@@ -764,16 +765,17 @@ void Qwen3MoeCuda::plan(int64_t B, int64_t T, bool packed) {
     s.ep_arena.reset();
     const dist::EpMoeShape sh{N, H, I, E, K};
     const int P = int(s.groups->ep.size());
-    s.ep_scratch = std::make_shared<dist::EpMoeScratch>(sh, P);
+    s.ep_scratch = std::make_shared<dist::EpMoeScratch>(sh, P, 1, dist::EpMode::kCounts,
+                                                        s.ep_recompute);
     s.ep_arena = std::make_shared<dist::EpSavedArena>(
-        dist::ep_arena_bytes(sh, P, M, 1, s.ep_capacity),
+        dist::ep_arena_bytes(sh, P, M, 1, s.ep_capacity, s.ep_recompute),
         fmt::format("sized for train.ep_capacity {} x the balanced load of {} MoE layers of {} "
-                    "tokens",
-                    s.ep_capacity, M, N));
+                    "tokens, train.ep_recompute {}",
+                    s.ep_capacity, M, N, dist::ep_recompute_name(s.ep_recompute)));
     for (int64_t l = 0, m = 0; l < L; ++l)
       if (s.lo[l].moe) {
         s.ep_moe.push_back(std::make_unique<dist::EpMoeCuda>(
-            *s.ept, sh, dist::EpMode::kCounts, s.ep_scratch, s.ep_arena,
+            *s.ept, sh, dist::EpMode::kCounts, s.ep_recompute, s.ep_scratch, s.ep_arena,
             fmt::format("MoE layer {} (model layer {})", m, l)));
         ++m;
       }

@@ -39,6 +39,7 @@
 #include <vector>
 
 #include "backend/cuda/common.cuh"
+#include "dist/ep_arena.h"
 #include "model/qwen3_moe.h"
 #include "train/adamw.h"
 
@@ -62,6 +63,9 @@ struct CudaDist {
   // the received counts) holds this many times the balanced load; a step whose routing needs
   // more stops with an error on every rank (dist/expert_parallel_cuda.h).
   double ep_capacity = 2.0;
+  // train.ep_recompute: what the EP backward recomputes instead of keeping in that arena (the
+  // expert outputs, or gate|up and the outputs); the gradients are the same bits either way.
+  dist::EpRecompute ep_recompute = dist::EpRecompute::kNone;
 };
 
 // train.precision: "bf16" (default: bf16 weights, gradients and AdamW moments, what a

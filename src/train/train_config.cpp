@@ -63,6 +63,7 @@ const std::map<std::string, Setter>& keys() {
       KEY("train.memory_saving", memory_saving, bool),
       KEY("train.ep", ep, int64_t),
       KEY("train.ep_capacity", ep_capacity, double),
+      KEY("train.ep_recompute", ep_recompute, std::string),
       KEY("train.zero", zero, int64_t),
       KEY("output.dir", output_dir, std::string),
       KEY("output.export_hf", export_hf, bool),
@@ -128,6 +129,16 @@ TrainConfig load_train_config(const std::string& path,
            "train.ep_capacity (the GPU EP arena over the balanced expert load) must be a positive "
            "number such as 2, got {}",
            c.ep_capacity);
+  AM_CHECK(c.ep_recompute == "none" || c.ep_recompute == "outputs" || c.ep_recompute == "experts",
+           "train.ep_recompute '{}' is not known; use none (the GPU EP backward keeps the expert "
+           "activations), outputs (recomputes the expert outputs: one expert GEMM more per MoE "
+           "layer) or experts (recomputes gate|up and the outputs: two more)",
+           c.ep_recompute);
+  AM_CHECK(c.ep_recompute == "none" || (c.device == "cuda" && c.ep > 1),
+           "train.ep_recompute {} applies to the GPU expert-parallel block (train.device cuda, "
+           "train.ep > 1), but this run has train.device {} and train.ep {}; remove it or set "
+           "both",
+           c.ep_recompute, c.device, c.ep);
   AM_CHECK(c.device == "cpu" || c.device == "cuda", "train.device '{}' is not known; use cpu or cuda", c.device);
   AM_CHECK(c.precision == "bf16" || c.precision == "fp32_master",
            "train.precision '{}' is not known; use bf16 (bf16 weights, gradients and AdamW state) or "
@@ -187,6 +198,7 @@ std::string TrainConfig::to_yaml() const {
   if (memory_saving) e << YAML::Key << "memory_saving" << YAML::Value << memory_saving;
   if (ep != 1) e << YAML::Key << "ep" << YAML::Value << ep;
   if (ep_capacity != 2.0) e << YAML::Key << "ep_capacity" << YAML::Value << ep_capacity;
+  if (ep_recompute != "none") e << YAML::Key << "ep_recompute" << YAML::Value << ep_recompute;
   if (zero != 0) e << YAML::Key << "zero" << YAML::Value << zero;
   e << YAML::EndMap;
   e << YAML::Key << "output" << YAML::Value << YAML::BeginMap << YAML::Key << "dir" << YAML::Value

@@ -45,6 +45,8 @@ struct TrainConfig {
                                         // (model/qwen3_moe_cuda.h); needs grad_accum 1
   int64_t ep = 1;                       // expert-parallel size (ranks from mpirun; dp = world / ep)
   double ep_capacity = 2.0;             // cuda, ep > 1: the EP arena over the balanced load
+  std::string ep_recompute = "none";    // cuda, ep > 1: none | outputs | experts: what the EP
+                                        // backward recomputes instead of keeping in that arena
   int64_t zero = 0;                     // ZeRO: 0 replicated, 1 optimizer state sharded, 2 + gradients
   // output:
   std::string output_dir = "out/run";

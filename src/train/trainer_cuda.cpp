@@ -26,8 +26,10 @@ class CudaTrainModel final : public DeviceTrainModel {
         comms_(make_comms(g, device_)),
         model_(mc, parse_precision(cfg.precision), device_.device, cfg.memory_saving,
                comms_ ? CudaDist{&g, comms_->ep_transport(), comms_->nccl_world(),
-                                 comms_->nccl_dp(), cfg.ep_capacity}
-                      : CudaDist{&g, nullptr, nullptr, nullptr, cfg.ep_capacity}) {}
+                                 comms_->nccl_dp(), cfg.ep_capacity,
+                                 dist::parse_ep_recompute(cfg.ep_recompute)}
+                      : CudaDist{&g, nullptr, nullptr, nullptr, cfg.ep_capacity,
+                                 dist::parse_ep_recompute(cfg.ep_recompute)}) {}
 
   void upload(const Qwen3Moe& host, const AdamW* opt) override {
     model_.upload_params(host.params());

@@ -1,6 +1,7 @@
 // tests/dist/test_ep_arena.cpp: the host arithmetic of the GPU EP block's saved-state arena
-// (dist/ep_arena.h): one carve's layout, the expected and worst loads, the arena's size from
-// train.ep_capacity, bump carving, and the overflow sentence. No GPU, no MPI: world size 1.
+// (dist/ep_arena.h): one carve's layout (with and without the recomputed expert activations,
+// train.ep_recompute), the expected and worst loads, the arena's size from train.ep_capacity,
+// bump carving, and the overflow sentence. No GPU, no MPI: world size 1.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -12,6 +13,7 @@
 #include "train/train_config.h"
 
 namespace dist = automoe::dist;
+using dist::EpRecompute;
 
 namespace {
 
@@ -22,7 +24,7 @@ const dist::EpMoeShape kQwen{4096, 2048, 768, 128, 8};
 
 TEST(EpArena, CarveLayoutIsAlignedAndInOrder) {
   const dist::EpMoeShape s{37, 100, 36, 12, 3};
-  const dist::EpSavedLayout l = dist::ep_saved_layout(s, 4, 37, 101, 211);
+  const dist::EpSavedLayout l = dist::ep_saved_layout(s, 4, 37, 101, 211, EpRecompute::kNone);
   const size_t offs[] = {l.send_pos, l.offsets, l.slot_row, l.w_recv, l.x_recv, l.gu, l.ys, l.bytes};
   for (size_t o : offs) EXPECT_EQ(o % dist::kEpArenaAlign, 0u);
   EXPECT_EQ(l.send_pos, 0u);
@@ -34,8 +36,62 @@ TEST(EpArena, CarveLayoutIsAlignedAndInOrder) {
   EXPECT_EQ(l.ys - l.gu, dist::ep_align(211 * 2 * 36 * 2));
   EXPECT_EQ(l.bytes - l.ys, dist::ep_align(211 * 100 * 2));
   // nothing received: only the layout and the offsets
-  const dist::EpSavedLayout z = dist::ep_saved_layout(s, 4, 37, 0, 0);
+  const dist::EpSavedLayout z = dist::ep_saved_layout(s, 4, 37, 0, 0, EpRecompute::kNone);
   EXPECT_EQ(z.bytes, dist::ep_align(37 * 4 * 4) + dist::ep_align(4 * 4));
+}
+
+TEST(EpArena, RecomputeDropsTheExpertActivationsFromTheCarve) {
+  // the carve of CarveLayoutIsAlignedAndInOrder: gu 211 x 72 x 2 -> 30464 bytes, ys 211 x 100 x 2
+  // -> 42240 (bench/memory_plan.py's ep_carve gives the same three totals)
+  const dist::EpMoeShape s{37, 100, 36, 12, 3};
+  const dist::EpSavedLayout none = dist::ep_saved_layout(s, 4, 37, 101, 211, EpRecompute::kNone);
+  const dist::EpSavedLayout outs = dist::ep_saved_layout(s, 4, 37, 101, 211, EpRecompute::kOutputs);
+  const dist::EpSavedLayout exps = dist::ep_saved_layout(s, 4, 37, 101, 211, EpRecompute::kExperts);
+  EXPECT_EQ(none.bytes, 96512u);
+  EXPECT_EQ(outs.bytes, 54272u);
+  EXPECT_EQ(exps.bytes, 23808u);
+  // what stays is laid out as before
+  for (const dist::EpSavedLayout& l : {outs, exps}) {
+    EXPECT_EQ(l.send_pos, none.send_pos);
+    EXPECT_EQ(l.offsets, none.offsets);
+    EXPECT_EQ(l.slot_row, none.slot_row);
+    EXPECT_EQ(l.w_recv, none.w_recv);
+    EXPECT_EQ(l.x_recv, none.x_recv);
+  }
+  EXPECT_EQ(outs.gu, none.gu);
+  EXPECT_EQ(outs.ys, dist::kEpNotSaved);
+  EXPECT_EQ(outs.bytes, none.ys);  // ys was last
+  EXPECT_EQ(exps.gu, dist::kEpNotSaved);
+  EXPECT_EQ(exps.ys, dist::kEpNotSaved);
+  EXPECT_EQ(exps.bytes, none.gu);  // the carve ends after x_recv
+}
+
+TEST(EpArena, RecomputeShrinksTheArenaOfQwen3_30B_A3B_EP4) {
+  // 48 MoE layers, seq 4096, micro-batch 1, EP = 4, train.ep_capacity 2: the figures of
+  // docs/DISTRIBUTED.md's table (bench/memory_plan.py --ep-recompute none|outputs|experts)
+  const int P = 4;
+  EXPECT_EQ(dist::ep_arena_bytes(kQwen, P, 48, 1, 2.0, EpRecompute::kNone), 28491423744u);
+  EXPECT_EQ(dist::ep_arena_bytes(kQwen, P, 48, 1, 2.0, EpRecompute::kOutputs), 15606521856u);
+  EXPECT_EQ(dist::ep_arena_bytes(kQwen, P, 48, 1, 2.0, EpRecompute::kExperts), 3274715136u);
+  EXPECT_EQ(dist::ep_arena_worst_bytes(kQwen, P, 1, EpRecompute::kNone), 1007747328u);
+  EXPECT_EQ(dist::ep_arena_worst_bytes(kQwen, P, 1, EpRecompute::kOutputs), 470876416u);
+  EXPECT_EQ(dist::ep_arena_worst_bytes(kQwen, P, 1, EpRecompute::kExperts), 68223232u);
+  // without gate|up and outputs 2x the balanced rows pass the worst case: the worst case it is
+  EXPECT_EQ(dist::ep_arena_bytes(kQwen, P, 48, 1, 2.0, EpRecompute::kExperts),
+            48 * dist::ep_arena_worst_bytes(kQwen, P, 1, EpRecompute::kExperts));
+}
+
+TEST(EpArena, RecomputeNames) {
+  for (EpRecompute r : {EpRecompute::kNone, EpRecompute::kOutputs, EpRecompute::kExperts})
+    EXPECT_EQ(dist::parse_ep_recompute(dist::ep_recompute_name(r)), r);
+  try {
+    dist::parse_ep_recompute("ys");
+    ADD_FAILURE() << "parse_ep_recompute(\"ys\") did not throw";
+  } catch (const std::exception& e) {
+    const std::string m = e.what();
+    for (const char* part : {"train.ep_recompute 'ys'", "none", "outputs", "experts"})
+      EXPECT_NE(m.find(part), std::string::npos) << part << " not in: " << m;
+  }
 }
 
 TEST(EpArena, ExpectedAndWorstLoad) {
@@ -64,22 +120,23 @@ TEST(EpArena, SizeFollowsTheCapacityFactorAndStopsAtTheWorstCase) {
   const int64_t layers = 48;
   const dist::EpLoad e = dist::ep_expected_load(kQwen, P, 4096);
   const size_t one = dist::ep_saved_layout(kQwen, P, 4096, int64_t(std::ceil(e.rows)),
-                                           int64_t(std::ceil(e.picks)))
+                                           int64_t(std::ceil(e.picks)), EpRecompute::kNone)
                          .bytes;
-  const size_t a2 = dist::ep_arena_bytes(kQwen, P, layers, 1, 2.0);
+  const size_t a2 = dist::ep_arena_bytes(kQwen, P, layers, 1, 2.0, EpRecompute::kNone);
   EXPECT_EQ(a2, dist::ep_align(size_t(2 * one * layers)));
   EXPECT_EQ(a2 % dist::kEpArenaAlign, 0u);
-  EXPECT_LT(dist::ep_arena_bytes(kQwen, P, layers, 1, 1.0), a2);
+  EXPECT_LT(dist::ep_arena_bytes(kQwen, P, layers, 1, 1.0, EpRecompute::kNone), a2);
   // 2x the balanced load is about half the worst case at EP = 4 (picks: N*K against 4*N*K)
-  const size_t worst = size_t(layers) * dist::ep_arena_worst_bytes(kQwen, P, 1);
+  const size_t worst = size_t(layers) * dist::ep_arena_worst_bytes(kQwen, P, 1, EpRecompute::kNone);
   EXPECT_LT(double(a2), 0.6 * double(worst));
   EXPECT_GT(double(a2), 0.4 * double(worst));
   // a factor past the worst case is the worst case (it could never be used up)
-  EXPECT_EQ(dist::ep_arena_bytes(kQwen, P, layers, 1, 100.0), worst);
+  EXPECT_EQ(dist::ep_arena_bytes(kQwen, P, layers, 1, 100.0, EpRecompute::kNone), worst);
   // loopback: P local ranks carve from one arena
-  EXPECT_EQ(dist::ep_arena_worst_bytes(kQwen, P, P), size_t(P) * dist::ep_arena_worst_bytes(kQwen, P, 1));
-  EXPECT_THROW(dist::ep_arena_bytes(kQwen, P, layers, 1, 0.0), std::exception);
-  EXPECT_THROW(dist::ep_arena_bytes(kQwen, P, layers, 1, -1.0), std::exception);
+  EXPECT_EQ(dist::ep_arena_worst_bytes(kQwen, P, P, EpRecompute::kNone),
+            size_t(P) * dist::ep_arena_worst_bytes(kQwen, P, 1, EpRecompute::kNone));
+  EXPECT_THROW(dist::ep_arena_bytes(kQwen, P, layers, 1, 0.0, EpRecompute::kNone), std::exception);
+  EXPECT_THROW(dist::ep_arena_bytes(kQwen, P, layers, 1, -1.0, EpRecompute::kNone), std::exception);
 }
 
 TEST(EpArena, BumpCarvesInOrderUntilReset) {
@@ -106,9 +163,11 @@ TEST(EpArena, LayersOfARealisticStepFitTwiceTheBalancedLoad) {
   // first layer that does not fit is about index 38 (38 x 2.5 = 95 <= 96 < 97.5)
   const int P = 4;
   const dist::EpLoad e = dist::ep_expected_load(kQwen, P, 4096);
-  dist::EpBumpArena a(dist::ep_arena_bytes(kQwen, P, 48, 1, 2.0));
+  dist::EpBumpArena a(dist::ep_arena_bytes(kQwen, P, 48, 1, 2.0, EpRecompute::kNone));
   auto carve = [&](double x) {
-    return a.take(dist::ep_saved_layout(kQwen, P, 4096, int64_t(e.rows * x), int64_t(e.picks * x)).bytes);
+    return a.take(dist::ep_saved_layout(kQwen, P, 4096, int64_t(e.rows * x), int64_t(e.picks * x),
+                                        EpRecompute::kNone)
+                      .bytes);
   };
   for (int l = 0; l < 48; ++l) EXPECT_GE(carve(1.5), 0) << "layer " << l;
   a.reset();
@@ -140,4 +199,43 @@ TEST(EpArena, RecipeKey) {
   EXPECT_NE(c.to_yaml().find("ep_capacity: 1.25"), std::string::npos) << c.to_yaml();
   o.back().second = "0";
   EXPECT_THROW(load_train_config("", o), std::exception);
+}
+
+TEST(EpArena, RecomputeRecipeKey) {
+  using automoe::load_train_config;
+  const auto base = std::vector<std::pair<std::string, std::string>>{
+      {"model.builtin", "tiny-moe"}, {"data.builtin", "addition"}};
+  const auto d = load_train_config("", base);
+  EXPECT_EQ(d.ep_recompute, "none");
+  // the default is not written
+  EXPECT_EQ(d.to_yaml().find("ep_recompute"), std::string::npos) << d.to_yaml();
+  auto o = base;
+  o.push_back({"train.device", "cuda"});
+  o.push_back({"train.ep", "2"});
+  for (const char* v : {"none", "outputs", "experts"}) {
+    auto ov = o;
+    ov.push_back({"train.ep_recompute", v});
+    const auto c = load_train_config("", ov);
+    EXPECT_EQ(c.ep_recompute, v);
+    EXPECT_EQ(c.to_yaml().find(std::string("ep_recompute: ") + v) != std::string::npos,
+              std::string(v) != "none")
+        << c.to_yaml();
+  }
+  auto bad = o;
+  bad.push_back({"train.ep_recompute", "ys"});
+  try {
+    load_train_config("", bad);
+    ADD_FAILURE() << "train.ep_recompute ys accepted";
+  } catch (const std::exception& e) {
+    EXPECT_NE(std::string(e.what()).find("use none"), std::string::npos) << e.what();
+  }
+  // nothing to recompute without the GPU EP block: an error, not a silent no-op
+  auto cpu = base;
+  cpu.push_back({"train.ep", "2"});
+  cpu.push_back({"train.ep_recompute", "experts"});
+  EXPECT_THROW(load_train_config("", cpu), std::exception);
+  auto one = base;
+  one.push_back({"train.device", "cuda"});
+  one.push_back({"train.ep_recompute", "outputs"});
+  EXPECT_THROW(load_train_config("", one), std::exception);
 }
