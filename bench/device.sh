@@ -279,6 +279,11 @@ ep_memsave_stages() {
   stage ep_model_ms_mpi2 "${mpi2[@]}" "${ms[@]}" --output.dir "$BUILD/ep_model_ms_mpi2"
   stage ep_model_cmp_ms python3 bench/compare_loss_curves.py "$BUILD/ep_model_1gpu_ms/metrics.jsonl" \
     "$BUILD/ep_model_ms_mpi2/metrics.jsonl"
+  # with train.ep_recompute experts too (what issue 7's memory needs): the same bits
+  stage ep_model_ms_rc_mpi2 "${mpi2[@]}" "${ms[@]}" --train.ep_recompute experts \
+    --output.dir "$BUILD/ep_model_ms_rc_mpi2"
+  stage ep_model_cmp_ms_rc_exact python3 bench/compare_loss_curves.py --exact loss,ce_loss,aux_loss,grad_norm \
+    "$BUILD/ep_model_ms_mpi2/metrics.jsonl" "$BUILD/ep_model_ms_rc_mpi2/metrics.jsonl"
   # ... and, without clipping (the mode clips by the previous step's norm), bit for bit the
   # default mode under the same two ranks; on one GPU the same pair is the control
   local nc=(--train.max_grad_norm 0)
