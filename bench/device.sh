@@ -254,6 +254,10 @@ if has ep; then
          -x NVSHMEM_DISABLE_NVLS=1 -x AUTOMOE_EP_TRANSPORT=nccl)
     # shellcheck disable=SC2086
     stage ep_nccl2 "${MPI[@]}" "$BUILD/ep_check" ${EP_ARGS:-}
+    # CUDA IPC between the two GPUs (NVLink P2P; what auto takes there): the checks and its
+    # dispatch/combine bandwidth against ncclAlltoAll of the same bytes
+    # shellcheck disable=SC2086
+    stage ep_ipc_gpu2 "${MPI[@]}" "$BUILD/ep_check" --transport ipc ${EP_ARGS:-}
     # shellcheck disable=SC2086
     stage_must_fail ep_kill_exit "${MPI[@]}" -x AUTOMOE_NCCL_TIMEOUT_S=30 "$BUILD/ep_check" \
       --kill-rank 1 --kill-mode exit ${EP_ARGS:-}
@@ -363,6 +367,12 @@ if has ep_model; then
         "$BUILD/automoe" "${run[@]}" --train.ep 2 --data.micro_batch 8 --output.dir "$BUILD/ep_model_nccl2"
       stage ep_model_cmp_nccl python3 bench/compare_loss_curves.py "$BUILD/ep_model_1gpu/metrics.jsonl" \
         "$BUILD/ep_model_nccl2/metrics.jsonl"
+      # the default transport (auto: CUDA IPC between the GPUs, gradients over NCCL)
+      stage ep_model_auto2 mpirun --allow-run-as-root -np 2 -x NCCL_NVLS_ENABLE=0 \
+        -x TORCH_SYMM_MEM_DISABLE_MULTICAST=1 -x NVSHMEM_DISABLE_NVLS=1 \
+        "$BUILD/automoe" "${run[@]}" --train.ep 2 --data.micro_batch 8 --output.dir "$BUILD/ep_model_auto2"
+      stage ep_model_cmp_auto python3 bench/compare_loss_curves.py "$BUILD/ep_model_1gpu/metrics.jsonl" \
+        "$BUILD/ep_model_auto2/metrics.jsonl"
     else
       echo "device.sh: $ngpu GPU: the NCCL run of stage ep_model needs 2 GPUs (skipped)"
     fi

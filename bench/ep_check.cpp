@@ -7,9 +7,14 @@
 //                                    AUTOMOE_EP_TRANSPORT: nccl (a GPU per rank, built with
 //                                    NCCL), mpi (rows staged through host memory and MPI: any
 //                                    number of ranks on ONE GPU), ipc (CUDA IPC buffers: the
-//                                    ranks of one node, on one GPU or on P2P-capable GPUs; opt-in),
-//                                    auto (default: nccl when every rank has its own GPU and
-//                                    NCCL is built in, else mpi)
+//                                    ranks of one node, on one GPU or on P2P-capable GPUs),
+//                                    auto (default: ipc within a node, else nccl when every
+//                                    rank has its own GPU and NCCL is built in, else mpi;
+//                                    dist/gpu_rank.h)
+//   The bandwidth run (not with --no-bench; a GPU per rank, NCCL built in): the forward's
+//   dispatch and combine over the chosen transport, timed, against ncclAlltoAll of the same
+//   bytes on an NCCL communicator of the same ranks (opened for it when the transport is not
+//   NCCL): "BW <transport> rank ..." lines.
 //   flags: --tokens N (8192, per rank) --hidden H (2048) --inter I (768) --experts E (128)
 //          --topk K (8) --modes counts,padded --recompute none,outputs,experts (all three)
 //          --iters 20 --warmup 3 --seed S --no-bench
@@ -712,10 +717,11 @@ void bandwidth(const Opts& o, dist::NcclGroup& g, dist::EpTransport& t, dist::Ep
   CUDA_CHECK(cudaEventDestroy(e0));
   CUDA_CHECK(cudaEventDestroy(e1));
   const double mb = median(base);
-  std::printf("BW   nccl rank %d/%d %-6s N=%lld: dispatch %.3f ms %.1f GiB/s (payload %.1f MiB, "
+  std::printf("BW   %s rank %d/%d %-6s N=%lld: dispatch %.3f ms %.1f GiB/s (payload %.1f MiB, "
               "wire %.1f MiB; layout+pack+exchange), combine %.3f ms %.1f GiB/s (%.1f MiB); "
               "ncclAlltoAll of the dispatch bytes %.3f ms %.1f GiB/s\n",
-              g.rank(), g.size(), dist::ep_mode_name(mode), (long long)s.N, md, bd / gib / (md / 1e3),
+              t.name(), g.rank(), g.size(), dist::ep_mode_name(mode), (long long)s.N, md,
+              bd / gib / (md / 1e3),
               bd / (1 << 20), double(last.rows_wire) * row_d / (1 << 20), mc,
               bc / gib / (mc / 1e3), bc / (1 << 20), mb, double(per_peer * s.P * 2) / gib / (mb / 1e3));
   std::fflush(stdout);
@@ -738,12 +744,14 @@ int run_ranks(const Opts& o) {
 #endif
   std::printf("\n");
   std::fflush(stdout);
-  if (o.kill_rank >= 0 && kind != dist::EpTransportKind::kNccl)
-    usage("--kill-rank drills the NCCL timeout: run it with the nccl transport");
   const Shape small{37, 100, 36, 3 * P, 3, P};  // the unaligned suite (scalar kernel paths)
   cu::ScopedCtx owner(std::max(workspace_for(small), workspace_for({o.N, o.H, o.I, o.E, o.K, P})),
                       pl.device);
   dist::GpuComms comm(groups, pl, kind, /*gradients=*/false);
+  if (kind == dist::EpTransportKind::kAuto)
+    std::printf("ep_check: rank %d: auto took %s\n", rank, dist::ep_transport_kind_name(comm.kind()));
+  if (o.kill_rank >= 0 && comm.kind() != dist::EpTransportKind::kNccl)
+    usage("--kill-rank drills the NCCL timeout: run it with --transport nccl");
   dist::EpTransport& t = *comm.ep_transport();
   Tally tally;
   tally.tag = std::string(t.name()) + " rank " + std::to_string(rank) + "/" + std::to_string(P);
@@ -761,8 +769,13 @@ int run_ranks(const Opts& o) {
     }
   }
 #if AUTOMOE_HAVE_NCCL
-  if (comm.nccl_ep() && (o.bench || o.kill_rank >= 0))
-    for (dist::EpMode m : o.modes) bandwidth(o, *comm.nccl_ep(), t, m, s, owner.ctx());
+  if ((o.bench || o.kill_rank >= 0) && !pl.shared()) {
+    // the baseline's communicator: the transport's own, or one opened for it (collective)
+    std::unique_ptr<dist::NcclGroup> base;
+    if (!comm.nccl_ep()) base = std::make_unique<dist::NcclGroup>(groups.ep, pl.device);
+    dist::NcclGroup& g = comm.nccl_ep() ? *comm.nccl_ep() : *base;
+    for (dist::EpMode m : o.modes) bandwidth(o, g, t, m, s, owner.ctx());
+  }
 #endif
   int64_t fails = tally.fails;
   groups.world.allreduce_sum(&fails, 1);
