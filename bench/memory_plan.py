@@ -100,6 +100,8 @@ def plan(c, ep, world, seq, mbs, zero, ep_capacity=2.0, memsave=False, ep_recomp
     g = (dense / dp_shard + experts_rank) * b
     if memsave:  # the gradient scratch: the largest tensor (an expert block or lm_head), + biases
         g = (max(2 * H * I * E // ep, V * H) + H) * b
+        if ep > 1:  # + the EP block's down gradient, written with gate|up's in one call
+            g += H * I * (E // ep) * b
     m = 2 * (dense / mom_shard + experts_rank) * b
     # ---- activations: the CUDA model's plan for N tokens (R = N*K expert rows; with EP the
     # EP block keeps them instead, below)
