@@ -5,6 +5,11 @@ rank: the same global batches) must agree within bf16 noise.
 
     python3 bench/compare_loss_curves.py REF.jsonl RUN.jsonl [--first-rel 0.01] [--max-abs 0.1]
                                          [--tail-rel 0.05] [--tail 10]
+    python3 bench/compare_loss_curves.py --exact REF.jsonl RUN.jsonl
+
+--exact: every step's loss and grad norm must be equal, bit for bit (runs that should do the same
+arithmetic: train.zero 1 against train.zero 0 on the same ranks, a resumed run against the
+uninterrupted one). Prints the first steps that differ.
 
 Limits (defaults), and why:
   first-rel  step 1's loss (and grad norm) relative difference <= 1%. Both runs start from the
@@ -43,6 +48,7 @@ def main():
     ap.add_argument("--max-abs", type=float, default=0.1)
     ap.add_argument("--tail-rel", type=float, default=0.05)
     ap.add_argument("--tail", type=int, default=10)
+    ap.add_argument("--exact", action="store_true", help="every loss and grad norm bit-identical")
     a = ap.parse_args()
     ref, run = curve(a.ref), curve(a.run)
     steps = sorted(set(ref) & set(run))
@@ -57,6 +63,14 @@ def main():
           f"steps: {len(ref)} in {a.ref}, {len(run)} in {a.run}, {len(steps)} in common")
     if not steps:
         return 1
+    if a.exact:  # the JSON floats round-trip, so equal text values are equal bits
+        for key in ("loss", "grad_norm"):
+            bad = [s for s in steps if ref[s][key] != run[s][key]]
+            check(not bad, f"{key}: {len(steps) - len(bad)} of {len(steps)} steps identical"
+                  + "".join(f"; step {s}: {ref[s][key]!r} vs {run[s][key]!r}" for s in bad[:3]))
+        print(f"     step {steps[-1]:5d}  ref {ref[steps[-1]]['loss']!r}  run {run[steps[-1]]['loss']!r}")
+        print(f"compare_loss_curves: {fails} failed")
+        return fails
     s1 = steps[0]
     for key in ("loss", "grad_norm"):
         r, g = ref[s1][key], run[s1][key]

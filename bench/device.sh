@@ -40,7 +40,10 @@
 #             training run over CUDA IPC buffers (AUTOMOE_EP_TRANSPORT=ipc, both ranks on GPU 0:
 #             ep_model_check_ipc2, ep_model_ipc2, ep_model_cmp_ipc). And `automoe forward --device cuda --ep 2` under
 #             mpirun (MPI staging) against the single-GPU forward of the same fixture
-#             (bench/compare_forward.py: logits, loss, aux loss, every gradient).
+#             (bench/compare_forward.py: logits, loss, aux loss, every gradient). Then ZeRO-1
+#             (train.zero 1) on two ranks of GPU 0 over MPI staging: ep 1 x dp 2 against
+#             train.zero 0 and ep 2 against ep_model_mpi2, bit-identical losses and grad norms
+#             (compare_loss_curves.py --exact), and a resume from the middle checkpoint.
 #   sweep     (not default) grouped_sweep: every candidate CUTLASS configuration (tile, cluster,
 #             schedule) of the six W1 expert GEMMs, timed and checked against the production
 #             configuration; the summary names the fastest per GEMM. Configures the build with
@@ -258,6 +261,35 @@ if has ep_model; then
       --output.dir "$BUILD/ep_model_mpi2"
     stage ep_model_cmp_mpi python3 bench/compare_loss_curves.py "$BUILD/ep_model_1gpu/metrics.jsonl" \
       "$BUILD/ep_model_mpi2/metrics.jsonl"
+    # ZeRO-1 on the GPU (train.zero 1, dist/zero_cuda.h), two ranks on GPU 0 over MPI staging:
+    # pure data parallelism (ep 1 x dp 2) against train.zero 0 on the same ranks, and ep 2 x dp 1
+    # against ep_model_mpi2; with two ranks every sum is a + b, rounded to bf16 once either way,
+    # so the losses and grad norms must be bit-identical (compare_loss_curves.py --exact). The
+    # zero 1 run also checkpoints at EP_STEPS/2; ep_model_zero1_resume deletes its last
+    # checkpoint, resumes from the middle (the per-rank moment shards) and must end identically.
+    zrun=(mpirun --allow-run-as-root --oversubscribe -np 2 -x CUDA_VISIBLE_DEVICES=0
+          -x AUTOMOE_EP_TRANSPORT=mpi "$BUILD/automoe" "${run[@]}" --data.micro_batch 8)
+    half=$(( ${EP_STEPS:-50} / 2 ))
+    zdir="$BUILD/ep_model_dp2_zero1"
+    stage ep_model_dp2 "${zrun[@]}" --train.ep 1 --output.dir "$BUILD/ep_model_dp2"
+    stage ep_model_dp2_zero1 "${zrun[@]}" --train.ep 1 --train.zero 1 \
+      --train.checkpoint_every "$half" --train.keep_checkpoints 2 --output.dir "$zdir"
+    stage ep_model_cmp_zero1 python3 bench/compare_loss_curves.py --exact \
+      "$BUILD/ep_model_dp2/metrics.jsonl" "$zdir/metrics.jsonl"
+    stage ep_model_ep2_zero1 "${zrun[@]}" --train.ep 2 --train.zero 1 \
+      --output.dir "$BUILD/ep_model_ep2_zero1"
+    stage ep_model_cmp_ep2_zero1 python3 bench/compare_loss_curves.py --exact \
+      "$BUILD/ep_model_mpi2/metrics.jsonl" "$BUILD/ep_model_ep2_zero1/metrics.jsonl"
+    if [ -f "$zdir/metrics.jsonl" ] && [ "$half" -gt 0 ]; then
+      cp "$zdir/metrics.jsonl" "$zdir/metrics-full.jsonl"
+      rm -rf "$zdir/checkpoints/step-$(printf %07d "${EP_STEPS:-50}")"
+      ls "$zdir/checkpoints"
+      stage ep_model_zero1_resume "${zrun[@]}" --train.ep 1 --train.zero 1 \
+        --train.checkpoint_every "$half" --train.keep_checkpoints 2 --output.dir "$zdir" \
+        --output.resume true
+      stage ep_model_cmp_zero1_resume python3 bench/compare_loss_curves.py --exact \
+        "$zdir/metrics-full.jsonl" "$zdir/metrics.jsonl"
+    fi
     fx=tests/fixtures/hf/tiny_a
     stage ep_model_fwd1 "$BUILD/automoe" forward --model $fx/model --batch $fx/reference.safetensors \
       --out "$BUILD/ep_fwd1.safetensors" --grads --device cuda --dtype bf16
