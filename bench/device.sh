@@ -43,7 +43,8 @@
 #             (bench/compare_forward.py: logits, loss, aux loss, every gradient). Then ZeRO-1
 #             (train.zero 1) on two ranks of GPU 0 over MPI staging: ep 1 x dp 2 against
 #             train.zero 0 and ep 2 against ep_model_mpi2, bit-identical losses and grad norms
-#             (compare_loss_curves.py --exact), and a resume from the middle checkpoint.
+#             (compare_loss_curves.py --exact), and a resume from the middle checkpoint; with
+#             >= 2 GPUs also ZeRO-1 over NCCL against train.zero 0 over NCCL (--exact).
 #   sweep     (not default) grouped_sweep: every candidate CUTLASS configuration (tile, cluster,
 #             schedule) of the six W1 expert GEMMs, timed and checked against the production
 #             configuration; the summary names the fastest per GEMM. Configures the build with
@@ -322,6 +323,14 @@ if has ep_model; then
         "$BUILD/automoe" "${run[@]}" --train.ep 2 --data.micro_batch 8 --output.dir "$BUILD/ep_model_nccl2"
       stage ep_model_cmp_nccl python3 bench/compare_loss_curves.py "$BUILD/ep_model_1gpu/metrics.jsonl" \
         "$BUILD/ep_model_nccl2/metrics.jsonl"
+      # ZeRO-1 over NCCL (ncclReduceScatter / ncclAllGather) against its all-reduce, dp 2
+      nrun=(mpirun --allow-run-as-root -np 2 -x NCCL_NVLS_ENABLE=0 -x TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+            -x NVSHMEM_DISABLE_NVLS=1 -x AUTOMOE_EP_TRANSPORT=nccl "$BUILD/automoe" "${run[@]}"
+            --train.ep 1 --data.micro_batch 8)
+      stage ep_model_nccl2_dp "${nrun[@]}" --output.dir "$BUILD/ep_model_nccl2_dp"
+      stage ep_model_nccl2_zero1 "${nrun[@]}" --train.zero 1 --output.dir "$BUILD/ep_model_nccl2_zero1"
+      stage ep_model_cmp_nccl_zero1 python3 bench/compare_loss_curves.py --exact \
+        "$BUILD/ep_model_nccl2_dp/metrics.jsonl" "$BUILD/ep_model_nccl2_zero1/metrics.jsonl"
     else
       echo "device.sh: $ngpu GPU: the NCCL run of stage ep_model needs 2 GPUs (skipped)"
     fi

@@ -600,6 +600,7 @@ void Qwen3MoeCuda::upload_moments(const std::vector<float>& m, const std::vector
   if (s.zero) {  // the shard, flat
     upload_bf16(s.m16.get(), m.data(), want);
     upload_bf16(s.v16.get(), v.data(), want);
+    CUDA_CHECK(cudaDeviceSynchronize());  // legacy-stream copies: see to_device
   } else if (s.bf16_mode()) {
     to_device(s.m16.get(), m, s.segs);
     to_device(s.v16.get(), v, s.segs);
