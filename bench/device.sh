@@ -54,6 +54,10 @@
 #             (ep_model_cmp_ms_exact; the same check on one GPU, losses only, as the control:
 #             ep_model_cmp_ms_exact_1gpu). Every mpirun training run ends by comparing the
 #             replicas' weights over MPI ("replicas identical" or an error).
+#             ZeRO-1 (train.zero 1) on two ranks of GPU 0 over MPI staging: ep 1 x dp 2 against
+#             train.zero 0 and ep 2 against ep_model_mpi2, bit-identical losses and grad norms
+#             (compare_loss_curves.py --exact), and a resume from the middle checkpoint; with
+#             >= 2 GPUs also ZeRO-1 over NCCL against train.zero 0 over NCCL (--exact).
 #   ep_memsave (not default) only those memory-saving stages of ep_model (TARGETS=automoe_cli
 #             builds only the CLI they need).
 #   multi     (not default) several GPUs: cuda_bench under mpirun, a rank per GPU, experts over
@@ -328,6 +332,35 @@ if has ep_model; then
       "$BUILD/ep_model_mpi2_rc/metrics.jsonl"
     stage ep_model_cmp_rc_exact python3 bench/compare_loss_curves.py --exact loss,ce_loss,aux_loss,grad_norm \
       "$BUILD/ep_model_mpi2/metrics.jsonl" "$BUILD/ep_model_mpi2_rc/metrics.jsonl"
+    # ZeRO-1 on the GPU (train.zero 1, dist/zero_cuda.h), two ranks on GPU 0 over MPI staging:
+    # pure data parallelism (ep 1 x dp 2) against train.zero 0 on the same ranks, and ep 2 x dp 1
+    # against ep_model_mpi2; with two ranks every sum is a + b, rounded to bf16 once either way,
+    # so the losses and grad norms must be bit-identical (compare_loss_curves.py --exact). The
+    # zero 1 run also checkpoints at EP_STEPS/2; ep_model_zero1_resume deletes its last
+    # checkpoint, resumes from the middle (the per-rank moment shards) and must end identically.
+    zrun=(mpirun --allow-run-as-root --oversubscribe -np 2 -x CUDA_VISIBLE_DEVICES=0
+          -x AUTOMOE_EP_TRANSPORT=mpi "$BUILD/automoe" "${run[@]}" --data.micro_batch 8)
+    half=$(( ${EP_STEPS:-50} / 2 ))
+    zdir="$BUILD/ep_model_dp2_zero1"
+    stage ep_model_dp2 "${zrun[@]}" --train.ep 1 --output.dir "$BUILD/ep_model_dp2"
+    stage ep_model_dp2_zero1 "${zrun[@]}" --train.ep 1 --train.zero 1 \
+      --train.checkpoint_every "$half" --train.keep_checkpoints 2 --output.dir "$zdir"
+    stage ep_model_cmp_zero1 python3 bench/compare_loss_curves.py --exact loss,ce_loss,aux_loss,grad_norm \
+      "$BUILD/ep_model_dp2/metrics.jsonl" "$zdir/metrics.jsonl"
+    stage ep_model_ep2_zero1 "${zrun[@]}" --train.ep 2 --train.zero 1 \
+      --output.dir "$BUILD/ep_model_ep2_zero1"
+    stage ep_model_cmp_ep2_zero1 python3 bench/compare_loss_curves.py --exact loss,ce_loss,aux_loss,grad_norm \
+      "$BUILD/ep_model_mpi2/metrics.jsonl" "$BUILD/ep_model_ep2_zero1/metrics.jsonl"
+    if [ -f "$zdir/metrics.jsonl" ] && [ "$half" -gt 0 ]; then
+      cp "$zdir/metrics.jsonl" "$zdir/metrics-full.jsonl"
+      rm -rf "$zdir/checkpoints/step-$(printf %07d "${EP_STEPS:-50}")"
+      ls "$zdir/checkpoints"
+      stage ep_model_zero1_resume "${zrun[@]}" --train.ep 1 --train.zero 1 \
+        --train.checkpoint_every "$half" --train.keep_checkpoints 2 --output.dir "$zdir" \
+        --output.resume true
+      stage ep_model_cmp_zero1_resume python3 bench/compare_loss_curves.py --exact loss,ce_loss,aux_loss,grad_norm \
+        "$zdir/metrics-full.jsonl" "$zdir/metrics.jsonl"
+    fi
     fx=tests/fixtures/hf/tiny_a
     stage ep_model_fwd1 "$BUILD/automoe" forward --model $fx/model --batch $fx/reference.safetensors \
       --out "$BUILD/ep_fwd1.safetensors" --grads --device cuda --dtype bf16
@@ -373,6 +406,14 @@ if has ep_model; then
         "$BUILD/automoe" "${run[@]}" --train.ep 2 --data.micro_batch 8 --output.dir "$BUILD/ep_model_auto2"
       stage ep_model_cmp_auto python3 bench/compare_loss_curves.py "$BUILD/ep_model_1gpu/metrics.jsonl" \
         "$BUILD/ep_model_auto2/metrics.jsonl"
+      # ZeRO-1 over NCCL (ncclReduceScatter / ncclAllGather) against its all-reduce, dp 2
+      nrun=(mpirun --allow-run-as-root -np 2 -x NCCL_NVLS_ENABLE=0 -x TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+            -x NVSHMEM_DISABLE_NVLS=1 -x AUTOMOE_EP_TRANSPORT=nccl "$BUILD/automoe" "${run[@]}"
+            --train.ep 1 --data.micro_batch 8)
+      stage ep_model_nccl2_dp "${nrun[@]}" --output.dir "$BUILD/ep_model_nccl2_dp"
+      stage ep_model_nccl2_zero1 "${nrun[@]}" --train.zero 1 --output.dir "$BUILD/ep_model_nccl2_zero1"
+      stage ep_model_cmp_nccl_zero1 python3 bench/compare_loss_curves.py --exact loss,ce_loss,aux_loss,grad_norm \
+        "$BUILD/ep_model_nccl2_dp/metrics.jsonl" "$BUILD/ep_model_nccl2_zero1/metrics.jsonl"
     else
       echo "device.sh: $ngpu GPU: the NCCL run of stage ep_model needs 2 GPUs (skipped)"
     fi

@@ -9,7 +9,8 @@ its parameter/gradient/moment arenas and its planned activation arena, buffer by
     python3 bench/memory_plan.py --preset qwen3-30b-a3b --ep 4 --mbs 1 --ep-recompute experts
 
 Layout: experts split over `ep` ranks; everything else data-parallel over `world` ranks, its
-gradients and AdamW moments either replicated or sharded (ZeRO-2, --zero 2). Precision: the
+AdamW moments replicated or sharded (--zero 1: what the GPU's ZeRO-1 allocates), gradients too
+(--zero 2: a projection, ZeRO-2 is CPU-only so far). Precision: the
 default policy, bf16 weights, gradients and moments. Activations: one micro-batch of mbs x seq
 tokens per rank. With EP (ep > 1) the model keeps no expert rows of its own; the EP block
 (src/dist/expert_parallel_cuda.h, dist/ep_arena.h) adds
@@ -93,16 +94,29 @@ def plan(c, ep, world, seq, mbs, zero, ep_capacity=2.0, memsave=False, ep_recomp
     dense += V * H * (1 if c.get("tie_word_embeddings") else 2) + H  # embeddings, lm_head, ln_f
     experts = sum(3 * H * I * E for l in range(L) if moe[l])
     experts_rank = experts // ep
-    dp_shard = world if zero >= 2 else 1  # ZeRO-2: grads and moments of the dense part sharded
-    mom_shard = world if zero >= 1 else 1
+    # ZeRO (dist/zero_partition.h): the dense part sharded over the world, this rank's experts
+    # over its DP group (world / ep ranks), each ceil(numel / ranks). ZeRO-1 (built on the GPU:
+    # dist/zero_cuda.h) shards the AdamW moments and keeps the full-size gradient arena, plus one
+    # NCCL bucket of min(2^24, ranks x shard) bf16 elements; ZeRO-2 (a projection on the GPU)
+    # would shard the gradients too.
+    dp = world // ep
     b = 2  # bf16
     w = (dense + experts_rank) * b
-    g = (dense / dp_shard + experts_rank) * b
+    shard = lambda n, r: -(-n // r)  # ceil
+    if zero >= 1:
+        m = 2 * (shard(dense, world) + shard(experts_rank, dp)) * b
+    else:
+        m = 2 * (dense + experts_rank) * b
+    if zero >= 2:
+        g = (shard(dense, world) + shard(experts_rank, dp)) * b
+    else:
+        g = (dense + experts_rank) * b
+        if zero == 1:  # the bucket of the largest group that communicates
+            g += max([min(2 ** 24, r * shard(n, r)) for n, r in ((dense, world), (experts_rank, dp)) if r > 1] or [0]) * b
     if memsave:  # the gradient scratch: the largest tensor (an expert block or lm_head), + biases
         g = (max(2 * H * I * E // ep, V * H) + H) * b
         if ep > 1:  # + the EP block's down gradient, written with gate|up's in one call
             g += H * I * (E // ep) * b
-    m = 2 * (dense / mom_shard + experts_rank) * b
     # ---- activations: the CUDA model's plan for N tokens (R = N*K expert rows; with EP the
     # EP block keeps them instead, below)
     N = mbs * seq

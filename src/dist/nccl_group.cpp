@@ -237,6 +237,23 @@ void NcclGroup::allreduce_sum(void* const* bufs, const size_t* counts, int n, nc
   }
 }
 
+void NcclGroup::reduce_scatter_sum(void* buf, size_t count, ncclDataType_t type,
+                                   cudaStream_t stream) {
+  AM_CHECK(!aborted_, "NCCL communicator of rank {} was aborted after an earlier error", rank_);
+  const size_t es = type == ncclBfloat16 ? 2 : 4;
+  void* mine = static_cast<char*>(buf) + size_t(rank_) * count * es;
+  check(ncclReduceScatter(buf, mine, count, type, ncclSum, comm_, stream), "reduce-scatter");
+  poll_ready("reduce-scatter");
+}
+
+void NcclGroup::allgather(void* buf, size_t count, ncclDataType_t type, cudaStream_t stream) {
+  AM_CHECK(!aborted_, "NCCL communicator of rank {} was aborted after an earlier error", rank_);
+  const size_t es = type == ncclBfloat16 ? 2 : 4;
+  const void* mine = static_cast<const char*>(buf) + size_t(rank_) * count * es;
+  check(ncclAllGather(mine, buf, count, type, comm_, stream), "all-gather");
+  poll_ready("all-gather");
+}
+
 void NcclTransport::alltoallv(const EpA2aTensor* t, int nt, const EpA2aRows& rows,
                               cudaStream_t stream) {
   const int P = g_.size();

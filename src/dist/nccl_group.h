@@ -57,6 +57,12 @@ class NcclGroup {
   void allreduce_sum(void* const* bufs, const size_t* counts, int n, ncclDataType_t type,
                      cudaStream_t stream);
 
+  // In place, enqueued on `stream` (ZeRO, dist/zero_cuda.h): buf holds size() blocks of `count`
+  // elements. reduce_scatter_sum: block rank() <- the sum over the group of every rank's block
+  // rank() (ncclReduceScatter). allgather: block r <- rank r's block r (ncclAllGather).
+  void reduce_scatter_sum(void* buf, size_t count, ncclDataType_t type, cudaStream_t stream);
+  void allgather(void* buf, size_t count, ncclDataType_t type, cudaStream_t stream);
+
   // Waits for `stream` to drain, polling the communicator: throws (after aborting it) on an
   // NCCL error or when the timeout passes.
   void wait(cudaStream_t stream, const char* what);

@@ -1,14 +1,11 @@
 // dist/zero.h: ZeRO-1/2 sharded data parallelism (train.zero 1 or 2) on the CPU backend:
 // gradients reduce-scattered, AdamW on this rank's shard only, the updated shard all-gathered.
 //
-// Partition. The parameters form two groups, each flattened in layout order (the order of
-// ParamLayout::params, skipping the other group's tensors) and cut into equal contiguous shards:
-//   replicated  (every non-expert tensor) over the world, W ranks
-//   experts     (this EP rank's expert shards) over the DP group, dp ranks (dp = 1: one shard)
-//   shard = ceil(numel / ranks); rank r owns flat elements [r*shard, (r+1)*shard); the last shard
-//   is padded with zeros up to ranks*shard (padding has zero gradient and stays zero under AdamW).
-// Each rank's optimizer arena is [replicated shard | expert shard] (shard_numel() elements): the
-// AdamW moments exist for those elements only, which is the memory saving.
+// Partition (dist/zero_partition.h, shared with the GPU path and the checkpoints): replicated
+// tensors over the world, this EP rank's experts over the DP group, each group flattened in
+// layout order and cut into equal contiguous shards, the last padded. Each rank's optimizer arena
+// is [replicated shard | expert shard] (shard_numel() elements): the AdamW moments exist for those
+// elements only, which is the memory saving.
 //
 // A step (the trainer calls these in order, each collective over the groups above):
 //   reduce_grads   (ZeRO-1: once after the last micro-batch; ZeRO-2: after every micro-batch)
@@ -25,9 +22,11 @@
 // fixed offsets); the GPU path reduces each bucket as the backward produces it and frees it.
 #pragma once
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "dist/process_group.h"
+#include "dist/zero_partition.h"
 #include "model/params.h"
 
 namespace automoe::dist {
@@ -38,13 +37,14 @@ class Zero {
   // ranks * bucket floats). The groups must outlive this object.
   Zero(int level, const ParamLayout& layout, const Groups& g, int64_t bucket = int64_t(1) << 22);
 
-  int level() const { return level_; }
+  const ZeroPartition& partition() const { return part_; }
+  int level() const { return part_.level(); }
   // This rank's optimizer arena: [replicated shard | expert shard] elements.
-  int64_t shard_numel() const { return dense_.shard + experts_.shard; }
-  int64_t replicated_numel() const { return dense_.numel; }
-  int64_t replicated_shard() const { return dense_.shard; }
-  int64_t expert_numel() const { return experts_.numel; }  // this EP rank's experts
-  int64_t expert_shard() const { return experts_.shard; }
+  int64_t shard_numel() const { return part_.shard_numel(); }
+  int64_t replicated_numel() const { return part_.replicated_numel(); }
+  int64_t replicated_shard() const { return part_.replicated_shard(); }
+  int64_t expert_numel() const { return part_.expert_numel(); }  // this EP rank's experts
+  int64_t expert_shard() const { return part_.expert_shard(); }
 
   // grads[layout.total] summed over each group's ranks, this rank's shards into grad_shard():
   // assigned when `first` (the step's first reduce), added otherwise. ZeRO-2 then zeroes the
@@ -62,25 +62,18 @@ class Zero {
   std::vector<float>& param_shard() { return param_; }  // [shard_numel()]
 
  private:
-  struct Seg {
-    int64_t arena, flat, numel;  // one tensor: arena offset, flat offset in its group, elements
-  };
-  struct Group {
-    const Comm* comm = nullptr;
-    std::vector<Seg> segs;
-    int64_t numel = 0, shard = 0, begin = 0;  // begin = rank * shard
-    int64_t at = 0;                           // offset of this group's shard in the optimizer arena
-  };
-  void build(Group& gr, const ParamLayout& layout, bool expert, const Comm& comm);
   // dst[hi-lo] <- flat elements [lo, hi) of the group from `arena` (zero past numel).
-  static void pack(float* dst, const Group& gr, const float* arena, int64_t lo, int64_t hi);
+  static void pack(float* dst, const ZeroGroup& gr, const float* arena, int64_t lo, int64_t hi);
   // arena <- src for flat [lo, hi) (padding dropped); src null: zeros.
-  static void unpack(float* arena, const Group& gr, const float* src, int64_t lo, int64_t hi);
+  static void unpack(float* arena, const ZeroGroup& gr, const float* src, int64_t lo, int64_t hi);
+  // the groups with their communicators: replicated over the world, experts over dp
+  std::pair<const ZeroGroup*, const Comm*> group(int i) const {
+    return i == 0 ? std::pair{&part_.replicated(), world_} : std::pair{&part_.experts(), dp_};
+  }
 
-  int level_;
-  const Comm* world_;
+  ZeroPartition part_;
+  const Comm *world_, *dp_;
   int64_t bucket_;
-  Group dense_, experts_;
   std::vector<float> grad_, param_;  // [shard_numel()] this rank's gradient and parameter shards
   std::vector<float> send_;          // [ranks * bucket] a round's packed blocks (rank order)
   std::vector<float> recv_;          // [bucket] a round's reduced block

@@ -47,6 +47,7 @@
 #include "dist/ep_transport.h"
 #include "dist/expert_parallel_cuda.h"
 #include "dist/process_group.h"
+#include "dist/zero_cuda.h"
 
 namespace automoe {
 
@@ -243,6 +244,9 @@ struct Qwen3MoeCuda::State {
   cu::DeviceBuffer<double> auxstats;                     // [2E+1] global aux statistics
   cu::DeviceBuffer<double> tsumsq;                       // [segs] g^2 per tensor
   double* sumsq_host = nullptr;                          // pinned [1]: the global g^2 sum
+  // ZeRO-1 (CudaDist::zero): the shard's pieces, their collectives; m16/v16 are [shard]
+  std::unique_ptr<dist::DeviceZero> zero;
+  cu::DeviceBuffer<double> zsumsq;  // [pieces] g^2 per piece of this rank's shard
 
   State(const ModelConfig& c, Precision p, bool ms, const CudaDist& d)
       : cfg(c), prec(p), memsave(ms), layout_model(c, d.groups, false), groups(d.groups),
@@ -397,6 +401,12 @@ Qwen3MoeCuda::Qwen3MoeCuda(const ModelConfig& cfg, Precision precision, int devi
              "internal: EP transport of {} ranks ({} in this process) for an EP group of {}",
              s.ept->size(), s.ept->num_local(), s.groups->ep.size());
   }
+  AM_CHECK(dist.zero == 0 || dist.zero == 1,
+           "train.zero {} is not built for the CUDA model (ZeRO-2 needs the backward to "
+           "reduce-scatter gradient buckets as it produces them); use train.zero 1 or 0",
+           dist.zero);
+  AM_CHECK(dist.zero == 0 || (precision == Precision::BF16 && !memory_saving && dist.groups),
+           "internal: ZeRO-1 on the GPU needs bf16 precision, the default mode and dist.groups");
   s.fused_qk_bwd = s.fused_norm && cu::qk_norm_rope_bwd_fused(cfg.head_dim);
   const auto& layout = s.layout_model.layout();
   s.P_host = layout.total;
@@ -473,9 +483,21 @@ Qwen3MoeCuda::Qwen3MoeCuda(const ModelConfig& cfg, Precision precision, int devi
       s.g16 = cu::DeviceBuffer<bf16>(P);
       CUDA_CHECK(cudaMemset(s.g16.get(), 0, P * 2));
     }
-    s.m16 = cu::DeviceBuffer<bf16>(P);
-    s.v16 = cu::DeviceBuffer<bf16>(P);
-    for (bf16* b : {s.m16.get(), s.v16.get()}) CUDA_CHECK(cudaMemset(b, 0, P * 2));
+    // ZeRO-1: the moments of this rank's shard only (the memory saving); the shard is a list
+    // of pieces of the parameter and gradient arenas (dist/zero_cuda.h)
+    size_t PM = P;
+    if (dist.zero > 0) {
+      std::vector<int64_t> dev_off;
+      for (const Seg& sg : s.segs) dev_off.push_back(sg.dev);
+      s.zero = std::make_unique<dist::DeviceZero>(
+          dist::ZeroPartition(dist.zero, layout, *s.groups), *s.groups, std::move(dev_off),
+          s.nccl_world, s.nccl_dp);
+      PM = size_t(s.zero->shard_numel());
+      s.zsumsq = cu::DeviceBuffer<double>(std::max<size_t>(s.zero->pieces().size(), 1));
+    }
+    s.m16 = cu::DeviceBuffer<bf16>(PM);
+    s.v16 = cu::DeviceBuffer<bf16>(PM);
+    for (bf16* b : {s.m16.get(), s.v16.get()}) CUDA_CHECK(cudaMemset(b, 0, PM * 2));
   } else {
     s.p32 = cu::DeviceBuffer<float>(P);
     s.g32 = cu::DeviceBuffer<float>(P);
@@ -588,10 +610,16 @@ void Qwen3MoeCuda::download_grads(std::vector<float>& grads) const {
 
 void Qwen3MoeCuda::upload_moments(const std::vector<float>& m, const std::vector<float>& v, int64_t t) {
   State& s = *s_;
-  AM_CHECK(int64_t(m.size()) == s.P_host && int64_t(v.size()) == s.P_host,
-           "upload_moments: sizes do not match the model");
+  const int64_t want = s.zero ? s.zero->shard_numel() : s.P_host;
+  AM_CHECK(int64_t(m.size()) == want && int64_t(v.size()) == want,
+           "upload_moments: {} and {} values for {} moments{}", m.size(), v.size(), want,
+           s.zero ? " (this rank's ZeRO shard)" : "");
   synchronize();
-  if (s.bf16_mode()) {
+  if (s.zero) {  // the shard, flat
+    upload_bf16(s.m16.get(), m.data(), want);
+    upload_bf16(s.v16.get(), v.data(), want);
+    CUDA_CHECK(cudaDeviceSynchronize());  // legacy-stream copies: see to_device
+  } else if (s.bf16_mode()) {
     to_device(s.m16.get(), m, s.segs);
     to_device(s.v16.get(), v, s.segs);
   } else {
@@ -604,6 +632,13 @@ void Qwen3MoeCuda::upload_moments(const std::vector<float>& m, const std::vector
 void Qwen3MoeCuda::download_moments(std::vector<float>& m, std::vector<float>& v) const {
   const State& s = *s_;
   synchronize();
+  if (s.zero) {  // the shard, flat
+    m.resize(size_t(s.zero->shard_numel()));
+    v.resize(m.size());
+    download_bf16(m.data(), s.m16.get(), int64_t(m.size()));
+    download_bf16(v.data(), s.v16.get(), int64_t(v.size()));
+    return;
+  }
   m.resize(size_t(s.P_host));
   v.resize(size_t(s.P_host));
   if (s.bf16_mode()) {
@@ -832,6 +867,7 @@ CudaMemory Qwen3MoeCuda::memory() const {
   m.master = s.p32.bytes();
   m.grads = s.g16.bytes() + s.g32.bytes() + s.gsc.bytes() + s.gsc_small.bytes() +
             s.gsc_tied.bytes() + s.gsc_down.bytes();
+  if (s.zero) m.grads += s.zero->device_bytes();  // ZeRO-1's NCCL bucket
   m.moments = s.m16.bytes() + s.v16.bytes() + s.m32.bytes() + s.v32.bytes();
   m.activations = s.acts.bytes();
   for (auto& e : s.ep_moe) m.activations += e->device_bytes();  // EP buffers count as activations
@@ -1271,6 +1307,27 @@ void Qwen3MoeCuda::optimizer_step(const AdamWConfig& c, float lr, float max_grad
     return;
   }
   ++s.adam_t;
+  if (s.zero) {  // ZeRO-1: reduce-scatter, the norm of the shards, AdamW on the shard, all-gather
+    const auto& pcs = s.zero->pieces();
+    s.zero->reduce_scatter(s.g16.get(), ctx.stream);  // this rank's pieces hold the sums
+    CUDA_CHECK(cudaMemsetAsync(s.d_sumsq, 0, sizeof(double), ctx.stream));
+    for (size_t k = 0; k < pcs.size(); ++k)
+      cu::sum_squares(s.zsumsq.get() + k, s.g16.get() + pcs[k].dev, pcs[k].n, ctx);
+    if (!pcs.empty()) cu::sum_f64(s.d_sumsq, s.zsumsq.get(), int64_t(pcs.size()), ctx);
+    // every element of the model is in exactly one rank's shard: one sum over the world
+    if (s.dist) s.reducer->allreduce_small(s.d_sumsq, 1, s.groups->world, ctx.stream);
+    cu::clip_coef(s.d_coef, s.d_norm, s.d_sumsq, max_grad_norm, ctx);
+    for (const auto& pc : pcs)  // the parameter shard is a view of the arena, piece by piece
+      cu::adamw_step(s.p16.get() + pc.dev, s.g16.get() + pc.dev, s.m16.get() + pc.pos,
+                     s.v16.get() + pc.pos, pc.n, lr, c.beta1, c.beta2, c.eps, c.weight_decay,
+                     s.adam_t, s.d_coef, ctx);
+    s.zero->allgather(s.p16.get(), ctx.stream);
+    CUDA_CHECK(cudaMemcpyAsync(s.norm_host, s.d_norm, sizeof(float), cudaMemcpyDeviceToHost,
+                               ctx.stream));
+    CUDA_CHECK(cudaEventRecord(s.norm_ready, ctx.stream));
+    s.record(4);
+    return;
+  }
   if (s.dist) {  // gradients summed over the ranks, then the global norm (experts counted once)
     allreduce_grads();
     for (size_t k = 0; k < s.segs.size(); ++k) {

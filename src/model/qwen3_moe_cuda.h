@@ -8,7 +8,8 @@
 //   gradients   bf16 [P] (fp32 with FP32Master), same layout as the parameters; in the
 //               memory-saving mode (below) only a scratch of the largest tensor's size (+ one
 //               layer's expert down gradient under expert parallelism)
-//   AdamW m, v  bf16 [P] each (fp32 with FP32Master)
+//   AdamW m, v  bf16 [P] each (fp32 with FP32Master); with ZeRO-1 (CudaDist::zero) bf16
+//               [this rank's shard] each, flat in the partition's order
 //   activations one arena planned for (B, T) by plan(): saved per-layer tensors, the
 //               residual stream, then one region shared by the forward's and the backward's
 //               temporaries (their union), the lm_head+CE chunk buffers among them
@@ -66,6 +67,10 @@ struct CudaDist {
   // train.ep_recompute: what the EP backward recomputes instead of keeping in that arena (the
   // expert outputs, or gate|up and the outputs); the gradients are the same bits either way.
   dist::EpRecompute ep_recompute = dist::EpRecompute::kNone;
+  // train.zero: 0, or 1 (ZeRO-1, dist/zero_cuda.h): AdamW moments for this rank's shard only
+  // (the partition of dist/zero_partition.h), gradients reduce-scattered, the updated parameter
+  // shards all-gathered. bf16 precision, default mode; needs `groups` (world size 1 is fine).
+  int zero = 0;
 };
 
 // train.precision: "bf16" (default: bf16 weights, gradients and AdamW moments, what a
@@ -122,7 +127,9 @@ class Qwen3MoeCuda {
   const cuda::Ctx& ctx() const;
 
   // Parameters, gradients and moments as fp32 host arenas of the layout (synchronous).
-  // download_grads throws in the memory-saving mode (there is no gradient arena).
+  // download_grads throws in the memory-saving mode (there is no gradient arena). With ZeRO the
+  // moments are this rank's shard, flat: [replicated shard | expert shard] (the CPU's ZeRO
+  // optimizer arena, dist/zero_partition.h).
   void upload_params(const std::vector<float>& params);
   void download_params(std::vector<float>& params) const;
   void download_grads(std::vector<float>& grads) const;
@@ -160,7 +167,9 @@ class Qwen3MoeCuda {
   void backward();
   // Global-norm clipping (max_grad_norm > 0) and AdamW, on the device without a host sync.
   // Several ranks: first the gradient all-reduce and the global norm (host-staged over MPI:
-  // synchronises; dist/data_parallel_cuda.h).
+  // synchronises; dist/data_parallel_cuda.h). ZeRO-1: the gradients reduce-scattered, the norm
+  // from the shards (each element once over the world), AdamW on this rank's shard, the updated
+  // parameters all-gathered (dist/zero_cuda.h).
   // Memory-saving mode: AdamW already ran in the backward (with begin_step's settings, which
   // these must equal); this only sums the step's gradient norm (several ranks: the global norm,
   // one host sync) and checks that every tensor was updated.

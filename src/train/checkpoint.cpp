@@ -9,7 +9,7 @@
 
 #include "core/check.h"
 #include "dist/process_group.h"
-#include "dist/zero.h"
+#include "dist/zero_partition.h"
 #include "io/safetensors.h"
 
 namespace automoe {
@@ -77,14 +77,14 @@ struct ZeroPart {
   const char* name;
   int64_t at, numel;
 };
-std::vector<ZeroPart> zero_parts(const dist::Zero& z) {
+std::vector<ZeroPart> zero_parts(const dist::ZeroPartition& z) {
   std::vector<ZeroPart> out;
   if (z.replicated_shard() > 0) out.push_back({"replicated", 0, z.replicated_shard()});
   if (z.expert_shard() > 0) out.push_back({"experts", z.replicated_shard(), z.expert_shard()});
   return out;
 }
 
-void save_zero_moments(const fs::path& dir, const Qwen3Moe& model, const AdamW& opt, const dist::Zero& z) {
+void save_zero_moments(const fs::path& dir, const Qwen3Moe& model, const AdamW& opt, const dist::ZeroPartition& z) {
   std::vector<std::pair<std::string, Tensor>> t;
   for (auto& [prefix, arena] : {std::pair{"exp_avg.", &opt.m}, std::pair{"exp_avg_sq.", &opt.v}})
     for (auto& p : zero_parts(z))
@@ -101,7 +101,7 @@ void save_zero_moments(const fs::path& dir, const Qwen3Moe& model, const AdamW& 
 }  // namespace
 
 void save_checkpoint(const std::string& output_dir, const TrainState& st, const Qwen3Moe& model,
-                     const AdamW& opt, int64_t keep, const dist::Zero* zero) {
+                     const AdamW& opt, int64_t keep, const dist::ZeroPartition* zero) {
   const dist::Groups* g = model.groups();
   const bool lead = !g || g->world.rank() == 0, ep = model.expert_parallel();
   fs::path root = fs::path(output_dir) / "checkpoints";
@@ -157,7 +157,7 @@ std::string latest_checkpoint(const std::string& output_dir) {
   return best;
 }
 
-TrainState load_checkpoint(const std::string& dir, Qwen3Moe& model, AdamW& opt, const dist::Zero* zero) {
+TrainState load_checkpoint(const std::string& dir, Qwen3Moe& model, AdamW& opt, const dist::ZeroPartition* zero) {
   std::ifstream f(fs::path(dir) / "state.json");
   AM_CHECK(f.good(), "checkpoint {} has no state.json", dir);
   nlohmann::json j;

@@ -6,8 +6,8 @@
 // rank R (written by its first data-parallel replica); state.json records "expert_parallel": P
 // and a resume needs the same P. Both calls are collective over the model's groups, and the
 // output folder must be one every rank sees (a shared file system across nodes).
-// ZeRO (train.zero 1/2, dist/zero.h): the model files are the same; the optimizer moments are
-// this rank's shards, each world rank R writing optimizer-zero-R.safetensors (flat tensors
+// ZeRO (train.zero 1/2, dist/zero_partition.h; the CPU's dist::Zero and the GPU's DeviceZero cut
+// the same shards): the model files are the same; the optimizer moments are this rank's shards, each world rank R writing optimizer-zero-R.safetensors (flat tensors
 // exp_avg.replicated / exp_avg.experts and their exp_avg_sq twins) instead of the optimizer
 // files above; state.json records "zero" and "world_size", and a resume needs both equal.
 #pragma once
@@ -20,7 +20,7 @@
 namespace automoe {
 
 namespace dist {
-class Zero;
+class ZeroPartition;
 }
 
 struct TrainState {
@@ -33,10 +33,10 @@ struct TrainState {
 
 // `zero` (null: train.zero 0): opt holds this rank's shard moments ([zero->shard_numel()]).
 void save_checkpoint(const std::string& output_dir, const TrainState& st, const Qwen3Moe& model,
-                     const AdamW& opt, int64_t keep, const dist::Zero* zero = nullptr);
+                     const AdamW& opt, int64_t keep, const dist::ZeroPartition* zero = nullptr);
 // The newest complete checkpoint folder under output_dir/checkpoints, or "" when none.
 std::string latest_checkpoint(const std::string& output_dir);
 TrainState load_checkpoint(const std::string& dir, Qwen3Moe& model, AdamW& opt,
-                           const dist::Zero* zero = nullptr);
+                           const dist::ZeroPartition* zero = nullptr);
 
 }  // namespace automoe

@@ -158,9 +158,21 @@ TrainConfig load_train_config(const std::string& path,
   AM_CHECK(c.zero >= 0 && c.zero <= 2,
            "train.zero must be 0 (replicated optimizer state), 1 (optimizer state sharded over the "
            "data-parallel ranks) or 2 (optimizer state and gradients sharded), got {}", c.zero);
-  AM_CHECK(c.zero == 0 || c.device == "cpu",
-           "train.zero {} runs on train.device cpu for now (ZeRO on the GPU path is not built yet); "
-           "use train.zero 0 with train.device {}", c.zero, c.device);
+  if (c.zero > 0 && c.device == "cuda") {  // the GPU path has ZeRO-1 in the default mode only
+    AM_CHECK(c.zero == 1,
+             "train.zero 2 is not built for train.device cuda yet: its memory saving needs the "
+             "backward to reduce-scatter each bucket of gradients as it produces them (so the "
+             "full-size gradient arena is never allocated), which the CUDA model does not do; use "
+             "train.zero 1 (sharded AdamW moments) on the GPU, or train.device cpu");
+    AM_CHECK(!c.memory_saving,
+             "train.zero 1 and train.memory_saving do not combine: the memory-saving mode runs "
+             "AdamW inside the backward on whole tensors, before any gradient is reduce-scattered; "
+             "use one of them");
+    AM_CHECK(c.precision == "bf16",
+             "train.zero 1 on train.device cuda needs train.precision bf16 for now (the sharded "
+             "step keeps bf16 moments and all-gathers bf16 weights; fp32 master shards are not "
+             "built yet); use train.precision bf16 or train.zero 0");
+  }
   return c;
 }
 

@@ -184,9 +184,14 @@ TrainResult run_finetune(const TrainConfig& cfg,
   int64_t pad_id = mc.pad_token_id >= 0 ? mc.pad_token_id : 0;
   DataOrder order;
   order.reset(cfg.seed, int64_t(data.size()));
-  // ---- optimizer (ZeRO: the moments of this rank's shards only)
+  // ---- optimizer (ZeRO: the moments of this rank's shards only). On the CPU dist::Zero runs the
+  // collectives; a device model shards itself (the same partition), the host only needs the
+  // partition for the moment files.
   std::unique_ptr<dist::Zero> zero;
-  if (cfg.zero > 0) zero = std::make_unique<dist::Zero>(int(cfg.zero), model.layout(), g);
+  std::unique_ptr<dist::ZeroPartition> zero_dev;
+  if (cfg.zero > 0 && !on_device) zero = std::make_unique<dist::Zero>(int(cfg.zero), model.layout(), g);
+  if (cfg.zero > 0 && on_device) zero_dev = std::make_unique<dist::ZeroPartition>(int(cfg.zero), model.layout(), g);
+  const dist::ZeroPartition* part = zero ? &zero->partition() : zero_dev.get();
   AdamW opt;
   opt.cfg = cfg.adamw;
   if (!on_device) opt.init(zero ? zero->shard_numel() : int64_t(model.params().size()));  // the device keeps its own
@@ -200,7 +205,7 @@ TrainResult run_finetune(const TrainConfig& cfg,
         std::fprintf(stderr, "automoe: no checkpoint in %s/checkpoints; starting from step 0\n",
                    cfg.output_dir.c_str());
     } else {
-      TrainState st = load_checkpoint(ck, model, opt, zero.get());
+      TrainState st = load_checkpoint(ck, model, opt, part);
       start = st.step;
       resumed_grad_norm = st.last_grad_norm;
       order.seek(st.data_epoch, st.data_cursor);
@@ -230,11 +235,11 @@ TrainResult run_finetune(const TrainConfig& cfg,
                   "%lld rows per rank per micro-batch\n",
                   world, g.ep_size(), (long long)model.local_experts(), (long long)mc.num_experts,
                   g.dp_size(), (long long)cfg.micro_batch);
-    if (zero)
-      std::printf("ZeRO-%d: AdamW moments for %lld of %lld replicated parameters per rank%s%s\n", zero->level(),
-                  (long long)zero->replicated_shard(), (long long)zero->replicated_numel(),
-                  g.dp_size() > 1 ? fmt::format(", {} of {} expert parameters", zero->expert_shard(), zero->expert_numel()).c_str() : "",
-                  zero->level() == 2 ? "; gradients reduce-scattered after every micro-batch" : "");
+    if (part)
+      std::printf("ZeRO-%d: AdamW moments for %lld of %lld replicated parameters per rank%s%s\n", part->level(),
+                  (long long)part->replicated_shard(), (long long)part->replicated_numel(),
+                  g.dp_size() > 1 ? fmt::format(", {} of {} expert parameters", part->expert_shard(), part->expert_numel()).c_str() : "",
+                  part->level() == 2 ? "; gradients reduce-scattered after every micro-batch" : "");
     std::fflush(stdout);
   }
 
@@ -322,7 +327,7 @@ TrainResult run_finetune(const TrainConfig& cfg,
     if ((cfg.checkpoint_every > 0 && m.step % cfg.checkpoint_every == 0) || last) {
       TrainState st{m.step, order.epoch, order.cursor, double(m.grad_norm)};
       if (dev) dev->download(model, &opt);  // weights and moments into the host arenas
-      save_checkpoint(cfg.output_dir, st, model, opt, cfg.keep_checkpoints, zero.get());
+      save_checkpoint(cfg.output_dir, st, model, opt, cfg.keep_checkpoints, part);
     }
   }
   // Several ranks: the replicas must have stayed identical (the host model holds the last

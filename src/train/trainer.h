@@ -56,8 +56,10 @@ std::vector<Example> load_training_data(const TrainConfig& cfg, const ModelConfi
 class DeviceTrainModel {
  public:
   virtual ~DeviceTrainModel() = default;
-  virtual void upload(const Qwen3Moe& host, const AdamW* opt) = 0;  // params (+ moments, step)
-  virtual void download(Qwen3Moe& host, AdamW* opt) = 0;            // params (+ moments, step)
+  // Params (+ moments, step). With train.zero > 0 the moments are this rank's shard, flat
+  // ([replicated shard | expert shard] of dist/zero_partition.h): the model shards its optimizer.
+  virtual void upload(const Qwen3Moe& host, const AdamW* opt) = 0;
+  virtual void download(Qwen3Moe& host, AdamW* opt) = 0;
   virtual void zero_grad() = 0;
   // The step's optimizer settings, before its first micro-batch (a model that applies AdamW
   // inside the backward needs them then; others ignore this).

@@ -3,7 +3,9 @@
 // (bf16 values convert exactly), so they are the CPU run's formats.
 // Under mpirun (world > 1) each rank takes the GPU of its local_rank (round-robin when there are
 // fewer GPUs than ranks per node) and, with train.ep > 1, an EP transport (dist/gpu_rank.h:
-// AUTOMOE_EP_TRANSPORT, NCCL when every rank has its own GPU, else MPI staging).
+// AUTOMOE_EP_TRANSPORT, NCCL when every rank has its own GPU, else MPI staging). train.zero 1
+// shards the AdamW moments (the model's ZeRO-1, dist/zero_cuda.h): the moments it uploads and
+// downloads are this rank's shard, as the CPU's ZeRO checkpoints store them.
 #include "train/trainer_cuda.h"
 
 #include <algorithm>
@@ -27,9 +29,9 @@ class CudaTrainModel final : public DeviceTrainModel {
         model_(mc, parse_precision(cfg.precision), device_.device, cfg.memory_saving,
                comms_ ? CudaDist{&g, comms_->ep_transport(), comms_->nccl_world(),
                                  comms_->nccl_dp(), cfg.ep_capacity,
-                                 dist::parse_ep_recompute(cfg.ep_recompute)}
+                                 dist::parse_ep_recompute(cfg.ep_recompute), int(cfg.zero)}
                       : CudaDist{&g, nullptr, nullptr, nullptr, cfg.ep_capacity,
-                                 dist::parse_ep_recompute(cfg.ep_recompute)}) {}
+                                 dist::parse_ep_recompute(cfg.ep_recompute), int(cfg.zero)}) {}
 
   void upload(const Qwen3Moe& host, const AdamW* opt) override {
     model_.upload_params(host.params());

@@ -3,10 +3,13 @@
 // all-reduce, 20-step curves and final weights of tiny-moe in every ep x dp layout with ep <= 2,
 // gradient accumulation, bit-identical resume with sharded optimizer files, and the error for a
 // resume with another zero level or world size. Each prints its measured agreement ([zero] lines).
+// Also the partition on its own (dist/zero_partition.h; any world size, no MPI) and the trainer's
+// device branch with train.zero 1 (what the CUDA model's ZeRO-1 plugs into) through a CPU stand-in.
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -17,6 +20,7 @@
 #include "dist/dist_testing.h"
 #include "dist/process_group.h"
 #include "dist/zero.h"
+#include "dist/zero_partition.h"
 #include "io/safetensors.h"
 #include "model/qwen3_moe.h"
 #include "train/builtin.h"
@@ -231,6 +235,144 @@ TEST(ZeroTrain, ResumeIsBitIdenticalAndNeedsTheSameLayout) {
                 std::string::npos) << w;
       EXPECT_NE(w.find(fmt::format("mpirun -np {}", g_world)), std::string::npos) << w;
     }
+  }
+  g.world.barrier();
+  if (g_rank == 0) fs::remove_all(dir);
+}
+
+// The partition without MPI: for every rank of odd and even world sizes, each group's shards
+// cover every element exactly once, in layout order, padding only at the end of the last shard;
+// dist::Zero cuts the same shards (the GPU's DeviceZero and the checkpoints use this partition).
+TEST(ZeroPartition, ShardsCoverEveryElementOnceInLayoutOrder) {
+  Qwen3Moe m(builtin_model_config("tiny-moe"));
+  const ParamLayout& L = m.layout();
+  for (int world : {1, 2, 3, 4, 7}) {
+    for (int dp : {1, world}) {
+      std::vector<int> seen(size_t(L.total), 0);
+      for (int r = 0; r < world; ++r) {
+        dist::ZeroPartition p(1, L, world, r, dp, r % dp);
+        EXPECT_EQ(p.experts().at, p.replicated_shard());
+        EXPECT_EQ(p.shard_numel(), p.replicated_shard() + p.expert_shard());
+        for (const dist::ZeroGroup* gr : {&p.replicated(), &p.experts()}) {
+          EXPECT_GE(gr->shard * gr->ranks, gr->numel);
+          EXPECT_LT(gr->shard * gr->ranks - gr->numel, gr->ranks) << "padding is less than one element per rank";
+          if (gr == &p.experts() && r >= dp) continue;  // the other DP replicas hold the same experts
+          int64_t next = gr->begin, last_arena = -1;
+          gr->for_each_piece(gr->begin, gr->begin + gr->shard, [&](const dist::ZeroSeg& s, int64_t off, int64_t pos, int64_t n) {
+            EXPECT_EQ(gr->begin + pos, next) << "pieces are contiguous in flat order";
+            EXPECT_GT(s.arena + off, last_arena) << "pieces follow the layout";
+            EXPECT_EQ(L.params[size_t(s.param)].offset, s.arena);
+            EXPECT_EQ(L.params[size_t(s.param)].expert, gr == &p.experts());
+            EXPECT_LE(off + n, s.numel);
+            for (int64_t i = 0; i < n; ++i) ++seen[size_t(s.arena + off + i)];
+            next += n;
+            last_arena = s.arena + off + n - 1;
+          });
+          EXPECT_EQ(next, std::min(gr->begin + gr->shard, std::max(gr->numel, gr->begin))) << "padding has no piece";
+        }
+      }
+      EXPECT_TRUE(std::all_of(seen.begin(), seen.end(), [](int c) { return c == 1; }))
+          << "world " << world << " dp " << dp << ": every element in exactly one shard";
+    }
+  }
+  dist::Groups one = dist::single_process_groups();
+  dist::Zero z(1, L, one);
+  dist::ZeroPartition p(1, L, one);
+  EXPECT_EQ(z.partition().shard_numel(), p.shard_numel());
+  EXPECT_EQ(z.partition().replicated().segs.size(), p.replicated().segs.size());
+  EXPECT_EQ(z.partition().experts().segs.size(), p.experts().segs.size());
+}
+
+namespace {
+
+// The trainer's device branch with train.zero 1, through a CPU stand-in that shards its AdamW
+// moments as the CUDA model does (dist::Zero here, dist::DeviceZero there): the moments it
+// uploads and downloads are this rank's flat shard.
+class ZeroCpuDevice final : public DeviceTrainModel {
+ public:
+  ZeroCpuDevice(const ModelConfig& mc, const TrainConfig& cfg, const dist::Groups& g)
+      : model_(mc, &g), zero_(int(cfg.zero), model_.layout(), g) {
+    opt_.init(zero_.shard_numel());
+  }
+  void upload(const Qwen3Moe& host, const AdamW* opt) override {
+    model_.params() = host.params();
+    if (!opt) return;
+    EXPECT_EQ(int64_t(opt->m.size()), zero_.shard_numel()) << "the trainer hands over the shard";
+    opt_.m = opt->m;
+    opt_.v = opt->v;
+    opt_.t = opt->t;
+  }
+  void download(Qwen3Moe& host, AdamW* opt) override {
+    host.params() = model_.params();
+    if (!opt) return;
+    opt->m = opt_.m;
+    opt->v = opt_.v;
+    opt->t = opt_.t;
+  }
+  void zero_grad() override { model_.zero_grad(); }
+  void begin_step(const AdamWConfig&, float, float) override {}
+  LossParts forward_backward(const Batch& b, float denom, float aux_scale) override {
+    LossParts lp = model_.forward(b, denom, aux_scale);
+    model_.backward();
+    return lp;
+  }
+  float clip_and_step(const AdamWConfig& c, float lr, float max_grad_norm) override {
+    zero_.reduce_grads(model_.grads(), true);
+    const float n = zero_.clip_grad_norm(max_grad_norm);
+    zero_.load_param_shard(model_.params());
+    opt_.cfg = c;
+    opt_.step(zero_.param_shard(), zero_.grad_shard(), lr);
+    zero_.allgather_params(model_.params());
+    return n;
+  }
+  int64_t peak_mem_bytes() override { return 1; }
+
+ private:
+  Qwen3Moe model_;
+  dist::Zero zero_;
+  AdamW opt_;
+};
+
+}  // namespace
+
+TEST(ZeroTrain, DeviceBranchWritesTheCpuShardsAndResumes) {
+  NEEDS_MPI();
+  const int ep = g_world / 2;
+  dist::Groups g = dist::make_groups(ep);
+  std::string dir = shared_tmpdir(g.world, "zero_device");
+  TrainConfig cpu = tiny_recipe(dir + "/cpu", 8, 2, ep);
+  cpu.zero = 1;
+  cpu.checkpoint_every = 4;
+  auto hc = run_finetune(cpu, nullptr, &g).history;
+  register_device_model("cuda", [](const ModelConfig& mc, const TrainConfig& cfg, const dist::Groups& gr) {
+    return std::unique_ptr<DeviceTrainModel>(new ZeroCpuDevice(mc, cfg, gr));
+  });
+  TrainConfig dev = tiny_recipe(dir + "/dev", 8, 2, ep);
+  dev.zero = 1;
+  dev.device = "cuda";
+  dev.checkpoint_every = 4;
+  EXPECT_THROW(run_finetune(dev, [](const StepMetrics& m) {
+                 if (m.step == 6) throw std::runtime_error("simulated crash");  // on every rank
+               }, &g),
+               std::runtime_error);
+  // the shard files of step 4 hold the CPU run's moments, bit for bit
+  for (const char* key : {"exp_avg.replicated", "exp_avg_sq.replicated", "exp_avg.experts"}) {
+    const std::string f = fmt::format("checkpoints/step-0000004/optimizer-zero-{}.safetensors", g_rank);
+    SafetensorsFile a((fs::path(cpu.output_dir) / f).string()), b((fs::path(dev.output_dir) / f).string());
+    ASSERT_EQ(a.has(key), b.has(key)) << key;
+    if (!a.has(key)) continue;
+    Tensor ta = a.load_f32(key), tb = b.load_f32(key);
+    ASSERT_EQ(ta.numel(), tb.numel()) << key;
+    EXPECT_EQ(std::memcmp(ta.f32(), tb.f32(), size_t(ta.numel()) * 4), 0) << key << " rank " << g_rank;
+    EXPECT_EQ(b.metadata().at("zero"), "1");
+  }
+  dev.resume = true;
+  auto hd = run_finetune(dev, nullptr, &g).history;
+  register_device_model("cuda", nullptr);
+  ASSERT_EQ(hd.size(), 4u) << "steps 5..8 run after resuming from step 4";
+  for (size_t i = 0; i < hd.size(); ++i) {
+    EXPECT_EQ(bits(hd[i].loss), bits(hc[4 + i].loss)) << "step " << hd[i].step;
+    EXPECT_EQ(bits(hd[i].grad_norm), bits(hc[4 + i].grad_norm)) << "step " << hd[i].step;
   }
   g.world.barrier();
   if (g_rank == 0) fs::remove_all(dir);
