@@ -159,15 +159,12 @@ TrainConfig load_train_config(const std::string& path,
            "train.zero must be 0 (replicated optimizer state), 1 (optimizer state sharded over the "
            "data-parallel ranks) or 2 (optimizer state and gradients sharded), got {}", c.zero);
   if (c.zero > 0 && c.device == "cuda") {  // the GPU path has ZeRO-1 in the default mode only
+    // (with the memory-saving mode: refused above)
     AM_CHECK(c.zero == 1,
              "train.zero 2 is not built for train.device cuda yet: its memory saving needs the "
              "backward to reduce-scatter each bucket of gradients as it produces them (so the "
              "full-size gradient arena is never allocated), which the CUDA model does not do; use "
              "train.zero 1 (sharded AdamW moments) on the GPU, or train.device cpu");
-    AM_CHECK(!c.memory_saving,
-             "train.zero 1 and train.memory_saving do not combine: the memory-saving mode runs "
-             "AdamW inside the backward on whole tensors, before any gradient is reduce-scattered; "
-             "use one of them");
     AM_CHECK(c.precision == "bf16",
              "train.zero 1 on train.device cuda needs train.precision bf16 for now (the sharded "
              "step keeps bf16 moments and all-gathers bf16 weights; fp32 master shards are not "
