@@ -236,7 +236,7 @@ if has cli; then
   fi
 fi
 if has ep; then
-  for P in ${EP_LOOPBACK:-2 4 8}; do
+  for P in ${EP_LOOPBACK-2 4 8}; do  # EP_LOOPBACK="" runs none
     # shellcheck disable=SC2086
     stage "ep_loop$P" "$BUILD/ep_check" --loopback "$P" ${EP_ARGS:-}
   done
