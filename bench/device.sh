@@ -245,7 +245,7 @@ if has ep; then
     stage ep_mpi2 mpirun --allow-run-as-root --oversubscribe -np 2 -x CUDA_VISIBLE_DEVICES=0 \
       "$BUILD/ep_check" --transport mpi --no-bench ${EP_ARGS:-}
     # the same two processes over CUDA IPC buffers (small shapes, seconds: the ordering, not
-    # bandwidth; never run on a GPU yet, so a hang costs 120 s at most)
+    # bandwidth; a hang costs 120 s at most)
     STAGE_TIMEOUT=120 stage ep_ipc2 mpirun --allow-run-as-root --oversubscribe -np 2 \
       -x CUDA_VISIBLE_DEVICES=0 "$BUILD/ep_check" --transport ipc --no-bench --tokens 1024 \
       --hidden 512 --inter 256 --experts 16 --topk 4
@@ -371,9 +371,9 @@ if has ep_model; then
     stage ep_model_fwd_cmp python3 bench/compare_forward.py "$BUILD/ep_fwd_mpi2.safetensors" \
       "$BUILD/ep_fwd1.safetensors"
     ep_memsave_stages
-    # The same over CUDA IPC buffers (both ranks on GPU 0), after the stages above (never run
-    # on a GPU yet: a hang here must not cost them): the transport alone (seconds; 120 s at
-    # most), then, only if it passed, the training run and its loss curve.
+    # The same over CUDA IPC buffers (both ranks on GPU 0), after the stages above (a hang here
+    # must not cost them): the transport alone (seconds; 120 s at most), then, only if it
+    # passed, the training run and its loss curve.
     f0=$fails
     STAGE_TIMEOUT=120 stage ep_model_check_ipc2 mpirun --allow-run-as-root --oversubscribe -np 2 \
       -x CUDA_VISIBLE_DEVICES=0 "$BUILD/ep_check" --transport ipc --no-bench --tokens 1024 \

@@ -163,9 +163,10 @@ TrainResult run_finetune(const TrainConfig& cfg,
              "when it was configured); rebuild where CUDA is installed, or use train.device cpu",
              cfg.device, cfg.device);
     if (multi && lead)
-      std::fprintf(stderr, "automoe: note: train.device %s under mpirun is new and has not been "
-                   "checked on GPUs yet (docs/DISTRIBUTED.md, \"The GPU path\"); compare a few "
-                   "steps with a single-GPU run before relying on it\n", cfg.device.c_str());
+      std::fprintf(stderr, "automoe: note: train.device %s under mpirun has been checked with "
+                   "several processes on one GPU, not yet on several GPUs (docs/DISTRIBUTED.md, "
+                   "\"The GPU path\"); compare a few steps with a single-GPU run before relying "
+                   "on it\n", cfg.device.c_str());
     dev = it->second(mc, cfg, g);  // under mpirun: this rank's GPU and experts
   }
   Qwen3Moe model(mc, &g, !on_device);
