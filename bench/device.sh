@@ -42,6 +42,9 @@
 #             recompute options, train.ep_recompute). Then the MPI run again with
 #             --train.ep_recompute experts: its curve must equal the MPI run's exactly
 #             (ep_model_mpi2_rc, ep_model_cmp_rc_exact) and follow one GPU's (ep_model_cmp_rc).
+#             Then with --train.ep_dispatch padded too (no host sync in the MoE forward): its
+#             curve must equal ep_model_mpi2_rc's exactly (ep_model_mpi2_padded,
+#             ep_model_cmp_padded_exact) and follow one GPU's (ep_model_cmp_padded).
 #             The same check and
 #             training run over CUDA IPC buffers (AUTOMOE_EP_TRANSPORT=ipc, both ranks on GPU 0:
 #             ep_model_check_ipc2, ep_model_ipc2, ep_model_cmp_ipc). And `automoe forward --device cuda --ep 2` under
@@ -332,6 +335,17 @@ if has ep_model; then
       "$BUILD/ep_model_mpi2_rc/metrics.jsonl"
     stage ep_model_cmp_rc_exact python3 bench/compare_loss_curves.py --exact loss,ce_loss,aux_loss,grad_norm \
       "$BUILD/ep_model_mpi2/metrics.jsonl" "$BUILD/ep_model_mpi2_rc/metrics.jsonl"
+    # train.ep_dispatch padded (no host sync in the MoE forward; needs ep_recompute experts):
+    # the same rows reach the same expert GEMMs in the same order as in counts mode
+    # (ep_model_check_mpi2's "= counts" and "arena padded" lines check the block bitwise), so
+    # the curve must equal ep_model_mpi2_rc's exactly (cmp_padded_exact) and follow one GPU's
+    stage ep_model_mpi2_padded mpirun --allow-run-as-root --oversubscribe -np 2 -x CUDA_VISIBLE_DEVICES=0 \
+      -x AUTOMOE_EP_TRANSPORT=mpi "$BUILD/automoe" "${run[@]}" --train.ep 2 --data.micro_batch 8 \
+      --train.ep_recompute experts --train.ep_dispatch padded --output.dir "$BUILD/ep_model_mpi2_padded"
+    stage ep_model_cmp_padded python3 bench/compare_loss_curves.py "$BUILD/ep_model_1gpu/metrics.jsonl" \
+      "$BUILD/ep_model_mpi2_padded/metrics.jsonl"
+    stage ep_model_cmp_padded_exact python3 bench/compare_loss_curves.py --exact loss,ce_loss,aux_loss,grad_norm \
+      "$BUILD/ep_model_mpi2_rc/metrics.jsonl" "$BUILD/ep_model_mpi2_padded/metrics.jsonl"
     # ZeRO-1 on the GPU (train.zero 1, dist/zero_cuda.h), two ranks on GPU 0 over MPI staging:
     # pure data parallelism (ep 1 x dp 2) against train.zero 0 on the same ranks, and ep 2 x dp 1
     # against ep_model_mpi2; with two ranks every sum is a + b, rounded to bf16 once either way,

@@ -35,20 +35,28 @@
 //   ep_recompute), a block sharing the scratch, with the scratch's expert buffers overwritten
 //   between its forward and backward: out, dx, dtopk_w and both weight gradients must be
 //   bit-identical to the block that keeps everything ("rc=outputs", "rc=experts" lines).
+//   Padded mode against counts mode (train.ep_dispatch): the same rows reach the same expert
+//   GEMMs in the same order (source rank, then token; moe_layout is stable; the grouped GEMMs
+//   read only the rows of the device offsets), so each case's out, dx, dtopk_w and weight
+//   gradients must be bit-identical to counts mode's on the same inputs ("= counts" lines:
+//   64-bit hashes of the bits; needs counts before padded in --modes, the default).
 // A small unaligned suite (H 100, I 36, N 37: the scalar kernel paths, the GEMM fallback)
-// runs before the given shapes in loopback mode. Counts mode also runs the arena check
-// (check_arena), once per recompute option: three layers' forwards then backwards in reverse
-// through one shared EpSavedArena, bit-identical to each layer run alone (keeping everything);
-// a backward after a reset refused; an arena too small stopping with the overflow error.
+// runs before the given shapes. Then the arena check (check_arena), per mode and recompute
+// option: three layers' forwards then backwards in reverse through one shared EpSavedArena
+// (counts: 2x the balanced load; padded: ep_arena_padded_bytes, what the model sizes),
+// bit-identical to each layer run alone by a counts-mode block keeping everything; a backward
+// after a reset refused; an arena too small stopping with the overflow error.
 // Prints PASS/FAIL lines; the exit code is the number of failures (at most 255).
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <memory>
 #include <numeric>
 #include <random>
@@ -185,7 +193,34 @@ void upload(T* d, const std::vector<T>& h) {
 struct Tally {
   int checks = 0, fails = 0;
   std::string tag;  // "loopback P=4" or "nccl rank 1/2"
+  // counts mode's bits of each case (out, dx, dtopk_w, d w_gate_up, d w_down), by case, for
+  // padded mode's "= counts" checks
+  std::map<std::string, std::array<uint64_t, 5>> counts_bits;
 };
+
+// 64 bits of a tensor's bytes (word-wise multiply-xorshift): two tensors with the same hash
+// hold the same bits, barring a collision (not adversarial data).
+template <class T>
+uint64_t hash_bits(const std::vector<T>& v) {
+  const size_t n = v.size() * sizeof(T);
+  const unsigned char* b = reinterpret_cast<const unsigned char*>(v.data());
+  uint64_t h = 0x9E3779B97F4A7C15ull ^ n;
+  auto mix = [&h](uint64_t w) {
+    h ^= w;
+    h *= 0xBF58476D1CE4E5B9ull;
+    h ^= h >> 31;
+  };
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    uint64_t w;
+    std::memcpy(&w, b + i, 8);
+    mix(w);
+  }
+  uint64_t w = 0;
+  std::memcpy(&w, b + i, n - i);
+  mix(w);
+  return h;
+}
 
 // NMSE of got against ref (scaled by ref_scale), NaN/Inf where ref is finite fail.
 void compare(Tally& t, const std::string& what, const std::vector<float>& got,
@@ -434,6 +469,29 @@ void check_case(Tally& tally, Blocks& blocks, dist::EpTransport& t, const Shape&
   const auto ggu_b = local_raw(p.ggu_ep, t, El, 2 * s.I * s.H);
   const auto gdown_b = local_raw(p.gdown_ep, t, El, s.H * s.I);
   const auto out_b = local_raw(p.out_ep, t, s.N, s.H), dx_b = local_raw(p.dx_ep, t, s.N, s.H);
+  {  // padded against counts on the same inputs (the same seed and shape in both modes' runs)
+    const std::string key = std::string(routing_name(routing)) + " N=" + std::to_string(s.N) +
+                            " H=" + std::to_string(s.H) + " E=" + std::to_string(s.E);
+    const std::array<uint64_t, 5> h{hash_bits(out_b), hash_bits(dx_b), hash_bits(dtw_b),
+                                    hash_bits(ggu_b), hash_bits(gdown_b)};
+    const char* what[5] = {"out", "dx", "dtopk_w", "d w_gate_up", "d w_down"};
+    const auto it = tally.counts_bits.find(key);
+    if (ep.mode() == dist::EpMode::kCounts) {
+      tally.counts_bits[key] = h;
+    } else if (it == tally.counts_bits.end()) {
+      std::printf("SKIP %s %s = counts: no counts run of this case (--modes counts,padded)\n",
+                  tally.tag.c_str(), name.c_str());
+    } else {
+      for (int k = 0; k < 5; ++k) {
+        const bool ok = h[size_t(k)] == it->second[size_t(k)];
+        ++tally.checks;
+        if (!ok) ++tally.fails;
+        std::printf("%-4s %s %-34s %s\n", ok ? "PASS" : "FAIL", tally.tag.c_str(),
+                    (name + " " + what[k] + " = counts").c_str(),
+                    ok ? "bit-identical" : "differs");
+      }
+    }
+  }
   if (ep.mode() == dist::EpMode::kCounts && t.num_local() > 1) {
     std::printf("     %s rows received per rank:", name.c_str());
     for (int i = 0; i < t.num_local(); ++i) std::printf(" %lld", (long long)ep.rows_received(i));
@@ -499,16 +557,18 @@ void check_shape(Tally& tally, dist::EpTransport& t, dist::EpMode mode, const Sh
   check_case(tally, blocks, t, odd, Routing::kAllToRank0, seed + 30, ctx);
 }
 
-// Counts mode, several layers through ONE shared arena and scratch, as the model runs them:
-// forwards of layers 0..n-1, then backwards n-1..0, every carve alive until the end. Against
-// the same layers each run alone by a block that owns a worst-case arena and recomputes
-// nothing: the same kernels on the same data, so every output and gradient must be
-// bit-identical, for every recompute option (its arena laid out without what it recomputes;
-// the backwards of layers 1 and 0 then find layer 2's activations in the shared scratch, so a
-// recompute that was skipped shows). Then a backward after the arena was reset must refuse,
-// and an arena too small for two layers must stop with the overflow error (on every rank: a
-// rank that went on would hang in the next all-to-all).
+// Several layers through ONE shared arena and scratch, as the model runs them, in each mode
+// of `modes`: forwards of layers 0..n-1, then backwards n-1..0, every carve alive until the
+// end. Against the same layers each run alone by a COUNTS-mode block that owns a worst-case
+// arena and recomputes nothing: the same kernels on the same rows in the same order, so every
+// output and gradient must be bit-identical, for every recompute option (its arena laid out
+// without what it recomputes; the backwards of layers 1 and 0 then find layer 2's activations
+// in the shared scratch, so a recompute that was skipped shows) and in padded mode too (what
+// train.ep_dispatch padded runs: its arena from ep_arena_padded_bytes). Then a backward after
+// the arena was reset must refuse, and an arena too small for two layers must stop with the
+// overflow error (on every rank: a rank that went on would hang in the next all-to-all).
 void check_arena(Tally& tally, dist::EpTransport& t, const Shape& s,
+                 const std::vector<dist::EpMode>& modes,
                  const std::vector<dist::EpRecompute>& rcs, uint64_t seed, const cu::Ctx& ctx) {
   const int n = 3;
   const Routing routings[n] = {Routing::kRandom, Routing::kNoneToLast, Routing::kRandom};
@@ -538,20 +598,34 @@ void check_arena(Tally& tally, dist::EpTransport& t, const Shape& s,
     t.sync(ctx.stream);
     alone[l] = get(p[l]);
   }
-  for (dist::EpRecompute rc : rcs) {
-    const std::string name = "arena N=" + std::to_string(s.N) + " H=" + std::to_string(s.H) +
+  std::vector<std::pair<dist::EpMode, dist::EpRecompute>> runs;
+  for (dist::EpMode m : modes)
+    for (dist::EpRecompute rc : rcs) runs.push_back({m, rc});
+  for (const auto& run : runs) {
+    const dist::EpMode mode = run.first;
+    const dist::EpRecompute rc = run.second;
+    const bool padded = mode == dist::EpMode::kPadded;
+    const std::string name = std::string("arena ") + dist::ep_mode_name(mode) +
+                             " N=" + std::to_string(s.N) + " H=" + std::to_string(s.H) +
                              " rc=" + dist::ep_recompute_name(rc);
-    auto scratch = std::make_shared<dist::EpMoeScratch>(sh, s.P, t.num_local(),
-                                                        dist::EpMode::kCounts, rc);
-    auto arena = std::make_shared<dist::EpSavedArena>(
-        dist::ep_arena_bytes(sh, s.P, n, t.num_local(), 2.0, rc), "ep_check: 2x the balanced load");
+    auto scratch = std::make_shared<dist::EpMoeScratch>(sh, s.P, t.num_local(), mode, rc);
+    // the model's sizing for each mode (Qwen3MoeCuda::plan)
+    auto arena_for = [&](int64_t layers, double capacity, const char* what) {
+      return std::make_shared<dist::EpSavedArena>(
+          padded ? dist::ep_arena_padded_bytes(sh, s.P, layers, t.num_local(), rc)
+                 : dist::ep_arena_bytes(sh, s.P, layers, t.num_local(), capacity, rc),
+          what);
+    };
+    auto arena = arena_for(n, 2.0, padded ? "ep_check: padded, 3 layers' worst case"
+                                          : "ep_check: 2x the balanced load");
     std::vector<std::unique_ptr<dist::EpMoeCuda>> ep;
     for (int l = 0; l < n; ++l)
-      ep.push_back(std::make_unique<dist::EpMoeCuda>(t, sh, dist::EpMode::kCounts, rc, scratch,
-                                                     arena, "MoE layer " + std::to_string(l)));
-    std::printf("---- %s %s: %d layers, shared arena %.3f GiB (2x balanced; worst %.3f GiB), "
+      ep.push_back(std::make_unique<dist::EpMoeCuda>(t, sh, mode, rc, scratch, arena,
+                                                     "MoE layer " + std::to_string(l)));
+    std::printf("---- %s %s: %d layers, shared arena %.3f GiB (%s; worst %.3f GiB), "
                 "scratch %.3f GiB\n",
                 tally.tag.c_str(), name.c_str(), n, double(arena->bytes()) / (1 << 30),
+                padded ? "the worst case" : "2x balanced",
                 double(n * dist::ep_arena_worst_bytes(sh, s.P, t.num_local(), rc)) / (1 << 30),
                 double(scratch->bytes()) / (1 << 30));
     arena->reset();
@@ -590,13 +664,14 @@ void check_arena(Tally& tally, dist::EpTransport& t, const Shape& s,
       std::printf("%-4s %s %-34s %s\n", refused ? "PASS" : "FAIL", tally.tag.c_str(),
                   (name + " bwd after reset").c_str(), refused ? "refused" : "NOT refused");
     }
-    // an arena for one balanced layer: the layers stop with the overflow error by layer 1
+    // an arena for one balanced layer (padded: one layer's worst case): the layers stop with
+    // the overflow error by layer 1 (padded: at layer 1, before it enqueues anything)
     ep.clear();
-    auto small = std::make_shared<dist::EpSavedArena>(
-        dist::ep_arena_bytes(sh, s.P, 1, t.num_local(), 1.0, rc), "ep_check: one balanced layer");
+    auto small = arena_for(1, 1.0, padded ? "ep_check: padded, one layer's worst case"
+                                          : "ep_check: one balanced layer");
     for (int l = 0; l < n; ++l)
-      ep.push_back(std::make_unique<dist::EpMoeCuda>(t, sh, dist::EpMode::kCounts, rc, scratch,
-                                                     small, "MoE layer " + std::to_string(l)));
+      ep.push_back(std::make_unique<dist::EpMoeCuda>(t, sh, mode, rc, scratch, small,
+                                                     "MoE layer " + std::to_string(l)));
     std::string err;
     int at = -1;
     for (int l = 0; l < n && at < 0; ++l) {
@@ -609,8 +684,9 @@ void check_arena(Tally& tally, dist::EpTransport& t, const Shape& s,
       }
     }
     t.sync(ctx.stream);
-    const bool ok = at >= 0 && at <= 1 &&
-                    err.find("raise train.ep_capacity") != std::string::npos &&
+    const bool ok = at >= 0 && at <= 1 && (!padded || at == 1) &&
+                    err.find(padded ? "padded mode needs" : "raise train.ep_capacity") !=
+                        std::string::npos &&
                     err.find("MoE layer " + std::to_string(at)) != std::string::npos;
     ++tally.checks;
     tally.fails += ok ? 0 : 1;
@@ -626,9 +702,6 @@ size_t workspace_for(const Shape& s) {
                    dist::EpMoeCuda::workspace_bytes({s.N, s.H, s.I, s.E, s.K}, s.P)});
 }
 
-bool counts_in(const Opts& o) {
-  return std::find(o.modes.begin(), o.modes.end(), dist::EpMode::kCounts) != o.modes.end();
-}
 // The arena check keeps three layers' problems and a worst-case block: at most 4096 tokens.
 Shape arena_shape(Shape s) {
   s.N = std::min<int64_t>(s.N, 4096);
@@ -649,10 +722,8 @@ int run_loopback(const Opts& o, int P) {
     check_shape(tally, t, m, small, o.recompute, o.seed, owner.ctx());
   for (dist::EpMode m : o.modes)
     check_shape(tally, t, m, big, o.recompute, o.seed + 100, owner.ctx());
-  if (counts_in(o)) {
-    check_arena(tally, t, small, o.recompute, o.seed + 200, owner.ctx());
-    check_arena(tally, t, arena_shape(big), o.recompute, o.seed + 300, owner.ctx());
-  }
+  check_arena(tally, t, small, o.modes, o.recompute, o.seed + 200, owner.ctx());
+  check_arena(tally, t, arena_shape(big), o.modes, o.recompute, o.seed + 300, owner.ctx());
   std::printf("ep_check %s: %d checks, %d failed\n", tally.tag.c_str(), tally.checks, tally.fails);
   return std::min(tally.fails, 255);
 }
@@ -763,10 +834,8 @@ int run_ranks(const Opts& o) {
       check_shape(tally, t, m, small, o.recompute, o.seed, owner.ctx());
     for (dist::EpMode m : o.modes)
       check_shape(tally, t, m, s, o.recompute, o.seed + 100, owner.ctx());
-    if (counts_in(o)) {
-      check_arena(tally, t, small, o.recompute, o.seed + 200, owner.ctx());
-      check_arena(tally, t, arena_shape(s), o.recompute, o.seed + 300, owner.ctx());
-    }
+    check_arena(tally, t, small, o.modes, o.recompute, o.seed + 200, owner.ctx());
+    check_arena(tally, t, arena_shape(s), o.modes, o.recompute, o.seed + 300, owner.ctx());
   }
 #if AUTOMOE_HAVE_NCCL
   if ((o.bench || o.kill_rank >= 0) && !pl.shared()) {

@@ -19,10 +19,14 @@ tokens per rank. With EP (ep > 1) the model keeps no expert rows of its own; the
               --ep-capacity (train.ep_capacity, default 2) x the balanced load: per layer
               R = P*N*(1 - C(E-E/P, K)/C(E, K)) received rows and N*K expert rows.
               --ep-recompute (train.ep_recompute): outputs drops the expert outputs from each
-              carve, experts drops gate|up too (the backward recomputes them)
+              carve, experts drops gate|up too (the backward recomputes them).
+              --ep-dispatch padded (train.ep_dispatch): no host sync, so every carve is the
+              worst case (ep_arena_padded_bytes: layers x the worst carve; no capacity); the
+              trainer requires --ep-recompute experts with it
   ep_scratch  the per-call buffers, for the worst routing of ONE layer (P*N rows,
               P*N*min(K, E/P) expert rows): the expert GEMMs' inputs and gradients, send and
-              receive staging; with --ep-recompute experts also one gate|up buffer
+              receive staging (send rows: N*min(P, K) counts, P*N padded); with
+              --ep-recompute experts also one gate|up buffer
 --memory-saving: train.memory_saving (model/qwen3_moe_cuda.h): no gradient arena (a scratch of
 the largest tensor), one shared set of the recomputed activations instead of one per layer.
 """
@@ -53,6 +57,7 @@ def ep_align(b):
 
 
 EP_RECOMPUTE = ("none", "outputs", "experts")  # dist::EpRecompute
+EP_DISPATCH = ("counts", "padded")  # dist::EpMode, train.ep_dispatch
 
 
 def ep_carve(N, P, R, M, H, I, K, El, rc="none"):
@@ -65,7 +70,7 @@ def ep_carve(N, P, R, M, H, I, K, El, rc="none"):
     return sum(ep_align(b) for b in parts)
 
 
-def ep_buffers(N, P, H, I, E, K, layers, capacity, rc="none"):
+def ep_buffers(N, P, H, I, E, K, layers, capacity, rc="none", dispatch="counts"):
     """(arena, worst-case arena, scratch) bytes of the EP block (dist/ep_arena.cpp, EpMoeScratch)"""
     El = E // P
     none = 1.0
@@ -75,14 +80,18 @@ def ep_buffers(N, P, H, I, E, K, layers, capacity, rc="none"):
     expected = ep_carve(N, P, math.ceil(rows), math.ceil(picks), H, I, K, El, rc)
     worst = layers * ep_carve(N, P, P * N, P * N * min(K, El), H, I, K, El, rc)
     arena = min(worst, ep_align(math.ceil(capacity * expected * layers)))
-    Mcap, Rcap, Scap = P * N * min(K, El), P * N, N * min(P, K)
+    if dispatch == "padded":  # ep_arena_padded_bytes
+        arena = worst
+    Mcap, Rcap = P * N * min(K, El), P * N
+    Scap = Rcap if dispatch == "padded" else N * min(P, K)
     scratch = Mcap * (H + I + H + I + 2 * I) * 2  # xs, act, dys, dact, dgu
     scratch += Mcap * 2 * I * 2 if rc == "experts" else 0  # gu, recomputed
     scratch += N * P * 4 + Scap * H * 2 + 2 * Scap * K * 4 + 2 * Rcap * K * 4 + Rcap * H * 2
     return arena, worst, scratch
 
 
-def plan(c, ep, world, seq, mbs, zero, ep_capacity=2.0, memsave=False, ep_recompute="none"):
+def plan(c, ep, world, seq, mbs, zero, ep_capacity=2.0, memsave=False, ep_recompute="none",
+         ep_dispatch="counts"):
     H, L, nH, nKV, D = c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
     E, K, I, F, V = c["num_experts"], c["num_experts_per_tok"], c["moe_intermediate_size"], c["intermediate_size"], c["vocab_size"]
     moe = [is_moe(c, l) for l in range(L)]
@@ -149,7 +158,8 @@ def plan(c, ep, world, seq, mbs, zero, ep_capacity=2.0, memsave=False, ep_recomp
         + max(Rt * I, N * F) * 2 \
         + bwd_tail + max(0, R * H * 2 - bwd_tail)  # memsave's expert outputs overlay the tail
     act = sum(per_layer) + fixed + max(fwd_tmp, bwd_tmp)
-    ep_arena, ep_worst, ep_scratch = ep_buffers(N, ep, H, I, E, K, M, ep_capacity, ep_recompute) \
+    ep_arena, ep_worst, ep_scratch = ep_buffers(N, ep, H, I, E, K, M, ep_capacity, ep_recompute,
+                                                ep_dispatch) \
         if ep > 1 else (0, 0, 0)
     ws = 0.25 * GiB + 1.0 * GiB  # measured op workspace (W1) + CUDA context, cuBLAS/cuDNN handles
     return dict(params_B=(dense + experts) / 1e9, dense_B=dense / 1e9, experts_rank_B=experts_rank / 1e9,
@@ -171,6 +181,9 @@ def main():
                     help="train.ep_capacity: the EP arena over the balanced load (ep > 1)")
     ap.add_argument("--ep-recompute", choices=EP_RECOMPUTE, default="none",
                     help="train.ep_recompute: what the EP backward recomputes instead of keeping (ep > 1)")
+    ap.add_argument("--ep-dispatch", choices=EP_DISPATCH, default="counts",
+                    help="train.ep_dispatch: counts (one host sync per MoE layer) or padded (none; "
+                         "the EP arena at the worst case; the trainer needs --ep-recompute experts)")
     ap.add_argument("--gpu-gib", type=float, default=139.8, help="usable GPU memory (H200: 139.8 GiB)")
     ap.add_argument("--memory-saving", action="store_true", help="train.memory_saving")
     a = ap.parse_args()
@@ -180,11 +193,13 @@ def main():
     world = a.world or a.ep
     if a.ep_capacity <= 0:
         ap.error("--ep-capacity must be positive")
-    p = plan(c, a.ep, world, a.seq, a.mbs, a.zero, a.ep_capacity, a.memory_saving, a.ep_recompute)
+    p = plan(c, a.ep, world, a.seq, a.mbs, a.zero, a.ep_capacity, a.memory_saving, a.ep_recompute,
+             a.ep_dispatch)
     print(f"{a.preset or a.config}: {p['params_B']:.2f}B parameters ({p['dense_B']:.2f}B outside the experts), "
           f"EP={a.ep} over {world} ranks, ZeRO-{a.zero}, {a.mbs} x {a.seq} tokens per rank, "
-          + (f"EP arena {a.ep_capacity:g} x the balanced load, ep_recompute {a.ep_recompute}"
-             if a.ep > 1 else "one GPU's experts")
+          + ((f"EP arena {a.ep_capacity:g} x the balanced load" if a.ep_dispatch == "counts"
+              else "ep_dispatch padded: the EP arena at the worst case")
+             + f", ep_recompute {a.ep_recompute}" if a.ep > 1 else "one GPU's experts")
           + (", memory-saving mode" if a.memory_saving else ""))
     for k in ("weights", "grads", "moments", "activations", "ep_arena", "ep_scratch", "workspace_context", "total"):
         print(f"  {k:18s} {p[k] / GiB:7.2f} GiB")

@@ -29,6 +29,17 @@ EpRecompute parse_ep_recompute(const std::string& name) {
           name);
 }
 
+const char* ep_mode_name(EpMode m) { return m == EpMode::kCounts ? "counts" : "padded"; }
+
+EpMode parse_ep_dispatch(const std::string& name) {
+  if (name == "counts") return EpMode::kCounts;
+  if (name == "padded") return EpMode::kPadded;
+  AM_FAIL("train.ep_dispatch '{}' is not known; use counts (the per-destination counts are "
+          "exchanged and read on the host once per MoE layer forward: exact sizes) or padded "
+          "(no host sync: every peer gets a region of N rows; needs train.ep_recompute experts)",
+          name);
+}
+
 EpSavedLayout ep_saved_layout(const EpMoeShape& s, int P, int64_t N, int64_t R, int64_t M,
                               EpRecompute rc) {
   const int64_t El = s.E / std::max(P, 1);
@@ -86,6 +97,16 @@ size_t ep_arena_bytes(const EpMoeShape& s, int P, int64_t layers, int local_rank
   return want >= double(worst) ? worst : ep_align(size_t(want));
 }
 
+size_t ep_arena_padded_bytes(const EpMoeShape& s, int P, int64_t layers, int local_ranks,
+                             EpRecompute rc) {
+  return size_t(layers) * ep_arena_worst_bytes(s, P, local_ranks, rc);
+}
+
+double ep_padded_wire_ratio(const EpMoeShape& s, int P) {
+  const EpLoad e = ep_expected_load(s, P, s.max_tokens);  // rows received = rows sent, balanced
+  return e.rows > 0 ? double(P) * double(s.max_tokens) / e.rows : 1.0;
+}
+
 int64_t EpBumpArena::take(size_t bytes) {
   const size_t b = ep_align(bytes);
   if (b > cap_ - used_) return -1;
@@ -103,6 +124,17 @@ std::string ep_arena_overflow_message(const std::string& label, int rank, size_t
       "(the routing is more skewed than the arena allows); raise train.ep_capacity (the arena "
       "over the balanced load, default 2), or use fewer tokens per micro-batch",
       label, rank, double(need) / MiB, rows, picks, double(left) / MiB, double(capacity) / MiB);
+}
+
+std::string ep_arena_padded_overflow_message(const std::string& label, size_t need, size_t left,
+                                             size_t capacity, int64_t N) {
+  const double MiB = double(1 << 20);
+  return fmt::format(
+      "[EpMoeCuda] {}: padded mode needs {:.1f} MiB for this layer's saved state (the worst case "
+      "of {} tokens per rank, whatever the routing), but only {:.1f} MiB of the {:.1f} MiB EP "
+      "arena are left this step; size the arena with ep_arena_padded_bytes for every layer, "
+      "rank and token that carves from it",
+      label, double(need) / MiB, N, double(left) / MiB, double(capacity) / MiB);
 }
 
 }  // namespace automoe::dist

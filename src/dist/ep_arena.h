@@ -17,6 +17,11 @@
 // recompute them from x_recv with the forward's kernels on the forward's inputs, so the
 // gradients are bit-identical whichever is kept (EpRecompute, train.ep_recompute).
 //
+// Dispatch (EpMode, train.ep_dispatch): in counts mode a carve holds what the layer received
+// (R, M read back with the counts); in padded mode every peer's region of N rows arrives
+// whatever the routing, so every carve is the worst case, known on the host from N alone
+// (R = P*N, M = P*N*min(K, El)): ep_arena_padded_bytes.
+//
 // The expected load (balanced routing: every token's K distinct experts uniform over E): a
 // rank receives R = P*N*(1 - C(E-El, K)/C(E, K)) rows (a token travels once per rank it has a
 // pick on) and M = N*K picks (P*N tokens x K picks x 1/P). The worst: R = P*N, M = R*min(K, El).
@@ -39,6 +44,14 @@ struct EpMoeShape {
 //             the down GEMM (two GEMMs), as the single-GPU memory-saving mode does; the
 //             scratch then holds one gate|up buffer for the worst routing of one layer
 enum class EpRecompute { kNone, kOutputs, kExperts };
+
+// How the EP block sizes its receive (train.ep_dispatch; dist/expert_parallel_cuda.h):
+//   kCounts  counts exchanged, one device-to-host sync per layer forward, exact carves
+//   kPadded  a region of N rows per peer, no host sync, worst-case carves
+enum class EpMode { kCounts, kPadded };
+const char* ep_mode_name(EpMode m);  // "counts", "padded"
+// "counts" | "padded"; anything else throws naming the accepted values.
+EpMode parse_ep_dispatch(const std::string& name);
 const char* ep_recompute_name(EpRecompute r);  // "none", "outputs", "experts"
 // "none" | "outputs" | "experts"; anything else throws naming the accepted values.
 EpRecompute parse_ep_recompute(const std::string& name);
@@ -72,6 +85,13 @@ size_t ep_arena_bytes(const EpMoeShape& s, int P, int64_t layers, int local_rank
                       EpRecompute rc);
 // The worst case of ONE layer's carves (what a block without a shared arena owns).
 size_t ep_arena_worst_bytes(const EpMoeShape& s, int P, int local_ranks, EpRecompute rc);
+// Padded mode: `layers` x the worst carves (every forward carves P*N rows whatever the routing,
+// so this never overflows for N <= max_tokens and there is no capacity to choose).
+size_t ep_arena_padded_bytes(const EpMoeShape& s, int P, int64_t layers, int local_ranks,
+                             EpRecompute rc);
+// Padded over counts mode: rows a rank sends (= wire bytes; rows to itself included on both
+// sides), P*N against the expected N*P*(1 - C(E-El, K)/C(E, K)) of balanced routing.
+double ep_padded_wire_ratio(const EpMoeShape& s, int P);
 
 // Bump allocation out of [0, capacity): carves in call order, all valid until reset().
 class EpBumpArena {
@@ -98,5 +118,9 @@ class EpBumpArena {
 // and what was left, and what to do.
 std::string ep_arena_overflow_message(const std::string& label, int rank, size_t need,
                                       size_t left, size_t capacity, int64_t rows, int64_t picks);
+// Padded mode's: no routing can cause it (every carve is the worst case of N tokens), only an
+// arena sized for fewer layers, ranks or tokens than carve from it.
+std::string ep_arena_padded_overflow_message(const std::string& label, size_t need, size_t left,
+                                             size_t capacity, int64_t N);
 
 }  // namespace automoe::dist

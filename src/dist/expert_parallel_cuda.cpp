@@ -17,8 +17,6 @@ using cu::bf16;
 template <class T>
 using Buf = cu::DeviceBuffer<T>;
 
-const char* ep_mode_name(EpMode m) { return m == EpMode::kCounts ? "counts" : "padded"; }
-
 // One local rank's counts and the carve of its last forward (the saved state, dist/ep_arena.h:
 // pointers into the arena, valid while the arena's generation is carved_gen_).
 struct EpMoeCuda::Rank {
@@ -93,9 +91,6 @@ EpMoeCuda::EpMoeCuda(EpTransport& t, const EpMoeShape& shape, EpMode mode, EpRec
   AM_CHECK(El_ <= 1024, "[EpMoeCuda] {} experts per rank: the receiver's moe_layout takes at most "
            "1024; use more EP ranks",
            El_);
-  AM_CHECK(!arena_ || mode_ == EpMode::kCounts,
-           "[EpMoeCuda] padded mode sizes its saved state for the worst routing (its counts stay "
-           "on the device) and owns that arena; pass no arena, or use counts mode");
   Scap_ = mode_ == EpMode::kPadded ? P_ * Nmax : Nmax * std::min<int64_t>(P_, K);
   Rcap_ = P_ * Nmax;
   Mcap_ = Rcap_ * std::min(K, El_);
@@ -238,6 +233,18 @@ void EpMoeCuda::check_room() {
   }
 }
 
+// Padded: every local rank carves the worst case of N tokens, whatever the routing: the same
+// bytes on every rank for the same N and arena, so all ranks decide alike without an exchange.
+void EpMoeCuda::check_room_padded(int64_t N) {
+  size_t need = 0;
+  for (int i = 0; i < L_; ++i) need += ep_saved_layout(s_, P_, N, R_[i], M_[i], rc_).bytes;
+  if (need > arena_->bump.left())
+    AM_FAIL("{} ({})",
+            ep_arena_padded_overflow_message(label_, need, arena_->bump.left(),
+                                             arena_->bump.capacity(), N),
+            arena_->what);
+}
+
 void EpMoeCuda::set_plan(int64_t N) {
   const int P = P_;
   for (int i = 0; i < L_; ++i) {
@@ -286,7 +293,7 @@ void EpMoeCuda::carve(int64_t N, const cu::Ctx& ctx) {
     r.x_recv = reinterpret_cast<bf16*>(c + l.x_recv);
     r.gu = l.gu == kEpNotSaved ? nullptr : reinterpret_cast<bf16*>(c + l.gu);
     r.ys = l.ys == kEpNotSaved ? nullptr : reinterpret_cast<bf16*>(c + l.ys);
-    if (N > 0)
+    if (mode_ == EpMode::kCounts && N > 0)  // padded: ep_layout wrote it in place
       CUDA_CHECK(cudaMemcpyAsync(r.send_pos, sc_->local[size_t(i)].send_pos.get(),
                                  size_t(N * P_) * sizeof(int32_t), cudaMemcpyDeviceToDevice,
                                  ctx.stream));
@@ -306,18 +313,26 @@ void EpMoeCuda::fwd(const EpMoeFwdArgs* a, int64_t N, const cu::Ctx& ctx) {
   const bool counts = mode_ == EpMode::kCounts;
   const int64_t region = counts ? 0 : N;
   auto lc = [this](int i) -> EpMoeScratch::Local& { return sc_->local[size_t(i)]; };
+  if (!counts) {  // padded: the plan and the carve need N only, so they come first, on the host
+    set_plan(N);
+    check_room_padded(N);  // throws on every rank alike, before anything is enqueued
+    carve(N, ctx);
+  }
+  // the layout's send_pos: counts mode's carve is not known yet (it needs the counts), so the
+  // scratch holds it until the carve; padded mode's goes straight into the carve
+  auto pos = [&](int i) { return counts ? lc(i).send_pos.get() : r_[i]->send_pos; };
   if (timing_) CUDA_CHECK(cudaEventRecord(ev_[0], ctx.stream));
   // ---- layout and dispatch
   for (int i = 0; i < L_; ++i) {
     int32_t* cnt = counts ? r_[i]->info.get() : r_[i]->cnt.get();
-    cu::ep_layout(lc(i).send_pos.get(), cnt, counts ? cnt + P : nullptr, a[i].topk_idx, N, K, El, P,
-                  region, ctx);
+    cu::ep_layout(pos(i), cnt, counts ? cnt + P : nullptr, a[i].topk_idx, N, K, El, P, region,
+                  ctx);
   }
   if (counts) exchange_info(N, ctx);
   else exchange_counts(ctx);
   for (int i = 0; i < L_; ++i)
     cu::ep_dispatch_pack(lc(i).x_send.get(), lc(i).idx_send.get(), lc(i).w_send.get(), a[i].x,
-                         a[i].topk_idx, a[i].topk_w, lc(i).send_pos.get(), N, H, K, El, P, ctx);
+                         a[i].topk_idx, a[i].topk_w, pos(i), N, H, K, El, P, ctx);
   if (counts) {  // the one host sync: the counts size the all-to-all-v and the saved state
     for (int i = 0; i < L_; ++i)
       CUDA_CHECK(cudaMemcpyAsync(host_cnt_ + size_t(i) * P * W_, r_[i]->info.get() + W_,
@@ -325,9 +340,9 @@ void EpMoeCuda::fwd(const EpMoeFwdArgs* a, int64_t N, const cu::Ctx& ctx) {
                                  ctx.stream));
     t_.sync(ctx.stream);
     check_room();  // throws on every rank alike, before any rows move
+    set_plan(N);
+    carve(N, ctx);
   }
-  set_plan(N);
-  carve(N, ctx);
   N_ = N;
   const EpA2aRows fwd_rows{send_off_.data(), send_cnt_.data(), recv_off_.data(), recv_cnt_.data()};
   const EpA2aRows back_rows{recv_off_.data(), recv_cnt_.data(), send_off_.data(), send_cnt_.data()};

@@ -34,10 +34,20 @@
 //                each step's forward, sized from the balanced load x train.ep_capacity); when
 //                a layer's carve does not fit, EVERY rank throws the same error (the exchange
 //                carries each rank's room left), before any rows move.
-//   padded mode  the worst case for N tokens (P*N rows), from an arena the block owns.
+//   padded mode  the worst case for N tokens (P*N rows, P*N*min(K, El) expert rows), known on
+//                the host from N alone: carved before anything is enqueued, so the forward
+//                never waits for the device. May also be shared by all MoE layers (sized
+//                ep_arena_padded_bytes: layers x the worst carve, so no routing overflows it;
+//                an arena too small for N stops every rank alike, since every rank carves the
+//                same bytes for the same N). Every rank must call with the same N (the regions).
 // Without an arena the block owns one sized for its worst case, reset at each forward: one
 // forward's state, as a standalone block needs (bench/ep_check.cpp). Nothing is allocated per
 // call. The caller's Ctx needs workspace_bytes() of workspace.
+//
+// Host waits in a forward: counts mode reads the counts back (one sync); padded mode none of
+// its own (rows_received() is -1, the counts stay on the device; last_times() syncs, but only
+// when called). A transport may wait on its own: MPI staging syncs to stage rows through host
+// memory (a checking transport); NCCL and IPC enqueue (IPC's host barrier waits on no device).
 //
 // Recompute (EpRecompute, dist/ep_arena.h; train.ep_recompute): the carve drops ys (kOutputs)
 // or gu and ys (kExperts), and the backward rebuilds them with the forward's kernels on the
@@ -63,8 +73,7 @@
 
 namespace automoe::dist {
 
-enum class EpMode { kCounts, kPadded };
-const char* ep_mode_name(EpMode m);
+// EpMode, ep_mode_name: dist/ep_arena.h (train.ep_dispatch, CUDA-free).
 
 // One rank's tensors for fwd (device pointers).
 struct EpMoeFwdArgs {
@@ -139,8 +148,9 @@ class EpMoeCuda {
   // `recompute`: what the backward recomputes instead of keeping (see "Recompute" above).
   // `scratch`: shared with other blocks of the same shape and stream (built with kExperts when
   // this block recomputes the experts); null: the block owns one.
-  // `arena`: counts mode only, shared with the other MoE layers, sized for the same `recompute`;
-  // null: the block owns one sized for its worst case. `label` names the block in errors
+  // `arena`: shared with the other MoE layers, sized for the same `recompute` and mode
+  // (counts: ep_arena_bytes; padded: ep_arena_padded_bytes); null: the block owns one sized for
+  // its worst case. `label` names the block in errors
   // ("MoE layer 3").
   EpMoeCuda(EpTransport& t, const EpMoeShape& shape, EpMode mode,
             EpRecompute recompute = EpRecompute::kNone,
@@ -183,7 +193,9 @@ class EpMoeCuda {
   void exchange_counts(const cuda::Ctx& ctx);  // padded: counts only
   void exchange_info(int64_t N, const cuda::Ctx& ctx);  // counts: every rank's counts and room
   void check_room();  // counts: the same verdict on every rank, before any rows move
-  // this forward's saved state of every local rank, from the arena
+  void check_room_padded(int64_t N);  // padded: the worst carves of N tokens, on the host
+  // this forward's saved state of every local rank, from the arena (counts: send_pos copied in
+  // from the scratch; padded: carved before the layout, which writes send_pos in place)
   void carve(int64_t N, const cuda::Ctx& ctx);
   void set_plan(int64_t N);  // host row plan of the all-to-alls for this forward
   // The tensor of every local rank for one all-to-all: pointer table slot `slot` (0..2) filled

@@ -31,6 +31,8 @@
 // expert activations) is carved from one EpSavedArena by the counts each forward received:
 // reset at the start of every forward, sized at plan() for CudaDist::ep_capacity (train.
 // ep_capacity) x the balanced load of all MoE layers (dist/ep_arena.h; docs/DISTRIBUTED.md).
+// With CudaDist::ep_dispatch padded the blocks run padded mode (no host sync in the MoE
+// forward) and the arena holds every layer's worst case for N tokens instead.
 #include "model/qwen3_moe_cuda.h"
 
 #include <algorithm>
@@ -241,6 +243,7 @@ struct Qwen3MoeCuda::State {
   std::shared_ptr<dist::EpSavedArena> ep_arena;          // their saved state, reset per forward
   double ep_capacity = 2.0;                              // the arena over the balanced load
   dist::EpRecompute ep_recompute = dist::EpRecompute::kNone;  // what the EP backward recomputes
+  dist::EpMode ep_dispatch = dist::EpMode::kCounts;           // counts (host sync) or padded
   cu::DeviceBuffer<double> auxstats;                     // [2E+1] global aux statistics
   cu::DeviceBuffer<double> tsumsq;                       // [segs] g^2 per tensor
   double* sumsq_host = nullptr;                          // pinned [1]: the global g^2 sum
@@ -251,7 +254,7 @@ struct Qwen3MoeCuda::State {
   State(const ModelConfig& c, Precision p, bool ms, const CudaDist& d)
       : cfg(c), prec(p), memsave(ms), layout_model(c, d.groups, false), groups(d.groups),
         ept(d.ep_transport), nccl_world(d.nccl_world), nccl_dp(d.nccl_dp),
-        ep_capacity(d.ep_capacity), ep_recompute(d.ep_recompute) {
+        ep_capacity(d.ep_capacity), ep_recompute(d.ep_recompute), ep_dispatch(d.ep_dispatch) {
     dist = groups && groups->world.size() > 1;
     ep = groups && groups->ep.size() > 1 && c.num_moe_layers() > 0;
   }
@@ -800,17 +803,26 @@ void Qwen3MoeCuda::plan(int64_t B, int64_t T, bool packed) {
     s.ep_arena.reset();
     const dist::EpMoeShape sh{N, H, I, E, K};
     const int P = int(s.groups->ep.size());
-    s.ep_scratch = std::make_shared<dist::EpMoeScratch>(sh, P, 1, dist::EpMode::kCounts,
-                                                        s.ep_recompute);
-    s.ep_arena = std::make_shared<dist::EpSavedArena>(
-        dist::ep_arena_bytes(sh, P, M, 1, s.ep_capacity, s.ep_recompute),
-        fmt::format("sized for train.ep_capacity {} x the balanced load of {} MoE layers of {} "
-                    "tokens, train.ep_recompute {}",
-                    s.ep_capacity, M, N, dist::ep_recompute_name(s.ep_recompute)));
+    const dist::EpMode mode = s.ep_dispatch;
+    s.ep_scratch = std::make_shared<dist::EpMoeScratch>(sh, P, 1, mode, s.ep_recompute);
+    // counts: the carves are what each layer received (capacity x the balanced load); padded:
+    // every carve is the worst case of N tokens, known here, so the arena never overflows
+    s.ep_arena = mode == dist::EpMode::kPadded
+                     ? std::make_shared<dist::EpSavedArena>(
+                           dist::ep_arena_padded_bytes(sh, P, M, 1, s.ep_recompute),
+                           fmt::format("sized for train.ep_dispatch padded: the worst case of {} "
+                                       "MoE layers of {} tokens, train.ep_recompute {}",
+                                       M, N, dist::ep_recompute_name(s.ep_recompute)))
+                     : std::make_shared<dist::EpSavedArena>(
+                           dist::ep_arena_bytes(sh, P, M, 1, s.ep_capacity, s.ep_recompute),
+                           fmt::format("sized for train.ep_capacity {} x the balanced load of {} "
+                                       "MoE layers of {} tokens, train.ep_recompute {}",
+                                       s.ep_capacity, M, N,
+                                       dist::ep_recompute_name(s.ep_recompute)));
     for (int64_t l = 0, m = 0; l < L; ++l)
       if (s.lo[l].moe) {
         s.ep_moe.push_back(std::make_unique<dist::EpMoeCuda>(
-            *s.ept, sh, dist::EpMode::kCounts, s.ep_recompute, s.ep_scratch, s.ep_arena,
+            *s.ept, sh, mode, s.ep_recompute, s.ep_scratch, s.ep_arena,
             fmt::format("MoE layer {} (model layer {})", m, l)));
         ++m;
       }

@@ -71,6 +71,11 @@ struct CudaDist {
   // (the partition of dist/zero_partition.h), gradients reduce-scattered, the updated parameter
   // shards all-gathered. bf16 precision, default mode; needs `groups` (world size 1 is fine).
   int zero = 0;
+  // train.ep_dispatch: counts (one device-to-host sync per MoE layer forward, the arena sized
+  // by ep_capacity) or padded (no host sync: every peer's region of N rows; the arena holds
+  // every layer's worst case, ep_capacity unused; the trainer requires ep_recompute experts,
+  // without which that worst case keeps gate|up and the outputs of P*N*min(K, E/P) rows).
+  dist::EpMode ep_dispatch = dist::EpMode::kCounts;
 };
 
 // train.precision: "bf16" (default: bf16 weights, gradients and AdamW moments, what a

@@ -64,6 +64,7 @@ const std::map<std::string, Setter>& keys() {
       KEY("train.ep", ep, int64_t),
       KEY("train.ep_capacity", ep_capacity, double),
       KEY("train.ep_recompute", ep_recompute, std::string),
+      KEY("train.ep_dispatch", ep_dispatch, std::string),
       KEY("train.zero", zero, int64_t),
       KEY("output.dir", output_dir, std::string),
       KEY("output.export_hf", export_hf, bool),
@@ -139,6 +140,31 @@ TrainConfig load_train_config(const std::string& path,
            "train.ep > 1), but this run has train.device {} and train.ep {}; remove it or set "
            "both",
            c.ep_recompute, c.device, c.ep);
+  AM_CHECK(c.ep_dispatch == "counts" || c.ep_dispatch == "padded",
+           "train.ep_dispatch '{}' is not known; use counts (the GPU EP block exchanges the "
+           "per-destination counts and reads them on the host once per MoE layer forward) or "
+           "padded (no host sync: every peer gets a region of N rows)",
+           c.ep_dispatch);
+  if (c.ep_dispatch == "padded") {
+    AM_CHECK(c.device == "cuda" && c.ep > 1,
+             "train.ep_dispatch padded applies to the GPU expert-parallel block (train.device "
+             "cuda, train.ep > 1), but this run has train.device {} and train.ep {}; remove it "
+             "or set both",
+             c.device, c.ep);
+    AM_CHECK(c.ep_recompute == "experts",
+             "train.ep_dispatch padded needs train.ep_recompute experts (this run has {}): padded "
+             "mode cannot know on the host how many rows a layer receives, so every MoE layer "
+             "keeps its saved state for the worst case, P x N x min(K, E/P) expert rows; with "
+             "gate|up (and the outputs) kept that is about 21 GiB (outputs) or 45 GiB (none) at "
+             "Qwen3-30B-A3B, EP 4, 4096 tokens, against 3.1 GiB with experts; set "
+             "train.ep_recompute experts or use train.ep_dispatch counts",
+             c.ep_recompute);
+    AM_CHECK(c.ep_capacity == 2.0,
+             "train.ep_capacity {} has no effect with train.ep_dispatch padded (the EP arena holds "
+             "every layer's worst case, so it needs no capacity); remove it or use "
+             "train.ep_dispatch counts",
+             c.ep_capacity);
+  }
   AM_CHECK(c.device == "cpu" || c.device == "cuda", "train.device '{}' is not known; use cpu or cuda", c.device);
   AM_CHECK(c.precision == "bf16" || c.precision == "fp32_master",
            "train.precision '{}' is not known; use bf16 (bf16 weights, gradients and AdamW state) or "
@@ -208,6 +234,7 @@ std::string TrainConfig::to_yaml() const {
   if (ep != 1) e << YAML::Key << "ep" << YAML::Value << ep;
   if (ep_capacity != 2.0) e << YAML::Key << "ep_capacity" << YAML::Value << ep_capacity;
   if (ep_recompute != "none") e << YAML::Key << "ep_recompute" << YAML::Value << ep_recompute;
+  if (ep_dispatch != "counts") e << YAML::Key << "ep_dispatch" << YAML::Value << ep_dispatch;
   if (zero != 0) e << YAML::Key << "zero" << YAML::Value << zero;
   e << YAML::EndMap;
   e << YAML::Key << "output" << YAML::Value << YAML::BeginMap << YAML::Key << "dir" << YAML::Value

@@ -47,6 +47,8 @@ struct TrainConfig {
   double ep_capacity = 2.0;             // cuda, ep > 1: the EP arena over the balanced load
   std::string ep_recompute = "none";    // cuda, ep > 1: none | outputs | experts: what the EP
                                         // backward recomputes instead of keeping in that arena
+  std::string ep_dispatch = "counts";   // cuda, ep > 1: counts | padded (no host sync in the
+                                        // MoE forward; needs ep_recompute experts)
   int64_t zero = 0;                     // ZeRO: 0 replicated, 1 optimizer state sharded, 2 + gradients
   // output:
   std::string output_dir = "out/run";

@@ -29,9 +29,11 @@ class CudaTrainModel final : public DeviceTrainModel {
         model_(mc, parse_precision(cfg.precision), device_.device, cfg.memory_saving,
                comms_ ? CudaDist{&g, comms_->ep_transport(), comms_->nccl_world(),
                                  comms_->nccl_dp(), cfg.ep_capacity,
-                                 dist::parse_ep_recompute(cfg.ep_recompute), int(cfg.zero)}
+                                 dist::parse_ep_recompute(cfg.ep_recompute), int(cfg.zero),
+                                 dist::parse_ep_dispatch(cfg.ep_dispatch)}
                       : CudaDist{&g, nullptr, nullptr, nullptr, cfg.ep_capacity,
-                                 dist::parse_ep_recompute(cfg.ep_recompute), int(cfg.zero)}) {}
+                                 dist::parse_ep_recompute(cfg.ep_recompute), int(cfg.zero),
+                                 dist::parse_ep_dispatch(cfg.ep_dispatch)}) {}
 
   void upload(const Qwen3Moe& host, const AdamW* opt) override {
     model_.upload_params(host.params());

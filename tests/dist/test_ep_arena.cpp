@@ -239,3 +239,105 @@ TEST(EpArena, RecomputeRecipeKey) {
   one.push_back({"train.ep_recompute", "outputs"});
   EXPECT_THROW(load_train_config("", one), std::exception);
 }
+
+TEST(EpArena, PaddedArenaIsEveryLayersWorstCase) {
+  // train.ep_dispatch padded: every forward carves P*N rows, whatever the routing
+  const int P = 4;
+  for (EpRecompute r : {EpRecompute::kNone, EpRecompute::kOutputs, EpRecompute::kExperts}) {
+    EXPECT_EQ(dist::ep_arena_padded_bytes(kQwen, P, 48, 1, r),
+              48 * dist::ep_arena_worst_bytes(kQwen, P, 1, r));
+    const dist::EpLoad w = dist::ep_worst_load(kQwen, P, kQwen.max_tokens);
+    EXPECT_EQ(dist::ep_arena_padded_bytes(kQwen, P, 1, 1, r),
+              dist::ep_saved_layout(kQwen, P, kQwen.max_tokens, int64_t(w.rows), int64_t(w.picks), r)
+                  .bytes);
+    // loopback: the local ranks carve one after another
+    EXPECT_EQ(dist::ep_arena_padded_bytes(kQwen, P, 48, P, r),
+              size_t(P) * dist::ep_arena_padded_bytes(kQwen, P, 48, 1, r));
+  }
+  // docs/DISTRIBUTED.md (bench/memory_plan.py --ep-dispatch padded): with experts recomputed
+  // padded costs what counts mode's default arena costs (2x balanced passes the worst case)
+  EXPECT_EQ(dist::ep_arena_padded_bytes(kQwen, P, 48, 1, EpRecompute::kExperts), 3274715136u);
+  EXPECT_EQ(dist::ep_arena_padded_bytes(kQwen, P, 48, 1, EpRecompute::kExperts),
+            dist::ep_arena_bytes(kQwen, P, 48, 1, 2.0, EpRecompute::kExperts));
+  // without it, 45 GiB: why train.ep_dispatch padded needs train.ep_recompute experts
+  EXPECT_EQ(dist::ep_arena_padded_bytes(kQwen, P, 48, 1, EpRecompute::kNone), size_t(48) * 1007747328u);
+  EXPECT_GT(dist::ep_arena_padded_bytes(kQwen, P, 48, 1, EpRecompute::kOutputs),
+            dist::ep_arena_bytes(kQwen, P, 48, 1, 2.0, EpRecompute::kOutputs));
+  const std::string m = dist::ep_arena_padded_overflow_message("MoE layer 3", 5 << 20, 1 << 20,
+                                                               9 << 20, 4096);
+  for (const char* part : {"MoE layer 3", "padded mode", "5.0 MiB", "1.0 MiB", "9.0 MiB", "4096"})
+    EXPECT_NE(m.find(part), std::string::npos) << part << " not in: " << m;
+}
+
+TEST(EpArena, PaddedWireRatioOfQwen3_30B_A3B) {
+  // rows sent per rank, padded (P*N) over counts (N x the ranks a token reaches, balanced):
+  // 1 / (1 - C(E-E/P, K)/C(E, K)) at E = 128, K = 8 (docs/DISTRIBUTED.md)
+  EXPECT_NEAR(dist::ep_padded_wire_ratio(kQwen, 2), 1.0031, 1e-4);
+  EXPECT_NEAR(dist::ep_padded_wire_ratio(kQwen, 4), 1.1022, 1e-4);
+  EXPECT_NEAR(dist::ep_padded_wire_ratio(kQwen, 8), 1.4983, 1e-4);
+  EXPECT_NEAR(dist::ep_padded_wire_ratio(kQwen, 16), 2.4255, 1e-4);
+  EXPECT_DOUBLE_EQ(dist::ep_padded_wire_ratio(kQwen, 1), 1.0);
+}
+
+TEST(EpArena, DispatchNames) {
+  for (dist::EpMode m : {dist::EpMode::kCounts, dist::EpMode::kPadded})
+    EXPECT_EQ(dist::parse_ep_dispatch(dist::ep_mode_name(m)), m);
+  try {
+    dist::parse_ep_dispatch("fast");
+    ADD_FAILURE() << "parse_ep_dispatch(\"fast\") did not throw";
+  } catch (const std::exception& e) {
+    const std::string m = e.what();
+    for (const char* part : {"train.ep_dispatch 'fast'", "counts", "padded"})
+      EXPECT_NE(m.find(part), std::string::npos) << part << " not in: " << m;
+  }
+}
+
+TEST(EpArena, DispatchRecipeKey) {
+  using automoe::load_train_config;
+  const auto base = std::vector<std::pair<std::string, std::string>>{
+      {"model.builtin", "tiny-moe"}, {"data.builtin", "addition"}};
+  const auto d = load_train_config("", base);
+  EXPECT_EQ(d.ep_dispatch, "counts");
+  EXPECT_EQ(d.to_yaml().find("ep_dispatch"), std::string::npos) << d.to_yaml();  // default
+  auto gpu = base;
+  gpu.push_back({"train.device", "cuda"});
+  gpu.push_back({"train.ep", "2"});
+  auto ok = gpu;
+  ok.push_back({"train.ep_recompute", "experts"});
+  ok.push_back({"train.ep_dispatch", "padded"});
+  const auto c = load_train_config("", ok);
+  EXPECT_EQ(c.ep_dispatch, "padded");
+  EXPECT_NE(c.to_yaml().find("ep_dispatch: padded"), std::string::npos) << c.to_yaml();
+  auto counts = gpu;
+  counts.push_back({"train.ep_dispatch", "counts"});
+  EXPECT_EQ(load_train_config("", counts).to_yaml().find("ep_dispatch"), std::string::npos);
+  // the error names what is wrong and what to do
+  auto expect_error = [](const std::vector<std::pair<std::string, std::string>>& o,
+                         std::vector<const char*> parts) {
+    try {
+      automoe::load_train_config("", o);
+      ADD_FAILURE() << "accepted: " << o.back().first << " " << o.back().second;
+    } catch (const std::exception& e) {
+      const std::string m = e.what();
+      for (const char* part : parts)
+        EXPECT_NE(m.find(part), std::string::npos) << part << " not in: " << m;
+    }
+  };
+  auto bad = gpu;
+  bad.push_back({"train.ep_dispatch", "fast"});
+  expect_error(bad, {"train.ep_dispatch 'fast'", "counts", "padded"});
+  // padded keeps every layer's worst case: without experts recomputed that is far too large
+  for (const char* rc : {"none", "outputs"}) {
+    auto big = gpu;
+    big.push_back({"train.ep_recompute", rc});
+    big.push_back({"train.ep_dispatch", "padded"});
+    expect_error(big, {"train.ep_dispatch padded needs train.ep_recompute experts", rc, "worst"});
+  }
+  auto cpu = base;
+  cpu.push_back({"train.ep", "2"});
+  cpu.push_back({"train.ep_dispatch", "padded"});
+  expect_error(cpu, {"train.ep_dispatch padded applies to the GPU", "train.device cpu"});
+  auto cap = ok;
+  cap.push_back({"train.ep_capacity", "3"});
+  expect_error(cap, {"train.ep_capacity 3 has no effect with train.ep_dispatch padded"});
+}
