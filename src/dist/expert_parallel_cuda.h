@@ -39,7 +39,8 @@
 //                never waits for the device. May also be shared by all MoE layers (sized
 //                ep_arena_padded_bytes: layers x the worst carve, so no routing overflows it;
 //                an arena too small for N stops every rank alike, since every rank carves the
-//                same bytes for the same N). Every rank must call with the same N (the regions).
+//                same bytes for the same N). Every rank must call with the same N (the
+//                regions; the model checks that over the EP group once per forward).
 // Without an arena the block owns one sized for its worst case, reset at each forward: one
 // forward's state, as a standalone block needs (bench/ep_check.cpp). Nothing is allocated per
 // call. The caller's Ctx needs workspace_bytes() of workspace.

@@ -940,6 +940,19 @@ void Qwen3MoeCuda::forward(const Batch& bt, float ce_denominator, float aux_scal
              "input id {} at row {}, position {} is outside the vocabulary [0, {}); check the "
              "tokenizer matches the model",
              bt.ids[i], i / T, i % T, V);
+  if (s.ep && s.ep_dispatch == dist::EpMode::kPadded) {
+    // Padded receive regions are N rows per peer: every rank of the EP group must bring the same
+    // N, or rows would land past a region. One host all-reduce (no device wait); every rank sees
+    // the same extremes, so all of them stop together.
+    int64_t ext[2] = {N, -N};
+    s.groups->ep.allreduce_max(ext, 2);
+    AM_CHECK(ext[0] == -ext[1],
+             "train.ep_dispatch padded needs the same tokens per micro-batch on every rank of the "
+             "expert-parallel group (its receive regions hold N rows per peer), but they range "
+             "from {} to {} (this rank: {} = {} x {}); give every rank the same micro-batch shape "
+             "or use train.ep_dispatch counts",
+             -ext[1], ext[0], N, B, T);
+  }
   plan(B, T, !bt.doc.empty());
   const cu::Ctx& ctx = s.ctx;
 
