@@ -11,7 +11,8 @@
 // Prints one JSON line (rank 0). Usage:
 //   cuda_bench [--layers 12] [--seq 4096] [--mbs 2] [--warmup 3] [--steps 8]
 //              [--precision bf16|fp32_master] [--max-grad-norm 1.0] [--memory-saving]
-//              [--ep E] [--ep-capacity 2]
+//              [--ep E] [--ep-capacity 2] [--ep-recompute none|outputs|experts]
+//              [--ep-dispatch counts|padded] [--zero 0|1]
 // --memory-saving: AdamW inside the backward (there fwd_bwd includes the optimizer and the
 // step's separate optimizer phase only sums the norm), activations recomputed.
 // Under mpirun (a GPU per rank; more ranks than GPUs share them, which checks but does not
@@ -31,6 +32,7 @@
 #include <vector>
 
 #include "core/rng.h"
+#include "dist/ep_arena.h"
 #include "dist/gpu_rank.h"
 #include "dist/process_group.h"
 #include "model/config.h"
@@ -71,6 +73,8 @@ int main(int argc, char** argv) {
   bool memsave = false;
   int ep = 0;  // 0: the world size
   double ep_capacity = 2.0;
+  std::string ep_recompute = "none", ep_dispatch = "counts";
+  int zero = 0;
   for (int i = 1; i < argc; ++i) {
     auto need = [&](const char* f) {
       if (i + 1 >= argc) {
@@ -89,11 +93,15 @@ int main(int argc, char** argv) {
     else if (!std::strcmp(argv[i], "--memory-saving")) memsave = true;
     else if (!std::strcmp(argv[i], "--ep")) ep = std::atoi(need("--ep"));
     else if (!std::strcmp(argv[i], "--ep-capacity")) ep_capacity = std::atof(need("--ep-capacity"));
+    else if (!std::strcmp(argv[i], "--ep-recompute")) ep_recompute = need("--ep-recompute");
+    else if (!std::strcmp(argv[i], "--ep-dispatch")) ep_dispatch = need("--ep-dispatch");
+    else if (!std::strcmp(argv[i], "--zero")) zero = std::atoi(need("--zero"));
     else {
       std::fprintf(stderr,
                    "usage: cuda_bench [--layers 12] [--seq 4096] [--mbs 2] [--warmup 3] [--steps 8] "
                    "[--precision bf16|fp32_master] [--max-grad-norm 1.0] [--memory-saving] "
-                   "[--ep E] [--ep-capacity 2]\n");
+                   "[--ep E] [--ep-capacity 2] [--ep-recompute none|outputs|experts] "
+                   "[--ep-dispatch counts|padded] [--zero 0|1]\n");
       return 2;
     }
   }
@@ -139,7 +147,8 @@ int main(int argc, char** argv) {
     if (multi) {
       comms = std::make_unique<dist::GpuComms>(groups, pl, dist::choose_ep_transport("", pl));
       cd = CudaDist{&groups, comms->ep_transport(), comms->nccl_world(), comms->nccl_dp(),
-                    ep_capacity};
+                    ep_capacity, dist::parse_ep_recompute(ep_recompute), zero,
+                    dist::parse_ep_dispatch(ep_dispatch)};
       if (rank == 0) {
         std::printf("cuda_bench: %d ranks, expert parallel %d x data parallel %d; %s\n", world,
                     groups.ep.size(), groups.dp.size(), comms->describe(groups).c_str());
@@ -201,6 +210,9 @@ int main(int argc, char** argv) {
         {"world", world},
         {"ep", groups.ep.size()},
         {"transport", multi ? dist::ep_transport_kind_name(comms->kind()) : "none"},
+        {"ep_recompute", ep_recompute},
+        {"ep_dispatch", ep_dispatch},
+        {"zero", zero},
         {"layers", layers},
         {"seq", seq},
         {"mbs", mbs},

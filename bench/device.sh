@@ -465,6 +465,9 @@ if has multi; then
   else
     stage multi_smoke "${MPIM[@]}" --oversubscribe -np 2 -x CUDA_VISIBLE_DEVICES=0 "$BUILD/cuda_bench" \
       --layers 2 --seq 1024 --mbs 1 --warmup 1 --steps 2
+    stage multi_smoke_padded "${MPIM[@]}" --oversubscribe -np 2 -x CUDA_VISIBLE_DEVICES=0 \
+      "$BUILD/cuda_bench" --layers 2 --seq 1024 --mbs 1 --warmup 1 --steps 2 --ep-recompute experts \
+      --ep-dispatch padded
   fi
 fi
 if has profile; then
