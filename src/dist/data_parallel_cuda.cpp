@@ -1,5 +1,6 @@
 // dist/data_parallel_cuda.cpp: DeviceGradReducer (dist/data_parallel_cuda.h): gradient
-// all-reduce and global norm for GPU ranks, staged through host memory and MPI.
+// all-reduce (NCCL, or staged through host memory and MPI; whole arenas, one tensor, or buckets
+// overlapped with the backward on a comm stream) and the global norm for GPU ranks.
 #include "dist/data_parallel_cuda.h"
 
 #include <cuda_bf16.h>
@@ -20,9 +21,18 @@ namespace automoe::dist {
 DeviceGradReducer::DeviceGradReducer(const Groups& g, std::vector<DeviceTensor> tensors)
     : g_(g), t_(std::move(tensors)), sum_(size_t(kBucket)) {
   CUDA_CHECK(cudaMallocHost(&pin_, size_t(kBucket) * sizeof(float)));
+  int least = 0, greatest = 0;
+  CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+  CUDA_CHECK(cudaStreamCreateWithPriority(&comm_, cudaStreamNonBlocking, greatest));
+  CUDA_CHECK(cudaEventCreateWithFlags(&ready_, cudaEventDisableTiming));
+  CUDA_CHECK(cudaEventCreateWithFlags(&done_, cudaEventDisableTiming));
 }
 
 DeviceGradReducer::~DeviceGradReducer() {
+  if (comm_) cudaStreamSynchronize(comm_);  // its copies may still read pin_
+  if (ready_) cudaEventDestroy(ready_);
+  if (done_) cudaEventDestroy(done_);
+  if (comm_) cudaStreamDestroy(comm_);
   if (pin_) cudaFreeHost(pin_);
 }
 
@@ -113,6 +123,41 @@ void DeviceGradReducer::allreduce_tensor(size_t k, cuda::bf16* g, cudaStream_t s
   AM_CHECK(k < t_.size(), "internal: allreduce_tensor({}) of {} tensors", k, t_.size());
   ranges_.assign(1, Range{g, t_[k].n});
   reduce_ranges<cuda::bf16>(t_[k].expert, false, stream);
+}
+
+void DeviceGradReducer::allreduce_async(size_t k0, size_t k1, cuda::bf16* grads,
+                                        cudaStream_t stream) {
+  AM_CHECK(k0 < k1 && k1 <= t_.size(), "internal: allreduce_async([{}, {})) of {} tensors", k0, k1,
+           t_.size());
+  // the gradients were written on `stream`: the comm stream starts after them. One event serves
+  // every call: a wait takes the record made just before it.
+  CUDA_CHECK(cudaEventRecord(ready_, stream));
+  CUDA_CHECK(cudaStreamWaitEvent(comm_, ready_, 0));
+  pending_ = true;
+  for (const bool expert : {false, true}) {  // replicated over the world, then experts over dp
+    ranges_.clear();
+    for (size_t k = k0; k < k1;) {
+      if (t_[k].expert != expert) {
+        ++k;
+        continue;
+      }
+      size_t e = k + 1;  // a run of adjacent tensors of this group: one range
+      for (; e < k1 && t_[e].expert == expert; ++e)
+        AM_CHECK(t_[e].off >= t_[e - 1].off + t_[e - 1].n,
+                 "internal: allreduce_async: tensor {} does not follow tensor {} in the arena", e,
+                 e - 1);
+      ranges_.push_back({grads + t_[k].off, t_[e - 1].off + t_[e - 1].n - t_[k].off});
+      k = e;
+    }
+    if (!ranges_.empty()) reduce_ranges<cuda::bf16>(expert, false, comm_);
+  }
+}
+
+void DeviceGradReducer::join(cudaStream_t stream) {
+  if (!pending_) return;
+  CUDA_CHECK(cudaEventRecord(done_, comm_));
+  CUDA_CHECK(cudaStreamWaitEvent(stream, done_, 0));
+  pending_ = false;
 }
 
 void DeviceGradReducer::wait(cudaStream_t stream) {

@@ -13,8 +13,27 @@
 // receives the same sum, so replicated weights stay bit-identical after AdamW. It synchronises
 // the host once per bucket: correct and simple, not fast. allreduce() reduces a whole arena after
 // the backward; allreduce_tensor() one tensor now (the memory-saving mode, whose AdamW runs in
-// the backward, reduces each tensor as its gradient completes: same sums, same roundings).
-// Buffers are allocated once, in the constructor.
+// the backward, reduces each tensor as its gradient completes: same sums, same roundings);
+// allreduce_async() a group of adjacent tensors on the reducer's own stream, overlapped with the
+// rest of the backward (the default mode; join() ends it). Buffers, the stream and its events
+// are allocated once, in the constructor.
+//
+// The overlapped reduce and NCCL's rules for several communicators. Its NCCL calls go to the
+// world and DP communicators on the comm stream, while the EP transport's go to the EP
+// communicator on the compute stream. NCCL allows operations of different communicators to run
+// at the same time when every rank issues them in the same order: here one host thread issues
+// every NCCL call of a step (grad buckets and EP all-to-alls alike) in an order fixed by the
+// layout and the layer loop, the same on every rank, and each communicator's calls are on one
+// stream. The dependency is one-way: the comm stream waits on events of the compute stream,
+// which never waits on the comm stream before join(); so a bucket's kernels on every rank can
+// start once each rank's compute stream has passed the bucket's event, which needs no later
+// host action and no progress of the comm stream. What NCCL's documentation still warns about
+// is a GPU that cannot run the kernels of both communicators at once (each takes a few SMs, far
+// from an H200's 132; the compute kernels around them always finish) or a device
+// synchronisation inside NCCL (it would wait for kernels that finish by the argument above);
+// the comm stream has the highest priority, so its kernels get SMs first. Were it to stall
+// anyway, the timed waits end the job with an error rather than a hang, and
+// AUTOMOE_GRAD_OVERLAP=0 reduces after the backward instead.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -57,8 +76,21 @@ class DeviceGradReducer {
   // without a host wait (wait() waits); over MPI staging it synchronises like allreduce().
   // Collective: every rank calls it for the same k in the same order.
   void allreduce_tensor(size_t k, cuda::bf16* g, cudaStream_t stream);
-  // NCCL: waits (with the communicators' timeout) for what allreduce_tensor() enqueued; over MPI
-  // staging nothing is left in flight, so it returns at once.
+  // Sums tensors [k0, k1) of the bf16 arena `grads` (adjacent in it, as the layout orders them;
+  // the caller has just completed their gradients on `stream`) over their groups, in place, on
+  // the reducer's comm stream after the work enqueued on `stream` so far: each run of adjacent
+  // replicated tensors is one range over the world (with the zero padding between them), each run
+  // of expert shards one over the DP group; the same sums and rounding as allreduce() (with 2
+  // ranks the same bits). NCCL: enqueued, no host wait. MPI staging: host-staged on the comm
+  // stream, one host sync per bucket (which waits for `stream` up to here: correct, not
+  // overlapped). Collective: every rank calls it with the same [k0, k1) in the same order.
+  void allreduce_async(size_t k0, size_t k1, cuda::bf16* grads, cudaStream_t stream);
+  // `stream` waits (on the device) for everything allreduce_async() enqueued; no host wait. A
+  // no-op when nothing is in flight.
+  void join(cudaStream_t stream);
+  // NCCL: waits (with the communicators' timeout) for what allreduce_tensor() enqueued on
+  // `stream` (after join(stream): also allreduce_async()'s); over MPI staging nothing is left in
+  // flight, so it returns at once.
   void wait(cudaStream_t stream);
   // sumsq[t] (device, f64, one per tensor, after the all-reduce) -> the global sum of squares:
   // replicated tensors once, expert shards summed over the EP group. Waits for the stream.
@@ -94,6 +126,10 @@ class DeviceGradReducer {
   std::vector<Range> ranges_;     // the tensors of one reduce (reused: no allocation per step)
   std::vector<void*> bufs_;       // NCCL: the same as pointers and counts
   std::vector<size_t> counts_;
+  cudaStream_t comm_ = nullptr;  // allreduce_async's stream (highest priority)
+  cudaEvent_t ready_ = nullptr;  // recorded on the caller's stream; comm_ waits on it
+  cudaEvent_t done_ = nullptr;   // recorded on comm_ by join(); the caller's stream waits on it
+  bool pending_ = false;         // allreduce_async() work not yet joined
 };
 
 }  // namespace automoe::dist
