@@ -247,6 +247,22 @@ struct Qwen3MoeCuda::State {
   cu::DeviceBuffer<double> auxstats;                     // [2E+1] global aux statistics
   cu::DeviceBuffer<double> tsumsq;                       // [segs] g^2 per tensor
   double* sumsq_host = nullptr;                          // pinned [1]: the global g^2 sum
+  // The default mode's all-reduce overlapped with the backward (several ranks, bf16, neither
+  // ZeRO nor the memory-saving mode; AUTOMOE_GRAD_OVERLAP=0 turns it off, the same on every
+  // rank): when set_reduce_in_backward() marked the micro-batch as the step's last, each group
+  // of tensors is summed on the reducer's comm stream as soon as it is complete: [ln_f, lm_head]
+  // at the end of forward(), each layer's tensors after its backward, wte last.
+  // optimizer_step() (allreduce_grads()) then only joins the comm stream and waits.
+  enum class Summed { kNone, kHead, kAll };  // which gradients the overlapped reduce has summed
+  bool overlap_ok = false;    // the mode and the environment allow it
+  bool reduce_in_bwd = false;  // set_reduce_in_backward(): the next micro-batch is the last
+  bool overlap = false;        // this forward(grad)/backward pair sums as it goes
+  Summed summed = Summed::kNone;
+  size_t k_wte = 0, k_head0 = 0, k_head1 = 0;      // tensor indices: wte, [ln_f, lm_head)
+  std::vector<std::pair<size_t, size_t>> layer_k;  // [L]: layer l's tensors [first, end)
+  void reduce_async(size_t k0, size_t k1) {
+    reducer->allreduce_async(k0, k1, g16.get(), ctx.stream);
+  }
   // ZeRO-1 (CudaDist::zero): the shard's pieces, their collectives; m16/v16 are [shard]
   std::unique_ptr<dist::DeviceZero> zero;
   cu::DeviceBuffer<double> zsumsq;  // [pieces] g^2 per piece of this rank's shard
@@ -521,6 +537,44 @@ Qwen3MoeCuda::Qwen3MoeCuda(const ModelConfig& cfg, Precision precision, int devi
       ts.push_back({s.segs[k].dev, s.segs[k].n, layout.params[k].expert});
     s.reducer = std::make_unique<dist::DeviceGradReducer>(*s.groups, std::move(ts));
     s.reducer->use_nccl(s.nccl_world, s.nccl_dp);
+    // the overlapped reduce (State::overlap): on unless AUTOMOE_GRAD_OVERLAP=0, which must be
+    // the same on every rank (the ranks would otherwise issue different collectives)
+    const char* ov = std::getenv("AUTOMOE_GRAD_OVERLAP");
+    int64_t on = !(ov && std::string(ov) == "0");
+    int64_t ranks_on = on;
+    s.groups->world.allreduce_sum(&ranks_on, 1);
+    AM_CHECK(ranks_on == 0 || ranks_on == s.groups->world.size(),
+             "AUTOMOE_GRAD_OVERLAP is 0 on {} of {} ranks; set it the same on every rank "
+             "(mpirun -x AUTOMOE_GRAD_OVERLAP=0)",
+             s.groups->world.size() - ranks_on, s.groups->world.size());
+    s.overlap_ok = on && s.bf16_mode() && !s.memsave && !s.zero;
+    // its points: every tensor in exactly one of [ln_f, lm_head], a layer, wte (checked here:
+    // a tensor left out would never be summed, and its replicas would drift)
+    s.layer_k.assign(size_t(cfg.num_hidden_layers), {layout.params.size(), 0});
+    for (size_t k = 0; k < layout.params.size(); ++k) {
+      const std::string& n = layout.params[k].name;
+      if (n.rfind("layers.", 0) != 0) continue;
+      auto& r = s.layer_k.at(size_t(std::stoll(n.substr(7))));  // "layers.12.ln1" -> 12
+      r.first = std::min(r.first, k);
+      r.second = std::max(r.second, k + 1);
+    }
+    s.k_wte = size_t(s.seg_at.at(s.off_wte));
+    s.k_head0 = size_t(s.seg_at.at(s.off_lnf));
+    s.k_head1 = s.k_head0 + 1;
+    if (!s.tied) {
+      AM_CHECK(size_t(s.seg_at.at(s.off_lm)) == s.k_head1, "internal: lm_head does not follow ln_f");
+      s.k_head1 += 1;
+    }
+    std::vector<int> cover(layout.params.size(), 0);
+    auto mark = [&](size_t k0, size_t k1) {
+      for (size_t k = k0; k < k1; ++k) ++cover[k];
+    };
+    mark(s.k_wte, s.k_wte + 1);
+    mark(s.k_head0, s.k_head1);
+    for (auto& r : s.layer_k) mark(r.first, r.second);
+    for (size_t k = 0; k < cover.size(); ++k)
+      AM_CHECK(cover[k] == 1, "internal: the overlapped gradient reduce sums {} {} times",
+               layout.params[k].name, cover[k]);
     s.auxstats = cu::DeviceBuffer<double>(size_t(2 * cfg.num_experts + 1));
     s.tsumsq = cu::DeviceBuffer<double>(s.segs.size());
     CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&s.sumsq_host), sizeof(double)));
@@ -602,6 +656,7 @@ void Qwen3MoeCuda::download_grads(std::vector<float>& grads) const {
   const State& s = *s_;
   AM_CHECK(!s.memsave, "download_grads: the memory-saving mode keeps no gradients (AdamW runs "
            "inside the backward); use the default mode to inspect them");
+  if (s.reducer) s.reducer->join(s.ctx.stream);  // a sum in the backward still in flight
   synchronize();
   grads.assign(size_t(s.P_host), 0.f);
   if (s.bf16_mode()) {
@@ -892,8 +947,13 @@ CudaMemory Qwen3MoeCuda::memory() const {
 void Qwen3MoeCuda::zero_grad() {
   State& s = *s_;
   s.fresh = true;
+  // a sum still in flight (a caller that skipped optimizer_step) ends before the next writes
+  if (s.reducer) s.reducer->join(s.ctx.stream);
+  s.summed = State::Summed::kNone;
   if (!s.bf16_mode()) CUDA_CHECK(cudaMemsetAsync(s.g32.get(), 0, s.g32.bytes(), s.ctx.stream));
 }
+
+void Qwen3MoeCuda::set_reduce_in_backward(bool last) { s_->reduce_in_bwd = last; }
 
 void Qwen3MoeCuda::set_previous_grad_norm(float norm) {
   State& s = *s_;
@@ -1015,6 +1075,13 @@ void Qwen3MoeCuda::forward(const Batch& bt, float ce_denominator, float aux_scal
                "cannot accumulate over micro-batches; set train.grad_accum to 1 or turn "
                "train.memory_saving off");
     }
+    if (s.overlap_ok) {  // a summed gradient is final: only the step's last micro-batch sums
+      AM_CHECK(s.summed == State::Summed::kNone,
+               "forward(grad = true) after a micro-batch whose backward summed the gradients "
+               "over the ranks (set_reduce_in_backward(true)): mark only the step's last "
+               "micro-batch, and call zero_grad() before the next step");
+      s.overlap = s.reduce_in_bwd;
+    }
     s.beta = s.fresh ? 0.f : 1.f;
     s.fresh = false;
   }
@@ -1127,6 +1194,10 @@ void Qwen3MoeCuda::forward(const Batch& bt, float ce_denominator, float aux_scal
     }
   }
   if (grad) s.norm_bwd(s.dres, 0.f, s.off_lnf, s.dlnf, s.res[L], s.lnf_rstd, N, H);
+  if (grad && s.overlap) {  // ln_f's and (untied) lm_head's gradients are complete
+    s.reduce_async(s.k_head0, s.k_head1);
+    s.summed = State::Summed::kHead;
+  }
 
   // ---- aux loss over every MoE layer's router outputs
   s.has_aux = c.output_router_logits && c.num_moe_layers() > 0;
@@ -1277,6 +1348,7 @@ void Qwen3MoeCuda::backward() {
     s.lin_bwd(s.dln, 1.f, o.wv, o.bv, s.dv, a.ln1, N, H, nKV * D, beta);
     s.norm_bwd(s.dres, 1.f, o.ln1, s.dln, x_in, a.ln1_rstd, N, H);  // dres += ln1's dx
     s.lrecord(l, 5);
+    if (s.overlap) s.reduce_async(s.layer_k[size_t(l)].first, s.layer_k[size_t(l)].second);
   }
   // embedding (tied: lm_head's gradient is already in this tensor, so always accumulate)
   if (s.bf16_mode()) {
@@ -1288,6 +1360,11 @@ void Qwen3MoeCuda::backward() {
   } else {
     cu::embedding_bwd_sorted(s.g32.get() + s.off_wte, s.dres, s.uniq, s.uoff, s.rows, s.n_uniq, H,
                              ctx);
+  }
+  if (s.overlap) {  // wte (tied: lm_head's too) is complete: every gradient is being summed
+    s.reduce_async(s.k_wte, s.k_wte + 1);
+    s.summed = State::Summed::kAll;
+    s.overlap = false;
   }
   s.record(3);
   s.have_grad_forward = false;
@@ -1387,6 +1464,13 @@ void Qwen3MoeCuda::allreduce_grads() {
   AM_CHECK(!s.fresh, "allreduce_grads() without gradients: run forward() and backward() first");
   AM_CHECK(!s.memsave, "allreduce_grads: the memory-saving mode keeps no gradient arena (each "
            "gradient is summed over the ranks inside the backward); use the default mode");
+  AM_CHECK(s.summed != State::Summed::kHead, "optimizer_step()/allreduce_grads() after a "
+           "forward(grad = true) without its backward(): its sums in the backward did not run");
+  if (s.summed == State::Summed::kAll) {  // the backward summed them on the comm stream
+    s.reducer->join(s.ctx.stream);
+    s.reducer->wait(s.ctx.stream);  // NCCL: timed
+    return;
+  }
   if (s.bf16_mode()) s.reducer->allreduce(s.g16.get(), s.ctx.stream);
   else s.reducer->allreduce(s.g32.get(), s.ctx.stream);
 }

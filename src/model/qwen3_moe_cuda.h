@@ -23,9 +23,10 @@
 // exports go through the CPU code unchanged) and each MoE layer's expert block runs through a
 // dist::EpMoeCuda (counts mode) over the given transport. The loss and aux loss are those of the
 // global batch; optimizer_step() all-reduces the gradients (replicated tensors over the world,
-// expert shards over their DP group), clips by the global norm (each expert counted once) and
-// runs AdamW on this rank (the memory-saving mode does the same per tensor inside the backward;
-// below). With world size 1 nothing of this runs: the single-GPU code path and its numerics are
+// expert shards over their DP group; or the last micro-batch's backward did, layer by layer on a
+// second stream: set_reduce_in_backward), clips by the global norm (each expert counted once)
+// and runs AdamW on this rank (the memory-saving mode does the same per tensor inside the
+// backward; below). With world size 1 nothing of this runs: the single-GPU code path and its numerics are
 // unchanged (bit-identical).
 //
 // The lm_head and the cross-entropy run in chunks of rows: per chunk, logits [rows, V] (bf16),
@@ -170,6 +171,16 @@ class Qwen3MoeCuda {
   LossParts loss();  // waits for the last forward's loss
   // Accumulates d(loss)/d(params) for the last forward(grad = true).
   void backward();
+  // Several ranks, default mode: `last` says that the coming forward(grad = true) and backward()
+  // are the step's last micro-batch (optimizer_step() or allreduce_grads() follows, no further
+  // micro-batch), so they sum each group of gradients over the ranks as soon as it is complete,
+  // on a second stream overlapped with the rest of the backward ([ln_f, lm_head] at the end of
+  // forward(), each layer after its backward, the embedding last); optimizer_step() then only
+  // waits for them. Earlier micro-batches must not (their gradients still accumulate), hence
+  // the caller's say. Stays set until changed; off by default (the sum then runs in
+  // optimizer_step(), as it does always with AUTOMOE_GRAD_OVERLAP=0, ZeRO-1, fp32_master or
+  // the memory-saving mode, which reduces inside its own backward).
+  void set_reduce_in_backward(bool last);
   // Global-norm clipping (max_grad_norm > 0) and AdamW, on the device without a host sync.
   // Several ranks: first the gradient all-reduce and the global norm (host-staged over MPI:
   // synchronises; dist/data_parallel_cuda.h). ZeRO-1: the gradients reduce-scattered, the norm

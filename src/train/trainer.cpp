@@ -269,6 +269,7 @@ TrainResult run_finetune(const TrainConfig& cfg,
       const float denom = float(std::max<int64_t>(labelled, 1)), aux_scale = 1.0f / float(cfg.grad_accum);
       LossParts lp;
       if (dev) {
+        dev->set_last_micro_batch(i + 1 == micro.size());
         lp = dev->forward_backward(b, denom, aux_scale);
       } else {
         lp = model.forward(b, denom, aux_scale);

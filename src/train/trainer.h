@@ -69,6 +69,9 @@ class DeviceTrainModel {
   virtual void set_last_grad_norm(float norm) { (void)norm; }
   // One micro-batch: forward and backward, gradients accumulate; the loss as Qwen3Moe::forward.
   virtual LossParts forward_backward(const Batch& b, float ce_denominator, float aux_scale) = 0;
+  // Before each forward_backward: whether it is the step's last micro-batch (clip_and_step
+  // follows), so a model may sum its gradients over the ranks inside that backward.
+  virtual void set_last_micro_batch(bool last) { (void)last; }
   // Several ranks: the gradients summed over the ranks first (as dist::allreduce_grads).
   // Global-norm clipping (the global norm) and AdamW at lr; returns the norm before clipping.
   virtual float clip_and_step(const AdamWConfig& c, float lr, float max_grad_norm) = 0;

@@ -51,6 +51,9 @@ class CudaTrainModel final : public DeviceTrainModel {
     model_.begin_step(c, lr, max_grad_norm);
   }
   void set_last_grad_norm(float norm) override { model_.set_previous_grad_norm(norm); }
+  // the last micro-batch's backward sums the gradients as it goes (Qwen3MoeCuda::
+  // set_reduce_in_backward; AUTOMOE_GRAD_OVERLAP=0 keeps the sum in clip_and_step)
+  void set_last_micro_batch(bool last) override { model_.set_reduce_in_backward(last); }
   LossParts forward_backward(const Batch& b, float ce_denominator, float aux_scale) override {
     model_.forward(b, ce_denominator, aux_scale, true);
     model_.backward();           // enqueued before the loss is read: the GPU stays busy

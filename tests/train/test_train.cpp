@@ -273,6 +273,7 @@ class CpuAsDevice final : public DeviceTrainModel {
   LossParts forward_backward(const Batch& b, float denom, float aux_scale) override {
     // the trainer announces each step's settings before its micro-batches
     EXPECT_GE(begun_lr_, 0.f) << "forward_backward before begin_step";
+    marks.push_back(last_);
     LossParts lp = model_.forward(b, denom, aux_scale);
     model_.backward();
     return lp;
@@ -280,6 +281,8 @@ class CpuAsDevice final : public DeviceTrainModel {
   float clip_and_step(const AdamWConfig& c, float lr, float max_grad_norm) override {
     EXPECT_EQ(lr, begun_lr_);
     EXPECT_EQ(max_grad_norm, begun_norm_);
+    EXPECT_TRUE(last_) << "the micro-batch before clip_and_step was not marked last";
+    marks.push_back(-1);
     begun_lr_ = -1.f;
     const float n = clip_grad_norm(model_.grads(), max_grad_norm);
     opt_.cfg = c;
@@ -288,13 +291,17 @@ class CpuAsDevice final : public DeviceTrainModel {
   }
   int64_t peak_mem_bytes() override { return 1; }
   void set_last_grad_norm(float norm) override { last_norm_set = norm; }
+  void set_last_micro_batch(bool last) override { last_ = last; }
 
   static inline float last_norm_set = -1.f;  // what the trainer handed over on resume
+  // per forward_backward the last-micro-batch mark it came with (0/1), -1 per clip_and_step
+  static inline std::vector<int> marks;
 
  private:
   Qwen3Moe model_;
   AdamW opt_;
   float begun_lr_ = -1.f, begun_norm_ = -1.f;
+  bool last_ = false;
 };
 
 }  // namespace
@@ -334,4 +341,19 @@ TEST(Train, DeviceBranchTrainsAndResumesLikeTheCpuLoop) {
   ASSERT_EQ(resumed.size(), 5u) << "steps 4..8 run after resuming from step 3";
   for (size_t i = 0; i < resumed.size(); ++i)
     EXPECT_EQ(bits(resumed[i].loss), bits(cpu[3 + i].loss)) << "step " << resumed[i].step;
+}
+
+// A device model may sum its gradients over the ranks inside the backward of the step's last
+// micro-batch only (Qwen3MoeCuda::set_reduce_in_backward): the trainer marks exactly that one.
+TEST(Train, DeviceBranchMarksTheLastMicroBatch) {
+  register_device_model("cuda", [](const ModelConfig& mc, const TrainConfig&, const dist::Groups&) {
+    return std::unique_ptr<DeviceTrainModel>(new CpuAsDevice(mc));
+  });
+  TrainConfig c = small(tmpdir("dev_marks"), 2);
+  c.device = "cuda";
+  c.grad_accum = 3;
+  CpuAsDevice::marks.clear();
+  run_finetune(c);
+  register_device_model("cuda", nullptr);
+  EXPECT_EQ(CpuAsDevice::marks, (std::vector<int>{0, 0, 1, -1, 0, 0, 1, -1}));
 }
