@@ -37,7 +37,10 @@
 #             --train.ep 2` with micro_batch 8 per rank (the same global batches) with both
 #             ranks on GPU 0 over the MPI-staged transport; bench/compare_loss_curves.py judges
 #             the two loss curves (bf16 noise; its limits say why). With >= 2 GPUs the same
-#             over NCCL, a GPU per rank. First ep_check under mpirun -np 2 on GPU 0 over MPI
+#             over NCCL, a GPU per rank. The gradient all-reduce overlapped with the backward
+#             (the default) against AUTOMOE_GRAD_OVERLAP=0, bit-identical (--exact), over MPI
+#             staging with and without train.grad_accum 2 (ep_model_cmp_ov_exact,
+#             ep_model_cmp_ov_ga_exact) and, with >= 2 GPUs, over NCCL (ep_model_cmp_nccl_ov_exact). First ep_check under mpirun -np 2 on GPU 0 over MPI
 #             staging (small shapes), which checks the transport alone (and, bitwise, the
 #             recompute options, train.ep_recompute). Then the MPI run again with
 #             --train.ep_recompute experts: its curve must equal the MPI run's exactly
@@ -324,6 +327,23 @@ if has ep_model; then
       --output.dir "$BUILD/ep_model_mpi2"
     stage ep_model_cmp_mpi python3 bench/compare_loss_curves.py "$BUILD/ep_model_1gpu/metrics.jsonl" \
       "$BUILD/ep_model_mpi2/metrics.jsonl"
+    # The gradient all-reduce in the last micro-batch's backward, bucket by bucket on a second
+    # stream (the default; over MPI staging host-staged per bucket), against the sum after the
+    # backward (AUTOMOE_GRAD_OVERLAP=0): with two ranks every sum is a + b rounded to bf16 once
+    # either way, so the curves must be bit-identical; then the same pair with
+    # train.grad_accum 2 (only the last micro-batch's backward may sum).
+    ovrun=(mpirun --allow-run-as-root --oversubscribe -np 2 -x CUDA_VISIBLE_DEVICES=0
+           -x AUTOMOE_EP_TRANSPORT=mpi)
+    stage ep_model_mpi2_noov "${ovrun[@]}" -x AUTOMOE_GRAD_OVERLAP=0 "$BUILD/automoe" "${run[@]}" \
+      --train.ep 2 --data.micro_batch 8 --output.dir "$BUILD/ep_model_mpi2_noov"
+    stage ep_model_cmp_ov_exact python3 bench/compare_loss_curves.py --exact loss,ce_loss,aux_loss,grad_norm \
+      "$BUILD/ep_model_mpi2_noov/metrics.jsonl" "$BUILD/ep_model_mpi2/metrics.jsonl"
+    stage ep_model_mpi2_ga "${ovrun[@]}" -x AUTOMOE_GRAD_OVERLAP=1 "$BUILD/automoe" "${run[@]}" \
+      --train.ep 2 --data.micro_batch 4 --train.grad_accum 2 --output.dir "$BUILD/ep_model_mpi2_ga"
+    stage ep_model_mpi2_ga_noov "${ovrun[@]}" -x AUTOMOE_GRAD_OVERLAP=0 "$BUILD/automoe" "${run[@]}" \
+      --train.ep 2 --data.micro_batch 4 --train.grad_accum 2 --output.dir "$BUILD/ep_model_mpi2_ga_noov"
+    stage ep_model_cmp_ov_ga_exact python3 bench/compare_loss_curves.py --exact loss,ce_loss,aux_loss,grad_norm \
+      "$BUILD/ep_model_mpi2_ga_noov/metrics.jsonl" "$BUILD/ep_model_mpi2_ga/metrics.jsonl"
     # train.ep_recompute experts: the EP backward rebuilds gate|up and the expert outputs instead
     # of keeping them (ep_model_check_mpi2's "rc=" lines check the block bitwise: ep_check runs
     # every recompute option by default). The same bits, so the curve must equal
@@ -414,6 +434,14 @@ if has ep_model; then
         "$BUILD/automoe" "${run[@]}" --train.ep 2 --data.micro_batch 8 --output.dir "$BUILD/ep_model_nccl2"
       stage ep_model_cmp_nccl python3 bench/compare_loss_curves.py "$BUILD/ep_model_1gpu/metrics.jsonl" \
         "$BUILD/ep_model_nccl2/metrics.jsonl"
+      # the overlapped gradient all-reduce (ncclAllReduce per bucket on the comm stream, beside
+      # the EP all-to-alls on the compute stream) against the sum after the backward: bit-identical
+      stage ep_model_nccl2_noov mpirun --allow-run-as-root -np 2 -x NCCL_NVLS_ENABLE=0 \
+        -x TORCH_SYMM_MEM_DISABLE_MULTICAST=1 -x NVSHMEM_DISABLE_NVLS=1 -x AUTOMOE_EP_TRANSPORT=nccl \
+        -x AUTOMOE_GRAD_OVERLAP=0 "$BUILD/automoe" "${run[@]}" --train.ep 2 --data.micro_batch 8 \
+        --output.dir "$BUILD/ep_model_nccl2_noov"
+      stage ep_model_cmp_nccl_ov_exact python3 bench/compare_loss_curves.py --exact loss,ce_loss,aux_loss,grad_norm \
+        "$BUILD/ep_model_nccl2_noov/metrics.jsonl" "$BUILD/ep_model_nccl2/metrics.jsonl"
       # the default transport (auto: CUDA IPC between the GPUs, gradients over NCCL)
       stage ep_model_auto2 mpirun --allow-run-as-root -np 2 -x NCCL_NVLS_ENABLE=0 \
         -x TORCH_SYMM_MEM_DISABLE_MULTICAST=1 -x NVSHMEM_DISABLE_NVLS=1 \
