@@ -61,7 +61,7 @@ EpTransportKind choose_ep_transport(const std::string& request, const GpuPlaceme
     r = v && *v ? v : "auto";
   }
   if (r == "mpi") return EpTransportKind::kMpiStaged;
-  if (r == "ipc") return EpTransportKind::kIpc;  // opt-in: IpcTransport checks node and P2P
+  if (r == "ipc") return EpTransportKind::kIpc;  // IpcTransport checks node and P2P
   if (r == "nccl") {
     AM_CHECK(built_with_nccl(), "AUTOMOE_EP_TRANSPORT=nccl, but automoe was built without NCCL "
              "(cmake/nccl.cmake found none); use AUTOMOE_EP_TRANSPORT=mpi or rebuild with NCCL");
