@@ -18,6 +18,8 @@
 //   flags: --tokens N (8192, per rank) --hidden H (2048) --inter I (768) --experts E (128)
 //          --topk K (8) --modes counts,padded --recompute none,outputs,experts (all three)
 //          --iters 20 --warmup 3 --seed S --no-bench
+//          --time (loopback: no checks; the block's fwd and bwd GPU time per mode and recompute
+//          option, median of --iters: the relative cost of the options)
 //          --transport mpi|nccl|ipc|auto (under mpirun)
 //          --kill-rank R [--kill-mode exit|stall]   (NCCL: rank R exits abruptly, or stops
 //          communicating, in the middle of the bandwidth run; the others must stop with an
@@ -99,6 +101,7 @@ struct Opts {
   int kill_rank = -1;
   std::string kill_mode = "exit";
   std::string transport;  // "" = AUTOMOE_EP_TRANSPORT (default auto)
+  bool time_only = false;  // loopback: time fwd and bwd per mode and recompute option, no checks
 };
 
 [[noreturn]] void usage(const std::string& why) {
@@ -107,7 +110,7 @@ struct Opts {
                "[--experts E] [--topk K] [--modes counts,padded] "
                "[--recompute none,outputs,experts] [--iters N] [--warmup N] "
                "[--seed S] [--no-bench] [--kill-rank R] [--kill-mode exit|stall] "
-               "[--transport mpi|nccl|ipc|auto]\n",
+               "[--transport mpi|nccl|ipc|auto] [--time]\n",
                why.c_str());
   std::exit(2);
 }
@@ -137,6 +140,7 @@ Opts parse(int argc, char** argv) {
     else if (a == "--warmup") o.warmup = int(num());
     else if (a == "--seed") o.seed = uint64_t(num());
     else if (a == "--no-bench") o.bench = false;
+    else if (a == "--time") o.time_only = true;
     else if (a == "--kill-rank") o.kill_rank = int(num());
     else if (a == "--kill-mode") o.kill_mode = val();
     else if (a == "--transport") o.transport = val();
@@ -710,6 +714,50 @@ Shape arena_shape(Shape s) {
 
 // ---- loopback: P ranks on this GPU -------------------------------------------------------------
 
+// --time (loopback): the GPU time of the block's forward and backward at the given shapes, per
+// mode and recompute option, median of --iters after --warmup (random routing). All P ranks run
+// on this GPU one after another, so a figure is the work of the whole group; what it tells is
+// the relative cost of the options (the recompute's extra expert GEMMs, padded's extra rows).
+int time_loopback(const Opts& o, dist::LoopbackTransport& t, const Shape& s, const cu::Ctx& ctx) {
+  Problem p;
+  p.s = s;
+  make_problem(p, Routing::kRandom, o.seed + 700, ctx);
+  cudaEvent_t e[3];
+  for (auto& ev : e) CUDA_CHECK(cudaEventCreate(&ev));
+  for (dist::EpMode m : o.modes)
+    for (dist::EpRecompute rc : o.recompute) {
+      dist::EpMoeCuda ep(t, {s.N, s.H, s.I, s.E, s.K}, m, rc);
+      auto fa = fwd_args(p, t, p.out_ep.get());
+      auto ba = bwd_args(p, t);
+      std::vector<float> f, b;
+      for (int it = 0; it < o.warmup + o.iters; ++it) {
+        CUDA_CHECK(cudaEventRecord(e[0], ctx.stream));
+        ep.fwd(fa.data(), s.N, ctx);
+        CUDA_CHECK(cudaEventRecord(e[1], ctx.stream));
+        ep.bwd(ba.data(), 0.f, ctx);
+        CUDA_CHECK(cudaEventRecord(e[2], ctx.stream));
+        CUDA_CHECK(cudaEventSynchronize(e[2]));
+        float ms_f = 0, ms_b = 0;
+        CUDA_CHECK(cudaEventElapsedTime(&ms_f, e[0], e[1]));
+        CUDA_CHECK(cudaEventElapsedTime(&ms_b, e[1], e[2]));
+        if (it >= o.warmup) {
+          f.push_back(ms_f);
+          b.push_back(ms_b);
+        }
+      }
+      std::sort(f.begin(), f.end());
+      std::sort(b.begin(), b.end());
+      std::printf("TIME loopback P=%d %-6s rc=%-7s N=%lld H=%lld I=%lld E=%lld K=%lld: fwd %.3f ms, "
+                  "bwd %.3f ms, fwd+bwd %.3f ms (median of %d, the whole group on one GPU)\n",
+                  s.P, dist::ep_mode_name(m), dist::ep_recompute_name(rc), (long long)s.N,
+                  (long long)s.H, (long long)s.I, (long long)s.E, (long long)s.K, f[f.size() / 2],
+                  b[b.size() / 2], f[f.size() / 2] + b[b.size() / 2], int(f.size()));
+      std::fflush(stdout);
+    }
+  for (auto& ev : e) CUDA_CHECK(cudaEventDestroy(ev));
+  return 0;
+}
+
 int run_loopback(const Opts& o, int P) {
   dist::LoopbackTransport t(P);
   Tally tally;
@@ -718,6 +766,7 @@ int run_loopback(const Opts& o, int P) {
   const Shape big{o.N, o.H, o.I, o.E, o.K, P};
   if (big.E % P != 0) usage("--experts must be a multiple of the rank count");
   cu::ScopedCtx owner(std::max(workspace_for(small), workspace_for(big)));
+  if (o.time_only) return time_loopback(o, t, big, owner.ctx());
   for (dist::EpMode m : o.modes)
     check_shape(tally, t, m, small, o.recompute, o.seed, owner.ctx());
   for (dist::EpMode m : o.modes)
