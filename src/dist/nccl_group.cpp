@@ -7,7 +7,9 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdlib>
+#include <mutex>
 #include <thread>
+#include <vector>
 
 #include "core/check.h"
 
@@ -34,6 +36,21 @@ double seconds_since(Clock::time_point t0) {
 }
 
 void nap() { std::this_thread::sleep_for(std::chrono::microseconds(50)); }
+
+// Every live NcclGroup of this process. A failure aborts all of them, not only the one that
+// noticed: the error unwinds through destructors that synchronise streams (the model's compute
+// stream, DeviceGradReducer's comm stream, IpcTransport's device synchronize) before the top level
+// reaches dist::abort_all, and a kernel of a communicator still alive whose peer is gone (the
+// world's gradient all-reduce on the comm stream while the EP communicator timed out, or the
+// reverse) would keep such a synchronize, and with it the whole job, waiting forever.
+// ncclCommAbort stops a communicator's kernels, so those synchronizes return.
+std::mutex g_live_mu;
+std::vector<NcclGroup*>& live_groups() {
+  static std::vector<NcclGroup*> v;
+  return v;
+}
+// ncclGroupStart/ncclGroupEnd nest per host thread (NCCL's group depth is thread-local).
+thread_local int g_group_depth = 0;
 
 template <class T>
 ncclDataType_t nccl_dt();
@@ -81,11 +98,32 @@ NcclGroup::NcclGroup(const Comm& comm, int device)
             "for NCCL's reason",
             rank_, size_, device_, ncclGetErrorString(r));
   }
-  poll_ready("communicator init");
-  CUDA_CHECK(cudaEventCreateWithFlags(&done_, cudaEventDisableTiming));
+  {
+    std::lock_guard<std::mutex> lk(g_live_mu);
+    live_groups().push_back(this);
+  }
+  try {
+    poll_ready("communicator init");
+    CUDA_CHECK(cudaEventCreateWithFlags(&done_, cudaEventDisableTiming));
+  } catch (...) {  // no destructor runs for a throwing constructor: leave the registry here
+    unregister();
+    throw;
+  }
+}
+
+void NcclGroup::unregister() {
+  std::lock_guard<std::mutex> lk(g_live_mu);
+  auto& v = live_groups();
+  v.erase(std::remove(v.begin(), v.end(), this), v.end());
+}
+
+void NcclGroup::abort_now() {
+  if (comm_ && !aborted_) ncclCommAbort(comm_);  // also stops this communicator's kernels
+  aborted_ = true;
 }
 
 NcclGroup::~NcclGroup() {
+  unregister();
   // No throwing here: flush and destroy when healthy, abort when anything looks wrong.
   if (comm_ && !aborted_) {
     const ncclResult_t r = ncclCommFinalize(comm_);
@@ -111,9 +149,22 @@ NcclGroup::~NcclGroup() {
 }
 
 void NcclGroup::fail(const char* what, const std::string& why) {
-  if (comm_ && !aborted_) ncclCommAbort(comm_);  // also stops this communicator's kernels
-  aborted_ = true;
-  AM_FAIL("NCCL {} failed on rank {} of {} (GPU {}): {}. The communicator was aborted. Usually "
+  // An error inside ncclGroupStart/End (ncclSend on a communicator already in an error state
+  // returns that error) would leave this thread's NCCL group open: every later NCCL call of the
+  // thread, the other communicators' finalize and abort among them, would then only be queued
+  // until a group end that never comes. Close it first (its result no longer matters).
+  if (g_group_depth > 0) {
+    g_group_depth = 0;
+    ncclGroupEnd();
+  }
+  abort_now();
+  {  // and every other communicator of this process (see live_groups above)
+    std::lock_guard<std::mutex> lk(g_live_mu);
+    for (NcclGroup* g : live_groups())
+      if (g != this) g->abort_now();
+  }
+  AM_FAIL("NCCL {} failed on rank {} of {} (GPU {}): {}. The communicator (and every other NCCL "
+          "communicator of this process) was aborted. Usually "
           "another rank failed, exited or stopped communicating first: look for the first error "
           "of the other ranks; if a rank is just slow (a long first step), raise "
           "AUTOMOE_NCCL_TIMEOUT_S (now {} s)",
@@ -165,9 +216,11 @@ void NcclGroup::group_start() {
            "be used again",
            rank_);
   check(ncclGroupStart(), "group start");
+  ++g_group_depth;
 }
 
 void NcclGroup::group_end(const char* what) {
+  --g_group_depth;  // ncclGroupEnd closes the group whatever it returns
   check(ncclGroupEnd(), what);
   poll_ready(what);
 }

@@ -66,12 +66,15 @@ class NcclGroup {
   // Waits for `stream` to drain, polling the communicator: throws (after aborting it) on an
   // NCCL error or when the timeout passes.
   void wait(cudaStream_t stream, const char* what);
-  // Aborts the communicator and throws an Error naming this rank, `what` and `why`.
+  // Aborts the communicator, and every other NcclGroup alive in this process (the job is
+  // ending; see nccl_group.cpp), and throws an Error naming this rank, `what` and `why`.
   [[noreturn]] void fail(const char* what, const std::string& why);
 
  private:
   void check(ncclResult_t r, const char* what);  // ncclSuccess / ncclInProgress, else fail()
   void poll_ready(const char* what);             // until the async state leaves ncclInProgress
+  void abort_now();                              // ncclCommAbort once; no throw
+  void unregister();                             // leaves the process's list of live groups
 
   ncclComm_t comm_ = nullptr;
   int rank_ = 0, size_ = 1, device_ = 0;
