@@ -55,24 +55,36 @@ IpcTransport::IpcTransport(const Comm& ep)
       mine_(size_t(ep.size()) + 1, 0),
       all_(size_t(ep.size()) * (size_t(ep.size()) + 1), 0) {
   const int P = ep_.size(), me = ep_.rank();
-  CUDA_CHECK(cudaGetDevice(&device_));
+  // Every failure up to fail_together() below goes into `why`, never a throw of its own: under
+  // `auto` GpuComms catches this constructor's exception and falls back to NCCL, so a rank that
+  // threw alone (a CUDA_CHECK) would go on to NCCL's bootstrap (an MPI broadcast over the world)
+  // while the others still sit in this constructor's all-gather: mismatched MPI collectives.
+  std::string why;
+  auto cuda_ok = [&](cudaError_t err, const char* what) {
+    if (err != cudaSuccess && why.empty()) why = cuda_error(what, err);
+    return why.empty();
+  };
   const unsigned flags = cudaEventInterprocess | cudaEventDisableTiming;
-  CUDA_CHECK(cudaEventCreateWithFlags(&ready_, flags));
-  CUDA_CHECK(cudaEventCreateWithFlags(&done_, flags));
-  // recorded once, so a peer's first wait finds a completed record
-  CUDA_CHECK(cudaEventRecord(ready_, nullptr));
-  CUDA_CHECK(cudaEventRecord(done_, nullptr));
-  CUDA_CHECK(cudaEventSynchronize(done_));
+  if (cuda_ok(cudaGetDevice(&device_), "cudaGetDevice") &&
+      cuda_ok(cudaEventCreateWithFlags(&ready_, flags), "cudaEventCreateWithFlags (interprocess)") &&
+      cuda_ok(cudaEventCreateWithFlags(&done_, flags), "cudaEventCreateWithFlags (interprocess)") &&
+      // recorded once, so a peer's first wait finds a completed record
+      cuda_ok(cudaEventRecord(ready_, nullptr), "cudaEventRecord") &&
+      cuda_ok(cudaEventRecord(done_, nullptr), "cudaEventRecord"))
+    cuda_ok(cudaEventSynchronize(done_), "cudaEventSynchronize");
   peer_ready_[size_t(me)] = ready_;
   peer_done_[size_t(me)] = done_;
 
   RankInfo mine{};
-  std::string why;
-  if (gethostname(mine.host, sizeof(mine.host) - 1) != 0) why = "gethostname failed";
-  CUDA_CHECK(cudaDeviceGetPCIBusId(mine.bus, int(sizeof(mine.bus)), device_));
-  cudaError_t e = cudaIpcGetEventHandle(&mine.ready, ready_);
-  if (e == cudaSuccess) e = cudaIpcGetEventHandle(&mine.done, done_);
-  if (e != cudaSuccess && why.empty()) why = cuda_error("cudaIpcGetEventHandle", e);
+  if (gethostname(mine.host, sizeof(mine.host) - 1) != 0 && why.empty()) why = "gethostname failed";
+  if (why.empty()) cuda_ok(cudaDeviceGetPCIBusId(mine.bus, int(sizeof(mine.bus)), device_),
+                           "cudaDeviceGetPCIBusId");
+  cudaError_t e = cudaSuccess;
+  if (why.empty()) {
+    e = cudaIpcGetEventHandle(&mine.ready, ready_);
+    if (e == cudaSuccess) e = cudaIpcGetEventHandle(&mine.done, done_);
+    cuda_ok(e, "cudaIpcGetEventHandle");
+  }
   std::vector<RankInfo> all(static_cast<size_t>(P));
   ep_.allgather(all.data(), &mine, int64_t(sizeof(RankInfo)));
 
@@ -92,7 +104,7 @@ IpcTransport::IpcTransport(const Comm& ep)
       continue;
     }
     int can = 0;
-    CUDA_CHECK(cudaDeviceCanAccessPeer(&can, device_, dev));
+    if (!cuda_ok(cudaDeviceCanAccessPeer(&can, device_, dev), "cudaDeviceCanAccessPeer")) break;
     if (!can) {
       why = std::string("GPU ") + mine.bus + " has no peer access to rank " + std::to_string(p) +
             "'s GPU " + all[size_t(p)].bus + " (cudaDeviceCanAccessPeer: no; a PCIe machine " +
