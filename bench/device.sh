@@ -278,11 +278,12 @@ if has ep; then
     echo "device.sh: $ngpu GPU(s) or no mpirun: the NCCL runs of stage ep need 2 GPUs (skipped)"
   fi
 fi
+# The demo recipe for EP_STEPS steps on the GPU: every training run of ep_model and ep_memsave.
+run=(finetune examples/demo.yaml --train.device cuda --train.steps "${EP_STEPS:-50}"
+     --train.log_every 10 --train.checkpoint_every 0)
 # The memory-saving mode under mpirun (stage ep_model, or STAGES=ep_memsave alone: seven small
 # training runs and three comparisons). Needs $BUILD/automoe and mpirun.
 ep_memsave_stages() {
-  local run=(finetune examples/demo.yaml --train.device cuda --train.steps "${EP_STEPS:-50}"
-             --train.log_every 10 --train.checkpoint_every 0)
   # The memory-saving mode under mpirun (AdamW per tensor inside the backward, each gradient
   # summed over the ranks first): its loss curve against one GPU's memory-saving run ...
   local ms=(--train.memory_saving true)
@@ -315,8 +316,6 @@ ep_memsave_stages() {
 }
 if has ep_model; then
   if [ -x "$BUILD/automoe" ] && command -v mpirun >/dev/null 2>&1; then
-    run=(finetune examples/demo.yaml --train.device cuda --train.steps "${EP_STEPS:-50}"
-         --train.log_every 10 --train.checkpoint_every 0)
     # the transport and the EP block first, two processes on GPU 0 (small shapes: seconds)
     stage ep_model_check_mpi2 mpirun --allow-run-as-root --oversubscribe -np 2 -x CUDA_VISIBLE_DEVICES=0 \
       "$BUILD/ep_check" --transport mpi --no-bench --tokens 1024 --hidden 512 --inter 256 --experts 16 --topk 4

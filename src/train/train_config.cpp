@@ -7,6 +7,7 @@
 #include <map>
 
 #include "core/check.h"
+#include "dist/ep_arena.h"
 
 namespace automoe {
 
@@ -130,21 +131,13 @@ TrainConfig load_train_config(const std::string& path,
            "train.ep_capacity (the GPU EP arena over the balanced expert load) must be a positive "
            "number such as 2, got {}",
            c.ep_capacity);
-  AM_CHECK(c.ep_recompute == "none" || c.ep_recompute == "outputs" || c.ep_recompute == "experts",
-           "train.ep_recompute '{}' is not known; use none (the GPU EP backward keeps the expert "
-           "activations), outputs (recomputes the expert outputs: one expert GEMM more per MoE "
-           "layer) or experts (recomputes gate|up and the outputs: two more)",
-           c.ep_recompute);
+  dist::parse_ep_recompute(c.ep_recompute);  // an unknown name throws, listing the known ones
   AM_CHECK(c.ep_recompute == "none" || (c.device == "cuda" && c.ep > 1),
            "train.ep_recompute {} applies to the GPU expert-parallel block (train.device cuda, "
            "train.ep > 1), but this run has train.device {} and train.ep {}; remove it or set "
            "both",
            c.ep_recompute, c.device, c.ep);
-  AM_CHECK(c.ep_dispatch == "counts" || c.ep_dispatch == "padded",
-           "train.ep_dispatch '{}' is not known; use counts (the GPU EP block exchanges the "
-           "per-destination counts and reads them on the host once per MoE layer forward) or "
-           "padded (no host sync: every peer gets a region of N rows)",
-           c.ep_dispatch);
+  dist::parse_ep_dispatch(c.ep_dispatch);  // the same for train.ep_dispatch
   if (c.ep_dispatch == "padded") {
     AM_CHECK(c.device == "cuda" && c.ep > 1,
              "train.ep_dispatch padded applies to the GPU expert-parallel block (train.device "

@@ -27,13 +27,7 @@ class CudaTrainModel final : public DeviceTrainModel {
         free0_(free_bytes()),
         comms_(make_comms(g, device_)),
         model_(mc, parse_precision(cfg.precision), device_.device, cfg.memory_saving,
-               comms_ ? CudaDist{&g, comms_->ep_transport(), comms_->nccl_world(),
-                                 comms_->nccl_dp(), cfg.ep_capacity,
-                                 dist::parse_ep_recompute(cfg.ep_recompute), int(cfg.zero),
-                                 dist::parse_ep_dispatch(cfg.ep_dispatch)}
-                      : CudaDist{&g, nullptr, nullptr, nullptr, cfg.ep_capacity,
-                                 dist::parse_ep_recompute(cfg.ep_recompute), int(cfg.zero),
-                                 dist::parse_ep_dispatch(cfg.ep_dispatch)}) {}
+               cuda_dist(g, comms_.get(), cfg)) {}
 
   void upload(const Qwen3Moe& host, const AdamW* opt) override {
     model_.upload_params(host.params());
@@ -75,6 +69,21 @@ class CudaTrainModel final : public DeviceTrainModel {
       return dist::GpuPlacement{};
     }
     return dist::place_on_gpu(g.world, dist::detect_launch(), "automoe");
+  }
+  // The model's ranks and EP options (comms: null in one process).
+  static CudaDist cuda_dist(const dist::Groups& g, dist::GpuComms* comms, const TrainConfig& cfg) {
+    CudaDist d;
+    d.groups = &g;
+    if (comms) {
+      d.ep_transport = comms->ep_transport();
+      d.nccl_world = comms->nccl_world();
+      d.nccl_dp = comms->nccl_dp();
+    }
+    d.ep_capacity = cfg.ep_capacity;
+    d.ep_recompute = dist::parse_ep_recompute(cfg.ep_recompute);
+    d.zero = int(cfg.zero);
+    d.ep_dispatch = dist::parse_ep_dispatch(cfg.ep_dispatch);
+    return d;
   }
   // Several ranks: the EP transport and, over NCCL, the gradient communicators (collective).
   static std::unique_ptr<dist::GpuComms> make_comms(const dist::Groups& g,
