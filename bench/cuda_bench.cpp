@@ -242,7 +242,7 @@ int main(int argc, char** argv) {
         {"steps", steps}};
     if (rank == 0) std::printf("RESULT %s\n", out.dump().c_str());
   } catch (const std::exception& e) {
-    if (dist::mpi_active()) dist::abort_all(std::string("cuda_bench: ") + e.what());
+    if (dist::backend_active()) dist::abort_all(std::string("cuda_bench: ") + e.what());
     std::fprintf(stderr, "cuda_bench: %s\n", e.what());
     return 1;
   }

@@ -907,7 +907,7 @@ int run_ranks(const Opts& o) {
 int main(int argc, char** argv) {
   const Opts o = parse(argc, argv);
   const dist::LaunchInfo li = dist::detect_launch();
-  const bool mpi = o.loopback == 0 && li.launcher != "none" && li.world_size > 1;
+  const bool multi = o.loopback == 0 && li.launcher != "none" && li.world_size > 1;
   int devices = 0;
   const cudaError_t e = cudaGetDeviceCount(&devices);
   if (e != cudaSuccess || devices == 0) {
@@ -917,13 +917,13 @@ int main(int argc, char** argv) {
   }
   int rc = 0;
   try {
-    if (mpi) {
+    if (multi) {
       rc = run_ranks(o);
     } else {
       rc = run_loopback(o, o.loopback > 0 ? o.loopback : 4);
     }
   } catch (const std::exception& ex) {
-    if (dist::mpi_active()) dist::abort_all(std::string("ep_check: ") + ex.what());
+    if (dist::backend_active()) dist::abort_all(std::string("ep_check: ") + ex.what());
     std::fprintf(stderr, "ep_check: error: %s\n", ex.what());
     return 255;
   }

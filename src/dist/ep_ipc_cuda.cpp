@@ -57,8 +57,8 @@ IpcTransport::IpcTransport(const Comm& ep)
   const int P = ep_.size(), me = ep_.rank();
   // Every failure up to fail_together() below goes into `why`, never a throw of its own: under
   // `auto` GpuComms catches this constructor's exception and falls back to NCCL, so a rank that
-  // threw alone (a CUDA_CHECK) would go on to NCCL's bootstrap (an MPI broadcast over the world)
-  // while the others still sit in this constructor's all-gather: mismatched MPI collectives.
+  // threw alone (a CUDA_CHECK) would go on to NCCL's bootstrap (a host broadcast over the world)
+  // while the others still sit in this constructor's all-gather: mismatched host collectives.
   std::string why;
   auto cuda_ok = [&](cudaError_t err, const char* what) {
     if (err != cudaSuccess && why.empty()) why = cuda_error(what, err);

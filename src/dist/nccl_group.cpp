@@ -1,5 +1,6 @@
-// dist/nccl_group.cpp: NCCL communicator bootstrap over MPI, non-blocking with a timeout and
-// abort, point-to-point all-to-all-v, and the EP transport over it (see nccl_group.h).
+// dist/nccl_group.cpp: NCCL communicator bootstrap over the host Comm (MPI or TCP), non-blocking
+// with a timeout and abort, point-to-point all-to-all-v, and the EP transport over it (see
+// nccl_group.h).
 #include "dist/nccl_group.h"
 
 #include <fmt/format.h>

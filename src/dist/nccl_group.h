@@ -1,7 +1,7 @@
 // dist/nccl_group.h: an NCCL communicator over an existing dist::Comm (one process per GPU), and
 // the EP transport over it. Only in builds with NCCL (the automoe_nccl target; AUTOMOE_HAVE_NCCL).
 //
-// Bootstrap: rank 0 makes the ncclUniqueId, broadcast over the Comm's MPI communicator. The
+// Bootstrap: rank 0 makes the ncclUniqueId, broadcast over the host Comm (MPI or TCP). The
 // communicator is non-blocking (ncclConfig blocking = 0), so no NCCL call can hang the host:
 // init, group launches and the waits poll ncclCommGetAsyncError (and the stream) until done, an
 // error, or AUTOMOE_NCCL_TIMEOUT_S seconds (default 300). On error or timeout the communicator is

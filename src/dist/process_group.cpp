@@ -1,23 +1,23 @@
-// dist/process_group.cpp: MPI bootstrap, the EP x DP communicators and the CPU collectives.
+// dist/process_group.cpp: the front of dist::Comm: what launched this process, which backend
+// runs its collectives (MPI: comm_mpi.cpp, TCP: comm_tcp.cpp), the EP x DP groups, and the
+// size-1 communicator's local copies.
 #include "dist/process_group.h"
 
-#include <mpi.h>
-
-#include <algorithm>
-#include <climits>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "core/check.h"
+#include "dist/comm_backend.h"
 
 namespace automoe::dist {
 
 namespace {
 
-bool g_started = false;  // init() called MPI_Init_thread (so finalize() must call MPI_Finalize)
-bool g_active = false;   // MPI is usable (started here or by the host program)
+std::unique_ptr<Backend> g_backend;  // null: world size 1 (or not started yet)
+bool g_init_done = false;
 
 int env_int(const char* name, int fallback) {
   const char* v = std::getenv(name);
@@ -27,28 +27,19 @@ int env_int(const char* name, int fallback) {
   return end && *end == 0 ? int(x) : fallback;
 }
 
-bool mpi_finalized() {
-  int f = 0;
-  MPI_Finalized(&f);
-  return f != 0;
-}
-
-// Collectives take int counts: large arrays go in chunks.
-constexpr int64_t kChunk = int64_t(1) << 28;
-
-int as_int(int64_t v, const char* what) {
-  AM_CHECK(v >= 0 && v <= INT_MAX, "{} of {} does not fit an MPI count; this CPU collective is limited to 2^31", what, v);
-  return int(v);
-}
-
 }  // namespace
 
-struct Comm::Impl {
-  MPI_Comm comm = MPI_COMM_NULL;
-  ~Impl() {
-    if (comm != MPI_COMM_NULL && !mpi_finalized()) MPI_Comm_free(&comm);
-  }
-};
+double dist_timeout_s() {
+  const char* v = std::getenv("AUTOMOE_DIST_TIMEOUT");
+  if (!v || !*v) return 600;
+  char* end = nullptr;
+  const double s = std::strtod(v, &end);
+  AM_CHECK(end && *end == 0 && s > 0,
+           "AUTOMOE_DIST_TIMEOUT={} is not a positive number of seconds; unset it (default 600) or "
+           "set e.g. AUTOMOE_DIST_TIMEOUT=1800",
+           v);
+  return s;
+}
 
 LaunchInfo detect_launch() {
   LaunchInfo li;
@@ -62,192 +53,165 @@ LaunchInfo detect_launch() {
     li.world_size = env_int("PMI_SIZE", env_int("SLURM_STEP_NUM_TASKS", 1));
     li.rank = env_int("PMI_RANK", env_int("PMIX_RANK", 0));
     li.local_rank = env_int("MPI_LOCALRANKID", env_int("SLURM_LOCALID", 0));
-  }
-  // Launchers that start processes without MPI: torchrun, and srun without --mpi. (salloc alone
-  // sets SLURM_NTASKS for the allocation, not a step: a single process there is fine.)
-  if (env_int("WORLD_SIZE", 1) > 1 && std::getenv("RANK")) {
-    li.foreign_launcher = "torchrun (RANK/WORLD_SIZE)";
-    li.foreign_world_size = env_int("WORLD_SIZE", 1);
-    if (li.launcher == "none") li.local_rank = env_int("LOCAL_RANK", 0);
-  } else if (env_int("SLURM_STEP_NUM_TASKS", 1) > 1 && std::getenv("SLURM_PROCID")) {
-    li.foreign_launcher = "srun (SLURM_PROCID/SLURM_STEP_NUM_TASKS)";
-    li.foreign_world_size = env_int("SLURM_STEP_NUM_TASKS", 1);
-    if (li.launcher == "none") li.local_rank = env_int("SLURM_LOCALID", 0);
+  } else if (std::getenv("RANK") && std::getenv("WORLD_SIZE")) {
+    li.launcher = "torchrun";
+    li.world_size = env_int("WORLD_SIZE", 1);
+    li.rank = env_int("RANK", 0);
+    li.local_rank = env_int("LOCAL_RANK", 0);
+  } else if (std::getenv("SLURM_PROCID") &&
+             (std::getenv("SLURM_STEP_NUM_TASKS") || std::getenv("SLURM_NTASKS"))) {
+    // srun without --mpi. A step's task count first: a batch script's own process sees the
+    // allocation's SLURM_NTASKS but is a step of one task.
+    li.launcher = "slurm";
+    li.world_size = env_int("SLURM_STEP_NUM_TASKS", env_int("SLURM_NTASKS", 1));
+    li.rank = env_int("SLURM_PROCID", 0);
+    li.local_rank = env_int("SLURM_LOCALID", 0);
   }
   return li;
 }
 
 void init() {
-  if (g_active) return;
-  int already = 0;
-  MPI_Initialized(&already);
-  if (already) {  // a host program started MPI: use it, leave finalisation to it
-    g_active = true;
+  if (g_init_done) return;
+  const char* forced = std::getenv("AUTOMOE_DIST_BACKEND");
+  const std::string want = forced && *forced ? forced : "";
+  AM_CHECK(want.empty() || want == "tcp" || want == "mpi",
+           "AUTOMOE_DIST_BACKEND={} is not known; use tcp, mpi, or leave it unset (MPI under "
+           "mpirun/srun --mpi, TCP under torchrun/srun)",
+           want);
+  if (mpi_running()) {  // a host program started MPI: use it, leave finalisation to it
+    AM_CHECK(want != "tcp", "AUTOMOE_DIST_BACKEND=tcp, but this program already started MPI");
+    g_backend = start_mpi(/*own=*/false);
+    g_init_done = true;
     return;
   }
-  LaunchInfo li = detect_launch();
-  if (li.launcher == "none") {
-    AM_CHECK(li.foreign_world_size <= 1,
-             "this process was started by {} as one of {} processes, but automoe's ranks come from "
-             "MPI; launch with `mpirun -np {} automoe ...` or `srun --mpi=pmix automoe ...` (docs/DISTRIBUTED.md)",
-             li.foreign_launcher, li.foreign_world_size, li.foreign_world_size);
-    return;  // world size 1 without MPI
-  }
-  int provided = 0;
-  MPI_Init_thread(nullptr, nullptr, MPI_THREAD_FUNNELED, &provided);
-  g_started = g_active = true;
-  AM_CHECK(provided >= MPI_THREAD_FUNNELED, "the MPI library gives thread level {}; automoe needs MPI_THREAD_FUNNELED", provided);
+  const LaunchInfo li = detect_launch();
+  const bool mpi_launcher = li.launcher == "mpirun" || li.launcher == "pmi";
+  AM_CHECK(want != "mpi" || mpi_launcher || li.world_size == 1,
+           "AUTOMOE_DIST_BACKEND=mpi, but {} started this process without MPI; launch with "
+           "`mpirun -np {} automoe ...` or `srun --mpi=pmix automoe ...`, or unset it",
+           li.launcher, li.world_size);
+  AM_CHECK(li.rank >= 0 && li.rank < li.world_size,
+           "{} says this is rank {} of {}, which is not a rank of that world", li.launcher, li.rank,
+           li.world_size);
+  if (want == "tcp" ? li.world_size > 1 : mpi_launcher) {
+    g_backend = want == "tcp" ? start_tcp(li) : start_mpi(/*own=*/true);
+  } else if (li.world_size > 1) {
+    g_backend = start_tcp(li);
+  }  // else world size 1: no backend
+  g_init_done = true;
 }
 
-bool mpi_active() { return g_active; }
+bool backend_active() { return g_backend != nullptr; }
+const char* backend_name() { return g_backend ? g_backend->name() : "none"; }
 
 void finalize() {
-  if (g_started && !mpi_finalized()) MPI_Finalize();
-  g_started = g_active = false;
+  if (g_backend) g_backend->finalize();
+  g_backend.reset();
+  g_init_done = false;
 }
 
 void abort_all(const std::string& msg) {
-  int rank = 0, size = 1;
-  if (g_active && !mpi_finalized()) {
-    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-    MPI_Comm_size(MPI_COMM_WORLD, &size);
-  }
+  const int rank = g_backend ? g_backend->rank() : 0, size = g_backend ? g_backend->size() : 1;
   if (size > 1) std::fprintf(stderr, "automoe: error (rank %d of %d): %s\n", rank, size, msg.c_str());
   else std::fprintf(stderr, "automoe: error: %s\n", msg.c_str());
   std::fflush(stderr);
   std::fflush(stdout);
-  if (size > 1) MPI_Abort(MPI_COMM_WORLD, 1);  // stops every rank; does not return
+  if (g_backend && size > 1) g_backend->abort();  // stops every rank; does not return
   finalize();
   std::_Exit(1);
 }
 
-// ---- collectives ------------------------------------------------------------------------------
+// ---- collectives: the backend's, or local copies in a communicator of one --------------------
 
-void Comm::barrier() const {
-  if (impl_) MPI_Barrier(impl_->comm);
+Comm::Comm(std::shared_ptr<Impl> impl) : impl_(std::move(impl)) {
+  if (impl_) {
+    rank_ = impl_->rank;
+    size_ = impl_->size;
+  }
 }
 
-template <class T>
-static void allreduce_chunks(MPI_Comm c, T* x, int64_t n, MPI_Datatype t, MPI_Op op) {
-  for (int64_t i = 0; i < n; i += kChunk)
-    MPI_Allreduce(MPI_IN_PLACE, x + i, int(std::min(kChunk, n - i)), t, op, c);
+void Comm::barrier() const {
+  if (impl_) impl_->barrier();
 }
 
 void Comm::allreduce_sum(float* x, int64_t n) const {
-  if (impl_) allreduce_chunks(impl_->comm, x, n, MPI_FLOAT, MPI_SUM);
+  if (impl_) impl_->allreduce(x, n, Elem::kF32, Reduce::kSum);
 }
 void Comm::allreduce_sum(double* x, int64_t n) const {
-  if (impl_) allreduce_chunks(impl_->comm, x, n, MPI_DOUBLE, MPI_SUM);
+  if (impl_) impl_->allreduce(x, n, Elem::kF64, Reduce::kSum);
 }
 void Comm::allreduce_sum(int64_t* x, int64_t n) const {
-  if (impl_) allreduce_chunks(impl_->comm, x, n, MPI_INT64_T, MPI_SUM);
+  if (impl_) impl_->allreduce(x, n, Elem::kI64, Reduce::kSum);
 }
 void Comm::allreduce_max(int64_t* x, int64_t n) const {
-  if (impl_) allreduce_chunks(impl_->comm, x, n, MPI_INT64_T, MPI_MAX);
+  if (impl_) impl_->allreduce(x, n, Elem::kI64, Reduce::kMax);
 }
 void Comm::allreduce_max(double* x, int64_t n) const {
-  if (impl_) allreduce_chunks(impl_->comm, x, n, MPI_DOUBLE, MPI_MAX);
+  if (impl_) impl_->allreduce(x, n, Elem::kF64, Reduce::kMax);
 }
 
 void Comm::reduce_scatter_sum(float* recv, const float* send, int64_t n) const {
-  if (!impl_) {
-    if (n) std::memcpy(recv, send, size_t(n) * sizeof(float));
-    return;
-  }
-  MPI_Reduce_scatter_block(send, recv, as_int(n, "reduce-scatter block size"), MPI_FLOAT, MPI_SUM, impl_->comm);
+  if (impl_) impl_->reduce_scatter_sum(recv, send, n);
+  else if (n) std::memcpy(recv, send, size_t(n) * sizeof(float));
 }
 
 void Comm::broadcast(void* data, int64_t bytes, int root) const {
-  if (!impl_) return;
-  auto* p = static_cast<char*>(data);
-  for (int64_t i = 0; i < bytes; i += kChunk)
-    MPI_Bcast(p + i, int(std::min(kChunk, bytes - i)), MPI_BYTE, root, impl_->comm);
+  if (impl_) impl_->broadcast(data, bytes, root);
 }
 
 void Comm::gather(void* recv, const void* send, int64_t bytes, int root) const {
-  if (!impl_) {
-    if (bytes) std::memcpy(recv, send, size_t(bytes));
-    return;
-  }
-  MPI_Gather(send, as_int(bytes, "gather size"), MPI_BYTE, recv, int(bytes), MPI_BYTE, root, impl_->comm);
+  if (impl_) impl_->gather(recv, send, bytes, root);
+  else if (bytes) std::memcpy(recv, send, size_t(bytes));
 }
 
 void Comm::allgather(void* recv, const void* send, int64_t bytes) const {
-  if (!impl_) {
-    if (bytes) std::memcpy(recv, send, size_t(bytes));
-    return;
-  }
-  MPI_Allgather(send, as_int(bytes, "all-gather size"), MPI_BYTE, recv, int(bytes), MPI_BYTE, impl_->comm);
+  if (impl_) impl_->allgather(recv, send, bytes);
+  else if (bytes) std::memcpy(recv, send, size_t(bytes));
 }
 
 void Comm::alltoall(int64_t* recv, const int64_t* send) const {
-  if (!impl_) {
-    recv[0] = send[0];
-    return;
-  }
-  MPI_Alltoall(send, 1, MPI_INT64_T, recv, 1, MPI_INT64_T, impl_->comm);
+  if (impl_) impl_->alltoall(recv, send);
+  else recv[0] = send[0];
 }
 
 void Comm::alltoallv(void* recv, const int64_t* recv_counts, const void* send,
                      const int64_t* send_counts, int64_t row_bytes) const {
-  if (!impl_) {
-    if (send_counts[0] > 0) std::memcpy(recv, send, size_t(send_counts[0] * row_bytes));
-    return;
-  }
-  std::vector<int> sc(size_), sd(size_), rc(size_), rd(size_);
-  int64_t so = 0, ro = 0;
-  for (int r = 0; r < size_; ++r) {
-    sc[r] = as_int(send_counts[r], "all-to-all row count");
-    rc[r] = as_int(recv_counts[r], "all-to-all row count");
-    sd[r] = as_int(so, "all-to-all offset");
-    rd[r] = as_int(ro, "all-to-all offset");
-    so += send_counts[r];
-    ro += recv_counts[r];
-  }
-  MPI_Datatype row;
-  MPI_Type_contiguous(as_int(row_bytes, "all-to-all row size"), MPI_BYTE, &row);
-  MPI_Type_commit(&row);
-  MPI_Alltoallv(send, sc.data(), sd.data(), row, recv, rc.data(), rd.data(), row, impl_->comm);
-  MPI_Type_free(&row);
+  if (impl_) impl_->alltoallv(recv, recv_counts, send, send_counts, row_bytes);
+  else if (send_counts[0] > 0) std::memcpy(recv, send, size_t(send_counts[0] * row_bytes));
 }
 
 // ---- groups -----------------------------------------------------------------------------------
 
-Comm split_world(int color, int key) {
-  Comm out;
-  MPI_Comm c;
-  MPI_Comm_split(MPI_COMM_WORLD, color, key, &c);
-  int size = 1, rank = 0;
-  MPI_Comm_size(c, &size);
-  MPI_Comm_rank(c, &rank);
-  if (size == 1) {  // a group of one needs no MPI
-    MPI_Comm_free(&c);
-    return out;
-  }
-  out.impl_ = std::make_shared<Comm::Impl>();
-  out.impl_->comm = c;
-  out.rank_ = rank;
-  out.size_ = size;
-  return out;
+namespace {
+
+// The communicator of `members` (a group of one needs no backend).
+Comm group_of(const std::vector<int>& members) {
+  auto impl = g_backend->group(members);
+  return Comm(members.size() > 1 ? std::move(impl) : nullptr);
 }
+
+}  // namespace
 
 Groups make_groups(int ep) {
   init();
   AM_CHECK(ep >= 1, "the expert-parallel size must be at least 1, got {}", ep);
-  int world = 1, rank = 0;
-  if (g_active) {
-    MPI_Comm_size(MPI_COMM_WORLD, &world);
-    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-  }
+  const int world = g_backend ? g_backend->size() : 1, rank = g_backend ? g_backend->rank() : 0;
   AM_CHECK(world % ep == 0,
-           "expert parallelism {} needs a multiple of {} ranks, but this job has {}; launch with "
-           "`mpirun -np {} ...` (ep x data-parallel ranks)",
-           ep, ep, world, ep);
+           "expert parallelism {} needs a multiple of {} ranks, but this job has {}; launch {} "
+           "processes (ep x data-parallel ranks), e.g. `mpirun -np {} ...` or "
+           "`torchrun --nproc-per-node {} --no-python automoe ...`",
+           ep, ep, world, ep, ep, ep);
   Groups g;
   if (world == 1) return g;
-  g.world = split_world(0, rank);               // a private copy of the world
-  g.ep = split_world(rank / ep, rank);          // consecutive ranks share the experts
-  g.dp = split_world(rank % ep, rank);          // same EP rank: the same experts
+  std::vector<int> all(static_cast<size_t>(world)), ep_ranks, dp_ranks;
+  for (int r = 0; r < world; ++r) {
+    all[size_t(r)] = r;
+    if (r / ep == rank / ep) ep_ranks.push_back(r);  // consecutive ranks share the experts
+    if (r % ep == rank % ep) dp_ranks.push_back(r);  // same EP rank: the same experts
+  }
+  g.world = group_of(all);  // a private copy of the world
+  g.ep = group_of(ep_ranks);
+  g.dp = group_of(dp_ranks);
   return g;
 }
 

@@ -1,6 +1,8 @@
-// dist/process_group.h: ranks and communicators. One process per device; ranks come from MPI
-// (mpirun, or srun with PMI/PMIx). A process started without an MPI launcher is world size 1 and
-// never touches MPI, so the single-process paths (and their tests) run exactly as before.
+// dist/process_group.h: ranks and communicators. One process per device. Ranks come from the
+// launcher: mpirun, or srun with PMI/PMIx, run on MPI (dist/comm_mpi.cpp); torchrun and srun
+// without --mpi run on automoe's own TCP mesh (dist/comm_tcp.cpp). A process started without a
+// launcher is world size 1 and never touches MPI or sockets, so the single-process paths (and
+// their tests) run exactly as before.
 //
 // Layout of a job (world = ep * dp):
 //   EP group g  = world ranks [g*ep, (g+1)*ep)      experts split contiguously over its ranks;
@@ -8,10 +10,14 @@
 //   DP group e  = world ranks {e, e+ep, e+2*ep, ...} the ranks holding the same experts
 // Every world rank trains on its own micro-batch (data parallel over tokens).
 //
-// Collectives run on MPI here (the CPU backend); the GPU path will run NCCL on the same groups.
-// Failure: a rank that throws must not leave the others blocked in a collective. The CLI catches
-// every error at the top level and calls abort_all(), which prints the message with the rank and
-// calls MPI_Abort: mpirun/srun then stop every rank and exit non-zero.
+// These host collectives carry the CPU backend's traffic and bootstrap the GPU path (NCCL ids,
+// IPC handles); the GPU data paths run on NCCL or CUDA IPC over the same groups.
+// Failure: a rank that throws must not leave the others blocked in a collective. Every wait has
+// a deadline (AUTOMOE_DIST_TIMEOUT seconds, default 600) and then throws, naming the collective;
+// a peer that died is an error at once under TCP. The CLI catches every error at the top level
+// and calls abort_all(), which prints the message with the rank and stops this rank: MPI_Abort
+// (mpirun/srun stop every rank), or under TCP closing every connection, so each peer's next
+// collective fails and it stops too.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -19,32 +25,36 @@
 
 namespace automoe::dist {
 
-// What the launcher told this process (from its environment). Only MPI launchers start MPI;
-// the rest is informational (local_rank will pick the GPU).
+// What the launcher told this process (from its environment).
 struct LaunchInfo {
-  std::string launcher = "none";  // "mpirun" (Open MPI), "pmi" (srun --mpi=pmix/pmi2, MPICH), "none"
-  int world_size = 1, rank = 0, local_rank = 0;
-  // torchrun / Slurm variables seen without an MPI launcher (RANK/WORLD_SIZE/LOCAL_RANK or
-  // SLURM_PROCID/SLURM_NTASKS): automoe cannot bootstrap from them and says so.
-  int foreign_world_size = 1;
-  std::string foreign_launcher;
+  // "mpirun" (Open MPI), "pmi" (srun --mpi=pmix/pmi2, MPICH): MPI.
+  // "torchrun" (RANK/WORLD_SIZE/LOCAL_RANK), "slurm" (srun without --mpi: SLURM_PROCID,
+  // SLURM_STEP_NUM_TASKS or SLURM_NTASKS, SLURM_LOCALID): TCP. "none": one process.
+  std::string launcher = "none";
+  int world_size = 1, rank = 0, local_rank = 0;  // local_rank picks the GPU (place_on_gpu)
 };
 LaunchInfo detect_launch();
 
-// Starts MPI (MPI_Init_thread, funneled: only the main thread communicates) when an MPI launcher
-// started this process; safe to call many times. Throws when a non-MPI launcher asks for more
-// than one process.
+// Starts the job's backend when a launcher started more than one process (or MPI under
+// mpirun/PMI); safe to call many times. AUTOMOE_DIST_BACKEND=tcp takes the TCP mesh under any
+// launcher (MASTER_ADDR and MASTER_PORT then name rank 0's host and port), =mpi insists on MPI.
+// MPI: MPI_Init_thread, funneled (only the main thread communicates).
 void init();
-bool mpi_active();           // init() started MPI
-void finalize();             // MPI_Finalize when init() started MPI; call once at the end of main
-// Prints "automoe: error (rank R of W): msg" and stops every rank (MPI_Abort), or exits 1.
+bool backend_active();       // init() started a backend (MPI or TCP), or the host program runs MPI
+const char* backend_name();  // "mpi", "tcp" or "none"
+void finalize();             // MPI_Finalize or closes the mesh; call once at the end of main
+// Prints "automoe: error (rank R of W): msg" and stops every rank (MPI_Abort; under TCP: closes
+// the connections, which ends the peers' collectives, and exits 1), or exits 1.
 [[noreturn]] void abort_all(const std::string& msg);
 
 // One communicator. A default Comm is size 1, rank 0: every collective is a local copy.
-// Counts are int64 on the API; the MPI calls check they fit.
+// Counts are int64 on the API; the MPI calls check they fit. Every collective waits at most
+// AUTOMOE_DIST_TIMEOUT seconds (TCP: without data moving) and then throws.
 class Comm {
  public:
+  struct Impl;  // a backend's communicator (dist/comm_backend.h)
   Comm() = default;
+  explicit Comm(std::shared_ptr<Impl> impl);  // null: size 1
   int rank() const { return rank_; }
   int size() const { return size_; }
 
@@ -70,8 +80,6 @@ class Comm {
                  const int64_t* send_counts, int64_t row_bytes) const;
 
  private:
-  friend Comm split_world(int color, int key);  // process_group.cpp: MPI_Comm_split of the world
-  struct Impl;                  // the MPI communicator
   std::shared_ptr<Impl> impl_;  // null: size 1
   int rank_ = 0, size_ = 1;
 };
@@ -86,7 +94,7 @@ struct Groups {
 // The groups of this job for expert-parallel size `ep` (calls init()). Throws when `ep` does not
 // divide the world size. make_groups(1) in a single process is the trivial layout.
 Groups make_groups(int ep);
-// World size 1 whatever the launcher (a reference run inside an MPI job, tests).
+// World size 1 whatever the launcher (a reference run inside a multi-rank job, tests).
 Groups single_process_groups();
 
 }  // namespace automoe::dist

@@ -49,5 +49,5 @@ inline uint32_t bits(float f) {
 
 }  // namespace automoe::dist_test
 
-#define NEEDS_MPI()                                                                      \
-  if (::automoe::dist_test::g_world == 1) GTEST_SKIP() << "runs under mpirun (tests/dist.cmake)"
+#define NEEDS_RANKS()                                                                    \
+  if (::automoe::dist_test::g_world == 1) GTEST_SKIP() << "runs under mpirun or tools/launch_local.sh (tests/dist.cmake)"

@@ -10,6 +10,7 @@
 // ZeRO (train.zero) is checked in test_zero.cpp; main() here starts MPI for both files.
 #include <gtest/gtest.h>
 
+#include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -93,7 +94,7 @@ uint64_t fnv(const float* x, int64_t n, uint64_t h = 1469598103934665603ull) {
 
 // Correctness visible in the data: token n of rank s carries s*1000 + n in every column.
 TEST(EpDispatch, EachTokenReachesEachRankOnceAndComesBack) {
-  NEEDS_MPI();
+  NEEDS_RANKS();
   dist::Groups g = dist::make_groups(g_world);
   const int P = g_world, me = g.ep.rank();
   const int64_t N = 7, K = 3, H = 4, E = 2 * P;
@@ -284,21 +285,21 @@ void check_every_layout(const std::string& name) {
 }  // namespace
 
 TEST(EpParity, TinyA_FourExperts) {
-  NEEDS_MPI();
+  NEEDS_RANKS();
   check_every_layout("tiny_a");
 }
 TEST(EpParity, TinyD_EightExperts) {
-  NEEDS_MPI();
+  NEEDS_RANKS();
   check_every_layout("tiny_d");
 }
 TEST(EpParity, TinyB_TinyC_DataParallel) {  // 5 and 7 experts: ep 1 (data parallel) only
-  NEEDS_MPI();
+  NEEDS_RANKS();
   check_every_layout("tiny_b");
   check_every_layout("tiny_c");
 }
 
 TEST(EpParity, FusedExpertKeysLoadTheSameShards) {
-  NEEDS_MPI();
+  NEEDS_RANKS();
   int ep = 4 % g_world == 0 ? g_world : 1;
   dist::Groups g = dist::make_groups(ep);
   ModelConfig c = load_model_config(kFix + "tiny_a/model/config.json");
@@ -309,7 +310,7 @@ TEST(EpParity, FusedExpertKeysLoadTheSameShards) {
 }
 
 TEST(EpParity, ExpertsThatDoNotSplitAreAClearError) {
-  NEEDS_MPI();
+  NEEDS_RANKS();
   dist::Groups g = dist::make_groups(g_world);
   ModelConfig c = load_model_config(kFix + "tiny_c/model/config.json");  // 7 experts
   try {
@@ -359,19 +360,19 @@ void check_curve(int ep, int64_t steps, int64_t rows_per_rank) {
 }  // namespace
 
 TEST(EpTrain, LossCurveMatchesOneProcess) {
-  NEEDS_MPI();
+  NEEDS_RANKS();
   if (g_world == 8) GTEST_SKIP() << "the 8-rank run checks EP 8 only (Ep8)";
   for (int ep = 2; ep <= g_world; ep *= 2) check_curve(ep, 20, 4);  // EP w; with 4 ranks also EP 2 x DP 2
 }
 
 TEST(EpTrain, DataParallelOnlyMatchesOneProcess) {
-  NEEDS_MPI();
+  NEEDS_RANKS();
   if (g_world == 8) GTEST_SKIP() << "the 8-rank run checks EP 8 only (Ep8)";
   check_curve(1, 6, 4);
 }
 
 TEST(EpTrain, ResumeAfterInterruptionIsBitIdentical) {
-  NEEDS_MPI();
+  NEEDS_RANKS();
   if (g_world == 8) GTEST_SKIP() << "the 8-rank run checks EP 8 only (Ep8)";
   const int ep = g_world;
   dist::Groups g = dist::make_groups(ep);
@@ -427,7 +428,7 @@ TEST(EpTrain, ResumeAfterInterruptionIsBitIdentical) {
 // replicated element changed on the last rank stops every rank, an expert element only when the
 // shard has DP replicas (with dp = 1 the EP ranks hold different experts by design).
 TEST(Replicas, ADriftedReplicaIsFoundOnEveryRank) {
-  NEEDS_MPI();
+  NEEDS_RANKS();
   for (int ep = 1; ep <= g_world; ep *= 2) {
     dist::Groups g = dist::make_groups(ep);
     Qwen3Moe m(builtin_model_config("tiny-moe"), &g);
@@ -480,21 +481,37 @@ bool have_mpirun() { return std::system("command -v mpirun > /dev/null 2>&1") ==
 std::string mpirun(int np) {
   return "timeout 300 mpirun --oversubscribe --allow-run-as-root -np " + std::to_string(np) + " " + cli();
 }
+// np local ranks with torchrun's variables (tools/launch_local.sh): the TCP backend. `env` goes
+// before the launcher (e.g. "AUTOMOE_DIST_TIMEOUT=5 "), `wrap` between it and the CLI.
+std::string tcprun(int np, const std::string& env = "", const std::string& wrap = "", int limit_s = 300) {
+  return "timeout " + std::to_string(limit_s) + " env " + env + "AUTOMOE_THREADS=1 bash " + AUTOMOE_SOURCE_DIR +
+         "/tools/launch_local.sh " + std::to_string(np) + " " + wrap + cli();
+}
 std::string tmp(const std::string& name) {
   return (fs::temp_directory_path() / ("automoe_distcli_" + std::to_string(::getpid()) + "_" + name)).string();
 }
 
-}  // namespace
+// metrics.jsonl's loss per step (rank 0 alone writes it).
+std::vector<double> losses(const std::string& dir) {
+  std::vector<double> v;
+  std::ifstream f(dir + "/metrics.jsonl");
+  std::string line;
+  while (std::getline(f, line)) v.push_back(nlohmann::json::parse(line)["loss"].get<double>());
+  return v;
+}
 
-TEST(DistCli, ForwardUnderMpirunWritesTheFileOfOneProcess) {
-  if (g_world != 1) GTEST_SKIP() << "starts mpirun itself";
-  if (!have_mpirun()) GTEST_SKIP() << "mpirun is not installed";
-  std::string one = tmp("one.safetensors"), two = tmp("two.safetensors"), log;
-  std::string args = " forward --model " + kFix + "tiny_d/model --batch " + kFix + "tiny_d/reference.safetensors --grads --out ";
-  ASSERT_EQ(run(cli() + args + one, &log), 0) << log;
-  ASSERT_EQ(run(mpirun(2) + args + two + " --ep 2", &log), 0) << log;
-  SafetensorsFile a(one), b(two);
-  ASSERT_EQ(a.names(), b.names());
+// The largest relative difference of two loss curves of the same length.
+double worst_rel(const std::vector<double>& a, const std::vector<double>& b) {
+  double w = 0;
+  for (size_t i = 0; i < a.size() && i < b.size(); ++i) w = std::max(w, std::fabs(a[i] - b[i]) / std::fabs(b[i]));
+  return w;
+}
+
+// The forward file of a multi-rank run against one process's: outputs within 1e-6 of their
+// scale, gradients within 1e-6 over the whole model and 1e-4 in the worst tensor.
+void expect_forward_files_agree(const std::string& one, const std::string& many, const std::string& how) {
+  SafetensorsFile a(one), b(many);
+  ASSERT_EQ(a.names(), b.names()) << how;
   double num = 0, den = 0, worst = 0;
   for (auto& n : a.names()) {
     Tensor x = a.load_f32(n), y = b.load_f32(n);
@@ -508,12 +525,38 @@ TEST(DistCli, ForwardUnderMpirunWritesTheFileOfOneProcess) {
         den += double(x.f32()[i]) * x.f32()[i];
       }
     }
-    if (n.rfind("grad.", 0) != 0) EXPECT_LE(d, 1e-6 * m) << n;
+    if (n.rfind("grad.", 0) != 0) EXPECT_LE(d, 1e-6 * m) << how << ": " << n;
     else if (m > 0) worst = std::max(worst, d / m);
   }
-  EXPECT_LE(std::sqrt(num / den), 1e-6) << "gradients, whole model";
-  EXPECT_LE(worst, 1e-4) << "gradients, worst tensor by its own scale";
+  EXPECT_LE(std::sqrt(num / den), 1e-6) << how << ": gradients, whole model";
+  EXPECT_LE(worst, 1e-4) << how << ": gradients, worst tensor by its own scale";
   EXPECT_TRUE(a.has("grad.model.layers.1.mlp.experts.7.down_proj.weight"));
+  std::printf("[distcli] forward %s: gradients rel. rms err %.2e, worst tensor %.2e\n", how.c_str(),
+              std::sqrt(num / den), worst);
+}
+
+}  // namespace
+
+TEST(DistCli, ForwardUnderMpirunWritesTheFileOfOneProcess) {
+  if (g_world != 1) GTEST_SKIP() << "starts mpirun itself";
+  if (!have_mpirun()) GTEST_SKIP() << "mpirun is not installed";
+  std::string one = tmp("one.safetensors"), two = tmp("two.safetensors"), log;
+  std::string args = " forward --model " + kFix + "tiny_d/model --batch " + kFix + "tiny_d/reference.safetensors --grads --out ";
+  ASSERT_EQ(run(cli() + args + one, &log), 0) << log;
+  ASSERT_EQ(run(mpirun(2) + args + two + " --ep 2", &log), 0) << log;
+  expect_forward_files_agree(one, two, "mpirun -np 2, ep 2");
+  fs::remove(one);
+  fs::remove(two);
+}
+
+// The same under torchrun's variables: the TCP backend (issue 4).
+TEST(DistCli, ForwardOverTcpWritesTheFileOfOneProcess) {
+  if (g_world != 1) GTEST_SKIP() << "starts its ranks itself";
+  std::string one = tmp("tcp_one.safetensors"), two = tmp("tcp_two.safetensors"), log;
+  std::string args = " forward --model " + kFix + "tiny_d/model --batch " + kFix + "tiny_d/reference.safetensors --grads --out ";
+  ASSERT_EQ(run(cli() + args + one, &log), 0) << log;
+  ASSERT_EQ(run(tcprun(2) + args + two + " --ep 2", &log), 0) << log;
+  expect_forward_files_agree(one, two, "TCP 2 ranks, ep 2");
   fs::remove(one);
   fs::remove(two);
 }
@@ -527,13 +570,6 @@ TEST(DistCli, FinetuneUnderMpirunWritesOneRunAndExpertShards) {
   ASSERT_EQ(run(cli() + args + "--data.micro_batch 8 --output.dir " + d1, &log), 0) << log;
   ASSERT_EQ(run(mpirun(2) + args + "--data.micro_batch 4 --train.ep 2 --output.dir " + d2, &log), 0) << log;
   EXPECT_NE(log.find("2 ranks: expert parallel 2 (4 of 8 experts per rank)"), std::string::npos) << log;
-  auto losses = [](const std::string& d) {
-    std::vector<double> v;
-    std::ifstream f(d + "/metrics.jsonl");
-    std::string line;
-    while (std::getline(f, line)) v.push_back(nlohmann::json::parse(line)["loss"].get<double>());
-    return v;
-  };
   auto l1 = losses(d1), l2 = losses(d2);
   ASSERT_EQ(l1.size(), 4u);
   ASSERT_EQ(l2.size(), 4u) << "rank 0 alone writes metrics.jsonl";
@@ -553,6 +589,43 @@ TEST(DistCli, FinetuneUnderMpirunWritesOneRunAndExpertShards) {
   EXPECT_TRUE(h2.has("model.layers.1.mlp.experts.7.gate_proj.weight"));
   fs::remove_all(d1);
   fs::remove_all(d2);
+}
+
+// torchrun's variables (the TCP backend) against mpirun and one process: 2 ranks (ep 2) and 4
+// ranks (ep 2 x dp 2), one process's 8 rows split over the ranks.
+TEST(DistCli, FinetuneOverTcpMatchesMpirunAndOneProcess) {
+  if (g_world != 1) GTEST_SKIP() << "starts its ranks itself";
+  const std::string args = " finetune --model.builtin tiny-moe --data.builtin addition --data.examples 300 "
+                           "--data.seq_len 32 --train.steps 4 --train.lr 2e-3 --train.warmup 1 "
+                           "--train.checkpoint_every 0 --output.dir ";
+  std::string log, d1 = tmp("tcp_ft_one");
+  ASSERT_EQ(run(cli() + args + d1 + " --data.micro_batch 8", &log), 0) << log;
+  const std::vector<double> one = losses(d1);
+  ASSERT_EQ(one.size(), 4u);
+  fs::remove_all(d1);
+  for (int np : {2, 4}) {
+    const std::string dt = tmp("tcp_ft_tcp"), dm = tmp("tcp_ft_mpi");
+    const std::string layout = " --train.ep 2 --data.micro_batch " + std::to_string(8 / np);
+    ASSERT_EQ(run(tcprun(np) + args + dt + layout, &log), 0) << log;
+    if (np == 2) {
+      EXPECT_NE(log.find("2 ranks: expert parallel 2 (4 of 8 experts per rank)"), std::string::npos) << log;
+    }
+    const std::vector<double> tcp = losses(dt);
+    ASSERT_EQ(tcp.size(), 4u) << "rank 0 alone writes metrics.jsonl\n" << log;
+    for (size_t i = 0; i < one.size(); ++i) EXPECT_NEAR(tcp[i], one[i], 1e-5 * one[i]) << np << " ranks, step " << i + 1;
+    double vs_mpi = -1;
+    if (have_mpirun()) {
+      ASSERT_EQ(run(mpirun(np) + args + dm + layout, &log), 0) << log;
+      const std::vector<double> mpi = losses(dm);
+      ASSERT_EQ(mpi.size(), 4u);
+      for (size_t i = 0; i < one.size(); ++i) EXPECT_NEAR(tcp[i], mpi[i], 1e-5 * mpi[i]) << np << " ranks, step " << i + 1;
+      vs_mpi = worst_rel(tcp, mpi);
+    }
+    std::printf("[distcli] finetune over TCP, %d ranks: losses %.6f .. %.6f, max rel diff %.2e vs one process, %.2e vs mpirun\n",
+                np, tcp.front(), tcp.back(), worst_rel(tcp, one), vs_mpi);
+    fs::remove_all(dt);
+    fs::remove_all(dm);
+  }
 }
 
 TEST(DistCli, ARankThatFailsEndsEveryRank) {
@@ -590,6 +663,87 @@ TEST(DistCli, AKilledRankEndsTheJob) {
   EXPECT_NE(log.find("SIGKILL to rank 1"), std::string::npos) << log;
   EXPECT_LT(secs, 60.0) << log;
   fs::remove_all(dir);
+}
+
+namespace {
+
+// The pid kill_rank.sh printed for the rank it signalled ("(pid N)"), or -1.
+long signalled_pid(const std::string& log) {
+  const size_t at = log.find("(pid ");
+  return at == std::string::npos ? -1 : std::atol(log.c_str() + at + 5);
+}
+
+// A stopped rank must not outlive its test: SIGCONT then SIGKILL if it is still there.
+void reap_stopped(long pid) {
+  if (pid <= 0) return;
+  std::string comm;
+  std::ifstream(fmt::format("/proc/{}/comm", pid)) >> comm;
+  if (comm.rfind("automoe", 0) != 0) return;  // gone (or the pid was reused)
+  ::kill(pid_t(pid), SIGCONT);
+  ::kill(pid_t(pid), SIGKILL);
+}
+
+}  // namespace
+
+// Rank 1 of a TCP job gets SIGKILL after 3 s. The launcher is told not to stop rank 0 (as if it
+// did not notice): rank 0's backend must see the closed connection and end at once, naming it.
+TEST(DistCli, AKilledRankEndsTheTcpJob) {
+  if (g_world != 1) GTEST_SKIP() << "starts its ranks itself";
+  std::string log, dir = tmp("tcp_killed");
+  const std::string wrap = "bash " + std::string(AUTOMOE_SOURCE_DIR) + "/bench/kill_rank.sh 1 3 ";
+  const auto t0 = std::chrono::steady_clock::now();
+  int rc = run(tcprun(2, "LAUNCH_LOCAL_KEEP=1 ", wrap, 120) +
+                   " finetune --model.builtin tiny-moe --data.builtin addition --train.ep 2 "
+                   "--train.steps 1000000 --train.checkpoint_every 0 --output.dir " + dir,
+               &log);
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  EXPECT_NE(rc, 0) << log;
+  EXPECT_NE(rc, 124) << "timed out: rank 0 hung after rank 1 died\n" << log;
+  EXPECT_NE(log.find("SIGKILL to rank 1"), std::string::npos) << log;
+  EXPECT_NE(log.find("automoe: error (rank 0 of 2): rank 1 closed its connection during TCP"), std::string::npos) << log;
+  EXPECT_LT(secs, 30.0) << log;
+  std::printf("[distcli] TCP job with rank 1 killed at 3 s ended after %.1f s (exit %d)\n", secs, rc);
+  fs::remove_all(dir);
+}
+
+// Rank 1 stops (SIGSTOP) after 3 s and stays stopped: rank 0 waits in a collective and must end
+// the job on AUTOMOE_DIST_TIMEOUT (5 s here), naming the collective, under TCP and under mpirun.
+TEST(DistCli, AStalledRankEndsTheJobOnTheTimeout) {
+  if (g_world != 1) GTEST_SKIP() << "starts its ranks itself";
+  const std::string wrap = "bash " + std::string(AUTOMOE_SOURCE_DIR) + "/bench/kill_rank.sh 1 3 ";
+  const std::string ft = " finetune --model.builtin tiny-moe --data.builtin addition --train.ep 2 "
+                         "--train.steps 1000000 --train.checkpoint_every 0 --output.dir ";
+  struct Launch {
+    const char* name;
+    std::string cmd;
+    const char* message;
+  };
+  std::vector<Launch> launches = {
+      {"TCP", tcprun(2, "AUTOMOE_DIST_TIMEOUT=5 KILL_RANK_SIGNAL=STOP ", wrap, 120) + ft + tmp("stall_tcp"),
+       "waited 5 s with no data moving, for rank(s) 1"}};
+  if (have_mpirun())
+    launches.push_back({"mpirun",
+                        "env AUTOMOE_DIST_TIMEOUT=5 KILL_RANK_SIGNAL=STOP AUTOMOE_THREADS=1 timeout 120 mpirun "
+                        "--oversubscribe --allow-run-as-root -x AUTOMOE_DIST_TIMEOUT -x KILL_RANK_SIGNAL -np 2 " +
+                            wrap + cli() + ft + tmp("stall_mpi"),
+                        "did not complete within 5 s"});
+  for (const Launch& l : launches) {
+    std::string log;
+    const auto t0 = std::chrono::steady_clock::now();
+    const int rc = run(l.cmd, &log);
+    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    reap_stopped(signalled_pid(log));
+    EXPECT_NE(rc, 0) << l.name << "\n" << log;
+    EXPECT_NE(rc, 124) << l.name << ": timed out: the job hung on a stalled rank\n" << log;
+    EXPECT_NE(log.find("SIGSTOP to rank 1"), std::string::npos) << l.name << "\n" << log;
+    EXPECT_NE(log.find(l.message), std::string::npos) << l.name << "\n" << log;
+    EXPECT_NE(log.find("raise AUTOMOE_DIST_TIMEOUT"), std::string::npos) << l.name << "\n" << log;
+    EXPECT_LT(secs, 40.0) << l.name << "\n" << log;
+    std::printf("[distcli] %s job with rank 1 stopped at 3 s, timeout 5 s, ended after %.1f s (exit %d)\n", l.name,
+                secs, rc);
+  }
+  fs::remove_all(tmp("stall_tcp"));
+  fs::remove_all(tmp("stall_mpi"));
 }
 
 TEST(DistCli, LayoutsThatDoNotFitAreClearErrors) {

@@ -74,7 +74,7 @@ std::vector<float> checkpoint_params(const std::string& run, int64_t step, int e
 // The partition on its own: a reduce-scatter in many small buckets, then the shards all-gathered,
 // gives every rank the all-reduced gradient arena; ZeRO-2 leaves the arena zeroed.
 TEST(ZeroCollectives, BucketedReduceScatterAndAllGatherGiveTheAllReduce) {
-  NEEDS_MPI();
+  NEEDS_RANKS();
   for (int ep : small_eps()) {
     dist::Groups g = dist::make_groups(ep);
     Qwen3Moe m(builtin_model_config("tiny-moe"), &g);
@@ -155,18 +155,18 @@ void check_against_zero0(int ep, int level, int64_t steps, int64_t accum, int64_
 }  // namespace
 
 TEST(ZeroTrain, Zero2FollowsZero0For20Steps) {
-  NEEDS_MPI();
+  NEEDS_RANKS();
   for (int ep : small_eps()) check_against_zero0(ep, 2, 20, 1, 4);
 }
 
 TEST(ZeroTrain, GradientAccumulationZero1AndZero2) {  // ZeRO-1 reduces once, ZeRO-2 per micro-batch
-  NEEDS_MPI();
+  NEEDS_RANKS();
   check_against_zero0(1, 1, 4, 2, 2);
   check_against_zero0(1, 2, 4, 2, 2);
 }
 
 TEST(ZeroTrain, ResumeIsBitIdenticalAndNeedsTheSameLayout) {
-  NEEDS_MPI();
+  NEEDS_RANKS();
   const int ep = g_world / 2;  // -np 2: ep 1 x dp 2; -np 4: ep 2 x dp 2 (experts sharded too)
   dist::Groups g = dist::make_groups(ep);
   std::string dir = shared_tmpdir(g.world, "zero_resume");
@@ -336,7 +336,7 @@ class ZeroCpuDevice final : public DeviceTrainModel {
 }  // namespace
 
 TEST(ZeroTrain, DeviceBranchWritesTheCpuShardsAndResumes) {
-  NEEDS_MPI();
+  NEEDS_RANKS();
   const int ep = g_world / 2;
   dist::Groups g = dist::make_groups(ep);
   std::string dir = shared_tmpdir(g.world, "zero_device");
