@@ -746,6 +746,27 @@ TEST(DistCli, AStalledRankEndsTheJobOnTheTimeout) {
   fs::remove_all(tmp("stall_mpi"));
 }
 
+// The TCP rendezvous refuses what cannot work, with a sentence: srun without MASTER_ADDR, and
+// ranks that disagree on the world size (both of them say so, at once).
+TEST(DistCli, TcpRendezvousErrorsAreClear) {
+  if (g_world != 1) GTEST_SKIP() << "starts its ranks itself";
+  std::string log;
+  const std::string fwd = " forward --model " + kFix + "tiny_d/model --batch " + kFix +
+                          "tiny_d/reference.safetensors --out " + tmp("rdv.safetensors");
+  EXPECT_NE(run("env -u MASTER_ADDR -u RANK -u WORLD_SIZE SLURM_PROCID=0 SLURM_STEP_NUM_TASKS=2 " + cli() + fwd, &log), 0);
+  EXPECT_NE(log.find("export MASTER_ADDR=$(scontrol show hostnames"), std::string::npos) << log;
+  const std::string env = "MASTER_ADDR=127.0.0.1 MASTER_PORT=" + std::to_string(20000 + ::getpid() % 40000) +
+                          " AUTOMOE_DIST_TIMEOUT=30 ";
+  EXPECT_NE(run("timeout 60 bash -c 'env " + env + "RANK=0 WORLD_SIZE=2 " + cli() + fwd + " & env " + env +
+                    "RANK=1 WORLD_SIZE=3 " + cli() + fwd + "; r=$?; wait $! && exit $r; exit 1'",
+                &log),
+            0);
+  EXPECT_NE(log.find("automoe: error: rank 1 was started as one of 3 processes, but rank 0 as one of 2"),
+            std::string::npos) << log;
+  EXPECT_NE(log.find("automoe: error: this rank was started as one of 3 processes, but rank 0 as one of 2"),
+            std::string::npos) << log;
+}
+
 TEST(DistCli, LayoutsThatDoNotFitAreClearErrors) {
   if (g_world != 1) GTEST_SKIP() << "starts mpirun itself";
   if (!have_mpirun()) GTEST_SKIP() << "mpirun is not installed";
