@@ -52,6 +52,8 @@ std::unique_ptr<Backend> start_mpi(bool own);
 // The TCP mesh of `li.world_size` ranks (rendezvous at MASTER_ADDR:MASTER_PORT).
 std::unique_ptr<Backend> start_tcp(const LaunchInfo& li);
 
+// A positive number of seconds from the environment variable `name`, or `fallback` when unset.
+double env_seconds(const char* name, double fallback);
 // AUTOMOE_DIST_TIMEOUT in seconds (default 600): how long any collective may wait.
 double dist_timeout_s();
 // The element size of `e` in bytes.

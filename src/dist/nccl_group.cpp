@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "core/check.h"
+#include "dist/comm_backend.h"
 
 namespace automoe::dist {
 
@@ -20,17 +21,7 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-double env_timeout_s() {
-  const char* v = std::getenv("AUTOMOE_NCCL_TIMEOUT_S");
-  if (!v || !*v) return 300.0;
-  char* end = nullptr;
-  const double t = std::strtod(v, &end);
-  AM_CHECK(end && *end == 0 && t > 0,
-           "AUTOMOE_NCCL_TIMEOUT_S={} is not a positive number of seconds; unset it (default 300) "
-           "or set e.g. AUTOMOE_NCCL_TIMEOUT_S=600",
-           v);
-  return t;
-}
+double env_timeout_s() { return env_seconds("AUTOMOE_NCCL_TIMEOUT_S", 300); }
 
 double seconds_since(Clock::time_point t0) {
   return std::chrono::duration<double>(Clock::now() - t0).count();

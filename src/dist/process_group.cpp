@@ -29,17 +29,18 @@ int env_int(const char* name, int fallback) {
 
 }  // namespace
 
-double dist_timeout_s() {
-  const char* v = std::getenv("AUTOMOE_DIST_TIMEOUT");
-  if (!v || !*v) return 600;
+double env_seconds(const char* name, double fallback) {
+  const char* v = std::getenv(name);
+  if (!v || !*v) return fallback;
   char* end = nullptr;
   const double s = std::strtod(v, &end);
   AM_CHECK(end && *end == 0 && s > 0,
-           "AUTOMOE_DIST_TIMEOUT={} is not a positive number of seconds; unset it (default 600) or "
-           "set e.g. AUTOMOE_DIST_TIMEOUT=1800",
-           v);
+           "{}={} is not a positive number of seconds; unset it (default {}) or set e.g. {}={}", name,
+           v, fallback, name, 2 * fallback);
   return s;
 }
+
+double dist_timeout_s() { return env_seconds("AUTOMOE_DIST_TIMEOUT", 600); }
 
 LaunchInfo detect_launch() {
   LaunchInfo li;

@@ -5,7 +5,9 @@
 // Transformers fixture batch, and the loss curve of one process with W times the micro-batch
 // over 20 fine-tuning steps of the built-in tiny-moe; checkpoints resume bit-identically.
 // Run directly (world size 1, as ctest's per-test entries do) it checks the CLI launched with
-// mpirun: the forward contract, finetune outputs, and that one failing rank stops all of them.
+// mpirun and with torchrun's variables (the TCP backend, tools/launch_local.sh): the forward
+// contract, finetune outputs, that one failing, killed or stalled rank stops all of them, and the
+// TCP rendezvous's errors.
 // The end-of-run replica check (dist::check_replicas) finds one changed element.
 // ZeRO (train.zero) is checked in test_zero.cpp; main() here starts MPI for both files.
 #include <gtest/gtest.h>
@@ -482,11 +484,12 @@ std::string mpirun(int np) {
   return "timeout 300 mpirun --oversubscribe --allow-run-as-root -np " + std::to_string(np) + " " + cli();
 }
 // np local ranks with torchrun's variables (tools/launch_local.sh): the TCP backend. `env` goes
-// before the launcher (e.g. "AUTOMOE_DIST_TIMEOUT=5 "), `wrap` between it and the CLI.
-std::string tcprun(int np, const std::string& env = "", const std::string& wrap = "", int limit_s = 300) {
+// before the launcher (e.g. "AUTOMOE_DIST_TIMEOUT=5 "); the command follows.
+std::string tcp_launch(int np, const std::string& env = "", int limit_s = 300) {
   return "timeout " + std::to_string(limit_s) + " env " + env + "AUTOMOE_THREADS=1 bash " + AUTOMOE_SOURCE_DIR +
-         "/tools/launch_local.sh " + std::to_string(np) + " " + wrap + cli();
+         "/tools/launch_local.sh " + std::to_string(np) + " ";
 }
+std::string tcprun(int np) { return tcp_launch(np) + cli(); }
 std::string tmp(const std::string& name) {
   return (fs::temp_directory_path() / ("automoe_distcli_" + std::to_string(::getpid()) + "_" + name)).string();
 }
@@ -537,24 +540,16 @@ void expect_forward_files_agree(const std::string& one, const std::string& many,
 
 }  // namespace
 
-TEST(DistCli, ForwardUnderMpirunWritesTheFileOfOneProcess) {
-  if (g_world != 1) GTEST_SKIP() << "starts mpirun itself";
-  if (!have_mpirun()) GTEST_SKIP() << "mpirun is not installed";
+// Under mpirun and under torchrun's variables (the TCP backend, issue 4).
+TEST(DistCli, ForwardUnderMpirunAndTcpWritesTheFileOfOneProcess) {
+  if (g_world != 1) GTEST_SKIP() << "starts its ranks itself";
   std::string one = tmp("one.safetensors"), two = tmp("two.safetensors"), log;
   std::string args = " forward --model " + kFix + "tiny_d/model --batch " + kFix + "tiny_d/reference.safetensors --grads --out ";
   ASSERT_EQ(run(cli() + args + one, &log), 0) << log;
-  ASSERT_EQ(run(mpirun(2) + args + two + " --ep 2", &log), 0) << log;
-  expect_forward_files_agree(one, two, "mpirun -np 2, ep 2");
-  fs::remove(one);
-  fs::remove(two);
-}
-
-// The same under torchrun's variables: the TCP backend (issue 4).
-TEST(DistCli, ForwardOverTcpWritesTheFileOfOneProcess) {
-  if (g_world != 1) GTEST_SKIP() << "starts its ranks itself";
-  std::string one = tmp("tcp_one.safetensors"), two = tmp("tcp_two.safetensors"), log;
-  std::string args = " forward --model " + kFix + "tiny_d/model --batch " + kFix + "tiny_d/reference.safetensors --grads --out ";
-  ASSERT_EQ(run(cli() + args + one, &log), 0) << log;
+  if (have_mpirun()) {
+    ASSERT_EQ(run(mpirun(2) + args + two + " --ep 2", &log), 0) << log;
+    expect_forward_files_agree(one, two, "mpirun -np 2, ep 2");
+  }
   ASSERT_EQ(run(tcprun(2) + args + two + " --ep 2", &log), 0) << log;
   expect_forward_files_agree(one, two, "TCP 2 ranks, ep 2");
   fs::remove(one);
@@ -644,28 +639,28 @@ TEST(DistCli, ARankThatFailsEndsEveryRank) {
   fs::remove(batch);
 }
 
-TEST(DistCli, AKilledRankEndsTheJob) {
-  if (g_world != 1) GTEST_SKIP() << "starts mpirun itself";
-  if (!have_mpirun()) GTEST_SKIP() << "mpirun is not installed";
-  // Rank 1 of a long fine-tune gets SIGKILL after 3 s (bench/kill_rank.sh: a crash, no
-  // MPI_Finalize) while rank 0 computes or waits in a collective: the job must end non-zero,
-  // and soon, not hang until the timeout (124).
-  std::string log, dir = tmp("killed");
-  const std::string wrap = "bash " + std::string(AUTOMOE_SOURCE_DIR) + "/bench/kill_rank.sh 1 3 ";
-  const auto t0 = std::chrono::steady_clock::now();
-  int rc = run("timeout 120 mpirun --oversubscribe --allow-run-as-root -np 2 " + wrap + cli() +
-                   " finetune --model.builtin tiny-moe --data.builtin addition --train.ep 2 "
-                   "--train.steps 1000000 --train.checkpoint_every 0 --output.dir " + dir,
-               &log);
-  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  EXPECT_NE(rc, 0) << log;
-  EXPECT_NE(rc, 124) << "timed out: rank 0 hung after rank 1 died\n" << log;
-  EXPECT_NE(log.find("SIGKILL to rank 1"), std::string::npos) << log;
-  EXPECT_LT(secs, 60.0) << log;
-  fs::remove_all(dir);
-}
-
 namespace {
+
+// bench/kill_rank.sh around every rank: rank 1 gets the signal after 3 s.
+std::string kill_wrap() { return "bash " + std::string(AUTOMOE_SOURCE_DIR) + "/bench/kill_rank.sh 1 3 "; }
+
+// A fine-tune (ep 2) that would run for hours, started by `launch` (the launcher and the wrap, up
+// to the CLI): its exit status, its output and how long it ran.
+struct Drill {
+  int rc = 0;
+  std::string log;
+  double secs = 0;
+};
+Drill long_finetune(const std::string& launch, const std::string& dir) {
+  Drill d;
+  const auto t0 = std::chrono::steady_clock::now();
+  d.rc = run(launch + cli() + " finetune --model.builtin tiny-moe --data.builtin addition --train.ep 2 "
+                              "--train.steps 1000000 --train.checkpoint_every 0 --output.dir " + dir,
+             &d.log);
+  d.secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  fs::remove_all(dir);
+  return d;
+}
 
 // The pid kill_rank.sh printed for the rank it signalled ("(pid N)"), or -1.
 long signalled_pid(const std::string& log) {
@@ -685,65 +680,61 @@ void reap_stopped(long pid) {
 
 }  // namespace
 
+TEST(DistCli, AKilledRankEndsTheJob) {
+  if (g_world != 1) GTEST_SKIP() << "starts mpirun itself";
+  if (!have_mpirun()) GTEST_SKIP() << "mpirun is not installed";
+  // Rank 1 of a long fine-tune gets SIGKILL after 3 s (bench/kill_rank.sh: a crash, no
+  // MPI_Finalize) while rank 0 computes or waits in a collective: the job must end non-zero,
+  // and soon, not hang until the timeout (124).
+  const Drill d = long_finetune("timeout 120 mpirun --oversubscribe --allow-run-as-root -np 2 " + kill_wrap(), tmp("killed"));
+  EXPECT_NE(d.rc, 0) << d.log;
+  EXPECT_NE(d.rc, 124) << "timed out: rank 0 hung after rank 1 died\n" << d.log;
+  EXPECT_NE(d.log.find("SIGKILL to rank 1"), std::string::npos) << d.log;
+  EXPECT_LT(d.secs, 60.0) << d.log;
+}
+
 // Rank 1 of a TCP job gets SIGKILL after 3 s. The launcher is told not to stop rank 0 (as if it
 // did not notice): rank 0's backend must see the closed connection and end at once, naming it.
 TEST(DistCli, AKilledRankEndsTheTcpJob) {
   if (g_world != 1) GTEST_SKIP() << "starts its ranks itself";
-  std::string log, dir = tmp("tcp_killed");
-  const std::string wrap = "bash " + std::string(AUTOMOE_SOURCE_DIR) + "/bench/kill_rank.sh 1 3 ";
-  const auto t0 = std::chrono::steady_clock::now();
-  int rc = run(tcprun(2, "LAUNCH_LOCAL_KEEP=1 ", wrap, 120) +
-                   " finetune --model.builtin tiny-moe --data.builtin addition --train.ep 2 "
-                   "--train.steps 1000000 --train.checkpoint_every 0 --output.dir " + dir,
-               &log);
-  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  EXPECT_NE(rc, 0) << log;
-  EXPECT_NE(rc, 124) << "timed out: rank 0 hung after rank 1 died\n" << log;
-  EXPECT_NE(log.find("SIGKILL to rank 1"), std::string::npos) << log;
-  EXPECT_NE(log.find("automoe: error (rank 0 of 2): rank 1 closed its connection during TCP"), std::string::npos) << log;
-  EXPECT_LT(secs, 30.0) << log;
-  std::printf("[distcli] TCP job with rank 1 killed at 3 s ended after %.1f s (exit %d)\n", secs, rc);
-  fs::remove_all(dir);
+  const Drill d = long_finetune(tcp_launch(2, "LAUNCH_LOCAL_KEEP=1 ", 120) + kill_wrap(), tmp("tcp_killed"));
+  EXPECT_NE(d.rc, 0) << d.log;
+  EXPECT_NE(d.rc, 124) << "timed out: rank 0 hung after rank 1 died\n" << d.log;
+  EXPECT_NE(d.log.find("SIGKILL to rank 1"), std::string::npos) << d.log;
+  EXPECT_NE(d.log.find("automoe: error (rank 0 of 2): rank 1 closed its connection during TCP"), std::string::npos) << d.log;
+  EXPECT_LT(d.secs, 30.0) << d.log;
+  std::printf("[distcli] TCP job with rank 1 killed at 3 s ended after %.1f s (exit %d)\n", d.secs, d.rc);
 }
 
 // Rank 1 stops (SIGSTOP) after 3 s and stays stopped: rank 0 waits in a collective and must end
 // the job on AUTOMOE_DIST_TIMEOUT (5 s here), naming the collective, under TCP and under mpirun.
 TEST(DistCli, AStalledRankEndsTheJobOnTheTimeout) {
   if (g_world != 1) GTEST_SKIP() << "starts its ranks itself";
-  const std::string wrap = "bash " + std::string(AUTOMOE_SOURCE_DIR) + "/bench/kill_rank.sh 1 3 ";
-  const std::string ft = " finetune --model.builtin tiny-moe --data.builtin addition --train.ep 2 "
-                         "--train.steps 1000000 --train.checkpoint_every 0 --output.dir ";
   struct Launch {
     const char* name;
-    std::string cmd;
+    std::string launch;
     const char* message;
   };
-  std::vector<Launch> launches = {
-      {"TCP", tcprun(2, "AUTOMOE_DIST_TIMEOUT=5 KILL_RANK_SIGNAL=STOP ", wrap, 120) + ft + tmp("stall_tcp"),
-       "waited 5 s with no data moving, for rank(s) 1"}};
+  std::vector<Launch> launches = {{"TCP", tcp_launch(2, "AUTOMOE_DIST_TIMEOUT=5 KILL_RANK_SIGNAL=STOP ", 120) + kill_wrap(),
+                                   "waited 5 s with no data moving, for rank(s) 1"}};
   if (have_mpirun())
     launches.push_back({"mpirun",
                         "env AUTOMOE_DIST_TIMEOUT=5 KILL_RANK_SIGNAL=STOP AUTOMOE_THREADS=1 timeout 120 mpirun "
                         "--oversubscribe --allow-run-as-root -x AUTOMOE_DIST_TIMEOUT -x KILL_RANK_SIGNAL -np 2 " +
-                            wrap + cli() + ft + tmp("stall_mpi"),
+                            kill_wrap(),
                         "did not complete within 5 s"});
   for (const Launch& l : launches) {
-    std::string log;
-    const auto t0 = std::chrono::steady_clock::now();
-    const int rc = run(l.cmd, &log);
-    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    reap_stopped(signalled_pid(log));
-    EXPECT_NE(rc, 0) << l.name << "\n" << log;
-    EXPECT_NE(rc, 124) << l.name << ": timed out: the job hung on a stalled rank\n" << log;
-    EXPECT_NE(log.find("SIGSTOP to rank 1"), std::string::npos) << l.name << "\n" << log;
-    EXPECT_NE(log.find(l.message), std::string::npos) << l.name << "\n" << log;
-    EXPECT_NE(log.find("raise AUTOMOE_DIST_TIMEOUT"), std::string::npos) << l.name << "\n" << log;
-    EXPECT_LT(secs, 40.0) << l.name << "\n" << log;
+    const Drill d = long_finetune(l.launch, tmp("stalled"));
+    reap_stopped(signalled_pid(d.log));
+    EXPECT_NE(d.rc, 0) << l.name << "\n" << d.log;
+    EXPECT_NE(d.rc, 124) << l.name << ": timed out: the job hung on a stalled rank\n" << d.log;
+    EXPECT_NE(d.log.find("SIGSTOP to rank 1"), std::string::npos) << l.name << "\n" << d.log;
+    EXPECT_NE(d.log.find(l.message), std::string::npos) << l.name << "\n" << d.log;
+    EXPECT_NE(d.log.find("raise AUTOMOE_DIST_TIMEOUT"), std::string::npos) << l.name << "\n" << d.log;
+    EXPECT_LT(d.secs, 40.0) << l.name << "\n" << d.log;
     std::printf("[distcli] %s job with rank 1 stopped at 3 s, timeout 5 s, ended after %.1f s (exit %d)\n", l.name,
-                secs, rc);
+                d.secs, d.rc);
   }
-  fs::remove_all(tmp("stall_tcp"));
-  fs::remove_all(tmp("stall_mpi"));
 }
 
 // The TCP rendezvous refuses what cannot work, with a sentence: srun without MASTER_ADDR, and
