@@ -1,6 +1,7 @@
 // tests/dist/test_dist.cpp: expert and data parallelism on the CPU backend against one process.
 //
-// Under `mpirun -np W` (tests/dist.cmake registers W = 2, 4 and 8): every layout ep x dp of the
+// Under `mpirun -np W` (tests/dist.cmake registers W = 2, 4 and 8; and W = 4 over TCP with
+// tools/launch_local.sh): every layout ep x dp of the
 // W ranks gives the logits, loss, aux loss and every gradient of one process on the same (tiled)
 // Transformers fixture batch, and the loss curve of one process with W times the micro-batch
 // over 20 fine-tuning steps of the built-in tiny-moe; checkpoints resume bit-identically.
@@ -9,7 +10,8 @@
 // contract, finetune outputs, that one failing, killed or stalled rank stops all of them, and the
 // TCP rendezvous's errors.
 // The end-of-run replica check (dist::check_replicas) finds one changed element.
-// ZeRO (train.zero) is checked in test_zero.cpp; main() here starts MPI for both files.
+// ZeRO (train.zero) is checked in test_zero.cpp, the collectives in test_comm.cpp; main() here
+// starts the backend (MPI or TCP) for all of them.
 #include <gtest/gtest.h>
 
 #include <signal.h>
@@ -774,8 +776,9 @@ TEST(DistCli, LayoutsThatDoNotFitAreClearErrors) {
   EXPECT_NE(log.find("but this job has 1"), std::string::npos) << log;
 }
 
-// MPI starts (under mpirun) before the tests and ends after them. Under MPI an exception escaping
-// a test would leave the other ranks waiting in a collective: it stops every rank instead.
+// The backend starts (under mpirun or launch_local.sh) before the tests and ends after them. With
+// several ranks an exception escaping a test would leave the others waiting in a collective: it
+// stops every rank instead.
 int main(int argc, char** argv) {
   ::testing::InitGoogleTest(&argc, argv);
   cpu::set_num_threads_from_env();  // one thread per rank unless AUTOMOE_THREADS says otherwise

@@ -1,7 +1,8 @@
 // tools/automoe/main.cpp: the `automoe` command line. Each subcommand lives in its own file
 // (cmd_*.cpp) and registers itself here; errors print one line and exit non-zero.
-// Under mpirun an error on any rank stops every rank (dist::abort_all -> MPI_Abort): a rank that
-// failed must not leave the others waiting in a collective.
+// With several ranks an error on any rank stops every rank (dist::abort_all: MPI_Abort, or under
+// TCP closing the connections): a rank that failed must not leave the others waiting in a
+// collective.
 #include <CLI/CLI.hpp>
 #include <cstdio>
 
