@@ -1,7 +1,8 @@
 // dist/comm_tcp.cpp: the TCP backend of dist::Comm, for launchers that start processes without
 // MPI (torchrun, srun without --mpi). A full mesh of TCP connections, one per pair of ranks.
 //
-// Rendezvous: rank 0 listens on MASTER_ADDR:MASTER_PORT (default 29500, as torchrun). Every other
+// Rendezvous: rank 0 listens on MASTER_ADDR:MASTER_PORT (default 29500, as torchrun; under
+// torchrun's agent store MASTER_PORT + 1, or AUTOMOE_MASTER_PORT). Every other
 // rank opens a listening socket on an ephemeral port, connects to rank 0 (retried until the
 // deadline) and registers (rank, world size, port); rank 0 checks that every rank agrees on the
 // world size and sends back the table of (address as rank 0 saw it, port). Then rank j connects
@@ -142,7 +143,9 @@ int listen_on(int family, int port, int* bound_port) {
     const int e = errno;
     close(fd);
     AM_FAIL("cannot listen on TCP port {} ({}); {}", port, errno_text(e),
-            port ? "pick a free MASTER_PORT" : "no ephemeral port is free");
+            port ? "pick a free MASTER_PORT, or set AUTOMOE_MASTER_PORT (under torchrun automoe "
+                   "takes MASTER_PORT + 1: torchrun's own store holds MASTER_PORT)"
+                 : "no ephemeral port is free");
   }
   socklen_t l = sizeof ss;
   getsockname(fd, reinterpret_cast<sockaddr*>(&ss), &l);
@@ -603,9 +606,16 @@ std::unique_ptr<Backend> start_tcp(const LaunchInfo& li) {
            "head -n1) before srun (docs/DISTRIBUTED.md)",
            li.launcher, li.rank, li.world_size);
   const std::string master = addr_env;
-  const char* port_env = std::getenv("MASTER_PORT");
-  const int port = port_env && *port_env ? std::atoi(port_env) : 29500;
-  AM_CHECK(port > 0 && port < 65536, "MASTER_PORT={} is not a TCP port", port_env ? port_env : "");
+  // torchrun's agent on node 0 serves its own TCPStore on MASTER_PORT (it says so with
+  // TORCHELASTIC_USE_AGENT_STORE=True): the rendezvous takes the next port then.
+  // AUTOMOE_MASTER_PORT names the port outright.
+  const char* own_env = std::getenv("AUTOMOE_MASTER_PORT");
+  const char* port_env = own_env && *own_env ? own_env : std::getenv("MASTER_PORT");
+  const char* agent = std::getenv("TORCHELASTIC_USE_AGENT_STORE");
+  const bool next = !(own_env && *own_env) && agent && std::string(agent) == "True";
+  const int port = (port_env && *port_env ? std::atoi(port_env) : 29500) + (next ? 1 : 0);
+  AM_CHECK(port > 0 && port < 65536, "{}={} is not a TCP port", own_env && *own_env ? "AUTOMOE_MASTER_PORT" : "MASTER_PORT",
+           port_env ? port_env : "");
 
   auto b = std::make_unique<TcpBackend>();
   Mesh& m = *b->mesh;

@@ -14,7 +14,9 @@
 // starts the backend (MPI or TCP) for all of them.
 #include <gtest/gtest.h>
 
+#include <netinet/in.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -552,7 +554,18 @@ TEST(DistCli, ForwardUnderMpirunAndTcpWritesTheFileOfOneProcess) {
     ASSERT_EQ(run(mpirun(2) + args + two + " --ep 2", &log), 0) << log;
     expect_forward_files_agree(one, two, "mpirun -np 2, ep 2");
   }
-  ASSERT_EQ(run(tcprun(2) + args + two + " --ep 2", &log), 0) << log;
+  // as under torchrun, whose agent holds MASTER_PORT (here this process does): automoe takes the next
+  const int agent = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  socklen_t len = sizeof a;
+  ASSERT_EQ(::bind(agent, reinterpret_cast<sockaddr*>(&a), len), 0);
+  ASSERT_EQ(::listen(agent, 4), 0);
+  ::getsockname(agent, reinterpret_cast<sockaddr*>(&a), &len);
+  const std::string env = "MASTER_PORT=" + std::to_string(ntohs(a.sin_port)) + " TORCHELASTIC_USE_AGENT_STORE=True ";
+  const int rc = run(tcp_launch(2, env) + cli() + args + two + " --ep 2", &log);
+  ::close(agent);
+  ASSERT_EQ(rc, 0) << log;
   expect_forward_files_agree(one, two, "TCP 2 ranks, ep 2");
   fs::remove(one);
   fs::remove(two);
