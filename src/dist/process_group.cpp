@@ -59,12 +59,12 @@ LaunchInfo detect_launch() {
     li.world_size = env_int("WORLD_SIZE", 1);
     li.rank = env_int("RANK", 0);
     li.local_rank = env_int("LOCAL_RANK", 0);
-  } else if (std::getenv("SLURM_PROCID") &&
-             (std::getenv("SLURM_STEP_NUM_TASKS") || std::getenv("SLURM_NTASKS"))) {
-    // srun without --mpi. A step's task count first: a batch script's own process sees the
-    // allocation's SLURM_NTASKS but is a step of one task.
+  } else if (std::getenv("SLURM_PROCID") && std::getenv("SLURM_STEP_NUM_TASKS")) {
+    // srun without --mpi: the step's task count. Not SLURM_NTASKS: a batch script's own process
+    // (and salloc's shell) sees the allocation's task count, SLURM_PROCID=0 and no step count,
+    // and is one process.
     li.launcher = "slurm";
-    li.world_size = env_int("SLURM_STEP_NUM_TASKS", env_int("SLURM_NTASKS", 1));
+    li.world_size = env_int("SLURM_STEP_NUM_TASKS", 1);
     li.rank = env_int("SLURM_PROCID", 0);
     li.local_rank = env_int("SLURM_LOCALID", 0);
   }

@@ -29,7 +29,7 @@ namespace automoe::dist {
 struct LaunchInfo {
   // "mpirun" (Open MPI), "pmi" (srun --mpi=pmix/pmi2, MPICH): MPI.
   // "torchrun" (RANK/WORLD_SIZE/LOCAL_RANK), "slurm" (srun without --mpi: SLURM_PROCID,
-  // SLURM_STEP_NUM_TASKS or SLURM_NTASKS, SLURM_LOCALID): TCP. "none": one process.
+  // SLURM_STEP_NUM_TASKS, SLURM_LOCALID): TCP. "none": one process.
   std::string launcher = "none";
   int world_size = 1, rank = 0, local_rank = 0;  // local_rank picks the GPU (place_on_gpu)
 };
