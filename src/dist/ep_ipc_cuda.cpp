@@ -203,7 +203,17 @@ IpcTransport::IpcTransport(const Comm& ep)
   }
   if (why.empty()) cuda_ok(cudaStreamSynchronize(probe), "the peer writes' probe");
   if (probe) cudaStreamDestroy(probe);
-  fail_together(ep_, why.empty() ? why : why + "; " + kInstead);
+  try {
+    fail_together(ep_, why.empty() ? why : why + "; " + kInstead);
+  } catch (...) {  // auto falls back to another transport: leave nothing mapped or allocated
+    for (int p = 0; p < P; ++p)
+      if (p != me && peer_flags_[size_t(p)]) cudaIpcCloseMemHandle(peer_flags_[size_t(p)]);
+    if (flags_) cudaFree(flags_);
+    if (host_word_) cudaFreeHost(host_word_);
+    if (done_ev_) cudaEventDestroy(done_ev_);
+    cudaGetLastError();
+    throw;
+  }
 }
 
 IpcTransport::~IpcTransport() {
