@@ -14,9 +14,10 @@
 // the host, and no NCCL kernels on the SMs. Two processes on one GPU also work (CUDA IPC within
 // a device), which is how a single GPU checks it; stream waits do not spin SMs, which matters
 // there: the two processes' contexts time-slice the GPU.
-// Status: auto's choice within a node (dist/gpu_rank.h). This flag scheme has NOT run on a GPU
-// yet (the event-and-barrier scheme before it was checked with two processes on one H200,
-// bench/RESULTS.md); bench/device.sh stages ep and ep_model check it.
+// Status: auto's choice within a node (dist/gpu_rank.h). Checked with two processes on one H200
+// (bench/RESULTS.md, fourth session of 2026-11-29: ep_check 550/550 per rank, the padded
+// forward's enqueue 0.2 ms behind a held stream, the stall drill, training bit-identical to MPI
+// staging); not yet between two GPUs. bench/device.sh stages ep and ep_model check it.
 //
 // Staging of rank p: P-1 regions of pair_cap bytes (the same on every rank), one per source
 // s != p in rank order (slot s, or s-1 past p). Source s writes its rows for p at the start of
