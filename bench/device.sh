@@ -22,7 +22,10 @@
 #   ep        ep_check (not in the default STAGES): the GPU expert-parallel block against one
 #             GPU with P = 2, 4, 8 loopback ranks on GPU 0, then mpirun -np 2 on GPU 0 over the
 #             MPI-staged transport and (small shapes) over CUDA IPC buffers (ep_ipc2: two
-#             processes on one GPU check its ordering, not its NVLink bandwidth); with >= 2
+#             processes on one GPU check its ordering, not its NVLink bandwidth; counts and
+#             padded, and "padded fwd: no host wait"), then the IPC stall drill (ep_ipc2_stall:
+#             rank 1 sleeps past AUTOMOE_DIST_TIMEOUT=10; passes on rank 0's "PASS ... stalled
+#             peer" line, the job's exit code is non-zero by design); with >= 2
 #             GPUs also NCCL under
 #             mpirun -np 2 (check + dispatch/combine bandwidth) and the kill drills (a rank exits,
 #             or stops communicating, mid-run: the job must end non-zero within the NCCL timeout).
@@ -50,7 +53,9 @@
 #             ep_model_cmp_padded_exact) and follow one GPU's (ep_model_cmp_padded).
 #             The same check and
 #             training run over CUDA IPC buffers (AUTOMOE_EP_TRANSPORT=ipc, both ranks on GPU 0:
-#             ep_model_check_ipc2, ep_model_ipc2, ep_model_cmp_ipc). And `automoe forward --device cuda --ep 2` under
+#             ep_model_check_ipc2, ep_model_ipc2, ep_model_cmp_ipc; bit for bit MPI staging's
+#             curve: ep_model_cmp_ipc_exact, and in padded mode ep_model_ipc2_padded against
+#             ep_model_mpi2_padded: ep_model_cmp_ipc_padded_exact). And `automoe forward --device cuda --ep 2` under
 #             mpirun (MPI staging) against the single-GPU forward of the same fixture
 #             (bench/compare_forward.py: logits, loss, aux loss, every gradient).
 #             The memory-saving mode under mpirun (MPI staging, both ranks on GPU 0):
@@ -255,6 +260,14 @@ if has ep; then
     STAGE_TIMEOUT=120 stage ep_ipc2 mpirun --allow-run-as-root --oversubscribe -np 2 \
       -x CUDA_VISIBLE_DEVICES=0 "$BUILD/ep_check" --transport ipc --no-bench --tokens 1024 \
       --hidden 512 --inter 256 --experts 16 --topk 4
+    # the IPC stall drill: rank 1 sleeps past AUTOMOE_DIST_TIMEOUT=10 before its forward; rank 0
+    # must print "PASS ... stalled peer" (its sync threw the timeout error) and end the job
+    # (MPI_Abort: mpirun's exit is non-zero either way, so the verdict is the PASS line)
+    STAGE_TIMEOUT=120 stage ep_ipc2_stall bash -c 'out=$("$@" 2>&1); rc=$?; echo "$out";
+      echo "mpirun exit $rc (non-zero expected)"; grep -q "^PASS .*stalled peer" <<<"$out" &&
+      ! grep -q "^FAIL" <<<"$out"' _ mpirun --allow-run-as-root --oversubscribe -np 2 \
+      -x CUDA_VISIBLE_DEVICES=0 -x AUTOMOE_DIST_TIMEOUT=10 "$BUILD/ep_check" --transport ipc \
+      --stall-rank 1 --tokens 1024 --hidden 512 --inter 256 --experts 16 --topk 4
   fi
   ngpu=$(nvidia-smi -L 2>/dev/null | grep -c "^GPU")
   if [ "$ngpu" -ge 2 ] && command -v mpirun >/dev/null 2>&1; then
@@ -417,6 +430,15 @@ if has ep_model; then
         --output.dir "$BUILD/ep_model_ipc2"
       stage ep_model_cmp_ipc python3 bench/compare_loss_curves.py "$BUILD/ep_model_1gpu/metrics.jsonl" \
         "$BUILD/ep_model_ipc2/metrics.jsonl"
+      # the same rows in the same places as MPI staging: bit for bit its curve, in counts mode
+      # and in padded mode (ep_recompute experts, as ep_model_mpi2_padded)
+      stage ep_model_cmp_ipc_exact python3 bench/compare_loss_curves.py --exact loss,ce_loss,aux_loss,grad_norm \
+        "$BUILD/ep_model_mpi2/metrics.jsonl" "$BUILD/ep_model_ipc2/metrics.jsonl"
+      stage ep_model_ipc2_padded mpirun --allow-run-as-root --oversubscribe -np 2 -x CUDA_VISIBLE_DEVICES=0 \
+        -x AUTOMOE_EP_TRANSPORT=ipc "$BUILD/automoe" "${run[@]}" --train.ep 2 --data.micro_batch 8 \
+        --train.ep_recompute experts --train.ep_dispatch padded --output.dir "$BUILD/ep_model_ipc2_padded"
+      stage ep_model_cmp_ipc_padded_exact python3 bench/compare_loss_curves.py --exact loss,ce_loss,aux_loss,grad_norm \
+        "$BUILD/ep_model_mpi2_padded/metrics.jsonl" "$BUILD/ep_model_ipc2_padded/metrics.jsonl"
     else
       echo "device.sh: ep_model_check_ipc2 failed: no training run over IPC"
     fi

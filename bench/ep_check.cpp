@@ -24,6 +24,16 @@
 //          --kill-rank R [--kill-mode exit|stall]   (NCCL: rank R exits abruptly, or stops
 //          communicating, in the middle of the bandwidth run; the others must stop with an
 //          error within AUTOMOE_NCCL_TIMEOUT_S, never hang)
+//          --stall-rank R   (IPC, a drill instead of the checks; needs AUTOMOE_DIST_TIMEOUT <= 60:
+//          after one padded forward together, rank R sleeps the timeout + 15 s before its next
+//          forward; every other rank's sync() must throw the transport's timeout error (naming
+//          AUTOMOE_DIST_TIMEOUT) within the timeout + 10 s: "PASS ... stalled peer" or "FAIL";
+//          then the job ends through MPI_Abort, so its exit code is non-zero either way)
+//   Under mpirun over IPC, with padded in --modes: "no host wait" (after the checks): a padded forward is enqueued while the
+//   stream is held 1.5 s by a host function and every rank but 0 starts it 0.3 s late; its
+//   host enqueue must take < 200 ms on every rank with the stream still busy after it (a host
+//   wait on the device or a host collective inside the call would take longer), and its
+//   output must be bit-identical to the same forward run plainly.
 //
 // Every rank has its own random tokens, routing and d(out); all of it is made from seeds, so each
 // process can rebuild every rank's inputs. The reference runs the tokens of ALL ranks through
@@ -99,6 +109,7 @@ struct Opts {
   uint64_t seed = 20261129;
   bool bench = true;
   int kill_rank = -1;
+  int stall_rank = -1;  // IPC: the stalled-peer drill
   std::string kill_mode = "exit";
   std::string transport;  // "" = AUTOMOE_EP_TRANSPORT (default auto)
   bool time_only = false;  // loopback: time fwd and bwd per mode and recompute option, no checks
@@ -109,7 +120,7 @@ struct Opts {
                "ep_check: %s\nusage: ep_check [--loopback P] [--tokens N] [--hidden H] [--inter I] "
                "[--experts E] [--topk K] [--modes counts,padded] "
                "[--recompute none,outputs,experts] [--iters N] [--warmup N] "
-               "[--seed S] [--no-bench] [--kill-rank R] [--kill-mode exit|stall] "
+               "[--seed S] [--no-bench] [--kill-rank R] [--kill-mode exit|stall] [--stall-rank R] "
                "[--transport mpi|nccl|ipc|auto] [--time]\n",
                why.c_str());
   std::exit(2);
@@ -143,6 +154,7 @@ Opts parse(int argc, char** argv) {
     else if (a == "--time") o.time_only = true;
     else if (a == "--kill-rank") o.kill_rank = int(num());
     else if (a == "--kill-mode") o.kill_mode = val();
+    else if (a == "--stall-rank") o.stall_rank = int(num());
     else if (a == "--transport") o.transport = val();
     else if (a == "--modes") {
       o.modes.clear();
@@ -779,6 +791,89 @@ int run_loopback(const Opts& o, int P) {
 
 // ---- under mpirun: one rank per process, NCCL, MPI staging or CUDA IPC ------------------------
 
+// A padded forward enqueues without a host wait (the point of train.ep_dispatch padded; see the
+// file comment): timed on the host while a host function holds the stream 1.5 s and every rank
+// but 0 starts 0.3 s late, then its output against the same forward run plainly.
+void check_no_host_wait(Tally& tally, dist::EpTransport& t, const dist::Comm& world,
+                        const Shape& s, uint64_t seed, const cu::Ctx& ctx) {
+  Problem p;
+  p.s = s;
+  make_problem(p, Routing::kRandom, seed, ctx);
+  dist::EpMoeCuda ep(t, {s.N, s.H, s.I, s.E, s.K}, dist::EpMode::kPadded);
+  auto fa = fwd_args(p, t, p.out_ep.get());
+  ep.fwd(fa.data(), s.N, ctx);
+  t.sync(ctx.stream);
+  const auto want = local_raw(p.out_ep, t, s.N, s.H);
+  CUDA_CHECK(cudaMemsetAsync(p.out_ep.get(), 0, p.out_ep.bytes(), ctx.stream));
+  CUDA_CHECK(cudaStreamSynchronize(ctx.stream));
+  world.barrier();
+  CUDA_CHECK(cudaLaunchHostFunc(
+      ctx.stream, [](void*) { std::this_thread::sleep_for(std::chrono::milliseconds(1500)); },
+      nullptr));
+  if (world.rank() != 0) std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  const auto t0 = std::chrono::steady_clock::now();
+  ep.fwd(fa.data(), s.N, ctx);
+  const double ms =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  const bool busy = cudaStreamQuery(ctx.stream) == cudaErrorNotReady;
+  t.sync(ctx.stream);
+  const bool ok = ms < 200 && busy;
+  ++tally.checks;
+  tally.fails += ok ? 0 : 1;
+  std::printf("%-4s %s %-34s host enqueue %.1f ms (< 200), stream %s after it\n",
+              ok ? "PASS" : "FAIL", tally.tag.c_str(), "padded fwd: no host wait", ms,
+              busy ? "still busy" : "ALREADY IDLE (the host waited)");
+  same_bits(tally, "padded fwd behind a held stream out", local_raw(p.out_ep, t, s.N, s.H), want);
+  std::fflush(stdout);
+}
+
+// --stall-rank (IPC): a peer that stops before its part of an all-to-all must end the others'
+// sync() with the timeout error, not a hang (see the file comment). Never returns: the job ends
+// through MPI_Abort (the stalled rank is still asleep).
+[[noreturn]] void stall_drill(const Opts& o, dist::EpTransport& t, const dist::Comm& world,
+                              const Shape& s, const cu::Ctx& ctx) {
+  const char* v = std::getenv("AUTOMOE_DIST_TIMEOUT");
+  const double timeout = v ? std::atof(v) : 0;
+  if (timeout <= 0 || timeout > 60)
+    usage("--stall-rank needs AUTOMOE_DIST_TIMEOUT between 1 and 60 seconds (mpirun -x)");
+  Problem p;
+  p.s = s;
+  make_problem(p, Routing::kRandom, o.seed + 900, ctx);
+  dist::EpMoeCuda ep(t, {s.N, s.H, s.I, s.E, s.K}, dist::EpMode::kPadded);
+  auto fa = fwd_args(p, t, p.out_ep.get());
+  ep.fwd(fa.data(), s.N, ctx);  // one call together: the transport works
+  t.sync(ctx.stream);
+  world.barrier();
+  const std::string tag = std::string(t.name()) + " rank " + std::to_string(world.rank()) + "/" +
+                          std::to_string(world.size());
+  if (world.rank() == o.stall_rank) {
+    std::printf("ep_check: rank %d stalls %.0f s before its forward (--stall-rank)\n",
+                world.rank(), timeout + 15);
+    std::fflush(stdout);
+    std::this_thread::sleep_for(std::chrono::duration<double>(timeout + 15));
+    // only if nobody ended the job (the drill failed on the others)
+    dist::abort_all("ep_check: the stalled rank woke up: the other ranks did not end the job");
+  }
+  const auto t0 = std::chrono::steady_clock::now();
+  std::string err;
+  try {
+    ep.fwd(fa.data(), s.N, ctx);
+    t.sync(ctx.stream);
+  } catch (const std::exception& e) {
+    err = e.what();
+  }
+  const double sec =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const bool ok = err.find("did not finish") != std::string::npos &&
+                  err.find("AUTOMOE_DIST_TIMEOUT") != std::string::npos && sec < timeout + 10;
+  std::printf("%-4s %s stalled peer: %s after %.1f s (AUTOMOE_DIST_TIMEOUT=%g): %s\n",
+              ok ? "PASS" : "FAIL", tag.c_str(), err.empty() ? "no error" : "the error",
+              sec, timeout, err.empty() ? "(the call finished)" : err.c_str());
+  std::fflush(stdout);
+  dist::abort_all(ok ? "ep_check: the stall drill passed (ending the job with the stalled rank)"
+                     : "ep_check: the stall drill FAILED");
+}
+
 #if AUTOMOE_HAVE_NCCL
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
@@ -872,11 +967,14 @@ int run_ranks(const Opts& o) {
     std::printf("ep_check: rank %d: auto took %s\n", rank, dist::ep_transport_kind_name(comm.kind()));
   if (o.kill_rank >= 0 && comm.kind() != dist::EpTransportKind::kNccl)
     usage("--kill-rank drills the NCCL timeout: run it with --transport nccl");
+  if (o.stall_rank >= 0 && comm.kind() != dist::EpTransportKind::kIpc)
+    usage("--stall-rank drills the IPC transport's timeout: run it with --transport ipc");
   dist::EpTransport& t = *comm.ep_transport();
   Tally tally;
   tally.tag = std::string(t.name()) + " rank " + std::to_string(rank) + "/" + std::to_string(P);
   const Shape s{o.N, o.H, o.I, o.E, o.K, P};
   if (s.E % P != 0) usage("--experts must be a multiple of the rank count");
+  if (o.stall_rank >= 0) stall_drill(o, t, groups.world, s, owner.ctx());
   if (o.kill_rank < 0) {
     // the small unaligned suite first, then the given shapes
     for (dist::EpMode m : o.modes)
@@ -885,6 +983,10 @@ int run_ranks(const Opts& o) {
       check_shape(tally, t, m, s, o.recompute, o.seed + 100, owner.ctx());
     check_arena(tally, t, small, o.modes, o.recompute, o.seed + 200, owner.ctx());
     check_arena(tally, t, arena_shape(s), o.modes, o.recompute, o.seed + 300, owner.ctx());
+    const bool padded =
+        std::find(o.modes.begin(), o.modes.end(), dist::EpMode::kPadded) != o.modes.end();
+    if (padded && comm.kind() == dist::EpTransportKind::kIpc)
+      check_no_host_wait(tally, t, groups.world, arena_shape(s), o.seed + 400, owner.ctx());
   }
 #if AUTOMOE_HAVE_NCCL
   if ((o.bench || o.kill_rank >= 0) && !pl.shared()) {

@@ -1,51 +1,92 @@
 // dist/ep_ipc.h: the EP transport over CUDA IPC buffers (dist/ep_transport.h), one rank per
-// process, all ranks of the EP group on ONE node. Each rank owns a receive staging buffer in its
-// GPU memory; every peer maps it (cudaIpcOpenMemHandle) and writes its rows straight into it
-// with cudaMemcpyAsync (the copy engine; peer-to-peer over NVLink when the GPUs differ), then the
-// owner copies them out into the caller's receive buffers. DeepEP's normal mode is the design
-// reference (a registered buffer per rank that peers write into), done with copies, not kernels.
+// process, all ranks of the EP group on ONE node. Each rank owns a receive staging buffer and a
+// few flags in its GPU memory; every peer maps both (cudaIpcOpenMemHandle), writes its rows
+// straight into its own region of the staging with cudaMemcpyAsync (the copy engine;
+// peer-to-peer over NVLink when the GPUs differ) and then raises a flag there; the owner waits
+// for the flag on its stream and copies the region out into the caller's receive buffers.
+// DeepEP's normal mode is the design reference (a registered buffer per rank that peers write
+// into, with per-source regions and flags), done with copies and stream memory operations, not
+// SM kernels.
 //
-// Why: no host round trip (MpiStagedTransport) and no NCCL kernels on the SMs; two processes
-// on one GPU also work (CUDA IPC within a device), which is how a single GPU checks it.
-// Status: auto's choice within a node (dist/gpu_rank.h); checked with two processes on one GPU
-// (bench/RESULTS.md), not yet between two GPUs.
+// Why: a call enqueues everything and returns: no host collective and no host wait per call
+// (MpiStagedTransport waits on both; the first IPC version all-gathered the counts and held a
+// barrier in every call), so padded mode's forward (train.ep_dispatch padded) never waits on
+// the host, and no NCCL kernels on the SMs. Two processes on one GPU also work (CUDA IPC within
+// a device), which is how a single GPU checks it; stream waits do not spin SMs, which matters
+// there: the two processes' contexts time-slice the GPU.
+// Status: auto's choice within a node (dist/gpu_rank.h). Checked with two processes on one H200
+// (bench/RESULTS.md, fourth session of 2026-11-29: ep_check 550/550 per rank, the padded
+// forward's enqueue 0.2 ms behind a held stream, the stall drill, training bit-identical to MPI
+// staging); not yet between two GPUs. bench/device.sh stages ep and ep_model check it.
 //
-// Staging layout of rank p (cap_ bytes, the same on every rank; one call at a time):
-//   for source s != p in rank order, for tensor k in call order: cnt[s][p] rows of tensor k
-// where cnt[s][p] = rows rank s sends to p in this call. The writer s needs the offset of its
-// region in p's staging, sum_{s' < s, s' != p} cnt[s'][p] * (bytes of one row of every tensor):
-// every call starts with one small MPI all-gather of every rank's send counts (P x (P+1) int64,
-// with each rank's reservation), so every rank knows every region and takes the same capacity
-// decision (below). Fixed worst-case regions per source would need no exchange, but P times
-// the memory. Rows to itself go straight from send to recv, never through the staging.
+// Staging of rank p: P-1 regions of pair_cap bytes (the same on every rank), one per source
+// s != p in rank order (slot s, or s-1 past p). Source s writes its rows for p at the start of
+// its region, for tensor k in call order: cnt[s][p] rows of tensor k. No rank needs another's
+// counts. EpMoeCuda bounds one pair's rows by max_tokens (a token goes once to each destination
+// rank; padded mode sends N rows per peer; a combine returns at most what came), so
+// pair_cap = max_tokens x (2H + 8K) bytes, the dispatch's row, and the staging is
+// (P-1) x pair_cap: below the P x max_tokens rows of the receive-all worst case the counts-
+// sized staging reserved before. Qwen3-30B-A3B (H 2048, K 8, 4,160-byte rows) at max_tokens
+// 4096: pair_cap 16.25 MiB, 48.75 MiB per rank at P = 4, 113.75 MiB at P = 8. A call whose rows
+// for one peer exceed pair_cap throws an internal error naming the ranks and bytes before it
+// enqueues anything (never writes out of bounds).
 //
-// Ordering of one call on rank r (stream = the caller's; every rank runs the same steps):
-//   1 host: all-gather the send counts. When any rank returns, every rank has entered this
-//     call, so every rank's host calls of the previous call (its step 7 record) are done.
-//   2 stream: wait on done[p] of every peer p it writes to: p finished copying out of its
-//     staging in the previous call (write-after-read). cudaStreamWaitEvent waits on the most
-//     recent record at the time of the wait; step 1 made that the previous call's.
-//   3 stream: copy the rows for each peer into the peer's staging; rows to itself, send -> recv.
-//   4 stream: record ready[r].
-//   5 host: MPI barrier: every rank has recorded its ready event of THIS call (step 4).
-//   6 stream: wait on ready[s] of every peer s that sends to r, then copy the staging out into
-//     recv (read-after-write).
-//   7 stream: record done[r].
-// A peer re-records ready[s] only after step 1 of the next call, which needs r there, after
-// r's step 6 waits; it re-records done[p] only after step 5 of the next call, after r's step 2
-// waits. So every wait sees the record it means. Nothing waits on the device from the host.
-// One stream per transport is assumed (EpMoeCuda passes ctx.stream every time): done[p]
-// covers p's copy-out only when p records it on the stream that copied.
+// Sizing: reserve() is COLLECTIVE over the EP group: a max all-reduce of pair_bytes, and, when
+// it grows, a reallocation on every rank at once (device synchronize: every rank has enqueued
+// every earlier call, so its waits are met; a barrier, mappings closed, a barrier, freed,
+// allocated, handles all-gathered and opened). It is
+// the one collective outside the constructor: every rank must construct its EpMoeCuda blocks
+// (which call it) in the same order. That holds in the model (plan() builds one block per MoE
+// layer in layer order, when the micro-batch shape changes; every rank gets the same shape:
+// the trainer's [micro_batch, seq_len], `automoe forward`'s even split; padded mode also
+// checks N over the group per forward), in bench/ep_check.cpp (every rank runs the same
+// checks) and bench/cuda_bench.cpp (the model, with the same flags on every rank). A rank that
+// re-planned alone would block in that all-reduce while the others' device waits time out.
 //
-// Capacity: reserve() is local (ranks may plan at different times); each call all-gathers
-// every rank's reservation with its counts, so all ranks see the same largest reservation and
-// the same largest need of this call, and grow together when it exceeds the staging: device
-// synchronize, barrier, close, reallocate, exchange the handles again. EpMoeCuda reserves its
-// worst case up front, so that happens at its first call, once, not on the hot path.
+// Flags (uint32, in a second IPC-shared allocation of each rank, never reallocated):
+//   ready[s]  source s's rows of call e are in my region s: written e by s
+//   done[p]   peer p copied my rows of call e out of its staging: written e by p
+//   ready[me] my own call e finished (written last in each call; the destructor reads it)
+// Call number e (a per-transport counter, the same on every rank: every rank makes the same
+// calls) on rank r, all on the caller's stream, waits on LOCAL memory, writes into the peer's:
+//   a) for every peer p: wait until my done[p] >= e-1 (p is done with my region of call e-1);
+//      copy my rows for p into p's region r; write p's ready[r] = e (a stream write, fenced
+//      after the copies). Every peer is signalled every call, also with 0 rows.
+//   b) rows to itself: send -> recv directly, never through the staging.
+//   c) for every source s: wait until my ready[s] >= e; copy region s out into recv; write s's
+//      done[r] = e.
+// Correct data: s writes region s of p in call e only after p wrote done = e-1 (after its
+// copy-out of call e-1), and p copies it out only after ready = e (after s's copies of call e,
+// fenced); ready cannot already hold e+1 then, since s's call e+1 waits for p's done = e.
+// No deadlock (every rank enqueues the same calls): by induction on e, if every rank's steps of
+// the calls before e complete, then every a) wait of call e completes (done = e-1 was written
+// at the end of call e-1), so every rank's ready writes of call e happen, so every c) wait of
+// call e completes. A wait depends only on writes of an earlier step, never on a later one,
+// so there is no cycle, whatever order the ranks' processes run in. (The ordering does not
+// lean on the stream's order between calls, only within one; EpMoeCuda uses one stream.)
+// Epochs are uint32 and the waits compare cyclically (the driver's GEQ is (int32)(*addr - v)
+// >= 0), so the wrap after 2^32 calls (about 40 million steps of 100 all-to-alls) is harmless.
+// The copies need no flush on the reader's side: the writer's stream write carries a memory
+// fence (__threadfence_system semantics) after its copies, as NVSHMEM's put-with-signal on
+// stream does for P2P peers; CU_STREAM_WAIT_VALUE_FLUSH (NIC writes over PCIe) is not needed
+// for NVLink or the same GPU.
+// Stream memory operations: cuStreamWaitValue32 (CU_STREAM_WAIT_VALUE_GEQ) and
+// cuStreamWriteValue32 (default flags: fenced), from the driver at run time
+// (cudaGetDriverEntryPoint*): the binary does not link libcuda. The constructor probes them
+// (a local write and wait, a write into each peer's flags) and refuses with a sentence where
+// they fail. Caveat: a stream blocked in a wait may hold back other streams of the process that
+// share its hardware queue (CUDA_DEVICE_MAX_CONNECTIONS, 8 by default), as the interprocess
+// events before did.
+//
+// Host waits: sync() polls the stream (50 us naps) for at most AUTOMOE_DIST_TIMEOUT seconds
+// (default 600), then throws that the EP group's device waits did not finish (a peer stalled or
+// died). Before it throws it releases this rank's waits (its flags set past the current epoch
+// from a separate stream), so the unwinding's frees and synchronizes do not hang on them.
 //
 // Refused with a sentence (on every rank of the group): ranks on different nodes, two GPUs
 // without peer access (a PCIe machine without P2P), a cudaIpc call that fails (containers
-// without a shared IPC namespace, MPS setups): use AUTOMOE_EP_TRANSPORT=nccl or mpi there.
+// without a shared IPC namespace, MPS setups), no stream memory operations (a driver before
+// CUDA 12): use AUTOMOE_EP_TRANSPORT=nccl or mpi there.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -68,32 +109,46 @@ class IpcTransport final : public EpTransport {
   int size() const override { return ep_.size(); }
   int num_local() const override { return 1; }
   int rank_of(int) const override { return ep_.rank(); }
-  // Local: remembers recv_bytes; the next call (collective) sizes every rank's staging to the
-  // largest reservation over the group, once.
-  void reserve(size_t send_bytes, size_t recv_bytes) override;
+  // Collective (see "Sizing"): pair_cap becomes the largest pair_bytes over the group and
+  // calls so far; every rank reallocates together when that grows.
+  void reserve(size_t send_bytes, size_t recv_bytes, size_t pair_bytes) override;
+  // Enqueues the call's steps a-c on `stream`; no host collective, no host wait.
   void alltoallv(const EpA2aTensor* t, int nt, const EpA2aRows& rows,
                  cudaStream_t stream) override;
+  // With the timeout (AUTOMOE_DIST_TIMEOUT).
   void sync(cudaStream_t stream) override;
 
+  size_t pair_capacity() const { return pair_cap_; }  // bytes of one source's region
+
  private:
-  // Collective (inside a call, every rank with the same `bytes`): every rank's staging becomes
-  // `bytes` (after a device synchronize and a barrier), the handles are exchanged again and the
-  // peers' opened.
-  void grow(size_t bytes);
+  void wait_geq(cudaStream_t s, const uint32_t* addr, uint32_t v);
+  void write(cudaStream_t s, uint32_t* addr, uint32_t v);
+  // Local: this rank's pending waits released (its flags set past the epoch, from a stream of
+  // its own) after a timeout or while an error unwinds; false when that did not finish.
+  bool release();
+  // Local: whether this rank's last call finished within `seconds` (its own ready slot, written
+  // at the end of every call, read from a stream of its own).
+  bool finished(double seconds);
   void close_peers();  // local: the peers' staging mappings
+  unsigned char* region(int p, int s) const;  // rank p's region for source s (p's staging)
 
   Comm ep_;
   int device_ = 0;
-  unsigned char* own_ = nullptr;         // [cap_] this rank's receive staging (cudaMalloc)
-  size_t cap_ = 0;                       // bytes, the same on every rank
-  std::vector<unsigned char*> peer_;     // [P] the peers' staging, mapped here; [rank] = own_
-  cudaEvent_t ready_ = nullptr;          // recorded after this rank's writes into the peers
-  cudaEvent_t done_ = nullptr;           // recorded after this rank's copy-out of own_
-  std::vector<cudaEvent_t> peer_ready_;  // [P] the peers' events, opened here; [rank] = own
-  std::vector<cudaEvent_t> peer_done_;   // [P]
-  size_t want_ = 0;                      // the largest recv_bytes reserve() was asked here
-  std::vector<int64_t> mine_;            // [P+1] this call's send counts, then want_
-  std::vector<int64_t> all_;             // [P][P+1] every rank's mine_ (rows s -> p at [s][p])
+  double timeout_s_ = 600;
+  void* wait_op_ = nullptr;   // cuStreamWaitValue32, from the driver at run time
+  void* write_op_ = nullptr;  // cuStreamWriteValue32
+  unsigned char* own_ = nullptr;       // [(P-1) * pair_cap_] this rank's staging (cudaMalloc)
+  size_t pair_cap_ = 0;                // bytes of one source's region, the same on every rank
+  std::vector<unsigned char*> peer_;   // [P] the peers' staging, mapped here; [rank] = own_
+  uint32_t* flags_ = nullptr;          // [2P] this rank's ready[P] | done[P] (cudaMalloc);
+                                       //   ready[rank]: the last call this rank finished
+  uint32_t* host_word_ = nullptr;      // [1] pinned: finished()'s read-back
+  std::vector<uint32_t*> peer_flags_;  // [P] the peers' flags, mapped here; [rank] = flags_
+  uint32_t epoch_ = 0;                 // calls so far (the same on every rank)
+  cudaEvent_t done_ev_ = nullptr;      // sync()'s
+  bool in_flight_ = false;             // calls enqueued since the last sync() that returned
+  bool released_ = false;              // after a timeout: the flags no longer order anything
+  bool stuck_ = false;                 // a release that did not finish: leak, never free
 };
 
 }  // namespace automoe::dist

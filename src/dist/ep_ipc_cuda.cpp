@@ -1,29 +1,38 @@
 // dist/ep_ipc_cuda.cpp: IpcTransport (dist/ep_ipc.h): EP all-to-all-v rows written by
-// cudaMemcpyAsync into the peers' CUDA IPC staging buffers, ordered by interprocess events and
-// two host collectives per call (the header says why that ordering is correct).
+// cudaMemcpyAsync into fixed per-source regions of the peers' CUDA IPC staging, ordered by
+// flags in IPC-shared device memory (stream waits on the local flags, stream writes into the
+// peers'); the header says why that ordering is correct and deadlock-free.
 #include "dist/ep_ipc.h"
 
+#include <cuda.h>  // types and enums of the stream memory operations only: libcuda is not linked
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
+#include <cstdlib>
 #include <cstring>
 #include <string>
+#include <thread>
 
 #include "backend/cuda/common.cuh"
 #include "core/check.h"
+#include "dist/comm_backend.h"
 
 namespace automoe::dist {
 
 namespace {
 
+using Clock = std::chrono::steady_clock;
+
+using MemOp = CUresult (*)(CUstream, CUdeviceptr, cuuint32_t, unsigned int);
+
 size_t row_bytes(const EpA2aTensor& t) { return size_t(t.row_elems) * ep_dtype_bytes(t.dtype); }
 
 // What a rank tells the others at construction (raw bytes through Comm::allgather).
 struct RankInfo {
-  char host[256];              // gethostname
-  char bus[32];                // PCI bus id of its GPU (cudaDeviceGetPCIBusId)
-  cudaIpcEventHandle_t ready;  // its interprocess events
-  cudaIpcEventHandle_t done;
+  char host[256];             // gethostname
+  char bus[32];               // PCI bus id of its GPU (cudaDeviceGetPCIBusId)
+  cudaIpcMemHandle_t flags;   // its flags allocation
 };
 
 const char* kInstead = "use AUTOMOE_EP_TRANSPORT=nccl (a GPU per rank) or mpi (any placement)";
@@ -45,16 +54,51 @@ std::string cuda_error(const char* what, cudaError_t e) {
   return std::string(what) + " failed: " + cudaGetErrorString(e);
 }
 
+double seconds_since(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+// Polls `ev` for at most `seconds` (50 us naps): cudaSuccess when it completed,
+// cudaErrorNotReady when the time ran out, else the error (never throws: destructors use it).
+cudaError_t poll_event(cudaEvent_t ev, double seconds) {
+  const auto t0 = Clock::now();
+  for (;;) {
+    const cudaError_t e = cudaEventQuery(ev);
+    if (e != cudaErrorNotReady || seconds_since(t0) > seconds) return e;
+    std::this_thread::sleep_for(std::chrono::microseconds(50));
+  }
+}
+
+// A driver function by name, for CUDA 12.0's ABI (the _v2 stream memory operations), without
+// linking libcuda. Null when the driver has none.
+void* driver_fn(const char* name) {
+  void* fn = nullptr;
+  cudaDriverEntryPointQueryResult q = cudaDriverEntryPointSymbolNotFound;
+#if CUDART_VERSION >= 12050
+  const cudaError_t e = cudaGetDriverEntryPointByVersion(name, &fn, 12000, cudaEnableDefault, &q);
+#else
+  const cudaError_t e = cudaGetDriverEntryPoint(name, &fn, cudaEnableDefault, &q);
+#endif
+  if (e != cudaSuccess || q != cudaDriverEntryPointSuccess) {
+    cudaGetLastError();
+    return nullptr;
+  }
+  return fn;
+}
+
+std::string cu_error(const char* what, int r) {
+  const char* s = nullptr;
+  using ErrFn = CUresult (*)(CUresult, const char**);
+  if (auto* f = reinterpret_cast<ErrFn>(driver_fn("cuGetErrorString"))) f(CUresult(r), &s);
+  return std::string(what) + " failed: " + (s ? s : "CUresult " + std::to_string(r));
+}
+
 }  // namespace
 
 IpcTransport::IpcTransport(const Comm& ep)
-    : ep_(ep),
-      peer_(size_t(ep.size()), nullptr),
-      peer_ready_(size_t(ep.size()), nullptr),
-      peer_done_(size_t(ep.size()), nullptr),
-      mine_(size_t(ep.size()) + 1, 0),
-      all_(size_t(ep.size()) * (size_t(ep.size()) + 1), 0) {
+    : ep_(ep), peer_(size_t(ep.size()), nullptr), peer_flags_(size_t(ep.size()), nullptr) {
   const int P = ep_.size(), me = ep_.rank();
+  timeout_s_ = dist_timeout_s();
   // Every failure up to fail_together() below goes into `why`, never a throw of its own: under
   // `auto` GpuComms catches this constructor's exception and falls back to NCCL, so a rank that
   // threw alone (a CUDA_CHECK) would go on to NCCL's bootstrap (a host broadcast over the world)
@@ -64,27 +108,42 @@ IpcTransport::IpcTransport(const Comm& ep)
     if (err != cudaSuccess && why.empty()) why = cuda_error(what, err);
     return why.empty();
   };
-  const unsigned flags = cudaEventInterprocess | cudaEventDisableTiming;
-  if (cuda_ok(cudaGetDevice(&device_), "cudaGetDevice") &&
-      cuda_ok(cudaEventCreateWithFlags(&ready_, flags), "cudaEventCreateWithFlags (interprocess)") &&
-      cuda_ok(cudaEventCreateWithFlags(&done_, flags), "cudaEventCreateWithFlags (interprocess)") &&
-      // recorded once, so a peer's first wait finds a completed record
-      cuda_ok(cudaEventRecord(ready_, nullptr), "cudaEventRecord") &&
-      cuda_ok(cudaEventRecord(done_, nullptr), "cudaEventRecord"))
-    cuda_ok(cudaEventSynchronize(done_), "cudaEventSynchronize");
-  peer_ready_[size_t(me)] = ready_;
-  peer_done_[size_t(me)] = done_;
-
+  auto cu_ok = [&](int r, const char* what) {
+    if (r != CUDA_SUCCESS && why.empty()) why = cu_error(what, r);
+    return why.empty();
+  };
+  cudaStream_t probe = nullptr;  // the stream memory operations tried once, here
   RankInfo mine{};
+  if (cuda_ok(cudaGetDevice(&device_), "cudaGetDevice") &&
+      cuda_ok(cudaEventCreateWithFlags(&done_ev_, cudaEventDisableTiming), "cudaEventCreate") &&
+      cuda_ok(cudaStreamCreateWithFlags(&probe, cudaStreamNonBlocking), "cudaStreamCreate")) {
+    wait_op_ = driver_fn("cuStreamWaitValue32");
+    write_op_ = driver_fn("cuStreamWriteValue32");
+    if (!wait_op_ || !write_op_)
+      why = "the driver has no stream memory operations (cuStreamWaitValue32, "
+            "cuStreamWriteValue32 of CUDA 12.0; an older driver?)";
+  }
+  if (why.empty() &&
+      cuda_ok(cudaMalloc(reinterpret_cast<void**>(&flags_), size_t(2 * P) * sizeof(uint32_t)),
+              "cudaMalloc of the IPC flags") &&
+      cuda_ok(cudaMallocHost(reinterpret_cast<void**>(&host_word_), sizeof(uint32_t)),
+              "cudaMallocHost") &&
+      cuda_ok(cudaMemset(flags_, 0, size_t(2 * P) * sizeof(uint32_t)), "cudaMemset") &&
+      cuda_ok(cudaDeviceSynchronize(), "cudaDeviceSynchronize") &&
+      // a write and a wait on this rank's own ready slot: stream memory ops work here
+      cu_ok(reinterpret_cast<MemOp>(write_op_)(probe, reinterpret_cast<uintptr_t>(flags_ + me), 0,
+                                               CU_STREAM_WRITE_VALUE_DEFAULT),
+            "cuStreamWriteValue32 (local)") &&
+      cu_ok(reinterpret_cast<MemOp>(wait_op_)(probe, reinterpret_cast<uintptr_t>(flags_ + me), 0,
+                                              CU_STREAM_WAIT_VALUE_GEQ),
+            "cuStreamWaitValue32 (GEQ, local)") &&
+      cuda_ok(cudaStreamSynchronize(probe), "the stream memory operations' probe"))
+    cuda_ok(cudaIpcGetMemHandle(&mine.flags, flags_), "cudaIpcGetMemHandle (flags)");
+  peer_flags_[size_t(me)] = flags_;
+
   if (gethostname(mine.host, sizeof(mine.host) - 1) != 0 && why.empty()) why = "gethostname failed";
   if (why.empty()) cuda_ok(cudaDeviceGetPCIBusId(mine.bus, int(sizeof(mine.bus)), device_),
                            "cudaDeviceGetPCIBusId");
-  cudaError_t e = cudaSuccess;
-  if (why.empty()) {
-    e = cudaIpcGetEventHandle(&mine.ready, ready_);
-    if (e == cudaSuccess) e = cudaIpcGetEventHandle(&mine.done, done_);
-    cuda_ok(e, "cudaIpcGetEventHandle");
-  }
   std::vector<RankInfo> all(static_cast<size_t>(P));
   ep_.allgather(all.data(), &mine, int64_t(sizeof(RankInfo)));
 
@@ -111,34 +170,54 @@ IpcTransport::IpcTransport(const Comm& ep)
             "without P2P)";
       break;
     }
-    e = cudaDeviceEnablePeerAccess(dev, 0);
+    const cudaError_t e = cudaDeviceEnablePeerAccess(dev, 0);
     if (e == cudaErrorPeerAccessAlreadyEnabled) cudaGetLastError();
     else if (e != cudaSuccess) why = cuda_error("cudaDeviceEnablePeerAccess", e);
   }
+  // The peers' flags, and a write into each (its own done slot, never used): stream writes
+  // into IPC-mapped memory work from here.
   for (int p = 0; p < P && why.empty(); ++p) {
     if (p == me) continue;
-    e = cudaIpcOpenEventHandle(&peer_ready_[size_t(p)], all[size_t(p)].ready);
-    if (e == cudaSuccess) e = cudaIpcOpenEventHandle(&peer_done_[size_t(p)], all[size_t(p)].done);
-    if (e != cudaSuccess) why = cuda_error("cudaIpcOpenEventHandle", e);
+    void* ptr = nullptr;
+    if (!cuda_ok(cudaIpcOpenMemHandle(&ptr, all[size_t(p)].flags, cudaIpcMemLazyEnablePeerAccess),
+                 "cudaIpcOpenMemHandle (flags)"))
+      break;
+    peer_flags_[size_t(p)] = static_cast<uint32_t*>(ptr);
+    cu_ok(reinterpret_cast<MemOp>(write_op_)(
+              probe, reinterpret_cast<uintptr_t>(peer_flags_[size_t(p)] + P + p), 0,
+              CU_STREAM_WRITE_VALUE_DEFAULT),
+          "cuStreamWriteValue32 into a peer's IPC-mapped flags");
   }
-  fail_together(ep_, why.empty() ? why : why + "; " + kInstead);
+  if (why.empty()) cuda_ok(cudaStreamSynchronize(probe), "the peer writes' probe");
+  if (probe) cudaStreamDestroy(probe);
+  try {
+    fail_together(ep_, why.empty() ? why : why + "; " + kInstead);
+  } catch (...) {  // auto falls back to another transport: leave nothing mapped or allocated
+    for (int p = 0; p < P; ++p)
+      if (p != me && peer_flags_[size_t(p)]) cudaIpcCloseMemHandle(peer_flags_[size_t(p)]);
+    if (flags_) cudaFree(flags_);
+    if (host_word_) cudaFreeHost(host_word_);
+    if (done_ev_) cudaEventDestroy(done_ev_);
+    cudaGetLastError();
+    throw;
+  }
 }
 
 IpcTransport::~IpcTransport() {
-  // Local, never collective (it runs while an error unwinds, too). A peer's writes into own_
-  // precede this rank's last copy-out (it waited on them), so after the synchronize nothing
-  // of this rank's calls is in flight; the peers map own_ until they close it themselves.
+  // Local, never collective (it runs while an error unwinds, too). Calls left in flight (an
+  // error elsewhere) may wait on peers that never come: release them first, so the synchronize
+  // and the frees (which synchronize) return. The peers map own_ and flags_ until they close
+  // them themselves.
+  if (in_flight_ && !released_ && !finished(10.0)) release();
+  if (stuck_) return;  // a release that did not finish: freeing would wait forever
   cudaDeviceSynchronize();
   close_peers();
-  const int me = ep_.rank();
-  for (size_t p = 0; p < peer_ready_.size(); ++p) {
-    if (int(p) == me) continue;
-    if (peer_ready_[p]) cudaEventDestroy(peer_ready_[p]);
-    if (peer_done_[p]) cudaEventDestroy(peer_done_[p]);
-  }
+  for (size_t p = 0; p < peer_flags_.size(); ++p)
+    if (int(p) != ep_.rank() && peer_flags_[p]) cudaIpcCloseMemHandle(peer_flags_[p]);
   if (own_) cudaFree(own_);
-  if (ready_) cudaEventDestroy(ready_);
-  if (done_) cudaEventDestroy(done_);
+  if (flags_) cudaFree(flags_);
+  if (host_word_) cudaFreeHost(host_word_);
+  if (done_ev_) cudaEventDestroy(done_ev_);
 }
 
 void IpcTransport::close_peers() {
@@ -148,24 +227,87 @@ void IpcTransport::close_peers() {
   }
 }
 
-void IpcTransport::grow(size_t bytes) {
+unsigned char* IpcTransport::region(int p, int s) const {
+  return peer_[size_t(p)] + size_t(s < p ? s : s - 1) * pair_cap_;
+}
+
+void IpcTransport::wait_geq(cudaStream_t s, const uint32_t* addr, uint32_t v) {
+  const CUresult r = reinterpret_cast<MemOp>(wait_op_)(s, reinterpret_cast<uintptr_t>(addr), v,
+                                                        CU_STREAM_WAIT_VALUE_GEQ);
+  AM_CHECK(r == CUDA_SUCCESS, "[ep ipc] rank {}: {}", ep_.rank(), cu_error("cuStreamWaitValue32", r));
+}
+
+void IpcTransport::write(cudaStream_t s, uint32_t* addr, uint32_t v) {
+  // default flags: a memory fence before the write (the copies before it are visible first)
+  const CUresult r = reinterpret_cast<MemOp>(write_op_)(s, reinterpret_cast<uintptr_t>(addr), v,
+                                                         CU_STREAM_WRITE_VALUE_DEFAULT);
+  AM_CHECK(r == CUDA_SUCCESS, "[ep ipc] rank {}: {}", ep_.rank(),
+           cu_error("cuStreamWriteValue32", r));
+}
+
+bool IpcTransport::release() {
+  released_ = true;
+  // Every flag past the epoch (cyclically: epoch_ + 1 meets every wait enqueued so far), from
+  // a stream of its own. Bounded: where it does not finish either, nothing is freed.
+  cudaStream_t s = nullptr;
+  bool ok = cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking) == cudaSuccess;
+  for (int i = 0; ok && i < 2 * ep_.size(); ++i)
+    ok = reinterpret_cast<MemOp>(write_op_)(s, reinterpret_cast<uintptr_t>(flags_ + i),
+                                            epoch_ + 1, CU_STREAM_WRITE_VALUE_DEFAULT) ==
+         CUDA_SUCCESS;
+  if (ok) ok = cudaEventRecord(done_ev_, s) == cudaSuccess;
+  if (ok) ok = poll_event(done_ev_, 10.0) == cudaSuccess;
+  if (s) cudaStreamDestroy(s);
+  cudaGetLastError();
+  stuck_ = !ok;
+  return ok;
+}
+
+bool IpcTransport::finished(double seconds) {
+  cudaStream_t s = nullptr;
+  bool done = false;
+  const auto t0 = Clock::now();
+  if (cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking) == cudaSuccess) {
+    while (!done && seconds_since(t0) < seconds) {
+      if (cudaMemcpyAsync(host_word_, flags_ + ep_.rank(), sizeof(uint32_t),
+                          cudaMemcpyDeviceToHost, s) != cudaSuccess ||
+          cudaEventRecord(done_ev_, s) != cudaSuccess ||
+          poll_event(done_ev_, seconds - seconds_since(t0)) != cudaSuccess)
+        break;
+      done = int32_t(*host_word_ - epoch_) >= 0;  // cyclic, as the waits
+      if (!done) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    cudaStreamDestroy(s);
+  }
+  cudaGetLastError();
+  return done;
+}
+
+void IpcTransport::reserve(size_t /*send_bytes*/, size_t /*recv_bytes*/, size_t pair_bytes) {
   const int P = ep_.size(), me = ep_.rank();
-  // Nothing of this rank's may touch any staging now (its writes into the peers, its
-  // copy-outs), and no rank may free before every rank has closed its mapping.
+  AM_CHECK(!released_, "[ep ipc] rank {}: the transport stopped after an earlier timeout", me);
+  int64_t want = int64_t((pair_bytes + 255) / 256 * 256);  // regions 256-byte aligned
+  ep_.allreduce_max(&want, 1);  // the collective (the header's "Sizing" says when it is safe)
+  if (size_t(want) <= pair_cap_) return;
+  // Every rank reallocates. Nothing of this rank's may touch any staging now (its writes into
+  // the peers, its copy-outs: every rank has enqueued every earlier call, so its waits are
+  // met), and no rank may free before every rank has closed its mapping.
   CUDA_CHECK(cudaDeviceSynchronize());
   ep_.barrier();
   close_peers();
   ep_.barrier();
   if (own_) CUDA_CHECK(cudaFree(own_));
   own_ = nullptr;
-  cap_ = 0;
+  pair_cap_ = 0;
+  const size_t bytes = size_t(want) * size_t(P - 1);
   std::string why;
   cudaIpcMemHandle_t mine{};
   cudaError_t e = cudaMalloc(reinterpret_cast<void**>(&own_), bytes);
   if (e != cudaSuccess) {
     own_ = nullptr;
     why = cuda_error("cudaMalloc of the IPC staging", e) + " (" + std::to_string(bytes) +
-          " bytes: the largest all-to-all this rank receives)";
+          " bytes: " + std::to_string(P - 1) + " peers x " + std::to_string(want) +
+          " bytes, the most one rank sends another in one call)";
   } else {
     e = cudaIpcGetMemHandle(&mine, own_);
     if (e != cudaSuccess) why = cuda_error("cudaIpcGetMemHandle", e);
@@ -182,78 +324,82 @@ void IpcTransport::grow(size_t bytes) {
     else peer_[size_t(p)] = static_cast<unsigned char*>(ptr);
   }
   fail_together(ep_, why.empty() ? why : why + "; " + kInstead);
-  cap_ = bytes;
-}
-
-void IpcTransport::reserve(size_t /*send_bytes*/, size_t recv_bytes) {
-  want_ = std::max(want_, recv_bytes);  // local: the next call's all-gather shares it
+  pair_cap_ = size_t(want);
 }
 
 void IpcTransport::alltoallv(const EpA2aTensor* t, int nt, const EpA2aRows& rows,
                              cudaStream_t stream) {
   const int P = ep_.size(), me = ep_.rank();
+  AM_CHECK(!released_, "[ep ipc] rank {}: the transport stopped after an earlier timeout", me);
   size_t rb_all = 0;  // bytes of one row of every tensor together
   for (int k = 0; k < nt; ++k) rb_all += row_bytes(t[k]);
-  const size_t W = size_t(P) + 1;  // a rank's all-gathered int64s: send counts, reserved bytes
-  auto cnt = [&](int s, int p) { return size_t(all_[size_t(s) * W + size_t(p)]); };  // s -> p
-
-  // 1: every rank's send counts and reservation; from here on every rank is in this call
-  std::copy(rows.send_cnt, rows.send_cnt + P, mine_.begin());
-  mine_[size_t(P)] = int64_t(want_);
-  ep_.allgather(all_.data(), mine_.data(), int64_t(W * sizeof(int64_t)));
-  size_t need = 0;  // the largest reservation, or staging any rank needs in this call
-  for (int s = 0; s < P; ++s) need = std::max(need, size_t(all_[size_t(s) * W + size_t(P)]));
+  // Everything checked before anything is enqueued: a rank that throws here leaves the others
+  // waiting on its flags, until their sync() times out (an internal error: EpMoeCuda reserves
+  // what its calls need).
   for (int p = 0; p < P; ++p) {
-    size_t in = 0;
-    for (int s = 0; s < P; ++s)
-      if (s != p) in += cnt(s, p) * rb_all;
-    need = std::max(need, in);
+    if (p == me) continue;
+    const size_t out = size_t(rows.send_cnt[p]) * rb_all, in = size_t(rows.recv_cnt[p]) * rb_all;
+    AM_CHECK(out <= pair_cap_ && in <= pair_cap_,
+             "internal: [ep ipc] rank {} sends {} bytes to rank {} and receives {} from it in "
+             "one call, but a region holds {} (the largest pair_bytes reserved over the group)",
+             me, out, p, in, pair_cap_);
   }
-  for (int s = 0; s < P; ++s)
-    AM_CHECK(int64_t(cnt(s, me)) == rows.recv_cnt[s], "internal: [ep ipc] rank {} expects {} "
-             "rows from rank {}, which sends {}",
-             me, rows.recv_cnt[s], s, cnt(s, me));
-  if (need > cap_) grow(need);  // every rank computed the same need: all grow, or none
-                                // (the first call after a larger reserve(): once)
-
-  // 2-3: into every peer's staging, after its previous copy-out; to itself, send -> recv
+  const uint32_t e = ++epoch_;
+  in_flight_ = true;
+  // a) into every peer's region, after its copy-out of the previous call; then its ready flag
   for (int p = 0; p < P; ++p) {
-    if (cnt(me, p) == 0) continue;
-    if (p != me) CUDA_CHECK(cudaStreamWaitEvent(stream, peer_done_[size_t(p)], 0));
-    size_t at = 0;  // this rank's region in p's staging
-    for (int s = 0; s < me; ++s)
-      if (s != p) at += cnt(s, p) * rb_all;
+    if (p == me) continue;
+    wait_geq(stream, flags_ + P + p, e - 1);  // my done[p]
+    unsigned char* dst = region(p, me);
     for (int k = 0; k < nt; ++k) {
-      const size_t rb = row_bytes(t[k]), n = cnt(me, p) * rb;
+      const size_t rb = row_bytes(t[k]), n = size_t(rows.send_cnt[p]) * rb;
+      if (n == 0) continue;
       const auto* src = static_cast<const unsigned char*>(t[k].send[0]) + rows.send_off[p] * rb;
-      if (p == me) {
-        auto* dst = static_cast<unsigned char*>(t[k].recv[0]) + rows.recv_off[me] * rb;
-        CUDA_CHECK(cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToDevice, stream));
-      } else {
-        CUDA_CHECK(cudaMemcpyAsync(peer_[size_t(p)] + at, src, n, cudaMemcpyDefault, stream));
-        at += n;
-      }
+      CUDA_CHECK(cudaMemcpyAsync(dst, src, n, cudaMemcpyDefault, stream));
+      dst += n;
     }
+    write(stream, peer_flags_[size_t(p)] + me, e);  // p's ready[me]
   }
-  // 4-5: this rank's writes of THIS call are recorded before any peer waits on them
-  CUDA_CHECK(cudaEventRecord(ready_, stream));
-  ep_.barrier();
-  // 6: out of the own staging, each source after its writes
-  size_t at = 0;
+  // b) to itself, send -> recv
+  for (int k = 0; k < nt; ++k) {
+    const size_t rb = row_bytes(t[k]), n = size_t(rows.send_cnt[me]) * rb;
+    if (n == 0) continue;
+    const auto* src = static_cast<const unsigned char*>(t[k].send[0]) + rows.send_off[me] * rb;
+    auto* dst = static_cast<unsigned char*>(t[k].recv[0]) + rows.recv_off[me] * rb;
+    CUDA_CHECK(cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToDevice, stream));
+  }
+  // c) out of every source's region, after its writes; then its done flag
   for (int s = 0; s < P; ++s) {
-    if (s == me || cnt(s, me) == 0) continue;
-    CUDA_CHECK(cudaStreamWaitEvent(stream, peer_ready_[size_t(s)], 0));
+    if (s == me) continue;
+    wait_geq(stream, flags_ + s, e);  // my ready[s]
+    const unsigned char* src = region(me, s);
     for (int k = 0; k < nt; ++k) {
-      const size_t rb = row_bytes(t[k]), n = cnt(s, me) * rb;
+      const size_t rb = row_bytes(t[k]), n = size_t(rows.recv_cnt[s]) * rb;
+      if (n == 0) continue;
       auto* dst = static_cast<unsigned char*>(t[k].recv[0]) + rows.recv_off[s] * rb;
-      CUDA_CHECK(cudaMemcpyAsync(dst, own_ + at, n, cudaMemcpyDeviceToDevice, stream));
-      at += n;
+      CUDA_CHECK(cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToDevice, stream));
+      src += n;
     }
+    write(stream, peer_flags_[size_t(s)] + P + me, e);  // s's done[me]
   }
-  // 7: the peers' next writes into own_ wait on this
-  CUDA_CHECK(cudaEventRecord(done_, stream));
+  write(stream, flags_ + me, e);  // this call finished here (the destructor reads it)
 }
 
-void IpcTransport::sync(cudaStream_t stream) { CUDA_CHECK(cudaStreamSynchronize(stream)); }
+void IpcTransport::sync(cudaStream_t stream) {
+  AM_CHECK(!released_, "[ep ipc] rank {}: the transport stopped after an earlier timeout",
+           ep_.rank());
+  CUDA_CHECK(cudaEventRecord(done_ev_, stream));
+  const cudaError_t e = poll_event(done_ev_, timeout_s_);
+  if (e == cudaSuccess) {
+    in_flight_ = false;
+    return;
+  }
+  if (e != cudaErrorNotReady) CUDA_CHECK(e);
+  release();  // so the unwinding's synchronizes and frees return
+  AM_FAIL("[ep ipc] rank {}: the EP group's device waits did not finish within {} s (all-to-all "
+          "{}): a peer stalled or died before its part of it. If a step can legitimately take "
+          "that long, raise AUTOMOE_DIST_TIMEOUT (seconds, default 600)",
+          ep_.rank(), timeout_s_, epoch_);
+}
 
 }  // namespace automoe::dist

@@ -34,7 +34,7 @@ class MpiStagedTransport final : public EpTransport {
   int size() const override { return ep_.size(); }
   int num_local() const override { return 1; }
   int rank_of(int) const override { return ep_.rank(); }
-  void reserve(size_t send_bytes, size_t recv_bytes) override;
+  void reserve(size_t send_bytes, size_t recv_bytes, size_t pair_bytes) override;  // local
   // Synchronises `stream` (the rows must be on the host), then MPI, then enqueues the uploads.
   void alltoallv(const EpA2aTensor* t, int nt, const EpA2aRows& rows,
                  cudaStream_t stream) override;

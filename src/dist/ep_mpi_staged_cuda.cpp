@@ -21,7 +21,7 @@ MpiStagedTransport::~MpiStagedTransport() {
   if (recv_host_) cudaFreeHost(recv_host_);
 }
 
-void MpiStagedTransport::reserve(size_t send_bytes, size_t recv_bytes) {
+void MpiStagedTransport::reserve(size_t send_bytes, size_t recv_bytes, size_t /*pair_bytes*/) {
   if (send_bytes > send_cap_) {
     if (send_host_) CUDA_CHECK(cudaFreeHost(send_host_));
     send_host_ = nullptr;
@@ -57,7 +57,7 @@ void MpiStagedTransport::alltoallv(const EpA2aTensor* t, int nt, const EpA2aRows
   // previous call's uploads from recv_host_ are done.
   if (send_total > send_cap_ || recv_total > recv_cap_) {
     CUDA_CHECK(cudaStreamSynchronize(stream));
-    reserve(send_total, recv_total);
+    reserve(send_total, recv_total, 0);
   }
   // device -> host: peer by peer, tensor by tensor, as the staging layout says
   size_t at = 0;

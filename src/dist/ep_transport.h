@@ -8,8 +8,10 @@
 //                      pinned host memory and MPI_Alltoallv: several processes on one GPU, or
 //                      no NCCL.
 //   IpcTransport       (dist/ep_ipc.h)             one rank per process, the ranks of one node:
-//                      rows copied into the peers' CUDA IPC staging buffers (NVLink P2P between
-//                      GPUs, or several processes on one GPU). auto's choice within a node.
+//                      rows copied into fixed regions of the peers' CUDA IPC staging buffers
+//                      (NVLink P2P between GPUs, or several processes on one GPU), ordered by
+//                      flags on the device: no host collective or host wait per call. auto's
+//                      choice within a node.
 // A process drives num_local() ranks (1 over NCCL, P in loopback); every call below is collective
 // over the group and takes the buffers of all the ranks this process drives, in local order.
 #pragma once
@@ -49,15 +51,21 @@ class EpTransport {
   virtual int size() const = 0;              // P, ranks in the EP group
   virtual int num_local() const = 0;         // ranks this process drives
   virtual int rank_of(int local) const = 0;  // the EP rank of local rank `local`
-  // The largest bytes one alltoallv() call will send and receive (all tensors, all peers):
-  // a transport that stages rows allocates for it here, once (EpMoeCuda calls it).
-  virtual void reserve(size_t send_bytes, size_t recv_bytes) {}
+  // The largest bytes one alltoallv() call will send and receive (all tensors, all peers), and
+  // the largest bytes one rank sends to ONE peer in one call (all tensors): a transport that
+  // stages rows allocates for them here, once (EpMoeCuda's constructor calls it). Collective
+  // for IpcTransport (its peers' regions are pair_bytes each, the same on every rank): every
+  // rank of the group calls it the same number of times in the same order, i.e. every rank
+  // builds the same EpMoeCuda blocks in the same order. NCCL and loopback ignore it; MPI
+  // staging allocates locally.
+  virtual void reserve(size_t send_bytes, size_t recv_bytes, size_t pair_bytes) {}
   // The all-to-all-v of nt tensors sharing one row plan, enqueued on `stream` (one group of
   // sends and receives over NCCL). Does not wait for the host.
   virtual void alltoallv(const EpA2aTensor* t, int nt, const EpA2aRows& rows,
                          cudaStream_t stream) = 0;
   // Waits until everything enqueued on `stream` has finished (the one host sync of the counts
-  // mode, and the end of a step). Over NCCL, with a timeout; throws on a failed or lost peer.
+  // mode, and the end of a step). Over NCCL and IPC, with a timeout; throws on a failed or lost
+  // peer.
   virtual void sync(cudaStream_t stream) = 0;
 };
 

@@ -134,10 +134,15 @@ EpMoeCuda::EpMoeCuda(EpTransport& t, const EpMoeShape& shape, EpMode mode, EpRec
   CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&host_tail_), size_t(L_) * 2 * sizeof(int32_t)));
   // The largest all-to-all: dispatch's rows (x, picks, weights), or dispatch's backward with
   // send and receive swapped; at most Rcap >= Scap rows either way (staging transports).
-  const size_t a2a_bytes = std::max(size_t(std::max(Scap_, Rcap_)) * size_t(2 * H + 8 * K),
+  // Between one rank and one peer, at most Nmax rows of them: a token goes once to each
+  // destination rank (padded: N rows per peer), a combine returns at most the rows that came;
+  // or one info row (counts) or count (padded). Collective with IPC (see reserve()).
+  const size_t row_bytes = size_t(2 * H + 8 * K);
+  const size_t a2a_bytes = std::max(size_t(std::max(Scap_, Rcap_)) * row_bytes,
                                     size_t(P_ * W_) * sizeof(int32_t)) *
                            size_t(L_);
-  t_.reserve(a2a_bytes, a2a_bytes);
+  const size_t pair_bytes = std::max(size_t(Nmax) * row_bytes, size_t(W_) * sizeof(int32_t));
+  t_.reserve(a2a_bytes, a2a_bytes, pair_bytes);
   const size_t LP = size_t(L_) * P_;
   send_off_.assign(LP, 0);
   send_cnt_.assign(LP, 0);

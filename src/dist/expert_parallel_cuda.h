@@ -48,7 +48,10 @@
 // Host waits in a forward: counts mode reads the counts back (one sync); padded mode none of
 // its own (rows_received() is -1, the counts stay on the device; last_times() syncs, but only
 // when called). A transport may wait on its own: MPI staging syncs to stage rows through host
-// memory (a checking transport); NCCL and IPC enqueue (IPC's host barrier waits on no device).
+// memory (a checking transport); NCCL and IPC only enqueue (IPC orders its calls with flags on
+// the device: no host collective per call).
+// The constructor is collective over the EP group with IPC (EpTransport::reserve): every rank
+// builds the same blocks in the same order.
 //
 // Recompute (EpRecompute, dist/ep_arena.h; train.ep_recompute): the carve drops ys (kOutputs)
 // or gu and ys (kExperts), and the backward rebuilds them with the forward's kernels on the
