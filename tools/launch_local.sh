@@ -3,18 +3,18 @@
 # WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT), without Python: the tests
 # use it for automoe's TCP backend, and it is a stand-in for `torchrun --no-python` on one host.
 #   bash tools/launch_local.sh N program [args...]
-# MASTER_PORT defaults to a random port in 20000-59999 (set it to choose). Waits for every rank;
-# when one exits non-zero the others get SIGTERM (and SIGCONT, should one be stopped), SIGKILL
-# 5 s later, and the script exits with that rank's status. SIGTERM/SIGINT to the script stop
-# every rank too. LAUNCH_LOCAL_KEEP=1 leaves the others running (tests: the survivors must end
-# on their own, as when a launcher does not stop them).
+# MASTER_PORT defaults to a random port in 20000-31999, below the kernel's ephemeral ports (set
+# it to choose). Waits for every rank; when one exits non-zero the others get SIGTERM (and
+# SIGCONT, should one be stopped), SIGKILL 5 s later, and the script exits with that rank's
+# status. SIGTERM/SIGINT to the script stop every rank too. LAUNCH_LOCAL_KEEP=1 leaves the others
+# running (tests: the survivors must end on their own, as when a launcher does not stop them).
 set -uo pipefail
 [ $# -ge 2 ] || { echo "usage: launch_local.sh N program [args...]" >&2; exit 2; }
 n=$1
 shift
 export WORLD_SIZE=$n LOCAL_WORLD_SIZE=$n
 export MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
-export MASTER_PORT=${MASTER_PORT:-$((20000 + (RANDOM * 32768 + RANDOM) % 40000))}
+export MASTER_PORT=${MASTER_PORT:-$((20000 + RANDOM % 12000))}
 pids=()
 
 stop_all() {

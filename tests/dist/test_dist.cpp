@@ -761,7 +761,7 @@ TEST(DistCli, TcpRendezvousErrorsAreClear) {
                           "tiny_d/reference.safetensors --out " + tmp("rdv.safetensors");
   EXPECT_NE(run("env -u MASTER_ADDR -u RANK -u WORLD_SIZE SLURM_PROCID=0 SLURM_STEP_NUM_TASKS=2 " + cli() + fwd, &log), 0);
   EXPECT_NE(log.find("export MASTER_ADDR=$(scontrol show hostnames"), std::string::npos) << log;
-  const std::string env = "MASTER_ADDR=127.0.0.1 MASTER_PORT=" + std::to_string(20000 + ::getpid() % 40000) +
+  const std::string env = "MASTER_ADDR=127.0.0.1 MASTER_PORT=" + std::to_string(20000 + ::getpid() % 12000) +
                           " AUTOMOE_DIST_TIMEOUT=30 ";
   EXPECT_NE(run("timeout 60 bash -c 'env " + env + "RANK=0 WORLD_SIZE=2 " + cli() + fwd + " & env " + env +
                     "RANK=1 WORLD_SIZE=3 " + cli() + fwd + "; r=$?; wait $! && exit $r; exit 1'",
