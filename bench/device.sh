@@ -75,6 +75,10 @@
 #             all of them (transport auto), beside Transformers + FSDP2 (hf_moe_fsdp.py) for each
 #             MULTI_LAYERS (default "12 24": W2; W4: MULTI_LAYERS=48 MBS=1 on 4 GPUs); on one GPU
 #             a small two-rank smoke run of the same path
+#   launch    (not default) torchrun (torch.distributed.run --no-python, no MPI in the processes:
+#             the TCP backend of dist::Comm) against mpirun, bit for bit: a 20-step CPU tiny-moe run
+#             with ep 2, and the demo recipe on GPU 0 with ep 2 (both ranks on GPU 0: IPC rows,
+#             host-staged gradients); then a rank SIGKILLed under torchrun must end the job
 #   sweep     (not default) grouped_sweep: every candidate CUTLASS configuration (tile, cluster,
 #             schedule) of the six W1 expert GEMMs, timed and checked against the production
 #             configuration; the summary names the fastest per GEMM. Configures the build with
@@ -492,6 +496,40 @@ elif has ep_memsave; then
     fails=$((fails + 1))
   fi
 fi
+if has launch; then
+  # torchrun (no MPI in the processes: ranks from RANK/WORLD_SIZE/LOCAL_RANK, host collectives
+  # over the TCP backend, dist/comm_tcp.cpp) against mpirun on the same runs: on the CPU
+  # (tiny-moe, ep 2) and on GPU 0 (the demo recipe, ep 2, both ranks on GPU 0: EP rows over
+  # IPC, gradients host-staged through the TCP collectives). With two ranks every sum is a + b,
+  # so the curves must be bit-identical to mpirun's.
+  if [ -x "$BUILD/automoe" ] && command -v mpirun >/dev/null 2>&1 && python3 -c 'import torch' 2>/dev/null; then
+    # One CPU thread per rank on both sides (AUTOMOE_THREADS=0 above means every core: mpirun
+    # binds each rank to a core, torchrun does not, and the CPU backend's sums follow the
+    # thread count, so the CPU curves would differ in the last bits, and 2 x 16 threads crawl).
+    trun=(env AUTOMOE_THREADS=1 CUDA_VISIBLE_DEVICES=0
+          python3 -m torch.distributed.run --standalone --nproc-per-node 2 --no-python)
+    mrun=(mpirun --allow-run-as-root --oversubscribe -np 2 -x CUDA_VISIBLE_DEVICES=0 -x AUTOMOE_THREADS=1)
+    cpu=(finetune --model.builtin tiny-moe --data.builtin addition --train.ep 2 --train.steps 20
+         --train.log_every 5 --train.checkpoint_every 0)
+    stage launch_cpu_mpi "${mrun[@]}" "$BUILD/automoe" "${cpu[@]}" --output.dir "$BUILD/launch_cpu_mpi"
+    stage launch_cpu_torchrun "${trun[@]}" "$BUILD/automoe" "${cpu[@]}" \
+      --output.dir "$BUILD/launch_cpu_torchrun"
+    stage launch_cmp_cpu_exact python3 bench/compare_loss_curves.py --exact loss,ce_loss,aux_loss,grad_norm \
+      "$BUILD/launch_cpu_mpi/metrics.jsonl" "$BUILD/launch_cpu_torchrun/metrics.jsonl"
+    stage launch_gpu_mpi "${mrun[@]}" "$BUILD/automoe" "${run[@]}" --train.ep 2 --data.micro_batch 8 \
+      --output.dir "$BUILD/launch_gpu_mpi"
+    stage launch_gpu_torchrun "${trun[@]}" "$BUILD/automoe" "${run[@]}" \
+      --train.ep 2 --data.micro_batch 8 --output.dir "$BUILD/launch_gpu_torchrun"
+    stage launch_cmp_gpu_exact python3 bench/compare_loss_curves.py --exact loss,ce_loss,aux_loss,grad_norm \
+      "$BUILD/launch_gpu_mpi/metrics.jsonl" "$BUILD/launch_gpu_torchrun/metrics.jsonl"
+    # a rank that dies under torchrun: the job must end non-zero, soon
+    stage_must_fail launch_kill "${trun[@]}" bash bench/kill_rank.sh 1 10 \
+      "$BUILD/automoe" "${run[@]}" --train.steps 100000 --train.ep 2 --data.micro_batch 8 \
+      --output.dir "$BUILD/launch_kill"
+  else
+    echo "device.sh: stage launch needs the CLI, mpirun and torch (skipped)"
+  fi
+fi
 if has multi; then
   # Several GPUs: cuda_bench under mpirun (a rank per GPU, EP over all of them, transport auto)
   # beside native Transformers + FSDP2 (.deps/bench/hf_moe_fsdp.py, all GPUs), per layer count
@@ -579,6 +617,12 @@ if has ep_model || has ep_memsave; then
     [ -f "$f" ] && echo "$(basename "$f" .log): $(grep -m1 -hE "replicas identical|error" "$f" \
       || echo "no replica check line")"
   done
+fi
+if has launch; then
+  for f in "$BUILD"/launch_cmp_*.log; do
+    [ -f "$f" ] && echo "$(basename "$f" .log):" && grep -hE "^(ok|FAIL)" "$f"
+  done
+  grep -hE "replicas identical|automoe: error|torchrun|launcher" "$BUILD"/launch_*.log 2>/dev/null | sort -u | head -n 12
 fi
 if has multi; then  # per GPU, automoe against Transformers + FSDP2 in this call
   python3 - "$BUILD" <<'PY'

@@ -163,7 +163,7 @@ TrainResult run_finetune(const TrainConfig& cfg,
              "when it was configured); rebuild where CUDA is installed, or use train.device cpu",
              cfg.device, cfg.device);
     if (multi && lead)
-      std::fprintf(stderr, "automoe: note: train.device %s under mpirun has been checked with "
+      std::fprintf(stderr, "automoe: note: train.device %s with several ranks has been checked with "
                    "several processes on one GPU, not yet on several GPUs (docs/DISTRIBUTED.md, "
                    "\"The GPU path\"); compare a few steps with a single-GPU run before relying "
                    "on it\n", cfg.device.c_str());
