@@ -44,7 +44,8 @@ __global__ void moe_layout_count_kernel(int32_t* cnt, const int32_t* topk_idx, i
   extern __shared__ int32_t hist[];  // [E]
   for (int e = threadIdx.x; e < E; e += kLayoutThreads) hist[e] = 0;
   __syncthreads();
-  const int64_t s0 = int64_t(blockIdx.x) * kLayoutTile, s1 = min(S, s0 + kLayoutTile);
+  const int64_t s0 = int64_t(blockIdx.x) * kLayoutTile, end = min(S, s0 + kLayoutTile);
+  const int64_t s1 = all_padding(rows, s0, end, K) ? s0 : end;  // wholly padding: counts nothing
   for (int64_t i = s0 + threadIdx.x; i < s1; i += kLayoutThreads) {
     if (is_padding(rows, i / K)) continue;
     const int e = topk_idx[i];
