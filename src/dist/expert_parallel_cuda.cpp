@@ -319,6 +319,12 @@ cu::RowRegions EpMoeCuda::padding(int i) const {
   return {r_[size_t(i)]->cnt.get() + P_, N_};
 }
 
+// Padded: the expert rows that came, on the device (offsets[El] of the last forward's layout),
+// for SwiGLU; counts: null (M is exact).
+const int32_t* EpMoeCuda::expert_rows(int i) const {
+  return mode_ == EpMode::kCounts ? nullptr : r_[size_t(i)]->offsets + El_;
+}
+
 void EpMoeCuda::fwd(const EpMoeFwdArgs* a, int64_t N, const cu::Ctx& ctx) {
   const int64_t H = s_.H, I = s_.I, K = s_.K, El = El_;
   const int P = P_;
@@ -385,7 +391,7 @@ void EpMoeCuda::fwd(const EpMoeFwdArgs* a, int64_t N, const cu::Ctx& ctx) {
     EpMoeScratch::Local& l = lc(i);
     const int64_t R = R_[i], M = M_[i];
     const cu::RowRegions rows = padding(i);
-    const int32_t* m_rows = counts ? nullptr : r.offsets + El;  // device: the picks that came
+    const int32_t* m_rows = expert_rows(i);
     // kept in the carve, or (recompute) in the scratch for this call only
     bf16* gu = r.gu ? r.gu : sc_->gu.get();  // [M,2I]
     bf16* ys = r.ys ? r.ys : sc_->xs.get();  // [M,H]: xs is dead after the gate_up GEMM
@@ -439,7 +445,7 @@ void EpMoeCuda::bwd(const EpMoeBwdArgs* a, float g_beta, const cu::Ctx& ctx) {
     EpMoeScratch::Local& l = lc(i);
     const int64_t R = R_[i], M = M_[i];
     const cu::RowRegions rows = padding(i);  // as in fwd: the work follows the rows that came
-    const int32_t* m_rows = mode_ == EpMode::kCounts ? nullptr : r.offsets + El;
+    const int32_t* m_rows = expert_rows(i);
     bf16* gu = r.gu ? r.gu : sc_->gu.get();  // [M,2I]
     bf16* ys = r.ys ? r.ys : sc_->xs.get();  // [M,H]: xs is permuted again below
     if (rc_ == EpRecompute::kExperts) {

@@ -207,6 +207,7 @@ class EpMoeCuda {
   void set_plan(int64_t N);  // host row plan of the all-to-alls for this forward
   // padded: local rank i's received rows as regions (padding skipped); counts: none
   cuda::RowRegions padding(int i) const;
+  const int32_t* expert_rows(int i) const;  // padded: &offsets[El] on the device; counts: null
   // The tensor of every local rank for one all-to-all: pointer table slot `slot` (0..2) filled
   // with send_of(i) / recv_of(i) for local rank i.
   template <class S, class D>
