@@ -924,6 +924,90 @@ void case_moe(const cu::Ctx& ctx, int64_t N, int64_t E, int64_t K, int64_t C, in
   check("grouped_linear_bwd", "dw", gsh, d_gdw, gdw, kF32);
 }
 
+// The layout and the row ops over rows in regions with padding (EP padded mode, cu::RowRegions):
+// P regions of `region` rows, cnt[s] of them tokens. The padding rows hold real-looking picks and
+// rows, which must not be read. Reference: the CPU ops on the tokens packed (what counts mode
+// runs), mapped back to the regions; the padding rows of the outputs must stay untouched (NaN,
+// as the outputs start), slot_row -1 there; expert rows past the picks untouched too.
+void case_moe_regions(const cu::Ctx& ctx, int64_t region, const std::vector<int32_t>& cnt,
+                      int64_t E, int64_t K, int64_t C) {
+  const int64_t P = int64_t(cnt.size()), N = P * region, R = N * K;
+  std::string counts;
+  for (int32_t c : cnt) counts += (counts.empty() ? "" : ",") + std::to_string(c);
+  const std::string sh =
+      shape_str({{"region", region}, {"E", E}, {"K", K}, {"C", C}}) + " cnt=" + counts;
+  std::vector<int64_t> packed(N, -1);  // padded row -> packed row (-1: padding)
+  int64_t Np = 0;
+  for (int64_t s = 0; s < P; ++s)
+    for (int64_t j = 0; j < cnt[s]; ++j) packed[s * region + j] = Np++;
+  const int64_t Mp = Np * K;  // the expert rows: every packed pick is on a local expert
+  Pool pool;
+  std::vector<int32_t> idx = routing(N, E, K, 0), idx_p(Np * K);
+  Bf x = bf_uniform(N * C, -1, 1), dxs = bf_uniform(R * C, -1, 1), ys = bf_uniform(R * C, -1, 1);
+  Bf dout = bf_uniform(N * C, -1, 1);
+  std::vector<float> w = uniform(N * K, 0, 1);
+  // the packed inputs: the token rows of the padded ones, the expert rows as they are
+  std::vector<float> x_p(Np * C), dout_p(Np * C), w_p(Np * K);
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t q = packed[n];
+    if (q < 0) continue;
+    std::copy_n(idx.begin() + n * K, K, idx_p.begin() + q * K);
+    std::copy_n(w.begin() + n * K, K, w_p.begin() + q * K);
+    std::copy_n(x.f.begin() + n * C, C, x_p.begin() + q * C);
+    std::copy_n(dout.f.begin() + n * C, C, dout_p.begin() + q * C);
+  }
+  std::vector<int32_t> off_ref(E + 1), row_p(Np * K);
+  cpu::moe_layout(off_ref.data(), row_p.data(), idx_p.data(), Np, E, K);
+  std::vector<float> xs_p(Mp * C), dx_p(Np * C), out_p(Np * C), dys_p(Mp * C), dw_p(Np * K);
+  cpu::permute_fwd(xs_p.data(), x_p.data(), row_p.data(), Np, K, C);
+  cpu::permute_bwd(dx_p.data(), dxs.f.data(), row_p.data(), Np, K, C);
+  cpu::unpermute_fwd(out_p.data(), ys.f.data(), w_p.data(), row_p.data(), Np, K, C);
+  cpu::unpermute_bwd(dys_p.data(), dw_p.data(), dout_p.data(), ys.f.data(), w_p.data(),
+                     row_p.data(), Np, K, C);
+  // back to the regions: padding rows NaN (untouched), slot_row -1
+  std::vector<int32_t> row_ref(R, -1);
+  std::vector<float> dx_ref(N * C, NAN), out_ref(N * C, NAN), dw_ref(N * K, NAN);
+  std::vector<float> xs_ref(R * C, NAN), dys_ref(R * C, NAN);
+  std::copy(xs_p.begin(), xs_p.end(), xs_ref.begin());
+  std::copy(dys_p.begin(), dys_p.end(), dys_ref.begin());
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t q = packed[n];
+    if (q < 0) continue;
+    std::copy_n(row_p.begin() + q * K, K, row_ref.begin() + n * K);
+    std::copy_n(dw_p.begin() + q * K, K, dw_ref.begin() + n * K);
+    std::copy_n(dx_p.begin() + q * C, C, dx_ref.begin() + n * C);
+    std::copy_n(out_p.begin() + q * C, C, out_ref.begin() + n * C);
+  }
+  auto& d_idx = pool.in(idx);
+  auto& d_cnt = pool.in(cnt);
+  auto& d_x = pool.in(x.h);
+  auto& d_dxs = pool.in(dxs.h);
+  auto& d_ys = pool.in(ys.h);
+  auto& d_dout = pool.in(dout.h);
+  auto& d_w = pool.in(w);
+  auto& d_off = pool.out<int32_t>(E + 1);
+  auto& d_row = pool.out<int32_t>(R);
+  auto& d_xs = pool.out<bf16>(R * C);
+  auto& d_dx = pool.out<bf16>(N * C);
+  auto& d_out = pool.out<bf16>(N * C);
+  auto& d_dys = pool.out<bf16>(R * C);
+  auto& d_dw = pool.out<float>(N * K);
+  const cu::RowRegions rows{d_cnt.p, region};
+  cu::moe_layout(d_off.p, d_row.p, d_idx.p, N, E, K, ctx, rows);
+  cu::permute_fwd(d_xs.p, d_x.p, d_row.p, N, K, C, ctx);
+  cu::permute_bwd(d_dx.p, d_dxs.p, d_row.p, N, K, C, ctx, rows);
+  cu::unpermute_fwd(d_out.p, d_ys.p, d_w.p, d_row.p, N, K, C, ctx, rows);
+  cu::unpermute_bwd(d_dys.p, d_dw.p, d_dout.p, d_ys.p, d_w.p, d_row.p, N, K, C, ctx, rows);
+  sync(ctx);
+  check_i32("moe_layout", "offsets", sh, d_off, off_ref);
+  check_i32("moe_layout", "slot_row", sh, d_row, row_ref);
+  check("permute_fwd", "xs", sh, d_xs, xs_ref, kExact);
+  check("permute_bwd", "dx", sh, d_dx, dx_ref, kBf16Out);
+  check("unpermute_fwd", "out", sh, d_out, out_ref, kBf16Out);
+  check("unpermute_bwd", "dys", sh, d_dys, dys_ref, kBf16Out);
+  check("unpermute_bwd", "dw", sh, d_dw, dw_ref, kF32);
+}
+
 // ---- grouped linear on its own: every implementation against the CPU ----------------------------
 // Rows per expert for R rows. mode 0: each row to a random expert; 1: only every third expert
 // (the others, and the last, get none); 2: all rows to expert E/2.
@@ -1083,19 +1167,28 @@ void perf_grouped(const cu::Ctx& ctx, const char* name, int64_t E, int64_t R, in
   std::fflush(stdout);
 }
 
-void case_swiglu(const cu::Ctx& ctx, int64_t N, int64_t F) {
-  const std::string sh = shape_str({{"N", N}, {"F", F}});
+// rows >= 0: the device-side row count (EP padded mode): rows [0, rows) against the CPU, the
+// rows past it must stay untouched (NaN, as the outputs start).
+void case_swiglu(const cu::Ctx& ctx, int64_t N, int64_t F, int32_t rows = -1) {
+  const std::string sh =
+      shape_str({{"N", N}, {"F", F}}) + (rows >= 0 ? " rows=" + std::to_string(rows) : "");
   Pool pool;
   Bf gu = bf_uniform(N * 2 * F, -4, 4), dout = bf_uniform(N * F, -1, 1);
   std::vector<float> out_ref(N * F), dgu_ref(N * 2 * F);
   cpu::swiglu_fwd(out_ref.data(), gu.f.data(), N, F);
   cpu::swiglu_bwd(dgu_ref.data(), dout.f.data(), gu.f.data(), N, F);
+  if (rows >= 0) {
+    std::fill(out_ref.begin() + std::min<int64_t>(N, rows) * F, out_ref.end(), NAN);
+    std::fill(dgu_ref.begin() + std::min<int64_t>(N, rows) * 2 * F, dgu_ref.end(), NAN);
+  }
   auto& d_gu = pool.in(gu.h);
   auto& d_dout = pool.in(dout.h);
+  auto& d_rows = pool.in(std::vector<int32_t>{rows});
   auto& d_out = pool.out<bf16>(N * F);
   auto& d_dgu = pool.out<bf16>(N * 2 * F);
-  cu::swiglu_fwd(d_out.p, d_gu.p, N, F, ctx);
-  cu::swiglu_bwd(d_dgu.p, d_dout.p, d_gu.p, N, F, ctx);
+  const int32_t* n_rows = rows >= 0 ? d_rows.p : nullptr;
+  cu::swiglu_fwd(d_out.p, d_gu.p, N, F, ctx, n_rows);
+  cu::swiglu_bwd(d_dgu.p, d_dout.p, d_gu.p, N, F, ctx, n_rows);
   sync(ctx);
   check("swiglu_fwd", "out", sh, d_out, out_ref, kBf16Out);
   check("swiglu_bwd", "dgu", sh, d_dgu, dgu_ref, kBf16Out);
@@ -1561,6 +1654,12 @@ int main(int argc, char** argv) {
     case_moe(ctx, 512, 128, 8, 2048, 256, 0);
     case_moe(ctx, 512, 128, 8, 256, 128, 1);
   });
+  run(filter, "moe_regions", [&] {  // EP padded mode's receive
+    case_moe_regions(ctx, 7, {7, 0, 4}, 5, 2, 11);
+    case_moe_regions(ctx, 5, {0, 0}, 3, 1, 8);  // nothing came
+    // layout tiles wholly in padding (region 1 from row 17, region 2), the 16-byte kernels
+    case_moe_regions(ctx, 300, {300, 17, 0, 255}, 32, 8, 256);
+  });
   run(filter, "grouped_linear", [&] {
     case_grouped(ctx, "random", expert_counts(5, 37, 0), 8, 16, 3);
     case_grouped(ctx, "sparse", expert_counts(7, 100, 1), 24, 40, 0);
@@ -1581,6 +1680,10 @@ int main(int argc, char** argv) {
     case_swiglu(ctx, 5, 11);
     case_swiglu(ctx, 4096, 768);
     case_swiglu(ctx, 9, 16);  // the 16-byte kernel, small
+    // a device-side row count below the grid's rows (EP padded mode): both kernels, 0 rows
+    case_swiglu(ctx, 4096, 768, 1000);
+    case_swiglu(ctx, 7, 13, 3);
+    case_swiglu(ctx, 9, 16, 0);
   });
   run(filter, "cross_entropy", [&] {
     case_cross_entropy(ctx, 7, 13, false);

@@ -306,6 +306,25 @@ void EpMoeCuda::carve(int64_t N, const cu::Ctx& ctx) {
   carved_gen_ = arena_->bump.generation();
 }
 
+// Padded: the received rows of local rank i in regions of N_ rows per source, the first
+// r.cnt[P + s] of region s holding tokens (ops_cuda.h, RowRegions); counts: none (packed).
+// The padding rows' outputs are left unwritten, and nothing reads them: the sender's
+// ep_combine_unpack reads its returned rows at send_pos only, i.e. rows [d*N, d*N + send_cnt[d])
+// of region d, and send_cnt[d] is the receiver's cnt[P + s]; the rest of y_recv's and dw_recv's
+// regions travels back over the wire unread. Rows past offsets[El] of the expert buffers (xs,
+// gu, act, ys, dys, dact, dgu) are in no group: the grouped GEMMs neither read nor write them,
+// so SwiGLU stops there too and no padding reaches a weight gradient.
+cu::RowRegions EpMoeCuda::padding(int i) const {
+  if (mode_ == EpMode::kCounts || N_ <= 0) return {};  // N_ = 0: no rows, no kernel runs
+  return {r_[size_t(i)]->cnt.get() + P_, N_};
+}
+
+// Padded: the expert rows that came, on the device (offsets[El] of the last forward's layout),
+// for SwiGLU; counts: null (M is exact).
+const int32_t* EpMoeCuda::expert_rows(int i) const {
+  return mode_ == EpMode::kCounts ? nullptr : r_[size_t(i)]->offsets + El_;
+}
+
 void EpMoeCuda::fwd(const EpMoeFwdArgs* a, int64_t N, const cu::Ctx& ctx) {
   const int64_t H = s_.H, I = s_.I, K = s_.K, El = El_;
   const int P = P_;
@@ -363,20 +382,25 @@ void EpMoeCuda::fwd(const EpMoeFwdArgs* a, int64_t N, const cu::Ctx& ctx) {
   }
   if (timing_) CUDA_CHECK(cudaEventRecord(ev_[1], ctx.stream));
   // ---- the local experts over the received rows (M: their picks, the expert rows)
+  // Padded: R and M are the host's bounds (P*N rows, P*N*min(K, El) picks); the work follows
+  // the rows that came (see padding()): moe_layout does not read the padding rows' picks (their
+  // slot_row is -1, so permute_fwd skips them), the grouped GEMMs and SwiGLU stop at
+  // offsets[El], and unpermute leaves the padding rows of y_recv unwritten.
   for (int i = 0; i < L_; ++i) {
     Rank& r = *r_[i];
     EpMoeScratch::Local& l = lc(i);
     const int64_t R = R_[i], M = M_[i];
-    if (!counts) cu::ep_recv_mask(l.idx_recv.get(), r.cnt.get() + P, N, K, P, ctx);
+    const cu::RowRegions rows = padding(i);
+    const int32_t* m_rows = expert_rows(i);
     // kept in the carve, or (recompute) in the scratch for this call only
     bf16* gu = r.gu ? r.gu : sc_->gu.get();  // [M,2I]
     bf16* ys = r.ys ? r.ys : sc_->xs.get();  // [M,H]: xs is dead after the gate_up GEMM
-    cu::moe_layout(r.offsets, r.slot_row, l.idx_recv.get(), R, El, K, ctx);
+    cu::moe_layout(r.offsets, r.slot_row, l.idx_recv.get(), R, El, K, ctx, rows);
     cu::permute_fwd(sc_->xs.get(), r.x_recv, r.slot_row, R, K, H, ctx);
     cu::grouped_linear_fwd(gu, sc_->xs.get(), a[i].w_gu, r.offsets, M, El, H, 2 * I, ctx);
-    cu::swiglu_fwd(sc_->act.get(), gu, M, I, ctx);
+    cu::swiglu_fwd(sc_->act.get(), gu, M, I, ctx, m_rows);
     cu::grouped_linear_fwd(ys, sc_->act.get(), a[i].w_down, r.offsets, M, El, I, H, ctx);
-    cu::unpermute_fwd(l.y_recv.get(), ys, r.w_recv, r.slot_row, R, K, H, ctx);
+    cu::unpermute_fwd(l.y_recv.get(), ys, r.w_recv, r.slot_row, R, K, H, ctx, rows);
   }
   // ---- combine: rows back along the dispatch's path, summed per token in rank order
   if (timing_) CUDA_CHECK(cudaEventRecord(ev_[2], ctx.stream));
@@ -420,25 +444,27 @@ void EpMoeCuda::bwd(const EpMoeBwdArgs* a, float g_beta, const cu::Ctx& ctx) {
     Rank& r = *r_[i];
     EpMoeScratch::Local& l = lc(i);
     const int64_t R = R_[i], M = M_[i];
+    const cu::RowRegions rows = padding(i);  // as in fwd: the work follows the rows that came
+    const int32_t* m_rows = expert_rows(i);
     bf16* gu = r.gu ? r.gu : sc_->gu.get();  // [M,2I]
     bf16* ys = r.ys ? r.ys : sc_->xs.get();  // [M,H]: xs is permuted again below
     if (rc_ == EpRecompute::kExperts) {
       cu::permute_fwd(sc_->xs.get(), r.x_recv, r.slot_row, R, K, H, ctx);
       cu::grouped_linear_fwd(gu, sc_->xs.get(), a[i].w_gu, r.offsets, M, El, H, 2 * I, ctx);
     }
-    cu::swiglu_fwd(sc_->act.get(), gu, M, I, ctx);
+    cu::swiglu_fwd(sc_->act.get(), gu, M, I, ctx, m_rows);
     if (rc_ != EpRecompute::kNone)
       cu::grouped_linear_fwd(ys, sc_->act.get(), a[i].w_down, r.offsets, M, El, I, H, ctx);
     cu::unpermute_bwd(sc_->dys.get(), l.dw_recv.get(), l.y_recv.get(), ys, r.w_recv, r.slot_row,
-                      R, K, H, ctx);
+                      R, K, H, ctx, rows);
     cu::grouped_linear_bwd(sc_->dact.get(), a[i].g_down, g_beta, sc_->dys.get(), sc_->act.get(),
                            a[i].w_down, r.offsets, M, El, I, H, ctx);
-    cu::swiglu_bwd(sc_->dgu.get(), sc_->dact.get(), gu, M, I, ctx);
+    cu::swiglu_bwd(sc_->dgu.get(), sc_->dact.get(), gu, M, I, ctx, m_rows);
     cu::permute_fwd(sc_->xs.get(), r.x_recv, r.slot_row, R, K, H, ctx);
     bf16* dxs = sc_->dys.get();  // [M,H], reused: dys was consumed above
     cu::grouped_linear_bwd(dxs, a[i].g_gu, g_beta, sc_->dgu.get(), sc_->xs.get(), a[i].w_gu,
                            r.offsets, M, El, H, 2 * I, ctx);
-    cu::permute_bwd(l.y_recv.get() /*dx rows*/, dxs, r.slot_row, R, K, H, ctx);
+    cu::permute_bwd(l.y_recv.get() /*dx rows*/, dxs, r.slot_row, R, K, H, ctx, rows);
   }
   // ---- dispatch's backward: a combine of d(x) and d(weights)
   {

@@ -17,9 +17,11 @@
 //            device-to-host sync per layer forward reads them and sizes the all-to-all-v and
 //            the saved state exactly (the backward reuses them)
 //   kPadded  every peer gets a region of N rows (worst case) with the true count sent
-//            alongside; no host sync at all: the receiver masks the rows past the count
-//            (picks -1) and its grouped GEMMs read their offsets on the device. Costs wire
-//            bytes (P*N rows per rank) and the receiver's elementwise ops run over P*N rows.
+//            alongside; no host sync at all: the receiver's kernels read the counts on the
+//            device and skip the rows past them (cuda::RowRegions: moe_layout, unpermute,
+//            permute_bwd), the grouped GEMMs and SwiGLU stop at the offsets' total. Costs wire
+//            bytes (P*N rows per rank) and grids sized for P*N rows whose blocks past the
+//            counts return at once.
 // Transports (dist/ep_transport.h): NCCL, one process per GPU; or loopback, all P ranks in this
 // process on one GPU (checking). The calls take the tensors of every rank this process drives.
 //
@@ -72,6 +74,7 @@
 #include <vector>
 
 #include "backend/cuda/common.cuh"
+#include "backend/cuda/ops_cuda.h"
 #include "dist/ep_arena.h"
 #include "dist/ep_transport.h"
 
@@ -202,6 +205,9 @@ class EpMoeCuda {
   // from the scratch; padded: carved before the layout, which writes send_pos in place)
   void carve(int64_t N, const cuda::Ctx& ctx);
   void set_plan(int64_t N);  // host row plan of the all-to-alls for this forward
+  // padded: local rank i's received rows as regions (padding skipped); counts: none
+  cuda::RowRegions padding(int i) const;
+  const int32_t* expert_rows(int i) const;  // padded: &offsets[El] on the device; counts: null
   // The tensor of every local rank for one all-to-all: pointer table slot `slot` (0..2) filled
   // with send_of(i) / recv_of(i) for local rank i.
   template <class S, class D>

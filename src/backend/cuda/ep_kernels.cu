@@ -1,5 +1,5 @@
-// backend/cuda/ep_kernels.cu: expert-parallel layout, dispatch pack, combine unpack and the padded
-// receive mask (declarations and buffer layouts in ep_kernels.h). Deterministic: no atomics, and
+// backend/cuda/ep_kernels.cu: expert-parallel layout, dispatch pack and combine unpack
+// (declarations and buffer layouts in ep_kernels.h). Deterministic: no atomics, and
 // the combine sums a token's rows in rank order as the CPU path does.
 #include "backend/cuda/device.cuh"
 #include "backend/cuda/ep_kernels.h"
@@ -137,16 +137,6 @@ __global__ void ep_combine_unpack_kernel(bf16* out, float* dw_out, const bf16* y
     }
 }
 
-__global__ void ep_recv_mask_kernel(int32_t* idx_recv, const int32_t* recv_cnt, int64_t region,
-                                    int64_t K, int P) {
-  const int64_t total = int64_t(P) * region * K;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t r = i / K, s = r / region;
-    if (r - s * region >= recv_cnt[s]) idx_recv[i] = -1;
-  }
-}
-
 }  // namespace
 
 void ep_layout(int32_t* send_pos, int32_t* send_cnt, int32_t* send_picks, const int32_t* topk_idx,
@@ -197,14 +187,6 @@ void ep_combine_unpack(bf16* out, float* dw_out, const bf16* y_back, const float
   else
     ep_combine_unpack_kernel<<<unsigned(N), kRowThreads, 0, ctx.stream>>>(
         out, dw_out, y_back, dw_back, send_pos, H, int(K), P);
-  CUDA_CHECK_LAUNCH();
-}
-
-void ep_recv_mask(int32_t* idx_recv, const int32_t* recv_cnt, int64_t region, int64_t K, int P,
-                  const Ctx& ctx) {
-  if (region == 0 || K == 0) return;
-  ep_recv_mask_kernel<<<grid_for(int64_t(P) * region * K, kScanThreads, ctx), kScanThreads, 0,
-                        ctx.stream>>>(idx_recv, recv_cnt, region, K, P);
   CUDA_CHECK_LAUNCH();
 }
 

@@ -43,9 +43,4 @@ void ep_combine_unpack(bf16* out /*[N,H] bf16 =*/, float* dw_out /*[N,K] f32 =, 
                        const int32_t* send_pos /*[N,P] i32*/, int64_t N, int64_t H, int64_t K,
                        int P, const Ctx& ctx);
 
-// Padded receive: rows [s*region + recv_cnt[s], (s+1)*region) of idx_recv hold no token; set
-// their picks to -1 so the receiver's moe_layout / permute / unpermute skip them.
-void ep_recv_mask(int32_t* idx_recv /*[P*region,K] i32*/, const int32_t* recv_cnt /*[P] i32*/,
-                  int64_t region, int64_t K, int P, const Ctx& ctx);
-
 }  // namespace automoe::cuda

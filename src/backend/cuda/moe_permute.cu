@@ -1,7 +1,8 @@
 // backend/cuda/moe_permute.cu: MoE routing layout computed on the device (slots sorted by expert,
 // stable in slot order, no atomics on the result, no host sync), permute of token rows into
 // expert order and the weighted unpermute (combine) back to tokens. Slots whose expert is out
-// of [0, E) get slot_row = -1 and are skipped by (un)permute (for expert parallelism later).
+// of [0, E) get slot_row = -1 and are skipped by (un)permute. With RowRegions (expert
+// parallelism's padded receive, ops_cuda.h) the padding rows are skipped without being read.
 #include "backend/cuda/device.cuh"
 #include "backend/cuda/ops_cuda.h"
 
@@ -11,6 +12,21 @@ namespace {
 
 constexpr int kLayoutThreads = 256, kLayoutWarps = kLayoutThreads / 32;
 constexpr int kMaxExperts = 1024;
+
+// Whether row n is padding of its region (never with the default RowRegions).
+__device__ __forceinline__ bool is_padding(const RowRegions& g, int64_t n) {
+  if (!g.cnt) return false;
+  const int64_t s = n / g.region;
+  return n - s * g.region >= g.cnt[s];
+}
+
+// Whether every slot of [s0, s1) lies on padding rows: the padding of a region is its
+// tail, so the first and last rows in one region's padding cover everything between.
+__device__ __forceinline__ bool all_padding(const RowRegions& g, int64_t s0, int64_t s1, int K) {
+  if (!g.cnt || s1 <= s0) return false;
+  const int64_t r0 = s0 / K, r1 = (s1 - 1) / K;
+  return r0 / g.region == r1 / g.region && is_padding(g, r0);
+}
 
 // The layout in three kernels over tiles of kLayoutTile slots (one block per tile):
 //  1. count:  per tile, the slots of each expert (shared-memory atomics: counts do not depend on
@@ -23,12 +39,15 @@ constexpr int kMaxExperts = 1024;
 // Stable in slot order, deterministic, no host sync; cnt lives in the workspace.
 constexpr int64_t kLayoutTile = 1024;
 
-__global__ void moe_layout_count_kernel(int32_t* cnt, const int32_t* topk_idx, int64_t S, int E) {
+__global__ void moe_layout_count_kernel(int32_t* cnt, const int32_t* topk_idx, int64_t S, int E,
+                                        int K, RowRegions rows) {
   extern __shared__ int32_t hist[];  // [E]
   for (int e = threadIdx.x; e < E; e += kLayoutThreads) hist[e] = 0;
   __syncthreads();
-  const int64_t s0 = int64_t(blockIdx.x) * kLayoutTile, s1 = min(S, s0 + kLayoutTile);
+  const int64_t s0 = int64_t(blockIdx.x) * kLayoutTile, end = min(S, s0 + kLayoutTile);
+  const int64_t s1 = all_padding(rows, s0, end, K) ? s0 : end;  // wholly padding: counts nothing
   for (int64_t i = s0 + threadIdx.x; i < s1; i += kLayoutThreads) {
+    if (is_padding(rows, i / K)) continue;
     const int e = topk_idx[i];
     if (e >= 0 && e < E) atomicAdd(&hist[e], 1);
   }
@@ -59,17 +78,24 @@ __global__ void moe_layout_scan_kernel(int32_t* offsets, int32_t* cnt, int tiles
 
 // Shared memory: base[E] (the tile's next free row of each expert) and table[E][8] (per chunk:
 // slots of expert e in warp w, then their first row).
+// A tile of padding rows only writes its slot_row = -1 (uniform over the block, before any
+// barrier).
 __global__ void moe_layout_place_kernel(int32_t* slot_row, const int32_t* topk_idx,
-                                        const int32_t* first, int64_t S, int E) {
+                                        const int32_t* first, int64_t S, int E, int K,
+                                        RowRegions rows) {
   extern __shared__ int32_t sm[];
   int32_t* base = sm;       // [E]
   int32_t* table = sm + E;  // [E][kLayoutWarps]
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  for (int e = tid; e < E; e += kLayoutThreads) base[e] = first[int64_t(blockIdx.x) * E + e];
   const int64_t s0 = int64_t(blockIdx.x) * kLayoutTile, s1 = min(S, s0 + kLayoutTile);
+  if (all_padding(rows, s0, s1, K)) {
+    for (int64_t i = s0 + tid; i < s1; i += kLayoutThreads) slot_row[i] = -1;
+    return;
+  }
+  for (int e = tid; e < E; e += kLayoutThreads) base[e] = first[int64_t(blockIdx.x) * E + e];
   for (int64_t c0 = s0; c0 < s1; c0 += kLayoutThreads) {
     const int64_t i = c0 + tid;
-    int e = i < s1 ? topk_idx[i] : -1;
+    int e = i < s1 && !is_padding(rows, i / K) ? topk_idx[i] : -1;
     if (e >= E) e = -1;
     for (int x = tid; x < E * kLayoutWarps; x += kLayoutThreads) table[x] = 0;
     const unsigned peers = __match_any_sync(kFullMask, e);
@@ -107,8 +133,9 @@ __global__ void permute_fwd_kernel(Chunk* xs, const Chunk* x, const int32_t* slo
 
 // Block per token n, threads stride the channels: dx[n] = sum_j dxs[slot_row[n*K+j]] (fp32).
 __global__ void permute_bwd_kernel(bf16* dx, const bf16* dxs, const int32_t* slot_row, int K,
-                                   int64_t C) {
+                                   int64_t C, RowRegions pad) {
   const int64_t n = blockIdx.x;
+  if (is_padding(pad, n)) return;
   const int32_t* rows = slot_row + n * K;
   for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
     float acc = 0.f;
@@ -120,8 +147,9 @@ __global__ void permute_bwd_kernel(bf16* dx, const bf16* dxs, const int32_t* slo
 
 // Block per token n: out[n] = sum_j w[n,j] * ys[slot_row[n*K+j]] (fp32).
 __global__ void unpermute_fwd_kernel(bf16* out, const bf16* ys, const float* w,
-                                     const int32_t* slot_row, int K, int64_t C) {
+                                     const int32_t* slot_row, int K, int64_t C, RowRegions pad) {
   const int64_t n = blockIdx.x;
+  if (is_padding(pad, n)) return;
   const int32_t* rows = slot_row + n * K;
   const float* wn = w + n * K;
   for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
@@ -135,9 +163,11 @@ __global__ void unpermute_fwd_kernel(bf16* out, const bf16* ys, const float* w,
 // Block per token n: for each pick j, dys[r] = w[n,j] * dout[n] and dw[n,j] = dout[n] . ys[r]
 // (block reduction, deterministic).
 __global__ void unpermute_bwd_kernel(bf16* dys, float* dw, const bf16* dout, const bf16* ys,
-                                     const float* w, const int32_t* slot_row, int K, int64_t C) {
+                                     const float* w, const int32_t* slot_row, int K, int64_t C,
+                                     RowRegions pad) {
   __shared__ float red[32];
   const int64_t n = blockIdx.x;
+  if (is_padding(pad, n)) return;
   const bf16* g = dout + n * C;
   for (int j = 0; j < K; ++j) {
     const int64_t r = slot_row[n * K + j];
@@ -160,8 +190,9 @@ __global__ void unpermute_bwd_kernel(bf16* dys, float* dw, const bf16* dout, con
 // 16-byte versions of the three row kernels above (C % 8 == 0, rows 16-byte aligned): the same
 // sums in the same order per element; a thread owns chunks of 8 channels.
 __global__ void permute_bwd_vec_kernel(bf16* dx, const bf16* dxs, const int32_t* slot_row, int K,
-                                       int64_t C) {
+                                       int64_t C, RowRegions pad) {
   const int64_t n = blockIdx.x;
+  if (is_padding(pad, n)) return;
   const int32_t* rows = slot_row + n * K;
   for (int64_t c = int64_t(threadIdx.x) * 8; c < C; c += int64_t(blockDim.x) * 8) {
     float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
@@ -178,8 +209,10 @@ __global__ void permute_bwd_vec_kernel(bf16* dx, const bf16* dxs, const int32_t*
 }
 
 __global__ void unpermute_fwd_vec_kernel(bf16* out, const bf16* ys, const float* w,
-                                         const int32_t* slot_row, int K, int64_t C) {
+                                         const int32_t* slot_row, int K, int64_t C,
+                                         RowRegions pad) {
   const int64_t n = blockIdx.x;
+  if (is_padding(pad, n)) return;
   const int32_t* rows = slot_row + n * K;
   const float* wn = w + n * K;
   for (int64_t c = int64_t(threadIdx.x) * 8; c < C; c += int64_t(blockDim.x) * 8) {
@@ -201,9 +234,10 @@ __global__ void unpermute_fwd_vec_kernel(bf16* out, const bf16* ys, const float*
 constexpr int kMaxPicksVec = 16;
 __global__ void unpermute_bwd_vec_kernel(bf16* dys, float* dw, const bf16* dout, const bf16* ys,
                                          const float* w, const int32_t* slot_row, int K,
-                                         int64_t C) {
+                                         int64_t C, RowRegions pad) {
   __shared__ float red[kMaxPicksVec][33];
   const int64_t n = blockIdx.x;
+  if (is_padding(pad, n)) return;  // uniform over the block, before any barrier
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   float dot[kMaxPicksVec];
 #pragma unroll
@@ -252,22 +286,24 @@ size_t moe_layout_workspace_bytes(int64_t N, int64_t K, int64_t E) {
 }
 
 void moe_layout(int32_t* offsets, int32_t* slot_row, const int32_t* topk_idx, int64_t N,
-                int64_t E, int64_t K, const Ctx& ctx) {
+                int64_t E, int64_t K, const Ctx& ctx, RowRegions rows) {
   AM_CHECK(E >= 1 && E <= kMaxExperts, "[moe_layout] {} experts: supported 1..{}", E,
            kMaxExperts);
   AM_CHECK(N * K < (int64_t(1) << 31), "[moe_layout] {} slots do not fit int32 rows", N * K);
+  AM_CHECK(!rows.cnt || rows.region > 0,
+           "internal: [moe_layout] row regions with counts need region > 0 (got {})", rows.region);
   const int64_t S = N * K;
   const int tiles = int(std::max<int64_t>(1, (S + kLayoutTile - 1) / kLayoutTile));
   int32_t* cnt = static_cast<int32_t*>(
       workspace_for(ctx, moe_layout_workspace_bytes(N, K, E), "moe_layout"));
   moe_layout_count_kernel<<<tiles, kLayoutThreads, size_t(E) * sizeof(int32_t), ctx.stream>>>(
-      cnt, topk_idx, S, int(E));
+      cnt, topk_idx, S, int(E), int(K), rows);
   CUDA_CHECK_LAUNCH();
   moe_layout_scan_kernel<<<1, kLayoutThreads, 0, ctx.stream>>>(offsets, cnt, tiles, int(E));
   CUDA_CHECK_LAUNCH();
   const size_t smem = size_t(E) * (1 + kLayoutWarps) * sizeof(int32_t);
   moe_layout_place_kernel<<<tiles, kLayoutThreads, smem, ctx.stream>>>(slot_row, topk_idx, cnt, S,
-                                                                       int(E));
+                                                                       int(E), int(K), rows);
   CUDA_CHECK_LAUNCH();
 }
 
@@ -284,37 +320,39 @@ void permute_fwd(bf16* xs, const bf16* x, const int32_t* slot_row, int64_t N, in
 }
 
 void permute_bwd(bf16* dx, const bf16* dxs, const int32_t* slot_row, int64_t N, int64_t K,
-                 int64_t C, const Ctx& ctx) {
+                 int64_t C, const Ctx& ctx, RowRegions rows) {
   if (N == 0 || C == 0) return;
   if (rows_16b(C, dx, dxs))
     permute_bwd_vec_kernel<<<unsigned(N), kRowThreads, 0, ctx.stream>>>(dx, dxs, slot_row, int(K),
-                                                                        C);
+                                                                        C, rows);
   else
-    permute_bwd_kernel<<<unsigned(N), kRowThreads, 0, ctx.stream>>>(dx, dxs, slot_row, int(K), C);
+    permute_bwd_kernel<<<unsigned(N), kRowThreads, 0, ctx.stream>>>(dx, dxs, slot_row, int(K), C,
+                                                                    rows);
   CUDA_CHECK_LAUNCH();
 }
 
 void unpermute_fwd(bf16* out, const bf16* ys, const float* w, const int32_t* slot_row, int64_t N,
-                   int64_t K, int64_t C, const Ctx& ctx) {
+                   int64_t K, int64_t C, const Ctx& ctx, RowRegions rows) {
   if (N == 0 || C == 0) return;
   if (rows_16b(C, out, ys))
     unpermute_fwd_vec_kernel<<<unsigned(N), kRowThreads, 0, ctx.stream>>>(out, ys, w, slot_row,
-                                                                          int(K), C);
+                                                                          int(K), C, rows);
   else
     unpermute_fwd_kernel<<<unsigned(N), kRowThreads, 0, ctx.stream>>>(out, ys, w, slot_row,
-                                                                      int(K), C);
+                                                                      int(K), C, rows);
   CUDA_CHECK_LAUNCH();
 }
 
 void unpermute_bwd(bf16* dys, float* dw, const bf16* dout, const bf16* ys, const float* w,
-                   const int32_t* slot_row, int64_t N, int64_t K, int64_t C, const Ctx& ctx) {
+                   const int32_t* slot_row, int64_t N, int64_t K, int64_t C, const Ctx& ctx,
+                   RowRegions rows) {
   if (N == 0 || K == 0) return;
   if (K <= kMaxPicksVec && rows_16b(C, dys, ys) && aligned_16b(dout))
-    unpermute_bwd_vec_kernel<<<unsigned(N), kRowThreads, 0, ctx.stream>>>(dys, dw, dout, ys, w,
-                                                                          slot_row, int(K), C);
+    unpermute_bwd_vec_kernel<<<unsigned(N), kRowThreads, 0, ctx.stream>>>(
+        dys, dw, dout, ys, w, slot_row, int(K), C, rows);
   else
     unpermute_bwd_kernel<<<unsigned(N), kRowThreads, 0, ctx.stream>>>(dys, dw, dout, ys, w,
-                                                                      slot_row, int(K), C);
+                                                                      slot_row, int(K), C, rows);
   CUDA_CHECK_LAUNCH();
 }
 

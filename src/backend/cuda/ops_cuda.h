@@ -161,24 +161,41 @@ void router_bwd(bf16* dlogits /*[N,E] bf16 =*/, const float* dtopk_w /*[N,K] f32
 // ---- MoE layout: the N*K (token, pick) slots sorted by expert, stable in slot order ------------
 // Computed on the device by blocks over tiles of slots (no atomics on slot_row, no host sync),
 // per-tile counts in ctx.workspace (moe_layout_workspace_bytes); E <= 1024.
+//
+// Rows in regions with padding (expert parallelism's padded receive, dist/expert_parallel_cuda.h):
+// region s holds rows [s*region, (s+1)*region), of which the first cnt[s] hold tokens and the rest
+// is padding. The ops below that take a RowRegions treat padding rows as rows without picks and
+// skip them without reading their inputs; cnt stays on the device (no host sync), so the grids
+// keep the host's bound (N rows) and a padding row's block returns at once. The default (cnt
+// null): every row holds a token, the ops' plain behaviour.
+struct RowRegions {
+  const int32_t* cnt = nullptr;  // [N / region] i32, device: rows holding tokens per region
+  int64_t region = 0;            // rows per region (> 0 with cnt)
+};
 size_t moe_layout_workspace_bytes(int64_t N, int64_t K, int64_t E);
+// Padding rows' picks are not read: they count for no expert and get slot_row = -1.
 void moe_layout(int32_t* offsets /*[E+1] i32 =*/, int32_t* slot_row /*[N*K] i32 =*/,
                 const int32_t* topk_idx /*[N,K] i32*/, int64_t N, int64_t E, int64_t K,
-                const Ctx& ctx);
-// permute: xs[slot_row[n*K+j], :] = x[n, :]
+                const Ctx& ctx, RowRegions rows = {});
+// permute: xs[slot_row[n*K+j], :] = x[n, :] (slot_row -1: skipped, so padding rows laid out by
+// moe_layout with regions cost one read of slot_row per slot)
 void permute_fwd(bf16* xs /*[N*K,C] bf16 =*/, const bf16* x /*[N,C] bf16*/,
                  const int32_t* slot_row, int64_t N, int64_t K, int64_t C, const Ctx& ctx);
-// dx[n] = sum_j dxs[slot_row[n*K+j]] (fp32 sum)
+// dx[n] = sum_j dxs[slot_row[n*K+j]] (fp32 sum); padding rows of dx are not written
 void permute_bwd(bf16* dx /*[N,C] bf16 =*/, const bf16* dxs /*[N*K,C] bf16*/,
-                 const int32_t* slot_row, int64_t N, int64_t K, int64_t C, const Ctx& ctx);
-// unpermute: out[n] = sum_j w[n,j] * ys[slot_row[n*K+j]] (fp32 sum)
+                 const int32_t* slot_row, int64_t N, int64_t K, int64_t C, const Ctx& ctx,
+                 RowRegions rows = {});
+// unpermute: out[n] = sum_j w[n,j] * ys[slot_row[n*K+j]] (fp32 sum); padding rows of out are
+// not written
 void unpermute_fwd(bf16* out /*[N,C] bf16 =*/, const bf16* ys /*[N*K,C] bf16*/,
                    const float* w /*[N,K] f32*/, const int32_t* slot_row, int64_t N, int64_t K,
-                   int64_t C, const Ctx& ctx);
+                   int64_t C, const Ctx& ctx, RowRegions rows = {});
+// dys[slot_row[n*K+j]] = w[n,j] * dout[n], dw[n,j] = dout[n] . ys[slot_row[n*K+j]] (0 where
+// slot_row is -1); padding rows of dw are not written
 void unpermute_bwd(bf16* dys /*[N*K,C] bf16 =*/, float* dw /*[N,K] f32 =*/,
                    const bf16* dout /*[N,C] bf16*/, const bf16* ys /*[N*K,C] bf16*/,
                    const float* w /*[N,K] f32*/, const int32_t* slot_row, int64_t N, int64_t K,
-                   int64_t C, const Ctx& ctx);
+                   int64_t C, const Ctx& ctx, RowRegions rows = {});
 
 // ---- grouped linear over experts: rows [off[e], off[e+1]) of x use w[e]: out = x @ w[e]^T ------
 // Offsets stay on the device (no host sync): R is the rows allocated (N*K, host-known), an
@@ -216,10 +233,14 @@ void grouped_linear_bwd(bf16* dx /*[R,I] bf16 =, nullable*/,
                         int64_t E, int64_t I, int64_t O, const Ctx& ctx);
 
 // ---- SwiGLU on a fused gate|up row: gu[N,2F] (gate = cols [0,F), up = [F,2F)) -> out[N,F] ------
+// n_rows (nullable, device): only rows [0, min(N, *n_rows)) are computed, rows past it are not
+// touched (the grid keeps the host's bound N, no host sync; expert parallelism's padded mode
+// passes offsets + E of its moe_layout). Null: all N rows.
 void swiglu_fwd(bf16* out /*[N,F] bf16 =*/, const bf16* gu /*[N,2F] bf16*/, int64_t N,
-                int64_t F, const Ctx& ctx);
+                int64_t F, const Ctx& ctx, const int32_t* n_rows = nullptr);
 void swiglu_bwd(bf16* dgu /*[N,2F] bf16 =*/, const bf16* dout /*[N,F] bf16*/,
-                const bf16* gu /*[N,2F] bf16*/, int64_t N, int64_t F, const Ctx& ctx);
+                const bf16* gu /*[N,2F] bf16*/, int64_t N, int64_t F, const Ctx& ctx,
+                const int32_t* n_rows = nullptr);
 
 // ---- cross-entropy on bf16 logits[N,V], targets[N] (-100 = ignored) -----------------------------
 // One block per row, one pass over the vocabulary with an online max/sum: no fp32 copy of the
