@@ -79,6 +79,10 @@
 #             the TCP backend of dist::Comm) against mpirun, bit for bit: a 20-step CPU tiny-moe run
 #             with ep 2, and the demo recipe on GPU 0 with ep 2 (both ranks on GPU 0: IPC rows,
 #             host-staged gradients); then a rank SIGKILLed under torchrun must end the job
+#   gpu2      (not default; >= 2 GPUs) bench/gpu2_checks.sh on GPUs 0 and 1: IPC between the GPUs
+#             (checks and bandwidth against ncclAlltoAll), the demo recipe with ep 2 over NCCL
+#             and over IPC against one GPU, the NCCL kill drill, and W2 (12 and 24 layers)
+#             beside Transformers + FSDP2 on the same two GPUs
 #   sweep     (not default) grouped_sweep: every candidate CUTLASS configuration (tile, cluster,
 #             schedule) of the six W1 expert GEMMs, timed and checked against the production
 #             configuration; the summary names the fastest per GEMM. Configures the build with
@@ -529,6 +533,9 @@ if has launch; then
   else
     echo "device.sh: stage launch needs the CLI, mpirun and torch (skipped)"
   fi
+fi
+if has gpu2; then
+  stage gpu2 bash bench/gpu2_checks.sh
 fi
 if has multi; then
   # Several GPUs: cuda_bench under mpirun (a rank per GPU, EP over all of them, transport auto)

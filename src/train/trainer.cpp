@@ -162,11 +162,6 @@ TrainResult run_finetune(const TrainConfig& cfg,
              "train.device {}: this automoe was built without the {} backend (nvcc was not found "
              "when it was configured); rebuild where CUDA is installed, or use train.device cpu",
              cfg.device, cfg.device);
-    if (multi && lead)
-      std::fprintf(stderr, "automoe: note: train.device %s with several ranks has been checked with "
-                   "several processes on one GPU, not yet on several GPUs (docs/DISTRIBUTED.md, "
-                   "\"The GPU path\"); compare a few steps with a single-GPU run before relying "
-                   "on it\n", cfg.device.c_str());
     dev = it->second(mc, cfg, g);  // under mpirun: this rank's GPU and experts
   }
   Qwen3Moe model(mc, &g, !on_device);
