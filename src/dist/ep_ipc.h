@@ -17,7 +17,8 @@
 // Status: auto's choice within a node (dist/gpu_rank.h). Checked with two processes on one H200
 // (bench/RESULTS.md, fourth session of 2026-11-29: ep_check 550/550 per rank, the padded
 // forward's enqueue 0.2 ms behind a held stream, the stall drill, training bit-identical to MPI
-// staging); not yet between two GPUs. bench/device.sh stages ep and ep_model check it.
+// staging), and between two H200s over NVLink (106 ep_check checks, dispatch/combine bandwidth,
+// EP = 2 training; stage gpu2). bench/device.sh stages ep, ep_model and gpu2 check it.
 //
 // Staging of rank p: P-1 regions of pair_cap bytes (the same on every rank), one per source
 // s != p in rank order (slot s, or s-1 past p). Source s writes its rows for p at the start of
