@@ -21,7 +21,11 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-double env_timeout_s() { return env_seconds("AUTOMOE_NCCL_TIMEOUT_S", 300); }
+// AUTOMOE_NCCL_TIMEOUT_S, else AUTOMOE_DIST_TIMEOUT when that is set (one variable raises every
+// timeout of the job), else 300 s.
+double env_timeout_s() {
+  return env_seconds("AUTOMOE_NCCL_TIMEOUT_S", std::getenv("AUTOMOE_DIST_TIMEOUT") ? dist_timeout_s() : 300);
+}
 
 double seconds_since(Clock::time_point t0) {
   return std::chrono::duration<double>(Clock::now() - t0).count();
