@@ -647,6 +647,9 @@ for f in sorted(glob.glob(os.path.join(sys.argv[1], "multi_*.log"))):
         st = r.get("tok_per_s", r.get("tok_per_s_per_gpu"))
         pk = r.get("peak_used_GiB", r.get("peak_GiB"))
         print(f"{name:22s} fwd+bwd {fb:>8} tok/s/GPU {tf:>6} TFLOP/s  step {st:>8} tok/s/GPU  peak {pk} GiB")
+        ph = r.get("phases_ms")
+        if ph:  # one step's phases (ms, rank 0); fwd_ep_* are inside fwd_mlp
+            print(f"{'':22s} ms: " + ", ".join(f"{k} {v}" for k, v in sorted(ph.items())))
 PY
 fi
 if has cli; then

@@ -879,6 +879,7 @@ void Qwen3MoeCuda::plan(int64_t B, int64_t T, bool packed) {
         s.ep_moe.push_back(std::make_unique<dist::EpMoeCuda>(
             *s.ept, sh, mode, s.ep_recompute, s.ep_scratch, s.ep_arena,
             fmt::format("MoE layer {} (model layer {})", m, l)));
+        s.ep_moe.back()->set_timing(s.timing);
         ++m;
       }
   }
@@ -1492,6 +1493,7 @@ std::vector<int32_t> Qwen3MoeCuda::download_router_topk() const {
 void Qwen3MoeCuda::enable_phase_timing(bool on) {
   State& s = *s_;
   s.timing = on;
+  for (auto& b : s.ep_moe) b->set_timing(on);  // blocks planned later take it in plan()
   const size_t want = size_t(s.cfg.num_hidden_layers * 6);
   while (on && s.lev.size() < want) {
     cudaEvent_t e;
@@ -1529,6 +1531,18 @@ std::vector<std::pair<std::string, float>> Qwen3MoeCuda::phase_ms() const {
   out.emplace_back("fwd_mlp", fm);
   out.emplace_back("bwd_mlp", bm);
   out.emplace_back("bwd_attention", ba);
+  // EP: the forward's dispatch (layout, pack, counts exchange and its host sync, the rows'
+  // all-to-all) and combine (the rows back, summed) over every MoE layer, inside fwd_mlp
+  if (!s.ep_moe.empty()) {
+    float d = 0, c = 0;
+    for (const auto& b : s.ep_moe) {
+      const dist::EpTimes t = b->last_times();
+      d += t.dispatch_ms;
+      c += t.combine_ms;
+    }
+    out.emplace_back("fwd_ep_dispatch", d);
+    out.emplace_back("fwd_ep_combine", c);
+  }
   return out;
 }
 

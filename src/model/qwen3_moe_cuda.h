@@ -203,7 +203,9 @@ class Qwen3MoeCuda {
   CudaMemory memory() const;
   // Per-phase GPU times of the last full step (cudaEvents; waits), in ms: fwd_layers,
   // lm_head_ce (ln_f, chunked lm_head + CE forward and backward, aux loss), bwd_layers,
-  // optimizer; then the layers split into fwd_attention, fwd_mlp, bwd_mlp, bwd_attention.
+  // optimizer; then the layers split into fwd_attention, fwd_mlp, bwd_mlp, bwd_attention;
+  // with EP also fwd_ep_dispatch and fwd_ep_combine (the forward's all-to-alls, summed over
+  // the MoE layers; part of fwd_mlp).
   // Recorded only when enabled (before the step).
   void enable_phase_timing(bool on);
   std::vector<std::pair<std::string, float>> phase_ms() const;
