@@ -157,10 +157,13 @@ EpMoeCuda::EpMoeCuda(EpTransport& t, const EpMoeShape& shape, EpMode mode, EpRec
   ptr_send_.assign(size_t(3 * L_), nullptr);
   ptr_recv_.assign(size_t(3 * L_), nullptr);
   for (cudaEvent_t& e : ev_) CUDA_CHECK(cudaEventCreate(&e));
+  for (cudaEvent_t& e : evb_) CUDA_CHECK(cudaEventCreate(&e));
 }
 
 EpMoeCuda::~EpMoeCuda() {
   for (cudaEvent_t e : ev_)
+    if (e) cudaEventDestroy(e);
+  for (cudaEvent_t e : evb_)
     if (e) cudaEventDestroy(e);
   if (host_cnt_) cudaFreeHost(host_cnt_);
   if (host_tail_) cudaFreeHost(host_tail_);
@@ -368,6 +371,7 @@ void EpMoeCuda::fwd(const EpMoeFwdArgs* a, int64_t N, const cu::Ctx& ctx) {
     carve(N, ctx);
   }
   N_ = N;
+  bwd_timed_ = false;  // until this forward's backward records its events
   const EpA2aRows fwd_rows{send_off_.data(), send_cnt_.data(), recv_off_.data(), recv_cnt_.data()};
   const EpA2aRows back_rows{recv_off_.data(), recv_cnt_.data(), send_off_.data(), send_cnt_.data()};
   {
@@ -429,6 +433,7 @@ void EpMoeCuda::bwd(const EpMoeBwdArgs* a, float g_beta, const cu::Ctx& ctx) {
   const EpA2aRows fwd_rows{send_off_.data(), send_cnt_.data(), recv_off_.data(), recv_cnt_.data()};
   const EpA2aRows back_rows{recv_off_.data(), recv_cnt_.data(), send_off_.data(), send_cnt_.data()};
   // ---- combine's backward: a dispatch of d(out) rows
+  if (timing_) CUDA_CHECK(cudaEventRecord(evb_[0], ctx.stream));
   for (int i = 0; i < L_; ++i)
     cu::ep_dispatch_pack(lc(i).x_send.get(), nullptr, nullptr, a[i].dout, nullptr, nullptr,
                          r_[i]->send_pos, N, H, K, El, P, ctx);
@@ -437,6 +442,7 @@ void EpMoeCuda::bwd(const EpMoeBwdArgs* a, float g_beta, const cu::Ctx& ctx) {
                            [&](int i) { return lc(i).y_recv.get(); });
     t_.alltoallv(&t, 1, fwd_rows, ctx.stream);
   }
+  if (timing_) CUDA_CHECK(cudaEventRecord(evb_[1], ctx.stream));
   // ---- the local experts' backward: xs and the SwiGLU output always recomputed (as the model
   // does), gu and ys too when the carve does not keep them (rc_): the forward's kernels on the
   // forward's inputs, so the same bits
@@ -467,6 +473,7 @@ void EpMoeCuda::bwd(const EpMoeBwdArgs* a, float g_beta, const cu::Ctx& ctx) {
     cu::permute_bwd(l.y_recv.get() /*dx rows*/, dxs, r.slot_row, R, K, H, ctx, rows);
   }
   // ---- dispatch's backward: a combine of d(x) and d(weights)
+  if (timing_) CUDA_CHECK(cudaEventRecord(evb_[2], ctx.stream));
   {
     EpA2aTensor t[2] = {
         tensor(0, EpDtype::kBf16, H, [&](int i) { return lc(i).y_recv.get(); },
@@ -478,6 +485,10 @@ void EpMoeCuda::bwd(const EpMoeBwdArgs* a, float g_beta, const cu::Ctx& ctx) {
   for (int i = 0; i < L_; ++i)
     cu::ep_combine_unpack(a[i].dx, a[i].dtopk_w, lc(i).x_send.get(), lc(i).w_send.get(),
                           r_[i]->send_pos, N, H, K, P, ctx);
+  if (timing_) {
+    CUDA_CHECK(cudaEventRecord(evb_[3], ctx.stream));
+    bwd_timed_ = true;
+  }
 }
 
 void EpMoeCuda::fwd(bf16* out, const bf16* x, const int32_t* topk_idx, const float* topk_w,
@@ -504,6 +515,11 @@ EpTimes EpMoeCuda::last_times() const {
   CUDA_CHECK(cudaEventSynchronize(ev_[3]));
   CUDA_CHECK(cudaEventElapsedTime(&t.dispatch_ms, ev_[0], ev_[1]));
   CUDA_CHECK(cudaEventElapsedTime(&t.combine_ms, ev_[2], ev_[3]));
+  if (bwd_timed_) {  // the backward of the last forward
+    CUDA_CHECK(cudaEventSynchronize(evb_[3]));
+    CUDA_CHECK(cudaEventElapsedTime(&t.bwd_dispatch_ms, evb_[0], evb_[1]));
+    CUDA_CHECK(cudaEventElapsedTime(&t.bwd_combine_ms, evb_[2], evb_[3]));
+  }
   std::vector<int32_t> cnt(size_t(2 * P_));
   for (int i = 0; i < L_; ++i) {
     for (int p = 0; p < P_; ++p) t.rows_wire += send_cnt_[size_t(i) * P_ + p];

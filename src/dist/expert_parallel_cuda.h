@@ -107,6 +107,9 @@ struct EpMoeBwdArgs {
 // all-to-all moved, = payload in counts mode, P*N per rank in padded mode). Needs set_timing.
 struct EpTimes {
   float dispatch_ms = 0, combine_ms = 0;
+  // the backward's, when one ran after that forward (0 otherwise): combine's gradient (a
+  // dispatch of d(out): pack .. rows received) and dispatch's (the d(x), d(w) rows back .. summed)
+  float bwd_dispatch_ms = 0, bwd_combine_ms = 0;
   int64_t rows_payload = 0, rows_wire = 0;
 };
 
@@ -240,6 +243,8 @@ class EpMoeCuda {
   std::vector<const void*> ptr_send_;  // [3*L] pointer tables for EpA2aTensor
   std::vector<void*> ptr_recv_;
   cudaEvent_t ev_[4] = {nullptr, nullptr, nullptr, nullptr};
+  cudaEvent_t evb_[4] = {nullptr, nullptr, nullptr, nullptr};  // the backward's (set_timing)
+  bool bwd_timed_ = false;  // evb_ hold the backward of the last forward
 };
 
 }  // namespace automoe::dist

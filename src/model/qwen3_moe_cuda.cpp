@@ -1532,16 +1532,21 @@ std::vector<std::pair<std::string, float>> Qwen3MoeCuda::phase_ms() const {
   out.emplace_back("bwd_mlp", bm);
   out.emplace_back("bwd_attention", ba);
   // EP: the forward's dispatch (layout, pack, counts exchange and its host sync, the rows'
-  // all-to-all) and combine (the rows back, summed) over every MoE layer, inside fwd_mlp
+  // all-to-all) and combine (the rows back, summed) over every MoE layer, inside fwd_mlp; the
+  // backward's two all-to-alls (d(out) rows out, d(x) and d(w) rows back), inside bwd_mlp
   if (!s.ep_moe.empty()) {
-    float d = 0, c = 0;
+    float d = 0, c = 0, bd = 0, bc = 0;
     for (const auto& b : s.ep_moe) {
       const dist::EpTimes t = b->last_times();
       d += t.dispatch_ms;
       c += t.combine_ms;
+      bd += t.bwd_dispatch_ms;
+      bc += t.bwd_combine_ms;
     }
     out.emplace_back("fwd_ep_dispatch", d);
     out.emplace_back("fwd_ep_combine", c);
+    out.emplace_back("bwd_ep_dispatch", bd);
+    out.emplace_back("bwd_ep_combine", bc);
   }
   return out;
 }

@@ -205,7 +205,8 @@ class Qwen3MoeCuda {
   // lm_head_ce (ln_f, chunked lm_head + CE forward and backward, aux loss), bwd_layers,
   // optimizer; then the layers split into fwd_attention, fwd_mlp, bwd_mlp, bwd_attention;
   // with EP also fwd_ep_dispatch and fwd_ep_combine (the forward's all-to-alls, summed over
-  // the MoE layers; part of fwd_mlp).
+  // the MoE layers; part of fwd_mlp) and bwd_ep_dispatch, bwd_ep_combine (the backward's; part
+  // of bwd_mlp).
   // Recorded only when enabled (before the step).
   void enable_phase_timing(bool on);
   std::vector<std::pair<std::string, float>> phase_ms() const;
