@@ -127,8 +127,10 @@ class IpcTransport final : public EpTransport {
   // Local: this rank's pending waits released (its flags set past the epoch, from a stream of
   // its own) after a timeout or while an error unwinds; false when that did not finish.
   bool release();
-  // Local: whether this rank's last call finished within `seconds` (its own ready slot, written
-  // at the end of every call, read from a stream of its own).
+  // Local: whether, within `seconds`, this rank's last call finished (its own ready slot,
+  // written at the end of every call) and every peer wrote its done[] of that call into this
+  // rank's flags (its copy-out of this rank's rows); read from a stream of its own. The
+  // destructor frees nothing a peer may still write before that.
   bool finished(double seconds);
   void close_peers();  // local: the peers' staging mappings
   unsigned char* region(int p, int s) const;  // rank p's region for source s (p's staging)
@@ -143,7 +145,7 @@ class IpcTransport final : public EpTransport {
   std::vector<unsigned char*> peer_;   // [P] the peers' staging, mapped here; [rank] = own_
   uint32_t* flags_ = nullptr;          // [2P] this rank's ready[P] | done[P] (cudaMalloc);
                                        //   ready[rank]: the last call this rank finished
-  uint32_t* host_word_ = nullptr;      // [1] pinned: finished()'s read-back
+  uint32_t* host_word_ = nullptr;      // [2P] pinned: finished()'s read-back of the flags
   std::vector<uint32_t*> peer_flags_;  // [P] the peers' flags, mapped here; [rank] = flags_
   uint32_t epoch_ = 0;                 // calls so far (the same on every rank)
   cudaEvent_t done_ev_ = nullptr;      // sync()'s

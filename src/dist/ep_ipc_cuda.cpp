@@ -126,7 +126,7 @@ IpcTransport::IpcTransport(const Comm& ep)
   if (why.empty() &&
       cuda_ok(cudaMalloc(reinterpret_cast<void**>(&flags_), size_t(2 * P) * sizeof(uint32_t)),
               "cudaMalloc of the IPC flags") &&
-      cuda_ok(cudaMallocHost(reinterpret_cast<void**>(&host_word_), sizeof(uint32_t)),
+      cuda_ok(cudaMallocHost(reinterpret_cast<void**>(&host_word_), size_t(2 * P) * sizeof(uint32_t)),
               "cudaMallocHost") &&
       cuda_ok(cudaMemset(flags_, 0, size_t(2 * P) * sizeof(uint32_t)), "cudaMemset") &&
       cuda_ok(cudaDeviceSynchronize(), "cudaDeviceSynchronize") &&
@@ -207,8 +207,10 @@ IpcTransport::~IpcTransport() {
   // Local, never collective (it runs while an error unwinds, too). Calls left in flight (an
   // error elsewhere) may wait on peers that never come: release them first, so the synchronize
   // and the frees (which synchronize) return. The peers map own_ and flags_ until they close
-  // them themselves.
-  if (in_flight_ && !released_ && !finished(10.0)) release();
+  // them themselves, and each peer's last call still writes its done[] into flags_ after it
+  // copied this rank's rows out: finished() also waits (bounded) for those writes, so flags_
+  // is not freed under a peer's pending write.
+  if (epoch_ != 0 && !released_ && !finished(10.0)) release();
   if (stuck_) return;  // a release that did not finish: freeing would wait forever
   cudaDeviceSynchronize();
   close_peers();
@@ -268,13 +270,18 @@ bool IpcTransport::finished(double seconds) {
   bool done = false;
   const auto t0 = Clock::now();
   if (cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking) == cudaSuccess) {
+    const int P = ep_.size(), me = ep_.rank();
     while (!done && seconds_since(t0) < seconds) {
-      if (cudaMemcpyAsync(host_word_, flags_ + ep_.rank(), sizeof(uint32_t),
+      if (cudaMemcpyAsync(host_word_, flags_, size_t(2 * P) * sizeof(uint32_t),
                           cudaMemcpyDeviceToHost, s) != cudaSuccess ||
           cudaEventRecord(done_ev_, s) != cudaSuccess ||
           poll_event(done_ev_, seconds - seconds_since(t0)) != cudaSuccess)
         break;
-      done = int32_t(*host_word_ - epoch_) >= 0;  // cyclic, as the waits
+      // my ready[me] (my last call finished) and every peer's done[p] (its last copy-out of my
+      // rows, written into my flags) at the current epoch; cyclic, as the waits
+      done = int32_t(host_word_[me] - epoch_) >= 0;
+      for (int p = 0; done && p < P; ++p)
+        if (p != me) done = int32_t(host_word_[P + p] - epoch_) >= 0;
       if (!done) std::this_thread::sleep_for(std::chrono::milliseconds(1));
     }
     cudaStreamDestroy(s);
