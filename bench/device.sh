@@ -68,7 +68,9 @@
 #             ZeRO-1 (train.zero 1) on two ranks of GPU 0 over MPI staging: ep 1 x dp 2 against
 #             train.zero 0 and ep 2 against ep_model_mpi2, bit-identical losses and grad norms
 #             (compare_loss_curves.py --exact), and a resume from the middle checkpoint; with
-#             >= 2 GPUs also ZeRO-1 over NCCL against train.zero 0 over NCCL (--exact).
+#             >= 2 GPUs also ZeRO-1 over NCCL against train.zero 0 over NCCL (--exact), the
+#             memory-saving mode over NCCL against one GPU's (ep_model_cmp_ms_nccl), and a rank
+#             stopped with SIGSTOP over NCCL (ep_model_stall_nccl2: must end, not hang).
 #   ep_memsave (not default) only those memory-saving stages of ep_model (TARGETS=automoe_cli
 #             builds only the CLI they need).
 #   multi     (not default) several GPUs: cuda_bench under mpirun, a rank per GPU, experts over
@@ -458,33 +460,44 @@ if has ep_model; then
       --output.dir "$BUILD/ep_model_kill"
     ngpu=$(nvidia-smi -L 2>/dev/null | grep -c "^GPU")
     if [ "$ngpu" -ge 2 ]; then
-      stage ep_model_nccl2 mpirun --allow-run-as-root -np 2 -x NCCL_NVLS_ENABLE=0 \
-        -x TORCH_SYMM_MEM_DISABLE_MULTICAST=1 -x NVSHMEM_DISABLE_NVLS=1 -x AUTOMOE_EP_TRANSPORT=nccl \
-        "$BUILD/automoe" "${run[@]}" --train.ep 2 --data.micro_batch 8 --output.dir "$BUILD/ep_model_nccl2"
+      # a GPU per rank; EP rows over NCCL unless said
+      gpu2=(mpirun --allow-run-as-root -np 2 -x NCCL_NVLS_ENABLE=0 -x TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+            -x NVSHMEM_DISABLE_NVLS=1)
+      nmpi=("${gpu2[@]}" -x AUTOMOE_EP_TRANSPORT=nccl)
+      stage ep_model_nccl2 "${nmpi[@]}" "$BUILD/automoe" "${run[@]}" --train.ep 2 --data.micro_batch 8 \
+        --output.dir "$BUILD/ep_model_nccl2"
       stage ep_model_cmp_nccl python3 bench/compare_loss_curves.py "$BUILD/ep_model_1gpu/metrics.jsonl" \
         "$BUILD/ep_model_nccl2/metrics.jsonl"
       # the overlapped gradient all-reduce (ncclAllReduce per bucket on the comm stream, beside
       # the EP all-to-alls on the compute stream) against the sum after the backward: bit-identical
-      stage ep_model_nccl2_noov mpirun --allow-run-as-root -np 2 -x NCCL_NVLS_ENABLE=0 \
-        -x TORCH_SYMM_MEM_DISABLE_MULTICAST=1 -x NVSHMEM_DISABLE_NVLS=1 -x AUTOMOE_EP_TRANSPORT=nccl \
-        -x AUTOMOE_GRAD_OVERLAP=0 "$BUILD/automoe" "${run[@]}" --train.ep 2 --data.micro_batch 8 \
-        --output.dir "$BUILD/ep_model_nccl2_noov"
+      stage ep_model_nccl2_noov "${nmpi[@]}" -x AUTOMOE_GRAD_OVERLAP=0 "$BUILD/automoe" "${run[@]}" \
+        --train.ep 2 --data.micro_batch 8 --output.dir "$BUILD/ep_model_nccl2_noov"
       stage ep_model_cmp_nccl_ov_exact python3 bench/compare_loss_curves.py --exact loss,ce_loss,aux_loss,grad_norm \
         "$BUILD/ep_model_nccl2_noov/metrics.jsonl" "$BUILD/ep_model_nccl2/metrics.jsonl"
       # the default transport (auto: CUDA IPC between the GPUs, gradients over NCCL)
-      stage ep_model_auto2 mpirun --allow-run-as-root -np 2 -x NCCL_NVLS_ENABLE=0 \
-        -x TORCH_SYMM_MEM_DISABLE_MULTICAST=1 -x NVSHMEM_DISABLE_NVLS=1 \
-        "$BUILD/automoe" "${run[@]}" --train.ep 2 --data.micro_batch 8 --output.dir "$BUILD/ep_model_auto2"
+      stage ep_model_auto2 "${gpu2[@]}" "$BUILD/automoe" "${run[@]}" --train.ep 2 --data.micro_batch 8 \
+        --output.dir "$BUILD/ep_model_auto2"
       stage ep_model_cmp_auto python3 bench/compare_loss_curves.py "$BUILD/ep_model_1gpu/metrics.jsonl" \
         "$BUILD/ep_model_auto2/metrics.jsonl"
       # ZeRO-1 over NCCL (ncclReduceScatter / ncclAllGather) against its all-reduce, dp 2
-      nrun=(mpirun --allow-run-as-root -np 2 -x NCCL_NVLS_ENABLE=0 -x TORCH_SYMM_MEM_DISABLE_MULTICAST=1
-            -x NVSHMEM_DISABLE_NVLS=1 -x AUTOMOE_EP_TRANSPORT=nccl "$BUILD/automoe" "${run[@]}"
-            --train.ep 1 --data.micro_batch 8)
+      nrun=("${nmpi[@]}" "$BUILD/automoe" "${run[@]}" --train.ep 1 --data.micro_batch 8)
       stage ep_model_nccl2_dp "${nrun[@]}" --output.dir "$BUILD/ep_model_nccl2_dp"
       stage ep_model_nccl2_zero1 "${nrun[@]}" --train.zero 1 --output.dir "$BUILD/ep_model_nccl2_zero1"
       stage ep_model_cmp_nccl_zero1 python3 bench/compare_loss_curves.py --exact loss,ce_loss,aux_loss,grad_norm \
         "$BUILD/ep_model_nccl2_dp/metrics.jsonl" "$BUILD/ep_model_nccl2_zero1/metrics.jsonl"
+      # the memory-saving mode's per-tensor reduces over NCCL against one GPU's memory-saving run
+      # (ep_memsave_stages above wrote ep_model_1gpu_ms)
+      stage ep_model_ms_nccl2 "${nmpi[@]}" "$BUILD/automoe" "${run[@]}" --train.ep 2 \
+        --data.micro_batch 8 --train.memory_saving true --output.dir "$BUILD/ep_model_ms_nccl2"
+      stage ep_model_cmp_ms_nccl python3 bench/compare_loss_curves.py \
+        "$BUILD/ep_model_1gpu_ms/metrics.jsonl" "$BUILD/ep_model_ms_nccl2/metrics.jsonl"
+      # a rank stopped (SIGSTOP) mid-run over NCCL: rank 0 must stop on AUTOMOE_DIST_TIMEOUT
+      # (the NCCL waits take it too) and mpirun end the job, not hang (124); the stopped rank
+      # is killed after
+      STAGE_TIMEOUT=120 stage_must_fail ep_model_stall_nccl2 "${nmpi[@]}" -x KILL_RANK_SIGNAL=STOP \
+        -x AUTOMOE_DIST_TIMEOUT=20 bash bench/kill_rank.sh 1 15 "$BUILD/automoe" "${run[@]}" \
+        --train.steps 100000 --train.ep 2 --data.micro_batch 8 --output.dir "$BUILD/ep_model_stall_nccl2"
+      pkill -KILL -f "ep_model_stall_nccl2" 2>/dev/null
     else
       echo "device.sh: $ngpu GPU: the NCCL run of stage ep_model needs 2 GPUs (skipped)"
     fi
