@@ -1360,6 +1360,18 @@ void case_grouped_bf16_dw(const cu::Ctx& ctx, int64_t N, int64_t E, int64_t K, i
   sync(ctx);
   check("grouped_linear_bwd.bf16dw", "dx", sh, d_dx, dx_ref, kBf16Out);
   check("grouped_linear_bwd.bf16dw", "dw", sh, d_dw, dw_ref, kBf16Out);
+  // split as the EP backward runs it (dx alone without x, dw alone without w): the same two
+  // launches as the call above, so the same bits
+  auto& d_dx2 = pool.out<bf16>(R * I);
+  auto& d_dw2 = pool.in(dw0.h);
+  if (beta == 0) d_dw2.fill_nan();
+  cu::grouped_linear_bwd(d_dx2.p, static_cast<bf16*>(nullptr), 0.f, d_dout.p, nullptr, d_w.p,
+                         d_off.p, R, E, I, O, ctx);
+  cu::grouped_linear_bwd(nullptr, d_dw2.p, beta, d_dout.p, d_x.p, nullptr, d_off.p, R, E, I, O,
+                         ctx);
+  sync(ctx);
+  check("grouped_linear_bwd.bf16dw", "dx split", sh, d_dx2, to_f(d_dx.download()), kExact);
+  check("grouped_linear_bwd.bf16dw", "dw split", sh, d_dw2, to_f(d_dw.download()), kExact);
 }
 
 // Rows grouped by id on the host, as the model does.

@@ -226,6 +226,9 @@ void grouped_linear_bwd(bf16* dx /*[R,I] bf16 =, nullable*/, float* dw /*[E,O,I]
 // dw[e] = dw_beta * dw[e] + dout_e^T @ x_e, accumulated in fp32 and rounded once to bf16.
 // dw_beta = 0 overwrites (dw is not read; experts with no rows get dw[e] = 0), 1 accumulates
 // (experts with no rows keep dw[e]). dx as above (nullable).
+// Both overloads: dx and dw are separate launches (x is read only for dw, w only for dx, so
+// either may be null with its output), and a call with both gives the bits of two calls with
+// one each (the EP backward runs them on two streams, each with its own ctx.workspace).
 void grouped_linear_bwd(bf16* dx /*[R,I] bf16 =, nullable*/,
                         bf16* dw /*[E,O,I] bf16 = dw_beta*dw + ..., nullable*/, float dw_beta,
                         const bf16* dout /*[R,O] bf16*/, const bf16* x /*[R,I] bf16*/,
