@@ -5,6 +5,8 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstdlib>
+#include <cstring>
 
 #include "backend/cuda/ep_kernels.h"
 #include "backend/cuda/ops_cuda.h"
@@ -51,6 +53,10 @@ EpMoeScratch::EpMoeScratch(const EpMoeShape& s, int P, int local_ranks, EpMode m
   dact = Buf<bf16>(size_t(Mcap * s.I));
   dgu = Buf<bf16>(size_t(Mcap * 2 * s.I));
   if (rc == EpRecompute::kExperts) gu = Buf<bf16>(size_t(Mcap * 2 * s.I));
+  CUDA_CHECK(cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking));
+  CUDA_CHECK(cudaEventCreateWithFlags(&inputs_ready, cudaEventDisableTiming));
+  CUDA_CHECK(cudaEventCreateWithFlags(&wgrad_done, cudaEventDisableTiming));
+  side_ws = Buf<unsigned char>(cu::grouped_linear_workspace_bytes(std::max<int64_t>(El, 1)));
   local.resize(size_t(std::max(local_ranks, 1)));
   for (Local& l : local) {
     l.send_pos = Buf<int32_t>(size_t(Nmax * P));
@@ -63,8 +69,22 @@ EpMoeScratch::EpMoeScratch(const EpMoeShape& s, int P, int local_ranks, EpMode m
   }
 }
 
+EpMoeScratch::~EpMoeScratch() {
+  if (side) {
+    cudaStreamSynchronize(side);  // its kernels may still read the buffers freed below
+    cudaStreamDestroy(side);
+  }
+  if (inputs_ready) cudaEventDestroy(inputs_ready);
+  if (wgrad_done) cudaEventDestroy(wgrad_done);
+}
+
+void EpMoeScratch::wait_wgrad(cudaStream_t stream) const {
+  CUDA_CHECK(cudaStreamWaitEvent(stream, wgrad_done, 0));
+}
+
 size_t EpMoeScratch::bytes() const {
-  size_t b = xs.bytes() + act.bytes() + dys.bytes() + dact.bytes() + dgu.bytes() + gu.bytes();
+  size_t b = xs.bytes() + act.bytes() + dys.bytes() + dact.bytes() + dgu.bytes() + gu.bytes() +
+             side_ws.bytes();
   for (const Local& l : local)
     b += l.send_pos.bytes() + l.x_send.bytes() + l.idx_send.bytes() + l.w_send.bytes() +
          l.idx_recv.bytes() + l.dw_recv.bytes() + l.y_recv.bytes();
@@ -110,7 +130,8 @@ EpMoeCuda::EpMoeCuda(EpTransport& t, const EpMoeShape& shape, EpMode mode, EpRec
     AM_CHECK(sc_->Mcap >= Mcap_ && sc_->Rcap >= Rcap_ && sc_->Scap >= Scap_ &&
                  sc_->local.size() >= size_t(L_) && sc_->xs.size() >= size_t(Mcap_ * H) &&
                  sc_->dgu.size() >= size_t(Mcap_ * 2 * I) &&
-                 sc_->local[0].send_pos.size() >= size_t(Nmax * P_),
+                 sc_->local[0].send_pos.size() >= size_t(Nmax * P_) &&
+                 sc_->side_ws.bytes() >= cu::grouped_linear_workspace_bytes(El_),
              "internal: [EpMoeCuda] a shared scratch of {} slots, {} send rows and {} local ranks "
              "for a block of {}, {} and {}",
              sc_->Mcap, sc_->Scap, sc_->local.size(), Mcap_, Scap_, L_);
@@ -158,9 +179,17 @@ EpMoeCuda::EpMoeCuda(EpTransport& t, const EpMoeShape& shape, EpMode mode, EpRec
   ptr_recv_.assign(size_t(3 * L_), nullptr);
   for (cudaEvent_t& e : ev_) CUDA_CHECK(cudaEventCreate(&e));
   for (cudaEvent_t& e : evb_) CUDA_CHECK(cudaEventCreate(&e));
+  CUDA_CHECK(cudaEventCreateWithFlags(&wgrad_done_, cudaEventDisableTiming));
+  const char* ov = std::getenv("AUTOMOE_EP_WGRAD_OVERLAP");
+  wgrad_overlap_ = !(ov && std::strcmp(ov, "0") == 0);
 }
 
 EpMoeCuda::~EpMoeCuda() {
+  // our weight gradients may still read an arena freed with us (the scratch waits for itself)
+  if (wgrad_done_) {
+    cudaEventSynchronize(wgrad_done_);
+    cudaEventDestroy(wgrad_done_);
+  }
   for (cudaEvent_t e : ev_)
     if (e) cudaEventDestroy(e);
   for (cudaEvent_t e : evb_)
@@ -176,6 +205,10 @@ EpA2aTensor EpMoeCuda::tensor(int slot, EpDtype dt, int64_t row_elems, S send_of
     ptr_recv_[slot * L_ + i] = recv_of(i);
   }
   return {dt, row_elems, ptr_send_.data() + slot * L_, ptr_recv_.data() + slot * L_};
+}
+
+void EpMoeCuda::join(cudaStream_t stream) const {
+  CUDA_CHECK(cudaStreamWaitEvent(stream, wgrad_done_, 0));
 }
 
 int64_t EpMoeCuda::rows_received(int i) const {
@@ -336,6 +369,8 @@ void EpMoeCuda::fwd(const EpMoeFwdArgs* a, int64_t N, const cu::Ctx& ctx) {
            "a larger max_tokens",
            N, s_.max_tokens);
   N_ = -1;  // no valid state until the carve below
+  // the last backward's weight gradients may still read the scratch and the carves
+  sc_->wait_wgrad(ctx.stream);
   if (own_arena_) arena_->reset();
   const bool counts = mode_ == EpMode::kCounts;
   const int64_t region = counts ? 0 : N;
@@ -445,7 +480,17 @@ void EpMoeCuda::bwd(const EpMoeBwdArgs* a, float g_beta, const cu::Ctx& ctx) {
   if (timing_) CUDA_CHECK(cudaEventRecord(evb_[1], ctx.stream));
   // ---- the local experts' backward: xs and the SwiGLU output always recomputed (as the model
   // does), gu and ys too when the carve does not keep them (rc_): the forward's kernels on the
-  // forward's inputs, so the same bits
+  // forward's inputs, so the same bits. The data gradients first, on ctx; the weight gradients
+  // on wctx: the scratch's side stream and workspace, or ctx itself with the overlap off (the
+  // same launches in the same order: the same bits).
+  const bool overlap = wgrad_overlap_;
+  cu::Ctx wctx = ctx;
+  if (overlap) {
+    wctx.stream = sc_->side;
+    wctx.workspace = sc_->side_ws.get();
+    wctx.workspace_bytes = sc_->side_ws.bytes();
+  }
+  bf16* const no_dw = nullptr;
   for (int i = 0; i < L_; ++i) {
     Rank& r = *r_[i];
     EpMoeScratch::Local& l = lc(i);
@@ -453,7 +498,10 @@ void EpMoeCuda::bwd(const EpMoeBwdArgs* a, float g_beta, const cu::Ctx& ctx) {
     const cu::RowRegions rows = padding(i);  // as in fwd: the work follows the rows that came
     const int32_t* m_rows = expert_rows(i);
     bf16* gu = r.gu ? r.gu : sc_->gu.get();  // [M,2I]
-    bf16* ys = r.ys ? r.ys : sc_->xs.get();  // [M,H]: xs is permuted again below
+    bf16* ys = r.ys ? r.ys : sc_->xs.get();  // [M,H]: xs is dxs, then xs again, below
+    // the weight gradients of the previous local rank, or of an earlier call, still read dys,
+    // act, dgu and xs (the dispatch above wrote only x_send and y_recv, which they do not read)
+    sc_->wait_wgrad(ctx.stream);
     if (rc_ == EpRecompute::kExperts) {
       cu::permute_fwd(sc_->xs.get(), r.x_recv, r.slot_row, R, K, H, ctx);
       cu::grouped_linear_fwd(gu, sc_->xs.get(), a[i].w_gu, r.offsets, M, El, H, 2 * I, ctx);
@@ -461,18 +509,32 @@ void EpMoeCuda::bwd(const EpMoeBwdArgs* a, float g_beta, const cu::Ctx& ctx) {
     cu::swiglu_fwd(sc_->act.get(), gu, M, I, ctx, m_rows);
     if (rc_ != EpRecompute::kNone)
       cu::grouped_linear_fwd(ys, sc_->act.get(), a[i].w_down, r.offsets, M, El, I, H, ctx);
+    // data gradients: dys, dact, dgu, dxs, the dx rows
     cu::unpermute_bwd(sc_->dys.get(), l.dw_recv.get(), l.y_recv.get(), ys, r.w_recv, r.slot_row,
                       R, K, H, ctx, rows);
-    cu::grouped_linear_bwd(sc_->dact.get(), a[i].g_down, g_beta, sc_->dys.get(), sc_->act.get(),
-                           a[i].w_down, r.offsets, M, El, I, H, ctx);
+    cu::grouped_linear_bwd(sc_->dact.get(), no_dw, 0.f, sc_->dys.get(), nullptr, a[i].w_down,
+                           r.offsets, M, El, I, H, ctx);
     cu::swiglu_bwd(sc_->dgu.get(), sc_->dact.get(), gu, M, I, ctx, m_rows);
-    cu::permute_fwd(sc_->xs.get(), r.x_recv, r.slot_row, R, K, H, ctx);
-    bf16* dxs = sc_->dys.get();  // [M,H], reused: dys was consumed above
-    cu::grouped_linear_bwd(dxs, a[i].g_gu, g_beta, sc_->dgu.get(), sc_->xs.get(), a[i].w_gu,
-                           r.offsets, M, El, H, 2 * I, ctx);
+    // dxs [M,H] in xs: dead here (ys, when it lived there, was read above); dys stays for g_down
+    bf16* dxs = sc_->xs.get();
+    cu::grouped_linear_bwd(dxs, no_dw, 0.f, sc_->dgu.get(), nullptr, a[i].w_gu, r.offsets, M, El,
+                           H, 2 * I, ctx);
     cu::permute_bwd(l.y_recv.get() /*dx rows*/, dxs, r.slot_row, R, K, H, ctx, rows);
+    // weight gradients, once their inputs exist and permute_bwd has read dxs (xs is rewritten)
+    if (overlap) {
+      CUDA_CHECK(cudaEventRecord(sc_->inputs_ready, ctx.stream));
+      CUDA_CHECK(cudaStreamWaitEvent(wctx.stream, sc_->inputs_ready, 0));
+    }
+    cu::grouped_linear_bwd(nullptr, a[i].g_down, g_beta, sc_->dys.get(), sc_->act.get(), nullptr,
+                           r.offsets, M, El, I, H, wctx);
+    cu::permute_fwd(sc_->xs.get(), r.x_recv, r.slot_row, R, K, H, wctx);
+    cu::grouped_linear_bwd(nullptr, a[i].g_gu, g_beta, sc_->dgu.get(), sc_->xs.get(), nullptr,
+                           r.offsets, M, El, H, 2 * I, wctx);
+    if (overlap) CUDA_CHECK(cudaEventRecord(sc_->wgrad_done, wctx.stream));
   }
-  // ---- dispatch's backward: a combine of d(x) and d(weights)
+  if (overlap) CUDA_CHECK(cudaEventRecord(wgrad_done_, wctx.stream));  // what join() waits on
+  // ---- dispatch's backward: a combine of d(x) and d(weights) (with the overlap on, the weight
+  // gradients run beside it: evb_[2..3] time the combine alone)
   if (timing_) CUDA_CHECK(cudaEventRecord(evb_[2], ctx.stream));
   {
     EpA2aTensor t[2] = {

@@ -63,6 +63,36 @@
 //       again for the gate_up weight gradient, as it always has)
 //   gu  (kExperts) the scratch's gu, [Mcap,2I], allocated only for kExperts
 //
+// The backward's weight gradients beside its combine (AUTOMOE_EP_WGRAD_OVERLAP, default 1).
+// The expert backward runs its data-gradient path first on the caller's stream (unpermute_bwd,
+// dact = dys w_down, SwiGLU's backward, dxs = dgu w_gu, permute_bwd), then the combine of the
+// dx rows; the two weight gradients (g_down = dys^T act, g_gu = dgu^T xs, with xs permuted
+// again from x_recv) need nothing of the combine and run on the scratch's side stream, which
+// waits on an event recorded after permute_bwd. So they run while the dx rows travel back and
+// while the caller does what follows (the router's and the attention's backward, the next
+// layer's dispatch). Not measured yet: this has not run on a GPU. A persistent CUTLASS wgrad
+// holds its SMs, so kernels of the caller's stream (ep_combine_unpack, the transport's own
+// kernels over NCCL) may wait for it; IPC moves the rows with copy engines.
+// The ordering that makes it safe (every gradient read is after its producer):
+//   inputs    dys, act, dgu, xs of the scratch (and the carve's x_recv, slot_row, offsets) are
+//             read by the side stream until the scratch's wgrad_done event: every writer of the
+//             scratch waits on it first (fwd() on entry; bwd() before each local rank's
+//             experts, as its dispatch writes only x_send and y_recv, which they do not read;
+//             EpMoeScratch::wait_wgrad() for anyone else). So with several local ranks
+//             (loopback) only the last one's overlap the combine. The carve is rewritten only
+//             by a later forward, which waits too; blocks sharing an arena share one scratch.
+//   outputs   g_gu and g_down are complete only after join(stream): a caller makes every stream
+//             that reads them (a gradient all-reduce, AdamW, a norm, a download) join first.
+//   dxs       lives in the scratch's xs (dead by then: ys, when recomputed into xs, is read by
+//             unpermute_bwd before), and the side stream permutes x_recv into xs only after
+//             permute_bwd has read dxs; dys keeps its own buffer for g_down. No memory added
+//             but the side stream's GEMM workspace (grouped_linear_workspace_bytes(El): kB).
+// With AUTOMOE_EP_WGRAD_OVERLAP=0 (or set_wgrad_overlap(false)) the same launches run in the
+// same order on the caller's stream (each local rank's weight gradients before the next rank's
+// experts, all before the combine): the same kernels on the same inputs, so the same bits.
+// The backward's timing (EpTimes::bwd_combine_ms) measures the combine alone either way; with
+// the overlap on the weight gradients run beside it and may slow it.
+//
 // Gradient rule: dx and dtopk_w assign (=); expert weight gradients are bf16,
 // g = g_beta * g + dW (g_beta 0 overwrites, experts without rows then get 0; 1 accumulates).
 // Legend: N tokens per rank, H hidden, I expert width, E experts, K top-k, P EP ranks,
@@ -118,15 +148,30 @@ struct EpTimes {
 // send rows: N * min(P, K) packed, P * N padded). Blocks that run one after another on one
 // stream (a model's MoE layers) share one instead of holding one each.
 // EpRecompute::kExperts adds the gate|up outputs the carve no longer keeps (gu).
+// The backward's weight gradients run on the scratch's side stream (see "The backward's weight
+// gradients" above): the stream, its events and its GEMM workspace live here, created once.
 struct EpMoeScratch {
   EpMoeScratch(const EpMoeShape& shape, int P, int local_ranks = 1, EpMode mode = EpMode::kCounts,
                EpRecompute recompute = EpRecompute::kNone);
+  ~EpMoeScratch();  // waits for the side stream (its kernels read these buffers)
+  EpMoeScratch(const EpMoeScratch&) = delete;
+  EpMoeScratch& operator=(const EpMoeScratch&) = delete;
   int64_t Mcap = 0, Rcap = 0, Scap = 0;
   EpMode mode = EpMode::kCounts;
   EpRecompute recompute = EpRecompute::kNone;
-  // the expert GEMMs' (the local ranks run one after the other)
+  // the expert GEMMs' (the local ranks run one after the other); in bwd xs also holds dxs
   cuda::DeviceBuffer<cuda::bf16> xs, act, dys, dact, dgu;  // [Mcap,H] [Mcap,I] [Mcap,H] [Mcap,I] [Mcap,2I]
   cuda::DeviceBuffer<cuda::bf16> gu;  // [Mcap,2I] kExperts only (else empty): recomputed gate|up
+  // The weight gradients' stream (non-blocking), the event it waits on (recorded on the
+  // caller's stream once their inputs exist), the event it records when done (every writer of
+  // the buffers above waits on it), and its own GEMM workspace (the caller's stream keeps
+  // ctx.workspace): grouped_linear_workspace_bytes(E/P).
+  cudaStream_t side = nullptr;
+  cudaEvent_t inputs_ready = nullptr, wgrad_done = nullptr;
+  cuda::DeviceBuffer<unsigned char> side_ws;
+  // `stream` waits (on the device) for the weight gradients still reading the buffers; call it
+  // before writing any of them outside fwd()/bwd() (a no-op when none is pending).
+  void wait_wgrad(cudaStream_t stream) const;
   struct Local {  // one per local rank (an all-to-all moves every local rank's rows at once)
     cuda::DeviceBuffer<int32_t> send_pos;  // [Nmax,P] the layout, before the carve exists
     cuda::DeviceBuffer<cuda::bf16> x_send;  // [Scap,H] dispatch rows; combine's returned rows;
@@ -182,6 +227,15 @@ class EpMoeCuda {
   void bwd(cuda::bf16* dx, float* dtopk_w, cuda::bf16* g_gu, cuda::bf16* g_down, float g_beta,
            const cuda::bf16* dout, const cuda::bf16* w_gu, const cuda::bf16* w_down,
            const cuda::Ctx& ctx);
+
+  // `stream` waits (on the device) until the last bwd()'s weight gradients (g_gu, g_down) are
+  // written; call it before any read of them on another stream or the host (a no-op when the
+  // overlap is off or nothing is pending). No host wait.
+  void join(cudaStream_t stream) const;
+  // The weight gradients on the side stream (default: AUTOMOE_EP_WGRAD_OVERLAP, 1 unless "0");
+  // off runs them on the caller's stream as before, with the same bits. Any call may switch it.
+  void set_wgrad_overlap(bool on) { wgrad_overlap_ = on; }
+  bool wgrad_overlap() const { return wgrad_overlap_; }
 
   EpMode mode() const { return mode_; }
   EpRecompute recompute() const { return rc_; }
@@ -245,6 +299,8 @@ class EpMoeCuda {
   cudaEvent_t ev_[4] = {nullptr, nullptr, nullptr, nullptr};
   cudaEvent_t evb_[4] = {nullptr, nullptr, nullptr, nullptr};  // the backward's (set_timing)
   bool bwd_timed_ = false;  // evb_ hold the backward of the last forward
+  bool wgrad_overlap_ = true;
+  cudaEvent_t wgrad_done_ = nullptr;  // on the scratch's side stream after this block's bwd
 };
 
 }  // namespace automoe::dist
