@@ -1294,9 +1294,17 @@ void Qwen3MoeCuda::backward() {
       // memory-saving: both expert gradients come out of one call, so down's has its own scratch
       bf16* dgu = s.g16_at(o.ex_gu);
       bf16* ddown = s.memsave ? s.gsc_down.get() : s.g16_at(o.ex_down);
-      s.ep_moe[size_t(o.moe_index)]->bwd(s.dln, s.dtopk_w, dgu, ddown, beta, s.dres,
-                                         s.W(o.ex_gu), s.W(o.ex_down), ctx);
+      dist::EpMoeCuda& ep = *s.ep_moe[size_t(o.moe_index)];
+      ep.bwd(s.dln, s.dtopk_w, dgu, ddown, beta, s.dres, s.W(o.ex_gu), s.W(o.ex_down), ctx);
+      // The expert gradients may still be in flight on the block's side stream (its weight
+      // gradients beside the combine, dist/expert_parallel_cuda.h): every reader joins first.
+      // Readers: here the memory-saving mode's done_at (all-reduce, AdamW; and dgu is the
+      // shared gradient scratch the router's lin_bwd writes next); the overlapped all-reduce
+      // after this layer's attention (reduce_async below); everything after backward() (the
+      // end-of-step all-reduce, ZeRO's reduce-scatter, the norm, AdamW, download_grads), behind
+      // the join of every block at the end of backward().
       if (s.memsave) {
+        ep.join(ctx.stream);
         s.done_at(o.ex_down, ddown);
         s.done_at(o.ex_gu, dgu);
       }
@@ -1349,7 +1357,10 @@ void Qwen3MoeCuda::backward() {
     s.lin_bwd(s.dln, 1.f, o.wv, o.bv, s.dv, a.ln1, N, H, nKV * D, beta);
     s.norm_bwd(s.dres, 1.f, o.ln1, s.dln, x_in, a.ln1_rstd, N, H);  // dres += ln1's dx
     s.lrecord(l, 5);
-    if (s.overlap) s.reduce_async(s.layer_k[size_t(l)].first, s.layer_k[size_t(l)].second);
+    if (s.overlap) {  // the layer's expert gradients too: their side stream first (see above)
+      if (o.moe && s.ep) s.ep_moe[size_t(o.moe_index)]->join(ctx.stream);
+      s.reduce_async(s.layer_k[size_t(l)].first, s.layer_k[size_t(l)].second);
+    }
   }
   // embedding (tied: lm_head's gradient is already in this tensor, so always accumulate)
   if (s.bf16_mode()) {
@@ -1367,6 +1378,9 @@ void Qwen3MoeCuda::backward() {
     s.summed = State::Summed::kAll;
     s.overlap = false;
   }
+  // every expert gradient written before anything after the backward reads one (see the MLP
+  // block above); the forward's EP blocks wait on their own (the scratch's event)
+  for (const auto& b : s.ep_moe) b->join(ctx.stream);
   s.record(3);
   s.have_grad_forward = false;
   if (s.memsave) {
@@ -1533,7 +1547,11 @@ std::vector<std::pair<std::string, float>> Qwen3MoeCuda::phase_ms() const {
   out.emplace_back("bwd_attention", ba);
   // EP: the forward's dispatch (layout, pack, counts exchange and its host sync, the rows'
   // all-to-all) and combine (the rows back, summed) over every MoE layer, inside fwd_mlp; the
-  // backward's two all-to-alls (d(out) rows out, d(x) and d(w) rows back), inside bwd_mlp
+  // backward's two all-to-alls (d(out) rows out, d(x) and d(w) rows back), inside bwd_mlp.
+  // With AUTOMOE_EP_WGRAD_OVERLAP on (the default) the expert weight gradients run on a side
+  // stream, in no phase of their own: beside bwd_ep_combine and what follows it. A wait for
+  // them counts where the compute stream joins them: inside bwd_mlp (memory-saving mode),
+  // between layers (the overlapped all-reduce), else at the end of bwd_layers
   if (!s.ep_moe.empty()) {
     float d = 0, c = 0, bd = 0, bc = 0;
     for (const auto& b : s.ep_moe) {
