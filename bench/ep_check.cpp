@@ -52,11 +52,18 @@
 //   read only the rows of the device offsets), so each case's out, dx, dtopk_w and weight
 //   gradients must be bit-identical to counts mode's on the same inputs ("= counts" lines:
 //   64-bit hashes of the bits; needs counts before padded in --modes, the default).
+//   The backward's weight gradients beside the combine (AUTOMOE_EP_WGRAD_OVERLAP, default on)
+//   against the same block with them on the caller's stream (the setting flipped: "wgrad
+//   overlap off" lines, "on" under AUTOMOE_EP_WGRAD_OVERLAP=0): out, dx, dtopk_w and both
+//   weight gradients bit-identical, with g_beta 0 and 1. Every read of a weight gradient joins
+//   the block's side stream first (finish()), as the model does.
 // A small unaligned suite (H 100, I 36, N 37: the scalar kernel paths, the GEMM fallback)
 // runs before the given shapes. Then the arena check (check_arena), per mode and recompute
 // option: three layers' forwards then backwards in reverse through one shared EpSavedArena
 // (counts: 2x the balanced load; padded: ep_arena_padded_bytes, what the model sizes),
-// bit-identical to each layer run alone by a counts-mode block keeping everything; a backward
+// bit-identical to each layer run alone by a counts-mode block keeping everything, its weight
+// gradients on the caller's stream (so the shared layers, overlap on by default, also check the
+// side stream's ordering against the shared scratch bitwise); a backward
 // after a reset refused; an arena too small stopping with the overflow error.
 // Prints PASS/FAIL lines; the exit code is the number of failures (at most 255).
 #include <cuda_runtime.h>
@@ -270,6 +277,15 @@ void same_bits(Tally& t, const std::string& what, const std::vector<T>& a,
               ok ? "bit-identical" : "differs");
 }
 
+// The same check on two 64-bit hashes of the bits (hash_bits).
+void same_hash(Tally& t, const std::string& what, uint64_t got, uint64_t want) {
+  const bool ok = got == want;
+  ++t.checks;
+  if (!ok) ++t.fails;
+  std::printf("%-4s %s %-34s %s\n", ok ? "PASS" : "FAIL", t.tag.c_str(), what.c_str(),
+              ok ? "bit-identical" : "differs");
+}
+
 // ---- one problem: every rank's inputs, the reference, the EP outputs ---------------------------
 
 enum class Routing { kRandom, kNoneToLast, kAllToRank0 };
@@ -435,12 +451,41 @@ std::vector<T> local_raw(const Buf<T>& b, const dist::EpTransport& t, int64_t ro
   return out;
 }
 
+// One pass's results of the local ranks as stored (out from `out`: out_ep or out_ep2), for
+// bitwise comparisons.
+struct Bits {
+  std::vector<bf16> out, dx;
+  std::vector<float> dtw;
+  std::vector<bf16> ggu, gdown;
+};
+Bits get_bits(Problem& p, const dist::EpTransport& t, const Buf<bf16>& out) {
+  const Shape& s = p.s;
+  return Bits{local_raw(out, t, s.N, s.H), local_raw(p.dx_ep, t, s.N, s.H),
+              local_raw(p.dtw_ep, t, s.N, s.K), local_raw(p.ggu_ep, t, s.El(), 2 * s.I * s.H),
+              local_raw(p.gdown_ep, t, s.El(), s.H * s.I)};
+}
+void same_bits(Tally& t, const std::string& what, const Bits& got, const Bits& want) {
+  same_bits(t, what + " out", got.out, want.out);
+  same_bits(t, what + " dx", got.dx, want.dx);
+  same_bits(t, what + " dtopk_w", got.dtw, want.dtw);
+  same_bits(t, what + " d w_gate_up", got.ggu, want.ggu);
+  same_bits(t, what + " d w_down", got.gdown, want.gdown);
+}
+
 // What the forward leaves in the scratch's expert buffers must not reach the backward: fill
 // them with a wrong (finite) value between the two, so a recompute that was skipped reads it and
 // the bits differ. 0x3F bytes: every bf16 0.746.
 void poison_scratch(dist::EpMoeScratch& sc, const cu::Ctx& ctx) {
+  sc.wait_wgrad(ctx.stream);  // a writer of the scratch: after the weight gradients reading it
   for (cu::DeviceBuffer<bf16>* b : {&sc.xs, &sc.act, &sc.gu, &sc.dys, &sc.dact, &sc.dgu})
     if (b->size()) CUDA_CHECK(cudaMemsetAsync(b->get(), 0x3F, b->bytes(), ctx.stream));
+}
+
+// A backward's results readable on the host: its weight gradients (on the block's side stream
+// with AUTOMOE_EP_WGRAD_OVERLAP on) joined into the stream, then the transport's sync.
+void finish(const dist::EpMoeCuda& ep, dist::EpTransport& t, const cu::Ctx& ctx) {
+  ep.join(ctx.stream);
+  t.sync(ctx.stream);
 }
 
 // The blocks of one shape and mode: ep[0] recomputes nothing (the one checked against the
@@ -469,7 +514,7 @@ void check_case(Tally& tally, Blocks& blocks, dist::EpTransport& t, const Shape&
   ep.fwd(fa.data(), s.N, ctx);
   poison_scratch(*blocks.scratch, ctx);
   ep.bwd(ba.data(), 0.f, ctx);
-  t.sync(ctx.stream);
+  finish(ep, t, ctx);
   const int64_t El = s.El();
   auto out = local_rows(p.out_ep, t, s.N, s.H), dx = local_rows(p.dx_ep, t, s.N, s.H);
   compare(tally, name + " out", out, local_rows(p.out_ref, t, s.N, s.H), kOut);
@@ -480,16 +525,13 @@ void check_case(Tally& tally, Blocks& blocks, dist::EpTransport& t, const Shape&
   const auto gdown_ref = local_rows(p.gdown_ref, t, El, s.H * s.I);
   compare(tally, name + " d w_gate_up", local_rows(p.ggu_ep, t, El, 2 * s.I * s.H), ggu_ref, kGrad);
   compare(tally, name + " d w_down", local_rows(p.gdown_ep, t, El, s.H * s.I), gdown_ref, kGrad);
-  // this pass's bits, for the recompute options below
-  const auto dtw_b = local_raw(p.dtw_ep, t, s.N, s.K);
-  const auto ggu_b = local_raw(p.ggu_ep, t, El, 2 * s.I * s.H);
-  const auto gdown_b = local_raw(p.gdown_ep, t, El, s.H * s.I);
-  const auto out_b = local_raw(p.out_ep, t, s.N, s.H), dx_b = local_raw(p.dx_ep, t, s.N, s.H);
+  // this pass's bits, for the recompute options and the overlap below
+  const Bits b0 = get_bits(p, t, p.out_ep);
   {  // padded against counts on the same inputs (the same seed and shape in both modes' runs)
     const std::string key = std::string(routing_name(routing)) + " N=" + std::to_string(s.N) +
                             " H=" + std::to_string(s.H) + " E=" + std::to_string(s.E);
-    const std::array<uint64_t, 5> h{hash_bits(out_b), hash_bits(dx_b), hash_bits(dtw_b),
-                                    hash_bits(ggu_b), hash_bits(gdown_b)};
+    const std::array<uint64_t, 5> h{hash_bits(b0.out), hash_bits(b0.dx), hash_bits(b0.dtw),
+                                    hash_bits(b0.ggu), hash_bits(b0.gdown)};
     const char* what[5] = {"out", "dx", "dtopk_w", "d w_gate_up", "d w_down"};
     const auto it = tally.counts_bits.find(key);
     if (ep.mode() == dist::EpMode::kCounts) {
@@ -498,14 +540,8 @@ void check_case(Tally& tally, Blocks& blocks, dist::EpTransport& t, const Shape&
       std::printf("SKIP %s %s = counts: no counts run of this case (--modes counts,padded)\n",
                   tally.tag.c_str(), name.c_str());
     } else {
-      for (int k = 0; k < 5; ++k) {
-        const bool ok = h[size_t(k)] == it->second[size_t(k)];
-        ++tally.checks;
-        if (!ok) ++tally.fails;
-        std::printf("%-4s %s %-34s %s\n", ok ? "PASS" : "FAIL", tally.tag.c_str(),
-                    (name + " " + what[k] + " = counts").c_str(),
-                    ok ? "bit-identical" : "differs");
-      }
+      for (int k = 0; k < 5; ++k)
+        same_hash(tally, name + " " + what[k] + " = counts", h[size_t(k)], it->second[size_t(k)]);
     }
   }
   if (ep.mode() == dist::EpMode::kCounts && t.num_local() > 1) {
@@ -517,7 +553,10 @@ void check_case(Tally& tally, Blocks& blocks, dist::EpTransport& t, const Shape&
   auto fa2 = fwd_args(p, t, p.out_ep2.get());
   ep.fwd(fa2.data(), s.N, ctx);
   ep.bwd(ba.data(), 1.f, ctx);
-  t.sync(ctx.stream);
+  finish(ep, t, ctx);
+  // hashed: the overlap's check below compares them bitwise
+  const uint64_t ggu1_h = hash_bits(local_raw(p.ggu_ep, t, El, 2 * s.I * s.H));
+  const uint64_t gdown1_h = hash_bits(local_raw(p.gdown_ep, t, El, s.H * s.I));
   same_bits(tally, name + " out, 2nd forward", local_rows(p.out_ep2, t, s.N, s.H), out);
   same_bits(tally, name + " dx, 2nd backward", local_rows(p.dx_ep, t, s.N, s.H), dx);
   compare(tally, name + " d w_gate_up, g_beta 1", local_rows(p.ggu_ep, t, El, 2 * s.I * s.H),
@@ -533,12 +572,29 @@ void check_case(Tally& tally, Blocks& blocks, dist::EpTransport& t, const Shape&
     re.fwd(fa2.data(), s.N, ctx);
     poison_scratch(*blocks.scratch, ctx);
     re.bwd(ba.data(), 0.f, ctx);
-    t.sync(ctx.stream);
-    same_bits(tally, rn + " out", local_raw(p.out_ep2, t, s.N, s.H), out_b);
-    same_bits(tally, rn + " dx", local_raw(p.dx_ep, t, s.N, s.H), dx_b);
-    same_bits(tally, rn + " dtopk_w", local_raw(p.dtw_ep, t, s.N, s.K), dtw_b);
-    same_bits(tally, rn + " d w_gate_up", local_raw(p.ggu_ep, t, El, 2 * s.I * s.H), ggu_b);
-    same_bits(tally, rn + " d w_down", local_raw(p.gdown_ep, t, El, s.H * s.I), gdown_b);
+    finish(re, t, ctx);
+    same_bits(tally, rn, get_bits(p, t, p.out_ep2), b0);
+  }
+  // The weight gradients on the caller's stream instead of the side stream beside the combine
+  // (or the other way round under AUTOMOE_EP_WGRAD_OVERLAP=0): the same launches in the same
+  // order, so the same bits, with g_beta 0 and then 1 (accumulating onto the first)
+  {
+    const bool was = ep.wgrad_overlap();
+    ep.set_wgrad_overlap(!was);
+    const std::string on = name + (was ? " wgrad overlap off" : " wgrad overlap on");
+    ep.fwd(fa2.data(), s.N, ctx);
+    poison_scratch(*blocks.scratch, ctx);
+    ep.bwd(ba.data(), 0.f, ctx);
+    finish(ep, t, ctx);
+    same_bits(tally, on, get_bits(p, t, p.out_ep2), b0);
+    ep.fwd(fa2.data(), s.N, ctx);
+    ep.bwd(ba.data(), 1.f, ctx);
+    finish(ep, t, ctx);
+    ep.set_wgrad_overlap(was);
+    same_hash(tally, on + " d w_gate_up, g_beta 1",
+              hash_bits(local_raw(p.ggu_ep, t, El, 2 * s.I * s.H)), ggu1_h);
+    same_hash(tally, on + " d w_down, g_beta 1", hash_bits(local_raw(p.gdown_ep, t, El, s.H * s.I)),
+              gdown1_h);
   }
   std::fflush(stdout);
 }
@@ -576,7 +632,9 @@ void check_shape(Tally& tally, dist::EpTransport& t, dist::EpMode mode, const Sh
 // Several layers through ONE shared arena and scratch, as the model runs them, in each mode
 // of `modes`: forwards of layers 0..n-1, then backwards n-1..0, every carve alive until the
 // end. Against the same layers each run alone by a COUNTS-mode block that owns a worst-case
-// arena and recomputes nothing: the same kernels on the same rows in the same order, so every
+// arena, recomputes nothing and runs its weight gradients on the caller's stream (the layers
+// here overlap them unless AUTOMOE_EP_WGRAD_OVERLAP=0: layer 2's still read the shared scratch
+// when layer 1's backward starts, so a missing wait shows): the same kernels on the same rows in the same order, so every
 // output and gradient must be bit-identical, for every recompute option (its arena laid out
 // without what it recomputes; the backwards of layers 1 and 0 then find layer 2's activations
 // in the shared scratch, so a recompute that was skipped shows) and in padded mode too (what
@@ -589,30 +647,20 @@ void check_arena(Tally& tally, dist::EpTransport& t, const Shape& s,
   const int n = 3;
   const Routing routings[n] = {Routing::kRandom, Routing::kNoneToLast, Routing::kRandom};
   const dist::EpMoeShape sh{s.N, s.H, s.I, s.E, s.K};
-  const int64_t El = s.El();
   std::vector<Problem> p(n);
-  struct Got {  // as stored: compared bitwise
-    std::vector<bf16> out, dx;
-    std::vector<float> dtw;
-    std::vector<bf16> ggu, gdown;
-  };
-  std::vector<Got> alone(n);
-  auto get = [&](Problem& q) {
-    return Got{local_raw(q.out_ep, t, s.N, s.H), local_raw(q.dx_ep, t, s.N, s.H),
-               local_raw(q.dtw_ep, t, s.N, s.K), local_raw(q.ggu_ep, t, El, 2 * s.I * s.H),
-               local_raw(q.gdown_ep, t, El, s.H * s.I)};
-  };
+  std::vector<Bits> alone(n);
   for (int l = 0; l < n; ++l) {
     p[l].s = s;
     const bool skip = routings[l] == Routing::kNoneToLast && s.E - s.El() < s.K;
     make_problem(p[l], skip ? Routing::kRandom : routings[l], seed + 1000 * (l + 1), ctx);
     dist::EpMoeCuda ep(t, sh, dist::EpMode::kCounts);  // alone: its own worst-case arena
+    ep.set_wgrad_overlap(false);  // one stream: the layers below (default: overlap) against it
     auto fa = fwd_args(p[l], t, p[l].out_ep.get());
     auto ba = bwd_args(p[l], t);
     ep.fwd(fa.data(), s.N, ctx);
     ep.bwd(ba.data(), 0.f, ctx);
-    t.sync(ctx.stream);
-    alone[l] = get(p[l]);
+    finish(ep, t, ctx);
+    alone[l] = get_bits(p[l], t, p[l].out_ep);
   }
   std::vector<std::pair<dist::EpMode, dist::EpRecompute>> runs;
   for (dist::EpMode m : modes)
@@ -655,15 +703,11 @@ void check_arena(Tally& tally, dist::EpTransport& t, const Shape& s,
       auto ba = bwd_args(p[l], t);
       ep[l]->bwd(ba.data(), 0.f, ctx);
     }
+    for (int l = 0; l < n; ++l) ep[l]->join(ctx.stream);
     t.sync(ctx.stream);
     for (int l = 0; l < n; ++l) {
-      const Got g = get(p[l]);
-      const std::string ln = name + " layer " + std::to_string(l);
-      same_bits(tally, ln + " out", g.out, alone[l].out);
-      same_bits(tally, ln + " dx", g.dx, alone[l].dx);
-      same_bits(tally, ln + " dtopk_w", g.dtw, alone[l].dtw);
-      same_bits(tally, ln + " d w_gate_up", g.ggu, alone[l].ggu);
-      same_bits(tally, ln + " d w_down", g.gdown, alone[l].gdown);
+      same_bits(tally, name + " layer " + std::to_string(l), get_bits(p[l], t, p[l].out_ep),
+                alone[l]);
     }
     // a backward whose saved state the next step's reset released: refused, on the host
     arena->reset();
@@ -730,6 +774,8 @@ Shape arena_shape(Shape s) {
 // mode and recompute option, median of --iters after --warmup (random routing). All P ranks run
 // on this GPU one after another, so a figure is the work of the whole group; what it tells is
 // the relative cost of the options (the recompute's extra expert GEMMs, padded's extra rows).
+// The backward's time includes its weight gradients (joined); AUTOMOE_EP_WGRAD_OVERLAP=0 times
+// them on the one stream.
 int time_loopback(const Opts& o, dist::LoopbackTransport& t, const Shape& s, const cu::Ctx& ctx) {
   Problem p;
   p.s = s;
@@ -747,6 +793,7 @@ int time_loopback(const Opts& o, dist::LoopbackTransport& t, const Shape& s, con
         ep.fwd(fa.data(), s.N, ctx);
         CUDA_CHECK(cudaEventRecord(e[1], ctx.stream));
         ep.bwd(ba.data(), 0.f, ctx);
+        ep.join(ctx.stream);  // the weight gradients belong to the backward's time
         CUDA_CHECK(cudaEventRecord(e[2], ctx.stream));
         CUDA_CHECK(cudaEventSynchronize(e[2]));
         float ms_f = 0, ms_b = 0;
@@ -759,9 +806,11 @@ int time_loopback(const Opts& o, dist::LoopbackTransport& t, const Shape& s, con
       }
       std::sort(f.begin(), f.end());
       std::sort(b.begin(), b.end());
-      std::printf("TIME loopback P=%d %-6s rc=%-7s N=%lld H=%lld I=%lld E=%lld K=%lld: fwd %.3f ms, "
-                  "bwd %.3f ms, fwd+bwd %.3f ms (median of %d, the whole group on one GPU)\n",
-                  s.P, dist::ep_mode_name(m), dist::ep_recompute_name(rc), (long long)s.N,
+      std::printf("TIME loopback P=%d %-6s rc=%-7s wgrad overlap %-3s N=%lld H=%lld I=%lld E=%lld "
+                  "K=%lld: fwd %.3f ms, bwd %.3f ms, fwd+bwd %.3f ms (median of %d, the whole "
+                  "group on one GPU)\n",
+                  s.P, dist::ep_mode_name(m), dist::ep_recompute_name(rc),
+                  ep.wgrad_overlap() ? "on" : "off", (long long)s.N,
                   (long long)s.H, (long long)s.I, (long long)s.E, (long long)s.K, f[f.size() / 2],
                   b[b.size() / 2], f[f.size() / 2] + b[b.size() / 2], int(f.size()));
       std::fflush(stdout);
