@@ -43,7 +43,11 @@
 #             over NCCL, a GPU per rank. The gradient all-reduce overlapped with the backward
 #             (the default) against AUTOMOE_GRAD_OVERLAP=0, bit-identical (--exact), over MPI
 #             staging with and without train.grad_accum 2 (ep_model_cmp_ov_exact,
-#             ep_model_cmp_ov_ga_exact) and, with >= 2 GPUs, over NCCL (ep_model_cmp_nccl_ov_exact). First ep_check under mpirun -np 2 on GPU 0 over MPI
+#             ep_model_cmp_ov_ga_exact) and, with >= 2 GPUs, over NCCL (ep_model_cmp_nccl_ov_exact).
+#             The EP backward's weight gradients beside its combine (the default) against
+#             AUTOMOE_EP_WGRAD_OVERLAP=0, bit-identical (--exact), over MPI staging in the default
+#             mode (ep_model_mpi2_nowg, ep_model_cmp_wg_exact) and the memory-saving mode
+#             (ep_model_ms_mpi2_nowg, ep_model_cmp_ms_wg_exact). First ep_check under mpirun -np 2 on GPU 0 over MPI
 #             staging (small shapes), which checks the transport alone (and, bitwise, the
 #             recompute options, train.ep_recompute). Then the MPI run again with
 #             --train.ep_recompute experts: its curve must equal the MPI run's exactly
@@ -304,8 +308,8 @@ fi
 # The demo recipe for EP_STEPS steps on the GPU: every training run of ep_model and ep_memsave.
 run=(finetune examples/demo.yaml --train.device cuda --train.steps "${EP_STEPS:-50}"
      --train.log_every 10 --train.checkpoint_every 0)
-# The memory-saving mode under mpirun (stage ep_model, or STAGES=ep_memsave alone: seven small
-# training runs and three comparisons). Needs $BUILD/automoe and mpirun.
+# The memory-saving mode under mpirun (stage ep_model, or STAGES=ep_memsave alone: eight small
+# training runs and five comparisons). Needs $BUILD/automoe and mpirun.
 ep_memsave_stages() {
   # The memory-saving mode under mpirun (AdamW per tensor inside the backward, each gradient
   # summed over the ranks first): its loss curve against one GPU's memory-saving run ...
@@ -317,6 +321,13 @@ ep_memsave_stages() {
   stage ep_model_ms_mpi2 "${mpi2[@]}" "${ms[@]}" --output.dir "$BUILD/ep_model_ms_mpi2"
   stage ep_model_cmp_ms python3 bench/compare_loss_curves.py "$BUILD/ep_model_1gpu_ms/metrics.jsonl" \
     "$BUILD/ep_model_ms_mpi2/metrics.jsonl"
+  # the EP backward's expert weight gradients on the compute stream (AUTOMOE_EP_WGRAD_OVERLAP=0)
+  # against the side stream (the default; joined before the mode's AdamW on them): the same bits
+  stage ep_model_ms_mpi2_nowg mpirun --allow-run-as-root --oversubscribe -np 2 -x CUDA_VISIBLE_DEVICES=0 \
+    -x AUTOMOE_EP_TRANSPORT=mpi -x AUTOMOE_EP_WGRAD_OVERLAP=0 "$BUILD/automoe" "${run[@]}" \
+    --train.ep 2 --data.micro_batch 8 "${ms[@]}" --output.dir "$BUILD/ep_model_ms_mpi2_nowg"
+  stage ep_model_cmp_ms_wg_exact python3 bench/compare_loss_curves.py --exact loss,ce_loss,aux_loss,grad_norm \
+    "$BUILD/ep_model_ms_mpi2/metrics.jsonl" "$BUILD/ep_model_ms_mpi2_nowg/metrics.jsonl"
   # with train.ep_recompute experts too (what issue 7's memory needs): the same bits
   stage ep_model_ms_rc_mpi2 "${mpi2[@]}" "${ms[@]}" --train.ep_recompute experts \
     --output.dir "$BUILD/ep_model_ms_rc_mpi2"
@@ -366,6 +377,15 @@ if has ep_model; then
       --train.ep 2 --data.micro_batch 4 --train.grad_accum 2 --output.dir "$BUILD/ep_model_mpi2_ga_noov"
     stage ep_model_cmp_ov_ga_exact python3 bench/compare_loss_curves.py --exact loss,ce_loss,aux_loss,grad_norm \
       "$BUILD/ep_model_mpi2_ga_noov/metrics.jsonl" "$BUILD/ep_model_mpi2_ga/metrics.jsonl"
+    # The EP backward's expert weight gradients on a side stream beside the dx combine (the
+    # default; joined before the overlapped all-reduce of their layer and at the end of the
+    # backward) against AUTOMOE_EP_WGRAD_OVERLAP=0 (all on the compute stream): the same kernels
+    # on the same inputs, so the curve must equal ep_model_mpi2's bit for bit (the
+    # memory-saving mode's pair is in ep_memsave_stages)
+    stage ep_model_mpi2_nowg "${ovrun[@]}" -x AUTOMOE_EP_WGRAD_OVERLAP=0 "$BUILD/automoe" "${run[@]}" \
+      --train.ep 2 --data.micro_batch 8 --output.dir "$BUILD/ep_model_mpi2_nowg"
+    stage ep_model_cmp_wg_exact python3 bench/compare_loss_curves.py --exact loss,ce_loss,aux_loss,grad_norm \
+      "$BUILD/ep_model_mpi2_nowg/metrics.jsonl" "$BUILD/ep_model_mpi2/metrics.jsonl"
     # train.ep_recompute experts: the EP backward rebuilds gate|up and the expert outputs instead
     # of keeping them (ep_model_check_mpi2's "rc=" lines check the block bitwise: ep_check runs
     # every recompute option by default). The same bits, so the curve must equal
