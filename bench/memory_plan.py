@@ -6,11 +6,15 @@ its parameter/gradient/moment arenas and its planned activation arena, buffer by
     python3 bench/memory_plan.py --preset qwen3-30b-a3b --ep 4 --world 4 --seq 4096 --mbs 1
     python3 bench/memory_plan.py --config path/to/config.json --ep 8 --world 8
     python3 bench/memory_plan.py --preset w1 --memory-saving       # train.memory_saving
+    python3 bench/memory_plan.py --preset qwen3-30b-a3b --ep 4 --world 8 --mbs 1 --zero 3
     python3 bench/memory_plan.py --preset qwen3-30b-a3b --ep 4 --mbs 1 --ep-recompute experts
 
 Layout: experts split over `ep` ranks; everything else data-parallel over `world` ranks, its
 AdamW moments replicated or sharded (--zero 1: what the GPU's ZeRO-1 allocates), gradients too
-(--zero 2: a projection, ZeRO-2 is CPU-only so far). Precision: the
+(--zero 2: a projection, ZeRO-2 is CPU-only so far), parameters too (--zero 3: a projection,
+ZeRO-3 is CPU-only so far: the weights are this rank's shard plus ZERO3_WINDOWS gathered blocks
+of the largest size, the gradients the shard plus one block's gradients before its
+reduce-scatter). Precision: the
 default policy, bf16 weights, gradients and moments. Activations: one micro-batch of mbs x seq
 tokens per rank. With EP (ep > 1) the model keeps no expert rows of its own; the EP block
 (src/dist/expert_parallel_cuda.h, dist/ep_arena.h) adds
@@ -45,6 +49,9 @@ PRESETS = {
                           tie_word_embeddings=False, mlp_only_layers=[], decoder_sparse_step=1),
 }
 GiB = 2 ** 30
+# ZeRO-3 (dist/zero3.h): blocks gathered at once on a GPU that overlaps the next block's gather
+# with this one's compute (the CPU reference gathers one at a time, without overlap)
+ZERO3_WINDOWS = 2
 
 
 def is_moe(c, l):
@@ -103,6 +110,10 @@ def plan(c, ep, world, seq, mbs, zero, ep_capacity=2.0, memsave=False, ep_recomp
     dense += V * H * (1 if c.get("tie_word_embeddings") else 2) + H  # embeddings, lm_head, ln_f
     experts = sum(3 * H * I * E for l in range(L) if moe[l])
     experts_rank = experts // ep
+    # ZeRO-3's blocks (model/qwen3_moe.h, block_params): embedding, each layer with this rank's
+    # experts, final norm + lm_head (tied: wte gathered again)
+    blocks = [V * H, H + V * H] + [attn + (H * E + 3 * H * I * E // ep if moe[l] else 3 * H * F) for l in range(L)]
+    window = max(blocks)
     # ZeRO (dist/zero_partition.h): the dense part sharded over the world, this rank's experts
     # over its DP group (world / ep ranks), each ceil(numel / ranks). ZeRO-1 (built on the GPU:
     # dist/zero_cuda.h) shards the AdamW moments and keeps the full-size gradient arena, plus one
@@ -110,14 +121,19 @@ def plan(c, ep, world, seq, mbs, zero, ep_capacity=2.0, memsave=False, ep_recomp
     # would shard the gradients too.
     dp = world // ep
     b = 2  # bf16
-    w = (dense + experts_rank) * b
     shard = lambda n, r: -(-n // r)  # ceil
+    if zero >= 3:  # the shard is the truth; the blocks in use are gathered into a workspace
+        w = (shard(dense, world) + shard(experts_rank, dp) + ZERO3_WINDOWS * window) * b
+    else:
+        w = (dense + experts_rank) * b
     if zero >= 1:
         m = 2 * (shard(dense, world) + shard(experts_rank, dp)) * b
     else:
         m = 2 * (dense + experts_rank) * b
     if zero >= 2:
         g = (shard(dense, world) + shard(experts_rank, dp)) * b
+        if zero == 3:  # one block's gradients, whole, until its reduce-scatter
+            g += window * b
     else:
         g = (dense + experts_rank) * b
         if zero == 1:  # the bucket of the largest group that communicates
@@ -176,7 +192,7 @@ def main():
     ap.add_argument("--world", type=int, default=0, help="ranks (default: ep)")
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--mbs", type=int, default=2)
-    ap.add_argument("--zero", type=int, default=0, choices=[0, 1, 2])
+    ap.add_argument("--zero", type=int, default=0, choices=[0, 1, 2, 3])
     ap.add_argument("--ep-capacity", type=float, default=2.0,
                     help="train.ep_capacity: the EP arena over the balanced load (ep > 1)")
     ap.add_argument("--ep-recompute", choices=EP_RECOMPUTE, default="none",

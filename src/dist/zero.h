@@ -1,5 +1,7 @@
 // dist/zero.h: ZeRO-1/2 sharded data parallelism (train.zero 1 or 2) on the CPU backend:
 // gradients reduce-scattered, AdamW on this rank's shard only, the updated shard all-gathered.
+// ZeRO-3 (dist/zero3.h) keeps the parameters sharded too and moves one window of the flat order
+// at a time (gather_window, reduce_window, poison_window below) with the same workspaces.
 //
 // Partition (dist/zero_partition.h, shared with the GPU path and the checkpoints): replicated
 // tensors over the world, this EP rank's experts over the DP group, each group flattened in
@@ -33,7 +35,7 @@ namespace automoe::dist {
 
 class Zero {
  public:
-  // level 1 or 2; `bucket`: elements per rank per collective round (the workspace is
+  // level 1, 2 or 3; `bucket`: elements per rank per collective round (the workspace is
   // ranks * bucket floats). The groups must outlive this object.
   Zero(int level, const ParamLayout& layout, const Groups& g, int64_t bucket = int64_t(1) << 22);
 
@@ -58,14 +60,28 @@ class Zero {
   // params <- every rank's param_shard(), over each group.
   void allgather_params(std::vector<float>& params);
 
+  // ZeRO-3: a window, flat elements [lo, hi) of group `g` (0 replicated over the world, 1 experts
+  // over the DP group; inside [0, numel)). Each rank's part of it is the window's overlap with
+  // that rank's shard; a round moves `bucket` elements of every part (zeros past a shorter
+  // part). Collective over the group: every rank calls these with the same window.
+  // params' window <- every rank's part of param_shard() (all-gathered).
+  void gather_window(std::vector<float>& params, int g, int64_t lo, int64_t hi);
+  // This rank's part of grad_shard() <- (= when `first`, else +=) the sum over the group of
+  // grads' window (reduce-scattered), as reduce_grads sums; grads' window is zeroed after.
+  void reduce_window(std::vector<float>& grads, int g, int64_t lo, int64_t hi, bool first);
+  // params' window <- NaN: ZeRO-3's release, so a read outside a gathered window poisons the loss.
+  void poison_window(std::vector<float>& params, int g, int64_t lo, int64_t hi);
+
   std::vector<float>& grad_shard() { return grad_; }    // [shard_numel()]
   std::vector<float>& param_shard() { return param_; }  // [shard_numel()]
 
  private:
   // dst[hi-lo] <- flat elements [lo, hi) of the group from `arena` (zero past numel).
   static void pack(float* dst, const ZeroGroup& gr, const float* arena, int64_t lo, int64_t hi);
-  // arena <- src for flat [lo, hi) (padding dropped); src null: zeros.
+  // arena <- src for flat [lo, hi) (padding dropped).
   static void unpack(float* arena, const ZeroGroup& gr, const float* src, int64_t lo, int64_t hi);
+  // arena <- `value` for flat [lo, hi).
+  static void fill(float* arena, const ZeroGroup& gr, float value, int64_t lo, int64_t hi);
   // the groups with their communicators: replicated over the world, experts over dp
   std::pair<const ZeroGroup*, const Comm*> group(int i) const {
     return i == 0 ? std::pair{&part_.replicated(), world_} : std::pair{&part_.experts(), dp_};

@@ -28,7 +28,7 @@ void build(ZeroGroup& gr, const ParamLayout& layout, bool expert, int ranks, int
 ZeroPartition::ZeroPartition(int level, const ParamLayout& layout, int world_size, int world_rank,
                              int dp_size, int dp_rank)
     : level_(level) {
-  AM_CHECK(level == 1 || level == 2, "train.zero must be 0, 1 or 2, got {}", level);
+  AM_CHECK(level >= 1 && level <= 3, "train.zero must be 0, 1, 2 or 3, got {}", level);
   build(dense_, layout, false, world_size, world_rank);
   build(experts_, layout, true, dp_size, dp_rank);
   experts_.at = dense_.shard;

@@ -50,7 +50,7 @@ struct ZeroGroup {
 
 class ZeroPartition {
  public:
-  // level: train.zero (1 or 2; recorded by checkpoints, the partition is the same).
+  // level: train.zero (1, 2 or 3; recorded by checkpoints, the partition is the same).
   ZeroPartition(int level, const ParamLayout& layout, int world_size, int world_rank, int dp_size,
                 int dp_rank);
   ZeroPartition(int level, const ParamLayout& layout, const Groups& g);

@@ -2,6 +2,7 @@
 // Backward rule: parameter gradients accumulate (+=); the residual gradient dres_ flows down.
 #include "model/qwen3_moe.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <memory>
@@ -140,15 +141,15 @@ Qwen3Moe::Qwen3Moe(const ModelConfig& c, const dist::Groups* groups, bool host_a
   }
   int64_t lnf = add("ln_f", {H});
   both("model.norm.weight", lnf);
-  off_wte_ = layout_.params[wte].offset;
-  off_lnf_ = layout_.params[lnf].offset;
-  if (c.tie_word_embeddings) {
-    off_lm_head_ = off_wte_;
-  } else {
-    int64_t lm = add("lm_head", {V, H});
-    both("lm_head.weight", lm);
-    off_lm_head_ = layout_.params[lm].offset;
+  wte_ = lm_head_ = wte;
+  lnf_ = lnf;
+  if (!c.tie_word_embeddings) {
+    lm_head_ = add("lm_head", {V, H});
+    both("lm_head.weight", lm_head_);
   }
+  off_wte_ = layout_.params[wte_].offset;
+  off_lnf_ = layout_.params[lnf_].offset;
+  off_lm_head_ = layout_.params[lm_head_].offset;
   if (host_arenas) {
     params_.assign(layout_.total, 0.f);
     grads_.assign(layout_.total, 0.f);
@@ -161,6 +162,23 @@ Qwen3Moe::LayerW Qwen3Moe::layer_ptrs(float* base, int64_t l) const {
   return {P(o.ln1), P(o.wq), P(o.bq), P(o.wk), P(o.bk), P(o.wv), P(o.bv), P(o.wo), P(o.bo),
           P(o.qn), P(o.kn), P(o.ln2), P(o.router), P(o.ex_gu), P(o.ex_down), P(o.mlp_gu),
           P(o.mlp_down)};
+}
+
+std::vector<int64_t> Qwen3Moe::block_params(int64_t b, Pass pass) const {
+  AM_CHECK(b >= 0 && b < num_blocks(), "internal: block {} of {}", b, num_blocks());
+  std::vector<int64_t> out;
+  if (b == 0) {
+    if (pass == Pass::kForward) out = {wte_};
+  } else if (b == num_blocks() - 1) {
+    out = {lnf_, lm_head_};  // lm_head_ == wte_ (index 0) when tied
+  } else {
+    const LayerOff& o = lo_[size_t(b - 1)];
+    for (int64_t i : {o.ln1, o.wq, o.bq, o.wk, o.bk, o.wv, o.bv, o.wo, o.bo, o.qn, o.kn, o.ln2,
+                      o.router, o.ex_gu, o.ex_down, o.mlp_gu, o.mlp_down})
+      if (i >= 0) out.push_back(i);
+  }
+  std::sort(out.begin(), out.end());
+  return out;
 }
 
 void Qwen3Moe::init_random(Rng& rng, float std) {
@@ -280,11 +298,15 @@ LossParts Qwen3Moe::forward(const Batch& b, float ce_denominator, float aux_scal
 
   float* P = params_.data();
   std::vector<float> tmp;  // scratch (sized once per call; CPU reference)
+  const int64_t head = num_blocks() - 1;  // blocks: 0 embedding, 1 + l layer l, head
+  hook_before(Pass::kForward, 0);
   embedding_fwd(acts_[0]->x_in.data(), b.ids.data(), P + off_wte_, N, H);
+  hook_after(Pass::kForward, 0);
   const float eps = float(c.rms_norm_eps), theta = float(c.rope_theta);
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     LayerActs& a = *acts_[l];
     LayerW w = layer_ptrs(P, l);
+    hook_before(Pass::kForward, 1 + l);
     float* x_out = l + 1 < c.num_hidden_layers ? acts_[l + 1]->x_in.data() : x_final_.data();
     // attention block
     rmsnorm_fwd(a.ln1.data(), a.ln1_rstd.data(), a.x_in.data(), w.ln1, N, H, eps);
@@ -325,9 +347,12 @@ LossParts Qwen3Moe::forward(const Batch& b, float ce_denominator, float aux_scal
       linear_fwd(tmp.data(), a.act.data(), w.mlp_down, nullptr, N, F, H);
     }
     for (int64_t i = 0; i < N * H; ++i) x_out[i] = a.x_mid[i] + tmp[i];
+    hook_after(Pass::kForward, 1 + l);
   }
+  hook_before(Pass::kForward, head);
   rmsnorm_fwd(lnf_out_.data(), lnf_rstd_.data(), x_final_.data(), P + off_lnf_, N, H, eps);
   linear_fwd(logits_.data(), lnf_out_.data(), P + off_lm_head_, nullptr, N, H, V);
+  hook_after(Pass::kForward, head);
   cross_entropy_fwd(losses_.data(), lse_.data(), logits_.data(), targets_.data(), N, V);
 
   LossParts out;
@@ -371,12 +396,15 @@ void Qwen3Moe::backward() {
                 F = c.intermediate_size, V = c.vocab_size;
   float* P = params_.data();
   float* G = grads_.data();
+  const int64_t head = num_blocks() - 1;
+  hook_before(Pass::kBackward, head);
   // lm_head + CE
   cross_entropy_bwd(dlogits_.data(), logits_.data(), lse_.data(), targets_.data(), ce_scale_, N, V);
   linear_bwd(dln_.data(), 0.f, G + off_lm_head_, nullptr, dlogits_.data(), lnf_out_.data(),
              P + off_lm_head_, N, H, V);
   rmsnorm_bwd(dres_.data(), G + off_lnf_, dln_.data(), x_final_.data(), P + off_lnf_,
               lnf_rstd_.data(), N, H);
+  hook_after(Pass::kBackward, head);
   // aux loss: d(coef*aux)/dprobs for all MoE layers at once
   std::vector<float> dprobs_all;
   if (aux_grad_ != 0.f) {
@@ -394,6 +422,7 @@ void Qwen3Moe::backward() {
   for (int64_t l = c.num_hidden_layers - 1; l >= 0; --l) {
     LayerActs& a = *acts_[l];
     LayerW w = layer_ptrs(P, l), g = layer_ptrs(G, l);
+    hook_before(Pass::kBackward, 1 + l);
     // ---- MLP block: out = x_mid + mlp(ln2(x_mid)); dres_ is d(out)
     if (lo_[l].moe) {
       int64_t mi = lo_[l].moe_index;
@@ -446,8 +475,11 @@ void Qwen3Moe::backward() {
     linear_bwd(dln_.data(), 1.f, g.wv, g.bv, dv.data(), a.ln1.data(), w.wv, N, H, nKV * D);
     rmsnorm_bwd(d1.data(), g.ln1, dln_.data(), a.x_in.data(), w.ln1, a.ln1_rstd.data(), N, H);
     for (int64_t i = 0; i < N * H; ++i) dres_[i] += d1[i];
+    hook_after(Pass::kBackward, 1 + l);
   }
+  hook_before(Pass::kBackward, 0);
   embedding_bwd(G + off_wte_, dres_.data(), ids_.data(), N, H);
+  hook_after(Pass::kBackward, 0);
 }
 
 }  // namespace automoe

@@ -27,6 +27,21 @@ struct Batch {
   std::vector<int32_t> doc;  // [B*T] document ids for packed rows; empty = one document per row
 };
 
+// Block boundaries of a forward and a backward, for a caller that moves parameters or gradients
+// there (dist/zero3.h: ZeRO-3 gathers a block's parameters before it, releases them after it and
+// reduce-scatters its gradients after its backward). Blocks in forward order: 0 the embedding,
+// 1..L the decoder layers, L+1 the final norm and lm_head (Qwen3Moe::num_blocks()).
+enum class Pass { kForward, kBackward };
+class BlockHooks {
+ public:
+  virtual ~BlockHooks() = default;
+  // Before block `b` reads its parameters (Qwen3Moe::block_params(b, pass)).
+  virtual void before(Pass pass, int64_t b) = 0;
+  // After block `b` has read its parameters for the last time in this pass (backward: and has
+  // written the gradients it writes).
+  virtual void after(Pass pass, int64_t b) = 0;
+};
+
 struct LossParts {
   float loss = 0;      // ce + coef * aux (the trained objective)
   float ce = 0;        // mean cross-entropy over labelled tokens (or sum / denominator)
@@ -63,6 +78,14 @@ class Qwen3Moe {
   int64_t local_experts() const { return ex_count_; }
   // Elements of the whole model (every expert), whatever this rank holds.
   int64_t global_numel() const;
+
+  // Hooks at block boundaries (null, the default: none; a run without hooks is unchanged).
+  void set_hooks(BlockHooks* h) { hooks_ = h; }
+  int64_t num_blocks() const { return cfg_.num_hidden_layers + 2; }
+  // The tensors (indices into layout().params, ascending) block `b` reads in `pass`. A block's
+  // backward writes the gradients of the tensors its forward reads; the embedding's backward
+  // reads none (a scatter-add of rows). Tied embeddings: the head reads "wte" too.
+  std::vector<int64_t> block_params(int64_t b, Pass pass) const;
 
   // HF-style random init: normal(0, std) for matrices, ones for norm weights, zeros for biases.
   // Draws as for the whole model, so an expert shard gets the values one process would.
@@ -105,6 +128,10 @@ class Qwen3Moe {
   };
   std::vector<LayerOff> lo_;
   int64_t off_wte_ = 0, off_lnf_ = 0, off_lm_head_ = 0;  // lm_head == wte when tied
+  int64_t wte_ = 0, lnf_ = 0, lm_head_ = 0;              // their indices in layout_.params
+  BlockHooks* hooks_ = nullptr;
+  void hook_before(Pass p, int64_t b) { if (hooks_) hooks_->before(p, b); }
+  void hook_after(Pass p, int64_t b) { if (hooks_) hooks_->after(p, b); }
 
   // Saved activations, planned for the current (B, T).
   int64_t B_ = 0, T_ = 0;

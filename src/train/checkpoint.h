@@ -6,8 +6,9 @@
 // rank R (written by its first data-parallel replica); state.json records "expert_parallel": P
 // and a resume needs the same P. Both calls are collective over the model's groups, and the
 // output folder must be one every rank sees (a shared file system across nodes).
-// ZeRO (train.zero 1/2, dist/zero_partition.h; the CPU's dist::Zero and the GPU's DeviceZero cut
-// the same shards): the model files are the same; the optimizer moments are this rank's shards, each world rank R writing optimizer-zero-R.safetensors (flat tensors
+// ZeRO (train.zero 1/2/3, dist/zero_partition.h; the CPU's dist::Zero and the GPU's DeviceZero
+// cut the same shards): the model files are the same (ZeRO-3: the trainer gathers the full
+// parameters into the model's arena before saving and shards them again after loading); the optimizer moments are this rank's shards, each world rank R writing optimizer-zero-R.safetensors (flat tensors
 // exp_avg.replicated / exp_avg.experts and their exp_avg_sq twins) instead of the optimizer
 // files above; state.json records "zero" and "world_size", and a resume needs both equal.
 #pragma once

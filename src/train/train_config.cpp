@@ -174,11 +174,16 @@ TrainConfig load_train_config(const std::string& path,
              "updates each tensor inside the backward, so it does not combine with train.zero {}; "
              "use train.zero 0 or leave train.memory_saving off", c.zero);
   }
-  AM_CHECK(c.zero >= 0 && c.zero <= 2,
+  AM_CHECK(c.zero >= 0 && c.zero <= 3,
            "train.zero must be 0 (replicated optimizer state), 1 (optimizer state sharded over the "
-           "data-parallel ranks) or 2 (optimizer state and gradients sharded), got {}", c.zero);
+           "data-parallel ranks), 2 (optimizer state and gradients sharded) or 3 (parameters "
+           "sharded too), got {}", c.zero);
   if (c.zero > 0 && c.device == "cuda") {  // the GPU path has ZeRO-1 in the default mode only
     // (with the memory-saving mode: refused above)
+    AM_CHECK(c.zero != 3,
+             "train.zero 3 (parameters sharded, gathered layer by layer) exists on the CPU backend "
+             "only so far (train.device cpu); on the GPU use train.zero 1, which shards the AdamW "
+             "moments");
     AM_CHECK(c.zero == 1,
              "train.zero 2 is not built for train.device cuda yet: its memory saving needs the "
              "backward to reduce-scatter each bucket of gradients as it produces them (so the "

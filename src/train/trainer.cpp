@@ -16,6 +16,7 @@
 #include "dist/data_parallel.h"
 #include "dist/process_group.h"
 #include "dist/zero.h"
+#include "dist/zero3.h"
 #include "model/qwen3_moe.h"
 #include "model/weights.h"
 #include "text/chat_template.h"
@@ -215,6 +216,13 @@ TrainResult run_finetune(const TrainConfig& cfg,
   }
   if (dev) dev->upload(model, start > 0 ? &opt : nullptr);  // weights (and resumed moments)
   if (dev && start > 0 && resumed_grad_norm >= 0) dev->set_last_grad_norm(float(resumed_grad_norm));
+  // ZeRO-3: from here each rank's parameters are its shard; the model's arena is a workspace that
+  // the model's block hooks gather into and poison (dist/zero3.h)
+  std::unique_ptr<dist::Zero3> zero3;
+  if (zero && zero->level() == 3) {
+    zero3 = std::make_unique<dist::Zero3>(model, *zero);
+    zero3->shard_params();
+  }
   std::ofstream metrics;
   if (lead) metrics.open(metrics_path, std::ios::app);
 
@@ -231,11 +239,17 @@ TrainResult run_finetune(const TrainConfig& cfg,
                   "%lld rows per rank per micro-batch\n",
                   world, g.ep_size(), (long long)model.local_experts(), (long long)mc.num_experts,
                   g.dp_size(), (long long)cfg.micro_batch);
-    if (part)
-      std::printf("ZeRO-%d: AdamW moments for %lld of %lld replicated parameters per rank%s%s\n", part->level(),
+    if (part) {
+      const int z = part->level();  // what each rank keeps only a shard of
+      std::printf("ZeRO-%d: %s for %lld of %lld replicated parameters per rank%s%s\n", z,
+                  z == 1 ? "AdamW moments" : z == 2 ? "AdamW moments and gradients" : "parameters, gradients and AdamW moments",
                   (long long)part->replicated_shard(), (long long)part->replicated_numel(),
                   g.dp_size() > 1 ? fmt::format(", {} of {} expert parameters", part->expert_shard(), part->expert_numel()).c_str() : "",
-                  part->level() == 2 ? "; gradients reduce-scattered after every micro-batch" : "");
+                  z == 2   ? "; gradients reduce-scattered after every micro-batch"
+                  : z == 3 ? "; each layer's parameters gathered for its forward and its backward, its gradients "
+                             "reduce-scattered after its backward"
+                           : "");
+    }
     std::fflush(stdout);
   }
 
@@ -267,6 +281,7 @@ TrainResult run_finetune(const TrainConfig& cfg,
         dev->set_last_micro_batch(i + 1 == micro.size());
         lp = dev->forward_backward(b, denom, aux_scale);
       } else {
+        if (zero3) zero3->begin_micro_batch(i == 0);  // its reduces assign, then add
         lp = model.forward(b, denom, aux_scale);
         model.backward();
         // ZeRO-2: this micro-batch's gradients go to the shard now; the arena is scratch again
@@ -282,9 +297,9 @@ TrainResult run_finetune(const TrainConfig& cfg,
     } else if (zero) {  // reduce-scatter, norm of the shards, AdamW on the shard, all-gather
       if (zero->level() == 1) zero->reduce_grads(model.grads(), true);
       m.grad_norm = zero->clip_grad_norm(cfg.max_grad_norm);
-      zero->load_param_shard(model.params());
+      if (!zero3) zero->load_param_shard(model.params());  // ZeRO-3: the shard is the truth
       opt.step(zero->param_shard(), zero->grad_shard(), m.lr);
-      zero->allgather_params(model.params());
+      if (!zero3) zero->allgather_params(model.params());  // ZeRO-3: the next forward gathers per block
     } else {
       if (multi) {  // dense grads summed over the world, expert grads over their DP group
         dist::allreduce_grads(model.grads(), model.layout(), g);
@@ -324,8 +339,14 @@ TrainResult run_finetune(const TrainConfig& cfg,
     if ((cfg.checkpoint_every > 0 && m.step % cfg.checkpoint_every == 0) || last) {
       TrainState st{m.step, order.epoch, order.cursor, double(m.grad_norm)};
       if (dev) dev->download(model, &opt);  // weights and moments into the host arenas
+      if (zero3) zero3->gather_all();       // the model files hold the full parameters
       save_checkpoint(cfg.output_dir, st, model, opt, cfg.keep_checkpoints, part);
+      if (zero3) zero3->release_all();
     }
+  }
+  if (zero3) {  // the run's result is the whole model: gathered into the arena, hooks removed
+    zero3->gather_all();
+    zero3.reset();
   }
   // Several ranks: the replicas must have stayed identical (the host model holds the last
   // step's weights: the last step always saves a checkpoint).

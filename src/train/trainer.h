@@ -39,7 +39,8 @@ struct TrainResult {
 // (and, within fp32 rounding, the losses) of one process with N times the micro-batch. Metrics,
 // progress lines, checkpoints' shared files and the HF export are written by world rank 0;
 // metrics are global (loss over the global batch, global grad norm and tokens). train.zero 1/2
-// shards the optimizer state (and gradients) over the data-parallel ranks (dist/zero.h).
+// shards the optimizer state (and gradients) over the data-parallel ranks (dist/zero.h), 3 the
+// parameters too (CPU only; dist/zero3.h).
 TrainResult run_finetune(const TrainConfig& cfg,
                          const std::function<void(const StepMetrics&)>& on_step = nullptr,
                          const dist::Groups* groups = nullptr);

@@ -1,8 +1,9 @@
 // tests/dist/test_zero.cpp: ZeRO-1/2 (train.zero, dist/zero.h) under mpirun -np 2 and 4 against
-// train.zero 0 on the same ranks: the bucketed reduce-scatter / all-gather against the gradient
-// all-reduce, 20-step curves and final weights of tiny-moe in every ep x dp layout with ep <= 2,
-// gradient accumulation, bit-identical resume with sharded optimizer files, and the error for a
-// resume with another zero level or world size. Each prints its measured agreement ([zero] lines).
+// train.zero 0 on the same ranks, and ZeRO-3 (dist/zero3.h) against ZeRO-2: the bucketed
+// reduce-scatter / all-gather against the gradient all-reduce, 20-step curves and final weights of
+// tiny-moe in every ep x dp layout with ep <= 2, gradient accumulation, bit-identical resume with
+// sharded optimizer files, and the error for a resume with another zero level or world size. Each
+// prints its measured agreement ([zero] lines). ZeRO-3's schedule itself: test_zero3.cpp.
 // Also the partition on its own (dist/zero_partition.h; any world size, no MPI) and the trainer's
 // device branch with train.zero 1 (what the CUDA model's ZeRO-1 plugs into) through a CPU stand-in.
 #include <gtest/gtest.h>
@@ -108,12 +109,13 @@ TEST(ZeroCollectives, BucketedReduceScatterAndAllGatherGiveTheAllReduce) {
 
 namespace {
 
-// `steps` of zero 0 and zero `level` on the same ranks: losses, grad norms and final weights.
-void check_against_zero0(int ep, int level, int64_t steps, int64_t accum, int64_t rows_per_rank) {
+// `steps` of zero `ref` and zero `level` on the same ranks: losses, grad norms and final weights.
+void check_against(int ref, int ep, int level, int64_t steps, int64_t accum, int64_t rows_per_rank) {
   dist::Groups g = dist::make_groups(ep);
-  std::string dir = shared_tmpdir(g.world, fmt::format("zero{}_ep{}_acc{}", level, ep, accum));
+  std::string dir = shared_tmpdir(g.world, fmt::format("zero{}_vs{}_ep{}_acc{}", level, ref, ep, accum));
   TrainConfig c0 = tiny_recipe(dir + "/z0", steps, rows_per_rank, ep), cz = tiny_recipe(dir + "/z", steps, rows_per_rank, ep);
   c0.grad_accum = cz.grad_accum = accum;
+  c0.zero = ref;
   cz.zero = level;
   auto h0 = run_finetune(c0, nullptr, &g).history;
   auto hz = run_finetune(cz, nullptr, &g).history;
@@ -131,21 +133,22 @@ void check_against_zero0(int ep, int level, int64_t steps, int64_t accum, int64_
   EXPECT_LE(norm.rel, 1e-5) << "ep " << ep;
   EXPECT_LE(params.by_scale(), 1e-5) << "ep " << ep << ": parameters after " << steps << " steps";
   EXPECT_LT(hz.back().loss, hz.front().loss) << "the loss should fall";
-  // Two ranks add two numbers, whatever the algorithm: bit-identical unless ZeRO-2 sums each
-  // micro-batch over the ranks first ((a1+b1)+(a2+b2) instead of (a1+a2)+(b1+b2)). On more ranks
-  // Open MPI's reduce-scatter may pick another order than its all-reduce (docs/DISTRIBUTED.md).
-  if (g_world == 2 && !(level == 2 && accum > 1)) {
-    EXPECT_EQ(loss.differ + norm.differ + params.differ, 0) << "ep " << ep << " zero " << level;
+  // Two ranks add two numbers, whatever the algorithm: bit-identical unless only one of the two
+  // runs (ZeRO-2 and 3) sums each micro-batch over the ranks first ((a1+b1)+(a2+b2) instead of
+  // (a1+a2)+(b1+b2)). On more ranks Open MPI's reduce-scatter may pick another order than its
+  // all-reduce, and another one for other message sizes (docs/DISTRIBUTED.md).
+  if (g_world == 2 && (accum == 1 || (level >= 2) == (ref >= 2))) {
+    EXPECT_EQ(loss.differ + norm.differ + params.differ, 0) << "ep " << ep << " zero " << level << " vs " << ref;
   }
   double worst[3] = {loss.rel, norm.rel, params.by_scale()};
   int64_t differ[2] = {params.differ, params.n};
   g.world.allreduce_max(worst, 3);
   g.world.allreduce_sum(differ, 2);
   if (g_rank == 0)
-    std::printf("[zero] tiny-moe ep %d x dp %d, zero %d vs zero 0, %lld steps x %lld micro-batches: loss %.5f -> %.5f; "
+    std::printf("[zero] tiny-moe ep %d x dp %d, zero %d vs zero %d, %lld steps x %lld micro-batches: loss %.5f -> %.5f; "
                 "losses %lld/%lld bit-identical (max rel %.2e), grad norms %lld/%lld (max rel %.2e), final parameters "
                 "%lld/%lld elements bit-identical (max diff / max |param| %.2e)\n",
-                ep, g_world / ep, level, (long long)steps, (long long)accum, hz.front().loss, hz.back().loss,
+                ep, g_world / ep, level, ref, (long long)steps, (long long)accum, hz.front().loss, hz.back().loss,
                 (long long)(loss.n - loss.differ), (long long)loss.n, worst[0], (long long)(norm.n - norm.differ),
                 (long long)norm.n, worst[1], (long long)(differ[1] - differ[0]), (long long)differ[1], worst[2]);
   g.world.barrier();
@@ -156,25 +159,38 @@ void check_against_zero0(int ep, int level, int64_t steps, int64_t accum, int64_
 
 TEST(ZeroTrain, Zero2FollowsZero0For20Steps) {
   NEEDS_RANKS();
-  for (int ep : small_eps()) check_against_zero0(ep, 2, 20, 1, 4);
+  for (int ep : small_eps()) check_against(0, ep, 2, 20, 1, 4);
 }
 
 TEST(ZeroTrain, GradientAccumulationZero1AndZero2) {  // ZeRO-1 reduces once, ZeRO-2 per micro-batch
   NEEDS_RANKS();
-  check_against_zero0(1, 1, 4, 2, 2);
-  check_against_zero0(1, 2, 4, 2, 2);
+  check_against(0, 1, 1, 4, 2, 2);
+  check_against(0, 1, 2, 4, 2, 2);
 }
 
-TEST(ZeroTrain, ResumeIsBitIdenticalAndNeedsTheSameLayout) {
+// ZeRO-3 moves the same sums as ZeRO-2, per block instead of per shard: every ep x dp layout,
+// with and without gradient accumulation.
+TEST(ZeroTrain, Zero3FollowsZero2) {
   NEEDS_RANKS();
+  for (int ep : small_eps()) {
+    check_against(2, ep, 3, 20, 1, 4);
+    check_against(2, ep, 3, 4, 2, 2);
+  }
+}
+
+namespace {
+
+// A zero `level` run crashed after step 6 resumes from its step-4 checkpoint with the
+// uninterrupted run's bits; a resume with another level or world size is refused by name.
+void check_resume(int level) {
   const int ep = g_world / 2;  // -np 2: ep 1 x dp 2; -np 4: ep 2 x dp 2 (experts sharded too)
   dist::Groups g = dist::make_groups(ep);
-  std::string dir = shared_tmpdir(g.world, "zero_resume");
+  std::string dir = shared_tmpdir(g.world, fmt::format("zero{}_resume", level));
   TrainConfig full_cfg = tiny_recipe(dir + "/full", 10, 2, ep);
-  full_cfg.zero = 2;
+  full_cfg.zero = level;
   auto full = run_finetune(full_cfg, nullptr, &g).history;
   TrainConfig c = tiny_recipe(dir + "/run", 10, 2, ep);
-  c.zero = 2;
+  c.zero = level;
   c.checkpoint_every = 4;
   EXPECT_THROW(run_finetune(c, [](const StepMetrics& m) {
                  if (m.step == 6) throw std::runtime_error("simulated crash");  // on every rank
@@ -188,13 +204,13 @@ TEST(ZeroTrain, ResumeIsBitIdenticalAndNeedsTheSameLayout) {
   if (g_rank == 0) {
     std::ifstream f(ck / "state.json");
     auto j = nlohmann::json::parse(f);
-    EXPECT_EQ(j["zero"].get<int64_t>(), 2);
+    EXPECT_EQ(j["zero"].get<int64_t>(), level);
     EXPECT_EQ(j["world_size"].get<int64_t>(), g_world);
     // the shard files together hold exactly one copy of every moment
     int64_t moments = 0;
     for (int r = 0; r < g_world; ++r) {
       SafetensorsFile s((ck / fmt::format("optimizer-zero-{}.safetensors", r)).string());
-      EXPECT_EQ(s.metadata().at("zero"), "2");
+      EXPECT_EQ(s.metadata().at("zero"), std::to_string(level));
       moments += s.info("exp_avg.replicated").shape[0] + (s.has("exp_avg.experts") ? s.info("exp_avg.experts").shape[0] : 0);
     }
     const int64_t total = j["num_params"].get<int64_t>();
@@ -208,16 +224,22 @@ TEST(ZeroTrain, ResumeIsBitIdenticalAndNeedsTheSameLayout) {
     EXPECT_EQ(bits(resumed[i].loss), bits(full[4 + i].loss)) << "step " << resumed[i].step;
     EXPECT_EQ(bits(resumed[i].grad_norm), bits(full[4 + i].grad_norm)) << "step " << resumed[i].step;
   }
+  const auto pr = checkpoint_params(c.output_dir, 10, g.ep.rank(), ep > 1),
+             pf = checkpoint_params(full_cfg.output_dir, 10, g.ep.rank(), ep > 1);
+  ASSERT_EQ(pr.size(), pf.size());
+  EXPECT_EQ(std::memcmp(pr.data(), pf.data(), pr.size() * sizeof(float)), 0)
+      << "the final parameters of the resumed run and the uninterrupted one, bit for bit";
   // another zero level: refused on every rank, naming both
   TrainConfig o = c;
-  o.zero = 1;
+  o.zero = level - 1;
   o.steps = 12;
   try {
     run_finetune(o, nullptr, &g);
-    ADD_FAILURE() << "resuming a zero 2 checkpoint with zero 1";
+    ADD_FAILURE() << "resuming a zero " << level << " checkpoint with zero " << level - 1;
   } catch (const Error& e) {
     std::string w = e.what();
-    EXPECT_NE(w.find(fmt::format("written with train.zero 2 on {} ranks, this run has train.zero 1 on {} ranks", g_world, g_world)),
+    EXPECT_NE(w.find(fmt::format("written with train.zero {} on {} ranks, this run has train.zero {} on {} ranks", level,
+                                 g_world, level - 1, g_world)),
               std::string::npos) << w;
   }
   // another world size: one process on its own
@@ -231,13 +253,27 @@ TEST(ZeroTrain, ResumeIsBitIdenticalAndNeedsTheSameLayout) {
       ADD_FAILURE() << "resuming a " << g_world << "-rank zero checkpoint in one process";
     } catch (const Error& e) {
       std::string w = e.what();
-      EXPECT_NE(w.find(fmt::format("written with train.zero 2 on {} ranks, this run has train.zero 2 on 1 rank;", g_world)),
+      EXPECT_NE(w.find(fmt::format("written with train.zero {} on {} ranks, this run has train.zero {} on 1 rank;", level,
+                                   g_world, level)),
                 std::string::npos) << w;
-      EXPECT_NE(w.find(fmt::format("mpirun -np {}", g_world)), std::string::npos) << w;
+      EXPECT_NE(w.find(fmt::format("mpirun -np {} ... --train.zero {}", g_world, level)), std::string::npos) << w;
     }
   }
   g.world.barrier();
   if (g_rank == 0) fs::remove_all(dir);
+}
+
+}  // namespace
+
+TEST(ZeroTrain, ResumeIsBitIdenticalAndNeedsTheSameLayout) {
+  NEEDS_RANKS();
+  check_resume(2);
+}
+
+// ZeRO-3 saves the full parameters (gathered at the checkpoint) and resumes from its shard.
+TEST(ZeroTrain, Zero3ResumeIsBitIdenticalAndNeedsTheSameLayout) {
+  NEEDS_RANKS();
+  check_resume(3);
 }
 
 // The partition without MPI: for every rank of odd and even world sizes, each group's shards

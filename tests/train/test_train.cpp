@@ -107,13 +107,13 @@ TEST(Train, GradAccumulationMatchesOneBigBatch) {
 
 // ZeRO in one process: one shard holding everything, in the partition's order (replicated
 // tensors, then experts): the same steps as train.zero 0, and with gradient accumulation ZeRO-2's
-// per-micro-batch shard sums add in the same order as the arena's.
+// and ZeRO-3's per-micro-batch shard sums add in the same order as the arena's.
 TEST(Train, ZeroOnOneProcessTrainsLikeZero0) {
   TrainConfig c0 = small(tmpdir("zero0"), 4);
   c0.grad_accum = 2;
   c0.micro_batch = 2;
   auto h0 = run_finetune(c0).history;
-  for (int level : {1, 2}) {
+  for (int level : {1, 2, 3}) {
     TrainConfig cz = c0;
     cz.output_dir = tmpdir("zero" + std::to_string(level));
     cz.zero = level;
@@ -205,7 +205,7 @@ TEST(Recipe, DeviceAndPrecisionAreChecked) {
     EXPECT_NE(std::string(e.what()).find("train.device 'tpu'"), std::string::npos) << e.what();
   }
   try {
-    load_train_config("", {{"model.builtin", "tiny-moe"}, {"data.builtin", "addition"}, {"train.zero", "3"}});
+    load_train_config("", {{"model.builtin", "tiny-moe"}, {"data.builtin", "addition"}, {"train.zero", "4"}});
     FAIL();
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("train.zero must be 0"), std::string::npos) << e.what();
@@ -216,6 +216,7 @@ TEST(Recipe, DeviceAndPrecisionAreChecked) {
   using Kv = std::vector<std::pair<std::string, std::string>>;
   const std::vector<std::pair<Kv, std::string>> refused = {
       {{{"train.zero", "2"}}, "train.zero 2 is not built for train.device cuda"},
+      {{{"train.zero", "3"}}, "train.zero 3 (parameters sharded, gathered layer by layer) exists on the CPU backend only so far (train.device cpu); on the GPU use train.zero 1"},
       {{{"train.zero", "1"}, {"train.memory_saving", "true"}}, "does not combine with train.zero 1"},
       {{{"train.zero", "1"}, {"train.precision", "fp32_master"}}, "train.zero 1 on train.device cuda needs train.precision bf16"},
   };
