@@ -303,6 +303,20 @@ void NcclGroup::allgather(void* buf, size_t count, ncclDataType_t type, cudaStre
   poll_ready("all-gather");
 }
 
+void NcclGroup::broadcast(const void* send, void* recv, size_t count, ncclDataType_t type,
+                          int root, cudaStream_t stream) {
+  AM_CHECK(!aborted_, "NCCL communicator of rank {} was aborted after an earlier error", rank_);
+  check(ncclBroadcast(send, recv, count, type, root, comm_, stream), "broadcast");
+  poll_ready("broadcast");
+}
+
+void NcclGroup::reduce_sum(const void* send, void* recv, size_t count, ncclDataType_t type,
+                           int root, cudaStream_t stream) {
+  AM_CHECK(!aborted_, "NCCL communicator of rank {} was aborted after an earlier error", rank_);
+  check(ncclReduce(send, recv, count, type, ncclSum, root, comm_, stream), "reduce");
+  poll_ready("reduce");
+}
+
 void NcclTransport::alltoallv(const EpA2aTensor* t, int nt, const EpA2aRows& rows,
                               cudaStream_t stream) {
   const int P = g_.size();

@@ -62,6 +62,13 @@ class NcclGroup {
   // rank() (ncclReduceScatter). allgather: block r <- rank r's block r (ncclAllGather).
   void reduce_scatter_sum(void* buf, size_t count, ncclDataType_t type, cudaStream_t stream);
   void allgather(void* buf, size_t count, ncclDataType_t type, cudaStream_t stream);
+  // ZeRO-3 (dist/zero3_cuda.h), enqueued on `stream`: recv[count] <- root's send[count]
+  // (ncclBroadcast; send is read on root only); root's recv[count] <- the sum over the group of
+  // every rank's send[count] (ncclReduce; recv is written on root only; may alias send).
+  void broadcast(const void* send, void* recv, size_t count, ncclDataType_t type, int root,
+                 cudaStream_t stream);
+  void reduce_sum(const void* send, void* recv, size_t count, ncclDataType_t type, int root,
+                  cudaStream_t stream);
 
   // Waits for `stream` to drain, polling the communicator: throws (after aborting it) on an
   // NCCL error or when the timeout passes.

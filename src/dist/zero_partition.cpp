@@ -37,4 +37,26 @@ ZeroPartition::ZeroPartition(int level, const ParamLayout& layout, int world_siz
 ZeroPartition::ZeroPartition(int level, const ParamLayout& layout, const Groups& g)
     : ZeroPartition(level, layout, g.world.size(), g.world.rank(), g.dp.size(), g.dp.rank()) {}
 
+std::pair<int64_t, int64_t> ZeroGroup::flat_range(int64_t k0, int64_t k1) const {
+  int64_t lo = -1, hi = -1;
+  for (const ZeroSeg& s : segs) {
+    if (s.param < k0 || s.param >= k1) continue;
+    AM_CHECK(lo < 0 || s.flat == hi, "internal: ZeRO tensors [{}, {}) are not consecutive", k0, k1);
+    if (lo < 0) lo = s.flat;
+    hi = s.flat + s.numel;
+  }
+  return lo < 0 ? std::pair<int64_t, int64_t>{0, 0} : std::pair<int64_t, int64_t>{lo, hi};
+}
+
+std::vector<ZeroOwnerPart> owner_parts(const ZeroGroup& gr, int64_t lo, int64_t hi) {
+  std::vector<ZeroOwnerPart> out;
+  hi = std::min(hi, gr.numel);
+  if (lo >= hi || gr.shard == 0) return out;
+  for (int r = int(lo / gr.shard); r < gr.ranks && int64_t(r) * gr.shard < hi; ++r) {
+    const int64_t a = std::max(lo, int64_t(r) * gr.shard), b = std::min(hi, int64_t(r + 1) * gr.shard);
+    if (a < b) out.push_back({r, a, b});
+  }
+  return out;
+}
+
 }  // namespace automoe::dist

@@ -13,6 +13,7 @@
 #pragma once
 #include <algorithm>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "model/params.h"
@@ -46,7 +47,20 @@ struct ZeroGroup {
       i += n;
     }
   }
+  // The flat range [lo, hi) of this group's tensors among layout tensors [k0, k1) (a block of
+  // consecutive tensors: its tensors of one group are consecutive in the group's flat order);
+  // lo == hi when it has none.
+  std::pair<int64_t, int64_t> flat_range(int64_t k0, int64_t k1) const;
 };
+
+// Rank `rank`'s part [lo, hi) of some flat elements of a group (its shard's intersection).
+struct ZeroOwnerPart {
+  int rank;
+  int64_t lo, hi;
+};
+// The non-empty parts of flat elements [lo, hi) of `gr`, in rank order (ZeRO-3 on the GPU moves
+// a block's range owner by owner: dist/zero3_cuda.h). Padding (past numel) belongs to no part.
+std::vector<ZeroOwnerPart> owner_parts(const ZeroGroup& gr, int64_t lo, int64_t hi);
 
 class ZeroPartition {
  public:

@@ -49,6 +49,7 @@
 #include "dist/ep_transport.h"
 #include "dist/expert_parallel_cuda.h"
 #include "dist/process_group.h"
+#include "dist/zero3_cuda.h"
 #include "dist/zero_cuda.h"
 
 namespace automoe {
@@ -265,7 +266,35 @@ struct Qwen3MoeCuda::State {
   }
   // ZeRO-1 (CudaDist::zero): the shard's pieces, their collectives; m16/v16 are [shard]
   std::unique_ptr<dist::DeviceZero> zero;
-  cu::DeviceBuffer<double> zsumsq;  // [pieces] g^2 per piece of this rank's shard
+  cu::DeviceBuffer<double> zsumsq;  // [pieces] g^2 per piece of this rank's shard (ZeRO-1, -3)
+  // ZeRO-3 (CudaDist::zero 3; dist/zero3_cuda.h): no p16/g16 arenas. This rank's parameters and
+  // gradients are flat shards like m16/v16; W() reads a block's weights from one of two
+  // parameter windows (the running block, and the next one, whose ln1 / ln_f the fused residual
+  // norm reads), g16_at() writes the running block's gradients into one gradient window.
+  std::unique_ptr<dist::DeviceZero3> z3;
+  cu::DeviceBuffer<bf16> pshard, gshard;  // [shard] each
+  cu::DeviceBuffer<bf16> pwin;            // [2 * win]: two blocks' device ranges
+  cu::DeviceBuffer<bf16> gwin;            // [win]: one block's
+  int64_t win = 0;
+  int64_t resident[2] = {-1, -1};  // the block each parameter window holds (-1: none, stale)
+  int64_t gblock = -1;             // the block whose gradients g16_at() points into
+  bool z3_assign = true;           // this micro-batch's reduces assign (first of the step) or add
+  // window slot of block b (gathered now if absent, evicting the slot that does not hold `keep`)
+  const bf16* z3_need(int64_t b, int64_t keep) {
+    for (int i = 0; i < 2; ++i)
+      if (resident[i] == b) return pwin.get() + i * win;
+    const int i = resident[0] == keep && keep >= 0 ? 1 : 0;
+    resident[i] = -1;  // a failed gather leaves it stale
+    z3->gather(pwin.get() + i * win, pshard.get(), b, ctx.stream);
+    resident[i] = b;
+    return pwin.get() + i * win;
+  }
+  // block b's gradients go to the gradient window; then (z3_reduce) to this rank's shard
+  void z3_grads(int64_t b) { gblock = b; }
+  void z3_reduce(int64_t b) {
+    z3->reduce(gshard.get(), gwin.get(), b, z3_assign, ctx.stream);
+    gblock = -1;
+  }
 
   State(const ModelConfig& c, Precision p, bool ms, const CudaDist& d)
       : cfg(c), prec(p), memsave(ms), layout_model(c, d.groups, false), groups(d.groups),
@@ -310,13 +339,28 @@ struct Qwen3MoeCuda::State {
     cu::rope_fwd(a.q, a.q, pos, N, nH, D, theta, ctx);  // in place
     cu::rope_fwd(a.k, a.k, pos, N, nKV, D, theta, ctx);
   }
-  const bf16* W(int64_t off) const { return p16.get() + off; }
+  const bf16* W(int64_t off) const {
+    if (!z3) return p16.get() + off;
+    for (int i = 0; i < 2; ++i) {  // ZeRO-3: a gathered block's window
+      const int64_t b = resident[i];
+      if (b >= 0 && off >= z3->dev_lo(b) && off < z3->dev_hi(b))
+        return pwin.get() + i * win + (off - z3->dev_lo(b));
+    }
+    AM_FAIL("internal: ZeRO-3 reads the parameter at device offset {} outside the gathered "
+            "blocks {} and {}", off, resident[0], resident[1]);
+  }
   int64_t nmoe() const { return cfg.num_moe_layers(); }
 
   // ---- gradient writers (see the file comment) ----
   // Where the bf16 gradient of the tensor at device offset `off` goes: its place in the arena,
   // or (memory-saving mode) a scratch; `aux` for a bias written in the same op as its weight.
   bf16* g16_at(int64_t off, bool aux = false) {
+    if (z3) {  // the running block's gradient window
+      AM_CHECK(gblock >= 0 && off >= z3->dev_lo(gblock) && off < z3->dev_hi(gblock),
+               "internal: ZeRO-3 writes the gradient at device offset {} outside block {}", off,
+               gblock);
+      return gwin.get() + (off - z3->dev_lo(gblock));
+    }
     if (!memsave) return g16.get() + off;
     if (tied && off == off_wte) return gsc_tied.get();
     return aux ? gsc_small.get() : gsc.get();
@@ -404,6 +448,31 @@ struct Qwen3MoeCuda::State {
   }
 };
 
+namespace {
+
+// ZeRO-3's blocks (Qwen3Moe::block_params' order: 0 wte, 1 + l layer l, L+1 ln_f and lm_head)
+// as runs of consecutive layout tensors [first, second).
+std::vector<std::pair<int64_t, int64_t>> block_tensors(const ParamLayout& layout, int64_t L) {
+  std::vector<std::pair<int64_t, int64_t>> out;
+  for (size_t k = 0; k < layout.params.size(); ++k) {
+    const std::string& n = layout.params[k].name;
+    int64_t b = L + 1;  // ln_f, lm_head
+    if (n == "wte") b = 0;
+    else if (n.rfind("layers.", 0) == 0) b = 1 + std::stoll(n.substr(7));  // "layers.12.ln1" -> 13
+    if (b == int64_t(out.size()) - 1) {
+      out.back().second = int64_t(k) + 1;
+      continue;
+    }
+    AM_CHECK(b == int64_t(out.size()), "internal: ZeRO-3 needs the layout in block order; {} "
+             "(block {}) comes after block {}", n, b, int64_t(out.size()) - 1);
+    out.push_back({int64_t(k), int64_t(k) + 1});
+  }
+  AM_CHECK(int64_t(out.size()) == L + 2, "internal: ZeRO-3 found {} blocks for {} layers", out.size(), L);
+  return out;
+}
+
+}  // namespace
+
 Qwen3MoeCuda::Qwen3MoeCuda(const ModelConfig& cfg, Precision precision, int device,
                            bool memory_saving, const CudaDist& dist)
     : s_(std::make_unique<State>(cfg, precision, memory_saving, dist)) {
@@ -420,12 +489,16 @@ Qwen3MoeCuda::Qwen3MoeCuda(const ModelConfig& cfg, Precision precision, int devi
              "internal: EP transport of {} ranks ({} in this process) for an EP group of {}",
              s.ept->size(), s.ept->num_local(), s.groups->ep.size());
   }
-  AM_CHECK(dist.zero == 0 || dist.zero == 1,
+  AM_CHECK(dist.zero == 0 || dist.zero == 1 || dist.zero == 3,
            "train.zero {} is not built for the CUDA model (ZeRO-2 needs the backward to "
-           "reduce-scatter gradient buckets as it produces them); use train.zero 1 or 0",
+           "reduce-scatter gradient buckets as it produces them); use train.zero 1, 3 or 0",
            dist.zero);
   AM_CHECK(dist.zero == 0 || (precision == Precision::BF16 && !memory_saving && dist.groups),
-           "internal: ZeRO-1 on the GPU needs bf16 precision, the default mode and dist.groups");
+           "internal: ZeRO on the GPU needs bf16 precision, the default mode and dist.groups");
+  AM_CHECK(dist.zero != 3 || !cfg.tie_word_embeddings,
+           "train.zero 3 on the GPU needs untied embeddings (tie_word_embeddings false; "
+           "Qwen3-30B-A3B is untied): the embedding's and the head's blocks would both write "
+           "wte's gradient. Use train.zero 1, or train.device cpu");
   s.fused_qk_bwd = s.fused_norm && cu::qk_norm_rope_bwd_fused(cfg.head_dim);
   const auto& layout = s.layout_model.layout();
   s.P_host = layout.total;
@@ -480,8 +553,10 @@ Qwen3MoeCuda::Qwen3MoeCuda(const ModelConfig& cfg, Precision precision, int devi
   const size_t P = size_t(s.P);
   // Everything starts at zero, the padding between tensors stays zero (the gradient norm and
   // AdamW run over whole arenas).
-  s.p16 = cu::DeviceBuffer<bf16>(P);
-  CUDA_CHECK(cudaMemset(s.p16.get(), 0, P * 2));
+  if (dist.zero != 3) {  // ZeRO-3: windows and shards instead (below)
+    s.p16 = cu::DeviceBuffer<bf16>(P);
+    CUDA_CHECK(cudaMemset(s.p16.get(), 0, P * 2));
+  }
   if (s.bf16_mode()) {
     if (s.memsave) {
       int64_t biggest = 0;
@@ -498,21 +573,34 @@ Qwen3MoeCuda::Qwen3MoeCuda(const ModelConfig& cfg, Precision precision, int devi
       s.slots = cu::DeviceBuffer<double>(s.segs.size());
       s.applied.assign(s.segs.size(), 0);
       CUDA_CHECK(cudaMemset(s.slots.get(), 0, s.segs.size() * sizeof(double)));
-    } else {
+    } else if (dist.zero != 3) {
       s.g16 = cu::DeviceBuffer<bf16>(P);
       CUDA_CHECK(cudaMemset(s.g16.get(), 0, P * 2));
     }
     // ZeRO-1: the moments of this rank's shard only (the memory saving); the shard is a list
     // of pieces of the parameter and gradient arenas (dist/zero_cuda.h)
     size_t PM = P;
-    if (dist.zero > 0) {
-      std::vector<int64_t> dev_off;
-      for (const Seg& sg : s.segs) dev_off.push_back(sg.dev);
+    std::vector<int64_t> dev_off;
+    for (const Seg& sg : s.segs) dev_off.push_back(sg.dev);
+    if (dist.zero == 1) {
       s.zero = std::make_unique<dist::DeviceZero>(
           dist::ZeroPartition(dist.zero, layout, *s.groups), *s.groups, std::move(dev_off),
           s.nccl_world, s.nccl_dp);
       PM = size_t(s.zero->shard_numel());
       s.zsumsq = cu::DeviceBuffer<double>(std::max<size_t>(s.zero->pieces().size(), 1));
+    } else if (dist.zero == 3) {
+      s.z3 = std::make_unique<dist::DeviceZero3>(dist::ZeroPartition(3, layout, *s.groups),
+                                                 *s.groups, std::move(dev_off), block_tensors(layout, cfg.num_hidden_layers),
+                                                 s.nccl_world, s.nccl_dp);
+      PM = size_t(s.z3->shard_numel());
+      s.zsumsq = cu::DeviceBuffer<double>(std::max<size_t>(s.z3->pieces().size(), 1));
+      s.win = (s.z3->window_numel() + 127) / 128 * 128;  // slot 1 stays 256-byte aligned
+      s.pwin = cu::DeviceBuffer<bf16>(size_t(2 * s.win));
+      s.gwin = cu::DeviceBuffer<bf16>(size_t(s.win));
+      s.pshard = cu::DeviceBuffer<bf16>(PM);
+      s.gshard = cu::DeviceBuffer<bf16>(PM);
+      for (const auto* b : {&s.pwin, &s.gwin, &s.pshard, &s.gshard})  // padding stays zero
+        CUDA_CHECK(cudaMemset(b->get(), 0, b->bytes()));
     }
     s.m16 = cu::DeviceBuffer<bf16>(PM);
     s.v16 = cu::DeviceBuffer<bf16>(PM);
@@ -547,7 +635,7 @@ Qwen3MoeCuda::Qwen3MoeCuda(const ModelConfig& cfg, Precision precision, int devi
              "AUTOMOE_GRAD_OVERLAP is 0 on {} of {} ranks; set it the same on every rank "
              "(mpirun -x AUTOMOE_GRAD_OVERLAP=0)",
              s.groups->world.size() - ranks_on, s.groups->world.size());
-    s.overlap_ok = on && s.bf16_mode() && !s.memsave && !s.zero;
+    s.overlap_ok = on && s.bf16_mode() && !s.memsave && !s.zero && !s.z3;
     // its points: every tensor in exactly one of [ln_f, lm_head], a layer, wte (checked here:
     // a tensor left out would never be summed, and its replicas would drift)
     s.layer_k.assign(size_t(cfg.num_hidden_layers), {layout.params.size(), 0});
@@ -633,6 +721,18 @@ void Qwen3MoeCuda::upload_params(const std::vector<float>& params) {
   AM_CHECK(int64_t(params.size()) == s.P_host, "upload_params: {} values for {} parameters",
            params.size(), s.P_host);
   synchronize();
+  if (s.z3) {  // block by block through window 0; each rank keeps its own elements
+    s.resident[0] = s.resident[1] = -1;
+    for (int64_t b = 0; b < s.z3->num_blocks(); ++b) {
+      for (const Seg& sg : s.segs)
+        if (sg.dev >= s.z3->dev_lo(b) && sg.dev < s.z3->dev_hi(b))
+          upload_bf16(s.pwin.get() + (sg.dev - s.z3->dev_lo(b)), params.data() + sg.host, sg.n);
+      CUDA_CHECK(cudaDeviceSynchronize());  // legacy-stream copies: see to_device
+      s.z3->keep_own(s.pshard.get(), s.pwin.get(), b, s.ctx.stream);
+      synchronize();
+    }
+    return;
+  }
   if (s.bf16_mode()) {
     to_device(s.p16.get(), params, s.segs);
   } else {
@@ -643,9 +743,20 @@ void Qwen3MoeCuda::upload_params(const std::vector<float>& params) {
 }
 
 void Qwen3MoeCuda::download_params(std::vector<float>& params) const {
-  const State& s = *s_;
+  State& s = *s_;
   synchronize();
   params.resize(size_t(s.P_host));
+  if (s.z3) {  // block by block: gathered into window 0 (collective), then to the host
+    s.resident[0] = s.resident[1] = -1;
+    for (int64_t b = 0; b < s.z3->num_blocks(); ++b) {
+      s.z3->gather(s.pwin.get(), s.pshard.get(), b, s.ctx.stream);
+      synchronize();
+      for (const Seg& sg : s.segs)
+        if (sg.dev >= s.z3->dev_lo(b) && sg.dev < s.z3->dev_hi(b))
+          download_bf16(params.data() + sg.host, s.pwin.get() + (sg.dev - s.z3->dev_lo(b)), sg.n);
+    }
+    return;
+  }
   if (s.bf16_mode())
     to_host(params, s.p16.get(), s.segs);
   else
@@ -656,6 +767,8 @@ void Qwen3MoeCuda::download_grads(std::vector<float>& grads) const {
   const State& s = *s_;
   AM_CHECK(!s.memsave, "download_grads: the memory-saving mode keeps no gradients (AdamW runs "
            "inside the backward); use the default mode to inspect them");
+  AM_CHECK(!s.z3, "download_grads: under train.zero 3 each rank keeps only its gradient shard; "
+           "use train.zero 0 or 1 to inspect the gradients");
   if (s.reducer) s.reducer->join(s.ctx.stream);  // a sum in the backward still in flight
   synchronize();
   grads.assign(size_t(s.P_host), 0.f);
@@ -668,12 +781,12 @@ void Qwen3MoeCuda::download_grads(std::vector<float>& grads) const {
 
 void Qwen3MoeCuda::upload_moments(const std::vector<float>& m, const std::vector<float>& v, int64_t t) {
   State& s = *s_;
-  const int64_t want = s.zero ? s.zero->shard_numel() : s.P_host;
+  const int64_t want = s.zero ? s.zero->shard_numel() : s.z3 ? s.z3->shard_numel() : s.P_host;
   AM_CHECK(int64_t(m.size()) == want && int64_t(v.size()) == want,
            "upload_moments: {} and {} values for {} moments{}", m.size(), v.size(), want,
-           s.zero ? " (this rank's ZeRO shard)" : "");
+           s.zero || s.z3 ? " (this rank's ZeRO shard)" : "");
   synchronize();
-  if (s.zero) {  // the shard, flat
+  if (s.zero || s.z3) {  // the shard, flat
     upload_bf16(s.m16.get(), m.data(), want);
     upload_bf16(s.v16.get(), v.data(), want);
     CUDA_CHECK(cudaDeviceSynchronize());  // legacy-stream copies: see to_device
@@ -690,8 +803,8 @@ void Qwen3MoeCuda::upload_moments(const std::vector<float>& m, const std::vector
 void Qwen3MoeCuda::download_moments(std::vector<float>& m, std::vector<float>& v) const {
   const State& s = *s_;
   synchronize();
-  if (s.zero) {  // the shard, flat
-    m.resize(size_t(s.zero->shard_numel()));
+  if (s.zero || s.z3) {  // the shard, flat
+    m.resize(size_t(s.zero ? s.zero->shard_numel() : s.z3->shard_numel()));
     v.resize(m.size());
     download_bf16(m.data(), s.m16.get(), int64_t(m.size()));
     download_bf16(v.data(), s.v16.get(), int64_t(v.size()));
@@ -711,13 +824,21 @@ void Qwen3MoeCuda::download_moments(std::vector<float>& m, std::vector<float>& v
 void Qwen3MoeCuda::init_random(uint64_t seed, float std) {
   State& s = *s_;
   const auto& params = s.layout_model.layout().params;
+  if (s.z3) s.resident[0] = s.resident[1] = -1;
+  int64_t b = 0;  // ZeRO-3: the block being filled in window 0
   for (size_t k = 0; k < params.size(); ++k) {
     const ParamSpec& p = params[k];
     const bool is_norm = p.shape.size() == 1 && p.name.find("attn.b") == std::string::npos;
     const bool is_bias = p.shape.size() == 1 && !is_norm;
     const uint64_t sd = seed * 0x9e3779b97f4a7c15ull + uint64_t(k + 1);
     const int64_t at = s.segs[k].dev;
-    if (s.bf16_mode()) {
+    if (s.z3) {  // every rank draws every tensor of the block, keeps its own elements
+      bf16* d = s.pwin.get() + (at - s.z3->dev_lo(b));
+      if (is_norm || is_bias) cu::fill(d, is_norm ? 1.f : 0.f, p.numel, s.ctx);
+      else cu::fill_normal(d, p.numel, std, sd, s.ctx);
+      if (k + 1 == params.size() || s.segs[k + 1].dev >= s.z3->dev_hi(b))
+        s.z3->keep_own(s.pshard.get(), s.pwin.get(), b++, s.ctx.stream);
+    } else if (s.bf16_mode()) {
       bf16* d = s.p16.get() + at;
       if (is_norm || is_bias) cu::fill(d, is_norm ? 1.f : 0.f, p.numel, s.ctx);
       else cu::fill_normal(d, p.numel, std, sd, s.ctx);
@@ -931,11 +1052,12 @@ void Qwen3MoeCuda::plan(int64_t B, int64_t T, bool packed) {
 CudaMemory Qwen3MoeCuda::memory() const {
   const State& s = *s_;
   CudaMemory m;
-  m.params = s.p16.bytes();
+  m.params = s.p16.bytes() + s.pshard.bytes() + s.pwin.bytes();
   m.master = s.p32.bytes();
   m.grads = s.g16.bytes() + s.g32.bytes() + s.gsc.bytes() + s.gsc_small.bytes() +
             s.gsc_tied.bytes() + s.gsc_down.bytes();
   if (s.zero) m.grads += s.zero->device_bytes();  // ZeRO-1's NCCL bucket
+  if (s.z3) m.grads += s.gshard.bytes() + s.gwin.bytes() + s.z3->device_bytes();  // + its round
   m.moments = s.m16.bytes() + s.v16.bytes() + s.m32.bytes() + s.v32.bytes();
   m.activations = s.acts.bytes();
   for (auto& e : s.ep_moe) m.activations += e->device_bytes();  // EP buffers count as activations
@@ -1084,12 +1206,17 @@ void Qwen3MoeCuda::forward(const Batch& bt, float ce_denominator, float aux_scal
       s.overlap = s.reduce_in_bwd;
     }
     s.beta = s.fresh ? 0.f : 1.f;
+    if (s.z3) {  // ZeRO-3: each block's gradients start afresh in the window; the shard sums
+      s.z3_assign = s.fresh;
+      s.beta = 0.f;
+    }
     s.fresh = false;
   }
   const float eps = float(c.rms_norm_eps), theta = float(c.rope_theta);
   s.record(0);
   // the EP arena: every layer carves its saved state in order below; last step's is released
   if (s.ep) s.ep_arena->reset();
+  if (s.z3) s.z3_need(0, -1);  // ZeRO-3: each block's weights gathered before it runs
   cu::embedding_fwd(s.res[0], s.ids, s.W(s.off_wte), N, H, ctx);
   for (int64_t l = 0; l < L; ++l) {
     LayerActs& a = s.la[l];
@@ -1097,6 +1224,10 @@ void Qwen3MoeCuda::forward(const Batch& bt, float ce_denominator, float aux_scal
     const bf16* x_in = s.res[l];
     bf16* x_out = s.res[l + 1];
     auto Wn = [&](int64_t off) { return off < 0 ? nullptr : s.W(off); };
+    if (s.z3) {  // this layer's block, and the next one's (its ln1 or ln_f ends this layer)
+      s.z3_need(l + 1, l + 2);
+      s.z3_need(l + 2, l + 1);
+    }
     s.lrecord(l, 0);
     // attention block (fused: ln1 came with the previous layer's residual add)
     if (!(s.fused_norm && l > 0)) cu::rmsnorm_fwd(a.ln1, a.ln1_rstd, x_in, s.W(o.ln1), N, H, eps, ctx);
@@ -1152,6 +1283,8 @@ void Qwen3MoeCuda::forward(const Batch& bt, float ce_denominator, float aux_scal
     s.lrecord(l, 2);
   }
   s.record(1);
+  if (s.z3) s.z3_need(L + 1, L);  // the head's block (ln_f, lm_head); its gradients, below
+  if (grad && s.z3) s.z3_grads(L + 1);
   if (!(s.fused_norm && L > 0))
     cu::rmsnorm_fwd(s.lnf_out, s.lnf_rstd, s.res[L], s.W(s.off_lnf), N, H, eps, ctx);
 
@@ -1195,6 +1328,7 @@ void Qwen3MoeCuda::forward(const Batch& bt, float ce_denominator, float aux_scal
     }
   }
   if (grad) s.norm_bwd(s.dres, 0.f, s.off_lnf, s.dlnf, s.res[L], s.lnf_rstd, N, H);
+  if (grad && s.z3) s.z3_reduce(L + 1);  // ln_f's and lm_head's gradients to their shards
   if (grad && s.overlap) {  // ln_f's and (untied) lm_head's gradients are complete
     s.reduce_async(s.k_head0, s.k_head1);
     s.summed = State::Summed::kHead;
@@ -1273,6 +1407,10 @@ void Qwen3MoeCuda::backward() {
     const LayerOff& o = s.lo[l];
     const bf16* x_in = s.res[l];
     s.lrecord(l, 3);
+    if (s.z3) {  // ZeRO-3: the layer's weights again, its gradients into the window
+      s.z3_need(l + 1, -1);
+      s.z3_grads(l + 1);
+    }
     bf16* ys = s.memsave ? s.ys_b : a.ys;
     if (s.memsave) {  // this layer's MLP activations again, before its weights change
       cu::rmsnorm_fwd(a.ln2, a.ln2_rstd, a.x_mid, s.W(o.ln2), N, H, eps, ctx);
@@ -1361,14 +1499,20 @@ void Qwen3MoeCuda::backward() {
       if (o.moe && s.ep) s.ep_moe[size_t(o.moe_index)]->join(ctx.stream);
       s.reduce_async(s.layer_k[size_t(l)].first, s.layer_k[size_t(l)].second);
     }
+    if (s.z3) {  // the layer's gradients to their shards (the expert ones joined first)
+      if (o.moe && s.ep) s.ep_moe[size_t(o.moe_index)]->join(ctx.stream);
+      s.z3_reduce(l + 1);
+    }
   }
   // embedding (tied: lm_head's gradient is already in this tensor, so always accumulate)
   if (s.bf16_mode()) {
+    if (s.z3) s.z3_grads(0);  // (the embedding's backward reads no weight)
     bf16* g = s.g16_at(s.off_wte);
     if (beta == 0.f && !s.tied)
       CUDA_CHECK(cudaMemsetAsync(g, 0, size_t(c.vocab_size * H) * sizeof(bf16), ctx.stream));
     cu::embedding_bwd_sorted(g, s.dres, s.uniq, s.uoff, s.rows, s.n_uniq, H, ctx);
     s.done(s.off_wte);
+    if (s.z3) s.z3_reduce(0);
   } else {
     cu::embedding_bwd_sorted(s.g32.get() + s.off_wte, s.dres, s.uniq, s.uoff, s.rows, s.n_uniq, H,
                              ctx);
@@ -1424,6 +1568,25 @@ void Qwen3MoeCuda::optimizer_step(const AdamWConfig& c, float lr, float max_grad
     return;
   }
   ++s.adam_t;
+  if (s.z3) {  // ZeRO-3: the shards hold the summed gradients; norm, AdamW, no all-gather
+    const auto& pcs = s.z3->pieces();
+    CUDA_CHECK(cudaMemsetAsync(s.d_sumsq, 0, sizeof(double), ctx.stream));
+    for (size_t k = 0; k < pcs.size(); ++k)  // per piece, as ZeRO-1 (the same partial sums)
+      cu::sum_squares(s.zsumsq.get() + k, s.gshard.get() + pcs[k].pos, pcs[k].n, ctx);
+    if (!pcs.empty()) cu::sum_f64(s.d_sumsq, s.zsumsq.get(), int64_t(pcs.size()), ctx);
+    if (s.dist) s.reducer->allreduce_small(s.d_sumsq, 1, s.groups->world, ctx.stream);
+    cu::clip_coef(s.d_coef, s.d_norm, s.d_sumsq, max_grad_norm, ctx);
+    for (const auto& pc : pcs)  // elementwise: ZeRO-1's update of the same elements
+      cu::adamw_step(s.pshard.get() + pc.pos, s.gshard.get() + pc.pos, s.m16.get() + pc.pos,
+                     s.v16.get() + pc.pos, pc.n, lr, c.beta1, c.beta2, c.eps, c.weight_decay,
+                     s.adam_t, s.d_coef, ctx);
+    s.resident[0] = s.resident[1] = -1;  // the windows hold the old weights
+    CUDA_CHECK(cudaMemcpyAsync(s.norm_host, s.d_norm, sizeof(float), cudaMemcpyDeviceToHost,
+                               ctx.stream));
+    CUDA_CHECK(cudaEventRecord(s.norm_ready, ctx.stream));
+    s.record(4);
+    return;
+  }
   if (s.zero) {  // ZeRO-1: reduce-scatter, the norm of the shards, AdamW on the shard, all-gather
     const auto& pcs = s.zero->pieces();
     s.zero->reduce_scatter(s.g16.get(), ctx.stream);  // this rank's pieces hold the sums
@@ -1477,6 +1640,8 @@ void Qwen3MoeCuda::allreduce_grads() {
   State& s = *s_;
   if (!s.dist) return;
   AM_CHECK(!s.fresh, "allreduce_grads() without gradients: run forward() and backward() first");
+  AM_CHECK(!s.z3, "allreduce_grads: under train.zero 3 each rank keeps only its gradient shard "
+           "(reduced block by block in the backward); use train.zero 0 or 1 to read gradients");
   AM_CHECK(!s.memsave, "allreduce_grads: the memory-saving mode keeps no gradient arena (each "
            "gradient is summed over the ranks inside the backward); use the default mode");
   AM_CHECK(s.summed != State::Summed::kHead, "optimizer_step()/allreduce_grads() after a "

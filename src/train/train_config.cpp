@@ -178,21 +178,17 @@ TrainConfig load_train_config(const std::string& path,
            "train.zero must be 0 (replicated optimizer state), 1 (optimizer state sharded over the "
            "data-parallel ranks), 2 (optimizer state and gradients sharded) or 3 (parameters "
            "sharded too), got {}", c.zero);
-  if (c.zero > 0 && c.device == "cuda") {  // the GPU path has ZeRO-1 in the default mode only
+  if (c.zero > 0 && c.device == "cuda") {  // the GPU path has ZeRO-1 and ZeRO-3, default mode
     // (with the memory-saving mode: refused above)
-    AM_CHECK(c.zero != 3,
-             "train.zero 3 (parameters sharded, gathered layer by layer) exists on the CPU backend "
-             "only so far (train.device cpu); on the GPU use train.zero 1, which shards the AdamW "
-             "moments");
-    AM_CHECK(c.zero == 1,
+    AM_CHECK(c.zero != 2,
              "train.zero 2 is not built for train.device cuda yet: its memory saving needs the "
-             "backward to reduce-scatter each bucket of gradients as it produces them (so the "
-             "full-size gradient arena is never allocated), which the CUDA model does not do; use "
-             "train.zero 1 (sharded AdamW moments) on the GPU, or train.device cpu");
+             "backward to reduce-scatter each bucket of gradients as it produces them; use "
+             "train.zero 3 (parameters, gradients and moments sharded, gathered block by block) "
+             "or 1 (sharded AdamW moments) on the GPU, or train.device cpu");
     AM_CHECK(c.precision == "bf16",
-             "train.zero 1 on train.device cuda needs train.precision bf16 for now (the sharded "
-             "step keeps bf16 moments and all-gathers bf16 weights; fp32 master shards are not "
-             "built yet); use train.precision bf16 or train.zero 0");
+             "train.zero {} on train.device cuda needs train.precision bf16 for now (the sharded "
+             "step keeps bf16 moments and bf16 weight shards; fp32 master shards are not built "
+             "yet); use train.precision bf16 or train.zero 0", c.zero);
   }
   return c;
 }

@@ -210,15 +210,19 @@ TEST(Recipe, DeviceAndPrecisionAreChecked) {
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("train.zero must be 0"), std::string::npos) << e.what();
   }
-  // the GPU path has ZeRO-1 in the default mode with bf16 precision; the rest is refused by name
-  EXPECT_NO_THROW(load_train_config("", {{"model.builtin", "tiny-moe"}, {"data.builtin", "addition"},
-                                         {"train.zero", "1"}, {"train.device", "cuda"}}));
+  // the GPU path has ZeRO-1 and ZeRO-3 in the default mode with bf16 precision (grad_accum too);
+  // the rest is refused by name
+  for (const char* z : {"1", "3"})
+    EXPECT_NO_THROW(load_train_config("", {{"model.builtin", "tiny-moe"}, {"data.builtin", "addition"},
+                                           {"train.zero", z}, {"train.device", "cuda"},
+                                           {"train.grad_accum", "2"}}));
   using Kv = std::vector<std::pair<std::string, std::string>>;
   const std::vector<std::pair<Kv, std::string>> refused = {
       {{{"train.zero", "2"}}, "train.zero 2 is not built for train.device cuda"},
-      {{{"train.zero", "3"}}, "train.zero 3 (parameters sharded, gathered layer by layer) exists on the CPU backend only so far (train.device cpu); on the GPU use train.zero 1"},
       {{{"train.zero", "1"}, {"train.memory_saving", "true"}}, "does not combine with train.zero 1"},
+      {{{"train.zero", "3"}, {"train.memory_saving", "true"}}, "does not combine with train.zero 3"},
       {{{"train.zero", "1"}, {"train.precision", "fp32_master"}}, "train.zero 1 on train.device cuda needs train.precision bf16"},
+      {{{"train.zero", "3"}, {"train.precision", "fp32_master"}}, "train.zero 3 on train.device cuda needs train.precision bf16"},
   };
   for (auto& [keys, want] : refused) {
     Kv kv = {{"model.builtin", "tiny-moe"}, {"data.builtin", "addition"}, {"train.device", "cuda"}};

@@ -1,0 +1,201 @@
+// dist/zero3_cuda.cpp: DeviceZero3 (dist/zero3_cuda.h): ZeRO-3's per-block gather and reduce
+// between a GPU rank's flat shards and its block windows, through NCCL or staged through host
+// memory and MPI.
+#include "dist/zero3_cuda.h"
+
+#include <cuda_bf16.h>
+
+#include <algorithm>
+#include <utility>
+
+#include "backend/cuda/ops_cuda.h"
+#include "core/check.h"
+#if defined(AUTOMOE_HAVE_NCCL) && AUTOMOE_HAVE_NCCL
+#include "dist/nccl_group.h"
+#define AUTOMOE_ZERO3_NCCL 1
+#else
+#define AUTOMOE_ZERO3_NCCL 0
+#endif
+
+namespace automoe::dist {
+
+using cuda::bf16;
+
+DeviceZero3::DeviceZero3(const ZeroPartition& part, const Groups& g, std::vector<int64_t> dev_off,
+                         const std::vector<std::pair<int64_t, int64_t>>& blocks,
+                         NcclGroup* nccl_world, NcclGroup* nccl_dp)
+    : part_(part), dev_off_(std::move(dev_off)) {
+  AM_CHECK(part_.level() == 3, "internal: DeviceZero3 needs a level-3 partition, got {}", part_.level());
+  AM_CHECK(part_.replicated().ranks == g.world.size() && part_.experts().ranks == g.dp.size(),
+           "internal: ZeRO partition over {} x {} ranks for groups of {} x {}",
+           part_.replicated().ranks, part_.experts().ranks, g.world.size(), g.dp.size());
+  groups_[0] = {&part_.replicated(), &g.world, nccl_world};
+  groups_[1] = {&part_.experts(), &g.dp, nccl_dp};
+  int64_t need = 0;  // the largest owner part of any block: a round's size
+  int64_t next = 0;  // blocks cover the layout's tensors in order
+  for (const auto& [k0, k1] : blocks) {
+    AM_CHECK(k0 == next && k1 > k0 && size_t(k1) <= dev_off_.size(),
+             "internal: ZeRO-3 block of tensors [{}, {}) after {}", k0, k1, next);
+    next = k1;
+    Block bl{};
+    bl.dev_lo = dev_off_[size_t(k0)];
+    bl.dev_hi = dev_off_[size_t(k1 - 1)];  // + the last tensor's size, below
+    for (int gi = 0; gi < 2; ++gi) {
+      const ZeroGroup& gr = *groups_[gi].gr;
+      bl.flat[gi] = gr.flat_range(k0, k1);
+      for (const ZeroSeg& s : gr.segs)
+        if (s.param == k1 - 1) bl.dev_hi += s.numel;
+      for (const ZeroOwnerPart& p : owner_parts(gr, bl.flat[gi].first, bl.flat[gi].second))
+        need = std::max(need, p.hi - p.lo);
+    }
+    window_ = std::max(window_, bl.dev_hi - bl.dev_lo);
+    blocks_.push_back(bl);
+  }
+  AM_CHECK(size_t(next) == dev_off_.size(), "internal: ZeRO-3 blocks cover {} of {} tensors", next,
+           dev_off_.size());
+  bool mpi = false, nccl = false;
+  for (const Group& gp : groups_) {
+    const ZeroGroup* gr = gp.gr;
+    gr->for_each_piece(gr->begin, gr->begin + gr->shard,
+                       [&](const ZeroSeg& s, int64_t off, int64_t pos, int64_t n) {
+                         mine_.push_back({dev_off_[size_t(s.param)] + off, gr->at + pos, n});
+                       });
+    if (gr->ranks > 1 && gr->numel > 0) (gp.nccl ? nccl : mpi) = true;
+  }
+#if !AUTOMOE_ZERO3_NCCL
+  AM_CHECK(!nccl, "internal: NCCL ZeRO-3 collectives in a build without NCCL");
+#endif
+  cap_ = std::min(kBucket, std::max<int64_t>(need, 1));
+  dbuf_ = cuda::DeviceBuffer<bf16>(size_t(cap_));  // NCCL's round, or the += source
+  if (mpi) {
+    CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&pin_), size_t(cap_) * sizeof(bf16)));
+    sum_.assign(size_t(cap_), 0.f);
+  }
+}
+
+DeviceZero3::~DeviceZero3() {
+  if (pin_) cudaFreeHost(pin_);
+}
+
+void DeviceZero3::unpack(bf16* window, int64_t dev_lo, const ZeroGroup& gr, const bf16* src,
+                         int64_t lo, int64_t n, cudaStream_t stream) const {
+  gr.for_each_piece(lo, lo + n, [&](const ZeroSeg& s, int64_t off, int64_t pos, int64_t m) {
+    CUDA_CHECK(cudaMemcpyAsync(window + dev_off_[size_t(s.param)] + off - dev_lo, src + pos,
+                               size_t(m) * sizeof(bf16), cudaMemcpyDefault, stream));
+  });
+}
+
+void DeviceZero3::pack(bf16* dst, const ZeroGroup& gr, const bf16* window, int64_t dev_lo,
+                       int64_t lo, int64_t n, cudaStream_t stream) const {
+  gr.for_each_piece(lo, lo + n, [&](const ZeroSeg& s, int64_t off, int64_t pos, int64_t m) {
+    CUDA_CHECK(cudaMemcpyAsync(dst + pos, window + dev_off_[size_t(s.param)] + off - dev_lo,
+                               size_t(m) * sizeof(bf16), cudaMemcpyDefault, stream));
+  });
+}
+
+void DeviceZero3::store(bf16* dst, const bf16* src, int64_t n, bool assign, cudaStream_t stream) {
+  if (assign) {
+    CUDA_CHECK(cudaMemcpyAsync(dst, src, size_t(n) * sizeof(bf16), cudaMemcpyDefault, stream));
+    return;
+  }
+  cuda::Ctx c;
+  c.stream = stream;
+  cuda::add_inplace(dst, src, n, c);  // fp32 add, one rounding
+}
+
+void DeviceZero3::gather(bf16* window, const bf16* param_shard, int64_t b, cudaStream_t stream) {
+  const Block& bl = blocks_[size_t(b)];
+  for (int gi = 0; gi < 2; ++gi) {
+    const Group& gp = groups_[gi];
+    const ZeroGroup& gr = *gp.gr;
+    const auto [lo, hi] = bl.flat[gi];
+    for (const ZeroOwnerPart& p : owner_parts(gr, lo, hi)) {
+      const bf16* own = param_shard + gr.at + (p.lo - gr.begin);  // meaningful on the owner only
+      for (int64_t j = p.lo; j < p.hi; j += cap_) {
+        const int64_t n = std::min(cap_, p.hi - j);
+        if (gr.ranks == 1) {  // this rank owns it all
+          unpack(window, bl.dev_lo, gr, own + (j - p.lo), j, n, stream);
+        } else if (gp.nccl) {
+#if AUTOMOE_ZERO3_NCCL
+          gp.nccl->broadcast(own + (j - p.lo), dbuf_.get(), size_t(n), ncclBfloat16, p.rank, stream);
+          unpack(window, bl.dev_lo, gr, dbuf_.get(), j, n, stream);
+#endif
+        } else {
+          if (gr.rank == p.rank)
+            CUDA_CHECK(cudaMemcpyAsync(pin_, own + (j - p.lo), size_t(n) * sizeof(bf16),
+                                       cudaMemcpyDeviceToHost, stream));
+          // the part on the owner's host; and the last round's uploads out of pin_ done
+          CUDA_CHECK(cudaStreamSynchronize(stream));
+          gp.comm->broadcast(pin_, n * int64_t(sizeof(bf16)), p.rank);
+          unpack(window, bl.dev_lo, gr, pin_, j, n, stream);
+        }
+      }
+    }
+    if (gp.nccl && gr.ranks > 1 && hi > lo) gp.nccl->wait(stream, "ZeRO-3 parameter gather");
+  }
+  if (pin_) CUDA_CHECK(cudaStreamSynchronize(stream));  // pin_ is free again
+}
+
+void DeviceZero3::reduce(bf16* grad_shard, const bf16* window, int64_t b, bool assign,
+                         cudaStream_t stream) {
+  const Block& bl = blocks_[size_t(b)];
+  for (int gi = 0; gi < 2; ++gi) {
+    const Group& gp = groups_[gi];
+    const ZeroGroup& gr = *gp.gr;
+    const auto [lo, hi] = bl.flat[gi];
+    for (const ZeroOwnerPart& p : owner_parts(gr, lo, hi)) {
+      bf16* own = grad_shard + gr.at + (p.lo - gr.begin);  // meaningful on the owner only
+      const bool mine = gr.rank == p.rank;
+      for (int64_t j = p.lo; j < p.hi; j += cap_) {
+        const int64_t n = std::min(cap_, p.hi - j);
+        bf16* dst = own + (j - p.lo);
+        if (gr.ranks == 1) {
+          if (assign) {
+            pack(dst, gr, window, bl.dev_lo, j, n, stream);
+          } else {
+            pack(dbuf_.get(), gr, window, bl.dev_lo, j, n, stream);
+            store(dst, dbuf_.get(), n, false, stream);
+          }
+        } else if (gp.nccl) {
+#if AUTOMOE_ZERO3_NCCL
+          pack(dbuf_.get(), gr, window, bl.dev_lo, j, n, stream);
+          gp.nccl->reduce_sum(dbuf_.get(), dbuf_.get(), size_t(n), ncclBfloat16, p.rank, stream);
+          if (mine) store(dst, dbuf_.get(), n, assign, stream);
+#endif
+        } else {
+          pack(pin_, gr, window, bl.dev_lo, j, n, stream);
+          CUDA_CHECK(cudaStreamSynchronize(stream));  // the part on the host
+          for (int64_t i = 0; i < n; ++i) sum_[size_t(i)] = __bfloat162float(pin_[i]);
+          gp.comm->allreduce_sum(sum_.data(), n);
+          if (!mine) continue;
+          for (int64_t i = 0; i < n; ++i) pin_[i] = __float2bfloat16_rn(sum_[size_t(i)]);
+          if (assign) {
+            CUDA_CHECK(cudaMemcpyAsync(dst, pin_, size_t(n) * sizeof(bf16), cudaMemcpyHostToDevice, stream));
+          } else {
+            CUDA_CHECK(cudaMemcpyAsync(dbuf_.get(), pin_, size_t(n) * sizeof(bf16),
+                                       cudaMemcpyHostToDevice, stream));
+            store(dst, dbuf_.get(), n, false, stream);
+          }
+          // the next round's pack into pin_ queues behind this upload on the same stream
+        }
+      }
+    }
+    if (gp.nccl && gr.ranks > 1 && hi > lo) gp.nccl->wait(stream, "ZeRO-3 gradient reduce");
+  }
+  if (pin_) CUDA_CHECK(cudaStreamSynchronize(stream));
+}
+
+void DeviceZero3::keep_own(bf16* param_shard, const bf16* window, int64_t b,
+                           cudaStream_t stream) const {
+  const Block& bl = blocks_[size_t(b)];
+  for (int gi = 0; gi < 2; ++gi) {
+    const ZeroGroup& gr = *groups_[gi].gr;
+    const auto [lo, hi] = bl.flat[gi];
+    for (const ZeroOwnerPart& p : owner_parts(gr, lo, hi))
+      if (p.rank == gr.rank)
+        pack(param_shard + gr.at + (p.lo - gr.begin), gr, window, bl.dev_lo, p.lo, p.hi - p.lo,
+             stream);
+  }
+}
+
+}  // namespace automoe::dist

@@ -1,0 +1,107 @@
+// dist/zero3_cuda.h: ZeRO-3 for GPU ranks (train.zero 3 with train.device cuda; dist/zero3.h is
+// the CPU's): the parameters, gradients and AdamW moments of a rank are its shard of the
+// partition of dist/zero_partition.h (flat: [replicated shard | expert shard], the CPU's ZeRO
+// optimizer arena, so the same checkpoint files), and the full device arenas do not exist. The
+// model (model/qwen3_moe_cuda.cpp) reads a block's weights from a window the size of the largest
+// block's device range, and writes its gradients into another:
+//
+//   blocks      forward order: 0 wte, 1 + l layer l, L+1 ln_f and lm_head. Each is a run of
+//               consecutive layout tensors, so one device range [dev_lo, dev_hi) (the model's
+//               aligned offsets) and, per group, one flat range [lo, hi)
+//   gather      window[dev_lo, dev_hi) <- block b's parameters: per group, per owner rank of
+//               a part of [lo, hi), that rank's shard elements broadcast to the group
+//   reduce      grad_shard (= on a step's first micro-batch, += later) <- the group's sum of
+//               the window's gradients: per owner, its part summed to it
+//   keep_own    param_shard <- this rank's elements of a window (upload, init: no message)
+//
+// Over NCCL (the world's / DP group's communicator): ncclBroadcast from the shard into a device
+// buffer, unpacked into the window's tensors; the window's tensors packed into it, ncclReduce
+// in place (bf16; with 2 ranks one rounding of the fp32 sum, as ZeRO-1's ncclReduceScatter).
+// Otherwise (MPI staging, as DeviceZero): pieces through pinned host memory, one host sync per
+// round, Comm::broadcast of the bf16 bits; for the reduce widened to fp32, Comm::allreduce_sum,
+// rounded to bf16 once (the sum ZeRO-1's MPI reduce-scatter takes, so with 2 ranks the same
+// bits), uploaded. Each owner's part moves in rounds of at most kBucket elements. A group of one
+// rank copies on the device. Everything is synchronous on the stream (no prefetch, no overlap
+// with compute). Buffers are allocated once, in the constructor.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+#include "backend/cuda/common.cuh"
+#include "dist/process_group.h"
+#include "dist/zero_cuda.h"
+#include "dist/zero_partition.h"
+
+namespace automoe::dist {
+
+class NcclGroup;
+
+class DeviceZero3 {
+ public:
+  static constexpr int64_t kBucket = int64_t(1) << 24;  // elements per round
+
+  // `part`: this rank's partition (level 3); dev_off[k]: the device offset of layout tensor k;
+  // blocks[b]: block b's layout tensors [first, second). nccl_world / nccl_dp: the groups'
+  // NCCL communicators (null: MPI staging). Groups and communicators must outlive this object.
+  DeviceZero3(const ZeroPartition& part, const Groups& g, std::vector<int64_t> dev_off,
+              const std::vector<std::pair<int64_t, int64_t>>& blocks,
+              NcclGroup* nccl_world = nullptr, NcclGroup* nccl_dp = nullptr);
+  ~DeviceZero3();
+  DeviceZero3(const DeviceZero3&) = delete;
+  DeviceZero3& operator=(const DeviceZero3&) = delete;
+
+  const ZeroPartition& partition() const { return part_; }
+  int64_t shard_numel() const { return part_.shard_numel(); }
+  // This rank's pieces (arena offset `dev`, shard position `pos`, n), in shard order.
+  const std::vector<DeviceZero::Piece>& pieces() const { return mine_; }
+  int64_t num_blocks() const { return int64_t(blocks_.size()); }
+  int64_t dev_lo(int64_t b) const { return blocks_[size_t(b)].dev_lo; }
+  int64_t dev_hi(int64_t b) const { return blocks_[size_t(b)].dev_hi; }
+  int64_t window_numel() const { return window_; }  // the largest block's device range
+  size_t device_bytes() const { return dbuf_.bytes(); }
+
+  // window [dev_hi - dev_lo] <- block b's parameters. Collective over world and dp.
+  void gather(cuda::bf16* window, const cuda::bf16* param_shard, int64_t b, cudaStream_t stream);
+  // grad_shard [shard] (=, or += unless `assign`) <- this rank's part of the sum over each group
+  // of block b's gradients in window. Collective over world and dp.
+  void reduce(cuda::bf16* grad_shard, const cuda::bf16* window, int64_t b, bool assign,
+              cudaStream_t stream);
+  // param_shard [shard] <- this rank's elements of block b in window (local).
+  void keep_own(cuda::bf16* param_shard, const cuda::bf16* window, int64_t b,
+                cudaStream_t stream) const;
+
+ private:
+  struct Block {
+    int64_t dev_lo, dev_hi;
+    std::pair<int64_t, int64_t> flat[2];  // per group (0 replicated, 1 experts)
+  };
+  struct Group {
+    const ZeroGroup* gr;
+    const Comm* comm;
+    NcclGroup* nccl;
+  };
+  // Window <-> buffer copies of a group's flat elements [lo, lo + n), enqueued on the stream
+  // (cudaMemcpyDefault: device or pinned host buffers).
+  void unpack(cuda::bf16* window, int64_t dev_lo, const ZeroGroup& gr, const cuda::bf16* src,
+              int64_t lo, int64_t n, cudaStream_t stream) const;
+  void pack(cuda::bf16* dst, const ZeroGroup& gr, const cuda::bf16* window, int64_t dev_lo,
+            int64_t lo, int64_t n, cudaStream_t stream) const;
+  // dst[n] (device) =, or += unless assign, src[n] (device)
+  void store(cuda::bf16* dst, const cuda::bf16* src, int64_t n, bool assign,
+             cudaStream_t stream);
+
+  ZeroPartition part_;
+  std::vector<int64_t> dev_off_;  // [layout tensors]
+  Group groups_[2];
+  std::vector<Block> blocks_;
+  std::vector<DeviceZero::Piece> mine_;
+  int64_t window_ = 0, cap_ = 0;  // cap_: elements per round
+  cuda::DeviceBuffer<cuda::bf16> dbuf_;  // [cap_]: a round's part on the device
+  cuda::bf16* pin_ = nullptr;            // MPI: cudaMallocHost [cap_]
+  std::vector<float> sum_;               // MPI: [cap_] fp32 sums
+};
+
+}  // namespace automoe::dist
