@@ -12,7 +12,7 @@
 //   cuda_bench [--layers 12] [--seq 4096] [--mbs 2] [--warmup 3] [--steps 8]
 //              [--precision bf16|fp32_master] [--max-grad-norm 1.0] [--memory-saving]
 //              [--ep E] [--ep-capacity 2] [--ep-recompute none|outputs|experts]
-//              [--ep-dispatch counts|padded] [--zero 0|1]
+//              [--ep-dispatch counts|padded] [--zero 0|1|3]
 // --memory-saving: AdamW inside the backward (there fwd_bwd includes the optimizer and the
 // step's separate optimizer phase only sums the norm), activations recomputed.
 // Under mpirun (a GPU per rank; more ranks than GPUs share them, which checks but does not
@@ -101,7 +101,7 @@ int main(int argc, char** argv) {
                    "usage: cuda_bench [--layers 12] [--seq 4096] [--mbs 2] [--warmup 3] [--steps 8] "
                    "[--precision bf16|fp32_master] [--max-grad-norm 1.0] [--memory-saving] "
                    "[--ep E] [--ep-capacity 2] [--ep-recompute none|outputs|experts] "
-                   "[--ep-dispatch counts|padded] [--zero 0|1]\n");
+                   "[--ep-dispatch counts|padded] [--zero 0|1|3]\n");
       return 2;
     }
   }

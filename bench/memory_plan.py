@@ -11,10 +11,10 @@ its parameter/gradient/moment arenas and its planned activation arena, buffer by
 
 Layout: experts split over `ep` ranks; everything else data-parallel over `world` ranks, its
 AdamW moments replicated or sharded (--zero 1: what the GPU's ZeRO-1 allocates), gradients too
-(--zero 2: a projection, ZeRO-2 is CPU-only so far), parameters too (--zero 3: a projection,
-ZeRO-3 is CPU-only so far: the weights are this rank's shard plus ZERO3_WINDOWS gathered blocks
-of the largest size, the gradients the shard plus one block's gradients before its
-reduce-scatter). Precision: the
+(--zero 2: a projection, ZeRO-2 is CPU-only so far), parameters too (--zero 3: what the GPU's
+ZeRO-3 allocates, dist/zero3_cuda.h: the weights are this rank's shard plus ZERO3_WINDOWS
+windows of the largest block, the gradients the shard plus one block's window before its
+reduce, plus one round buffer). Precision: the
 default policy, bf16 weights, gradients and moments. Activations: one micro-batch of mbs x seq
 tokens per rank. With EP (ep > 1) the model keeps no expert rows of its own; the EP block
 (src/dist/expert_parallel_cuda.h, dist/ep_arena.h) adds
@@ -49,8 +49,9 @@ PRESETS = {
                           tie_word_embeddings=False, mlp_only_layers=[], decoder_sparse_step=1),
 }
 GiB = 2 ** 30
-# ZeRO-3 (dist/zero3.h): blocks gathered at once on a GPU that overlaps the next block's gather
-# with this one's compute (the CPU reference gathers one at a time, without overlap)
+# ZeRO-3 on the GPU (dist/zero3_cuda.h): two parameter windows, the running block's and the
+# next one's (a layer's forward ends with the next layer's ln1 or ln_f, fused with its residual
+# add); gathered synchronously, no prefetch overlap yet
 ZERO3_WINDOWS = 2
 
 
@@ -132,8 +133,9 @@ def plan(c, ep, world, seq, mbs, zero, ep_capacity=2.0, memsave=False, ep_recomp
         m = 2 * (dense + experts_rank) * b
     if zero >= 2:
         g = (shard(dense, world) + shard(experts_rank, dp)) * b
-        if zero == 3:  # one block's gradients, whole, until its reduce-scatter
-            g += window * b
+        if zero == 3:  # one block's gradients, whole, until its reduce; + the round buffer
+            g += window * b  # (DeviceZero3: the largest owner part of a block, at most 2^24)
+            g += min(2 ** 24, window, max(shard(dense, world), shard(experts_rank, dp))) * b
     else:
         g = (dense + experts_rank) * b
         if zero == 1:  # the bucket of the largest group that communicates
