@@ -77,6 +77,13 @@
 #             stopped with SIGSTOP over NCCL (ep_model_stall_nccl2: must end, not hang).
 #   ep_memsave (not default) only those memory-saving stages of ep_model (TARGETS=automoe_cli
 #             builds only the CLI they need).
+#   ep_zero3  (not default; also part of ep_model) ZeRO-3 on the GPU (train.zero 3) against
+#             ZeRO-1, two ranks of GPU 0 over MPI staging, ep 1 x dp 2 and ep 2: bit-identical
+#             losses, CE, aux and grad norms (--exact), identical HF exports (diff -r), a resume
+#             from the middle checkpoint; grad_accum 2 within bf16 noise (ep_zero3_stages says
+#             why not bitwise). With >= 2 GPUs ep_model also runs ZeRO-3 over NCCL against ZeRO-1
+#             (ep_model_cmp_nccl_zero3). TARGETS=automoe_cli suffices. Memory at scale:
+#             STAGES=multi BENCH_ARGS="--zero 3" (cuda_bench's memory lines).
 #   multi     (not default) several GPUs: cuda_bench under mpirun, a rank per GPU, experts over
 #             all of them (transport auto), beside Transformers + FSDP2 (hf_moe_fsdp.py) for each
 #             MULTI_LAYERS (default "12 24": W2; W4: MULTI_LAYERS=48 MBS=1 on 4 GPUs); on one GPU
@@ -348,6 +355,53 @@ ep_memsave_stages() {
   stage ep_model_cmp_ms_exact_1gpu python3 bench/compare_loss_curves.py --exact loss,ce_loss,aux_loss \
     "$BUILD/ep_model_1gpu_noclip/metrics.jsonl" "$BUILD/ep_model_1gpu_ms_noclip/metrics.jsonl"
 }
+# ZeRO-3 on the GPU (train.zero 3, dist/zero3_cuda.h) under mpirun, two ranks on GPU 0 over MPI
+# staging (stage ep_model, or STAGES=ep_zero3 alone: eight small training runs, eight checks).
+# No full parameter or gradient arena: each block is gathered into a window before its forward
+# and its backward, its gradients reduced into the shard after its backward. Against train.zero 1
+# on the same ranks, ep 1 x dp 2 and ep 2 x dp 1: with one micro-batch per step every gradient
+# element is the same a + b rounded to bf16 once, the norm sums the same per-piece partial sums
+# and AdamW is elementwise, so losses, CE, aux and grad norms must be bit-identical (--exact),
+# and so must the exported HF files (diff -r). The dp 2 run checkpoints at EP_STEPS/2;
+# ep_model_zero3_resume deletes the last checkpoint, resumes from the middle one (the shards'
+# moment files, the full weights) and must end identically. With train.grad_accum 2 zero 3
+# cannot be bit-identical to zero 1 (zero 1 adds the micro-batches on each rank, then sums over
+# the ranks; zero 3 sums each micro-batch over the ranks, then adds: (a1+a2)+(b1+b2) against
+# (a1+b1)+(a2+b2), each rounded to bf16), so that pair is compared within bf16 noise.
+ep_zero3_stages() {
+  local zr=(mpirun --allow-run-as-root --oversubscribe -np 2 -x CUDA_VISIBLE_DEVICES=0
+            -x AUTOMOE_EP_TRANSPORT=mpi "$BUILD/automoe" "${run[@]}" --data.micro_batch 8
+            --output.export_hf true)
+  local half=$(( ${EP_STEPS:-50} / 2 ))
+  local z3dir="$BUILD/ep_model_dp2_zero3"
+  local ex=(python3 bench/compare_loss_curves.py --exact loss,ce_loss,aux_loss,grad_norm)
+  stage ep_model_dp2_zero1x "${zr[@]}" --train.ep 1 --train.zero 1 --output.dir "$BUILD/ep_model_dp2_zero1x"
+  stage ep_model_dp2_zero3 "${zr[@]}" --train.ep 1 --train.zero 3 \
+    --train.checkpoint_every "$half" --train.keep_checkpoints 2 --output.dir "$z3dir"
+  stage ep_model_cmp_zero3 "${ex[@]}" "$BUILD/ep_model_dp2_zero1x/metrics.jsonl" "$z3dir/metrics.jsonl"
+  stage ep_model_cmp_zero3_hf diff -r "$BUILD/ep_model_dp2_zero1x/hf" "$z3dir/hf"
+  stage ep_model_ep2_zero1x "${zr[@]}" --train.ep 2 --train.zero 1 --output.dir "$BUILD/ep_model_ep2_zero1x"
+  stage ep_model_ep2_zero3 "${zr[@]}" --train.ep 2 --train.zero 3 --output.dir "$BUILD/ep_model_ep2_zero3"
+  stage ep_model_cmp_ep2_zero3 "${ex[@]}" "$BUILD/ep_model_ep2_zero1x/metrics.jsonl" \
+    "$BUILD/ep_model_ep2_zero3/metrics.jsonl"
+  stage ep_model_cmp_ep2_zero3_hf diff -r "$BUILD/ep_model_ep2_zero1x/hf" "$BUILD/ep_model_ep2_zero3/hf"
+  if [ -f "$z3dir/metrics.jsonl" ] && [ "$half" -gt 0 ]; then
+    cp "$z3dir/metrics.jsonl" "$z3dir/metrics-full.jsonl"
+    rm -rf "$z3dir/checkpoints/step-$(printf %07d "${EP_STEPS:-50}")" "$z3dir/hf"
+    ls "$z3dir/checkpoints"
+    stage ep_model_zero3_resume "${zr[@]}" --train.ep 1 --train.zero 3 \
+      --train.checkpoint_every "$half" --train.keep_checkpoints 2 --output.dir "$z3dir" \
+      --output.resume true
+    stage ep_model_cmp_zero3_resume "${ex[@]}" "$z3dir/metrics-full.jsonl" "$z3dir/metrics.jsonl"
+    stage ep_model_cmp_zero3_resume_hf diff -r "$BUILD/ep_model_dp2_zero1x/hf" "$z3dir/hf"
+  fi
+  stage ep_model_ep2_zero1_ga "${zr[@]}" --train.ep 2 --train.zero 1 --data.micro_batch 4 \
+    --train.grad_accum 2 --output.dir "$BUILD/ep_model_ep2_zero1_ga"
+  stage ep_model_ep2_zero3_ga "${zr[@]}" --train.ep 2 --train.zero 3 --data.micro_batch 4 \
+    --train.grad_accum 2 --output.dir "$BUILD/ep_model_ep2_zero3_ga"
+  stage ep_model_cmp_zero3_ga python3 bench/compare_loss_curves.py \
+    "$BUILD/ep_model_ep2_zero1_ga/metrics.jsonl" "$BUILD/ep_model_ep2_zero3_ga/metrics.jsonl"
+}
 if has ep_model; then
   if [ -x "$BUILD/automoe" ] && command -v mpirun >/dev/null 2>&1; then
     # the transport and the EP block first, two processes on GPU 0 (small shapes: seconds)
@@ -447,6 +501,7 @@ if has ep_model; then
     stage ep_model_fwd_cmp python3 bench/compare_forward.py "$BUILD/ep_fwd_mpi2.safetensors" \
       "$BUILD/ep_fwd1.safetensors"
     ep_memsave_stages
+    ep_zero3_stages
     # The same over CUDA IPC buffers (both ranks on GPU 0), after the stages above (a hang here
     # must not cost them): the transport alone (seconds; 120 s at most), then, only if it
     # passed, the training run and its loss curve.
@@ -505,6 +560,11 @@ if has ep_model; then
       stage ep_model_nccl2_zero1 "${nrun[@]}" --train.zero 1 --output.dir "$BUILD/ep_model_nccl2_zero1"
       stage ep_model_cmp_nccl_zero1 python3 bench/compare_loss_curves.py --exact loss,ce_loss,aux_loss,grad_norm \
         "$BUILD/ep_model_nccl2_dp/metrics.jsonl" "$BUILD/ep_model_nccl2_zero1/metrics.jsonl"
+      # ZeRO-3 over NCCL (ncclBroadcast / ncclReduce per block) against ZeRO-1 over NCCL, dp 2:
+      # with two ranks both sums are a + b rounded once, so bit-identical
+      stage ep_model_nccl2_zero3 "${nrun[@]}" --train.zero 3 --output.dir "$BUILD/ep_model_nccl2_zero3"
+      stage ep_model_cmp_nccl_zero3 python3 bench/compare_loss_curves.py --exact loss,ce_loss,aux_loss,grad_norm \
+        "$BUILD/ep_model_nccl2_zero1/metrics.jsonl" "$BUILD/ep_model_nccl2_zero3/metrics.jsonl"
       # the memory-saving mode's per-tensor reduces over NCCL against one GPU's memory-saving run
       # (ep_memsave_stages above wrote ep_model_1gpu_ms)
       stage ep_model_ms_nccl2 "${nmpi[@]}" "$BUILD/automoe" "${run[@]}" --train.ep 2 \
@@ -530,6 +590,14 @@ elif has ep_memsave; then
     ep_memsave_stages
   else
     echo "device.sh: no $BUILD/automoe or no mpirun: no ep_memsave stage"
+    fails=$((fails + 1))
+  fi
+fi
+if has ep_zero3 && ! has ep_model; then
+  if [ -x "$BUILD/automoe" ] && command -v mpirun >/dev/null 2>&1; then
+    ep_zero3_stages
+  else
+    echo "device.sh: no $BUILD/automoe or no mpirun: no ep_zero3 stage"
     fails=$((fails + 1))
   fi
 fi
@@ -648,12 +716,12 @@ if has parity; then
   grep -E "HF bf16 vs fp32" "$BUILD/hf_bf16.log" 2>/dev/null
   grep -E "logits rel-L2|gradients, worst|^FAIL|loss curves|failed check|memory-saving vs" "$BUILD/parity.log" | head -n 48
 fi
-if has ep_model || has ep_memsave; then
+if has ep_model || has ep_memsave || has ep_zero3; then
   for f in "$BUILD"/ep_model_cmp_*.log "$BUILD"/ep_model_fwd_cmp.log; do
     [ -f "$f" ] && echo "$(basename "$f" .log):" && grep -hE "^(ok|FAIL)" "$f"
   done
   grep -hE "expert parallel on the GPU|share .* GPU|error" "$BUILD"/ep_model_*.log 2>/dev/null | sort -u | head -n 8
-  for f in "$BUILD"/ep_model_{mpi2,ms_mpi2,mpi2_noclip,ms_mpi2_noclip,ipc2,nccl2}.log; do
+  for f in "$BUILD"/ep_model_{mpi2,ms_mpi2,mpi2_noclip,ms_mpi2_noclip,ipc2,nccl2,dp2_zero3,ep2_zero3}.log; do
     [ -f "$f" ] && echo "$(basename "$f" .log): $(grep -m1 -hE "replicas identical|error" "$f" \
       || echo "no replica check line")"
   done

@@ -28,6 +28,23 @@ std::vector<ZeroWindow> windows_of(const ZeroPartition& part, const std::vector<
 
 }  // namespace
 
+std::vector<std::pair<int64_t, int64_t>> block_tensor_ranges(const Qwen3Moe& model) {
+  std::vector<std::pair<int64_t, int64_t>> out;
+  int64_t next = 0;
+  for (int64_t b = 0; b < model.num_blocks(); ++b) {
+    const std::vector<int64_t> t = model.block_params(b, Pass::kForward);  // sorted
+    const bool run = !t.empty() && t.front() == next && t.back() - t.front() + 1 == int64_t(t.size());
+    AM_CHECK(run, "train.zero 3 on the GPU needs each block's tensors consecutive in the layout "
+             "(block {} is not: tied embeddings put wte in the head's block); use untied "
+             "embeddings, train.zero 1, or train.device cpu", b);
+    out.push_back({t.front(), t.back() + 1});
+    next = t.back() + 1;
+  }
+  AM_CHECK(size_t(next) == model.layout().params.size(), "internal: the blocks cover {} of {} tensors",
+           next, model.layout().params.size());
+  return out;
+}
+
 Zero3::Zero3(Qwen3Moe& model, Zero& zero) : model_(model), zero_(zero) {
   AM_CHECK(zero.level() == 3, "internal: Zero3 needs a level-3 dist::Zero, got level {}", zero.level());
   const int64_t blocks = model.num_blocks();

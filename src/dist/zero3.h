@@ -17,6 +17,7 @@
 // prove it). Checkpoints and the HF export need the full parameters: gather_all() first.
 #pragma once
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "dist/zero.h"
@@ -29,6 +30,11 @@ struct ZeroWindow {
   int group;
   int64_t lo, hi;
 };
+
+// The model's blocks as runs of consecutive layout tensors [first, second), block by block (the
+// GPU's ZeRO-3 windows, dist/zero3_cuda.h: one device range per block). Throws for tied
+// embeddings, whose head block reads wte, far from ln_f and lm_head.
+std::vector<std::pair<int64_t, int64_t>> block_tensor_ranges(const Qwen3Moe& model);
 
 class Zero3 final : public BlockHooks {
  public:

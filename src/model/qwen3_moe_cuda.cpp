@@ -49,6 +49,7 @@
 #include "dist/ep_transport.h"
 #include "dist/expert_parallel_cuda.h"
 #include "dist/process_group.h"
+#include "dist/zero3.h"
 #include "dist/zero3_cuda.h"
 #include "dist/zero_cuda.h"
 
@@ -448,31 +449,6 @@ struct Qwen3MoeCuda::State {
   }
 };
 
-namespace {
-
-// ZeRO-3's blocks (Qwen3Moe::block_params' order: 0 wte, 1 + l layer l, L+1 ln_f and lm_head)
-// as runs of consecutive layout tensors [first, second).
-std::vector<std::pair<int64_t, int64_t>> block_tensors(const ParamLayout& layout, int64_t L) {
-  std::vector<std::pair<int64_t, int64_t>> out;
-  for (size_t k = 0; k < layout.params.size(); ++k) {
-    const std::string& n = layout.params[k].name;
-    int64_t b = L + 1;  // ln_f, lm_head
-    if (n == "wte") b = 0;
-    else if (n.rfind("layers.", 0) == 0) b = 1 + std::stoll(n.substr(7));  // "layers.12.ln1" -> 13
-    if (b == int64_t(out.size()) - 1) {
-      out.back().second = int64_t(k) + 1;
-      continue;
-    }
-    AM_CHECK(b == int64_t(out.size()), "internal: ZeRO-3 needs the layout in block order; {} "
-             "(block {}) comes after block {}", n, b, int64_t(out.size()) - 1);
-    out.push_back({int64_t(k), int64_t(k) + 1});
-  }
-  AM_CHECK(int64_t(out.size()) == L + 2, "internal: ZeRO-3 found {} blocks for {} layers", out.size(), L);
-  return out;
-}
-
-}  // namespace
-
 Qwen3MoeCuda::Qwen3MoeCuda(const ModelConfig& cfg, Precision precision, int device,
                            bool memory_saving, const CudaDist& dist)
     : s_(std::make_unique<State>(cfg, precision, memory_saving, dist)) {
@@ -590,7 +566,7 @@ Qwen3MoeCuda::Qwen3MoeCuda(const ModelConfig& cfg, Precision precision, int devi
       s.zsumsq = cu::DeviceBuffer<double>(std::max<size_t>(s.zero->pieces().size(), 1));
     } else if (dist.zero == 3) {
       s.z3 = std::make_unique<dist::DeviceZero3>(dist::ZeroPartition(3, layout, *s.groups),
-                                                 *s.groups, std::move(dev_off), block_tensors(layout, cfg.num_hidden_layers),
+                                                 *s.groups, std::move(dev_off), dist::block_tensor_ranges(s.layout_model),
                                                  s.nccl_world, s.nccl_dp);
       PM = size_t(s.z3->shard_numel());
       s.zsumsq = cu::DeviceBuffer<double>(std::max<size_t>(s.z3->pieces().size(), 1));

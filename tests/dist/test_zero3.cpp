@@ -205,3 +205,53 @@ TEST(Zero3Schedule, SkippingOneGatherPoisonsTheLossOrTheGradients) {
     }
   }
 }
+
+// The GPU's ZeRO-3 (dist/zero3_cuda.h) moves each block as one flat range per group, owner part
+// by owner part; its block ranges must be the CPU schedule's windows, and the owner parts of all
+// blocks must tile every rank's shard (what keep_own stores and reduce fills), at any world size
+// (ranks simulated here: the partition alone needs no communication).
+TEST(Zero3GpuBlocks, RangesAreTheCpuWindowsAndPartsTileTheShards) {
+  dist::Groups one = dist::single_process_groups();
+  {
+    Qwen3Moe tied(tiny(true), &one);
+    EXPECT_THROW(dist::block_tensor_ranges(tied), Error) << "tied embeddings are refused";
+  }
+  Qwen3Moe m(tiny(false), &one);
+  const auto blocks = dist::block_tensor_ranges(m);
+  ASSERT_EQ(int64_t(blocks.size()), m.num_blocks());
+  dist::Zero z(3, m.layout(), one);
+  dist::Zero3 z3(m, z);
+  for (int64_t b = 0; b < m.num_blocks(); ++b)
+    for (int g = 0; g < 2; ++g) {
+      const dist::ZeroGroup& gr = g == 0 ? z.partition().replicated() : z.partition().experts();
+      const auto [lo, hi] = gr.flat_range(blocks[size_t(b)].first, blocks[size_t(b)].second);
+      std::pair<int64_t, int64_t> want{0, 0};
+      for (const dist::ZeroWindow& w : z3.reads(b, Pass::kForward))
+        if (w.group == g) want = {w.lo, w.hi};
+      EXPECT_EQ(lo, want.first) << "block " << b << " group " << g;
+      EXPECT_EQ(hi, want.second) << "block " << b << " group " << g;
+    }
+  for (int world = 1; world <= 5; ++world)
+    for (int r = 0; r < world; ++r) {
+      dist::ZeroPartition part(3, m.layout(), world, r, world, r);
+      for (int g = 0; g < 2; ++g) {
+        const dist::ZeroGroup& gr = g == 0 ? part.replicated() : part.experts();
+        int64_t mine = 0;
+        for (const auto& [k0, k1] : blocks) {
+          const auto [lo, hi] = gr.flat_range(k0, k1);
+          int64_t next = lo;
+          for (const dist::ZeroOwnerPart& p : dist::owner_parts(gr, lo, hi)) {
+            EXPECT_EQ(p.lo, next) << "world " << world << ": parts in order, no gap";
+            EXPECT_LT(p.lo, p.hi);
+            EXPECT_GE(p.lo, p.rank * gr.shard);
+            EXPECT_LE(p.hi, (p.rank + 1) * gr.shard) << "a part lies in its owner's shard";
+            next = p.hi;
+            if (p.rank == r) mine += p.hi - p.lo;
+          }
+          EXPECT_EQ(next, std::min(hi, gr.numel)) << "world " << world << " group " << g;
+        }
+        EXPECT_EQ(mine, std::clamp(gr.numel - r * gr.shard, int64_t(0), gr.shard))
+            << "world " << world << " rank " << r << " group " << g << ": its shard, once";
+      }
+    }
+}
