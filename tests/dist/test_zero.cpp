@@ -5,7 +5,8 @@
 // sharded optimizer files, and the error for a resume with another zero level or world size. Each
 // prints its measured agreement ([zero] lines). ZeRO-3's schedule itself: test_zero3.cpp.
 // Also the partition on its own (dist/zero_partition.h; any world size, no MPI) and the trainer's
-// device branch with train.zero 1 (what the CUDA model's ZeRO-1 plugs into) through a CPU stand-in.
+// device branch with train.zero 1 and 3 (what the CUDA model's ZeRO-1 and ZeRO-3 plug into)
+// through CPU stand-ins.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -21,6 +22,7 @@
 #include "dist/dist_testing.h"
 #include "dist/process_group.h"
 #include "dist/zero.h"
+#include "dist/zero3.h"
 #include "dist/zero_partition.h"
 #include "io/safetensors.h"
 #include "model/qwen3_moe.h"
@@ -369,22 +371,80 @@ class ZeroCpuDevice final : public DeviceTrainModel {
   AdamW opt_;
 };
 
-}  // namespace
+// The trainer's device branch with train.zero 3, through a CPU stand-in that keeps only shards as
+// the CUDA model does (dist::Zero3's hooks on its host model here, dist::DeviceZero3's windows
+// there): the weights uploaded whole and kept as this rank's shard, downloaded whole (gathered,
+// a collective), the moments this rank's flat shard; micro-batches accumulate in the shard.
+class Zero3CpuDevice final : public DeviceTrainModel {
+ public:
+  Zero3CpuDevice(const ModelConfig& mc, const TrainConfig&, const dist::Groups& g)
+      : model_(mc, &g), zero_(3, model_.layout(), g) {
+    opt_.init(zero_.shard_numel());
+  }
+  void upload(const Qwen3Moe& host, const AdamW* opt) override {
+    z3_.reset();
+    model_.params() = host.params();
+    z3_ = std::make_unique<dist::Zero3>(model_, zero_);
+    z3_->shard_params();
+    if (!opt) return;
+    EXPECT_EQ(int64_t(opt->m.size()), zero_.shard_numel()) << "the trainer hands over the shard";
+    opt_.m = opt->m;
+    opt_.v = opt->v;
+    opt_.t = opt->t;
+  }
+  void download(Qwen3Moe& host, AdamW* opt) override {
+    z3_->gather_all();
+    host.params() = model_.params();
+    z3_->release_all();
+    if (!opt) return;
+    opt->m = opt_.m;
+    opt->v = opt_.v;
+    opt->t = opt_.t;
+  }
+  void zero_grad() override {
+    model_.zero_grad();
+    first_ = true;
+  }
+  void begin_step(const AdamWConfig&, float, float) override {}
+  LossParts forward_backward(const Batch& b, float denom, float aux_scale) override {
+    z3_->begin_micro_batch(first_);
+    first_ = false;
+    LossParts lp = model_.forward(b, denom, aux_scale);
+    model_.backward();
+    return lp;
+  }
+  float clip_and_step(const AdamWConfig& c, float lr, float max_grad_norm) override {
+    const float n = zero_.clip_grad_norm(max_grad_norm);
+    opt_.cfg = c;
+    opt_.step(zero_.param_shard(), zero_.grad_shard(), lr);
+    return n;
+  }
+  int64_t peak_mem_bytes() override { return 1; }
 
-TEST(ZeroTrain, DeviceBranchWritesTheCpuShardsAndResumes) {
+ private:
+  Qwen3Moe model_;
+  dist::Zero zero_;
+  AdamW opt_;
+  bool first_ = true;
+  std::unique_ptr<dist::Zero3> z3_;  // last: unhooks before the model goes
+};
+
+// A CPU run at ZeRO level `level`, and the device branch through `make`'s stand-in, crashed at
+// step 6 and resumed from step 4: its shard files are the CPU run's, its resumed steps too.
+void device_branch_writes_cpu_shards(int level, int64_t grad_accum, DeviceModelFactory make) {
   NEEDS_RANKS();
   const int ep = g_world / 2;
   dist::Groups g = dist::make_groups(ep);
-  std::string dir = shared_tmpdir(g.world, "zero_device");
+  std::string dir = shared_tmpdir(g.world, fmt::format("zero{}_device", level));
   TrainConfig cpu = tiny_recipe(dir + "/cpu", 8, 2, ep);
-  cpu.zero = 1;
+  cpu.zero = level;
+  cpu.grad_accum = grad_accum;
   cpu.checkpoint_every = 4;
   auto hc = run_finetune(cpu, nullptr, &g).history;
-  register_device_model("cuda", [](const ModelConfig& mc, const TrainConfig& cfg, const dist::Groups& gr) {
-    return std::unique_ptr<DeviceTrainModel>(new ZeroCpuDevice(mc, cfg, gr));
-  });
+  register_device_model("cuda", std::move(make));
   TrainConfig dev = tiny_recipe(dir + "/dev", 8, 2, ep);
-  dev.zero = 1;
+  dev.zero = level;
+  dev.grad_accum = grad_accum;
   dev.device = "cuda";
   dev.checkpoint_every = 4;
   EXPECT_THROW(run_finetune(dev, [](const StepMetrics& m) {
@@ -400,7 +460,7 @@ TEST(ZeroTrain, DeviceBranchWritesTheCpuShardsAndResumes) {
     Tensor ta = a.load_f32(key), tb = b.load_f32(key);
     ASSERT_EQ(ta.numel(), tb.numel()) << key;
     EXPECT_EQ(std::memcmp(ta.f32(), tb.f32(), size_t(ta.numel()) * 4), 0) << key << " rank " << g_rank;
-    EXPECT_EQ(b.metadata().at("zero"), "1");
+    EXPECT_EQ(b.metadata().at("zero"), std::to_string(level));
   }
   dev.resume = true;
   auto hd = run_finetune(dev, nullptr, &g).history;
@@ -412,4 +472,19 @@ TEST(ZeroTrain, DeviceBranchWritesTheCpuShardsAndResumes) {
   }
   g.world.barrier();
   if (g_rank == 0) fs::remove_all(dir);
+}
+
+}  // namespace
+
+TEST(ZeroTrain, DeviceBranchWritesTheCpuShardsAndResumes) {
+  device_branch_writes_cpu_shards(1, 1, [](const ModelConfig& mc, const TrainConfig& cfg, const dist::Groups& gr) {
+    return std::unique_ptr<DeviceTrainModel>(new ZeroCpuDevice(mc, cfg, gr));
+  });
+}
+
+// ZeRO-3 (the GPU's train.zero 3 plugs in here), with two micro-batches per step
+TEST(ZeroTrain, Zero3DeviceBranchWritesTheCpuShardsAndResumes) {
+  device_branch_writes_cpu_shards(3, 2, [](const ModelConfig& mc, const TrainConfig& cfg, const dist::Groups& gr) {
+    return std::unique_ptr<DeviceTrainModel>(new Zero3CpuDevice(mc, cfg, gr));
+  });
 }
