@@ -103,86 +103,83 @@ void DeviceZero3::store(bf16* dst, const bf16* src, int64_t n, bool assign, cuda
   cuda::add_inplace(dst, src, n, c);  // fp32 add, one rounding
 }
 
-void DeviceZero3::gather(bf16* window, const bf16* param_shard, int64_t b, cudaStream_t stream) {
+template <class F>
+void DeviceZero3::for_each_round(int64_t b, cudaStream_t stream, const char* what, F&& f) {
   const Block& bl = blocks_[size_t(b)];
   for (int gi = 0; gi < 2; ++gi) {
     const Group& gp = groups_[gi];
-    const ZeroGroup& gr = *gp.gr;
     const auto [lo, hi] = bl.flat[gi];
-    for (const ZeroOwnerPart& p : owner_parts(gr, lo, hi)) {
-      const bf16* own = param_shard + gr.at + (p.lo - gr.begin);  // meaningful on the owner only
-      for (int64_t j = p.lo; j < p.hi; j += cap_) {
-        const int64_t n = std::min(cap_, p.hi - j);
-        if (gr.ranks == 1) {  // this rank owns it all
-          unpack(window, bl.dev_lo, gr, own + (j - p.lo), j, n, stream);
-        } else if (gp.nccl) {
-#if AUTOMOE_ZERO3_NCCL
-          gp.nccl->broadcast(own + (j - p.lo), dbuf_.get(), size_t(n), ncclBfloat16, p.rank, stream);
-          unpack(window, bl.dev_lo, gr, dbuf_.get(), j, n, stream);
-#endif
-        } else {
-          if (gr.rank == p.rank)
-            CUDA_CHECK(cudaMemcpyAsync(pin_, own + (j - p.lo), size_t(n) * sizeof(bf16),
-                                       cudaMemcpyDeviceToHost, stream));
-          // the part on the owner's host; and the last round's uploads out of pin_ done
-          CUDA_CHECK(cudaStreamSynchronize(stream));
-          gp.comm->broadcast(pin_, n * int64_t(sizeof(bf16)), p.rank);
-          unpack(window, bl.dev_lo, gr, pin_, j, n, stream);
-        }
-      }
-    }
-    if (gp.nccl && gr.ranks > 1 && hi > lo) gp.nccl->wait(stream, "ZeRO-3 parameter gather");
+    for (const ZeroOwnerPart& p : owner_parts(*gp.gr, lo, hi))
+      for (int64_t j = p.lo; j < p.hi; j += cap_) f(gp, p, j, std::min(cap_, p.hi - j));
+    if (gp.nccl && gp.gr->ranks > 1 && hi > lo) gp.nccl->wait(stream, what);
   }
   if (pin_) CUDA_CHECK(cudaStreamSynchronize(stream));  // pin_ is free again
 }
 
+void DeviceZero3::gather(bf16* window, const bf16* param_shard, int64_t b, cudaStream_t stream) {
+  const int64_t dev_lo = blocks_[size_t(b)].dev_lo;
+  for_each_round(b, stream, "ZeRO-3 parameter gather",
+                 [&](const Group& gp, const ZeroOwnerPart& p, int64_t j, int64_t n) {
+    const ZeroGroup& gr = *gp.gr;
+    const bf16* own = param_shard + gr.at + (j - gr.begin);  // meaningful on the owner only
+    if (gr.ranks == 1) {  // this rank owns it all
+      unpack(window, dev_lo, gr, own, j, n, stream);
+    } else if (gp.nccl) {
+#if AUTOMOE_ZERO3_NCCL
+      gp.nccl->broadcast(own, dbuf_.get(), size_t(n), ncclBfloat16, p.rank, stream);
+      unpack(window, dev_lo, gr, dbuf_.get(), j, n, stream);
+#endif
+    } else {
+      if (gr.rank == p.rank)
+        CUDA_CHECK(cudaMemcpyAsync(pin_, own, size_t(n) * sizeof(bf16), cudaMemcpyDeviceToHost,
+                                   stream));
+      // the part on the owner's host; and the last round's uploads out of pin_ done
+      CUDA_CHECK(cudaStreamSynchronize(stream));
+      gp.comm->broadcast(pin_, n * int64_t(sizeof(bf16)), p.rank);
+      unpack(window, dev_lo, gr, pin_, j, n, stream);
+    }
+  });
+}
+
 void DeviceZero3::reduce(bf16* grad_shard, const bf16* window, int64_t b, bool assign,
                          cudaStream_t stream) {
-  const Block& bl = blocks_[size_t(b)];
-  for (int gi = 0; gi < 2; ++gi) {
-    const Group& gp = groups_[gi];
+  const int64_t dev_lo = blocks_[size_t(b)].dev_lo;
+  for_each_round(b, stream, "ZeRO-3 gradient reduce",
+                 [&](const Group& gp, const ZeroOwnerPart& p, int64_t j, int64_t n) {
     const ZeroGroup& gr = *gp.gr;
-    const auto [lo, hi] = bl.flat[gi];
-    for (const ZeroOwnerPart& p : owner_parts(gr, lo, hi)) {
-      bf16* own = grad_shard + gr.at + (p.lo - gr.begin);  // meaningful on the owner only
-      const bool mine = gr.rank == p.rank;
-      for (int64_t j = p.lo; j < p.hi; j += cap_) {
-        const int64_t n = std::min(cap_, p.hi - j);
-        bf16* dst = own + (j - p.lo);
-        if (gr.ranks == 1) {
-          if (assign) {
-            pack(dst, gr, window, bl.dev_lo, j, n, stream);
-          } else {
-            pack(dbuf_.get(), gr, window, bl.dev_lo, j, n, stream);
-            store(dst, dbuf_.get(), n, false, stream);
-          }
-        } else if (gp.nccl) {
+    bf16* dst = grad_shard + gr.at + (j - gr.begin);  // meaningful on the owner only
+    const bool mine = gr.rank == p.rank;
+    if (gr.ranks == 1) {
+      if (assign) {
+        pack(dst, gr, window, dev_lo, j, n, stream);
+      } else {
+        pack(dbuf_.get(), gr, window, dev_lo, j, n, stream);
+        store(dst, dbuf_.get(), n, false, stream);
+      }
+    } else if (gp.nccl) {
 #if AUTOMOE_ZERO3_NCCL
-          pack(dbuf_.get(), gr, window, bl.dev_lo, j, n, stream);
-          gp.nccl->reduce_sum(dbuf_.get(), dbuf_.get(), size_t(n), ncclBfloat16, p.rank, stream);
-          if (mine) store(dst, dbuf_.get(), n, assign, stream);
+      pack(dbuf_.get(), gr, window, dev_lo, j, n, stream);
+      gp.nccl->reduce_sum(dbuf_.get(), dbuf_.get(), size_t(n), ncclBfloat16, p.rank, stream);
+      if (mine) store(dst, dbuf_.get(), n, assign, stream);
 #endif
-        } else {
-          pack(pin_, gr, window, bl.dev_lo, j, n, stream);
-          CUDA_CHECK(cudaStreamSynchronize(stream));  // the part on the host
-          for (int64_t i = 0; i < n; ++i) sum_[size_t(i)] = __bfloat162float(pin_[i]);
-          gp.comm->allreduce_sum(sum_.data(), n);
-          if (!mine) continue;
-          for (int64_t i = 0; i < n; ++i) pin_[i] = __float2bfloat16_rn(sum_[size_t(i)]);
-          if (assign) {
-            CUDA_CHECK(cudaMemcpyAsync(dst, pin_, size_t(n) * sizeof(bf16), cudaMemcpyHostToDevice, stream));
-          } else {
-            CUDA_CHECK(cudaMemcpyAsync(dbuf_.get(), pin_, size_t(n) * sizeof(bf16),
-                                       cudaMemcpyHostToDevice, stream));
-            store(dst, dbuf_.get(), n, false, stream);
-          }
-          // the next round's pack into pin_ queues behind this upload on the same stream
-        }
+    } else {
+      pack(pin_, gr, window, dev_lo, j, n, stream);
+      CUDA_CHECK(cudaStreamSynchronize(stream));  // the part on the host
+      for (int64_t i = 0; i < n; ++i) sum_[size_t(i)] = __bfloat162float(pin_[i]);
+      gp.comm->allreduce_sum(sum_.data(), n);
+      if (!mine) return;
+      for (int64_t i = 0; i < n; ++i) pin_[i] = __float2bfloat16_rn(sum_[size_t(i)]);
+      // (the next round's pack into pin_ queues behind these uploads on the same stream)
+      if (assign) {
+        CUDA_CHECK(cudaMemcpyAsync(dst, pin_, size_t(n) * sizeof(bf16), cudaMemcpyHostToDevice,
+                                   stream));
+      } else {
+        CUDA_CHECK(cudaMemcpyAsync(dbuf_.get(), pin_, size_t(n) * sizeof(bf16),
+                                   cudaMemcpyHostToDevice, stream));
+        store(dst, dbuf_.get(), n, false, stream);
       }
     }
-    if (gp.nccl && gr.ranks > 1 && hi > lo) gp.nccl->wait(stream, "ZeRO-3 gradient reduce");
-  }
-  if (pin_) CUDA_CHECK(cudaStreamSynchronize(stream));
+  });
 }
 
 void DeviceZero3::keep_own(bf16* param_shard, const bf16* window, int64_t b,

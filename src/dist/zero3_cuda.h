@@ -89,6 +89,10 @@ class DeviceZero3 {
               int64_t lo, int64_t n, cudaStream_t stream) const;
   void pack(cuda::bf16* dst, const ZeroGroup& gr, const cuda::bf16* window, int64_t dev_lo,
             int64_t lo, int64_t n, cudaStream_t stream) const;
+  // f(group, owner part, j, n) for each round of block b: per group, per owner part, its flat
+  // elements [j, j + n); over NCCL a timed wait per group after its rounds.
+  template <class F>
+  void for_each_round(int64_t b, cudaStream_t stream, const char* what, F&& f);
   // dst[n] (device) =, or += unless assign, src[n] (device)
   void store(cuda::bf16* dst, const cuda::bf16* src, int64_t n, bool assign,
              cudaStream_t stream);

@@ -323,32 +323,59 @@ TEST(ZeroPartition, ShardsCoverEveryElementOnceInLayoutOrder) {
 
 namespace {
 
-// The trainer's device branch with train.zero 1, through a CPU stand-in that shards its AdamW
-// moments as the CUDA model does (dist::Zero here, dist::DeviceZero there): the moments it
-// uploads and downloads are this rank's flat shard.
-class ZeroCpuDevice final : public DeviceTrainModel {
+// What the CPU stand-ins of the trainer's device branch share: a host model, its ZeRO partition
+// (dist::Zero), AdamW moments of this rank's flat shard, which the trainer uploads and downloads.
+class ShardedCpuDevice : public DeviceTrainModel {
  public:
-  ZeroCpuDevice(const ModelConfig& mc, const TrainConfig& cfg, const dist::Groups& g)
-      : model_(mc, &g), zero_(int(cfg.zero), model_.layout(), g) {
+  ShardedCpuDevice(const ModelConfig& mc, const dist::Groups& g, int level)
+      : model_(mc, &g), zero_(level, model_.layout(), g) {
     opt_.init(zero_.shard_numel());
   }
-  void upload(const Qwen3Moe& host, const AdamW* opt) override {
-    model_.params() = host.params();
+  void begin_step(const AdamWConfig&, float, float) override {}
+  int64_t peak_mem_bytes() override { return 1; }
+
+ protected:
+  void take_moments(const AdamW* opt) {
     if (!opt) return;
     EXPECT_EQ(int64_t(opt->m.size()), zero_.shard_numel()) << "the trainer hands over the shard";
     opt_.m = opt->m;
     opt_.v = opt->v;
     opt_.t = opt->t;
   }
-  void download(Qwen3Moe& host, AdamW* opt) override {
-    host.params() = model_.params();
+  void give_moments(AdamW* opt) const {
     if (!opt) return;
     opt->m = opt_.m;
     opt->v = opt_.v;
     opt->t = opt_.t;
   }
+  // the global norm of the gradient shards, clipping, AdamW on the parameter shard
+  float step_shard(const AdamWConfig& c, float lr, float max_grad_norm) {
+    const float n = zero_.clip_grad_norm(max_grad_norm);
+    opt_.cfg = c;
+    opt_.step(zero_.param_shard(), zero_.grad_shard(), lr);
+    return n;
+  }
+
+  Qwen3Moe model_;
+  dist::Zero zero_;
+  AdamW opt_;
+};
+
+// The trainer's device branch with train.zero 1, through a CPU stand-in that shards its AdamW
+// moments as the CUDA model does (dist::Zero here, dist::DeviceZero there).
+class ZeroCpuDevice final : public ShardedCpuDevice {
+ public:
+  ZeroCpuDevice(const ModelConfig& mc, const TrainConfig& cfg, const dist::Groups& g)
+      : ShardedCpuDevice(mc, g, int(cfg.zero)) {}
+  void upload(const Qwen3Moe& host, const AdamW* opt) override {
+    model_.params() = host.params();
+    take_moments(opt);
+  }
+  void download(Qwen3Moe& host, AdamW* opt) override {
+    host.params() = model_.params();
+    give_moments(opt);
+  }
   void zero_grad() override { model_.zero_grad(); }
-  void begin_step(const AdamWConfig&, float, float) override {}
   LossParts forward_backward(const Batch& b, float denom, float aux_scale) override {
     LossParts lp = model_.forward(b, denom, aux_scale);
     model_.backward();
@@ -356,56 +383,39 @@ class ZeroCpuDevice final : public DeviceTrainModel {
   }
   float clip_and_step(const AdamWConfig& c, float lr, float max_grad_norm) override {
     zero_.reduce_grads(model_.grads(), true);
-    const float n = zero_.clip_grad_norm(max_grad_norm);
     zero_.load_param_shard(model_.params());
-    opt_.cfg = c;
-    opt_.step(zero_.param_shard(), zero_.grad_shard(), lr);
+    const float n = step_shard(c, lr, max_grad_norm);
     zero_.allgather_params(model_.params());
     return n;
   }
-  int64_t peak_mem_bytes() override { return 1; }
-
- private:
-  Qwen3Moe model_;
-  dist::Zero zero_;
-  AdamW opt_;
 };
 
 // The trainer's device branch with train.zero 3, through a CPU stand-in that keeps only shards as
 // the CUDA model does (dist::Zero3's hooks on its host model here, dist::DeviceZero3's windows
 // there): the weights uploaded whole and kept as this rank's shard, downloaded whole (gathered,
-// a collective), the moments this rank's flat shard; micro-batches accumulate in the shard.
-class Zero3CpuDevice final : public DeviceTrainModel {
+// a collective); micro-batches accumulate in the shard.
+class Zero3CpuDevice final : public ShardedCpuDevice {
  public:
   Zero3CpuDevice(const ModelConfig& mc, const TrainConfig&, const dist::Groups& g)
-      : model_(mc, &g), zero_(3, model_.layout(), g) {
-    opt_.init(zero_.shard_numel());
-  }
+      : ShardedCpuDevice(mc, g, 3) {}
+  ~Zero3CpuDevice() override { z3_.reset(); }  // unhooks before the model goes
   void upload(const Qwen3Moe& host, const AdamW* opt) override {
     z3_.reset();
     model_.params() = host.params();
     z3_ = std::make_unique<dist::Zero3>(model_, zero_);
     z3_->shard_params();
-    if (!opt) return;
-    EXPECT_EQ(int64_t(opt->m.size()), zero_.shard_numel()) << "the trainer hands over the shard";
-    opt_.m = opt->m;
-    opt_.v = opt->v;
-    opt_.t = opt->t;
+    take_moments(opt);
   }
   void download(Qwen3Moe& host, AdamW* opt) override {
     z3_->gather_all();
     host.params() = model_.params();
     z3_->release_all();
-    if (!opt) return;
-    opt->m = opt_.m;
-    opt->v = opt_.v;
-    opt->t = opt_.t;
+    give_moments(opt);
   }
   void zero_grad() override {
     model_.zero_grad();
     first_ = true;
   }
-  void begin_step(const AdamWConfig&, float, float) override {}
   LossParts forward_backward(const Batch& b, float denom, float aux_scale) override {
     z3_->begin_micro_batch(first_);
     first_ = false;
@@ -414,19 +424,12 @@ class Zero3CpuDevice final : public DeviceTrainModel {
     return lp;
   }
   float clip_and_step(const AdamWConfig& c, float lr, float max_grad_norm) override {
-    const float n = zero_.clip_grad_norm(max_grad_norm);
-    opt_.cfg = c;
-    opt_.step(zero_.param_shard(), zero_.grad_shard(), lr);
-    return n;
+    return step_shard(c, lr, max_grad_norm);
   }
-  int64_t peak_mem_bytes() override { return 1; }
 
  private:
-  Qwen3Moe model_;
-  dist::Zero zero_;
-  AdamW opt_;
   bool first_ = true;
-  std::unique_ptr<dist::Zero3> z3_;  // last: unhooks before the model goes
+  std::unique_ptr<dist::Zero3> z3_;
 };
 
 // A CPU run at ZeRO level `level`, and the device branch through `make`'s stand-in, crashed at
