@@ -8,8 +8,11 @@
 //   gradients   bf16 [P] (fp32 with FP32Master), same layout as the parameters; in the
 //               memory-saving mode (below) only a scratch of the largest tensor's size (+ one
 //               layer's expert down gradient under expert parallelism)
-//   AdamW m, v  bf16 [P] each (fp32 with FP32Master); with ZeRO-1 (CudaDist::zero) bf16
-//               [this rank's shard] each, flat in the partition's order
+//   AdamW m, v  bf16 [P] each (fp32 with FP32Master); with ZeRO-1 or ZeRO-3 (CudaDist::zero)
+//               bf16 [this rank's shard] each, flat in the partition's order
+//   ZeRO-3      no parameter or gradient arena: bf16 parameter and gradient shards [shard],
+//               two parameter windows and one gradient window of the largest block's device
+//               range (dist/zero3_cuda.h), gathered and reduced block by block
 //   activations one arena planned for (B, T) by plan(): saved per-layer tensors, the
 //               residual stream, then one region shared by the forward's and the backward's
 //               temporaries (their union), the lm_head+CE chunk buffers among them
@@ -70,7 +73,10 @@ struct CudaDist {
   dist::EpRecompute ep_recompute = dist::EpRecompute::kNone;
   // train.zero: 0, or 1 (ZeRO-1, dist/zero_cuda.h): AdamW moments for this rank's shard only
   // (the partition of dist/zero_partition.h), gradients reduce-scattered, the updated parameter
-  // shards all-gathered. bf16 precision, default mode; needs `groups` (world size 1 is fine).
+  // shards all-gathered; or 3 (ZeRO-3, dist/zero3_cuda.h): parameters, gradients and moments
+  // as this rank's shards, each block gathered before its forward and backward into a window,
+  // its gradients reduced after its backward (untied embeddings only). bf16 precision, default
+  // mode; needs `groups` (world size 1 is fine).
   int zero = 0;
   // train.ep_dispatch: counts (one device-to-host sync per MoE layer forward, the arena sized
   // by ep_capacity) or padded (no host sync: every peer's region of N rows; the arena holds

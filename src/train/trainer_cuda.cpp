@@ -4,8 +4,10 @@
 // Under mpirun (world > 1) each rank takes the GPU of its local_rank (round-robin when there are
 // fewer GPUs than ranks per node) and, with train.ep > 1, an EP transport (dist/gpu_rank.h:
 // AUTOMOE_EP_TRANSPORT, NCCL when every rank has its own GPU, else MPI staging). train.zero 1
-// shards the AdamW moments (the model's ZeRO-1, dist/zero_cuda.h): the moments it uploads and
-// downloads are this rank's shard, as the CPU's ZeRO checkpoints store them.
+// shards the AdamW moments (the model's ZeRO-1, dist/zero_cuda.h), train.zero 3 the parameters
+// and gradients too (dist/zero3_cuda.h): the moments it uploads and downloads are this rank's
+// shard, as the CPU's ZeRO checkpoints store them; the weights go up and down whole (ZeRO-3:
+// kept as shards, gathered block by block on the way down: every rank downloads).
 #include "train/trainer_cuda.h"
 
 #include <algorithm>
