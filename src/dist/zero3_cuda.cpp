@@ -126,7 +126,8 @@ void DeviceZero3::gather(bf16* window, const bf16* param_shard, int64_t b, cudaS
       unpack(window, dev_lo, gr, own, j, n, stream);
     } else if (gp.nccl) {
 #if AUTOMOE_ZERO3_NCCL
-      gp.nccl->broadcast(own, dbuf_.get(), size_t(n), ncclBfloat16, p.rank, stream);
+      const bf16* send = gr.rank == p.rank ? own : dbuf_.get();  // read on the owner only
+      gp.nccl->broadcast(send, dbuf_.get(), size_t(n), ncclBfloat16, p.rank, stream);
       unpack(window, dev_lo, gr, dbuf_.get(), j, n, stream);
 #endif
     } else {
