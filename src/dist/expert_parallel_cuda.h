@@ -135,6 +135,10 @@ struct EpMoeBwdArgs {
 // GPU time of the last forward's dispatch (layout .. rows received) and combine (rows sent back
 // .. summed), and the rows moved by this process's ranks (payload: true rows; wire: what the
 // all-to-all moved, = payload in counts mode, P*N per rank in padded mode). Needs set_timing.
+// With token chunks (train.ep_chunks > 1) each figure is the sum over the chunks of the
+// transport calls alone (the counts exchange and the rows' all-to-all for dispatch, the rows'
+// all-to-all for combine), timed on the comm stream: they overlap the expert GEMMs now, so they
+// are not a share of the block's time, and the layout, pack and unpack are in none of them.
 struct EpTimes {
   float dispatch_ms = 0, combine_ms = 0;
   // the backward's, when one ran after that forward (0 otherwise): combine's gradient (a
@@ -143,20 +147,25 @@ struct EpTimes {
   int64_t rows_payload = 0, rows_wire = 0;
 };
 
-// What the block uses only inside one fwd() or bwd() call, for the worst routing of one layer
-// (Mcap = P * max_tokens * min(K, E/P) local slots, Rcap = P * max_tokens received rows, Scap
-// send rows: N * min(P, K) packed, P * N padded). Blocks that run one after another on one
-// stream (a model's MoE layers) share one instead of holding one each.
+// What the block uses only inside one fwd() or bwd() call, for the worst routing of one layer's
+// token chunk of Nc = ceil(max_tokens / chunks) tokens (Mcap = P * Nc * min(K, E/P) local slots,
+// Rcap = P * Nc received rows, Scap send rows: Nc * min(P, K) packed, P * Nc padded). Blocks
+// that run one after another on one stream (a model's MoE layers) share one instead of holding
+// one each. With chunks > 1 (train.ep_chunks) the send/receive buffers (Local) are one set per
+// (chunk, local rank), each sized for Nc tokens, so together about the one set of chunks = 1
+// (C x ceil(Nmax/C) tokens), and the expert buffers (xs .. gu) shrink C-fold: the chunks use
+// them one after another on the caller's stream.
 // EpRecompute::kExperts adds the gate|up outputs the carve no longer keeps (gu).
 // The backward's weight gradients run on the scratch's side stream (see "The backward's weight
 // gradients" above): the stream, its events and its GEMM workspace live here, created once.
 struct EpMoeScratch {
   EpMoeScratch(const EpMoeShape& shape, int P, int local_ranks = 1, EpMode mode = EpMode::kCounts,
-               EpRecompute recompute = EpRecompute::kNone);
-  ~EpMoeScratch();  // waits for the side stream (its kernels read these buffers)
+               EpRecompute recompute = EpRecompute::kNone, int chunks = 1);
+  ~EpMoeScratch();  // waits for the side and comm streams (their work reads these buffers)
   EpMoeScratch(const EpMoeScratch&) = delete;
   EpMoeScratch& operator=(const EpMoeScratch&) = delete;
   int64_t Mcap = 0, Rcap = 0, Scap = 0;
+  int chunks = 1;  // token chunks of the blocks using it (train.ep_chunks)
   EpMode mode = EpMode::kCounts;
   EpRecompute recompute = EpRecompute::kNone;
   // the expert GEMMs' (the local ranks run one after the other); in bwd xs also holds dxs
@@ -169,6 +178,16 @@ struct EpMoeScratch {
   cudaStream_t side = nullptr;
   cudaEvent_t inputs_ready = nullptr, wgrad_done = nullptr;
   cuda::DeviceBuffer<unsigned char> side_ws;
+  // chunks > 1: the stream of every transport call (non-blocking, the device's highest
+  // priority, so the copies and NCCL kernels of an all-to-all start before queued GEMM blocks);
+  // shared by the blocks using this scratch, so their calls keep one order (IPC's rule). Null
+  // with chunks = 1: the calls run on the caller's stream.
+  cudaStream_t comm = nullptr;
+  // chunks > 1: the weight gradients of one layer's local experts in fp32, [local_ranks] x
+  // [El,2I,H] and [El,H,I] (4 bytes x 3*I*H per local expert and local rank: 604 MiB at
+  // Qwen3-30B-A3B's shapes, EP 4): the chunks' dW add up here and are folded into the bf16
+  // gradient once (one rounding, as with one chunk), on the weight gradients' stream.
+  cuda::DeviceBuffer<float> acc_gu, acc_down;
   // `stream` waits (on the device) for the weight gradients still reading the buffers; call it
   // before writing any of them outside fwd()/bwd() (a no-op when none is pending).
   void wait_wgrad(cudaStream_t stream) const;
@@ -183,7 +202,7 @@ struct EpMoeScratch {
     cuda::DeviceBuffer<cuda::bf16> y_recv;  // [Rcap,H] weighted expert outputs per received row;
                                             //   in bwd d(out) rows, then d(x) rows
   };
-  std::vector<Local> local;  // [local_ranks]
+  std::vector<Local> local;  // [chunks * local_ranks]: chunk c, local rank i at c * local_ranks + i
   size_t bytes() const;
 };
 
@@ -205,12 +224,15 @@ class EpMoeCuda {
   // this block recomputes the experts); null: the block owns one.
   // `arena`: shared with the other MoE layers, sized for the same `recompute` and mode
   // (counts: ep_arena_bytes; padded: ep_arena_padded_bytes); null: the block owns one sized for
-  // its worst case. `label` names the block in errors
-  // ("MoE layer 3").
+  // its worst case (both sized with the same `chunks`). `label` names the block in errors
+  // ("MoE layer 3"). `chunks`: token chunks pipelined over the comm stream (train.ep_chunks,
+  // 1..8; 1 runs everything on the caller's stream, as before); a shared scratch must have
+  // been built with the same chunks.
   EpMoeCuda(EpTransport& t, const EpMoeShape& shape, EpMode mode,
             EpRecompute recompute = EpRecompute::kNone,
             std::shared_ptr<EpMoeScratch> scratch = nullptr,
-            std::shared_ptr<EpSavedArena> arena = nullptr, std::string label = "the EP block");
+            std::shared_ptr<EpSavedArena> arena = nullptr, std::string label = "the EP block",
+            int chunks = 1);
   ~EpMoeCuda();
   EpMoeCuda(const EpMoeCuda&) = delete;
   EpMoeCuda& operator=(const EpMoeCuda&) = delete;
@@ -240,11 +262,12 @@ class EpMoeCuda {
   EpMode mode() const { return mode_; }
   EpRecompute recompute() const { return rc_; }
   int num_local() const { return L_; }
+  int chunks() const { return C_; }
   int64_t local_experts() const { return El_; }
   // what this object allocated, with its own scratch and arena (not shared ones)
   size_t device_bytes() const { return bytes_; }
-  // Counts mode: rows local rank `i` received in the last forward; padded mode: -1 (on the
-  // device only).
+  // Counts mode: rows local rank `i` received in the last forward (all chunks); padded mode: -1
+  // (on the device only).
   int64_t rows_received(int i) const;
   // Counts mode: expert rows (received picks) of local rank `i` in the last forward; padded: -1.
   int64_t picks_received(int i) const;
@@ -253,18 +276,34 @@ class EpMoeCuda {
   EpTimes last_times() const;  // synchronises with the last forward's events
 
  private:
-  struct Rank;  // one local rank's counts and carve (expert_parallel_cuda.cpp)
-  void exchange_counts(const cuda::Ctx& ctx);  // padded: counts only
-  void exchange_info(int64_t N, const cuda::Ctx& ctx);  // counts: every rank's counts and room
+  struct Rank;   // one local rank's counts and carve of one chunk (expert_parallel_cuda.cpp)
+  struct Chunk;  // one token chunk: its tokens, ranks, row plan, host counts and events
+  // The stream of the transport calls: the scratch's comm stream, or the caller's (chunks = 1).
+  cudaStream_t comm_stream(const cuda::Ctx& ctx) const;
+  // chunks > 1: record e on s / make s wait for e's last record (the hand-offs between the
+  // compute and the comm stream); nothing with one chunk (one stream).
+  void signal(cudaEvent_t e, cudaStream_t s) const;
+  void await(cudaStream_t s, cudaEvent_t e) const;
+  // chunks > 1 with timing: event k of chunk c on the comm stream (see last_times())
+  void mark(Chunk& c, int k, cudaStream_t s) const;
+  void exchange_counts(Chunk& c, const cuda::Ctx& ctx);  // padded: counts only
+  void exchange_info(Chunk& c, const cuda::Ctx& ctx);    // counts: every rank's counts and room
   void check_room();  // counts: the same verdict on every rank, before any rows move
-  void check_room_padded(int64_t N);  // padded: the worst carves of N tokens, on the host
-  // this forward's saved state of every local rank, from the arena (counts: send_pos copied in
-  // from the scratch; padded: carved before the layout, which writes send_pos in place)
-  void carve(int64_t N, const cuda::Ctx& ctx);
-  void set_plan(int64_t N);  // host row plan of the all-to-alls for this forward
-  // padded: local rank i's received rows as regions (padding skipped); counts: none
-  cuda::RowRegions padding(int i) const;
-  const int32_t* expert_rows(int i) const;  // padded: &offsets[El] on the device; counts: null
+  void check_room_padded();  // padded: the worst carves of every chunk, on the host
+  // this forward's saved state of every local rank of chunk c, from the arena (counts: send_pos
+  // copied in from the scratch; padded: carved before the layout, which writes send_pos in place)
+  void carve(Chunk& c, const cuda::Ctx& ctx);
+  void set_plan(Chunk& c);  // host row plan of chunk c's all-to-alls for this forward
+  // padded: local rank i's received rows of chunk c as regions (padding skipped); counts: none
+  cuda::RowRegions padding(const Chunk& c, int i) const;
+  // padded: &offsets[El] on the device; counts: null
+  const int32_t* expert_rows(const Chunk& c, int i) const;
+  EpMoeScratch::Local& local(int c, int i) const { return sc_->local[size_t(c * L_ + i)]; }
+  // the local experts of chunk c, local rank i, on the caller's stream (forward; backward: the
+  // data gradients on ctx, the weight gradients on wctx, g = g_beta * g + dW)
+  void experts_fwd(Chunk& c, int i, const EpMoeFwdArgs& a, const cuda::Ctx& ctx);
+  void experts_bwd(Chunk& c, int i, const EpMoeBwdArgs& a, float g_beta, const cuda::Ctx& ctx,
+                   const cuda::Ctx& wctx, bool overlap);
   // The tensor of every local rank for one all-to-all: pointer table slot `slot` (0..2) filled
   // with send_of(i) / recv_of(i) for local rank i.
   template <class S, class D>
@@ -274,30 +313,29 @@ class EpMoeCuda {
   EpMoeShape s_;
   EpMode mode_;
   EpRecompute rc_;
-  int P_ = 1, L_ = 1;
-  int64_t El_ = 0, Scap_ = 0, Rcap_ = 0, Mcap_ = 0;
+  int P_ = 1, L_ = 1, C_ = 1;
+  int64_t El_ = 0, Scap_ = 0, Rcap_ = 0, Mcap_ = 0;  // per chunk (of ceil(max_tokens / C) tokens)
   int64_t W_ = 0;  // counts mode: ints of one rank's info row (send rows [P], picks [P], N, room)
   int64_t N_ = -1;  // tokens of the last forward (-1: none yet)
   size_t bytes_ = 0;
   bool timing_ = false;
-  std::vector<std::unique_ptr<Rank>> r_;
+  std::vector<std::unique_ptr<Chunk>> ch_;  // [C]
   // Scratch (the local ranks run one after the other on the stream), maybe shared with others
   std::shared_ptr<EpMoeScratch> sc_;
   std::shared_ptr<EpSavedArena> arena_;  // the saved state's, maybe shared with other layers
   bool own_arena_ = false;               // ours: reset at each forward
   uint64_t carved_gen_ = 0;              // the arena generation of the last forward's carves
   std::string label_;
-  // Host side (pinned, counts mode): every rank's info row read back ([L, P, W]) and this
-  // process's N and room going up ([L, 2]). Row plans ([L*P] each).
+  // Host side (pinned, counts mode): every rank's info row read back ([C, L, P, W]) and this
+  // process's N and room going up ([C, L, 2]).
   int32_t* host_cnt_ = nullptr;
   int32_t* host_tail_ = nullptr;
-  std::vector<int64_t> send_off_, send_cnt_, recv_off_, recv_cnt_, unit_off_, unit_cnt_, zero_off_;
-  std::vector<int64_t> R_;            // [L] rows each local rank's kernels run over
-  std::vector<int64_t> M_;            // [L] expert rows (slots) of each local rank
+  std::vector<int64_t> unit_off_, unit_cnt_, zero_off_;  // [L*P] the counts exchanges' plans
   std::vector<const void*> ptr_send_;  // [3*L] pointer tables for EpA2aTensor
   std::vector<void*> ptr_recv_;
-  cudaEvent_t ev_[4] = {nullptr, nullptr, nullptr, nullptr};
+  cudaEvent_t ev_[4] = {nullptr, nullptr, nullptr, nullptr};   // chunks = 1 (set_timing)
   cudaEvent_t evb_[4] = {nullptr, nullptr, nullptr, nullptr};  // the backward's (set_timing)
+  cudaEvent_t laid_out_ = nullptr;  // chunks > 1: every chunk's layout written (comm waits)
   bool bwd_timed_ = false;  // evb_ hold the backward of the last forward
   bool wgrad_overlap_ = true;
   cudaEvent_t wgrad_done_ = nullptr;  // on the scratch's side stream after this block's bwd

@@ -3,6 +3,7 @@
 
 #include <yaml-cpp/yaml.h>
 
+#include <algorithm>
 #include <functional>
 #include <map>
 
@@ -66,6 +67,7 @@ const std::map<std::string, Setter>& keys() {
       KEY("train.ep_capacity", ep_capacity, double),
       KEY("train.ep_recompute", ep_recompute, std::string),
       KEY("train.ep_dispatch", ep_dispatch, std::string),
+      KEY("train.ep_chunks", ep_chunks, int64_t),
       KEY("train.zero", zero, int64_t),
       KEY("output.dir", output_dir, std::string),
       KEY("output.export_hf", export_hf, bool),
@@ -138,6 +140,12 @@ TrainConfig load_train_config(const std::string& path,
            "both",
            c.ep_recompute, c.device, c.ep);
   dist::parse_ep_dispatch(c.ep_dispatch);  // the same for train.ep_dispatch
+  dist::check_ep_chunks(int(std::clamp<int64_t>(c.ep_chunks, 0, 1000)));  // 1..8, or it says so
+  AM_CHECK(c.ep_chunks == 1 || (c.device == "cuda" && c.ep > 1),
+           "train.ep_chunks {} applies to the GPU expert-parallel block (train.device cuda, "
+           "train.ep > 1), but this run has train.device {} and train.ep {}; remove it or set "
+           "both",
+           c.ep_chunks, c.device, c.ep);
   if (c.ep_dispatch == "padded") {
     AM_CHECK(c.device == "cuda" && c.ep > 1,
              "train.ep_dispatch padded applies to the GPU expert-parallel block (train.device "
