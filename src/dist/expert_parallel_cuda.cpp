@@ -187,10 +187,11 @@ EpMoeCuda::EpMoeCuda(EpTransport& t, const EpMoeShape& shape, EpMode mode, EpRec
              "build the EpMoeScratch with the same chunks (train.ep_chunks)",
              label_, C_, sc_->chunks);
     AM_CHECK(sc_->Mcap >= Mcap_ && sc_->Rcap >= Rcap_ && sc_->Scap >= Scap_ &&
-                 sc_->local.size() >= size_t(L_) && sc_->xs.size() >= size_t(Mcap_ * H) &&
+                 sc_->local.size() >= size_t(C_ * L_) && sc_->xs.size() >= size_t(Mcap_ * H) &&
                  sc_->dgu.size() >= size_t(Mcap_ * 2 * I) &&
                  sc_->local[0].send_pos.size() >= size_t(Nmax * P_) &&
-                 sc_->side_ws.bytes() >= cu::grouped_linear_workspace_bytes(El_),
+                 sc_->side_ws.bytes() >= cu::grouped_linear_workspace_bytes(El_) &&
+                 (C_ == 1 || sc_->acc_down.size() >= size_t(L_ * El_ * H * I)),
              "internal: [EpMoeCuda] a shared scratch of {} slots, {} send rows and {} local ranks "
              "for a block of {}, {} and {}",
              sc_->Mcap, sc_->Scap, sc_->local.size(), Mcap_, Scap_, L_);

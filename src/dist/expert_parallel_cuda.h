@@ -93,6 +93,40 @@
 // The backward's timing (EpTimes::bwd_combine_ms) measures the combine alone either way; with
 // the overlap on the weight gradients run beside it and may slow it.
 //
+// Token chunks (train.ep_chunks C, 1..8; the constructor's `chunks`). C = 1 runs everything
+// above on the caller's stream, as before. C > 1 splits the N tokens into C contiguous chunks
+// (ep_chunk_tokens: at most ceil(N/C) each), each a complete pass with its own layout, counts,
+// row plan, carve and send/receive buffers (the scratch's Local per chunk and local rank), and
+// pipelines them on two streams:
+//   comm     the scratch's comm stream: every transport call (counts exchanges, dispatches,
+//            combines), in the same order on every rank (IPC's rule; one stream for all the
+//            blocks sharing the scratch)
+//   compute  ctx.stream: layouts, packs, the expert GEMMs chunk after chunk (they share the
+//            scratch's expert buffers), unpacks
+// Events per chunk: dispatch c waits for pack c (packed), experts c for dispatch c (arrived),
+// combine c for experts c (computed), unpack c for combine c (returned). So dispatch c+1 runs
+// while experts c compute, combine c while experts c+1 do; ctx.stream ends behind the last
+// unpack (which waited for the last combine, so for everything on the comm stream). The comm
+// stream's first call waits for ctx.stream (laid_out_), so for whatever the caller and the
+// side stream's wait_wgrad() ordered before. Counts mode: every chunk's counts exchanged, then
+// ONE host sync for all of them (check_room() adds the chunks' carves). Padded: each chunk's
+// regions are its own tokens. The backward mirrors it (the d(out) rows of chunk c+1 travel
+// during chunk c's expert backward, chunk c's dx rows during chunk c+1's); the weight gradients
+// stay on the side stream, chunk c+1's experts waiting for chunk c's (wait_wgrad: the expert
+// buffers are shared), summed over the chunks in the scratch's fp32 accumulators (acc_gu,
+// acc_down) and folded once into g (accumulate_grad: g = g_beta * g + dW, one rounding).
+// Bits: out, dx and dtopk_w are those of C = 1 (each token's rows go through the same kernels;
+// a row's result depends on its own inputs only); the weight gradients add the same products
+// in another fp32 order, so a bf16 element may differ in its last bit (ep_check: NMSE <= 1e-6).
+// Memory added: per chunk its Rank counts and events (bytes); the Local buffers are per chunk
+// but each for ceil(max_tokens/C) tokens (about C = 1's in all), the expert buffers shrink
+// C-fold, the arena holds C carves per layer (ep_arena_bytes(..., chunks): C-1 more offsets
+// and alignments), the fp32 accumulators 4 x 3 x I x H bytes per local expert and local rank.
+// Over IPC the comm stream waits on the device for its peers' flags; a stream blocked in a
+// wait can hold back streams sharing its hardware queue (CUDA_DEVICE_MAX_CONNECTIONS, 8 by
+// default): the launcher should set CUDA_DEVICE_MAX_CONNECTIONS=32 (docs/DISTRIBUTED.md). Not
+// run on a GPU yet; no speedup measured.
+//
 // Gradient rule: dx and dtopk_w assign (=); expert weight gradients are bf16,
 // g = g_beta * g + dW (g_beta 0 overwrites, experts without rows then get 0; 1 accumulates).
 // Legend: N tokens per rank, H hidden, I expert width, E experts, K top-k, P EP ranks,

@@ -3,7 +3,6 @@
 
 #include <yaml-cpp/yaml.h>
 
-#include <algorithm>
 #include <functional>
 #include <map>
 
@@ -140,7 +139,10 @@ TrainConfig load_train_config(const std::string& path,
            "both",
            c.ep_recompute, c.device, c.ep);
   dist::parse_ep_dispatch(c.ep_dispatch);  // the same for train.ep_dispatch
-  dist::check_ep_chunks(int(std::clamp<int64_t>(c.ep_chunks, 0, 1000)));  // 1..8, or it says so
+  AM_CHECK(c.ep_chunks >= 1 && c.ep_chunks <= dist::kEpMaxChunks,
+           "train.ep_chunks must be between 1 (no pipelining, the default) and {} (the EP block "
+           "pipelines its tokens in that many chunks; 2 is the intended setting), got {}",
+           dist::kEpMaxChunks, c.ep_chunks);
   AM_CHECK(c.ep_chunks == 1 || (c.device == "cuda" && c.ep > 1),
            "train.ep_chunks {} applies to the GPU expert-parallel block (train.device cuda, "
            "train.ep > 1), but this run has train.device {} and train.ep {}; remove it or set "
