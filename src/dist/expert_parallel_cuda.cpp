@@ -44,6 +44,13 @@ struct EpMoeCuda::Chunk {
   // expert rows (M)
   std::vector<int64_t> send_off, send_cnt, recv_off, recv_cnt;
   std::vector<int64_t> R, M;  // [L]
+  // the dispatch's row plan, and the combine's (the same rows back)
+  EpA2aRows fwd_rows() const {
+    return {send_off.data(), send_cnt.data(), recv_off.data(), recv_cnt.data()};
+  }
+  EpA2aRows back_rows() const {
+    return {recv_off.data(), recv_cnt.data(), send_off.data(), send_cnt.data()};
+  }
   int32_t* host_cnt = nullptr;   // [L, P, W] of EpMoeCuda::host_cnt_ (counts mode)
   int32_t* host_tail = nullptr;  // [L, 2] of host_tail_
   // chunks > 1: the hand-offs between the caller's stream (compute) and the comm stream:
@@ -308,6 +315,15 @@ void EpMoeCuda::mark(Chunk& c, int k, cudaStream_t s) const {
   if (timing_ && C_ > 1) CUDA_CHECK(cudaEventRecord(c.tev[k], s));
 }
 
+// The [rows, H] bf16 rows of chunk ch's buffers `from` to the peers' `to`, every local rank.
+void EpMoeCuda::move_rows(Chunk& ch, cu::DeviceBuffer<bf16> EpMoeScratch::Local::*from,
+                          cu::DeviceBuffer<bf16> EpMoeScratch::Local::*to, const EpA2aRows& rows,
+                          cudaStream_t s) {
+  EpA2aTensor t = tensor(0, EpDtype::kBf16, s_.H, [&](int i) { return (local(ch.idx, i).*from).get(); },
+                         [&](int i) { return (local(ch.idx, i).*to).get(); });
+  t_.alltoallv(&t, 1, rows, s);
+}
+
 // Padded: each rank's send counts (cnt[0,P)) to every peer, landing in the peer's cnt[P, 2P) at
 // the sender's index: one int32 per (rank, peer).
 void EpMoeCuda::exchange_counts(Chunk& ch, const cu::Ctx& ctx) {
@@ -570,8 +586,6 @@ void EpMoeCuda::fwd(const EpMoeFwdArgs* a, int64_t N, const cu::Ctx& ctx) {
   bwd_timed_ = false;  // until this forward's backward records its events
   for (auto& chp : ch_) {
     Chunk& ch = *chp;
-    const EpA2aRows fwd_rows{ch.send_off.data(), ch.send_cnt.data(), ch.recv_off.data(),
-                             ch.recv_cnt.data()};
     await(cs, ch.packed);
     mark(ch, 2, cs);
     EpA2aTensor t[3] = {
@@ -581,7 +595,7 @@ void EpMoeCuda::fwd(const EpMoeFwdArgs* a, int64_t N, const cu::Ctx& ctx) {
                [&](int i) { return local(ch.idx, i).idx_recv.get(); }),
         tensor(2, EpDtype::kF32, K, [&](int i) { return local(ch.idx, i).w_send.get(); },
                [&](int i) { return ch.r[i]->w_recv; })};
-    t_.alltoallv(t, 3, fwd_rows, cs);
+    t_.alltoallv(t, 3, ch.fwd_rows(), cs);
     mark(ch, 3, cs);
     signal(ch.arrived, cs);
   }
@@ -602,13 +616,7 @@ void EpMoeCuda::fwd(const EpMoeFwdArgs* a, int64_t N, const cu::Ctx& ctx) {
     await(cs, ch.computed);
     if (timing_ && C_ == 1) CUDA_CHECK(cudaEventRecord(ev_[2], ctx.stream));
     mark(ch, 4, cs);
-    {
-      const EpA2aRows back_rows{ch.recv_off.data(), ch.recv_cnt.data(), ch.send_off.data(),
-                                ch.send_cnt.data()};
-      EpA2aTensor t = tensor(0, EpDtype::kBf16, H, [&](int i) { return local(ch.idx, i).y_recv.get(); },
-                             [&](int i) { return local(ch.idx, i).x_send.get(); });
-      t_.alltoallv(&t, 1, back_rows, cs);
-    }
+    move_rows(ch, &EpMoeScratch::Local::y_recv, &EpMoeScratch::Local::x_send, ch.back_rows(), cs);
     mark(ch, 5, cs);
     signal(ch.returned, cs);
     if (c > 0) unpack(*ch_[c - 1]);
@@ -616,6 +624,7 @@ void EpMoeCuda::fwd(const EpMoeFwdArgs* a, int64_t N, const cu::Ctx& ctx) {
   unpack(*ch_[C_ - 1]);
   if (timing_ && C_ == 1) CUDA_CHECK(cudaEventRecord(ev_[3], ctx.stream));
 }
+
 // The backward of chunk ch's experts of local rank i: xs and the SwiGLU output always
 // recomputed (as the model does), gu and ys too when the carve does not keep them (rc_): the
 // forward's kernels on the forward's inputs, so the same bits. The data gradients first, on
@@ -716,11 +725,7 @@ void EpMoeCuda::bwd(const EpMoeBwdArgs* a, float g_beta, const cu::Ctx& ctx) {
     Chunk& ch = *chp;
     await(cs, ch.packed);
     mark(ch, 6, cs);
-    const EpA2aRows fwd_rows{ch.send_off.data(), ch.send_cnt.data(), ch.recv_off.data(),
-                             ch.recv_cnt.data()};
-    EpA2aTensor t = tensor(0, EpDtype::kBf16, H, [&](int i) { return local(ch.idx, i).x_send.get(); },
-                           [&](int i) { return local(ch.idx, i).y_recv.get(); });
-    t_.alltoallv(&t, 1, fwd_rows, cs);
+    move_rows(ch, &EpMoeScratch::Local::x_send, &EpMoeScratch::Local::y_recv, ch.fwd_rows(), cs);
     mark(ch, 7, cs);
     signal(ch.arrived, cs);
   }
@@ -752,14 +757,12 @@ void EpMoeCuda::bwd(const EpMoeBwdArgs* a, float g_beta, const cu::Ctx& ctx) {
     if (timing_ && C_ == 1) CUDA_CHECK(cudaEventRecord(evb_[2], ctx.stream));
     mark(ch, 8, cs);
     {
-      const EpA2aRows back_rows{ch.recv_off.data(), ch.recv_cnt.data(), ch.send_off.data(),
-                                ch.send_cnt.data()};
       EpA2aTensor t[2] = {
           tensor(0, EpDtype::kBf16, H, [&](int i) { return local(ch.idx, i).y_recv.get(); },
                  [&](int i) { return local(ch.idx, i).x_send.get(); }),
           tensor(1, EpDtype::kF32, K, [&](int i) { return local(ch.idx, i).dw_recv.get(); },
                  [&](int i) { return local(ch.idx, i).w_send.get(); })};
-      t_.alltoallv(t, 2, back_rows, cs);
+      t_.alltoallv(t, 2, ch.back_rows(), cs);
     }
     mark(ch, 9, cs);
     signal(ch.returned, cs);

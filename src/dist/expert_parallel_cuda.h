@@ -320,6 +320,10 @@ class EpMoeCuda {
   void await(cudaStream_t s, cudaEvent_t e) const;
   // chunks > 1 with timing: event k of chunk c on the comm stream (see last_times())
   void mark(Chunk& c, int k, cudaStream_t s) const;
+  // the bf16 rows of chunk c's scratch buffers `from` (send) to `to` (receive) over `rows`
+  void move_rows(Chunk& c, cuda::DeviceBuffer<cuda::bf16> EpMoeScratch::Local::*from,
+                 cuda::DeviceBuffer<cuda::bf16> EpMoeScratch::Local::*to, const EpA2aRows& rows,
+                 cudaStream_t s);
   void exchange_counts(Chunk& c, const cuda::Ctx& ctx);  // padded: counts only
   void exchange_info(Chunk& c, const cuda::Ctx& ctx);    // counts: every rank's counts and room
   void check_room();  // counts: the same verdict on every rank, before any rows move

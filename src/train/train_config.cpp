@@ -243,6 +243,7 @@ std::string TrainConfig::to_yaml() const {
   if (ep_capacity != 2.0) e << YAML::Key << "ep_capacity" << YAML::Value << ep_capacity;
   if (ep_recompute != "none") e << YAML::Key << "ep_recompute" << YAML::Value << ep_recompute;
   if (ep_dispatch != "counts") e << YAML::Key << "ep_dispatch" << YAML::Value << ep_dispatch;
+  if (ep_chunks != 1) e << YAML::Key << "ep_chunks" << YAML::Value << ep_chunks;
   if (zero != 0) e << YAML::Key << "zero" << YAML::Value << zero;
   e << YAML::EndMap;
   e << YAML::Key << "output" << YAML::Value << YAML::BeginMap << YAML::Key << "dir" << YAML::Value
