@@ -33,7 +33,10 @@
 #             At the default shapes each loopback P took about 3 minutes on an H200 (before
 #             ep_check also ran the recompute options, train.ep_recompute: two more blocks per
 #             case and two more arena checks, compared bitwise): give the call room, or
-#             EP_ARGS="--tokens 2048" (EP_ARGS="--recompute none" leaves the options out). A call that outruns the device tool's limit
+#             EP_ARGS="--tokens 2048" (EP_ARGS="--recompute none" leaves the options out). ep_check
+#             also checks train.ep_chunks 2 and 3 against one chunk by default (a chunked block
+#             per recompute option and case, and the arena check with 2 chunks: about twice the
+#             checks; EP_ARGS="--chunks 1" leaves them out, "--chunks 2" keeps one). A call that outruns the device tool's limit
 #             brings back no output: keep logs under $OUT, not only in a pipe.
 #   ep_model  (not default) the CUDA model and trainer with expert parallelism: the demo recipe,
 #             EP_STEPS (50) steps, on one GPU with micro_batch 16, then `mpirun -np 2 ...
@@ -276,8 +279,8 @@ if has ep; then
     stage ep_mpi2 mpirun --allow-run-as-root --oversubscribe -np 2 -x CUDA_VISIBLE_DEVICES=0 \
       "$BUILD/ep_check" --transport mpi --no-bench ${EP_ARGS:-}
     # the same two processes over CUDA IPC buffers (small shapes, seconds: the ordering, not
-    # bandwidth; a hang costs 120 s at most)
-    STAGE_TIMEOUT=120 stage ep_ipc2 mpirun --allow-run-as-root --oversubscribe -np 2 \
+    # bandwidth; with the train.ep_chunks checks; a hang costs 180 s at most)
+    STAGE_TIMEOUT=180 stage ep_ipc2 mpirun --allow-run-as-root --oversubscribe -np 2 \
       -x CUDA_VISIBLE_DEVICES=0 "$BUILD/ep_check" --transport ipc --no-bench --tokens 1024 \
       --hidden 512 --inter 256 --experts 16 --topk 4
     # the IPC stall drill: rank 1 sleeps past AUTOMOE_DIST_TIMEOUT=10 before its forward; rank 0

@@ -19,8 +19,9 @@
 //          --topk K (8) --modes counts,padded --recompute none,outputs,experts (all three)
 //          --chunks 2,3 (train.ep_chunks checked against one chunk; "1" for none)
 //          --iters 20 --warmup 3 --seed S --no-bench
-//          --time (loopback: no checks; the block's fwd and bwd GPU time per mode and recompute
-//          option, median of --iters: the relative cost of the options)
+//          --time (loopback: no checks; the block's fwd and bwd GPU time per chunk count (1,
+//          then --chunks), mode and recompute option, median of --iters: the relative cost of
+//          the options)
 //          --transport mpi|nccl|ipc|auto (under mpirun)
 //          --kill-rank R [--kill-mode exit|stall]   (NCCL: rank R exits abruptly, or stops
 //          communicating, in the middle of the bandwidth run; the others must stop with an
@@ -914,39 +915,40 @@ int time_loopback(const Opts& o, dist::LoopbackTransport& t, const Shape& s, con
   std::vector<int> cs{1};
   cs.insert(cs.end(), o.chunks.begin(), o.chunks.end());
   for (int C : cs)
-  for (dist::EpMode m : o.modes)
-    for (dist::EpRecompute rc : o.recompute) {
-      dist::EpMoeCuda ep(t, {s.N, s.H, s.I, s.E, s.K}, m, rc, nullptr, nullptr, "the EP block", C);
-      auto fa = fwd_args(p, t, p.out_ep.get());
-      auto ba = bwd_args(p, t);
-      std::vector<float> f, b;
-      for (int it = 0; it < o.warmup + o.iters; ++it) {
-        CUDA_CHECK(cudaEventRecord(e[0], ctx.stream));
-        ep.fwd(fa.data(), s.N, ctx);
-        CUDA_CHECK(cudaEventRecord(e[1], ctx.stream));
-        ep.bwd(ba.data(), 0.f, ctx);
-        ep.join(ctx.stream);  // the weight gradients belong to the backward's time
-        CUDA_CHECK(cudaEventRecord(e[2], ctx.stream));
-        CUDA_CHECK(cudaEventSynchronize(e[2]));
-        float ms_f = 0, ms_b = 0;
-        CUDA_CHECK(cudaEventElapsedTime(&ms_f, e[0], e[1]));
-        CUDA_CHECK(cudaEventElapsedTime(&ms_b, e[1], e[2]));
-        if (it >= o.warmup) {
-          f.push_back(ms_f);
-          b.push_back(ms_b);
+    for (dist::EpMode m : o.modes)
+      for (dist::EpRecompute rc : o.recompute) {
+        dist::EpMoeCuda ep(t, {s.N, s.H, s.I, s.E, s.K}, m, rc, nullptr, nullptr, "the EP block",
+                           C);
+        auto fa = fwd_args(p, t, p.out_ep.get());
+        auto ba = bwd_args(p, t);
+        std::vector<float> f, b;
+        for (int it = 0; it < o.warmup + o.iters; ++it) {
+          CUDA_CHECK(cudaEventRecord(e[0], ctx.stream));
+          ep.fwd(fa.data(), s.N, ctx);
+          CUDA_CHECK(cudaEventRecord(e[1], ctx.stream));
+          ep.bwd(ba.data(), 0.f, ctx);
+          ep.join(ctx.stream);  // the weight gradients belong to the backward's time
+          CUDA_CHECK(cudaEventRecord(e[2], ctx.stream));
+          CUDA_CHECK(cudaEventSynchronize(e[2]));
+          float ms_f = 0, ms_b = 0;
+          CUDA_CHECK(cudaEventElapsedTime(&ms_f, e[0], e[1]));
+          CUDA_CHECK(cudaEventElapsedTime(&ms_b, e[1], e[2]));
+          if (it >= o.warmup) {
+            f.push_back(ms_f);
+            b.push_back(ms_b);
+          }
         }
+        std::sort(f.begin(), f.end());
+        std::sort(b.begin(), b.end());
+        std::printf("TIME loopback P=%d %-6s rc=%-7s chunks %d wgrad overlap %-3s N=%lld H=%lld "
+                    "I=%lld E=%lld K=%lld: fwd %.3f ms, bwd %.3f ms, fwd+bwd %.3f ms (median of %d, "
+                    "the whole group on one GPU)\n",
+                    s.P, dist::ep_mode_name(m), dist::ep_recompute_name(rc), C,
+                    ep.wgrad_overlap() ? "on" : "off", (long long)s.N,
+                    (long long)s.H, (long long)s.I, (long long)s.E, (long long)s.K, f[f.size() / 2],
+                    b[b.size() / 2], f[f.size() / 2] + b[b.size() / 2], int(f.size()));
+        std::fflush(stdout);
       }
-      std::sort(f.begin(), f.end());
-      std::sort(b.begin(), b.end());
-      std::printf("TIME loopback P=%d %-6s rc=%-7s chunks %d wgrad overlap %-3s N=%lld H=%lld "
-                  "I=%lld E=%lld K=%lld: fwd %.3f ms, bwd %.3f ms, fwd+bwd %.3f ms (median of %d, "
-                  "the whole group on one GPU)\n",
-                  s.P, dist::ep_mode_name(m), dist::ep_recompute_name(rc), C,
-                  ep.wgrad_overlap() ? "on" : "off", (long long)s.N,
-                  (long long)s.H, (long long)s.I, (long long)s.E, (long long)s.K, f[f.size() / 2],
-                  b[b.size() / 2], f[f.size() / 2] + b[b.size() / 2], int(f.size()));
-      std::fflush(stdout);
-    }
   for (auto& ev : e) CUDA_CHECK(cudaEventDestroy(ev));
   return 0;
 }
