@@ -70,9 +70,11 @@
 // again from x_recv) need nothing of the combine and run on the scratch's side stream, which
 // waits on an event recorded after permute_bwd. So they run while the dx rows travel back and
 // while the caller does what follows (the router's and the attention's backward, the next
-// layer's dispatch). Not measured yet: this has not run on a GPU. A persistent CUTLASS wgrad
-// holds its SMs, so kernels of the caller's stream (ep_combine_unpack, the transport's own
-// kernels over NCCL) may wait for it; IPC moves the rows with copy engines.
+// layer's dispatch). Bit-identical to the one-stream order (bench/RESULTS.md, fifth session);
+// on two H200s (W2, EP = 2) +1.1% fwd+bwd: the GEMMs beside the combine share the SMs with the
+// next layer's attention backward, which slows by most of what the MoE backward saves. A
+// persistent CUTLASS wgrad holds its SMs, so kernels of the caller's stream (ep_combine_unpack,
+// the transport's own kernels over NCCL) may wait for it; IPC moves the rows with copy engines.
 // The ordering that makes it safe (every gradient read is after its producer):
 //   inputs    dys, act, dgu, xs of the scratch (and the carve's x_recv, slot_row, offsets) are
 //             read by the side stream until the scratch's wgrad_done event: every writer of the
