@@ -12,7 +12,9 @@
 //   cuda_bench [--layers 12] [--seq 4096] [--mbs 2] [--warmup 3] [--steps 8]
 //              [--precision bf16|fp32_master] [--max-grad-norm 1.0] [--memory-saving]
 //              [--ep E] [--ep-capacity 2] [--ep-recompute none|outputs|experts]
-//              [--ep-dispatch counts|padded] [--zero 0|1|3]
+//              [--ep-dispatch counts|padded] [--ep-chunks 1..8] [--zero 0|1|3]
+// --ep-chunks C: train.ep_chunks (each EP block pipelines its tokens in C chunks; the phases
+// fwd_ep_dispatch .. bwd_ep_combine are then the transport calls alone, beside the GEMMs).
 // --memory-saving: AdamW inside the backward (there fwd_bwd includes the optimizer and the
 // step's separate optimizer phase only sums the norm), activations recomputed.
 // Under mpirun (a GPU per rank; more ranks than GPUs share them, which checks but does not
@@ -75,6 +77,7 @@ int main(int argc, char** argv) {
   double ep_capacity = 2.0;
   std::string ep_recompute = "none", ep_dispatch = "counts";
   int zero = 0;
+  int ep_chunks = 1;
   for (int i = 1; i < argc; ++i) {
     auto need = [&](const char* f) {
       if (i + 1 >= argc) {
@@ -96,12 +99,13 @@ int main(int argc, char** argv) {
     else if (!std::strcmp(argv[i], "--ep-recompute")) ep_recompute = need("--ep-recompute");
     else if (!std::strcmp(argv[i], "--ep-dispatch")) ep_dispatch = need("--ep-dispatch");
     else if (!std::strcmp(argv[i], "--zero")) zero = std::atoi(need("--zero"));
+    else if (!std::strcmp(argv[i], "--ep-chunks")) ep_chunks = std::atoi(need("--ep-chunks"));
     else {
       std::fprintf(stderr,
                    "usage: cuda_bench [--layers 12] [--seq 4096] [--mbs 2] [--warmup 3] [--steps 8] "
                    "[--precision bf16|fp32_master] [--max-grad-norm 1.0] [--memory-saving] "
                    "[--ep E] [--ep-capacity 2] [--ep-recompute none|outputs|experts] "
-                   "[--ep-dispatch counts|padded] [--zero 0|1|3]\n");
+                   "[--ep-dispatch counts|padded] [--ep-chunks 1..8] [--zero 0|1|3]\n");
       return 2;
     }
   }
@@ -148,7 +152,7 @@ int main(int argc, char** argv) {
       comms = std::make_unique<dist::GpuComms>(groups, pl, dist::choose_ep_transport("", pl));
       cd = CudaDist{&groups, comms->ep_transport(), comms->nccl_world(), comms->nccl_dp(),
                     ep_capacity, dist::parse_ep_recompute(ep_recompute), zero,
-                    dist::parse_ep_dispatch(ep_dispatch)};
+                    dist::parse_ep_dispatch(ep_dispatch), ep_chunks};
       if (rank == 0) {
         std::printf("cuda_bench: %d ranks, expert parallel %d x data parallel %d; %s\n", world,
                     groups.ep.size(), groups.dp.size(), comms->describe(groups).c_str());
@@ -212,6 +216,7 @@ int main(int argc, char** argv) {
         {"transport", multi ? dist::ep_transport_kind_name(comms->kind()) : "none"},
         {"ep_recompute", ep_recompute},
         {"ep_dispatch", ep_dispatch},
+        {"ep_chunks", ep_chunks},
         {"zero", zero},
         {"layers", layers},
         {"seq", seq},

@@ -33,7 +33,10 @@
 #             At the default shapes each loopback P took about 3 minutes on an H200 (before
 #             ep_check also ran the recompute options, train.ep_recompute: two more blocks per
 #             case and two more arena checks, compared bitwise): give the call room, or
-#             EP_ARGS="--tokens 2048" (EP_ARGS="--recompute none" leaves the options out). A call that outruns the device tool's limit
+#             EP_ARGS="--tokens 2048" (EP_ARGS="--recompute none" leaves the options out). ep_check
+#             also checks train.ep_chunks 2 and 3 against one chunk by default (a chunked block
+#             per recompute option and case, and the arena check with 2 chunks: about twice the
+#             checks; EP_ARGS="--chunks 1" leaves them out, "--chunks 2" keeps one). A call that outruns the device tool's limit
 #             brings back no output: keep logs under $OUT, not only in a pipe.
 #   ep_model  (not default) the CUDA model and trainer with expert parallelism: the demo recipe,
 #             EP_STEPS (50) steps, on one GPU with micro_batch 16, then `mpirun -np 2 ...
@@ -55,6 +58,11 @@
 #             Then with --train.ep_dispatch padded too (no host sync in the MoE forward): its
 #             curve must equal ep_model_mpi2_rc's exactly (ep_model_mpi2_padded,
 #             ep_model_cmp_padded_exact) and follow one GPU's (ep_model_cmp_padded).
+#             With --train.ep_chunks 2 (the EP block pipelined over two token chunks): within
+#             bf16 noise of ep_model_mpi2's curve and one GPU's (ep_model_mpi2_chunks,
+#             ep_model_cmp_chunks, ep_model_cmp_chunks_1gpu; the block's bits are ep_check's
+#             "chunks=" lines), and over IPC bit for bit that run (ep_model_ipc2_chunks,
+#             ep_model_cmp_ipc_chunks_exact).
 #             The same check and
 #             training run over CUDA IPC buffers (AUTOMOE_EP_TRANSPORT=ipc, both ranks on GPU 0:
 #             ep_model_check_ipc2, ep_model_ipc2, ep_model_cmp_ipc; bit for bit MPI staging's
@@ -87,7 +95,8 @@
 #   multi     (not default) several GPUs: cuda_bench under mpirun, a rank per GPU, experts over
 #             all of them (transport auto), beside Transformers + FSDP2 (hf_moe_fsdp.py) for each
 #             MULTI_LAYERS (default "12 24": W2; W4: MULTI_LAYERS=48 MBS=1 on 4 GPUs); on one GPU
-#             a small two-rank smoke run of the same path
+#             a small two-rank smoke run of the same path; each also with --ep-chunks 2
+#             (multi_automoe_L<L>_chunks2, multi_smoke_chunks2)
 #   launch    (not default) torchrun (torch.distributed.run --no-python, no MPI in the processes:
 #             the TCP backend of dist::Comm) against mpirun, bit for bit: a 20-step CPU tiny-moe run
 #             with ep 2, and the demo recipe on GPU 0 with ep 2 (both ranks on GPU 0: IPC rows,
@@ -277,8 +286,8 @@ if has ep; then
     stage ep_mpi2 mpirun --allow-run-as-root --oversubscribe -np 2 -x CUDA_VISIBLE_DEVICES=0 \
       "$BUILD/ep_check" --transport mpi --no-bench ${EP_ARGS:-}
     # the same two processes over CUDA IPC buffers (small shapes, seconds: the ordering, not
-    # bandwidth; a hang costs 120 s at most)
-    STAGE_TIMEOUT=120 stage ep_ipc2 mpirun --allow-run-as-root --oversubscribe -np 2 \
+    # bandwidth; with the train.ep_chunks checks; a hang costs 180 s at most)
+    STAGE_TIMEOUT=180 stage ep_ipc2 mpirun --allow-run-as-root --oversubscribe -np 2 \
       -x CUDA_VISIBLE_DEVICES=0 "$BUILD/ep_check" --transport ipc --no-bench --tokens 1024 \
       --hidden 512 --inter 256 --experts 16 --topk 4
     # the IPC stall drill: rank 1 sleeps past AUTOMOE_DIST_TIMEOUT=10 before its forward; rank 0
@@ -462,6 +471,18 @@ if has ep_model; then
       "$BUILD/ep_model_mpi2_padded/metrics.jsonl"
     stage ep_model_cmp_padded_exact python3 bench/compare_loss_curves.py --exact loss,ce_loss,aux_loss,grad_norm \
       "$BUILD/ep_model_mpi2_rc/metrics.jsonl" "$BUILD/ep_model_mpi2_padded/metrics.jsonl"
+    # train.ep_chunks 2: each EP block pipelines its tokens in two chunks, the all-to-alls on a
+    # comm stream beside the expert GEMMs (ep_model_check_mpi2's "chunks=" lines check the
+    # block: out, dx and dtopk_w bit for bit, the expert weight gradients, summed over the
+    # chunks in fp32 and rounded once, within NMSE 1e-6). Those gradients may differ from one
+    # chunk's in a last bit now and then, so the curves are compared within bf16 noise limits,
+    # against ep_model_mpi2 and one GPU's.
+    stage ep_model_mpi2_chunks "${ovrun[@]}" "$BUILD/automoe" "${run[@]}" --train.ep 2 \
+      --data.micro_batch 8 --train.ep_chunks 2 --output.dir "$BUILD/ep_model_mpi2_chunks"
+    stage ep_model_cmp_chunks python3 bench/compare_loss_curves.py "$BUILD/ep_model_mpi2/metrics.jsonl" \
+      "$BUILD/ep_model_mpi2_chunks/metrics.jsonl"
+    stage ep_model_cmp_chunks_1gpu python3 bench/compare_loss_curves.py "$BUILD/ep_model_1gpu/metrics.jsonl" \
+      "$BUILD/ep_model_mpi2_chunks/metrics.jsonl"
     # ZeRO-1 on the GPU (train.zero 1, dist/zero_cuda.h), two ranks on GPU 0 over MPI staging:
     # pure data parallelism (ep 1 x dp 2) against train.zero 0 on the same ranks, and ep 2 x dp 1
     # against ep_model_mpi2; with two ranks every sum is a + b, rounded to bf16 once either way,
@@ -503,10 +524,10 @@ if has ep_model; then
     ep_memsave_stages
     ep_zero3_stages
     # The same over CUDA IPC buffers (both ranks on GPU 0), after the stages above (a hang here
-    # must not cost them): the transport alone (seconds; 120 s at most), then, only if it
-    # passed, the training run and its loss curve.
+    # must not cost them): the transport alone (seconds, with its train.ep_chunks 2 and 3
+    # checks; 180 s at most), then, only if it passed, the training run and its loss curve.
     f0=$fails
-    STAGE_TIMEOUT=120 stage ep_model_check_ipc2 mpirun --allow-run-as-root --oversubscribe -np 2 \
+    STAGE_TIMEOUT=180 stage ep_model_check_ipc2 mpirun --allow-run-as-root --oversubscribe -np 2 \
       -x CUDA_VISIBLE_DEVICES=0 "$BUILD/ep_check" --transport ipc --no-bench --tokens 1024 \
       --hidden 512 --inter 256 --experts 16 --topk 4
     if [ "$fails" -eq "$f0" ]; then
@@ -524,6 +545,13 @@ if has ep_model; then
         --train.ep_recompute experts --train.ep_dispatch padded --output.dir "$BUILD/ep_model_ipc2_padded"
       stage ep_model_cmp_ipc_padded_exact python3 bench/compare_loss_curves.py --exact loss,ce_loss,aux_loss,grad_norm \
         "$BUILD/ep_model_mpi2_padded/metrics.jsonl" "$BUILD/ep_model_ipc2_padded/metrics.jsonl"
+      # train.ep_chunks 2 over IPC (the comm stream's device waits beside the compute stream):
+      # the same rows in the same places as MPI staging's chunks, so bit for bit its curve
+      stage ep_model_ipc2_chunks mpirun --allow-run-as-root --oversubscribe -np 2 -x CUDA_VISIBLE_DEVICES=0 \
+        -x AUTOMOE_EP_TRANSPORT=ipc "$BUILD/automoe" "${run[@]}" --train.ep 2 --data.micro_batch 8 \
+        --train.ep_chunks 2 --output.dir "$BUILD/ep_model_ipc2_chunks"
+      stage ep_model_cmp_ipc_chunks_exact python3 bench/compare_loss_curves.py --exact loss,ce_loss,aux_loss,grad_norm \
+        "$BUILD/ep_model_mpi2_chunks/metrics.jsonl" "$BUILD/ep_model_ipc2_chunks/metrics.jsonl"
     else
       echo "device.sh: ep_model_check_ipc2 failed: no training run over IPC"
     fi
@@ -651,6 +679,11 @@ if has multi; then
       # shellcheck disable=SC2086
       stage "multi_automoe_L$L" "${MPIM[@]}" -np "$ngpu" "$BUILD/cuda_bench" --layers "$L" \
         --seq "${SEQ:-4096}" --mbs "${MBS:-2}" ${BENCH_ARGS:-}
+      # train.ep_chunks 2 beside it (the all-to-alls pipelined with the expert GEMMs): the
+      # phases fwd_ep_* / bwd_ep_* are then the transport calls alone, overlapping the GEMMs
+      # shellcheck disable=SC2086
+      stage "multi_automoe_L${L}_chunks2" "${MPIM[@]}" -np "$ngpu" "$BUILD/cuda_bench" --layers "$L" \
+        --seq "${SEQ:-4096}" --mbs "${MBS:-2}" --ep-chunks 2 ${BENCH_ARGS:-}
       if [ -f .deps/bench/hf_moe_fsdp.py ]; then
         stage "multi_fsdp_L$L" env LAYERS="$L" SEQ="${SEQ:-4096}" MBS="${MBS:-2}" STEPS=8 WARM=3 \
           NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
@@ -663,6 +696,8 @@ if has multi; then
     stage multi_smoke_padded "${MPIM[@]}" --oversubscribe -np 2 -x CUDA_VISIBLE_DEVICES=0 \
       "$BUILD/cuda_bench" --layers 2 --seq 1024 --mbs 1 --warmup 1 --steps 2 --ep-recompute experts \
       --ep-dispatch padded
+    stage multi_smoke_chunks2 "${MPIM[@]}" --oversubscribe -np 2 -x CUDA_VISIBLE_DEVICES=0 \
+      "$BUILD/cuda_bench" --layers 2 --seq 1024 --mbs 1 --warmup 1 --steps 2 --ep-chunks 2
   fi
 fi
 if has profile; then

@@ -17,9 +17,11 @@
 //   NCCL): "BW <transport> rank ..." lines.
 //   flags: --tokens N (8192, per rank) --hidden H (2048) --inter I (768) --experts E (128)
 //          --topk K (8) --modes counts,padded --recompute none,outputs,experts (all three)
+//          --chunks 2,3 (train.ep_chunks checked against one chunk; "1" for none)
 //          --iters 20 --warmup 3 --seed S --no-bench
-//          --time (loopback: no checks; the block's fwd and bwd GPU time per mode and recompute
-//          option, median of --iters: the relative cost of the options)
+//          --time (loopback: no checks; the block's fwd and bwd GPU time per chunk count (1,
+//          then --chunks), mode and recompute option, median of --iters: the relative cost of
+//          the options)
 //          --transport mpi|nccl|ipc|auto (under mpirun)
 //          --kill-rank R [--kill-mode exit|stall]   (NCCL: rank R exits abruptly, or stops
 //          communicating, in the middle of the bandwidth run; the others must stop with an
@@ -57,13 +59,25 @@
 //   overlap off" lines, "on" under AUTOMOE_EP_WGRAD_OVERLAP=0): out, dx, dtopk_w and both
 //   weight gradients bit-identical, with g_beta 0 and 1. Every read of a weight gradient joins
 //   the block's side stream first (finish()), as the model does.
+//   Token chunks (train.ep_chunks, --chunks, default 2 and 3): the same block pipelining its
+//   tokens in C chunks over the comm stream, per recompute option, from a poisoned scratch:
+//   each token's rows go through the same kernels, and a row's result depends on its own
+//   inputs only (the grouped GEMMs compute each output row's dot products alike whatever the
+//   rows around it; permute, unpermute and combine sum a token's picks and ranks in the same
+//   order), so out, dx and dtopk_w must be bit-identical to one chunk's ("chunks=C" lines);
+//   the weight gradients sum a chunk's rows at a time in fp32 and round once, so they may
+//   differ from one chunk's in the last bit now and then: NMSE <= 1e-6 (a bf16 rounding is
+//   ~1e-5 relative), with the number of differing elements printed; with g_beta 0 and 1.
+//   The odd N is not a multiple of 2 or 3, "none to last" sends no rows of any chunk to the
+//   last rank.
 // A small unaligned suite (H 100, I 36, N 37: the scalar kernel paths, the GEMM fallback)
 // runs before the given shapes. Then the arena check (check_arena), per mode and recompute
 // option: three layers' forwards then backwards in reverse through one shared EpSavedArena
 // (counts: 2x the balanced load; padded: ep_arena_padded_bytes, what the model sizes),
 // bit-identical to each layer run alone by a counts-mode block keeping everything, its weight
 // gradients on the caller's stream (so the shared layers, overlap on by default, also check the
-// side stream's ordering against the shared scratch bitwise); a backward
+// side stream's ordering against the shared scratch bitwise); again with the layers in 2 token
+// chunks (--chunks: the first C > 1; the weight gradients then within 1e-6); a backward
 // after a reset refused; an arena too small stopping with the overflow error.
 // Prints PASS/FAIL lines; the exit code is the number of failures (at most 255).
 #include <cuda_runtime.h>
@@ -104,6 +118,9 @@ namespace {
 // sums once more (receiver's weighted sum, combine), so allow op_check's bf16 limit. dx also
 // goes through two grouped GEMMs of bf16 intermediates (op_check's "chain" limit).
 constexpr double kOut = 1e-4, kDx = 1e-3, kDw = 1e-4, kGrad = 1e-4;
+// Token chunks' weight gradients against one chunk's: fp32 sums in another order, rounded once
+// to bf16: rare last-bit differences (one is ~1e-5 relative, squared ~1e-10 per element).
+constexpr double kChunkGrad = 1e-6;
 
 struct Opts {
   int loopback = 0;  // 0: NCCL under mpirun, loopback with 4 ranks otherwise
@@ -120,6 +137,7 @@ struct Opts {
   std::string kill_mode = "exit";
   std::string transport;  // "" = AUTOMOE_EP_TRANSPORT (default auto)
   bool time_only = false;  // loopback: time fwd and bwd per mode and recompute option, no checks
+  std::vector<int> chunks{2, 3};  // train.ep_chunks checked against one chunk
 };
 
 [[noreturn]] void usage(const std::string& why) {
@@ -128,7 +146,7 @@ struct Opts {
                "[--experts E] [--topk K] [--modes counts,padded] "
                "[--recompute none,outputs,experts] [--iters N] [--warmup N] "
                "[--seed S] [--no-bench] [--kill-rank R] [--kill-mode exit|stall] [--stall-rank R] "
-               "[--transport mpi|nccl|ipc|auto] [--time]\n",
+               "[--transport mpi|nccl|ipc|auto] [--time] [--chunks 2,3]\n",
                why.c_str());
   std::exit(2);
 }
@@ -163,6 +181,17 @@ Opts parse(int argc, char** argv) {
     else if (a == "--kill-mode") o.kill_mode = val();
     else if (a == "--stall-rank") o.stall_rank = int(num());
     else if (a == "--transport") o.transport = val();
+    else if (a == "--chunks") {
+      o.chunks.clear();
+      std::string v = val();
+      for (size_t at = 0; at <= v.size();) {
+        const size_t end = std::min(v.find(',', at), v.size());
+        const int c = std::atoi(v.substr(at, end - at).c_str());
+        if (c < 1 || c > dist::kEpMaxChunks) usage("--chunks takes numbers from 1 to 8");
+        if (c > 1) o.chunks.push_back(c);  // 1: the block every chunked one is checked against
+        at = end + 1;
+      }
+    }
     else if (a == "--modes") {
       o.modes.clear();
       const std::string v = val();
@@ -243,6 +272,37 @@ uint64_t hash_bits(const std::vector<T>& v) {
   std::memcpy(&w, b + i, n - i);
   mix(w);
   return h;
+}
+
+// Two bf16 tensors meant to differ in a last bit now and then only (the chunked block's weight
+// gradients against one chunk's): NMSE within `limit`, plus how many elements differ and the
+// largest difference in units of the last place, printed (the measured difference).
+void close_bits(Tally& t, const std::string& what, const std::vector<bf16>& got,
+                const std::vector<bf16>& want, double limit) {
+  double num = 0, den = 0;
+  int64_t differ = 0, max_ulp = 0;
+  const bool same_size = got.size() == want.size();
+  for (size_t i = 0; same_size && i < got.size(); ++i) {
+    const double g = __bfloat162float(got[i]), w = __bfloat162float(want[i]);
+    num += (g - w) * (g - w);
+    den += w * w;
+    uint16_t a, b;
+    std::memcpy(&a, &got[i], 2);
+    std::memcpy(&b, &want[i], 2);
+    if (a != b) {
+      ++differ;
+      // same sign: the distance in representable steps; else count it as large
+      max_ulp = std::max<int64_t>(max_ulp, (a ^ b) & 0x8000 ? 1 << 16 : std::abs(int(a) - int(b)));
+    }
+  }
+  const double nmse = den > 0 ? num / den : num;
+  const bool ok = same_size && std::isfinite(nmse) && nmse <= limit;
+  ++t.checks;
+  if (!ok) ++t.fails;
+  std::printf("%-4s %s %-34s nmse=%.2e (limit %.0e), %lld of %zu elements differ, at most %lld "
+              "ulp\n",
+              ok ? "PASS" : "FAIL", t.tag.c_str(), what.c_str(), nmse, limit, (long long)differ,
+              got.size(), (long long)max_ulp);
 }
 
 // NMSE of got against ref (scaled by ref_scale), NaN/Inf where ref is finite fail.
@@ -494,6 +554,13 @@ void finish(const dist::EpMoeCuda& ep, dist::EpTransport& t, const cu::Ctx& ctx)
 struct Blocks {
   std::shared_ptr<dist::EpMoeScratch> scratch;
   std::vector<std::unique_ptr<dist::EpMoeCuda>> ep;
+  // the same per recompute option, in C token chunks (train.ep_chunks), sharing a scratch of C
+  struct Chunked {
+    int C = 2;
+    std::shared_ptr<dist::EpMoeScratch> scratch;
+    std::vector<std::unique_ptr<dist::EpMoeCuda>> ep;
+  };
+  std::vector<Chunked> chunked;
 };
 
 void check_case(Tally& tally, Blocks& blocks, dist::EpTransport& t, const Shape& s,
@@ -554,9 +621,10 @@ void check_case(Tally& tally, Blocks& blocks, dist::EpTransport& t, const Shape&
   ep.fwd(fa2.data(), s.N, ctx);
   ep.bwd(ba.data(), 1.f, ctx);
   finish(ep, t, ctx);
-  // hashed: the overlap's check below compares them bitwise
-  const uint64_t ggu1_h = hash_bits(local_raw(p.ggu_ep, t, El, 2 * s.I * s.H));
-  const uint64_t gdown1_h = hash_bits(local_raw(p.gdown_ep, t, El, s.H * s.I));
+  // the overlap's check below compares them bitwise, the chunks' closely
+  const std::vector<bf16> ggu1 = local_raw(p.ggu_ep, t, El, 2 * s.I * s.H);
+  const std::vector<bf16> gdown1 = local_raw(p.gdown_ep, t, El, s.H * s.I);
+  const uint64_t ggu1_h = hash_bits(ggu1), gdown1_h = hash_bits(gdown1);
   same_bits(tally, name + " out, 2nd forward", local_rows(p.out_ep2, t, s.N, s.H), out);
   same_bits(tally, name + " dx, 2nd backward", local_rows(p.dx_ep, t, s.N, s.H), dx);
   compare(tally, name + " d w_gate_up, g_beta 1", local_rows(p.ggu_ep, t, El, 2 * s.I * s.H),
@@ -596,13 +664,40 @@ void check_case(Tally& tally, Blocks& blocks, dist::EpTransport& t, const Shape&
     same_hash(tally, on + " d w_down, g_beta 1", hash_bits(local_raw(p.gdown_ep, t, El, s.H * s.I)),
               gdown1_h);
   }
+  // Token chunks (see the file comment): out, dx, dtopk_w bitwise, the weight gradients close,
+  // per recompute option from a poisoned scratch; g_beta 1 on top of g_beta 0 for the first
+  for (Blocks::Chunked& ck : blocks.chunked)
+    for (size_t b = 0; b < ck.ep.size(); ++b) {
+      dist::EpMoeCuda& ce = *ck.ep[b];
+      const std::string cn = name + " chunks=" + std::to_string(ck.C) +
+                             " rc=" + dist::ep_recompute_name(ce.recompute());
+      ce.fwd(fa2.data(), s.N, ctx);
+      poison_scratch(*ck.scratch, ctx);
+      ce.bwd(ba.data(), 0.f, ctx);
+      finish(ce, t, ctx);
+      const Bits got = get_bits(p, t, p.out_ep2);
+      same_bits(tally, cn + " out", got.out, b0.out);
+      same_bits(tally, cn + " dx", got.dx, b0.dx);
+      same_bits(tally, cn + " dtopk_w", got.dtw, b0.dtw);
+      close_bits(tally, cn + " d w_gate_up", got.ggu, b0.ggu, kChunkGrad);
+      close_bits(tally, cn + " d w_down", got.gdown, b0.gdown, kChunkGrad);
+      if (b > 0) continue;
+      ce.fwd(fa2.data(), s.N, ctx);
+      ce.bwd(ba.data(), 1.f, ctx);
+      finish(ce, t, ctx);
+      close_bits(tally, cn + " d w_gate_up, g_beta 1", local_raw(p.ggu_ep, t, El, 2 * s.I * s.H),
+                 ggu1, kChunkGrad);
+      close_bits(tally, cn + " d w_down, g_beta 1", local_raw(p.gdown_ep, t, El, s.H * s.I),
+                 gdown1, kChunkGrad);
+    }
   std::fflush(stdout);
 }
 
 // All cases of one shape and mode over one EpMoeCuda per recompute option (kNone first; sized
 // once for the largest N).
 void check_shape(Tally& tally, dist::EpTransport& t, dist::EpMode mode, const Shape& s,
-                 const std::vector<dist::EpRecompute>& rcs, uint64_t seed, const cu::Ctx& ctx) {
+                 const std::vector<dist::EpRecompute>& rcs, const std::vector<int>& chunks,
+                 uint64_t seed, const cu::Ctx& ctx) {
   const int64_t n_odd = std::max<int64_t>(1, (s.N * 2 / 3) | 1);
   const dist::EpMoeShape sh{s.N, s.H, s.I, s.E, s.K};
   Blocks blocks;
@@ -616,10 +711,25 @@ void check_shape(Tally& tally, dist::EpTransport& t, dist::EpMode mode, const Sh
     bytes += blocks.ep.back()->device_bytes();
     names += std::string(names.empty() ? "" : ",") + dist::ep_recompute_name(rc);
   }
-  std::printf("---- %s %s: N=%lld H=%lld I=%lld E=%lld K=%lld, recompute %s, %.2f GiB of EP "
-              "buffers\n",
+  std::string cnames = "1";
+  for (int C : chunks) {  // every rank builds the same blocks in the same order (IPC's reserve)
+    Blocks::Chunked ck;
+    ck.C = C;
+    ck.scratch = std::make_shared<dist::EpMoeScratch>(sh, s.P, t.num_local(), mode,
+                                                      dist::EpRecompute::kExperts, C);
+    bytes += ck.scratch->bytes();
+    for (dist::EpRecompute rc : rcs) {
+      ck.ep.push_back(std::make_unique<dist::EpMoeCuda>(t, sh, mode, rc, ck.scratch, nullptr,
+                                                        "the EP block", C));
+      bytes += ck.ep.back()->device_bytes();
+    }
+    blocks.chunked.push_back(std::move(ck));
+    cnames += "," + std::to_string(C);
+  }
+  std::printf("---- %s %s: N=%lld H=%lld I=%lld E=%lld K=%lld, recompute %s, chunks %s, %.2f GiB "
+              "of EP buffers\n",
               tally.tag.c_str(), dist::ep_mode_name(mode), (long long)s.N, (long long)s.H,
-              (long long)s.I, (long long)s.E, (long long)s.K, names.c_str(),
+              (long long)s.I, (long long)s.E, (long long)s.K, names.c_str(), cnames.c_str(),
               double(bytes) / (1 << 30));
   Shape odd = s;
   odd.N = n_odd;
@@ -643,7 +753,8 @@ void check_shape(Tally& tally, dist::EpTransport& t, dist::EpMode mode, const Sh
 // overflow error (on every rank: a rank that went on would hang in the next all-to-all).
 void check_arena(Tally& tally, dist::EpTransport& t, const Shape& s,
                  const std::vector<dist::EpMode>& modes,
-                 const std::vector<dist::EpRecompute>& rcs, uint64_t seed, const cu::Ctx& ctx) {
+                 const std::vector<dist::EpRecompute>& rcs, const std::vector<int>& chunks,
+                 uint64_t seed, const cu::Ctx& ctx) {
   const int n = 3;
   const Routing routings[n] = {Routing::kRandom, Routing::kNoneToLast, Routing::kRandom};
   const dist::EpMoeShape sh{s.N, s.H, s.I, s.E, s.K};
@@ -662,22 +773,32 @@ void check_arena(Tally& tally, dist::EpTransport& t, const Shape& s,
     finish(ep, t, ctx);
     alone[l] = get_bits(p[l], t, p[l].out_ep);
   }
-  std::vector<std::pair<dist::EpMode, dist::EpRecompute>> runs;
-  for (dist::EpMode m : modes)
-    for (dist::EpRecompute rc : rcs) runs.push_back({m, rc});
-  for (const auto& run : runs) {
-    const dist::EpMode mode = run.first;
-    const dist::EpRecompute rc = run.second;
+  struct Run {
+    dist::EpMode mode;
+    dist::EpRecompute rc;
+    int C;
+  };
+  std::vector<Run> runs;
+  for (int C : {1, chunks.empty() ? 1 : chunks[0]}) {
+    for (dist::EpMode m : modes)
+      for (dist::EpRecompute rc : rcs) runs.push_back({m, rc, C});
+    if (chunks.empty()) break;
+  }
+  for (const Run& run : runs) {
+    const dist::EpMode mode = run.mode;
+    const dist::EpRecompute rc = run.rc;
+    const int C = run.C;
     const bool padded = mode == dist::EpMode::kPadded;
     const std::string name = std::string("arena ") + dist::ep_mode_name(mode) +
                              " N=" + std::to_string(s.N) + " H=" + std::to_string(s.H) +
-                             " rc=" + dist::ep_recompute_name(rc);
-    auto scratch = std::make_shared<dist::EpMoeScratch>(sh, s.P, t.num_local(), mode, rc);
+                             " rc=" + dist::ep_recompute_name(rc) +
+                             (C > 1 ? " chunks=" + std::to_string(C) : std::string());
+    auto scratch = std::make_shared<dist::EpMoeScratch>(sh, s.P, t.num_local(), mode, rc, C);
     // the model's sizing for each mode (Qwen3MoeCuda::plan)
     auto arena_for = [&](int64_t layers, double capacity, const char* what) {
       return std::make_shared<dist::EpSavedArena>(
-          padded ? dist::ep_arena_padded_bytes(sh, s.P, layers, t.num_local(), rc)
-                 : dist::ep_arena_bytes(sh, s.P, layers, t.num_local(), capacity, rc),
+          padded ? dist::ep_arena_padded_bytes(sh, s.P, layers, t.num_local(), rc, C)
+                 : dist::ep_arena_bytes(sh, s.P, layers, t.num_local(), capacity, rc, C),
           what);
     };
     auto arena = arena_for(n, 2.0, padded ? "ep_check: padded, 3 layers' worst case"
@@ -685,12 +806,12 @@ void check_arena(Tally& tally, dist::EpTransport& t, const Shape& s,
     std::vector<std::unique_ptr<dist::EpMoeCuda>> ep;
     for (int l = 0; l < n; ++l)
       ep.push_back(std::make_unique<dist::EpMoeCuda>(t, sh, mode, rc, scratch, arena,
-                                                     "MoE layer " + std::to_string(l)));
+                                                     "MoE layer " + std::to_string(l), C));
     std::printf("---- %s %s: %d layers, shared arena %.3f GiB (%s; worst %.3f GiB), "
                 "scratch %.3f GiB\n",
                 tally.tag.c_str(), name.c_str(), n, double(arena->bytes()) / (1 << 30),
                 padded ? "the worst case" : "2x balanced",
-                double(n * dist::ep_arena_worst_bytes(sh, s.P, t.num_local(), rc)) / (1 << 30),
+                double(n * dist::ep_arena_worst_bytes(sh, s.P, t.num_local(), rc, C)) / (1 << 30),
                 double(scratch->bytes()) / (1 << 30));
     arena->reset();
     for (int l = 0; l < n; ++l) {
@@ -706,8 +827,17 @@ void check_arena(Tally& tally, dist::EpTransport& t, const Shape& s,
     for (int l = 0; l < n; ++l) ep[l]->join(ctx.stream);
     t.sync(ctx.stream);
     for (int l = 0; l < n; ++l) {
-      same_bits(tally, name + " layer " + std::to_string(l), get_bits(p[l], t, p[l].out_ep),
-                alone[l]);
+      const std::string ln = name + " layer " + std::to_string(l);
+      const Bits got = get_bits(p[l], t, p[l].out_ep);
+      if (C == 1) {
+        same_bits(tally, ln, got, alone[l]);
+        continue;
+      }
+      same_bits(tally, ln + " out", got.out, alone[l].out);  // chunks: see check_case
+      same_bits(tally, ln + " dx", got.dx, alone[l].dx);
+      same_bits(tally, ln + " dtopk_w", got.dtw, alone[l].dtw);
+      close_bits(tally, ln + " d w_gate_up", got.ggu, alone[l].ggu, kChunkGrad);
+      close_bits(tally, ln + " d w_down", got.gdown, alone[l].gdown, kChunkGrad);
     }
     // a backward whose saved state the next step's reset released: refused, on the host
     arena->reset();
@@ -731,7 +861,7 @@ void check_arena(Tally& tally, dist::EpTransport& t, const Shape& s,
                                           : "ep_check: one balanced layer");
     for (int l = 0; l < n; ++l)
       ep.push_back(std::make_unique<dist::EpMoeCuda>(t, sh, mode, rc, scratch, small,
-                                                     "MoE layer " + std::to_string(l)));
+                                                     "MoE layer " + std::to_string(l), C));
     std::string err;
     int at = -1;
     for (int l = 0; l < n && at < 0; ++l) {
@@ -782,39 +912,43 @@ int time_loopback(const Opts& o, dist::LoopbackTransport& t, const Shape& s, con
   make_problem(p, Routing::kRandom, o.seed + 700, ctx);
   cudaEvent_t e[3];
   for (auto& ev : e) CUDA_CHECK(cudaEventCreate(&ev));
-  for (dist::EpMode m : o.modes)
-    for (dist::EpRecompute rc : o.recompute) {
-      dist::EpMoeCuda ep(t, {s.N, s.H, s.I, s.E, s.K}, m, rc);
-      auto fa = fwd_args(p, t, p.out_ep.get());
-      auto ba = bwd_args(p, t);
-      std::vector<float> f, b;
-      for (int it = 0; it < o.warmup + o.iters; ++it) {
-        CUDA_CHECK(cudaEventRecord(e[0], ctx.stream));
-        ep.fwd(fa.data(), s.N, ctx);
-        CUDA_CHECK(cudaEventRecord(e[1], ctx.stream));
-        ep.bwd(ba.data(), 0.f, ctx);
-        ep.join(ctx.stream);  // the weight gradients belong to the backward's time
-        CUDA_CHECK(cudaEventRecord(e[2], ctx.stream));
-        CUDA_CHECK(cudaEventSynchronize(e[2]));
-        float ms_f = 0, ms_b = 0;
-        CUDA_CHECK(cudaEventElapsedTime(&ms_f, e[0], e[1]));
-        CUDA_CHECK(cudaEventElapsedTime(&ms_b, e[1], e[2]));
-        if (it >= o.warmup) {
-          f.push_back(ms_f);
-          b.push_back(ms_b);
+  std::vector<int> cs{1};
+  cs.insert(cs.end(), o.chunks.begin(), o.chunks.end());
+  for (int C : cs)
+    for (dist::EpMode m : o.modes)
+      for (dist::EpRecompute rc : o.recompute) {
+        dist::EpMoeCuda ep(t, {s.N, s.H, s.I, s.E, s.K}, m, rc, nullptr, nullptr, "the EP block",
+                           C);
+        auto fa = fwd_args(p, t, p.out_ep.get());
+        auto ba = bwd_args(p, t);
+        std::vector<float> f, b;
+        for (int it = 0; it < o.warmup + o.iters; ++it) {
+          CUDA_CHECK(cudaEventRecord(e[0], ctx.stream));
+          ep.fwd(fa.data(), s.N, ctx);
+          CUDA_CHECK(cudaEventRecord(e[1], ctx.stream));
+          ep.bwd(ba.data(), 0.f, ctx);
+          ep.join(ctx.stream);  // the weight gradients belong to the backward's time
+          CUDA_CHECK(cudaEventRecord(e[2], ctx.stream));
+          CUDA_CHECK(cudaEventSynchronize(e[2]));
+          float ms_f = 0, ms_b = 0;
+          CUDA_CHECK(cudaEventElapsedTime(&ms_f, e[0], e[1]));
+          CUDA_CHECK(cudaEventElapsedTime(&ms_b, e[1], e[2]));
+          if (it >= o.warmup) {
+            f.push_back(ms_f);
+            b.push_back(ms_b);
+          }
         }
+        std::sort(f.begin(), f.end());
+        std::sort(b.begin(), b.end());
+        std::printf("TIME loopback P=%d %-6s rc=%-7s chunks %d wgrad overlap %-3s N=%lld H=%lld "
+                    "I=%lld E=%lld K=%lld: fwd %.3f ms, bwd %.3f ms, fwd+bwd %.3f ms (median of %d, "
+                    "the whole group on one GPU)\n",
+                    s.P, dist::ep_mode_name(m), dist::ep_recompute_name(rc), C,
+                    ep.wgrad_overlap() ? "on" : "off", (long long)s.N,
+                    (long long)s.H, (long long)s.I, (long long)s.E, (long long)s.K, f[f.size() / 2],
+                    b[b.size() / 2], f[f.size() / 2] + b[b.size() / 2], int(f.size()));
+        std::fflush(stdout);
       }
-      std::sort(f.begin(), f.end());
-      std::sort(b.begin(), b.end());
-      std::printf("TIME loopback P=%d %-6s rc=%-7s wgrad overlap %-3s N=%lld H=%lld I=%lld E=%lld "
-                  "K=%lld: fwd %.3f ms, bwd %.3f ms, fwd+bwd %.3f ms (median of %d, the whole "
-                  "group on one GPU)\n",
-                  s.P, dist::ep_mode_name(m), dist::ep_recompute_name(rc),
-                  ep.wgrad_overlap() ? "on" : "off", (long long)s.N,
-                  (long long)s.H, (long long)s.I, (long long)s.E, (long long)s.K, f[f.size() / 2],
-                  b[b.size() / 2], f[f.size() / 2] + b[b.size() / 2], int(f.size()));
-      std::fflush(stdout);
-    }
   for (auto& ev : e) CUDA_CHECK(cudaEventDestroy(ev));
   return 0;
 }
@@ -829,11 +963,11 @@ int run_loopback(const Opts& o, int P) {
   cu::ScopedCtx owner(std::max(workspace_for(small), workspace_for(big)));
   if (o.time_only) return time_loopback(o, t, big, owner.ctx());
   for (dist::EpMode m : o.modes)
-    check_shape(tally, t, m, small, o.recompute, o.seed, owner.ctx());
+    check_shape(tally, t, m, small, o.recompute, o.chunks, o.seed, owner.ctx());
   for (dist::EpMode m : o.modes)
-    check_shape(tally, t, m, big, o.recompute, o.seed + 100, owner.ctx());
-  check_arena(tally, t, small, o.modes, o.recompute, o.seed + 200, owner.ctx());
-  check_arena(tally, t, arena_shape(big), o.modes, o.recompute, o.seed + 300, owner.ctx());
+    check_shape(tally, t, m, big, o.recompute, o.chunks, o.seed + 100, owner.ctx());
+  check_arena(tally, t, small, o.modes, o.recompute, o.chunks, o.seed + 200, owner.ctx());
+  check_arena(tally, t, arena_shape(big), o.modes, o.recompute, o.chunks, o.seed + 300, owner.ctx());
   std::printf("ep_check %s: %d checks, %d failed\n", tally.tag.c_str(), tally.checks, tally.fails);
   return std::min(tally.fails, 255);
 }
@@ -1027,11 +1161,11 @@ int run_ranks(const Opts& o) {
   if (o.kill_rank < 0) {
     // the small unaligned suite first, then the given shapes
     for (dist::EpMode m : o.modes)
-      check_shape(tally, t, m, small, o.recompute, o.seed, owner.ctx());
+      check_shape(tally, t, m, small, o.recompute, o.chunks, o.seed, owner.ctx());
     for (dist::EpMode m : o.modes)
-      check_shape(tally, t, m, s, o.recompute, o.seed + 100, owner.ctx());
-    check_arena(tally, t, small, o.modes, o.recompute, o.seed + 200, owner.ctx());
-    check_arena(tally, t, arena_shape(s), o.modes, o.recompute, o.seed + 300, owner.ctx());
+      check_shape(tally, t, m, s, o.recompute, o.chunks, o.seed + 100, owner.ctx());
+    check_arena(tally, t, small, o.modes, o.recompute, o.chunks, o.seed + 200, owner.ctx());
+    check_arena(tally, t, arena_shape(s), o.modes, o.recompute, o.chunks, o.seed + 300, owner.ctx());
     const bool padded =
         std::find(o.modes.begin(), o.modes.end(), dist::EpMode::kPadded) != o.modes.end();
     if (padded && comm.kind() == dist::EpTransportKind::kIpc)

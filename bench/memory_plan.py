@@ -31,6 +31,10 @@ tokens per rank. With EP (ep > 1) the model keeps no expert rows of its own; the
               P*N*min(K, E/P) expert rows): the expert GEMMs' inputs and gradients, send and
               receive staging (send rows: N*min(P, K) counts, P*N padded); with
               --ep-recompute experts also one gate|up buffer
+Every layout adds workspace_context (1.25 GiB: the ops' workspace and the CUDA context) and, with
+several ranks, comm_buffers: 0.5 GiB per peer (NCCL communicators, IPC staging, the gradient
+reducer's buckets), fitted to the measured peaks on 2 and 4 H200s (bench/RESULTS.md: within
+0.15 GiB of every one); beyond 4 ranks an extrapolation, capped at the 7 peers of one node.
 --memory-saving: train.memory_saving (model/qwen3_moe_cuda.h): no gradient arena (a scratch of
 the largest tensor), one shared set of the recomputed activations instead of one per layer.
 """
@@ -180,10 +184,17 @@ def plan(c, ep, world, seq, mbs, zero, ep_capacity=2.0, memsave=False, ep_recomp
                                                 ep_dispatch) \
         if ep > 1 else (0, 0, 0)
     ws = 0.25 * GiB + 1.0 * GiB  # measured op workspace (W1) + CUDA context, cuBLAS/cuDNN handles
+    # Several ranks: NCCL communicators (their per-peer buffers), the IPC staging, the gradient
+    # reducer's buckets. Fitted to the measured peaks (bench/RESULTS.md): the plan without this
+    # term was low by 0.43 / 0.41 GiB at 2 ranks (W2, 12 / 24 layers) and 1.35-1.61 GiB at 4
+    # (issue 7's five runs), i.e. about 0.5 GiB per peer. Beyond 4 ranks of one node it is an
+    # extrapolation (capped at the 7 peers of an 8-GPU node: across nodes NCCL's buffers follow
+    # its rings and trees, not every rank).
+    comm = 0.5 * GiB * (min(world, 8) - 1)
     return dict(params_B=(dense + experts) / 1e9, dense_B=dense / 1e9, experts_rank_B=experts_rank / 1e9,
                 weights=w, grads=g, moments=m, activations=act, ep_arena=ep_arena, ep_scratch=ep_scratch,
-                ep_arena_worst=ep_worst, workspace_context=ws,
-                total=w + g + m + act + ep_arena + ep_scratch + ws)
+                ep_arena_worst=ep_worst, workspace_context=ws, comm_buffers=comm,
+                total=w + g + m + act + ep_arena + ep_scratch + ws + comm)
 
 
 def main():
@@ -219,7 +230,8 @@ def main():
               else "ep_dispatch padded: the EP arena at the worst case")
              + f", ep_recompute {a.ep_recompute}" if a.ep > 1 else "one GPU's experts")
           + (", memory-saving mode" if a.memory_saving else ""))
-    for k in ("weights", "grads", "moments", "activations", "ep_arena", "ep_scratch", "workspace_context", "total"):
+    for k in ("weights", "grads", "moments", "activations", "ep_arena", "ep_scratch", "workspace_context",
+              "comm_buffers", "total"):
         print(f"  {k:18s} {p[k] / GiB:7.2f} GiB")
     if a.ep > 1:
         print(f"  (the EP arena at the worst routing, every token of the group on this rank: "

@@ -76,30 +76,48 @@ EpLoad ep_worst_load(const EpMoeShape& s, int P, int64_t N) {
   return {R, R * double(std::min(s.K, El))};
 }
 
-size_t ep_arena_worst_bytes(const EpMoeShape& s, int P, int local_ranks, EpRecompute rc) {
-  const EpLoad w = ep_worst_load(s, P, s.max_tokens);
-  return size_t(local_ranks) *
-         ep_saved_layout(s, P, s.max_tokens, int64_t(w.rows), int64_t(w.picks), rc).bytes;
+void check_ep_chunks(int C) {
+  AM_CHECK(C >= 1 && C <= kEpMaxChunks,
+           "train.ep_chunks must be between 1 (no pipelining, the default) and {} (the EP block "
+           "pipelines its tokens in that many chunks; 2 is the intended setting), got {}",
+           kEpMaxChunks, C);
+}
+
+size_t ep_arena_worst_bytes(const EpMoeShape& s, int P, int local_ranks, EpRecompute rc,
+                            int chunks) {
+  check_ep_chunks(chunks);
+  size_t b = 0;
+  for (int c = 0; c < chunks; ++c) {
+    const int64_t n = ep_chunk_tokens(s.max_tokens, chunks, c);
+    const EpLoad w = ep_worst_load(s, P, n);
+    b += ep_align(ep_saved_layout(s, P, n, int64_t(w.rows), int64_t(w.picks), rc).bytes);
+  }
+  return size_t(local_ranks) * b;
 }
 
 size_t ep_arena_bytes(const EpMoeShape& s, int P, int64_t layers, int local_ranks,
-                      double capacity, EpRecompute rc) {
+                      double capacity, EpRecompute rc, int chunks) {
   AM_CHECK(capacity > 0 && std::isfinite(capacity),
            "train.ep_capacity must be a positive number (the EP arena's size over the balanced "
            "load; 2 is the default), got {}",
            capacity);
-  const EpLoad e = ep_expected_load(s, P, s.max_tokens);
-  const size_t expected = ep_saved_layout(s, P, s.max_tokens, int64_t(std::ceil(e.rows)),
-                                          int64_t(std::ceil(e.picks)), rc)
-                              .bytes;
+  check_ep_chunks(chunks);
+  size_t expected = 0;
+  for (int c = 0; c < chunks; ++c) {
+    const int64_t n = ep_chunk_tokens(s.max_tokens, chunks, c);
+    const EpLoad e = ep_expected_load(s, P, n);
+    expected += ep_align(
+        ep_saved_layout(s, P, n, int64_t(std::ceil(e.rows)), int64_t(std::ceil(e.picks)), rc)
+            .bytes);
+  }
   const double want = std::ceil(capacity * double(expected) * double(layers) * double(local_ranks));
-  const size_t worst = size_t(layers) * ep_arena_worst_bytes(s, P, local_ranks, rc);
+  const size_t worst = size_t(layers) * ep_arena_worst_bytes(s, P, local_ranks, rc, chunks);
   return want >= double(worst) ? worst : ep_align(size_t(want));
 }
 
 size_t ep_arena_padded_bytes(const EpMoeShape& s, int P, int64_t layers, int local_ranks,
-                             EpRecompute rc) {
-  return size_t(layers) * ep_arena_worst_bytes(s, P, local_ranks, rc);
+                             EpRecompute rc, int chunks) {
+  return size_t(layers) * ep_arena_worst_bytes(s, P, local_ranks, rc, chunks);
 }
 
 double ep_padded_wire_ratio(const EpMoeShape& s, int P) {

@@ -71,6 +71,17 @@ struct EpSavedLayout {
 EpSavedLayout ep_saved_layout(const EpMoeShape& s, int P, int64_t N, int64_t R, int64_t M,
                               EpRecompute rc);
 
+// Token chunks (train.ep_chunks): the block pipelines N tokens as C contiguous chunks, each a
+// complete EP pass with its own carve; the first N % C chunks hold one token more (at most
+// ceil(N/C) each). The same split on every rank for the same N.
+constexpr int kEpMaxChunks = 8;
+inline int64_t ep_chunk_tokens(int64_t N, int C, int c) { return N / C + (c < N % C ? 1 : 0); }
+inline int64_t ep_chunk_begin(int64_t N, int C, int c) {
+  return c * (N / C) + (c < N % C ? c : N % C);
+}
+// Throws unless 1 <= C <= kEpMaxChunks, saying what to set.
+void check_ep_chunks(int C);
+
 // Received rows and picks of one rank and layer: expected under balanced routing, and the worst.
 struct EpLoad {
   double rows = 0, picks = 0;
@@ -80,15 +91,18 @@ EpLoad ep_worst_load(const EpMoeShape& s, int P, int64_t N);
 
 // Arena bytes for `layers` MoE layers x `local_ranks` ranks of this process, carves laid out for
 // `rc`: ceil(capacity x the expected carves), at most the worst carves (a larger arena could
-// never be used up). capacity > 0 (train.ep_capacity).
+// never be used up). capacity > 0 (train.ep_capacity). `chunks`: a layer carves once per token
+// chunk (train.ep_chunks), so its carves are those of max_tokens split by ep_chunk_tokens (the
+// same rows, plus per carve its offsets and the alignment).
 size_t ep_arena_bytes(const EpMoeShape& s, int P, int64_t layers, int local_ranks, double capacity,
-                      EpRecompute rc);
+                      EpRecompute rc, int chunks = 1);
 // The worst case of ONE layer's carves (what a block without a shared arena owns).
-size_t ep_arena_worst_bytes(const EpMoeShape& s, int P, int local_ranks, EpRecompute rc);
+size_t ep_arena_worst_bytes(const EpMoeShape& s, int P, int local_ranks, EpRecompute rc,
+                            int chunks = 1);
 // Padded mode: `layers` x the worst carves (every forward carves P*N rows whatever the routing,
 // so this never overflows for N <= max_tokens and there is no capacity to choose).
 size_t ep_arena_padded_bytes(const EpMoeShape& s, int P, int64_t layers, int local_ranks,
-                             EpRecompute rc);
+                             EpRecompute rc, int chunks = 1);
 // Padded over counts mode: rows a rank sends (= wire bytes; rows to itself included on both
 // sides), P*N against the expected N*P*(1 - C(E-El, K)/C(E, K)) of balanced routing.
 double ep_padded_wire_ratio(const EpMoeShape& s, int P);

@@ -34,16 +34,47 @@ struct EpMoeCuda::Rank {
   bf16* ys = nullptr;           // [M,H] (kept; null with kOutputs, kExperts)
 };
 
+// One token chunk of the last forward: tokens [t0, t0 + n) of every local rank, a complete EP
+// pass of its own (with chunks = 1, all N tokens).
+struct EpMoeCuda::Chunk {
+  int idx = 0;  // c: its send/receive buffers are the scratch's local(c, i)
+  int64_t t0 = 0, n = 0;
+  std::vector<std::unique_ptr<Rank>> r;  // [L]
+  // row plans of its all-to-alls, at [i*P + p] (EpA2aRows), and each local rank's rows (R) and
+  // expert rows (M)
+  std::vector<int64_t> send_off, send_cnt, recv_off, recv_cnt;
+  std::vector<int64_t> R, M;  // [L]
+  // the dispatch's row plan, and the combine's (the same rows back)
+  EpA2aRows fwd_rows() const {
+    return {send_off.data(), send_cnt.data(), recv_off.data(), recv_cnt.data()};
+  }
+  EpA2aRows back_rows() const {
+    return {recv_off.data(), recv_cnt.data(), send_off.data(), send_cnt.data()};
+  }
+  int32_t* host_cnt = nullptr;   // [L, P, W] of EpMoeCuda::host_cnt_ (counts mode)
+  int32_t* host_tail = nullptr;  // [L, 2] of host_tail_
+  // chunks > 1: the hand-offs between the caller's stream (compute) and the comm stream:
+  // packed (compute: its send rows written), arrived (comm: its rows received), computed
+  // (compute: its expert outputs or dx rows written), returned (comm: its rows back)
+  cudaEvent_t packed = nullptr, arrived = nullptr, computed = nullptr, returned = nullptr;
+  // chunks > 1, set_timing: around its transport calls on the comm stream, [0,1] the counts
+  // exchange, [2,3] dispatch, [4,5] combine, [6,7] the backward's dispatch, [8,9] its combine
+  cudaEvent_t tev[10] = {};
+};
+
 size_t EpMoeCuda::workspace_bytes(const EpMoeShape& s, int P) {
   const int64_t El = s.E / std::max(P, 1);
   return std::max(cu::grouped_linear_workspace_bytes(El),
                   cu::moe_layout_workspace_bytes(int64_t(std::max(P, 1)) * s.max_tokens, s.K, El));
 }
 
-EpMoeScratch::EpMoeScratch(const EpMoeShape& s, int P, int local_ranks, EpMode m, EpRecompute rc)
-    : mode(m), recompute(rc) {
+EpMoeScratch::EpMoeScratch(const EpMoeShape& s, int P, int local_ranks, EpMode m, EpRecompute rc,
+                           int chunks_)
+    : chunks(chunks_), mode(m), recompute(rc) {
+  check_ep_chunks(chunks);
   P = std::max(P, 1);
-  const int64_t El = s.E / P, Nmax = s.max_tokens;
+  // one chunk's tokens at most (ep_chunk_tokens)
+  const int64_t El = s.E / P, Nmax = (s.max_tokens + chunks - 1) / chunks;
   Rcap = int64_t(P) * Nmax;
   Mcap = Rcap * std::min(s.K, std::max<int64_t>(El, 1));
   Scap = mode == EpMode::kPadded ? Rcap : Nmax * std::min<int64_t>(P, s.K);
@@ -57,7 +88,15 @@ EpMoeScratch::EpMoeScratch(const EpMoeShape& s, int P, int local_ranks, EpMode m
   CUDA_CHECK(cudaEventCreateWithFlags(&inputs_ready, cudaEventDisableTiming));
   CUDA_CHECK(cudaEventCreateWithFlags(&wgrad_done, cudaEventDisableTiming));
   side_ws = Buf<unsigned char>(cu::grouped_linear_workspace_bytes(std::max<int64_t>(El, 1)));
-  local.resize(size_t(std::max(local_ranks, 1)));
+  if (chunks > 1) {
+    const int64_t L = std::max(local_ranks, 1);
+    acc_gu = Buf<float>(size_t(L * El * 2 * s.I * s.H));
+    acc_down = Buf<float>(size_t(L * El * s.H * s.I));
+    int least = 0, greatest = 0;
+    CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+    CUDA_CHECK(cudaStreamCreateWithPriority(&comm, cudaStreamNonBlocking, greatest));
+  }
+  local.resize(size_t(std::max(local_ranks, 1)) * size_t(chunks));
   for (Local& l : local) {
     l.send_pos = Buf<int32_t>(size_t(Nmax * P));
     l.x_send = Buf<bf16>(size_t(Scap * s.H));
@@ -74,6 +113,10 @@ EpMoeScratch::~EpMoeScratch() {
     cudaStreamSynchronize(side);  // its kernels may still read the buffers freed below
     cudaStreamDestroy(side);
   }
+  if (comm) {
+    cudaStreamSynchronize(comm);  // its copies may still write the buffers freed below
+    cudaStreamDestroy(comm);
+  }
   if (inputs_ready) cudaEventDestroy(inputs_ready);
   if (wgrad_done) cudaEventDestroy(wgrad_done);
 }
@@ -84,7 +127,7 @@ void EpMoeScratch::wait_wgrad(cudaStream_t stream) const {
 
 size_t EpMoeScratch::bytes() const {
   size_t b = xs.bytes() + act.bytes() + dys.bytes() + dact.bytes() + dgu.bytes() + gu.bytes() +
-             side_ws.bytes();
+             side_ws.bytes() + acc_gu.bytes() + acc_down.bytes();
   for (const Local& l : local)
     b += l.send_pos.bytes() + l.x_send.bytes() + l.idx_send.bytes() + l.w_send.bytes() +
          l.idx_recv.bytes() + l.dw_recv.bytes() + l.y_recv.bytes();
@@ -96,10 +139,12 @@ EpSavedArena::EpSavedArena(size_t bytes, std::string w)
 
 EpMoeCuda::EpMoeCuda(EpTransport& t, const EpMoeShape& shape, EpMode mode, EpRecompute recompute,
                      std::shared_ptr<EpMoeScratch> scratch, std::shared_ptr<EpSavedArena> arena,
-                     std::string label)
-    : t_(t), s_(shape), mode_(mode), rc_(recompute), P_(t.size()), L_(t.num_local()),
+                     std::string label, int chunks)
+    : t_(t), s_(shape), mode_(mode), rc_(recompute), P_(t.size()), L_(t.num_local()), C_(chunks),
       sc_(std::move(scratch)), arena_(std::move(arena)), label_(std::move(label)) {
-  const int64_t H = s_.H, I = s_.I, E = s_.E, K = s_.K, Nmax = s_.max_tokens;
+  check_ep_chunks(C_);
+  // the buffers are per chunk: at most ceil(max_tokens / C) tokens (ep_chunk_tokens)
+  const int64_t H = s_.H, I = s_.I, E = s_.E, K = s_.K, Nmax = (s_.max_tokens + C_ - 1) / C_;
   AM_CHECK(H > 0 && I > 0 && K > 0 && Nmax >= 0, "[EpMoeCuda] needs H, I, K > 0 (got {}, {}, {})",
            H, I, K);
   AM_CHECK(E % P_ == 0,
@@ -119,19 +164,41 @@ EpMoeCuda::EpMoeCuda(EpTransport& t, const EpMoeShape& shape, EpMode mode, EpRec
            "[EpMoeCuda] {} tokens per rank x {} ranks x {} picks do not fit int32 rows; use fewer "
            "tokens per micro-batch",
            Nmax, P_, std::min(K, El_));
-  for (int i = 0; i < L_; ++i) {
-    auto r = std::make_unique<Rank>();
-    r->cnt = Buf<int32_t>(size_t(2 * P_));
-    r->info = Buf<int32_t>(size_t((1 + P_) * W_));
-    bytes_ += r->cnt.bytes() + r->info.bytes();
-    r_.push_back(std::move(r));
+  const size_t LP = size_t(L_) * P_;
+  for (int c = 0; c < C_; ++c) {
+    auto ch = std::make_unique<Chunk>();
+    ch->idx = c;
+    for (int i = 0; i < L_; ++i) {
+      auto r = std::make_unique<Rank>();
+      r->cnt = Buf<int32_t>(size_t(2 * P_));
+      r->info = Buf<int32_t>(size_t((1 + P_) * W_));
+      bytes_ += r->cnt.bytes() + r->info.bytes();
+      ch->r.push_back(std::move(r));
+    }
+    ch->send_off.assign(LP, 0);
+    ch->send_cnt.assign(LP, 0);
+    ch->recv_off.assign(LP, 0);
+    ch->recv_cnt.assign(LP, 0);
+    ch->R.assign(size_t(L_), 0);
+    ch->M.assign(size_t(L_), 0);
+    if (C_ > 1) {
+      for (cudaEvent_t* e : {&ch->packed, &ch->arrived, &ch->computed, &ch->returned})
+        CUDA_CHECK(cudaEventCreateWithFlags(e, cudaEventDisableTiming));
+      for (cudaEvent_t& e : ch->tev) CUDA_CHECK(cudaEventCreate(&e));
+    }
+    ch_.push_back(std::move(ch));
   }
   if (sc_) {
+    AM_CHECK(sc_->chunks == C_,
+             "[EpMoeCuda] {} pipelines {} token chunks but its shared scratch was built for {}; "
+             "build the EpMoeScratch with the same chunks (train.ep_chunks)",
+             label_, C_, sc_->chunks);
     AM_CHECK(sc_->Mcap >= Mcap_ && sc_->Rcap >= Rcap_ && sc_->Scap >= Scap_ &&
-                 sc_->local.size() >= size_t(L_) && sc_->xs.size() >= size_t(Mcap_ * H) &&
+                 sc_->local.size() >= size_t(C_ * L_) && sc_->xs.size() >= size_t(Mcap_ * H) &&
                  sc_->dgu.size() >= size_t(Mcap_ * 2 * I) &&
                  sc_->local[0].send_pos.size() >= size_t(Nmax * P_) &&
-                 sc_->side_ws.bytes() >= cu::grouped_linear_workspace_bytes(El_),
+                 sc_->side_ws.bytes() >= cu::grouped_linear_workspace_bytes(El_) &&
+                 (C_ == 1 || sc_->acc_down.size() >= size_t(L_ * El_ * H * I)),
              "internal: [EpMoeCuda] a shared scratch of {} slots, {} send rows and {} local ranks "
              "for a block of {}, {} and {}",
              sc_->Mcap, sc_->Scap, sc_->local.size(), Mcap_, Scap_, L_);
@@ -140,45 +207,45 @@ EpMoeCuda::EpMoeCuda(EpTransport& t, const EpMoeShape& shape, EpMode mode, EpRec
              "scratch has no gate|up buffer; build the EpMoeScratch with EpRecompute::kExperts",
              label_);
   } else {
-    sc_ = std::make_shared<EpMoeScratch>(s_, P_, L_, mode_, rc_);
+    sc_ = std::make_shared<EpMoeScratch>(s_, P_, L_, mode_, rc_, C_);
     bytes_ += sc_->bytes();
   }
   if (!arena_) {  // one forward's state at the worst routing, reset at each forward
-    arena_ = std::make_shared<EpSavedArena>(ep_arena_worst_bytes(s_, P_, L_, rc_),
+    arena_ = std::make_shared<EpSavedArena>(ep_arena_worst_bytes(s_, P_, L_, rc_, C_),
                                             "the worst routing of one layer");
     own_arena_ = true;
     bytes_ += arena_->bytes();
   }
 
   CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&host_cnt_),
-                            size_t(L_ * P_ * W_) * sizeof(int32_t)));
-  CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&host_tail_), size_t(L_) * 2 * sizeof(int32_t)));
+                            size_t(C_) * LP * size_t(W_) * sizeof(int32_t)));
+  CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&host_tail_),
+                            size_t(C_) * size_t(L_) * 2 * sizeof(int32_t)));
+  for (int c = 0; c < C_; ++c) {
+    ch_[size_t(c)]->host_cnt = host_cnt_ + size_t(c) * LP * size_t(W_);
+    ch_[size_t(c)]->host_tail = host_tail_ + size_t(c) * size_t(L_) * 2;
+  }
   // The largest all-to-all: dispatch's rows (x, picks, weights), or dispatch's backward with
   // send and receive swapped; at most Rcap >= Scap rows either way (staging transports).
   // Between one rank and one peer, at most Nmax rows of them: a token goes once to each
   // destination rank (padded: N rows per peer), a combine returns at most the rows that came;
-  // or one info row (counts) or count (padded). Collective with IPC (see reserve()).
+  // or one info row (counts) or count (padded). Collective with IPC (see reserve()). With
+  // chunks, one call moves one chunk's rows: Nmax here is a chunk's.
   const size_t row_bytes = size_t(2 * H + 8 * K);
   const size_t a2a_bytes = std::max(size_t(std::max(Scap_, Rcap_)) * row_bytes,
                                     size_t(P_ * W_) * sizeof(int32_t)) *
                            size_t(L_);
   const size_t pair_bytes = std::max(size_t(Nmax) * row_bytes, size_t(W_) * sizeof(int32_t));
   t_.reserve(a2a_bytes, a2a_bytes, pair_bytes);
-  const size_t LP = size_t(L_) * P_;
-  send_off_.assign(LP, 0);
-  send_cnt_.assign(LP, 0);
-  recv_off_.assign(LP, 0);
-  recv_cnt_.assign(LP, 0);
   unit_off_.resize(LP);
   unit_cnt_.assign(LP, 1);
   zero_off_.assign(LP, 0);
   for (size_t i = 0; i < LP; ++i) unit_off_[i] = int64_t(i % P_);
-  R_.assign(L_, 0);
-  M_.assign(L_, 0);
   ptr_send_.assign(size_t(3 * L_), nullptr);
   ptr_recv_.assign(size_t(3 * L_), nullptr);
   for (cudaEvent_t& e : ev_) CUDA_CHECK(cudaEventCreate(&e));
   for (cudaEvent_t& e : evb_) CUDA_CHECK(cudaEventCreate(&e));
+  if (C_ > 1) CUDA_CHECK(cudaEventCreateWithFlags(&laid_out_, cudaEventDisableTiming));
   CUDA_CHECK(cudaEventCreateWithFlags(&wgrad_done_, cudaEventDisableTiming));
   const char* ov = std::getenv("AUTOMOE_EP_WGRAD_OVERLAP");
   wgrad_overlap_ = !(ov && std::strcmp(ov, "0") == 0);
@@ -194,6 +261,13 @@ EpMoeCuda::~EpMoeCuda() {
     if (e) cudaEventDestroy(e);
   for (cudaEvent_t e : evb_)
     if (e) cudaEventDestroy(e);
+  if (laid_out_) cudaEventDestroy(laid_out_);
+  for (auto& ch : ch_) {
+    for (cudaEvent_t e : {ch->packed, ch->arrived, ch->computed, ch->returned})
+      if (e) cudaEventDestroy(e);
+    for (cudaEvent_t e : ch->tev)
+      if (e) cudaEventDestroy(e);
+  }
   if (host_cnt_) cudaFreeHost(host_cnt_);
   if (host_tail_) cudaFreeHost(host_tail_);
 }
@@ -212,18 +286,49 @@ void EpMoeCuda::join(cudaStream_t stream) const {
 }
 
 int64_t EpMoeCuda::rows_received(int i) const {
-  return mode_ == EpMode::kCounts ? R_.at(i) : -1;
+  if (mode_ != EpMode::kCounts) return -1;
+  int64_t R = 0;
+  for (const auto& ch : ch_) R += ch->R.at(size_t(i));
+  return R;
 }
 
 int64_t EpMoeCuda::picks_received(int i) const {
-  return mode_ == EpMode::kCounts ? M_.at(i) : -1;
+  if (mode_ != EpMode::kCounts) return -1;
+  int64_t M = 0;
+  for (const auto& ch : ch_) M += ch->M.at(size_t(i));
+  return M;
+}
+
+cudaStream_t EpMoeCuda::comm_stream(const cu::Ctx& ctx) const {
+  return C_ > 1 ? sc_->comm : ctx.stream;
+}
+
+void EpMoeCuda::signal(cudaEvent_t e, cudaStream_t s) const {
+  if (C_ > 1) CUDA_CHECK(cudaEventRecord(e, s));
+}
+
+void EpMoeCuda::await(cudaStream_t s, cudaEvent_t e) const {
+  if (C_ > 1) CUDA_CHECK(cudaStreamWaitEvent(s, e, 0));
+}
+
+void EpMoeCuda::mark(Chunk& c, int k, cudaStream_t s) const {
+  if (timing_ && C_ > 1) CUDA_CHECK(cudaEventRecord(c.tev[k], s));
+}
+
+// The [rows, H] bf16 rows of chunk ch's buffers `from` to the peers' `to`, every local rank.
+void EpMoeCuda::move_rows(Chunk& ch, cu::DeviceBuffer<bf16> EpMoeScratch::Local::*from,
+                          cu::DeviceBuffer<bf16> EpMoeScratch::Local::*to, const EpA2aRows& rows,
+                          cudaStream_t s) {
+  EpA2aTensor t = tensor(0, EpDtype::kBf16, s_.H, [&](int i) { return (local(ch.idx, i).*from).get(); },
+                         [&](int i) { return (local(ch.idx, i).*to).get(); });
+  t_.alltoallv(&t, 1, rows, s);
 }
 
 // Padded: each rank's send counts (cnt[0,P)) to every peer, landing in the peer's cnt[P, 2P) at
 // the sender's index: one int32 per (rank, peer).
-void EpMoeCuda::exchange_counts(const cu::Ctx& ctx) {
-  EpA2aTensor c = tensor(0, EpDtype::kI32, 1, [this](int i) { return r_[i]->cnt.get(); },
-                         [this](int i) { return r_[i]->cnt.get() + P_; });
+void EpMoeCuda::exchange_counts(Chunk& ch, const cu::Ctx& ctx) {
+  EpA2aTensor c = tensor(0, EpDtype::kI32, 1, [&](int i) { return ch.r[i]->cnt.get(); },
+                         [&](int i) { return ch.r[i]->cnt.get() + P_; });
   EpA2aRows rows{unit_off_.data(), unit_cnt_.data(), unit_off_.data(), unit_cnt_.data()};
   t_.alltoallv(&c, 1, rows, ctx.stream);
 }
@@ -231,42 +336,51 @@ void EpMoeCuda::exchange_counts(const cu::Ctx& ctx) {
 // Counts: every rank's info row (its send rows and picks per destination, from ep_layout; its N
 // and the room left in its arena, from here) to every rank: info row 0 goes to every peer and
 // lands at row 1+s of the peer's info, s the sender. P*W int32 per rank, the same all-to-all as
-// the counts alone, so no extra sync; every rank then knows every rank's need and room.
-void EpMoeCuda::exchange_info(int64_t N, const cu::Ctx& ctx) {
+// the counts alone, so no extra sync; every rank then knows every rank's need and room. Every
+// chunk reports the room left before the layer's first carve (check_room() adds the chunks).
+void EpMoeCuda::exchange_info(Chunk& ch, const cu::Ctx& ctx) {
   const size_t room = arena_->bump.left() / kEpArenaAlign;  // whole units: carves are aligned
   for (int i = 0; i < L_; ++i) {
-    host_tail_[2 * i] = int32_t(N);
-    host_tail_[2 * i + 1] = int32_t(std::min<size_t>(room, INT32_MAX));
-    CUDA_CHECK(cudaMemcpyAsync(r_[i]->info.get() + 2 * P_, host_tail_ + 2 * i, 2 * sizeof(int32_t),
-                               cudaMemcpyHostToDevice, ctx.stream));
+    ch.host_tail[2 * i] = int32_t(ch.n);
+    ch.host_tail[2 * i + 1] = int32_t(std::min<size_t>(room, INT32_MAX));
+    CUDA_CHECK(cudaMemcpyAsync(ch.r[i]->info.get() + 2 * P_, ch.host_tail + 2 * i,
+                               2 * sizeof(int32_t), cudaMemcpyHostToDevice, ctx.stream));
   }
-  EpA2aTensor c = tensor(0, EpDtype::kI32, W_, [this](int i) { return r_[i]->info.get(); },
-                         [this](int i) { return r_[i]->info.get() + W_; });
+  EpA2aTensor c = tensor(0, EpDtype::kI32, W_, [&](int i) { return ch.r[i]->info.get(); },
+                         [&](int i) { return ch.r[i]->info.get() + W_; });
   EpA2aRows rows{zero_off_.data(), unit_cnt_.data(), unit_off_.data(), unit_cnt_.data()};
   t_.alltoallv(&c, 1, rows, ctx.stream);
 }
 
-// Counts, after the sync: every rank's need for this layer from the info rows (the same on
-// every process), against the room it reported. The ranks of this process share its arena and
-// carve one after another (loopback); a rank of another process has its own (one rank per
-// process over NCCL or MPI). The first rank that does not fit names the error, on every rank.
+// Counts, after the sync: every rank's need for this layer (all its chunks' carves) from the
+// info rows (the same on every process), against the room it reported. The ranks of this
+// process share its arena and carve one after another (loopback); a rank of another process
+// has its own (one rank per process over NCCL or MPI). The first rank that does not fit names
+// the error, on every rank.
 void EpMoeCuda::check_room() {
   const int P = P_;
-  const int32_t* row = host_cnt_;  // local rank 0's copy of every rank's row: [P][W]
   std::vector<bool> local(size_t(P), false);
   for (int i = 0; i < L_; ++i) local[size_t(t_.rank_of(i))] = true;
   const size_t left0 = arena_->bump.left();
   size_t local_used = 0;
   for (int d = 0; d < P; ++d) {
     int64_t R = 0, M = 0;
-    for (int s = 0; s < P; ++s) {
-      R += row[s * W_ + d];
-      M += row[s * W_ + P + d];
+    size_t need = 0;
+    for (const auto& ch : ch_) {
+      const int32_t* row = ch->host_cnt;  // local rank 0's copy of every rank's row: [P][W]
+      int64_t Rc = 0, Mc = 0;
+      for (int s = 0; s < P; ++s) {
+        Rc += row[s * W_ + d];
+        Mc += row[s * W_ + P + d];
+      }
+      const int64_t N = row[d * W_ + 2 * P];
+      need += ep_align(ep_saved_layout(s_, P, N, Rc, Mc, rc_).bytes);
+      R += Rc;
+      M += Mc;
     }
-    const int64_t N = row[d * W_ + 2 * P];
-    const size_t need = ep_saved_layout(s_, P, N, R, M, rc_).bytes;
-    const size_t room = local[size_t(d)] ? left0 - std::min(left0, local_used)
-                                         : size_t(row[d * W_ + 2 * P + 1]) * kEpArenaAlign;
+    const size_t room = local[size_t(d)]
+                            ? left0 - std::min(left0, local_used)
+                            : size_t(ch_[0]->host_cnt[d * W_ + 2 * P + 1]) * kEpArenaAlign;
     if (need > room)
       AM_FAIL("{} ({})", ep_arena_overflow_message(label_, d, need, room, arena_->bump.capacity(), R, M),
               arena_->what);
@@ -274,11 +388,17 @@ void EpMoeCuda::check_room() {
   }
 }
 
-// Padded: every local rank carves the worst case of N tokens, whatever the routing: the same
-// bytes on every rank for the same N and arena, so all ranks decide alike without an exchange.
-void EpMoeCuda::check_room_padded(int64_t N) {
+// Padded: every local rank carves the worst case of each chunk's tokens, whatever the routing:
+// the same bytes on every rank for the same N and arena, so all ranks decide alike without an
+// exchange.
+void EpMoeCuda::check_room_padded() {
   size_t need = 0;
-  for (int i = 0; i < L_; ++i) need += ep_saved_layout(s_, P_, N, R_[i], M_[i], rc_).bytes;
+  int64_t N = 0;
+  for (const auto& ch : ch_) {
+    N += ch->n;
+    for (int i = 0; i < L_; ++i)
+      need += ep_align(ep_saved_layout(s_, P_, ch->n, ch->R[i], ch->M[i], rc_).bytes);
+  }
   if (need > arena_->bump.left())
     AM_FAIL("{} ({})",
             ep_arena_padded_overflow_message(label_, need, arena_->bump.left(),
@@ -286,203 +406,333 @@ void EpMoeCuda::check_room_padded(int64_t N) {
             arena_->what);
 }
 
-void EpMoeCuda::set_plan(int64_t N) {
+void EpMoeCuda::set_plan(Chunk& ch) {
   const int P = P_;
+  const int64_t N = ch.n;
   for (int i = 0; i < L_; ++i) {
     const int d = t_.rank_of(i);
-    const int32_t* row = host_cnt_ + size_t(i) * P * W_;  // counts: every rank's info row
+    const int32_t* row = ch.host_cnt + size_t(i) * P * W_;  // counts: every rank's info row
     int64_t so = 0, ro = 0, picks = 0;
     for (int p = 0; p < P; ++p) {
       const size_t k = size_t(i) * P + p;
       if (mode_ == EpMode::kPadded) {  // regions of N rows, whatever the counts
-        send_off_[k] = recv_off_[k] = p * N;
-        send_cnt_[k] = recv_cnt_[k] = N;
+        ch.send_off[k] = ch.recv_off[k] = p * N;
+        ch.send_cnt[k] = ch.recv_cnt[k] = N;
       } else {  // packed, from the counts read back
-        send_cnt_[k] = row[d * W_ + p];
-        recv_cnt_[k] = row[p * W_ + d];
+        ch.send_cnt[k] = row[d * W_ + p];
+        ch.recv_cnt[k] = row[p * W_ + d];
         picks += row[p * W_ + P + d];
-        send_off_[k] = so;
-        recv_off_[k] = ro;
-        so += send_cnt_[k];
-        ro += recv_cnt_[k];
+        ch.send_off[k] = so;
+        ch.recv_off[k] = ro;
+        so += ch.send_cnt[k];
+        ro += ch.recv_cnt[k];
       }
     }
-    R_[i] = mode_ == EpMode::kPadded ? P * N : ro;
-    M_[i] = mode_ == EpMode::kPadded ? R_[i] * std::min(s_.K, El_) : picks;
-    AM_CHECK(so <= Scap_ && R_[i] <= Rcap_ && M_[i] <= Mcap_,
+    ch.R[i] = mode_ == EpMode::kPadded ? P * N : ro;
+    ch.M[i] = mode_ == EpMode::kPadded ? ch.R[i] * std::min(s_.K, El_) : picks;
+    AM_CHECK(so <= Scap_ && ch.R[i] <= Rcap_ && ch.M[i] <= Mcap_,
              "internal: EP rank {} sends {} rows (capacity {}) and receives {} (capacity {}) with "
              "{} picks (capacity {})",
-             d, so, Scap_, R_[i], Rcap_, M_[i], Mcap_);
+             d, so, Scap_, ch.R[i], Rcap_, ch.M[i], Mcap_);
   }
 }
 
-// This forward's saved state of every local rank, in local order, and the layout copied in.
-void EpMoeCuda::carve(int64_t N, const cu::Ctx& ctx) {
+// This forward's saved state of every local rank of chunk ch, in local order, and the layout
+// copied in.
+void EpMoeCuda::carve(Chunk& ch, const cu::Ctx& ctx) {
   unsigned char* base = arena_->mem.get();
   for (int i = 0; i < L_; ++i) {
-    Rank& r = *r_[i];
-    const EpSavedLayout l = ep_saved_layout(s_, P_, N, R_[i], M_[i], rc_);
+    Rank& r = *ch.r[i];
+    const EpSavedLayout l = ep_saved_layout(s_, P_, ch.n, ch.R[i], ch.M[i], rc_);
     const int64_t at = arena_->bump.take(l.bytes);
     AM_CHECK(at >= 0, "internal: [EpMoeCuda] {}: {} bytes passed the room check but do not fit "
              "the {} left",
              label_, l.bytes, arena_->bump.left());
-    unsigned char* c = base + at;
-    r.send_pos = reinterpret_cast<int32_t*>(c + l.send_pos);
-    r.offsets = reinterpret_cast<int32_t*>(c + l.offsets);
-    r.slot_row = reinterpret_cast<int32_t*>(c + l.slot_row);
-    r.w_recv = reinterpret_cast<float*>(c + l.w_recv);
-    r.x_recv = reinterpret_cast<bf16*>(c + l.x_recv);
-    r.gu = l.gu == kEpNotSaved ? nullptr : reinterpret_cast<bf16*>(c + l.gu);
-    r.ys = l.ys == kEpNotSaved ? nullptr : reinterpret_cast<bf16*>(c + l.ys);
-    if (mode_ == EpMode::kCounts && N > 0)  // padded: ep_layout wrote it in place
-      CUDA_CHECK(cudaMemcpyAsync(r.send_pos, sc_->local[size_t(i)].send_pos.get(),
-                                 size_t(N * P_) * sizeof(int32_t), cudaMemcpyDeviceToDevice,
+    unsigned char* p = base + at;
+    r.send_pos = reinterpret_cast<int32_t*>(p + l.send_pos);
+    r.offsets = reinterpret_cast<int32_t*>(p + l.offsets);
+    r.slot_row = reinterpret_cast<int32_t*>(p + l.slot_row);
+    r.w_recv = reinterpret_cast<float*>(p + l.w_recv);
+    r.x_recv = reinterpret_cast<bf16*>(p + l.x_recv);
+    r.gu = l.gu == kEpNotSaved ? nullptr : reinterpret_cast<bf16*>(p + l.gu);
+    r.ys = l.ys == kEpNotSaved ? nullptr : reinterpret_cast<bf16*>(p + l.ys);
+    if (mode_ == EpMode::kCounts && ch.n > 0)  // padded: ep_layout wrote it in place
+      CUDA_CHECK(cudaMemcpyAsync(r.send_pos, local(ch.idx, i).send_pos.get(),
+                                 size_t(ch.n * P_) * sizeof(int32_t), cudaMemcpyDeviceToDevice,
                                  ctx.stream));
   }
   carved_gen_ = arena_->bump.generation();
 }
 
-// Padded: the received rows of local rank i in regions of N_ rows per source, the first
-// r.cnt[P + s] of region s holding tokens (ops_cuda.h, RowRegions); counts: none (packed).
+// Padded: the received rows of local rank i in regions of the chunk's n rows per source, the
+// first r.cnt[P + s] of region s holding tokens (ops_cuda.h, RowRegions); counts: none (packed).
 // The padding rows' outputs are left unwritten, and nothing reads them: the sender's
-// ep_combine_unpack reads its returned rows at send_pos only, i.e. rows [d*N, d*N + send_cnt[d])
+// ep_combine_unpack reads its returned rows at send_pos only, i.e. rows [d*n, d*n + send_cnt[d])
 // of region d, and send_cnt[d] is the receiver's cnt[P + s]; the rest of y_recv's and dw_recv's
 // regions travels back over the wire unread. Rows past offsets[El] of the expert buffers (xs,
 // gu, act, ys, dys, dact, dgu) are in no group: the grouped GEMMs neither read nor write them,
 // so SwiGLU stops there too and no padding reaches a weight gradient.
-cu::RowRegions EpMoeCuda::padding(int i) const {
-  if (mode_ == EpMode::kCounts || N_ <= 0) return {};  // N_ = 0: no rows, no kernel runs
-  return {r_[size_t(i)]->cnt.get() + P_, N_};
+cu::RowRegions EpMoeCuda::padding(const Chunk& ch, int i) const {
+  if (mode_ == EpMode::kCounts || ch.n <= 0) return {};  // n = 0: no rows, no kernel runs
+  return {ch.r[size_t(i)]->cnt.get() + P_, ch.n};
 }
 
 // Padded: the expert rows that came, on the device (offsets[El] of the last forward's layout),
 // for SwiGLU; counts: null (M is exact).
-const int32_t* EpMoeCuda::expert_rows(int i) const {
-  return mode_ == EpMode::kCounts ? nullptr : r_[size_t(i)]->offsets + El_;
+const int32_t* EpMoeCuda::expert_rows(const Chunk& ch, int i) const {
+  return mode_ == EpMode::kCounts ? nullptr : ch.r[size_t(i)]->offsets + El_;
 }
 
-void EpMoeCuda::fwd(const EpMoeFwdArgs* a, int64_t N, const cu::Ctx& ctx) {
+// The local experts over chunk ch's received rows of local rank i (M: their picks, the expert
+// rows). Padded: R and M are the host's bounds (P*n rows, P*n*min(K, El) picks); the work
+// follows the rows that came (see padding()): moe_layout does not read the padding rows' picks
+// (their slot_row is -1, so permute_fwd skips them), the grouped GEMMs and SwiGLU stop at
+// offsets[El], and unpermute leaves the padding rows of y_recv unwritten.
+void EpMoeCuda::experts_fwd(Chunk& ch, int i, const EpMoeFwdArgs& a, const cu::Ctx& ctx) {
   const int64_t H = s_.H, I = s_.I, K = s_.K, El = El_;
+  Rank& r = *ch.r[i];
+  EpMoeScratch::Local& l = local(ch.idx, i);
+  const int64_t R = ch.R[i], M = ch.M[i];
+  const cu::RowRegions rows = padding(ch, i);
+  const int32_t* m_rows = expert_rows(ch, i);
+  // kept in the carve, or (recompute) in the scratch for this call only
+  bf16* gu = r.gu ? r.gu : sc_->gu.get();  // [M,2I]
+  bf16* ys = r.ys ? r.ys : sc_->xs.get();  // [M,H]: xs is dead after the gate_up GEMM
+  cu::moe_layout(r.offsets, r.slot_row, l.idx_recv.get(), R, El, K, ctx, rows);
+  cu::permute_fwd(sc_->xs.get(), r.x_recv, r.slot_row, R, K, H, ctx);
+  cu::grouped_linear_fwd(gu, sc_->xs.get(), a.w_gu, r.offsets, M, El, H, 2 * I, ctx);
+  cu::swiglu_fwd(sc_->act.get(), gu, M, I, ctx, m_rows);
+  cu::grouped_linear_fwd(ys, sc_->act.get(), a.w_down, r.offsets, M, El, I, H, ctx);
+  cu::unpermute_fwd(l.y_recv.get(), ys, r.w_recv, r.slot_row, R, K, H, ctx, rows);
+}
+
+// The pipeline (chunks > 1; with one chunk every stream below is the caller's, and the launches
+// are those of the unchunked block, in its order):
+//   compute (ctx.stream)  layouts | packs | [carves] | experts 0 | experts 1 | unpack 0 | ...
+//   comm                  counts exchanges | [sync] | dispatch 0 | dispatch 1 | combine 0 | ...
+// dispatch c waits for the packs, experts c for dispatch c, combine c for experts c, unpack c
+// for combine c: dispatch c+1 runs beside experts c, combine c beside experts c+1. Every rank
+// enqueues the same transport calls in the same order (IPC's rule), on one stream.
+void EpMoeCuda::fwd(const EpMoeFwdArgs* a, int64_t N, const cu::Ctx& ctx) {
+  const int64_t H = s_.H, K = s_.K, El = El_;
   const int P = P_;
   AM_CHECK(N >= 0 && N <= s_.max_tokens,
            "[EpMoeCuda] {} tokens, but the buffers were sized for at most {}; construct it with "
            "a larger max_tokens",
            N, s_.max_tokens);
   N_ = -1;  // no valid state until the carve below
-  // the last backward's weight gradients may still read the scratch and the carves
+  // the last backward's weight gradients may still read the scratch and the carves (the comm
+  // stream's first call below waits for this stream, so for them too)
   sc_->wait_wgrad(ctx.stream);
   if (own_arena_) arena_->reset();
   const bool counts = mode_ == EpMode::kCounts;
-  const int64_t region = counts ? 0 : N;
-  auto lc = [this](int i) -> EpMoeScratch::Local& { return sc_->local[size_t(i)]; };
-  if (!counts) {  // padded: the plan and the carve need N only, so they come first, on the host
-    set_plan(N);
-    check_room_padded(N);  // throws on every rank alike, before anything is enqueued
-    carve(N, ctx);
+  const cudaStream_t cs = comm_stream(ctx);
+  cu::Ctx cctx = ctx;  // the transport calls' (exchange_*)
+  cctx.stream = cs;
+  for (int c = 0; c < C_; ++c) {
+    ch_[c]->t0 = ep_chunk_begin(N, C_, c);
+    ch_[c]->n = ep_chunk_tokens(N, C_, c);
+  }
+  if (!counts) {  // padded: the plans and the carves need N only, so they come first, on the host
+    for (auto& ch : ch_) set_plan(*ch);
+    check_room_padded();  // throws on every rank alike, before anything is enqueued
+    for (auto& ch : ch_) carve(*ch, ctx);
   }
   // the layout's send_pos: counts mode's carve is not known yet (it needs the counts), so the
   // scratch holds it until the carve; padded mode's goes straight into the carve
-  auto pos = [&](int i) { return counts ? lc(i).send_pos.get() : r_[i]->send_pos; };
-  if (timing_) CUDA_CHECK(cudaEventRecord(ev_[0], ctx.stream));
+  auto pos = [&](Chunk& ch, int i) {
+    return counts ? local(ch.idx, i).send_pos.get() : ch.r[i]->send_pos;
+  };
+  if (timing_ && C_ == 1) CUDA_CHECK(cudaEventRecord(ev_[0], ctx.stream));
   // ---- layout and dispatch
-  for (int i = 0; i < L_; ++i) {
-    int32_t* cnt = counts ? r_[i]->info.get() : r_[i]->cnt.get();
-    cu::ep_layout(pos(i), cnt, counts ? cnt + P : nullptr, a[i].topk_idx, N, K, El, P, region,
-                  ctx);
+  for (auto& chp : ch_) {
+    Chunk& ch = *chp;
+    for (int i = 0; i < L_; ++i) {
+      int32_t* cnt = counts ? ch.r[i]->info.get() : ch.r[i]->cnt.get();
+      cu::ep_layout(pos(ch, i), cnt, counts ? cnt + P : nullptr, a[i].topk_idx + ch.t0 * K, ch.n,
+                    K, El, P, counts ? 0 : ch.n, ctx);
+    }
   }
-  if (counts) exchange_info(N, ctx);
-  else exchange_counts(ctx);
-  for (int i = 0; i < L_; ++i)
-    cu::ep_dispatch_pack(lc(i).x_send.get(), lc(i).idx_send.get(), lc(i).w_send.get(), a[i].x,
-                         a[i].topk_idx, a[i].topk_w, pos(i), N, H, K, El, P, ctx);
-  if (counts) {  // the one host sync: the counts size the all-to-all-v and the saved state
-    for (int i = 0; i < L_; ++i)
-      CUDA_CHECK(cudaMemcpyAsync(host_cnt_ + size_t(i) * P * W_, r_[i]->info.get() + W_,
-                                 size_t(P * W_) * sizeof(int32_t), cudaMemcpyDeviceToHost,
-                                 ctx.stream));
-    t_.sync(ctx.stream);
+  signal(laid_out_, ctx.stream);
+  await(cs, laid_out_);
+  for (auto& chp : ch_) {
+    mark(*chp, 0, cs);
+    if (counts) exchange_info(*chp, cctx);
+    else exchange_counts(*chp, cctx);
+    mark(*chp, 1, cs);
+  }
+  for (auto& chp : ch_) {
+    Chunk& ch = *chp;
+    for (int i = 0; i < L_; ++i) {
+      EpMoeScratch::Local& l = local(ch.idx, i);
+      cu::ep_dispatch_pack(l.x_send.get(), l.idx_send.get(), l.w_send.get(), a[i].x + ch.t0 * H,
+                           a[i].topk_idx + ch.t0 * K, a[i].topk_w + ch.t0 * K, pos(ch, i), ch.n,
+                           H, K, El, P, ctx);
+    }
+    signal(ch.packed, ctx.stream);
+  }
+  if (counts) {  // the one host sync (for all chunks): the counts size the all-to-all-v and the
+                 // saved state
+    for (auto& chp : ch_)
+      for (int i = 0; i < L_; ++i)
+        CUDA_CHECK(cudaMemcpyAsync(chp->host_cnt + size_t(i) * P * W_, chp->r[i]->info.get() + W_,
+                                   size_t(P * W_) * sizeof(int32_t), cudaMemcpyDeviceToHost, cs));
+    t_.sync(cs);
     check_room();  // throws on every rank alike, before any rows move
-    set_plan(N);
-    carve(N, ctx);
+    for (auto& ch : ch_) set_plan(*ch);
+    for (auto& ch : ch_) carve(*ch, ctx);
   }
   N_ = N;
   bwd_timed_ = false;  // until this forward's backward records its events
-  const EpA2aRows fwd_rows{send_off_.data(), send_cnt_.data(), recv_off_.data(), recv_cnt_.data()};
-  const EpA2aRows back_rows{recv_off_.data(), recv_cnt_.data(), send_off_.data(), send_cnt_.data()};
-  {
+  for (auto& chp : ch_) {
+    Chunk& ch = *chp;
+    await(cs, ch.packed);
+    mark(ch, 2, cs);
     EpA2aTensor t[3] = {
-        tensor(0, EpDtype::kBf16, H, [&](int i) { return lc(i).x_send.get(); },
-               [this](int i) { return r_[i]->x_recv; }),
-        tensor(1, EpDtype::kI32, K, [&](int i) { return lc(i).idx_send.get(); },
-               [&](int i) { return lc(i).idx_recv.get(); }),
-        tensor(2, EpDtype::kF32, K, [&](int i) { return lc(i).w_send.get(); },
-               [this](int i) { return r_[i]->w_recv; })};
-    t_.alltoallv(t, 3, fwd_rows, ctx.stream);
+        tensor(0, EpDtype::kBf16, H, [&](int i) { return local(ch.idx, i).x_send.get(); },
+               [&](int i) { return ch.r[i]->x_recv; }),
+        tensor(1, EpDtype::kI32, K, [&](int i) { return local(ch.idx, i).idx_send.get(); },
+               [&](int i) { return local(ch.idx, i).idx_recv.get(); }),
+        tensor(2, EpDtype::kF32, K, [&](int i) { return local(ch.idx, i).w_send.get(); },
+               [&](int i) { return ch.r[i]->w_recv; })};
+    t_.alltoallv(t, 3, ch.fwd_rows(), cs);
+    mark(ch, 3, cs);
+    signal(ch.arrived, cs);
   }
-  if (timing_) CUDA_CHECK(cudaEventRecord(ev_[1], ctx.stream));
-  // ---- the local experts over the received rows (M: their picks, the expert rows)
-  // Padded: R and M are the host's bounds (P*N rows, P*N*min(K, El) picks); the work follows
-  // the rows that came (see padding()): moe_layout does not read the padding rows' picks (their
-  // slot_row is -1, so permute_fwd skips them), the grouped GEMMs and SwiGLU stop at
-  // offsets[El], and unpermute leaves the padding rows of y_recv unwritten.
-  for (int i = 0; i < L_; ++i) {
-    Rank& r = *r_[i];
-    EpMoeScratch::Local& l = lc(i);
-    const int64_t R = R_[i], M = M_[i];
-    const cu::RowRegions rows = padding(i);
-    const int32_t* m_rows = expert_rows(i);
-    // kept in the carve, or (recompute) in the scratch for this call only
-    bf16* gu = r.gu ? r.gu : sc_->gu.get();  // [M,2I]
-    bf16* ys = r.ys ? r.ys : sc_->xs.get();  // [M,H]: xs is dead after the gate_up GEMM
-    cu::moe_layout(r.offsets, r.slot_row, l.idx_recv.get(), R, El, K, ctx, rows);
-    cu::permute_fwd(sc_->xs.get(), r.x_recv, r.slot_row, R, K, H, ctx);
-    cu::grouped_linear_fwd(gu, sc_->xs.get(), a[i].w_gu, r.offsets, M, El, H, 2 * I, ctx);
-    cu::swiglu_fwd(sc_->act.get(), gu, M, I, ctx, m_rows);
-    cu::grouped_linear_fwd(ys, sc_->act.get(), a[i].w_down, r.offsets, M, El, I, H, ctx);
-    cu::unpermute_fwd(l.y_recv.get(), ys, r.w_recv, r.slot_row, R, K, H, ctx, rows);
+  if (timing_ && C_ == 1) CUDA_CHECK(cudaEventRecord(ev_[1], ctx.stream));
+  // ---- the local experts over the received rows; combine: rows back along the dispatch's
+  // path, summed per token in rank order
+  auto unpack = [&](Chunk& ch) {
+    await(ctx.stream, ch.returned);
+    for (int i = 0; i < L_; ++i)
+      cu::ep_combine_unpack(a[i].out + ch.t0 * H, nullptr, local(ch.idx, i).x_send.get(), nullptr,
+                            ch.r[i]->send_pos, ch.n, H, K, P, ctx);
+  };
+  for (int c = 0; c < C_; ++c) {
+    Chunk& ch = *ch_[c];
+    await(ctx.stream, ch.arrived);
+    for (int i = 0; i < L_; ++i) experts_fwd(ch, i, a[i], ctx);
+    signal(ch.computed, ctx.stream);
+    await(cs, ch.computed);
+    if (timing_ && C_ == 1) CUDA_CHECK(cudaEventRecord(ev_[2], ctx.stream));
+    mark(ch, 4, cs);
+    move_rows(ch, &EpMoeScratch::Local::y_recv, &EpMoeScratch::Local::x_send, ch.back_rows(), cs);
+    mark(ch, 5, cs);
+    signal(ch.returned, cs);
+    if (c > 0) unpack(*ch_[c - 1]);
   }
-  // ---- combine: rows back along the dispatch's path, summed per token in rank order
-  if (timing_) CUDA_CHECK(cudaEventRecord(ev_[2], ctx.stream));
-  {
-    EpA2aTensor t = tensor(0, EpDtype::kBf16, H, [&](int i) { return lc(i).y_recv.get(); },
-                           [&](int i) { return lc(i).x_send.get(); });
-    t_.alltoallv(&t, 1, back_rows, ctx.stream);
-  }
-  for (int i = 0; i < L_; ++i)
-    cu::ep_combine_unpack(a[i].out, nullptr, lc(i).x_send.get(), nullptr, r_[i]->send_pos, N, H,
-                          K, P, ctx);
-  if (timing_) CUDA_CHECK(cudaEventRecord(ev_[3], ctx.stream));
+  unpack(*ch_[C_ - 1]);
+  if (timing_ && C_ == 1) CUDA_CHECK(cudaEventRecord(ev_[3], ctx.stream));
 }
 
+// The backward of chunk ch's experts of local rank i: xs and the SwiGLU output always
+// recomputed (as the model does), gu and ys too when the carve does not keep them (rc_): the
+// forward's kernels on the forward's inputs, so the same bits. The data gradients first, on
+// ctx; the weight gradients on wctx: the scratch's side stream and workspace, or ctx itself
+// with the overlap off (the same launches in the same order: the same bits). With chunks the
+// weight gradients of the chunks add up in the scratch's fp32 accumulators (acc_gu, acc_down),
+// folded into g (g = g_beta * g + dW, one rounding) after the last chunk.
+void EpMoeCuda::experts_bwd(Chunk& ch, int i, const EpMoeBwdArgs& a, float g_beta,
+                            const cu::Ctx& ctx, const cu::Ctx& wctx, bool overlap) {
+  const int64_t H = s_.H, I = s_.I, K = s_.K, El = El_;
+  Rank& r = *ch.r[i];
+  EpMoeScratch::Local& l = local(ch.idx, i);
+  const int64_t R = ch.R[i], M = ch.M[i];
+  const cu::RowRegions rows = padding(ch, i);  // as in fwd: the work follows the rows that came
+  const int32_t* m_rows = expert_rows(ch, i);
+  bf16* gu = r.gu ? r.gu : sc_->gu.get();  // [M,2I]
+  bf16* ys = r.ys ? r.ys : sc_->xs.get();  // [M,H]: xs is dxs, then xs again, below
+  bf16* const no_dw = nullptr;
+  // the weight gradients of the previous local rank or chunk, or of an earlier call, still read
+  // dys, act, dgu and xs (the dispatches write only x_send and y_recv, which they do not read)
+  sc_->wait_wgrad(ctx.stream);
+  if (rc_ == EpRecompute::kExperts) {
+    cu::permute_fwd(sc_->xs.get(), r.x_recv, r.slot_row, R, K, H, ctx);
+    cu::grouped_linear_fwd(gu, sc_->xs.get(), a.w_gu, r.offsets, M, El, H, 2 * I, ctx);
+  }
+  cu::swiglu_fwd(sc_->act.get(), gu, M, I, ctx, m_rows);
+  if (rc_ != EpRecompute::kNone)
+    cu::grouped_linear_fwd(ys, sc_->act.get(), a.w_down, r.offsets, M, El, I, H, ctx);
+  // data gradients: dys, dact, dgu, dxs, the dx rows
+  cu::unpermute_bwd(sc_->dys.get(), l.dw_recv.get(), l.y_recv.get(), ys, r.w_recv, r.slot_row, R,
+                    K, H, ctx, rows);
+  cu::grouped_linear_bwd(sc_->dact.get(), no_dw, 0.f, sc_->dys.get(), nullptr, a.w_down, r.offsets,
+                         M, El, I, H, ctx);
+  cu::swiglu_bwd(sc_->dgu.get(), sc_->dact.get(), gu, M, I, ctx, m_rows);
+  // dxs [M,H] in xs: dead here (ys, when it lived there, was read above); dys stays for g_down
+  bf16* dxs = sc_->xs.get();
+  cu::grouped_linear_bwd(dxs, no_dw, 0.f, sc_->dgu.get(), nullptr, a.w_gu, r.offsets, M, El, H,
+                         2 * I, ctx);
+  cu::permute_bwd(l.y_recv.get() /*dx rows*/, dxs, r.slot_row, R, K, H, ctx, rows);
+  // weight gradients, once their inputs exist and permute_bwd has read dxs (xs is rewritten)
+  if (overlap) {
+    CUDA_CHECK(cudaEventRecord(sc_->inputs_ready, ctx.stream));
+    CUDA_CHECK(cudaStreamWaitEvent(wctx.stream, sc_->inputs_ready, 0));
+  }
+  if (C_ == 1) {
+    cu::grouped_linear_bwd(nullptr, a.g_down, g_beta, sc_->dys.get(), sc_->act.get(), nullptr,
+                           r.offsets, M, El, I, H, wctx);
+    cu::permute_fwd(sc_->xs.get(), r.x_recv, r.slot_row, R, K, H, wctx);
+    cu::grouped_linear_bwd(nullptr, a.g_gu, g_beta, sc_->dgu.get(), sc_->xs.get(), nullptr,
+                           r.offsets, M, El, H, 2 * I, wctx);
+  } else {
+    const int64_t n_down = El * H * I, n_gu = El * 2 * I * H;
+    float* acc_down = sc_->acc_down.get() + size_t(i) * n_down;
+    float* acc_gu = sc_->acc_gu.get() + size_t(i) * n_gu;
+    if (ch.idx == 0) {  // the accumulators are free: the last fold read them on this stream
+      CUDA_CHECK(cudaMemsetAsync(acc_down, 0, size_t(n_down) * sizeof(float), wctx.stream));
+      CUDA_CHECK(cudaMemsetAsync(acc_gu, 0, size_t(n_gu) * sizeof(float), wctx.stream));
+    }
+    cu::grouped_linear_bwd(nullptr, acc_down, sc_->dys.get(), sc_->act.get(), nullptr, r.offsets,
+                           M, El, I, H, wctx);
+    cu::permute_fwd(sc_->xs.get(), r.x_recv, r.slot_row, R, K, H, wctx);
+    cu::grouped_linear_bwd(nullptr, acc_gu, sc_->dgu.get(), sc_->xs.get(), nullptr, r.offsets, M,
+                           El, H, 2 * I, wctx);
+    if (ch.idx == C_ - 1) {
+      cu::accumulate_grad(a.g_down, acc_down, g_beta, n_down, wctx);
+      cu::accumulate_grad(a.g_gu, acc_gu, g_beta, n_gu, wctx);
+    }
+  }
+  if (overlap) CUDA_CHECK(cudaEventRecord(sc_->wgrad_done, wctx.stream));
+}
+
+// Mirrors the forward's pipeline: the d(out) rows of chunk c+1 travel while chunk c's experts
+// run their backward, the dx rows of chunk c while chunk c+1's do; the weight gradients run on
+// the side stream (overlap on) as with one chunk.
+//   compute  packs | experts' bwd 0 | experts' bwd 1 | unpack 0 | ...      side: wgrad 0 | wgrad 1
+//   comm     dispatch 0 | dispatch 1 | combine 0 | combine 1 | ...
 void EpMoeCuda::bwd(const EpMoeBwdArgs* a, float g_beta, const cu::Ctx& ctx) {
-  const int64_t H = s_.H, I = s_.I, K = s_.K, El = El_, N = N_;
+  const int64_t H = s_.H, K = s_.K, El = El_;
   const int P = P_;
-  AM_CHECK(N >= 0, "[EpMoeCuda] {}: bwd before any (complete) fwd: the backward reuses the "
+  AM_CHECK(N_ >= 0, "[EpMoeCuda] {}: bwd before any (complete) fwd: the backward reuses the "
            "forward's layout",
            label_);
   AM_CHECK(arena_->bump.generation() == carved_gen_,
            "[EpMoeCuda] {}: backward after its saved state was released (the EP arena was reset "
            "by a newer forward); run each forward's backward before the next forward",
            label_);
-  auto lc = [this](int i) -> EpMoeScratch::Local& { return sc_->local[size_t(i)]; };
-  const EpA2aRows fwd_rows{send_off_.data(), send_cnt_.data(), recv_off_.data(), recv_cnt_.data()};
-  const EpA2aRows back_rows{recv_off_.data(), recv_cnt_.data(), send_off_.data(), send_cnt_.data()};
+  const cudaStream_t cs = comm_stream(ctx);
   // ---- combine's backward: a dispatch of d(out) rows
-  if (timing_) CUDA_CHECK(cudaEventRecord(evb_[0], ctx.stream));
-  for (int i = 0; i < L_; ++i)
-    cu::ep_dispatch_pack(lc(i).x_send.get(), nullptr, nullptr, a[i].dout, nullptr, nullptr,
-                         r_[i]->send_pos, N, H, K, El, P, ctx);
-  {
-    EpA2aTensor t = tensor(0, EpDtype::kBf16, H, [&](int i) { return lc(i).x_send.get(); },
-                           [&](int i) { return lc(i).y_recv.get(); });
-    t_.alltoallv(&t, 1, fwd_rows, ctx.stream);
+  if (timing_ && C_ == 1) CUDA_CHECK(cudaEventRecord(evb_[0], ctx.stream));
+  for (auto& chp : ch_) {
+    Chunk& ch = *chp;
+    for (int i = 0; i < L_; ++i)
+      cu::ep_dispatch_pack(local(ch.idx, i).x_send.get(), nullptr, nullptr, a[i].dout + ch.t0 * H,
+                           nullptr, nullptr, ch.r[i]->send_pos, ch.n, H, K, El, P, ctx);
+    signal(ch.packed, ctx.stream);
   }
-  if (timing_) CUDA_CHECK(cudaEventRecord(evb_[1], ctx.stream));
-  // ---- the local experts' backward: xs and the SwiGLU output always recomputed (as the model
-  // does), gu and ys too when the carve does not keep them (rc_): the forward's kernels on the
-  // forward's inputs, so the same bits. The data gradients first, on ctx; the weight gradients
-  // on wctx: the scratch's side stream and workspace, or ctx itself with the overlap off (the
-  // same launches in the same order: the same bits).
+  for (auto& chp : ch_) {
+    Chunk& ch = *chp;
+    await(cs, ch.packed);
+    mark(ch, 6, cs);
+    move_rows(ch, &EpMoeScratch::Local::x_send, &EpMoeScratch::Local::y_recv, ch.fwd_rows(), cs);
+    mark(ch, 7, cs);
+    signal(ch.arrived, cs);
+  }
+  if (timing_ && C_ == 1) CUDA_CHECK(cudaEventRecord(evb_[1], ctx.stream));
+  // ---- the local experts' backward, then dispatch's backward: a combine of d(x) and
+  // d(weights) (with the overlap on, the weight gradients run beside it: evb_[2..3] time the
+  // combine alone)
   const bool overlap = wgrad_overlap_;
   cu::Ctx wctx = ctx;
   if (overlap) {
@@ -490,65 +740,37 @@ void EpMoeCuda::bwd(const EpMoeBwdArgs* a, float g_beta, const cu::Ctx& ctx) {
     wctx.workspace = sc_->side_ws.get();
     wctx.workspace_bytes = sc_->side_ws.bytes();
   }
-  bf16* const no_dw = nullptr;
-  for (int i = 0; i < L_; ++i) {
-    Rank& r = *r_[i];
-    EpMoeScratch::Local& l = lc(i);
-    const int64_t R = R_[i], M = M_[i];
-    const cu::RowRegions rows = padding(i);  // as in fwd: the work follows the rows that came
-    const int32_t* m_rows = expert_rows(i);
-    bf16* gu = r.gu ? r.gu : sc_->gu.get();  // [M,2I]
-    bf16* ys = r.ys ? r.ys : sc_->xs.get();  // [M,H]: xs is dxs, then xs again, below
-    // the weight gradients of the previous local rank, or of an earlier call, still read dys,
-    // act, dgu and xs (the dispatch above wrote only x_send and y_recv, which they do not read)
-    sc_->wait_wgrad(ctx.stream);
-    if (rc_ == EpRecompute::kExperts) {
-      cu::permute_fwd(sc_->xs.get(), r.x_recv, r.slot_row, R, K, H, ctx);
-      cu::grouped_linear_fwd(gu, sc_->xs.get(), a[i].w_gu, r.offsets, M, El, H, 2 * I, ctx);
+  auto unpack = [&](Chunk& ch) {
+    await(ctx.stream, ch.returned);
+    for (int i = 0; i < L_; ++i)
+      cu::ep_combine_unpack(a[i].dx + ch.t0 * H, a[i].dtopk_w + ch.t0 * K,
+                            local(ch.idx, i).x_send.get(), local(ch.idx, i).w_send.get(),
+                            ch.r[i]->send_pos, ch.n, H, K, P, ctx);
+  };
+  for (int c = 0; c < C_; ++c) {
+    Chunk& ch = *ch_[c];
+    await(ctx.stream, ch.arrived);
+    for (int i = 0; i < L_; ++i) experts_bwd(ch, i, a[i], g_beta, ctx, wctx, overlap);
+    if (overlap) CUDA_CHECK(cudaEventRecord(wgrad_done_, wctx.stream));  // what join() waits on
+    signal(ch.computed, ctx.stream);
+    await(cs, ch.computed);
+    if (timing_ && C_ == 1) CUDA_CHECK(cudaEventRecord(evb_[2], ctx.stream));
+    mark(ch, 8, cs);
+    {
+      EpA2aTensor t[2] = {
+          tensor(0, EpDtype::kBf16, H, [&](int i) { return local(ch.idx, i).y_recv.get(); },
+                 [&](int i) { return local(ch.idx, i).x_send.get(); }),
+          tensor(1, EpDtype::kF32, K, [&](int i) { return local(ch.idx, i).dw_recv.get(); },
+                 [&](int i) { return local(ch.idx, i).w_send.get(); })};
+      t_.alltoallv(t, 2, ch.back_rows(), cs);
     }
-    cu::swiglu_fwd(sc_->act.get(), gu, M, I, ctx, m_rows);
-    if (rc_ != EpRecompute::kNone)
-      cu::grouped_linear_fwd(ys, sc_->act.get(), a[i].w_down, r.offsets, M, El, I, H, ctx);
-    // data gradients: dys, dact, dgu, dxs, the dx rows
-    cu::unpermute_bwd(sc_->dys.get(), l.dw_recv.get(), l.y_recv.get(), ys, r.w_recv, r.slot_row,
-                      R, K, H, ctx, rows);
-    cu::grouped_linear_bwd(sc_->dact.get(), no_dw, 0.f, sc_->dys.get(), nullptr, a[i].w_down,
-                           r.offsets, M, El, I, H, ctx);
-    cu::swiglu_bwd(sc_->dgu.get(), sc_->dact.get(), gu, M, I, ctx, m_rows);
-    // dxs [M,H] in xs: dead here (ys, when it lived there, was read above); dys stays for g_down
-    bf16* dxs = sc_->xs.get();
-    cu::grouped_linear_bwd(dxs, no_dw, 0.f, sc_->dgu.get(), nullptr, a[i].w_gu, r.offsets, M, El,
-                           H, 2 * I, ctx);
-    cu::permute_bwd(l.y_recv.get() /*dx rows*/, dxs, r.slot_row, R, K, H, ctx, rows);
-    // weight gradients, once their inputs exist and permute_bwd has read dxs (xs is rewritten)
-    if (overlap) {
-      CUDA_CHECK(cudaEventRecord(sc_->inputs_ready, ctx.stream));
-      CUDA_CHECK(cudaStreamWaitEvent(wctx.stream, sc_->inputs_ready, 0));
-    }
-    cu::grouped_linear_bwd(nullptr, a[i].g_down, g_beta, sc_->dys.get(), sc_->act.get(), nullptr,
-                           r.offsets, M, El, I, H, wctx);
-    cu::permute_fwd(sc_->xs.get(), r.x_recv, r.slot_row, R, K, H, wctx);
-    cu::grouped_linear_bwd(nullptr, a[i].g_gu, g_beta, sc_->dgu.get(), sc_->xs.get(), nullptr,
-                           r.offsets, M, El, H, 2 * I, wctx);
-    if (overlap) CUDA_CHECK(cudaEventRecord(sc_->wgrad_done, wctx.stream));
+    mark(ch, 9, cs);
+    signal(ch.returned, cs);
+    if (c > 0) unpack(*ch_[c - 1]);
   }
-  if (overlap) CUDA_CHECK(cudaEventRecord(wgrad_done_, wctx.stream));  // what join() waits on
-  // ---- dispatch's backward: a combine of d(x) and d(weights) (with the overlap on, the weight
-  // gradients run beside it: evb_[2..3] time the combine alone)
-  if (timing_) CUDA_CHECK(cudaEventRecord(evb_[2], ctx.stream));
-  {
-    EpA2aTensor t[2] = {
-        tensor(0, EpDtype::kBf16, H, [&](int i) { return lc(i).y_recv.get(); },
-               [&](int i) { return lc(i).x_send.get(); }),
-        tensor(1, EpDtype::kF32, K, [&](int i) { return lc(i).dw_recv.get(); },
-               [&](int i) { return lc(i).w_send.get(); })};
-    t_.alltoallv(t, 2, back_rows, ctx.stream);
-  }
-  for (int i = 0; i < L_; ++i)
-    cu::ep_combine_unpack(a[i].dx, a[i].dtopk_w, lc(i).x_send.get(), lc(i).w_send.get(),
-                          r_[i]->send_pos, N, H, K, P, ctx);
+  unpack(*ch_[C_ - 1]);
   if (timing_) {
-    CUDA_CHECK(cudaEventRecord(evb_[3], ctx.stream));
+    if (C_ == 1) CUDA_CHECK(cudaEventRecord(evb_[3], ctx.stream));
     bwd_timed_ = true;
   }
 }
@@ -574,22 +796,41 @@ void EpMoeCuda::bwd(bf16* dx, float* dtopk_w, bf16* g_gu, bf16* g_down, float g_
 EpTimes EpMoeCuda::last_times() const {
   AM_CHECK(timing_ && N_ >= 0, "[EpMoeCuda] last_times() needs set_timing(true) before a forward");
   EpTimes t;
-  CUDA_CHECK(cudaEventSynchronize(ev_[3]));
-  CUDA_CHECK(cudaEventElapsedTime(&t.dispatch_ms, ev_[0], ev_[1]));
-  CUDA_CHECK(cudaEventElapsedTime(&t.combine_ms, ev_[2], ev_[3]));
-  if (bwd_timed_) {  // the backward of the last forward
-    CUDA_CHECK(cudaEventSynchronize(evb_[3]));
-    CUDA_CHECK(cudaEventElapsedTime(&t.bwd_dispatch_ms, evb_[0], evb_[1]));
-    CUDA_CHECK(cudaEventElapsedTime(&t.bwd_combine_ms, evb_[2], evb_[3]));
+  if (C_ == 1) {
+    CUDA_CHECK(cudaEventSynchronize(ev_[3]));
+    CUDA_CHECK(cudaEventElapsedTime(&t.dispatch_ms, ev_[0], ev_[1]));
+    CUDA_CHECK(cudaEventElapsedTime(&t.combine_ms, ev_[2], ev_[3]));
+    if (bwd_timed_) {  // the backward of the last forward
+      CUDA_CHECK(cudaEventSynchronize(evb_[3]));
+      CUDA_CHECK(cudaEventElapsedTime(&t.bwd_dispatch_ms, evb_[0], evb_[1]));
+      CUDA_CHECK(cudaEventElapsedTime(&t.bwd_combine_ms, evb_[2], evb_[3]));
+    }
+  } else {  // the transport calls alone, summed over the chunks (see EpTimes)
+    auto span = [](const Chunk& ch, int k) {
+      float ms = 0;
+      CUDA_CHECK(cudaEventElapsedTime(&ms, ch.tev[k], ch.tev[k + 1]));
+      return ms;
+    };
+    CUDA_CHECK(cudaEventSynchronize(ch_.back()->tev[5]));
+    if (bwd_timed_) CUDA_CHECK(cudaEventSynchronize(ch_.back()->tev[9]));
+    for (const auto& ch : ch_) {
+      t.dispatch_ms += span(*ch, 0) + span(*ch, 2);
+      t.combine_ms += span(*ch, 4);
+      if (bwd_timed_) {
+        t.bwd_dispatch_ms += span(*ch, 6);
+        t.bwd_combine_ms += span(*ch, 8);
+      }
+    }
   }
   std::vector<int32_t> cnt(size_t(2 * P_));
-  for (int i = 0; i < L_; ++i) {
-    for (int p = 0; p < P_; ++p) t.rows_wire += send_cnt_[size_t(i) * P_ + p];
-    if (mode_ == EpMode::kCounts) continue;  // packed: the payload is what moved
-    CUDA_CHECK(cudaMemcpy(cnt.data(), r_[i]->cnt.get(), cnt.size() * sizeof(int32_t),
-                          cudaMemcpyDeviceToHost));
-    for (int p = 0; p < P_; ++p) t.rows_payload += cnt[p];
-  }
+  for (const auto& ch : ch_)
+    for (int i = 0; i < L_; ++i) {
+      for (int p = 0; p < P_; ++p) t.rows_wire += ch->send_cnt[size_t(i) * P_ + p];
+      if (mode_ == EpMode::kCounts) continue;  // packed: the payload is what moved
+      CUDA_CHECK(cudaMemcpy(cnt.data(), ch->r[i]->cnt.get(), cnt.size() * sizeof(int32_t),
+                            cudaMemcpyDeviceToHost));
+      for (int p = 0; p < P_; ++p) t.rows_payload += cnt[p];
+    }
   if (mode_ == EpMode::kCounts) t.rows_payload = t.rows_wire;
   return t;
 }

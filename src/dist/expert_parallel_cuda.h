@@ -70,9 +70,11 @@
 // again from x_recv) need nothing of the combine and run on the scratch's side stream, which
 // waits on an event recorded after permute_bwd. So they run while the dx rows travel back and
 // while the caller does what follows (the router's and the attention's backward, the next
-// layer's dispatch). Not measured yet: this has not run on a GPU. A persistent CUTLASS wgrad
-// holds its SMs, so kernels of the caller's stream (ep_combine_unpack, the transport's own
-// kernels over NCCL) may wait for it; IPC moves the rows with copy engines.
+// layer's dispatch). Bit-identical to the one-stream order (bench/RESULTS.md, fifth session);
+// on two H200s (W2, EP = 2) +1.1% fwd+bwd: the GEMMs beside the combine share the SMs with the
+// next layer's attention backward, which slows by most of what the MoE backward saves. A
+// persistent CUTLASS wgrad holds its SMs, so kernels of the caller's stream (ep_combine_unpack,
+// the transport's own kernels over NCCL) may wait for it; IPC moves the rows with copy engines.
 // The ordering that makes it safe (every gradient read is after its producer):
 //   inputs    dys, act, dgu, xs of the scratch (and the carve's x_recv, slot_row, offsets) are
 //             read by the side stream until the scratch's wgrad_done event: every writer of the
@@ -92,6 +94,41 @@
 // experts, all before the combine): the same kernels on the same inputs, so the same bits.
 // The backward's timing (EpTimes::bwd_combine_ms) measures the combine alone either way; with
 // the overlap on the weight gradients run beside it and may slow it.
+//
+// Token chunks (train.ep_chunks C, 1..8; the constructor's `chunks`). C = 1 runs everything
+// above on the caller's stream, as before. C > 1 splits the N tokens into C contiguous chunks
+// (ep_chunk_tokens: at most ceil(N/C) each), each a complete pass with its own layout, counts,
+// row plan, carve and send/receive buffers (the scratch's Local per chunk and local rank), and
+// pipelines them on two streams:
+//   comm     the scratch's comm stream: every transport call (counts exchanges, dispatches,
+//            combines), in the same order on every rank (IPC's rule; one stream for all the
+//            blocks sharing the scratch)
+//   compute  ctx.stream: layouts, packs, the expert GEMMs chunk after chunk (they share the
+//            scratch's expert buffers), unpacks
+// Events per chunk: dispatch c waits for pack c (packed), experts c for dispatch c (arrived),
+// combine c for experts c (computed), unpack c for combine c (returned). So dispatch c+1 runs
+// while experts c compute, combine c while experts c+1 do; ctx.stream ends behind the last
+// unpack (which waited for the last combine, so for everything on the comm stream). The comm
+// stream's first call waits for ctx.stream (laid_out_), so for whatever the caller and the
+// side stream's wait_wgrad() ordered before. Counts mode: every chunk's counts exchanged, then
+// ONE host sync for all of them (check_room() adds the chunks' carves). Padded: each chunk's
+// regions are its own tokens. The backward mirrors it (the d(out) rows of chunk c+1 travel
+// during chunk c's expert backward, chunk c's dx rows during chunk c+1's); the weight gradients
+// stay on the side stream, chunk c+1's experts waiting for chunk c's (wait_wgrad: the expert
+// buffers are shared), summed over the chunks in the scratch's fp32 accumulators (acc_gu,
+// acc_down) and folded once into g (accumulate_grad: g = g_beta * g + dW, one rounding).
+// Bits: out, dx and dtopk_w are those of C = 1 (each token's rows go through the same kernels;
+// a row's result depends on its own inputs only); the weight gradients add the same products
+// in another fp32 order, so a bf16 element may differ in its last bit (ep_check: NMSE <= 1e-6).
+// Memory added: per chunk its Rank counts and events (bytes); the Local buffers are per chunk
+// but each for ceil(max_tokens/C) tokens (about C = 1's in all), the expert buffers shrink
+// C-fold, the arena holds C carves per layer (ep_arena_bytes(..., chunks): C-1 more offsets
+// and alignments), the fp32 accumulators 4 x 3 x I x H bytes per local expert and local rank.
+// Over IPC the comm stream waits on the device for its peers' flags; a stream blocked in a
+// wait can hold back streams sharing its hardware queue (CUDA_DEVICE_MAX_CONNECTIONS, 8 by
+// default): the launcher should set CUDA_DEVICE_MAX_CONNECTIONS=32 (docs/DISTRIBUTED.md).
+// Checked on one H200 (ep_check over loopback, MPI staging and IPC at small shapes; 50 training
+// steps); not timed, no speedup measured.
 //
 // Gradient rule: dx and dtopk_w assign (=); expert weight gradients are bf16,
 // g = g_beta * g + dW (g_beta 0 overwrites, experts without rows then get 0; 1 accumulates).
@@ -135,6 +172,10 @@ struct EpMoeBwdArgs {
 // GPU time of the last forward's dispatch (layout .. rows received) and combine (rows sent back
 // .. summed), and the rows moved by this process's ranks (payload: true rows; wire: what the
 // all-to-all moved, = payload in counts mode, P*N per rank in padded mode). Needs set_timing.
+// With token chunks (train.ep_chunks > 1) each figure is the sum over the chunks of the
+// transport calls alone (the counts exchange and the rows' all-to-all for dispatch, the rows'
+// all-to-all for combine), timed on the comm stream: they overlap the expert GEMMs now, so they
+// are not a share of the block's time, and the layout, pack and unpack are in none of them.
 struct EpTimes {
   float dispatch_ms = 0, combine_ms = 0;
   // the backward's, when one ran after that forward (0 otherwise): combine's gradient (a
@@ -143,20 +184,25 @@ struct EpTimes {
   int64_t rows_payload = 0, rows_wire = 0;
 };
 
-// What the block uses only inside one fwd() or bwd() call, for the worst routing of one layer
-// (Mcap = P * max_tokens * min(K, E/P) local slots, Rcap = P * max_tokens received rows, Scap
-// send rows: N * min(P, K) packed, P * N padded). Blocks that run one after another on one
-// stream (a model's MoE layers) share one instead of holding one each.
+// What the block uses only inside one fwd() or bwd() call, for the worst routing of one layer's
+// token chunk of Nc = ceil(max_tokens / chunks) tokens (Mcap = P * Nc * min(K, E/P) local slots,
+// Rcap = P * Nc received rows, Scap send rows: Nc * min(P, K) packed, P * Nc padded). Blocks
+// that run one after another on one stream (a model's MoE layers) share one instead of holding
+// one each. With chunks > 1 (train.ep_chunks) the send/receive buffers (Local) are one set per
+// (chunk, local rank), each sized for Nc tokens, so together about the one set of chunks = 1
+// (C x ceil(Nmax/C) tokens), and the expert buffers (xs .. gu) shrink C-fold: the chunks use
+// them one after another on the caller's stream.
 // EpRecompute::kExperts adds the gate|up outputs the carve no longer keeps (gu).
 // The backward's weight gradients run on the scratch's side stream (see "The backward's weight
 // gradients" above): the stream, its events and its GEMM workspace live here, created once.
 struct EpMoeScratch {
   EpMoeScratch(const EpMoeShape& shape, int P, int local_ranks = 1, EpMode mode = EpMode::kCounts,
-               EpRecompute recompute = EpRecompute::kNone);
-  ~EpMoeScratch();  // waits for the side stream (its kernels read these buffers)
+               EpRecompute recompute = EpRecompute::kNone, int chunks = 1);
+  ~EpMoeScratch();  // waits for the side and comm streams (their work reads these buffers)
   EpMoeScratch(const EpMoeScratch&) = delete;
   EpMoeScratch& operator=(const EpMoeScratch&) = delete;
   int64_t Mcap = 0, Rcap = 0, Scap = 0;
+  int chunks = 1;  // token chunks of the blocks using it (train.ep_chunks)
   EpMode mode = EpMode::kCounts;
   EpRecompute recompute = EpRecompute::kNone;
   // the expert GEMMs' (the local ranks run one after the other); in bwd xs also holds dxs
@@ -169,6 +215,16 @@ struct EpMoeScratch {
   cudaStream_t side = nullptr;
   cudaEvent_t inputs_ready = nullptr, wgrad_done = nullptr;
   cuda::DeviceBuffer<unsigned char> side_ws;
+  // chunks > 1: the stream of every transport call (non-blocking, the device's highest
+  // priority, so the copies and NCCL kernels of an all-to-all start before queued GEMM blocks);
+  // shared by the blocks using this scratch, so their calls keep one order (IPC's rule). Null
+  // with chunks = 1: the calls run on the caller's stream.
+  cudaStream_t comm = nullptr;
+  // chunks > 1: the weight gradients of one layer's local experts in fp32, [local_ranks] x
+  // [El,2I,H] and [El,H,I] (4 bytes x 3*I*H per local expert and local rank: 604 MiB at
+  // Qwen3-30B-A3B's shapes, EP 4): the chunks' dW add up here and are folded into the bf16
+  // gradient once (one rounding, as with one chunk), on the weight gradients' stream.
+  cuda::DeviceBuffer<float> acc_gu, acc_down;
   // `stream` waits (on the device) for the weight gradients still reading the buffers; call it
   // before writing any of them outside fwd()/bwd() (a no-op when none is pending).
   void wait_wgrad(cudaStream_t stream) const;
@@ -183,7 +239,7 @@ struct EpMoeScratch {
     cuda::DeviceBuffer<cuda::bf16> y_recv;  // [Rcap,H] weighted expert outputs per received row;
                                             //   in bwd d(out) rows, then d(x) rows
   };
-  std::vector<Local> local;  // [local_ranks]
+  std::vector<Local> local;  // [chunks * local_ranks]: chunk c, local rank i at c * local_ranks + i
   size_t bytes() const;
 };
 
@@ -205,12 +261,15 @@ class EpMoeCuda {
   // this block recomputes the experts); null: the block owns one.
   // `arena`: shared with the other MoE layers, sized for the same `recompute` and mode
   // (counts: ep_arena_bytes; padded: ep_arena_padded_bytes); null: the block owns one sized for
-  // its worst case. `label` names the block in errors
-  // ("MoE layer 3").
+  // its worst case (both sized with the same `chunks`). `label` names the block in errors
+  // ("MoE layer 3"). `chunks`: token chunks pipelined over the comm stream (train.ep_chunks,
+  // 1..8; 1 runs everything on the caller's stream, as before); a shared scratch must have
+  // been built with the same chunks.
   EpMoeCuda(EpTransport& t, const EpMoeShape& shape, EpMode mode,
             EpRecompute recompute = EpRecompute::kNone,
             std::shared_ptr<EpMoeScratch> scratch = nullptr,
-            std::shared_ptr<EpSavedArena> arena = nullptr, std::string label = "the EP block");
+            std::shared_ptr<EpSavedArena> arena = nullptr, std::string label = "the EP block",
+            int chunks = 1);
   ~EpMoeCuda();
   EpMoeCuda(const EpMoeCuda&) = delete;
   EpMoeCuda& operator=(const EpMoeCuda&) = delete;
@@ -240,11 +299,12 @@ class EpMoeCuda {
   EpMode mode() const { return mode_; }
   EpRecompute recompute() const { return rc_; }
   int num_local() const { return L_; }
+  int chunks() const { return C_; }
   int64_t local_experts() const { return El_; }
   // what this object allocated, with its own scratch and arena (not shared ones)
   size_t device_bytes() const { return bytes_; }
-  // Counts mode: rows local rank `i` received in the last forward; padded mode: -1 (on the
-  // device only).
+  // Counts mode: rows local rank `i` received in the last forward (all chunks); padded mode: -1
+  // (on the device only).
   int64_t rows_received(int i) const;
   // Counts mode: expert rows (received picks) of local rank `i` in the last forward; padded: -1.
   int64_t picks_received(int i) const;
@@ -253,18 +313,38 @@ class EpMoeCuda {
   EpTimes last_times() const;  // synchronises with the last forward's events
 
  private:
-  struct Rank;  // one local rank's counts and carve (expert_parallel_cuda.cpp)
-  void exchange_counts(const cuda::Ctx& ctx);  // padded: counts only
-  void exchange_info(int64_t N, const cuda::Ctx& ctx);  // counts: every rank's counts and room
+  struct Rank;   // one local rank's counts and carve of one chunk (expert_parallel_cuda.cpp)
+  struct Chunk;  // one token chunk: its tokens, ranks, row plan, host counts and events
+  // The stream of the transport calls: the scratch's comm stream, or the caller's (chunks = 1).
+  cudaStream_t comm_stream(const cuda::Ctx& ctx) const;
+  // chunks > 1: record e on s / make s wait for e's last record (the hand-offs between the
+  // compute and the comm stream); nothing with one chunk (one stream).
+  void signal(cudaEvent_t e, cudaStream_t s) const;
+  void await(cudaStream_t s, cudaEvent_t e) const;
+  // chunks > 1 with timing: event k of chunk c on the comm stream (see last_times())
+  void mark(Chunk& c, int k, cudaStream_t s) const;
+  // the bf16 rows of chunk c's scratch buffers `from` (send) to `to` (receive) over `rows`
+  void move_rows(Chunk& c, cuda::DeviceBuffer<cuda::bf16> EpMoeScratch::Local::*from,
+                 cuda::DeviceBuffer<cuda::bf16> EpMoeScratch::Local::*to, const EpA2aRows& rows,
+                 cudaStream_t s);
+  void exchange_counts(Chunk& c, const cuda::Ctx& ctx);  // padded: counts only
+  void exchange_info(Chunk& c, const cuda::Ctx& ctx);    // counts: every rank's counts and room
   void check_room();  // counts: the same verdict on every rank, before any rows move
-  void check_room_padded(int64_t N);  // padded: the worst carves of N tokens, on the host
-  // this forward's saved state of every local rank, from the arena (counts: send_pos copied in
-  // from the scratch; padded: carved before the layout, which writes send_pos in place)
-  void carve(int64_t N, const cuda::Ctx& ctx);
-  void set_plan(int64_t N);  // host row plan of the all-to-alls for this forward
-  // padded: local rank i's received rows as regions (padding skipped); counts: none
-  cuda::RowRegions padding(int i) const;
-  const int32_t* expert_rows(int i) const;  // padded: &offsets[El] on the device; counts: null
+  void check_room_padded();  // padded: the worst carves of every chunk, on the host
+  // this forward's saved state of every local rank of chunk c, from the arena (counts: send_pos
+  // copied in from the scratch; padded: carved before the layout, which writes send_pos in place)
+  void carve(Chunk& c, const cuda::Ctx& ctx);
+  void set_plan(Chunk& c);  // host row plan of chunk c's all-to-alls for this forward
+  // padded: local rank i's received rows of chunk c as regions (padding skipped); counts: none
+  cuda::RowRegions padding(const Chunk& c, int i) const;
+  // padded: &offsets[El] on the device; counts: null
+  const int32_t* expert_rows(const Chunk& c, int i) const;
+  EpMoeScratch::Local& local(int c, int i) const { return sc_->local[size_t(c * L_ + i)]; }
+  // the local experts of chunk c, local rank i, on the caller's stream (forward; backward: the
+  // data gradients on ctx, the weight gradients on wctx, g = g_beta * g + dW)
+  void experts_fwd(Chunk& c, int i, const EpMoeFwdArgs& a, const cuda::Ctx& ctx);
+  void experts_bwd(Chunk& c, int i, const EpMoeBwdArgs& a, float g_beta, const cuda::Ctx& ctx,
+                   const cuda::Ctx& wctx, bool overlap);
   // The tensor of every local rank for one all-to-all: pointer table slot `slot` (0..2) filled
   // with send_of(i) / recv_of(i) for local rank i.
   template <class S, class D>
@@ -274,30 +354,29 @@ class EpMoeCuda {
   EpMoeShape s_;
   EpMode mode_;
   EpRecompute rc_;
-  int P_ = 1, L_ = 1;
-  int64_t El_ = 0, Scap_ = 0, Rcap_ = 0, Mcap_ = 0;
+  int P_ = 1, L_ = 1, C_ = 1;
+  int64_t El_ = 0, Scap_ = 0, Rcap_ = 0, Mcap_ = 0;  // per chunk (of ceil(max_tokens / C) tokens)
   int64_t W_ = 0;  // counts mode: ints of one rank's info row (send rows [P], picks [P], N, room)
   int64_t N_ = -1;  // tokens of the last forward (-1: none yet)
   size_t bytes_ = 0;
   bool timing_ = false;
-  std::vector<std::unique_ptr<Rank>> r_;
+  std::vector<std::unique_ptr<Chunk>> ch_;  // [C]
   // Scratch (the local ranks run one after the other on the stream), maybe shared with others
   std::shared_ptr<EpMoeScratch> sc_;
   std::shared_ptr<EpSavedArena> arena_;  // the saved state's, maybe shared with other layers
   bool own_arena_ = false;               // ours: reset at each forward
   uint64_t carved_gen_ = 0;              // the arena generation of the last forward's carves
   std::string label_;
-  // Host side (pinned, counts mode): every rank's info row read back ([L, P, W]) and this
-  // process's N and room going up ([L, 2]). Row plans ([L*P] each).
+  // Host side (pinned, counts mode): every rank's info row read back ([C, L, P, W]) and this
+  // process's N and room going up ([C, L, 2]).
   int32_t* host_cnt_ = nullptr;
   int32_t* host_tail_ = nullptr;
-  std::vector<int64_t> send_off_, send_cnt_, recv_off_, recv_cnt_, unit_off_, unit_cnt_, zero_off_;
-  std::vector<int64_t> R_;            // [L] rows each local rank's kernels run over
-  std::vector<int64_t> M_;            // [L] expert rows (slots) of each local rank
+  std::vector<int64_t> unit_off_, unit_cnt_, zero_off_;  // [L*P] the counts exchanges' plans
   std::vector<const void*> ptr_send_;  // [3*L] pointer tables for EpA2aTensor
   std::vector<void*> ptr_recv_;
-  cudaEvent_t ev_[4] = {nullptr, nullptr, nullptr, nullptr};
+  cudaEvent_t ev_[4] = {nullptr, nullptr, nullptr, nullptr};   // chunks = 1 (set_timing)
   cudaEvent_t evb_[4] = {nullptr, nullptr, nullptr, nullptr};  // the backward's (set_timing)
+  cudaEvent_t laid_out_ = nullptr;  // chunks > 1: every chunk's layout written (comm waits)
   bool bwd_timed_ = false;  // evb_ hold the backward of the last forward
   bool wgrad_overlap_ = true;
   cudaEvent_t wgrad_done_ = nullptr;  // on the scratch's side stream after this block's bwd

@@ -246,6 +246,7 @@ struct Qwen3MoeCuda::State {
   double ep_capacity = 2.0;                              // the arena over the balanced load
   dist::EpRecompute ep_recompute = dist::EpRecompute::kNone;  // what the EP backward recomputes
   dist::EpMode ep_dispatch = dist::EpMode::kCounts;           // counts (host sync) or padded
+  int ep_chunks = 1;  // token chunks each EP block pipelines (train.ep_chunks)
   cu::DeviceBuffer<double> auxstats;                     // [2E+1] global aux statistics
   cu::DeviceBuffer<double> tsumsq;                       // [segs] g^2 per tensor
   double* sumsq_host = nullptr;                          // pinned [1]: the global g^2 sum
@@ -300,7 +301,8 @@ struct Qwen3MoeCuda::State {
   State(const ModelConfig& c, Precision p, bool ms, const CudaDist& d)
       : cfg(c), prec(p), memsave(ms), layout_model(c, d.groups, false), groups(d.groups),
         ept(d.ep_transport), nccl_world(d.nccl_world), nccl_dp(d.nccl_dp),
-        ep_capacity(d.ep_capacity), ep_recompute(d.ep_recompute), ep_dispatch(d.ep_dispatch) {
+        ep_capacity(d.ep_capacity), ep_recompute(d.ep_recompute), ep_dispatch(d.ep_dispatch),
+        ep_chunks(d.ep_chunks) {
     dist = groups && groups->world.size() > 1;
     ep = groups && groups->ep.size() > 1 && c.num_moe_layers() > 0;
   }
@@ -956,17 +958,18 @@ void Qwen3MoeCuda::plan(int64_t B, int64_t T, bool packed) {
     const dist::EpMoeShape sh{N, H, I, E, K};
     const int P = int(s.groups->ep.size());
     const dist::EpMode mode = s.ep_dispatch;
-    s.ep_scratch = std::make_shared<dist::EpMoeScratch>(sh, P, 1, mode, s.ep_recompute);
+    const int C = s.ep_chunks;
+    s.ep_scratch = std::make_shared<dist::EpMoeScratch>(sh, P, 1, mode, s.ep_recompute, C);
     // counts: the carves are what each layer received (capacity x the balanced load); padded:
     // every carve is the worst case of N tokens, known here, so the arena never overflows
     s.ep_arena = mode == dist::EpMode::kPadded
                      ? std::make_shared<dist::EpSavedArena>(
-                           dist::ep_arena_padded_bytes(sh, P, M, 1, s.ep_recompute),
+                           dist::ep_arena_padded_bytes(sh, P, M, 1, s.ep_recompute, C),
                            fmt::format("sized for train.ep_dispatch padded: the worst case of {} "
                                        "MoE layers of {} tokens, train.ep_recompute {}",
                                        M, N, dist::ep_recompute_name(s.ep_recompute)))
                      : std::make_shared<dist::EpSavedArena>(
-                           dist::ep_arena_bytes(sh, P, M, 1, s.ep_capacity, s.ep_recompute),
+                           dist::ep_arena_bytes(sh, P, M, 1, s.ep_capacity, s.ep_recompute, C),
                            fmt::format("sized for train.ep_capacity {} x the balanced load of {} "
                                        "MoE layers of {} tokens, train.ep_recompute {}",
                                        s.ep_capacity, M, N,
@@ -975,7 +978,7 @@ void Qwen3MoeCuda::plan(int64_t B, int64_t T, bool packed) {
       if (s.lo[l].moe) {
         s.ep_moe.push_back(std::make_unique<dist::EpMoeCuda>(
             *s.ept, sh, mode, s.ep_recompute, s.ep_scratch, s.ep_arena,
-            fmt::format("MoE layer {} (model layer {})", m, l)));
+            fmt::format("MoE layer {} (model layer {})", m, l), C));
         s.ep_moe.back()->set_timing(s.timing);
         ++m;
       }

@@ -83,6 +83,10 @@ struct CudaDist {
   // every layer's worst case, ep_capacity unused; the trainer requires ep_recompute experts,
   // without which that worst case keeps gate|up and the outputs of P*N*min(K, E/P) rows).
   dist::EpMode ep_dispatch = dist::EpMode::kCounts;
+  // train.ep_chunks: each MoE layer's EP block pipelines its tokens in this many chunks (1..8),
+  // the all-to-alls on a comm stream beside the expert GEMMs (dist/expert_parallel_cuda.h);
+  // 1 runs the unchunked block.
+  int ep_chunks = 1;
 };
 
 // train.precision: "bf16" (default: bf16 weights, gradients and AdamW moments, what a
@@ -212,7 +216,9 @@ class Qwen3MoeCuda {
   // optimizer; then the layers split into fwd_attention, fwd_mlp, bwd_mlp, bwd_attention;
   // with EP also fwd_ep_dispatch and fwd_ep_combine (the forward's all-to-alls, summed over
   // the MoE layers; part of fwd_mlp) and bwd_ep_dispatch, bwd_ep_combine (the backward's; part
-  // of bwd_mlp).
+  // of bwd_mlp). With train.ep_chunks > 1 these four are the transport calls alone, summed over
+  // the chunks on the comm stream: they overlap the expert GEMMs, so they are no longer parts
+  // of fwd_mlp / bwd_mlp that add up (EpTimes).
   // Recorded only when enabled (before the step).
   void enable_phase_timing(bool on);
   std::vector<std::pair<std::string, float>> phase_ms() const;

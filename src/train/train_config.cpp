@@ -66,6 +66,7 @@ const std::map<std::string, Setter>& keys() {
       KEY("train.ep_capacity", ep_capacity, double),
       KEY("train.ep_recompute", ep_recompute, std::string),
       KEY("train.ep_dispatch", ep_dispatch, std::string),
+      KEY("train.ep_chunks", ep_chunks, int64_t),
       KEY("train.zero", zero, int64_t),
       KEY("output.dir", output_dir, std::string),
       KEY("output.export_hf", export_hf, bool),
@@ -138,6 +139,15 @@ TrainConfig load_train_config(const std::string& path,
            "both",
            c.ep_recompute, c.device, c.ep);
   dist::parse_ep_dispatch(c.ep_dispatch);  // the same for train.ep_dispatch
+  AM_CHECK(c.ep_chunks >= 1 && c.ep_chunks <= dist::kEpMaxChunks,
+           "train.ep_chunks must be between 1 (no pipelining, the default) and {} (the EP block "
+           "pipelines its tokens in that many chunks; 2 is the intended setting), got {}",
+           dist::kEpMaxChunks, c.ep_chunks);
+  AM_CHECK(c.ep_chunks == 1 || (c.device == "cuda" && c.ep > 1),
+           "train.ep_chunks {} applies to the GPU expert-parallel block (train.device cuda, "
+           "train.ep > 1), but this run has train.device {} and train.ep {}; remove it or set "
+           "both",
+           c.ep_chunks, c.device, c.ep);
   if (c.ep_dispatch == "padded") {
     AM_CHECK(c.device == "cuda" && c.ep > 1,
              "train.ep_dispatch padded applies to the GPU expert-parallel block (train.device "
@@ -229,6 +239,7 @@ std::string TrainConfig::to_yaml() const {
   if (ep_capacity != 2.0) e << YAML::Key << "ep_capacity" << YAML::Value << ep_capacity;
   if (ep_recompute != "none") e << YAML::Key << "ep_recompute" << YAML::Value << ep_recompute;
   if (ep_dispatch != "counts") e << YAML::Key << "ep_dispatch" << YAML::Value << ep_dispatch;
+  if (ep_chunks != 1) e << YAML::Key << "ep_chunks" << YAML::Value << ep_chunks;
   if (zero != 0) e << YAML::Key << "zero" << YAML::Value << zero;
   e << YAML::EndMap;
   e << YAML::Key << "output" << YAML::Value << YAML::BeginMap << YAML::Key << "dir" << YAML::Value

@@ -49,6 +49,8 @@ struct TrainConfig {
                                         // backward recomputes instead of keeping in that arena
   std::string ep_dispatch = "counts";   // cuda, ep > 1: counts | padded (no host sync in the
                                         // MoE forward; needs ep_recompute experts)
+  int64_t ep_chunks = 1;                // cuda, ep > 1: 1..8 token chunks the EP block pipelines
+                                        // (all-to-alls beside the expert GEMMs); 1 = none
   int64_t zero = 0;                     // ZeRO: 0 replicated, 1 optimizer state sharded, 2 + gradients, 3 + parameters (CPU)
   // output:
   std::string output_dir = "out/run";

@@ -85,6 +85,7 @@ class CudaTrainModel final : public DeviceTrainModel {
     d.ep_recompute = dist::parse_ep_recompute(cfg.ep_recompute);
     d.zero = int(cfg.zero);
     d.ep_dispatch = dist::parse_ep_dispatch(cfg.ep_dispatch);
+    d.ep_chunks = int(cfg.ep_chunks);
     return d;
   }
   // Several ranks: the EP transport and, over NCCL, the gradient communicators (collective).

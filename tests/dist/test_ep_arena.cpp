@@ -341,3 +341,98 @@ TEST(EpArena, DispatchRecipeKey) {
   cap.push_back({"train.ep_capacity", "3"});
   expect_error(cap, {"train.ep_capacity 3 has no effect with train.ep_dispatch padded"});
 }
+
+TEST(EpArena, TokenChunksSplitEveryTokenOnce) {
+  // train.ep_chunks: contiguous chunks, the first N % C one token longer, at most ceil(N/C)
+  for (int64_t N : {0, 1, 2, 7, 37, 4096, 4097})
+    for (int C = 1; C <= dist::kEpMaxChunks; ++C) {
+      int64_t next = 0;
+      for (int c = 0; c < C; ++c) {
+        EXPECT_EQ(dist::ep_chunk_begin(N, C, c), next) << N << " " << C << " " << c;
+        const int64_t n = dist::ep_chunk_tokens(N, C, c);
+        EXPECT_LE(n, (N + C - 1) / C);
+        EXPECT_GE(n, N / C);
+        next += n;
+      }
+      EXPECT_EQ(next, N) << N << " " << C;
+    }
+  EXPECT_EQ(dist::ep_chunk_tokens(37, 3, 0), 13);
+  EXPECT_EQ(dist::ep_chunk_tokens(37, 3, 2), 12);
+  EXPECT_EQ(dist::ep_chunk_begin(37, 3, 2), 25);
+  for (int bad : {0, -1, dist::kEpMaxChunks + 1}) {
+    try {
+      dist::check_ep_chunks(bad);
+      ADD_FAILURE() << "check_ep_chunks(" << bad << ") did not throw";
+    } catch (const std::exception& e) {
+      EXPECT_NE(std::string(e.what()).find("train.ep_chunks must be between 1"), std::string::npos)
+          << e.what();
+    }
+  }
+}
+
+TEST(EpArena, ChunkedArenaHoldsEveryChunksCarve) {
+  // one carve per chunk: the same rows, plus per extra carve its offsets and alignment
+  const int P = 4;
+  for (EpRecompute r : {EpRecompute::kNone, EpRecompute::kOutputs, EpRecompute::kExperts}) {
+    EXPECT_EQ(dist::ep_arena_worst_bytes(kQwen, P, 1, r, 1), dist::ep_arena_worst_bytes(kQwen, P, 1, r));
+    EXPECT_EQ(dist::ep_arena_bytes(kQwen, P, 48, 1, 2.0, r, 1),
+              dist::ep_arena_bytes(kQwen, P, 48, 1, 2.0, r));
+    for (int C : {2, 3, 8}) {
+      const size_t one = dist::ep_arena_worst_bytes(kQwen, P, 1, r);
+      const size_t chunked = dist::ep_arena_worst_bytes(kQwen, P, 1, r, C);
+      size_t sum = 0;
+      for (int c = 0; c < C; ++c) {
+        const int64_t n = dist::ep_chunk_tokens(kQwen.max_tokens, C, c);
+        const dist::EpLoad w = dist::ep_worst_load(kQwen, P, n);
+        sum += dist::ep_saved_layout(kQwen, P, n, int64_t(w.rows), int64_t(w.picks), r).bytes;
+      }
+      EXPECT_EQ(chunked, sum);
+      EXPECT_GE(chunked, one);
+      EXPECT_LE(chunked, one + size_t(C) * 7 * dist::kEpArenaAlign);  // 7 buffers' alignment
+      EXPECT_EQ(dist::ep_arena_padded_bytes(kQwen, P, 48, 1, r, C), 48 * chunked);
+      // loopback: the local ranks carve one after another
+      EXPECT_EQ(dist::ep_arena_worst_bytes(kQwen, P, P, r, C), size_t(P) * chunked);
+      // the balanced arena: the chunks' expected carves, at most the worst
+      const size_t bal = dist::ep_arena_bytes(kQwen, P, 48, 1, 2.0, r, C);
+      EXPECT_LE(bal, 48 * chunked);
+      EXPECT_GE(bal, dist::ep_arena_bytes(kQwen, P, 48, 1, 2.0, r));
+    }
+  }
+  EXPECT_THROW(dist::ep_arena_worst_bytes(kQwen, P, 1, EpRecompute::kNone, 9), std::exception);
+}
+
+TEST(EpArena, ChunksRecipeKey) {
+  using automoe::load_train_config;
+  const auto base = std::vector<std::pair<std::string, std::string>>{
+      {"model.builtin", "tiny-moe"}, {"data.builtin", "addition"}};
+  const auto d = load_train_config("", base);
+  EXPECT_EQ(d.ep_chunks, 1);
+  EXPECT_EQ(d.to_yaml().find("ep_chunks"), std::string::npos) << d.to_yaml();
+  auto gpu = base;
+  gpu.push_back({"train.device", "cuda"});
+  gpu.push_back({"train.ep", "2"});
+  for (int c : {1, 2, 3, 8}) {
+    auto o = gpu;
+    o.push_back({"train.ep_chunks", std::to_string(c)});
+    const auto cfg = load_train_config("", o);
+    EXPECT_EQ(cfg.ep_chunks, c);
+    EXPECT_EQ(cfg.to_yaml().find("ep_chunks: " + std::to_string(c)) != std::string::npos, c != 1)
+        << cfg.to_yaml();
+  }
+  for (const char* bad : {"0", "9", "-2"}) {
+    auto o = gpu;
+    o.push_back({"train.ep_chunks", bad});
+    try {
+      load_train_config("", o);
+      ADD_FAILURE() << "train.ep_chunks " << bad << " accepted";
+    } catch (const std::exception& e) {
+      EXPECT_NE(std::string(e.what()).find("train.ep_chunks must be between 1"), std::string::npos)
+          << e.what();
+    }
+  }
+  // nothing to pipeline without the GPU EP block: an error, not a silent no-op
+  auto cpu = base;
+  cpu.push_back({"train.ep", "2"});
+  cpu.push_back({"train.ep_chunks", "2"});
+  EXPECT_THROW(load_train_config("", cpu), std::exception);
+}
