@@ -128,7 +128,9 @@
 // wait can hold back streams sharing its hardware queue (CUDA_DEVICE_MAX_CONNECTIONS, 8 by
 // default): the launcher should set CUDA_DEVICE_MAX_CONNECTIONS=32 (docs/DISTRIBUTED.md).
 // Checked on one H200 (ep_check over loopback, MPI staging and IPC at small shapes; 50 training
-// steps); not timed, no speedup measured.
+// steps). On two H200s (W2, EP = 2) C = 2 is 10.4% SLOWER than C = 1 (half-size GEMMs, twice
+// the launches, chunk c+1's expert backward waiting for chunk c's weight gradients); hence the
+// default 1. Unmeasured at EP = 4.
 //
 // Gradient rule: dx and dtopk_w assign (=); expert weight gradients are bf16,
 // g = g_beta * g + dW (g_beta 0 overwrites, experts without rows then get 0; 1 accumulates).
