@@ -79,7 +79,7 @@ EpLoad ep_worst_load(const EpMoeShape& s, int P, int64_t N) {
 void check_ep_chunks(int C) {
   AM_CHECK(C >= 1 && C <= kEpMaxChunks,
            "train.ep_chunks must be between 1 (no pipelining, the default) and {} (the EP block "
-           "pipelines its tokens in that many chunks; 2 is the intended setting), got {}",
+           "pipelines its tokens in that many chunks; 1 unless measured faster), got {}",
            kEpMaxChunks, C);
 }
 

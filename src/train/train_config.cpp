@@ -141,7 +141,7 @@ TrainConfig load_train_config(const std::string& path,
   dist::parse_ep_dispatch(c.ep_dispatch);  // the same for train.ep_dispatch
   AM_CHECK(c.ep_chunks >= 1 && c.ep_chunks <= dist::kEpMaxChunks,
            "train.ep_chunks must be between 1 (no pipelining, the default) and {} (the EP block "
-           "pipelines its tokens in that many chunks; 2 is the intended setting), got {}",
+           "pipelines its tokens in that many chunks; 1 unless measured faster), got {}",
            dist::kEpMaxChunks, c.ep_chunks);
   AM_CHECK(c.ep_chunks == 1 || (c.device == "cuda" && c.ep > 1),
            "train.ep_chunks {} applies to the GPU expert-parallel block (train.device cuda, "
