@@ -92,6 +92,10 @@
 #             why not bitwise). With >= 2 GPUs ep_model also runs ZeRO-3 over NCCL against ZeRO-1
 #             (ep_model_cmp_nccl_zero3). TARGETS=automoe_cli suffices. Memory at scale:
 #             STAGES=multi BENCH_ARGS="--zero 3" (cuda_bench's memory lines).
+#   ep_gpu2   (not default; also part of ep_model on >= 2 GPUs) only ep_model's two-GPU
+#             block (NCCL: EP = 2, auto, the overlapped all-reduce bit for bit, ZeRO-1 and
+#             ZeRO-3 against it, memory-saving, a stopped rank) after its two one-GPU reference
+#             runs: about two minutes after the build (TARGETS=automoe_cli)
 #   multi     (not default) several GPUs: cuda_bench under mpirun, a rank per GPU, experts over
 #             all of them (transport auto), beside Transformers + FSDP2 (hf_moe_fsdp.py) for each
 #             MULTI_LAYERS (default "12 24": W2; W4: MULTI_LAYERS=48 MBS=1 on 4 GPUs); on one GPU
@@ -411,6 +415,56 @@ ep_zero3_stages() {
   stage ep_model_cmp_zero3_ga python3 bench/compare_loss_curves.py \
     "$BUILD/ep_model_ep2_zero1_ga/metrics.jsonl" "$BUILD/ep_model_ep2_zero3_ga/metrics.jsonl"
 }
+# The trainer over NCCL with a GPU per rank (stage ep_model on >= 2 GPUs, or STAGES=ep_gpu2
+# alone, which first writes the one-GPU reference runs it compares against: about two minutes
+# after the build, TARGETS=automoe_cli): EP = 2 over NCCL and auto, the overlapped all-reduce
+# bit for bit the one after the backward, ZeRO-1 and ZeRO-3 over NCCL, the memory-saving mode,
+# a stopped rank.
+ep_gpu2_stages() {
+  # a GPU per rank; EP rows over NCCL unless said
+  gpu2=(mpirun --allow-run-as-root -np 2 -x NCCL_NVLS_ENABLE=0 -x TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+        -x NVSHMEM_DISABLE_NVLS=1)
+  nmpi=("${gpu2[@]}" -x AUTOMOE_EP_TRANSPORT=nccl)
+  stage ep_model_nccl2 "${nmpi[@]}" "$BUILD/automoe" "${run[@]}" --train.ep 2 --data.micro_batch 8 \
+    --output.dir "$BUILD/ep_model_nccl2"
+  stage ep_model_cmp_nccl python3 bench/compare_loss_curves.py "$BUILD/ep_model_1gpu/metrics.jsonl" \
+    "$BUILD/ep_model_nccl2/metrics.jsonl"
+  # the overlapped gradient all-reduce (ncclAllReduce per bucket on the comm stream, beside
+  # the EP all-to-alls on the compute stream) against the sum after the backward: bit-identical
+  stage ep_model_nccl2_noov "${nmpi[@]}" -x AUTOMOE_GRAD_OVERLAP=0 "$BUILD/automoe" "${run[@]}" \
+    --train.ep 2 --data.micro_batch 8 --output.dir "$BUILD/ep_model_nccl2_noov"
+  stage ep_model_cmp_nccl_ov_exact python3 bench/compare_loss_curves.py --exact loss,ce_loss,aux_loss,grad_norm \
+    "$BUILD/ep_model_nccl2_noov/metrics.jsonl" "$BUILD/ep_model_nccl2/metrics.jsonl"
+  # the default transport (auto: CUDA IPC between the GPUs, gradients over NCCL)
+  stage ep_model_auto2 "${gpu2[@]}" "$BUILD/automoe" "${run[@]}" --train.ep 2 --data.micro_batch 8 \
+    --output.dir "$BUILD/ep_model_auto2"
+  stage ep_model_cmp_auto python3 bench/compare_loss_curves.py "$BUILD/ep_model_1gpu/metrics.jsonl" \
+    "$BUILD/ep_model_auto2/metrics.jsonl"
+  # ZeRO-1 over NCCL (ncclReduceScatter / ncclAllGather) against its all-reduce, dp 2
+  nrun=("${nmpi[@]}" "$BUILD/automoe" "${run[@]}" --train.ep 1 --data.micro_batch 8)
+  stage ep_model_nccl2_dp "${nrun[@]}" --output.dir "$BUILD/ep_model_nccl2_dp"
+  stage ep_model_nccl2_zero1 "${nrun[@]}" --train.zero 1 --output.dir "$BUILD/ep_model_nccl2_zero1"
+  stage ep_model_cmp_nccl_zero1 python3 bench/compare_loss_curves.py --exact loss,ce_loss,aux_loss,grad_norm \
+    "$BUILD/ep_model_nccl2_dp/metrics.jsonl" "$BUILD/ep_model_nccl2_zero1/metrics.jsonl"
+  # ZeRO-3 over NCCL (ncclBroadcast / ncclReduce per block) against ZeRO-1 over NCCL, dp 2:
+  # with two ranks both sums are a + b rounded once, so bit-identical
+  stage ep_model_nccl2_zero3 "${nrun[@]}" --train.zero 3 --output.dir "$BUILD/ep_model_nccl2_zero3"
+  stage ep_model_cmp_nccl_zero3 python3 bench/compare_loss_curves.py --exact loss,ce_loss,aux_loss,grad_norm \
+    "$BUILD/ep_model_nccl2_zero1/metrics.jsonl" "$BUILD/ep_model_nccl2_zero3/metrics.jsonl"
+  # the memory-saving mode's per-tensor reduces over NCCL against one GPU's memory-saving run
+  # (ep_memsave_stages above wrote ep_model_1gpu_ms)
+  stage ep_model_ms_nccl2 "${nmpi[@]}" "$BUILD/automoe" "${run[@]}" --train.ep 2 \
+    --data.micro_batch 8 --train.memory_saving true --output.dir "$BUILD/ep_model_ms_nccl2"
+  stage ep_model_cmp_ms_nccl python3 bench/compare_loss_curves.py \
+    "$BUILD/ep_model_1gpu_ms/metrics.jsonl" "$BUILD/ep_model_ms_nccl2/metrics.jsonl"
+  # a rank stopped (SIGSTOP) mid-run over NCCL: rank 0 must stop on AUTOMOE_DIST_TIMEOUT
+  # (the NCCL waits take it too) and mpirun end the job, not hang (124); the stopped rank
+  # is killed after
+  STAGE_TIMEOUT=120 stage_must_fail ep_model_stall_nccl2 "${nmpi[@]}" -x KILL_RANK_SIGNAL=STOP \
+    -x AUTOMOE_DIST_TIMEOUT=20 bash bench/kill_rank.sh 1 15 "$BUILD/automoe" "${run[@]}" \
+    --train.steps 100000 --train.ep 2 --data.micro_batch 8 --output.dir "$BUILD/ep_model_stall_nccl2"
+  pkill -KILL -f "ep_model_stall_nccl2" 2>/dev/null
+}
 if has ep_model; then
   if [ -x "$BUILD/automoe" ] && command -v mpirun >/dev/null 2>&1; then
     # the transport and the EP block first, two processes on GPU 0 (small shapes: seconds)
@@ -563,49 +617,7 @@ if has ep_model; then
       --output.dir "$BUILD/ep_model_kill"
     ngpu=$(nvidia-smi -L 2>/dev/null | grep -c "^GPU")
     if [ "$ngpu" -ge 2 ]; then
-      # a GPU per rank; EP rows over NCCL unless said
-      gpu2=(mpirun --allow-run-as-root -np 2 -x NCCL_NVLS_ENABLE=0 -x TORCH_SYMM_MEM_DISABLE_MULTICAST=1
-            -x NVSHMEM_DISABLE_NVLS=1)
-      nmpi=("${gpu2[@]}" -x AUTOMOE_EP_TRANSPORT=nccl)
-      stage ep_model_nccl2 "${nmpi[@]}" "$BUILD/automoe" "${run[@]}" --train.ep 2 --data.micro_batch 8 \
-        --output.dir "$BUILD/ep_model_nccl2"
-      stage ep_model_cmp_nccl python3 bench/compare_loss_curves.py "$BUILD/ep_model_1gpu/metrics.jsonl" \
-        "$BUILD/ep_model_nccl2/metrics.jsonl"
-      # the overlapped gradient all-reduce (ncclAllReduce per bucket on the comm stream, beside
-      # the EP all-to-alls on the compute stream) against the sum after the backward: bit-identical
-      stage ep_model_nccl2_noov "${nmpi[@]}" -x AUTOMOE_GRAD_OVERLAP=0 "$BUILD/automoe" "${run[@]}" \
-        --train.ep 2 --data.micro_batch 8 --output.dir "$BUILD/ep_model_nccl2_noov"
-      stage ep_model_cmp_nccl_ov_exact python3 bench/compare_loss_curves.py --exact loss,ce_loss,aux_loss,grad_norm \
-        "$BUILD/ep_model_nccl2_noov/metrics.jsonl" "$BUILD/ep_model_nccl2/metrics.jsonl"
-      # the default transport (auto: CUDA IPC between the GPUs, gradients over NCCL)
-      stage ep_model_auto2 "${gpu2[@]}" "$BUILD/automoe" "${run[@]}" --train.ep 2 --data.micro_batch 8 \
-        --output.dir "$BUILD/ep_model_auto2"
-      stage ep_model_cmp_auto python3 bench/compare_loss_curves.py "$BUILD/ep_model_1gpu/metrics.jsonl" \
-        "$BUILD/ep_model_auto2/metrics.jsonl"
-      # ZeRO-1 over NCCL (ncclReduceScatter / ncclAllGather) against its all-reduce, dp 2
-      nrun=("${nmpi[@]}" "$BUILD/automoe" "${run[@]}" --train.ep 1 --data.micro_batch 8)
-      stage ep_model_nccl2_dp "${nrun[@]}" --output.dir "$BUILD/ep_model_nccl2_dp"
-      stage ep_model_nccl2_zero1 "${nrun[@]}" --train.zero 1 --output.dir "$BUILD/ep_model_nccl2_zero1"
-      stage ep_model_cmp_nccl_zero1 python3 bench/compare_loss_curves.py --exact loss,ce_loss,aux_loss,grad_norm \
-        "$BUILD/ep_model_nccl2_dp/metrics.jsonl" "$BUILD/ep_model_nccl2_zero1/metrics.jsonl"
-      # ZeRO-3 over NCCL (ncclBroadcast / ncclReduce per block) against ZeRO-1 over NCCL, dp 2:
-      # with two ranks both sums are a + b rounded once, so bit-identical
-      stage ep_model_nccl2_zero3 "${nrun[@]}" --train.zero 3 --output.dir "$BUILD/ep_model_nccl2_zero3"
-      stage ep_model_cmp_nccl_zero3 python3 bench/compare_loss_curves.py --exact loss,ce_loss,aux_loss,grad_norm \
-        "$BUILD/ep_model_nccl2_zero1/metrics.jsonl" "$BUILD/ep_model_nccl2_zero3/metrics.jsonl"
-      # the memory-saving mode's per-tensor reduces over NCCL against one GPU's memory-saving run
-      # (ep_memsave_stages above wrote ep_model_1gpu_ms)
-      stage ep_model_ms_nccl2 "${nmpi[@]}" "$BUILD/automoe" "${run[@]}" --train.ep 2 \
-        --data.micro_batch 8 --train.memory_saving true --output.dir "$BUILD/ep_model_ms_nccl2"
-      stage ep_model_cmp_ms_nccl python3 bench/compare_loss_curves.py \
-        "$BUILD/ep_model_1gpu_ms/metrics.jsonl" "$BUILD/ep_model_ms_nccl2/metrics.jsonl"
-      # a rank stopped (SIGSTOP) mid-run over NCCL: rank 0 must stop on AUTOMOE_DIST_TIMEOUT
-      # (the NCCL waits take it too) and mpirun end the job, not hang (124); the stopped rank
-      # is killed after
-      STAGE_TIMEOUT=120 stage_must_fail ep_model_stall_nccl2 "${nmpi[@]}" -x KILL_RANK_SIGNAL=STOP \
-        -x AUTOMOE_DIST_TIMEOUT=20 bash bench/kill_rank.sh 1 15 "$BUILD/automoe" "${run[@]}" \
-        --train.steps 100000 --train.ep 2 --data.micro_batch 8 --output.dir "$BUILD/ep_model_stall_nccl2"
-      pkill -KILL -f "ep_model_stall_nccl2" 2>/dev/null
+      ep_gpu2_stages
     else
       echo "device.sh: $ngpu GPU: the NCCL run of stage ep_model needs 2 GPUs (skipped)"
     fi
@@ -626,6 +638,17 @@ if has ep_zero3 && ! has ep_model; then
     ep_zero3_stages
   else
     echo "device.sh: no $BUILD/automoe or no mpirun: no ep_zero3 stage"
+    fails=$((fails + 1))
+  fi
+fi
+if has ep_gpu2 && ! has ep_model; then
+  if [ "$(nvidia-smi -L 2>/dev/null | grep -c "^GPU")" -ge 2 ] && [ -x "$BUILD/automoe" ]; then
+    stage ep_model_1gpu "$BUILD/automoe" "${run[@]}" --data.micro_batch 16 --output.dir "$BUILD/ep_model_1gpu"
+    stage ep_model_1gpu_ms "$BUILD/automoe" "${run[@]}" --data.micro_batch 16 \
+      --train.memory_saving true --output.dir "$BUILD/ep_model_1gpu_ms"
+    ep_gpu2_stages
+  else
+    echo "device.sh: stage ep_gpu2 needs 2 GPUs and $BUILD/automoe"
     fails=$((fails + 1))
   fi
 fi
@@ -751,7 +774,7 @@ if has parity; then
   grep -E "HF bf16 vs fp32" "$BUILD/hf_bf16.log" 2>/dev/null
   grep -E "logits rel-L2|gradients, worst|^FAIL|loss curves|failed check|memory-saving vs" "$BUILD/parity.log" | head -n 48
 fi
-if has ep_model || has ep_memsave || has ep_zero3; then
+if has ep_model || has ep_memsave || has ep_zero3 || has ep_gpu2; then
   for f in "$BUILD"/ep_model_cmp_*.log "$BUILD"/ep_model_fwd_cmp.log; do
     [ -f "$f" ] && echo "$(basename "$f" .log):" && grep -hE "^(ok|FAIL)" "$f"
   done
