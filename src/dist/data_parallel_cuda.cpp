@@ -160,6 +160,32 @@ void DeviceGradReducer::join(cudaStream_t stream) {
   pending_ = false;
 }
 
+void DeviceGradReducer::host_sync(cudaStream_t stream, const char* what) {
+#if AUTOMOE_DP_NCCL
+  NcclGroup* g = nccl_world_ ? nccl_world_ : nccl_dp_;
+  if (g) {
+    g->wait(stream, what);
+    return;
+  }
+#else
+  (void)what;
+#endif
+  CUDA_CHECK(cudaStreamSynchronize(stream));
+}
+
+void DeviceGradReducer::host_wait(cudaEvent_t ev, const char* what) {
+#if AUTOMOE_DP_NCCL
+  NcclGroup* g = nccl_world_ ? nccl_world_ : nccl_dp_;
+  if (g) {
+    g->wait_event(ev, what);
+    return;
+  }
+#else
+  (void)what;
+#endif
+  CUDA_CHECK(cudaEventSynchronize(ev));
+}
+
 void DeviceGradReducer::wait(cudaStream_t stream) {
 #if AUTOMOE_DP_NCCL
   if (nccl_world_) nccl_world_->wait(stream, "gradient all-reduce");
@@ -173,7 +199,7 @@ double DeviceGradReducer::global_sumsq(const double* sumsq, cudaStream_t stream)
   small_.resize(t_.size());
   CUDA_CHECK(cudaMemcpyAsync(small_.data(), sumsq, t_.size() * sizeof(double),
                              cudaMemcpyDeviceToHost, stream));
-  CUDA_CHECK(cudaStreamSynchronize(stream));
+  host_sync(stream, "the gradient norm's readback");
   double dense = 0.0, experts = 0.0;  // dense: the same on every rank; experts: this shard
   for (size_t i = 0; i < t_.size(); ++i) (t_[i].expert ? experts : dense) += small_[i];
   g_.ep.allreduce_sum(&experts, 1);
@@ -185,7 +211,7 @@ void DeviceGradReducer::allreduce_small(double* x, int64_t n, const Comm& c, cud
   small_.resize(size_t(n));
   CUDA_CHECK(cudaMemcpyAsync(small_.data(), x, size_t(n) * sizeof(double), cudaMemcpyDeviceToHost,
                              stream));
-  CUDA_CHECK(cudaStreamSynchronize(stream));
+  host_sync(stream, "the aux statistics' readback");
   c.allreduce_sum(small_.data(), n);
   CUDA_CHECK(cudaMemcpyAsync(x, small_.data(), size_t(n) * sizeof(double), cudaMemcpyHostToDevice,
                              stream));

@@ -99,6 +99,13 @@ class DeviceGradReducer {
   // x[n] f64 on the device summed over `c` in place (the aux loss statistics). Waits for the
   // stream; the upload is enqueued on it.
   void allreduce_small(double* x, int64_t n, const Comm& c, cudaStream_t stream);
+  // The host's waits on the step's work (the model's loss, grad norm and upload waits, and the
+  // two above). Over NCCL timed like every NCCL wait (AUTOMOE_NCCL_TIMEOUT_S): a stream stuck
+  // behind an NCCL kernel whose peer stopped makes every communicator abort and this throw,
+  // where cudaEventSynchronize would block forever. Without NCCL the plain CUDA waits (the
+  // host collectives that follow are timed on their own).
+  void host_sync(cudaStream_t stream, const char* what);
+  void host_wait(cudaEvent_t ev, const char* what);
 
   const std::vector<DeviceTensor>& tensors() const { return t_; }
 

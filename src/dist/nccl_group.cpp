@@ -192,9 +192,16 @@ void NcclGroup::wait(cudaStream_t stream, const char* what) {
            "be used again",
            rank_);
   CUDA_CHECK(cudaEventRecord(done_, stream));
+  wait_event(done_, what);
+}
+
+void NcclGroup::wait_event(cudaEvent_t ev, const char* what) {
+  AM_CHECK(!aborted_, "NCCL communicator of rank {} was aborted after an earlier error; it cannot "
+           "be used again",
+           rank_);
   const auto t0 = Clock::now();
   for (;;) {
-    const cudaError_t e = cudaEventQuery(done_);
+    const cudaError_t e = cudaEventQuery(ev);
     if (e == cudaSuccess) return;
     if (e != cudaErrorNotReady) CUDA_CHECK(e);
     ncclResult_t st = ncclSuccess;

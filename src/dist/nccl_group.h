@@ -73,6 +73,8 @@ class NcclGroup {
   // Waits for `stream` to drain, polling the communicator: throws (after aborting it) on an
   // NCCL error or when the timeout passes.
   void wait(cudaStream_t stream, const char* what);
+  // The same for an event already recorded (on any stream of this device).
+  void wait_event(cudaEvent_t ev, const char* what);
   // Aborts the communicator, and every other NcclGroup alive in this process (the job is
   // ending; see nccl_group.cpp), and throws an Error naming this rank, `what` and `why`.
   [[noreturn]] void fail(const char* what, const std::string& why);

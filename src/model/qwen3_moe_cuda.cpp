@@ -342,6 +342,12 @@ struct Qwen3MoeCuda::State {
     cu::rope_fwd(a.q, a.q, pos, N, nH, D, theta, ctx);  // in place
     cu::rope_fwd(a.k, a.k, pos, N, nKV, D, theta, ctx);
   }
+  // A host wait on the step's work: over NCCL timed (the reducer's host_wait: a peer that
+  // stopped ends the job instead of hanging it here), otherwise cudaEventSynchronize.
+  void host_wait(cudaEvent_t ev, const char* what) {
+    if (reducer) reducer->host_wait(ev, what);
+    else CUDA_CHECK(cudaEventSynchronize(ev));
+  }
   const bf16* W(int64_t off) const {
     if (!z3) return p16.get() + off;
     for (int i = 0; i < 2; ++i) {  // ZeRO-3: a gathered block's window
@@ -1119,7 +1125,7 @@ void Qwen3MoeCuda::forward(const Batch& bt, float ce_denominator, float aux_scal
   const cu::Ctx& ctx = s.ctx;
 
   // ---- the batch: host staging (pinned), one copy to the device
-  if (s.upload_pending) CUDA_CHECK(cudaEventSynchronize(s.upload_done));  // staging is free again
+  if (s.upload_pending) s.host_wait(s.upload_done, "the previous batch's upload");  // staging is free again
   Carver hv{reinterpret_cast<uintptr_t>(s.in_host), 0};
   int64_t* h_ids = hv.take<int64_t>(N);
   int64_t* h_tg = hv.take<int64_t>(N);
@@ -1338,7 +1344,7 @@ void Qwen3MoeCuda::forward(const Batch& bt, float ce_denominator, float aux_scal
 LossParts Qwen3MoeCuda::loss() {
   State& s = *s_;
   AM_CHECK(s.loss_host && s.N > 0, "loss() needs a forward() first");
-  CUDA_CHECK(cudaEventSynchronize(s.loss_ready));
+  s.host_wait(s.loss_ready, "the loss readback");
   double sum = 0.0;
   for (int64_t i = 0; i < s.N; ++i) sum += s.loss_host[i];
   LossParts out;
@@ -1635,7 +1641,7 @@ void Qwen3MoeCuda::allreduce_grads() {
 }
 
 float Qwen3MoeCuda::grad_norm() {
-  CUDA_CHECK(cudaEventSynchronize(s_->norm_ready));
+  s_->host_wait(s_->norm_ready, "the gradient norm readback");
   return s_->norm_host[0];
 }
 
