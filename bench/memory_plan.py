@@ -82,7 +82,7 @@ def ep_carve(N, P, R, M, H, I, K, El, rc="none"):
     return sum(ep_align(b) for b in parts)
 
 
-def ep_buffers(N, P, H, I, E, K, layers, capacity, rc="none", dispatch="counts"):
+def ep_buffers(N, P, H, I, E, K, layers, capacity, rc="none", dispatch="counts", chunks=1):
     """(arena, worst-case arena, scratch) bytes of the EP block (dist/ep_arena.cpp, EpMoeScratch)"""
     El = E // P
     none = 1.0
@@ -94,16 +94,22 @@ def ep_buffers(N, P, H, I, E, K, layers, capacity, rc="none", dispatch="counts")
     arena = min(worst, ep_align(math.ceil(capacity * expected * layers)))
     if dispatch == "padded":  # ep_arena_padded_bytes
         arena = worst
-    Mcap, Rcap = P * N * min(K, El), P * N
-    Scap = Rcap if dispatch == "padded" else N * min(P, K)
+    # train.ep_chunks C: the expert buffers for one chunk of ceil(N/C) tokens, the send/receive
+    # buffers once per chunk (about C = 1's in all), and C > 1 adds the fp32 weight-gradient
+    # accumulators of one layer's local experts (EpMoeScratch::acc_gu, acc_down); the arena's
+    # C carves per layer add only offsets and alignment (not counted)
+    Nc = -(-N // chunks)
+    Mcap, Rcap = P * Nc * min(K, El), P * Nc
+    Scap = Rcap if dispatch == "padded" else Nc * min(P, K)
     scratch = Mcap * (H + I + H + I + 2 * I) * 2  # xs, act, dys, dact, dgu
     scratch += Mcap * 2 * I * 2 if rc == "experts" else 0  # gu, recomputed
-    scratch += N * P * 4 + Scap * H * 2 + 2 * Scap * K * 4 + 2 * Rcap * K * 4 + Rcap * H * 2
+    scratch += chunks * (Nc * P * 4 + Scap * H * 2 + 2 * Scap * K * 4 + 2 * Rcap * K * 4 + Rcap * H * 2)
+    scratch += El * 3 * I * H * 4 if chunks > 1 else 0
     return arena, worst, scratch
 
 
 def plan(c, ep, world, seq, mbs, zero, ep_capacity=2.0, memsave=False, ep_recompute="none",
-         ep_dispatch="counts"):
+         ep_dispatch="counts", ep_chunks=1):
     H, L, nH, nKV, D = c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
     E, K, I, F, V = c["num_experts"], c["num_experts_per_tok"], c["moe_intermediate_size"], c["intermediate_size"], c["vocab_size"]
     moe = [is_moe(c, l) for l in range(L)]
@@ -181,7 +187,7 @@ def plan(c, ep, world, seq, mbs, zero, ep_capacity=2.0, memsave=False, ep_recomp
         + bwd_tail + max(0, R * H * 2 - bwd_tail)  # memsave's expert outputs overlay the tail
     act = sum(per_layer) + fixed + max(fwd_tmp, bwd_tmp)
     ep_arena, ep_worst, ep_scratch = ep_buffers(N, ep, H, I, E, K, M, ep_capacity, ep_recompute,
-                                                ep_dispatch) \
+                                                ep_dispatch, ep_chunks) \
         if ep > 1 else (0, 0, 0)
     ws = 0.25 * GiB + 1.0 * GiB  # measured op workspace (W1) + CUDA context, cuBLAS/cuDNN handles
     # Several ranks: NCCL communicators (their per-peer buffers), the IPC staging, the gradient
@@ -213,6 +219,9 @@ def main():
     ap.add_argument("--ep-dispatch", choices=EP_DISPATCH, default="counts",
                     help="train.ep_dispatch: counts (one host sync per MoE layer) or padded (none; "
                          "the EP arena at the worst case; the trainer needs --ep-recompute experts)")
+    ap.add_argument("--ep-chunks", type=int, default=1,
+                    help="train.ep_chunks: token chunks of the EP block (ep > 1; adds one layer's "
+                         "local expert weight gradients in fp32 when > 1)")
     ap.add_argument("--gpu-gib", type=float, default=139.8, help="usable GPU memory (H200: 139.8 GiB)")
     ap.add_argument("--memory-saving", action="store_true", help="train.memory_saving")
     a = ap.parse_args()
@@ -222,8 +231,10 @@ def main():
     world = a.world or a.ep
     if a.ep_capacity <= 0:
         ap.error("--ep-capacity must be positive")
+    if not 1 <= a.ep_chunks <= 8:
+        ap.error("--ep-chunks must be between 1 and 8 (train.ep_chunks)")
     p = plan(c, a.ep, world, a.seq, a.mbs, a.zero, a.ep_capacity, a.memory_saving, a.ep_recompute,
-             a.ep_dispatch)
+             a.ep_dispatch, a.ep_chunks)
     print(f"{a.preset or a.config}: {p['params_B']:.2f}B parameters ({p['dense_B']:.2f}B outside the experts), "
           f"EP={a.ep} over {world} ranks, ZeRO-{a.zero}, {a.mbs} x {a.seq} tokens per rank, "
           + ((f"EP arena {a.ep_capacity:g} x the balanced load" if a.ep_dispatch == "counts"
