@@ -162,27 +162,17 @@ void DeviceGradReducer::join(cudaStream_t stream) {
 
 void DeviceGradReducer::host_sync(cudaStream_t stream, const char* what) {
 #if AUTOMOE_DP_NCCL
-  NcclGroup* g = nccl_world_ ? nccl_world_ : nccl_dp_;
-  if (g) {
-    g->wait(stream, what);
-    return;
-  }
-#else
-  (void)what;
+  if (NcclGroup* g = nccl_world_ ? nccl_world_ : nccl_dp_) return g->wait(stream, what);
 #endif
+  (void)what;
   CUDA_CHECK(cudaStreamSynchronize(stream));
 }
 
 void DeviceGradReducer::host_wait(cudaEvent_t ev, const char* what) {
 #if AUTOMOE_DP_NCCL
-  NcclGroup* g = nccl_world_ ? nccl_world_ : nccl_dp_;
-  if (g) {
-    g->wait_event(ev, what);
-    return;
-  }
-#else
-  (void)what;
+  if (NcclGroup* g = nccl_world_ ? nccl_world_ : nccl_dp_) return g->wait_event(ev, what);
 #endif
+  (void)what;
   CUDA_CHECK(cudaEventSynchronize(ev));
 }
 
