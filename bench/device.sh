@@ -625,21 +625,16 @@ if has ep_model; then
     echo "device.sh: no $BUILD/automoe or no mpirun: no ep_model stage"
     fails=$((fails + 1))
   fi
-elif has ep_memsave; then
-  if [ -x "$BUILD/automoe" ] && command -v mpirun >/dev/null 2>&1; then
-    ep_memsave_stages
-  else
-    echo "device.sh: no $BUILD/automoe or no mpirun: no ep_memsave stage"
-    fails=$((fails + 1))
-  fi
-fi
-if has ep_zero3 && ! has ep_model; then
-  if [ -x "$BUILD/automoe" ] && command -v mpirun >/dev/null 2>&1; then
-    ep_zero3_stages
-  else
-    echo "device.sh: no $BUILD/automoe or no mpirun: no ep_zero3 stage"
-    fails=$((fails + 1))
-  fi
+else  # the parts of ep_model that also run alone
+  for part in ep_memsave ep_zero3; do
+    has "$part" || continue
+    if [ -x "$BUILD/automoe" ] && command -v mpirun >/dev/null 2>&1; then
+      "${part}_stages"
+    else
+      echo "device.sh: no $BUILD/automoe or no mpirun: no $part stage"
+      fails=$((fails + 1))
+    fi
+  done
 fi
 if has ep_gpu2 && ! has ep_model; then
   if [ "$(nvidia-smi -L 2>/dev/null | grep -c "^GPU")" -ge 2 ] && [ -x "$BUILD/automoe" ]; then
