@@ -96,6 +96,11 @@
 #             block (NCCL: EP = 2, auto, the overlapped all-reduce bit for bit, ZeRO-1 and
 #             ZeRO-3 against it, memory-saving, a stopped rank) after its two one-GPU reference
 #             runs: about two minutes after the build (TARGETS=automoe_cli)
+#   push      (not default) the direct dispatch (AUTOMOE_EP_PUSH, dist/expert_parallel_cuda.h)
+#             over CUDA IPC, on two GPUs (or two processes on GPU 0): ep_check's checks with
+#             "direct dispatch off" lines and its "BW ipc ... direct / packed" bandwidth lines
+#             (a GPU per rank), and 50 training steps with it on and off, bit-identical.
+#             TARGETS="ep_check automoe_cli".
 #   multi     (not default) several GPUs: cuda_bench under mpirun, a rank per GPU, experts over
 #             all of them (transport auto), beside Transformers + FSDP2 (hf_moe_fsdp.py) for each
 #             MULTI_LAYERS (default "12 24": W2; W4: MULTI_LAYERS=48 MBS=1 on 4 GPUs); on one GPU
@@ -683,6 +688,27 @@ if has launch; then
 fi
 if has gpu2; then
   stage gpu2 bash bench/gpu2_checks.sh
+fi
+if has push; then
+  if [ -x "$BUILD/ep_check" ] && [ -x "$BUILD/automoe" ] && command -v mpirun >/dev/null 2>&1; then
+    pmpi=(mpirun --allow-run-as-root -np 2 -x NCCL_NVLS_ENABLE=0 -x TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+          -x NVSHMEM_DISABLE_NVLS=1 -x AUTOMOE_EP_TRANSPORT=ipc)
+    pcheck=(--modes counts --recompute none --chunks 1 --tokens "${PUSH_TOKENS:-4096}" --iters 10)
+    if [ "$(nvidia-smi -L 2>/dev/null | grep -c "^GPU")" -lt 2 ]; then  # two processes, one GPU
+      pmpi+=(--oversubscribe -x CUDA_VISIBLE_DEVICES=0)
+      pcheck+=(--no-bench)
+    fi
+    stage push_ep_check "${pmpi[@]}" "$BUILD/ep_check" --transport ipc "${pcheck[@]}"
+    stage push_train_on "${pmpi[@]}" "$BUILD/automoe" "${run[@]}" --train.ep 2 --data.micro_batch 8 \
+      --output.dir "$BUILD/push_train_on"
+    stage push_train_off "${pmpi[@]}" -x AUTOMOE_EP_PUSH=0 "$BUILD/automoe" "${run[@]}" --train.ep 2 \
+      --data.micro_batch 8 --output.dir "$BUILD/push_train_off"
+    stage push_cmp_exact python3 bench/compare_loss_curves.py --exact loss,ce_loss,aux_loss,grad_norm \
+      "$BUILD/push_train_off/metrics.jsonl" "$BUILD/push_train_on/metrics.jsonl"
+  else
+    echo "device.sh: stage push needs $BUILD/ep_check, $BUILD/automoe and mpirun"
+    fails=$((fails + 1))
+  fi
 fi
 if has multi; then
   # Several GPUs: cuda_bench under mpirun (a rank per GPU, EP over all of them, transport auto)

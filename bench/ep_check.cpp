@@ -14,7 +14,8 @@
 //   The bandwidth run (not with --no-bench; a GPU per rank, NCCL built in): the forward's
 //   dispatch and combine over the chosen transport, timed, against ncclAlltoAll of the same
 //   bytes on an NCCL communicator of the same ranks (opened for it when the transport is not
-//   NCCL): "BW <transport> rank ..." lines.
+//   NCCL): "BW <transport> rank ..." lines; counts mode over IPC both with the forward's
+//   direct dispatch ("direct", the default) and without it ("packed", AUTOMOE_EP_PUSH=0).
 //   flags: --tokens N (8192, per rank) --hidden H (2048) --inter I (768) --experts E (128)
 //          --topk K (8) --modes counts,padded --recompute none,outputs,experts (all three)
 //          --chunks 2,3 (train.ep_chunks checked against one chunk; "1" for none)
@@ -664,6 +665,20 @@ void check_case(Tally& tally, Blocks& blocks, dist::EpTransport& t, const Shape&
     same_hash(tally, on + " d w_down, g_beta 1", hash_bits(local_raw(p.gdown_ep, t, El, s.H * s.I)),
               gdown1_h);
   }
+  // The forward's direct dispatch (IPC, counts mode: the kernel stores the rows into the peers)
+  // against the pack and the rows' all-to-all after the host's plan (or the other way round
+  // under AUTOMOE_EP_PUSH=0): the same rows in the same places, so the same bits
+  if (ep.mode() == dist::EpMode::kCounts && t.can_push() && t.num_local() == 1) {
+    const bool was = ep.push();
+    ep.set_push(!was);
+    ep.fwd(fa2.data(), s.N, ctx);
+    poison_scratch(*blocks.scratch, ctx);
+    ep.bwd(ba.data(), 0.f, ctx);
+    finish(ep, t, ctx);
+    ep.set_push(was);
+    same_bits(tally, name + (was ? " direct dispatch off" : " direct dispatch on"),
+              get_bits(p, t, p.out_ep2), b0);
+  }
   // Token chunks (see the file comment): out, dx, dtopk_w bitwise, the weight gradients close,
   // per recompute option from a poisoned scratch; g_beta 1 on top of g_beta 0 for the first
   for (Blocks::Chunked& ck : blocks.chunked)
@@ -1073,6 +1088,9 @@ void maybe_die(const Opts& o, int rank) {
 }
 
 // Dispatch/combine GPU time of the forward (EpTimes) against ncclAlltoAll of the same bytes.
+// Counts mode over a transport with a direct dispatch (IPC) is timed both ways: "direct" (the
+// kernel stores the rows into the peers while the host waits for the counts; the default) and
+// "packed" (AUTOMOE_EP_PUSH=0's pack, host sync, then the rows' all-to-all).
 void bandwidth(const Opts& o, dist::NcclGroup& g, dist::EpTransport& t, dist::EpMode mode,
                const Shape& s, const cu::Ctx& ctx) {
   Problem p;
@@ -1081,48 +1099,58 @@ void bandwidth(const Opts& o, dist::NcclGroup& g, dist::EpTransport& t, dist::Ep
   dist::EpMoeCuda ep(t, {s.N, s.H, s.I, s.E, s.K}, mode);
   ep.set_timing(true);
   auto fa = fwd_args(p, t, p.out_ep.get());
-  std::vector<double> disp, comb;
-  dist::EpTimes last;
-  for (int it = 0; it < o.warmup + o.iters; ++it) {
-    if (it == o.warmup) maybe_die(o, g.rank());
-    ep.fwd(fa.data(), s.N, ctx);
-    t.sync(ctx.stream);
-    last = ep.last_times();
-    if (it >= o.warmup) {
-      disp.push_back(last.dispatch_ms);
-      comb.push_back(last.combine_ms);
-    }
-  }
-  const double row_d = double(2 * s.H + 8 * s.K), row_c = double(2 * s.H);
-  const double bd = double(last.rows_payload) * row_d, bc = double(last.rows_payload) * row_c;
-  const double md = median(disp), mc = median(comb), gib = double(1 << 30);
+  const double row_d = double(2 * s.H + 8 * s.K), row_c = double(2 * s.H), gib = double(1 << 30);
   // the baseline: ncclAlltoAll of the dispatch's payload bytes, split evenly over the peers
-  const size_t per_peer = size_t(std::ceil(bd / 2.0 / s.P));  // bf16 elements
-  Buf<bf16> a2a_s(per_peer * s.P), a2a_r(per_peer * s.P);
-  cudaEvent_t e0, e1;
-  CUDA_CHECK(cudaEventCreate(&e0));
-  CUDA_CHECK(cudaEventCreate(&e1));
-  std::vector<double> base;
-  for (int it = 0; it < o.warmup + o.iters; ++it) {
-    CUDA_CHECK(cudaEventRecord(e0, ctx.stream));
-    g.alltoall(a2a_r.get(), a2a_s.get(), per_peer, ncclBfloat16, ctx.stream);
-    CUDA_CHECK(cudaEventRecord(e1, ctx.stream));
-    g.wait(ctx.stream, "all-to-all baseline");
-    float ms = 0;
-    CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
-    if (it >= o.warmup) base.push_back(ms);
+  // (the payload is the routing's: the same for every way of dispatching)
+  double mb = 0, base_bytes = 0;
+  const bool both = mode == dist::EpMode::kCounts && t.can_push() && t.num_local() == 1;
+  for (const bool push : {true, false}) {
+    if (!push && !both) break;
+    ep.set_push(push);
+    std::vector<double> disp, comb;
+    dist::EpTimes last;
+    for (int it = 0; it < o.warmup + o.iters; ++it) {
+      if (it == o.warmup && push) maybe_die(o, g.rank());
+      ep.fwd(fa.data(), s.N, ctx);
+      t.sync(ctx.stream);
+      last = ep.last_times();
+      if (it >= o.warmup) {
+        disp.push_back(last.dispatch_ms);
+        comb.push_back(last.combine_ms);
+      }
+    }
+    const double bd = double(last.rows_payload) * row_d, bc = double(last.rows_payload) * row_c;
+    const double md = median(disp), mc = median(comb);
+    if (push) {
+      const size_t per_peer = size_t(std::ceil(bd / 2.0 / s.P));  // bf16 elements
+      Buf<bf16> a2a_s(per_peer * s.P), a2a_r(per_peer * s.P);
+      cudaEvent_t e0, e1;
+      CUDA_CHECK(cudaEventCreate(&e0));
+      CUDA_CHECK(cudaEventCreate(&e1));
+      std::vector<double> base;
+      for (int it = 0; it < o.warmup + o.iters; ++it) {
+        CUDA_CHECK(cudaEventRecord(e0, ctx.stream));
+        g.alltoall(a2a_r.get(), a2a_s.get(), per_peer, ncclBfloat16, ctx.stream);
+        CUDA_CHECK(cudaEventRecord(e1, ctx.stream));
+        g.wait(ctx.stream, "all-to-all baseline");
+        float ms = 0;
+        CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
+        if (it >= o.warmup) base.push_back(ms);
+      }
+      CUDA_CHECK(cudaEventDestroy(e0));
+      CUDA_CHECK(cudaEventDestroy(e1));
+      mb = median(base);
+      base_bytes = double(per_peer * s.P * 2);
+    }
+    const char* how = !both ? "" : push ? " direct" : " packed";
+    std::printf("BW   %s rank %d/%d %-6s%s N=%lld: dispatch %.3f ms %.1f GiB/s (payload %.1f MiB, "
+                "wire %.1f MiB; layout+pack+exchange), combine %.3f ms %.1f GiB/s (%.1f MiB); "
+                "ncclAlltoAll of the dispatch bytes %.3f ms %.1f GiB/s\n",
+                t.name(), g.rank(), g.size(), dist::ep_mode_name(mode), how, (long long)s.N, md,
+                bd / gib / (md / 1e3), bd / (1 << 20), double(last.rows_wire) * row_d / (1 << 20),
+                mc, bc / gib / (mc / 1e3), bc / (1 << 20), mb, base_bytes / gib / (mb / 1e3));
+    std::fflush(stdout);
   }
-  CUDA_CHECK(cudaEventDestroy(e0));
-  CUDA_CHECK(cudaEventDestroy(e1));
-  const double mb = median(base);
-  std::printf("BW   %s rank %d/%d %-6s N=%lld: dispatch %.3f ms %.1f GiB/s (payload %.1f MiB, "
-              "wire %.1f MiB; layout+pack+exchange), combine %.3f ms %.1f GiB/s (%.1f MiB); "
-              "ncclAlltoAll of the dispatch bytes %.3f ms %.1f GiB/s\n",
-              t.name(), g.rank(), g.size(), dist::ep_mode_name(mode), (long long)s.N, md,
-              bd / gib / (md / 1e3),
-              bd / (1 << 20), double(last.rows_wire) * row_d / (1 << 20), mc,
-              bc / gib / (mc / 1e3), bc / (1 << 20), mb, double(per_peer * s.P * 2) / gib / (mb / 1e3));
-  std::fflush(stdout);
 }
 
 #endif

@@ -56,6 +56,12 @@ std::unique_ptr<Backend> start_tcp(const LaunchInfo& li);
 double env_seconds(const char* name, double fallback);
 // AUTOMOE_DIST_TIMEOUT in seconds (default 600): how long any collective may wait.
 double dist_timeout_s();
+// The pause between two polls of a host wait that has waited `waited_s` seconds so far: a yield
+// for the first 2 ms (the EP counts sync and the step's waits usually end within tens of
+// microseconds, and a 50 us nap, which the kernel stretches to 60-110 us, would then be most of
+// the wait; the GPU idles until the host enqueues again), then a 50 us nap (a wait that long is
+// a slow peer, and the core is better given back).
+void poll_pause(double waited_s);
 // The element size of `e` in bytes.
 inline int64_t elem_bytes(Elem e) { return e == Elem::kF32 ? 4 : 8; }
 

@@ -118,10 +118,24 @@ class IpcTransport final : public EpTransport {
                  cudaStream_t stream) override;
   // With the timeout (AUTOMOE_DIST_TIMEOUT).
   void sync(cudaStream_t stream) override;
+  // Direct dispatch (see EpTransport): push_begin is step a)'s waits, the caller's kernel its
+  // copies, push_end its ready flags, push_recv steps b) and c); one call number for all three.
+  bool can_push() const override { return ep_.size() <= kMaxPushRanks; }
+  void push_begin(cudaStream_t stream, unsigned char** region, size_t* cap) override;
+  void push_end(cudaStream_t stream) override;
+  void push_recv(const EpA2aTensor* t, int nt, const EpA2aRows& rows, cudaStream_t stream) override;
+  void wait_event(cudaEvent_t ev) override;  // sync()'s timeout and failure
+  static constexpr int kMaxPushRanks = 8;    // cuda::kEpPushMaxRanks
 
   size_t pair_capacity() const { return pair_cap_; }  // bytes of one source's region
 
  private:
+  // alltoallv()'s pieces: the host check that every pair's rows fit a region (before anything
+  // is enqueued), and steps b) and c) of call epoch_
+  void check_fits(const EpA2aTensor* t, int nt, const EpA2aRows& rows) const;
+  void copy_out(const EpA2aTensor* t, int nt, const EpA2aRows& rows, cudaStream_t stream);
+  // a host wait on `ev` with the timeout; after it ran out, the release and the error
+  void wait_or_fail(cudaEvent_t ev);
   void wait_geq(cudaStream_t s, const uint32_t* addr, uint32_t v);
   void write(cudaStream_t s, uint32_t* addr, uint32_t v);
   // Local: this rank's pending waits released (its flags set past the epoch, from a stream of

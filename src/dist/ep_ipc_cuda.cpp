@@ -58,14 +58,15 @@ double seconds_since(Clock::time_point t0) {
   return std::chrono::duration<double>(Clock::now() - t0).count();
 }
 
-// Polls `ev` for at most `seconds` (50 us naps): cudaSuccess when it completed,
+// Polls `ev` for at most `seconds` (dist::poll_pause between polls): cudaSuccess when it completed,
 // cudaErrorNotReady when the time ran out, else the error (never throws: destructors use it).
 cudaError_t poll_event(cudaEvent_t ev, double seconds) {
   const auto t0 = Clock::now();
   for (;;) {
     const cudaError_t e = cudaEventQuery(ev);
-    if (e != cudaErrorNotReady || seconds_since(t0) > seconds) return e;
-    std::this_thread::sleep_for(std::chrono::microseconds(50));
+    const double waited = seconds_since(t0);
+    if (e != cudaErrorNotReady || waited > seconds) return e;
+    poll_pause(waited);
   }
 }
 
@@ -334,15 +335,10 @@ void IpcTransport::reserve(size_t /*send_bytes*/, size_t /*recv_bytes*/, size_t 
   pair_cap_ = size_t(want);
 }
 
-void IpcTransport::alltoallv(const EpA2aTensor* t, int nt, const EpA2aRows& rows,
-                             cudaStream_t stream) {
+void IpcTransport::check_fits(const EpA2aTensor* t, int nt, const EpA2aRows& rows) const {
   const int P = ep_.size(), me = ep_.rank();
-  AM_CHECK(!released_, "[ep ipc] rank {}: the transport stopped after an earlier timeout", me);
   size_t rb_all = 0;  // bytes of one row of every tensor together
   for (int k = 0; k < nt; ++k) rb_all += row_bytes(t[k]);
-  // Everything checked before anything is enqueued: a rank that throws here leaves the others
-  // waiting on its flags, until their sync() times out (an internal error: EpMoeCuda reserves
-  // what its calls need).
   for (int p = 0; p < P; ++p) {
     if (p == me) continue;
     const size_t out = size_t(rows.send_cnt[p]) * rb_all, in = size_t(rows.recv_cnt[p]) * rb_all;
@@ -351,6 +347,16 @@ void IpcTransport::alltoallv(const EpA2aTensor* t, int nt, const EpA2aRows& rows
              "one call, but a region holds {} (the largest pair_bytes reserved over the group)",
              me, out, p, in, pair_cap_);
   }
+}
+
+void IpcTransport::alltoallv(const EpA2aTensor* t, int nt, const EpA2aRows& rows,
+                             cudaStream_t stream) {
+  const int P = ep_.size(), me = ep_.rank();
+  AM_CHECK(!released_, "[ep ipc] rank {}: the transport stopped after an earlier timeout", me);
+  // Everything checked before anything is enqueued: a rank that throws here leaves the others
+  // waiting on its flags, until their sync() times out (an internal error: EpMoeCuda reserves
+  // what its calls need).
+  check_fits(t, nt, rows);
   const uint32_t e = ++epoch_;
   in_flight_ = true;
   // a) into every peer's region, after its copy-out of the previous call; then its ready flag
@@ -367,6 +373,13 @@ void IpcTransport::alltoallv(const EpA2aTensor* t, int nt, const EpA2aRows& rows
     }
     write(stream, peer_flags_[size_t(p)] + me, e);  // p's ready[me]
   }
+  copy_out(t, nt, rows, stream);
+}
+
+void IpcTransport::copy_out(const EpA2aTensor* t, int nt, const EpA2aRows& rows,
+                            cudaStream_t stream) {
+  const int P = ep_.size(), me = ep_.rank();
+  const uint32_t e = epoch_;
   // b) to itself, send -> recv
   for (int k = 0; k < nt; ++k) {
     const size_t rb = row_bytes(t[k]), n = size_t(rows.send_cnt[me]) * rb;
@@ -392,21 +405,60 @@ void IpcTransport::alltoallv(const EpA2aTensor* t, int nt, const EpA2aRows& rows
   write(stream, flags_ + me, e);  // this call finished here (the destructor reads it)
 }
 
-void IpcTransport::sync(cudaStream_t stream) {
+void IpcTransport::push_begin(cudaStream_t stream, unsigned char** region_out, size_t* cap) {
+  const int P = ep_.size(), me = ep_.rank();
+  AM_CHECK(!released_, "[ep ipc] rank {}: the transport stopped after an earlier timeout", me);
+  const uint32_t e = ++epoch_;
+  in_flight_ = true;
+  for (int p = 0; p < P; ++p) {  // step a)'s waits: p is done with my region of call e-1
+    region_out[p] = nullptr;
+    if (p == me) continue;
+    wait_geq(stream, flags_ + P + p, e - 1);  // my done[p]
+    region_out[p] = region(p, me);
+  }
+  *cap = pair_cap_;
+}
+
+void IpcTransport::push_end(cudaStream_t stream) {
+  const int P = ep_.size(), me = ep_.rank();
+  // the kernel's stores into the peers came before on this stream; the fenced write after them
+  for (int p = 0; p < P; ++p)
+    if (p != me) write(stream, peer_flags_[size_t(p)] + me, epoch_);  // p's ready[me]
+}
+
+void IpcTransport::push_recv(const EpA2aTensor* t, int nt, const EpA2aRows& rows,
+                             cudaStream_t stream) {
   AM_CHECK(!released_, "[ep ipc] rank {}: the transport stopped after an earlier timeout",
            ep_.rank());
-  CUDA_CHECK(cudaEventRecord(done_ev_, stream));
-  const cudaError_t e = poll_event(done_ev_, timeout_s_);
-  if (e == cudaSuccess) {
-    in_flight_ = false;
-    return;
-  }
+  // the kernel skipped a destination whose rows would not fit (ep_dispatch_push): this throws
+  // for it here, before any copy-out reads its region
+  check_fits(t, nt, rows);
+  copy_out(t, nt, rows, stream);
+}
+
+void IpcTransport::wait_or_fail(cudaEvent_t ev) {
+  const cudaError_t e = poll_event(ev, timeout_s_);
+  if (e == cudaSuccess) return;
   if (e != cudaErrorNotReady) CUDA_CHECK(e);
   release();  // so the unwinding's synchronizes and frees return
   AM_FAIL("[ep ipc] rank {}: the EP group's device waits did not finish within {} s (all-to-all "
           "{}): a peer stalled or died before its part of it. If a step can legitimately take "
           "that long, raise AUTOMOE_DIST_TIMEOUT (seconds, default 600)",
           ep_.rank(), timeout_s_, epoch_);
+}
+
+void IpcTransport::sync(cudaStream_t stream) {
+  AM_CHECK(!released_, "[ep ipc] rank {}: the transport stopped after an earlier timeout",
+           ep_.rank());
+  CUDA_CHECK(cudaEventRecord(done_ev_, stream));
+  wait_or_fail(done_ev_);
+  in_flight_ = false;
+}
+
+void IpcTransport::wait_event(cudaEvent_t ev) {
+  AM_CHECK(!released_, "[ep ipc] rank {}: the transport stopped after an earlier timeout",
+           ep_.rank());
+  wait_or_fail(ev);
 }
 
 }  // namespace automoe::dist

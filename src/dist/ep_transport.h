@@ -20,6 +20,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "core/check.h"
+
 namespace automoe::dist {
 
 enum class EpDtype { kBf16, kF32, kI32 };
@@ -67,6 +69,40 @@ class EpTransport {
   // mode, and the end of a step). Over NCCL and IPC, with a timeout; throws on a failed or lost
   // peer.
   virtual void sync(cudaStream_t stream) = 0;
+
+  // Direct dispatch (IpcTransport; can_push() says): one call in the transport's order, in three
+  // steps, so that a kernel stores the rows into the peers itself, from counts that are only on
+  // the device (cuda::ep_dispatch_push), while the host still waits for them.
+  //   push_begin  opens the call: `stream` waits until every peer has copied this rank's rows of
+  //               the previous call out; region[p] (p != rank) gets peer p's region for this
+  //               rank, `cap` bytes, to be filled as alltoallv() fills it (tensor after tensor,
+  //               send_cnt rows each).
+  //   push_end    after the kernel, on the same stream: the peers are told the rows are there.
+  //   push_recv   the rest of the call, the row plan now on the host: this rank's rows to
+  //               itself (send -> recv) and every source's region out into recv, as alltoallv();
+  //               t: the tensors the kernel wrote, in region order.
+  // One process drives one rank here. No host wait in any of them.
+  virtual bool can_push() const { return false; }
+  virtual void push_begin(cudaStream_t /*stream*/, unsigned char** /*region [P]*/, size_t* /*cap*/) {
+    no_push();
+  }
+  virtual void push_end(cudaStream_t /*stream*/) { no_push(); }
+  virtual void push_recv(const EpA2aTensor* /*t*/, int /*nt*/, const EpA2aRows& /*rows*/,
+                         cudaStream_t /*stream*/) {
+    no_push();
+  }
+  // Waits until `ev` (recorded on a stream of this group's calls) has completed: with sync()'s
+  // timeout and failure; the default waits without one (loopback, MPI staging).
+  virtual void wait_event(cudaEvent_t ev) {
+    const cudaError_t e = cudaEventSynchronize(ev);
+    AM_CHECK(e == cudaSuccess, "[ep {}] the wait for the EP counts failed: {}", name(),
+             cudaGetErrorString(e));
+  }
+
+ private:
+  void no_push() const {
+    AM_FAIL("internal: the {} EP transport has no direct dispatch (check can_push())", name());
+  }
 };
 
 // All P ranks of the group in this process, on the current device.

@@ -247,8 +247,11 @@ EpMoeCuda::EpMoeCuda(EpTransport& t, const EpMoeShape& shape, EpMode mode, EpRec
   for (cudaEvent_t& e : evb_) CUDA_CHECK(cudaEventCreate(&e));
   if (C_ > 1) CUDA_CHECK(cudaEventCreateWithFlags(&laid_out_, cudaEventDisableTiming));
   CUDA_CHECK(cudaEventCreateWithFlags(&wgrad_done_, cudaEventDisableTiming));
+  CUDA_CHECK(cudaEventCreateWithFlags(&counted_, cudaEventDisableTiming));
   const char* ov = std::getenv("AUTOMOE_EP_WGRAD_OVERLAP");
   wgrad_overlap_ = !(ov && std::strcmp(ov, "0") == 0);
+  const char* pu = std::getenv("AUTOMOE_EP_PUSH");
+  push_ = !(pu && std::strcmp(pu, "0") == 0);
 }
 
 EpMoeCuda::~EpMoeCuda() {
@@ -257,6 +260,7 @@ EpMoeCuda::~EpMoeCuda() {
     cudaEventSynchronize(wgrad_done_);
     cudaEventDestroy(wgrad_done_);
   }
+  if (counted_) cudaEventDestroy(counted_);
   for (cudaEvent_t e : ev_)
     if (e) cudaEventDestroy(e);
   for (cudaEvent_t e : evb_)
@@ -561,7 +565,13 @@ void EpMoeCuda::fwd(const EpMoeFwdArgs* a, int64_t N, const cu::Ctx& ctx) {
     else exchange_counts(*chp, cctx);
     mark(*chp, 1, cs);
   }
+  // Direct dispatch (one chunk, one rank per process, a transport that can): the rows go
+  // straight into the peers' regions from the kernel, queued behind the counts' read-back, so
+  // they travel while the host waits for the counts and plans; without it the pack here and the
+  // rows' all-to-all after the host's plan.
+  const bool push = counts && C_ == 1 && L_ == 1 && push_ && t_.can_push();
   for (auto& chp : ch_) {
+    if (push) break;
     Chunk& ch = *chp;
     for (int i = 0; i < L_; ++i) {
       EpMoeScratch::Local& l = local(ch.idx, i);
@@ -577,7 +587,22 @@ void EpMoeCuda::fwd(const EpMoeFwdArgs* a, int64_t N, const cu::Ctx& ctx) {
       for (int i = 0; i < L_; ++i)
         CUDA_CHECK(cudaMemcpyAsync(chp->host_cnt + size_t(i) * P * W_, chp->r[i]->info.get() + W_,
                                    size_t(P * W_) * sizeof(int32_t), cudaMemcpyDeviceToHost, cs));
-    t_.sync(cs);
+    if (push) {
+      CUDA_CHECK(cudaEventRecord(counted_, cs));
+      Chunk& ch = *ch_[0];
+      EpMoeScratch::Local& l = local(0, 0);
+      cu::EpPushDst dst;
+      size_t cap = 0;
+      t_.push_begin(cs, dst.region, &cap);
+      dst.cap = int64_t(cap);
+      cu::ep_dispatch_push(dst, l.x_send.get(), l.idx_send.get(), l.w_send.get(), a[0].x,
+                           a[0].topk_idx, a[0].topk_w, pos(ch, 0), ch.r[0]->info.get(), ch.n, H,
+                           K, El, P, t_.rank_of(0), ctx);
+      t_.push_end(cs);
+      t_.wait_event(counted_);  // the counts only: the rows are still on their way
+    } else {
+      t_.sync(cs);
+    }
     check_room();  // throws on every rank alike, before any rows move
     for (auto& ch : ch_) set_plan(*ch);
     for (auto& ch : ch_) carve(*ch, ctx);
@@ -595,7 +620,8 @@ void EpMoeCuda::fwd(const EpMoeFwdArgs* a, int64_t N, const cu::Ctx& ctx) {
                [&](int i) { return local(ch.idx, i).idx_recv.get(); }),
         tensor(2, EpDtype::kF32, K, [&](int i) { return local(ch.idx, i).w_send.get(); },
                [&](int i) { return ch.r[i]->w_recv; })};
-    t_.alltoallv(t, 3, ch.fwd_rows(), cs);
+    if (push) t_.push_recv(t, 3, ch.fwd_rows(), cs);
+    else t_.alltoallv(t, 3, ch.fwd_rows(), cs);
     mark(ch, 3, cs);
     signal(ch.arrived, cs);
   }
@@ -714,7 +740,27 @@ void EpMoeCuda::bwd(const EpMoeBwdArgs* a, float g_beta, const cu::Ctx& ctx) {
   const cudaStream_t cs = comm_stream(ctx);
   // ---- combine's backward: a dispatch of d(out) rows
   if (timing_ && C_ == 1) CUDA_CHECK(cudaEventRecord(evb_[0], ctx.stream));
+  // the direct dispatch as in the forward (one pass over the rows instead of pack + copies; the
+  // forward's counts are still in info on the device)
+  const bool push = mode_ == EpMode::kCounts && C_ == 1 && L_ == 1 && push_ && t_.can_push();
+  if (push) {
+    Chunk& ch = *ch_[0];
+    cu::EpPushDst dst;
+    size_t cap = 0;
+    t_.push_begin(cs, dst.region, &cap);
+    dst.cap = int64_t(cap);
+    cu::ep_dispatch_push(dst, local(0, 0).x_send.get(), nullptr, nullptr, a[0].dout, nullptr,
+                         nullptr, ch.r[0]->send_pos, ch.r[0]->info.get(), ch.n, H, K, El, P,
+                         t_.rank_of(0), ctx);
+    t_.push_end(cs);
+    mark(ch, 6, cs);
+    EpA2aTensor t = tensor(0, EpDtype::kBf16, H, [&](int) { return local(0, 0).x_send.get(); },
+                           [&](int) { return local(0, 0).y_recv.get(); });
+    t_.push_recv(&t, 1, ch.fwd_rows(), cs);
+    mark(ch, 7, cs);
+  }
   for (auto& chp : ch_) {
+    if (push) break;
     Chunk& ch = *chp;
     for (int i = 0; i < L_; ++i)
       cu::ep_dispatch_pack(local(ch.idx, i).x_send.get(), nullptr, nullptr, a[i].dout + ch.t0 * H,
@@ -722,6 +768,7 @@ void EpMoeCuda::bwd(const EpMoeBwdArgs* a, float g_beta, const cu::Ctx& ctx) {
     signal(ch.packed, ctx.stream);
   }
   for (auto& chp : ch_) {
+    if (push) break;
     Chunk& ch = *chp;
     await(cs, ch.packed);
     mark(ch, 6, cs);

@@ -297,6 +297,14 @@ class EpMoeCuda {
   // off runs them on the caller's stream as before, with the same bits. Any call may switch it.
   void set_wgrad_overlap(bool on) { wgrad_overlap_ = on; }
   bool wgrad_overlap() const { return wgrad_overlap_; }
+  // The direct dispatch where it applies (counts mode, one chunk, one rank per process, a
+  // transport with can_push(): IPC): the dispatch kernel stores the rows into the peers' regions
+  // itself (cuda::ep_dispatch_push), in the forward while the host waits for the counts, instead
+  // of a pack and then copies after the host's plan; the backward's d(out) rows the same way
+  // (one pass over them instead of two). Default: AUTOMOE_EP_PUSH, 1 unless "0"; the same rows
+  // land in the same places either way, so the same bits.
+  void set_push(bool on) { push_ = on; }
+  bool push() const { return push_; }
 
   EpMode mode() const { return mode_; }
   EpRecompute recompute() const { return rc_; }
@@ -381,6 +389,8 @@ class EpMoeCuda {
   cudaEvent_t laid_out_ = nullptr;  // chunks > 1: every chunk's layout written (comm waits)
   bool bwd_timed_ = false;  // evb_ hold the backward of the last forward
   bool wgrad_overlap_ = true;
+  bool push_ = true;
+  cudaEvent_t counted_ = nullptr;  // direct dispatch: the counts read back (the host waits on it)
   cudaEvent_t wgrad_done_ = nullptr;  // on the scratch's side stream after this block's bwd
 };
 

@@ -207,10 +207,11 @@ void NcclGroup::wait_event(cudaEvent_t ev, const char* what) {
     ncclResult_t st = ncclSuccess;
     if (ncclCommGetAsyncError(comm_, &st) != ncclSuccess || (st != ncclSuccess && st != ncclInProgress))
       fail(what, fmt::format("{} ({})", ncclGetErrorString(st), ncclGetLastError(comm_)));
-    if (seconds_since(t0) > timeout_s_)
+    const double waited = seconds_since(t0);
+    if (waited > timeout_s_)
       fail(what, fmt::format("the GPU work did not finish within {} s (AUTOMOE_NCCL_TIMEOUT_S)",
                              timeout_s_));
-    nap();
+    poll_pause(waited);
   }
 }
 

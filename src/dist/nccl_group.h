@@ -105,6 +105,7 @@ class NcclTransport final : public EpTransport {
   void alltoallv(const EpA2aTensor* t, int nt, const EpA2aRows& rows,
                  cudaStream_t stream) override;
   void sync(cudaStream_t stream) override { g_.wait(stream, "EP dispatch/combine"); }
+  void wait_event(cudaEvent_t ev) override { g_.wait_event(ev, "EP counts"); }
 
  private:
   NcclGroup& g_;

@@ -3,10 +3,12 @@
 // size-1 communicator's local copies.
 #include "dist/process_group.h"
 
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "core/check.h"
@@ -41,6 +43,11 @@ double env_seconds(const char* name, double fallback) {
 }
 
 double dist_timeout_s() { return env_seconds("AUTOMOE_DIST_TIMEOUT", 600); }
+
+void poll_pause(double waited_s) {
+  if (waited_s < 2e-3) std::this_thread::yield();
+  else std::this_thread::sleep_for(std::chrono::microseconds(50));
+}
 
 LaunchInfo detect_launch() {
   LaunchInfo li;

@@ -43,4 +43,27 @@ void ep_combine_unpack(bf16* out /*[N,H] bf16 =*/, float* dw_out /*[N,K] f32 =, 
                        const int32_t* send_pos /*[N,P] i32*/, int64_t N, int64_t H, int64_t K,
                        int P, const Ctx& ctx);
 
+// Dispatch straight into the peers (ep_push.cu): the pack above, except that the rows for a
+// peer d != me are stored by this kernel into d's receive region for this rank (a CUDA IPC
+// mapping: NVLink stores from the SMs), laid out as dist::IpcTransport's regions are: the
+// send_cnt[d] x rows first, then their idx rows, then their w rows, each in token order. The
+// rows for `me` go to x_send/idx_send/w_send at send_pos, as the pack puts them. send_pos is the
+// packed layout (ep_layout, region 0) and send_cnt the counts it wrote: the relative row on d is
+// send_pos - sum_{d' < d} send_cnt[d'], all on the device, so nothing waits for the host. A
+// destination whose rows would not fit `cap` bytes gets none (the transport's host check of the
+// counts throws before anyone reads them). idx_send, w_send, topk_idx and topk_w may all be null:
+// rows only (the backward's d(out) rows; a region then holds the x rows alone).
+constexpr int kEpPushMaxRanks = 8;
+struct EpPushDst {
+  unsigned char* region[kEpPushMaxRanks] = {};  // [P] peer d's region for this rank ([me]: unused)
+  int64_t cap = 0;                              // bytes of one region
+};
+void ep_dispatch_push(const EpPushDst& dst, bf16* x_send /*[S,H] bf16 =, own rows*/,
+                      int32_t* idx_send /*[S,K] i32 =, own rows, nullable*/,
+                      float* w_send /*[S,K] f32 =, nullable*/, const bf16* x /*[N,H] bf16*/,
+                      const int32_t* topk_idx /*[N,K] i32, nullable*/,
+                      const float* topk_w /*[N,K] f32, nullable*/, const int32_t* send_pos /*[N,P] i32*/,
+                      const int32_t* send_cnt /*[P] i32*/, int64_t N, int64_t H, int64_t K,
+                      int64_t El, int P, int me, const Ctx& ctx);
+
 }  // namespace automoe::cuda
