@@ -668,7 +668,7 @@ void check_case(Tally& tally, Blocks& blocks, dist::EpTransport& t, const Shape&
   // The forward's direct dispatch (IPC, counts mode: the kernel stores the rows into the peers)
   // against the pack and the rows' all-to-all after the host's plan (or the other way round
   // under AUTOMOE_EP_PUSH=0): the same rows in the same places, so the same bits
-  if (ep.mode() == dist::EpMode::kCounts && t.can_push() && t.num_local() == 1) {
+  if (ep.mode() == dist::EpMode::kCounts && t.can_push() && t.num_local() == 1 && s.H % 8 == 0) {
     const bool was = ep.push();
     ep.set_push(!was);
     ep.fwd(fa2.data(), s.N, ctx);

@@ -303,6 +303,12 @@ int64_t EpMoeCuda::picks_received(int i) const {
   return M;
 }
 
+bool EpMoeCuda::use_push(const bf16* rows) const {
+  // the kernel moves 16-byte pieces of rows (the regions and scratch are 256-byte aligned)
+  return push_ && C_ == 1 && L_ == 1 && t_.can_push() && s_.H % 8 == 0 &&
+         reinterpret_cast<uintptr_t>(rows) % 16 == 0;
+}
+
 cudaStream_t EpMoeCuda::comm_stream(const cu::Ctx& ctx) const {
   return C_ > 1 ? sc_->comm : ctx.stream;
 }
@@ -569,7 +575,7 @@ void EpMoeCuda::fwd(const EpMoeFwdArgs* a, int64_t N, const cu::Ctx& ctx) {
   // straight into the peers' regions from the kernel, queued behind the counts' read-back, so
   // they travel while the host waits for the counts and plans; without it the pack here and the
   // rows' all-to-all after the host's plan.
-  const bool push = counts && C_ == 1 && L_ == 1 && push_ && t_.can_push();
+  const bool push = counts && use_push(a[0].x);
   for (auto& chp : ch_) {
     if (push) break;
     Chunk& ch = *chp;
@@ -600,10 +606,21 @@ void EpMoeCuda::fwd(const EpMoeFwdArgs* a, int64_t N, const cu::Ctx& ctx) {
                            K, El, P, t_.rank_of(0), ctx);
       t_.push_end(cs);
       t_.wait_event(counted_);  // the counts only: the rows are still on their way
+      try {
+        check_room();
+      } catch (...) {
+        // The rows were pushed already: every rank (check_room's verdict is the same on all)
+        // ends the transport's call taking none of them, so the next call's waits are met.
+        const std::vector<int64_t> none(size_t(P), 0);
+        const EpA2aTensor t = tensor(0, EpDtype::kBf16, H, [&](int) { return l.x_send.get(); },
+                                     [&](int) { return ch.r[0]->x_recv; });
+        t_.push_recv(&t, 1, EpA2aRows{none.data(), none.data(), none.data(), none.data()}, cs);
+        throw;
+      }
     } else {
       t_.sync(cs);
+      check_room();  // throws on every rank alike, before any rows move
     }
-    check_room();  // throws on every rank alike, before any rows move
     for (auto& ch : ch_) set_plan(*ch);
     for (auto& ch : ch_) carve(*ch, ctx);
   }
@@ -742,7 +759,7 @@ void EpMoeCuda::bwd(const EpMoeBwdArgs* a, float g_beta, const cu::Ctx& ctx) {
   if (timing_ && C_ == 1) CUDA_CHECK(cudaEventRecord(evb_[0], ctx.stream));
   // the direct dispatch as in the forward (one pass over the rows instead of pack + copies; the
   // forward's counts are still in info on the device)
-  const bool push = mode_ == EpMode::kCounts && C_ == 1 && L_ == 1 && push_ && t_.can_push();
+  const bool push = mode_ == EpMode::kCounts && use_push(a[0].dout);
   if (push) {
     Chunk& ch = *ch_[0];
     cu::EpPushDst dst;

@@ -298,7 +298,7 @@ class EpMoeCuda {
   void set_wgrad_overlap(bool on) { wgrad_overlap_ = on; }
   bool wgrad_overlap() const { return wgrad_overlap_; }
   // The direct dispatch where it applies (counts mode, one chunk, one rank per process, a
-  // transport with can_push(): IPC): the dispatch kernel stores the rows into the peers' regions
+  // transport with can_push(): IPC; H a multiple of 8): the dispatch kernel stores the rows into the peers' regions
   // itself (cuda::ep_dispatch_push), in the forward while the host waits for the counts, instead
   // of a pack and then copies after the host's plan; the backward's d(out) rows the same way
   // (one pass over them instead of two). Default: AUTOMOE_EP_PUSH, 1 unless "0"; the same rows
@@ -325,6 +325,9 @@ class EpMoeCuda {
  private:
   struct Rank;   // one local rank's counts and carve of one chunk (expert_parallel_cuda.cpp)
   struct Chunk;  // one token chunk: its tokens, ranks, row plan, host counts and events
+  // Whether this call dispatches directly (set_push): one chunk, one local rank, a transport
+  // that can, and rows the kernel moves in 16-byte pieces (H % 8 == 0, `rows` aligned).
+  bool use_push(const cuda::bf16* rows) const;
   // The stream of the transport calls: the scratch's comm stream, or the caller's (chunks = 1).
   cudaStream_t comm_stream(const cuda::Ctx& ctx) const;
   // chunks > 1: record e on s / make s wait for e's last record (the hand-offs between the

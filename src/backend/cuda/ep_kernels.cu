@@ -9,36 +9,43 @@ namespace automoe::cuda {
 namespace {
 
 constexpr int kScanThreads = 256;
+constexpr int kLayoutThreads = 1024;  // ep_layout_count_kernel's block
 constexpr int kRowThreads = 128;
 
 // Block d: which tokens have a pick on rank d, and their rank among them (token order).
 // send_pos gets the position relative to d's first row; send_cnt[d] the number of tokens;
 // send_picks[d] (nullable) the number of their picks on d (the receiver's expert rows).
+// Each of the block's kLayoutThreads threads owns a contiguous run of tokens: it counts them,
+// one block scan places the runs, and it numbers them (one scan, not one per 256 tokens: the
+// grid is only P blocks, so a chain of scans was the dispatch's longest kernel).
 __global__ void ep_layout_count_kernel(int32_t* send_pos, int32_t* send_cnt, int32_t* send_picks,
                                        const int32_t* topk_idx, int64_t N, int K, int El, int P) {
   __shared__ int tmp[32], tmp_p[32];
   const int d = blockIdx.x;
-  int run = 0, run_p = 0;
-  for (int64_t c0 = 0; c0 < N; c0 += kScanThreads) {
-    const int64_t n = c0 + threadIdx.x;
+  const int64_t per = (N + blockDim.x - 1) / blockDim.x;
+  const int64_t t0 = int64_t(threadIdx.x) * per;
+  const int64_t n0 = t0 < N ? t0 : N, n1 = n0 + per < N ? n0 + per : N;
+  auto picks_on = [&](int64_t n) {
     int picks = 0;
-    if (n < N)
-      for (int j = 0; j < K; ++j) {
-        const int e = topk_idx[n * K + j];
-        if (e >= 0 && e / El == d) ++picks;
-      }
-    const int flag = picks > 0 ? 1 : 0;
-    int total = 0, total_p = 0;
-    const int ex = block_exclusive_scan(flag, tmp, total);
-    if (send_picks) block_exclusive_scan(picks, tmp_p, total_p);  // uniform over the block
-    if (n < N) send_pos[n * P + d] = flag ? run + ex : -1;
-    run += total;
-    run_p += total_p;
-    __syncthreads();  // tmp and tmp_p are rewritten by the next chunk's scans
+    for (int j = 0; j < K; ++j) {
+      const int e = topk_idx[n * K + j];
+      if (e >= 0 && e / El == d) ++picks;
+    }
+    return picks;
+  };
+  int cnt = 0, picks = 0;
+  for (int64_t n = n0; n < n1; ++n) {
+    const int p = picks_on(n);
+    cnt += p > 0 ? 1 : 0;
+    picks += p;
   }
+  int total = 0, total_p = 0;
+  int run = block_exclusive_scan(cnt, tmp, total);
+  if (send_picks) block_exclusive_scan(picks, tmp_p, total_p);  // uniform over the block
+  for (int64_t n = n0; n < n1; ++n) send_pos[n * P + d] = picks_on(n) > 0 ? run++ : -1;
   if (threadIdx.x == 0) {
-    send_cnt[d] = run;
-    if (send_picks) send_picks[d] = run_p;
+    send_cnt[d] = total;
+    if (send_picks) send_picks[d] = total_p;
   }
 }
 
@@ -149,7 +156,7 @@ void ep_layout(int32_t* send_pos, int32_t* send_cnt, int32_t* send_picks, const 
            P, std::max(N, region));
   AM_CHECK(region == 0 || region >= N, "[ep_layout] padded regions of {} rows cannot hold {} tokens",
            region, N);
-  ep_layout_count_kernel<<<unsigned(P), kScanThreads, 0, ctx.stream>>>(
+  ep_layout_count_kernel<<<unsigned(P), kLayoutThreads, 0, ctx.stream>>>(
       send_pos, send_cnt, send_picks, topk_idx, N, int(K), int(El), P);
   CUDA_CHECK_LAUNCH();
   if (N == 0) return;
