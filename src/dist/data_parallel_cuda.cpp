@@ -185,8 +185,14 @@ void DeviceGradReducer::wait(cudaStream_t stream) {
 #endif
 }
 
+// small_ is pageable: a device-to-host cudaMemcpyAsync into it may return only when the copy is
+// done, i.e. after everything queued on the stream before it: an untimed wait inside CUDA, a
+// hang when that includes NCCL work of a stopped peer (the aux statistics follow the forward's
+// EP all-to-alls). So a timed host_sync drains the stream first, and a second one (only the
+// copy left) makes sure the copy has landed.
 double DeviceGradReducer::global_sumsq(const double* sumsq, cudaStream_t stream) {
   small_.resize(t_.size());
+  host_sync(stream, "the gradient norm's readback");
   CUDA_CHECK(cudaMemcpyAsync(small_.data(), sumsq, t_.size() * sizeof(double),
                              cudaMemcpyDeviceToHost, stream));
   host_sync(stream, "the gradient norm's readback");
@@ -199,13 +205,14 @@ double DeviceGradReducer::global_sumsq(const double* sumsq, cudaStream_t stream)
 void DeviceGradReducer::allreduce_small(double* x, int64_t n, const Comm& c, cudaStream_t stream) {
   if (c.size() == 1) return;
   small_.resize(size_t(n));
+  host_sync(stream, "the aux statistics' readback");  // before the copy: see global_sumsq
   CUDA_CHECK(cudaMemcpyAsync(small_.data(), x, size_t(n) * sizeof(double), cudaMemcpyDeviceToHost,
                              stream));
   host_sync(stream, "the aux statistics' readback");
   c.allreduce_sum(small_.data(), n);
   CUDA_CHECK(cudaMemcpyAsync(x, small_.data(), size_t(n) * sizeof(double), cudaMemcpyHostToDevice,
                              stream));
-  CUDA_CHECK(cudaStreamSynchronize(stream));  // small_ is pageable and reused
+  host_sync(stream, "the aux statistics' upload");  // small_ is pageable and reused
 }
 
 }  // namespace automoe::dist

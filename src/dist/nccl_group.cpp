@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <condition_variable>
 #include <cstdlib>
 #include <mutex>
 #include <thread>
@@ -39,7 +40,11 @@ void nap() { std::this_thread::sleep_for(std::chrono::microseconds(50)); }
 // reaches dist::abort_all, and a kernel of a communicator still alive whose peer is gone (the
 // world's gradient all-reduce on the comm stream while the EP communicator timed out, or the
 // reverse) would keep such a synchronize, and with it the whole job, waiting forever.
-// ncclCommAbort stops a communicator's kernels, so those synchronizes return.
+// ncclCommAbort stops a communicator's kernels, so those synchronizes return. All of them at
+// once (NcclGroup::abort_every_live): one after the other, the first abort's frees (cudaFree and
+// cudaFreeHost synchronise the whole device) would wait forever on the next communicator's
+// kernel, still spinning for the stopped peer (the ep_model_stall_nccl2 hang: two
+// communicators, world and EP, over the same two ranks; ep_check's drill has only one).
 std::mutex g_live_mu;
 std::vector<NcclGroup*>& live_groups() {
   static std::vector<NcclGroup*> v;
@@ -47,6 +52,11 @@ std::vector<NcclGroup*>& live_groups() {
 }
 // ncclGroupStart/ncclGroupEnd nest per host thread (NCCL's group depth is thread-local).
 thread_local int g_group_depth = 0;
+
+// How long the aborts of every communicator may take together. ncclCommAbort returns in well
+// under a second when NCCL can stop its kernels and proxy threads; longer means it is stuck
+// (on a peer, or on the device), and waiting on it would be the hang again.
+constexpr double kAbortWaitS = 20;
 
 template <class T>
 ncclDataType_t nccl_dt();
@@ -98,6 +108,9 @@ NcclGroup::NcclGroup(const Comm& comm, int device)
     std::lock_guard<std::mutex> lk(g_live_mu);
     live_groups().push_back(this);
   }
+  // a host collective that fails (MPI or TCP: a timed-out rank) aborts the communicators too
+  static const bool registered = (dist::add_device_collective_stopper(&abort_every_live), true);
+  (void)registered;
   try {
     poll_ready("communicator init");
     CUDA_CHECK(cudaEventCreateWithFlags(&done_, cudaEventDisableTiming));
@@ -113,9 +126,56 @@ void NcclGroup::unregister() {
   v.erase(std::remove(v.begin(), v.end(), this), v.end());
 }
 
-void NcclGroup::abort_now() {
-  if (comm_ && !aborted_) ncclCommAbort(comm_);  // also stops this communicator's kernels
-  aborted_ = true;
+void NcclGroup::abort_every_live() {
+  // An error inside ncclGroupStart/End (ncclSend on a communicator already in an error state
+  // returns that error) would leave this thread's NCCL group open: every later NCCL call of the
+  // thread would then only be queued until a group end that never comes. Close it first (its
+  // result no longer matters).
+  if (g_group_depth > 0) {
+    g_group_depth = 0;
+    ncclGroupEnd();
+  }
+  struct Todo {
+    ncclComm_t comm;
+    int device;
+  };
+  std::vector<Todo> todo;
+  {
+    std::lock_guard<std::mutex> lk(g_live_mu);
+    for (NcclGroup* g : live_groups()) {
+      if (g->comm_ && !g->aborted_) todo.push_back({g->comm_, g->device_});
+      g->aborted_ = true;  // no later wait, finalize or destroy touches it
+    }
+  }
+  if (todo.empty()) return;
+  // One thread per communicator (see live_groups above); each raises its abort flag first, so
+  // together every kernel ends and every abort's frees can finish. Detached: if NCCL never
+  // returns, the process ends below instead of joining them.
+  struct Count {
+    std::mutex mu;
+    std::condition_variable cv;
+    size_t left = 0;
+  };
+  auto count = std::make_shared<Count>();
+  count->left = todo.size();
+  for (const Todo& t : todo)
+    std::thread([t, count] {
+      cudaSetDevice(t.device);
+      ncclCommAbort(t.comm);
+      std::lock_guard<std::mutex> lk(count->mu);
+      if (--count->left == 0) count->cv.notify_all();
+    }).detach();
+  std::unique_lock<std::mutex> lk(count->mu);
+  if (!count->cv.wait_for(lk, std::chrono::duration<double>(kAbortWaitS),
+                          [&] { return count->left == 0; })) {
+    lk.unlock();
+    // Unwinding from here would reach the destructors' stream waits on kernels nobody stopped.
+    dist::abort_all(fmt::format(
+        "ncclCommAbort of {} NCCL communicator(s) did not return within {} s after the error "
+        "above; ending this process instead of waiting on its GPU work (NCCL_DEBUG=INFO shows "
+        "where NCCL waits)",
+        count->left, kAbortWaitS));
+  }
 }
 
 NcclGroup::~NcclGroup() {
@@ -145,26 +205,17 @@ NcclGroup::~NcclGroup() {
 }
 
 void NcclGroup::fail(const char* what, const std::string& why) {
-  // An error inside ncclGroupStart/End (ncclSend on a communicator already in an error state
-  // returns that error) would leave this thread's NCCL group open: every later NCCL call of the
-  // thread, the other communicators' finalize and abort among them, would then only be queued
-  // until a group end that never comes. Close it first (its result no longer matters).
-  if (g_group_depth > 0) {
-    g_group_depth = 0;
-    ncclGroupEnd();
-  }
-  abort_now();
-  {  // and every other communicator of this process (see live_groups above)
-    std::lock_guard<std::mutex> lk(g_live_mu);
-    for (NcclGroup* g : live_groups())
-      if (g != this) g->abort_now();
-  }
-  AM_FAIL("NCCL {} failed on rank {} of {} (GPU {}): {}. The communicator (and every other NCCL "
-          "communicator of this process) was aborted. Usually "
-          "another rank failed, exited or stopped communicating first: look for the first error "
-          "of the other ranks; if a rank is just slow (a long first step), raise "
-          "AUTOMOE_NCCL_TIMEOUT_S (now {} s)",
-          what, rank_, size_, device_, why, timeout_s_);
+  const std::string msg = fmt::format(
+      "NCCL {} failed on rank {} of {} (GPU {}): {}. The communicator (and every other NCCL "
+      "communicator of this process) is aborted. Usually another rank failed, exited or stopped "
+      "communicating first: look for the first error of the other ranks; if a rank is just slow "
+      "(a long first step), raise AUTOMOE_NCCL_TIMEOUT_S (now {} s)",
+      what, rank_, size_, device_, why, timeout_s_);
+  // Printed now, then every communicator aborted (abort_every_live, this group's stopper), and
+  // only then the throw: see dist::collective_failed.
+  dist::collective_failed(msg);
+  abort_every_live();  // (done already by the stopper; a no-op then)
+  AM_FAIL("{}", msg);
 }
 
 void NcclGroup::check(ncclResult_t r, const char* what) {

@@ -4,9 +4,12 @@
 // Bootstrap: rank 0 makes the ncclUniqueId, broadcast over the host Comm (MPI or TCP). The
 // communicator is non-blocking (ncclConfig blocking = 0), so no NCCL call can hang the host:
 // init, group launches and the waits poll ncclCommGetAsyncError (and the stream) until done, an
-// error, or AUTOMOE_NCCL_TIMEOUT_S seconds (default 300). On error or timeout the communicator is
-// aborted (ncclCommAbort, which also stops its kernels) and an automoe::Error says which rank,
-// what and what to do; the caller's top level then stops the job (dist::abort_all).
+// error, or AUTOMOE_NCCL_TIMEOUT_S seconds (default 300). On error or timeout the message is
+// printed at once (which rank, what and what to do), every communicator of the process is
+// aborted (ncclCommAbort, which also stops its kernels; all of them together, see
+// nccl_group.cpp), and an automoe::Error carries the message to the caller's top level, which
+// stops the job (dist::abort_all). A failed host collective aborts them too
+// (dist::collective_failed).
 #pragma once
 #include <cuda_runtime.h>
 #include <nccl.h>
@@ -75,14 +78,18 @@ class NcclGroup {
   void wait(cudaStream_t stream, const char* what);
   // The same for an event already recorded (on any stream of this device).
   void wait_event(cudaEvent_t ev, const char* what);
-  // Aborts the communicator, and every other NcclGroup alive in this process (the job is
-  // ending; see nccl_group.cpp), and throws an Error naming this rank, `what` and `why`.
+  // Prints the error (dist::collective_failed), aborts the communicator and every other
+  // NcclGroup alive in this process (the job is ending; see nccl_group.cpp), and throws an Error
+  // naming this rank, `what` and `why`.
   [[noreturn]] void fail(const char* what, const std::string& why);
+  // Aborts every live communicator of the process at once, each on a thread of its own, and
+  // waits for them (bounded: else dist::abort_all ends the process). The stopper that
+  // dist::stop_device_collectives runs; idempotent.
+  static void abort_every_live();
 
  private:
   void check(ncclResult_t r, const char* what);  // ncclSuccess / ncclInProgress, else fail()
   void poll_ready(const char* what);             // until the async state leaves ncclInProgress
-  void abort_now();                              // ncclCommAbort once; no throw
   void unregister();                             // leaves the process's list of live groups
 
   ncclComm_t comm_ = nullptr;

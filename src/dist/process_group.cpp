@@ -3,10 +3,12 @@
 // size-1 communicator's local copies.
 #include "dist/process_group.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -20,6 +22,18 @@ namespace {
 
 std::unique_ptr<Backend> g_backend;  // null: world size 1 (or not started yet)
 bool g_init_done = false;
+std::string g_printed;                // the error collective_failed() printed (abort_all skips it)
+std::vector<void (*)()> g_stoppers;   // add_device_collective_stopper()
+std::mutex g_stop_mu;
+
+// "automoe: error (rank R of W): msg" (or without the rank in one process), both streams flushed.
+void print_error(const std::string& msg) {
+  const int rank = g_backend ? g_backend->rank() : 0, size = g_backend ? g_backend->size() : 1;
+  std::fflush(stdout);
+  if (size > 1) std::fprintf(stderr, "automoe: error (rank %d of %d): %s\n", rank, size, msg.c_str());
+  else std::fprintf(stderr, "automoe: error: %s\n", msg.c_str());
+  std::fflush(stderr);
+}
 
 int env_int(const char* name, int fallback) {
   const char* v = std::getenv(name);
@@ -119,17 +133,55 @@ void finalize() {
 }
 
 void abort_all(const std::string& msg) {
-  const int rank = g_backend ? g_backend->rank() : 0, size = g_backend ? g_backend->size() : 1;
-  if (size > 1) std::fprintf(stderr, "automoe: error (rank %d of %d): %s\n", rank, size, msg.c_str());
-  else std::fprintf(stderr, "automoe: error: %s\n", msg.c_str());
-  std::fflush(stderr);
+  const int size = g_backend ? g_backend->size() : 1;
+  // collective_failed() printed it when it happened (the thrown text may add the file:line)
+  if (g_printed.empty() || msg.rfind(g_printed, 0) != 0) print_error(msg);
   std::fflush(stdout);
   if (g_backend && size > 1) g_backend->abort();  // stops every rank; does not return
   finalize();
   std::_Exit(1);
 }
 
+void collective_failed(const std::string& msg) {
+  if (g_printed.empty()) {  // the first failure is the one to read; the rest follow from it
+    g_printed = msg;
+    print_error(msg);
+  }
+  stop_device_collectives();
+}
+
+void add_device_collective_stopper(void (*fn)()) {
+  std::lock_guard<std::mutex> lk(g_stop_mu);
+  if (std::find(g_stoppers.begin(), g_stoppers.end(), fn) == g_stoppers.end()) g_stoppers.push_back(fn);
+}
+
+void stop_device_collectives() {
+  std::vector<void (*)()> fns;
+  {
+    std::lock_guard<std::mutex> lk(g_stop_mu);
+    fns = g_stoppers;
+  }
+  for (auto fn : fns) fn();
+}
+
 // ---- collectives: the backend's, or local copies in a communicator of one --------------------
+
+namespace {
+
+// A host collective that throws (timed out, a peer gone, or refused) leaves the ranks out of
+// step: the job is over. collective_failed() says so at once and stops the device collectives
+// before the error unwinds through destructors that wait on the GPU.
+template <class F>
+void guarded(F&& f) {
+  try {
+    f();
+  } catch (const std::exception& e) {
+    collective_failed(e.what());
+    throw;
+  }
+}
+
+}  // namespace
 
 Comm::Comm(std::shared_ptr<Impl> impl) : impl_(std::move(impl)) {
   if (impl_) {
@@ -139,52 +191,52 @@ Comm::Comm(std::shared_ptr<Impl> impl) : impl_(std::move(impl)) {
 }
 
 void Comm::barrier() const {
-  if (impl_) impl_->barrier();
+  if (impl_) guarded([&] { impl_->barrier(); });
 }
 
 void Comm::allreduce_sum(float* x, int64_t n) const {
-  if (impl_) impl_->allreduce(x, n, Elem::kF32, Reduce::kSum);
+  if (impl_) guarded([&] { impl_->allreduce(x, n, Elem::kF32, Reduce::kSum); });
 }
 void Comm::allreduce_sum(double* x, int64_t n) const {
-  if (impl_) impl_->allreduce(x, n, Elem::kF64, Reduce::kSum);
+  if (impl_) guarded([&] { impl_->allreduce(x, n, Elem::kF64, Reduce::kSum); });
 }
 void Comm::allreduce_sum(int64_t* x, int64_t n) const {
-  if (impl_) impl_->allreduce(x, n, Elem::kI64, Reduce::kSum);
+  if (impl_) guarded([&] { impl_->allreduce(x, n, Elem::kI64, Reduce::kSum); });
 }
 void Comm::allreduce_max(int64_t* x, int64_t n) const {
-  if (impl_) impl_->allreduce(x, n, Elem::kI64, Reduce::kMax);
+  if (impl_) guarded([&] { impl_->allreduce(x, n, Elem::kI64, Reduce::kMax); });
 }
 void Comm::allreduce_max(double* x, int64_t n) const {
-  if (impl_) impl_->allreduce(x, n, Elem::kF64, Reduce::kMax);
+  if (impl_) guarded([&] { impl_->allreduce(x, n, Elem::kF64, Reduce::kMax); });
 }
 
 void Comm::reduce_scatter_sum(float* recv, const float* send, int64_t n) const {
-  if (impl_) impl_->reduce_scatter_sum(recv, send, n);
+  if (impl_) guarded([&] { impl_->reduce_scatter_sum(recv, send, n); });
   else if (n) std::memcpy(recv, send, size_t(n) * sizeof(float));
 }
 
 void Comm::broadcast(void* data, int64_t bytes, int root) const {
-  if (impl_) impl_->broadcast(data, bytes, root);
+  if (impl_) guarded([&] { impl_->broadcast(data, bytes, root); });
 }
 
 void Comm::gather(void* recv, const void* send, int64_t bytes, int root) const {
-  if (impl_) impl_->gather(recv, send, bytes, root);
+  if (impl_) guarded([&] { impl_->gather(recv, send, bytes, root); });
   else if (bytes) std::memcpy(recv, send, size_t(bytes));
 }
 
 void Comm::allgather(void* recv, const void* send, int64_t bytes) const {
-  if (impl_) impl_->allgather(recv, send, bytes);
+  if (impl_) guarded([&] { impl_->allgather(recv, send, bytes); });
   else if (bytes) std::memcpy(recv, send, size_t(bytes));
 }
 
 void Comm::alltoall(int64_t* recv, const int64_t* send) const {
-  if (impl_) impl_->alltoall(recv, send);
+  if (impl_) guarded([&] { impl_->alltoall(recv, send); });
   else recv[0] = send[0];
 }
 
 void Comm::alltoallv(void* recv, const int64_t* recv_counts, const void* send,
                      const int64_t* send_counts, int64_t row_bytes) const {
-  if (impl_) impl_->alltoallv(recv, recv_counts, send, send_counts, row_bytes);
+  if (impl_) guarded([&] { impl_->alltoallv(recv, recv_counts, send, send_counts, row_bytes); });
   else if (send_counts[0] > 0) std::memcpy(recv, send, size_t(send_counts[0] * row_bytes));
 }
 

@@ -44,8 +44,24 @@ bool backend_active();       // init() started a backend (MPI or TCP), or the ho
 const char* backend_name();  // "mpi", "tcp" or "none"
 void finalize();             // MPI_Finalize or closes the mesh; call once at the end of main
 // Prints "automoe: error (rank R of W): msg" and stops every rank (MPI_Abort; under TCP: closes
-// the connections, which ends the peers' collectives, and exits 1), or exits 1.
+// the connections, which ends the peers' collectives, and exits 1), or exits 1. A message that
+// collective_failed() already printed is not printed again.
 [[noreturn]] void abort_all(const std::string& msg);
+
+// A collective of this rank failed (a host collective timed out or lost a peer, an NCCL wait
+// failed or timed out): the job is over. Prints msg at once, in abort_all's words, and stops
+// this process's device collectives (stop_device_collectives); the caller then throws as usual
+// and the top level calls abort_all. Why at once: the error unwinds through destructors that
+// wait on the GPU (stream synchronizes, cudaFree), and a wait on a kernel whose peer is stopped
+// never returns; printed only at the top level, the message would be lost in that hang.
+void collective_failed(const std::string& msg);
+// Device collectives (NCCL, dist/nccl_group.cpp) register how to stop them: fn aborts every
+// communicator of the process, so that their kernels end and every later wait on a stream
+// returns (or, if they cannot be stopped, ends the process through abort_all). fn must be
+// idempotent. stop_device_collectives() runs every registered fn: collective_failed() calls it,
+// and so does Qwen3MoeCuda's destructor when an exception unwinds it (any error mid-step).
+void add_device_collective_stopper(void (*fn)());
+void stop_device_collectives();
 
 // One communicator. A default Comm is size 1, rank 0: every collective is a local copy.
 // Counts are int64 on the API; the MPI calls check they fit. Every collective waits at most

@@ -39,6 +39,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
 #include <map>
 
 #include <fmt/format.h>
@@ -661,7 +662,13 @@ Qwen3MoeCuda::Qwen3MoeCuda(const ModelConfig& cfg, Precision precision, int devi
   CUDA_CHECK(cudaDeviceSynchronize());
 }
 
-Qwen3MoeCuda::~Qwen3MoeCuda() = default;
+Qwen3MoeCuda::~Qwen3MoeCuda() {
+  // Unwinding from an error mid-step (any error, on any rank): the step's NCCL work may be
+  // queued behind a peer that will never come, and State's members wait on the GPU as they go
+  // (stream synchronizes, cudaFree, cudaFreeHost): the communicators are aborted first, so their
+  // kernels end and those waits return (dist::stop_device_collectives).
+  if (s_ && s_->dist && std::uncaught_exceptions() > 0) dist::stop_device_collectives();
+}
 
 const ModelConfig& Qwen3MoeCuda::config() const { return s_->cfg; }
 const Qwen3Moe& Qwen3MoeCuda::host_layout() const { return s_->layout_model; }
@@ -670,7 +677,11 @@ Precision Qwen3MoeCuda::precision() const { return s_->prec; }
 bool Qwen3MoeCuda::memory_saving() const { return s_->memsave; }
 const cuda::Ctx& Qwen3MoeCuda::ctx() const { return s_->ctx; }
 int64_t Qwen3MoeCuda::adam_steps() const { return s_->adam_t; }
-void Qwen3MoeCuda::synchronize() const { CUDA_CHECK(cudaStreamSynchronize(s_->ctx.stream)); }
+void Qwen3MoeCuda::synchronize() const {
+  // several ranks: timed (NCCL work of a stopped peer must end the job, not hang it)
+  if (s_->reducer) s_->reducer->host_sync(s_->ctx.stream, "a model synchronize");
+  else CUDA_CHECK(cudaStreamSynchronize(s_->ctx.stream));
+}
 
 // ---- parameters and optimizer state <-> host fp32 arenas ---------------------------------------
 
@@ -1670,7 +1681,7 @@ std::vector<std::pair<std::string, float>> Qwen3MoeCuda::phase_ms() const {
   const State& s = *s_;
   std::vector<std::pair<std::string, float>> out;
   if (!s.timing) return out;
-  CUDA_CHECK(cudaEventSynchronize(s.ev[4]));
+  s_->host_wait(s.ev[4], "the phase timing events");  // timed over NCCL
   const char* names[4] = {"fwd_layers", "lm_head_ce", "bwd_layers", "optimizer"};
   for (int i = 0; i < 4; ++i) {
     float ms = 0.f;

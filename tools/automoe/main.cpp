@@ -2,7 +2,10 @@
 // (cmd_*.cpp) and registers itself here; errors print one line and exit non-zero.
 // With several ranks an error on any rank stops every rank (dist::abort_all: MPI_Abort, or under
 // TCP closing the connections): a rank that failed must not leave the others waiting in a
-// collective.
+// collective. The catch below runs only after the error has unwound through the GPU objects'
+// destructors, which wait on the device: a failed collective (host or NCCL) prints its message
+// and aborts the NCCL communicators where it happens (dist::collective_failed), and an error
+// mid-step aborts them as it unwinds the model, so those waits return and this prints or exits.
 #include <CLI/CLI.hpp>
 #include <cstdio>
 
