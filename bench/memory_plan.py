@@ -13,8 +13,9 @@ Layout: experts split over `ep` ranks; everything else data-parallel over `world
 AdamW moments replicated or sharded (--zero 1: what the GPU's ZeRO-1 allocates), gradients too
 (--zero 2: a projection, ZeRO-2 is CPU-only so far), parameters too (--zero 3: what the GPU's
 ZeRO-3 allocates, dist/zero3_cuda.h: the weights are this rank's shard plus ZERO3_WINDOWS
-windows of the largest block, the gradients the shard plus one block's window before its
-reduce, plus one round buffer). Precision: the
+windows of the largest block, the gradients the shard plus ZERO3_GRAD_WINDOWS windows (the
+prefetch's two, block b's gradients in slot b % 2 while block b+1's are reduced), plus one round
+buffer). Precision: the
 default policy, bf16 weights, gradients and moments. Activations: one micro-batch of mbs x seq
 tokens per rank. With EP (ep > 1) the model keeps no expert rows of its own; the EP block
 (src/dist/expert_parallel_cuda.h, dist/ep_arena.h) adds
@@ -55,8 +56,12 @@ PRESETS = {
 GiB = 2 ** 30
 # ZeRO-3 on the GPU (dist/zero3_cuda.h): two parameter windows, the running block's and the
 # next one's (a layer's forward ends with the next layer's ln1 or ln_f, fused with its residual
-# add); gathered synchronously, no prefetch overlap yet
+# add; the next one is gathered while the running one computes); two gradient windows with the
+# prefetch (the default; model/qwen3_moe_cuda.cpp, State::z3_prefetch): a block's backward
+# writes one while the block after it is reduced out of the other. 1 with
+# AUTOMOE_ZERO3_PREFETCH=0 or over MPI staging.
 ZERO3_WINDOWS = 2
+ZERO3_GRAD_WINDOWS = 2
 
 
 def is_moe(c, l):
@@ -143,8 +148,8 @@ def plan(c, ep, world, seq, mbs, zero, ep_capacity=2.0, memsave=False, ep_recomp
         m = 2 * (dense + experts_rank) * b
     if zero >= 2:
         g = (shard(dense, world) + shard(experts_rank, dp)) * b
-        if zero == 3:  # one block's gradients, whole, until its reduce; + the round buffer
-            g += window * b  # (DeviceZero3: the largest owner part of a block, at most 2^24)
+        if zero == 3:  # blocks' gradients, whole, until their reduce; + the round buffer
+            g += ZERO3_GRAD_WINDOWS * window * b  # (DeviceZero3: the largest owner part, <= 2^24)
             g += min(2 ** 24, window, max(shard(dense, world), shard(experts_rank, dp))) * b
     else:
         g = (dense + experts_rank) * b

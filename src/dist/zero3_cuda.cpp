@@ -71,10 +71,51 @@ DeviceZero3::DeviceZero3(const ZeroPartition& part, const Groups& g, std::vector
     CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&pin_), size_t(cap_) * sizeof(bf16)));
     sum_.assign(size_t(cap_), 0.f);
   }
+  nccl_any_ = nccl_world ? nccl_world : nccl_dp;
+  int least = 0, greatest = 0;
+  CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+  CUDA_CHECK(cudaStreamCreateWithPriority(&comm_, cudaStreamNonBlocking, greatest));
+  CUDA_CHECK(cudaEventCreateWithFlags(&ready_, cudaEventDisableTiming));
+  CUDA_CHECK(cudaEventCreateWithFlags(&joined_, cudaEventDisableTiming));
 }
 
 DeviceZero3::~DeviceZero3() {
+  // the comm stream's copies may still read dbuf_ and the caller's windows and shards: timed
+  // over NCCL first (on a timeout every communicator is aborted, which stops their kernels), so
+  // the plain synchronize after it cannot hang on a peer that is gone
+  try {
+    drain("ZeRO-3 teardown");
+  } catch (...) {  // the job is ending with an error already; nothing to add from a destructor
+  }
+  if (comm_) cudaStreamSynchronize(comm_);
+  if (ready_) cudaEventDestroy(ready_);
+  if (joined_) cudaEventDestroy(joined_);
+  if (comm_) cudaStreamDestroy(comm_);
   if (pin_) cudaFreeHost(pin_);
+}
+
+void DeviceZero3::after(cudaStream_t stream) {
+  // One event serves every call: a wait takes the record made just before it.
+  CUDA_CHECK(cudaEventRecord(ready_, stream));
+  CUDA_CHECK(cudaStreamWaitEvent(comm_, ready_, 0));
+  pending_ = undrained_ = true;
+}
+
+void DeviceZero3::join(cudaStream_t stream) {
+  if (!pending_) return;
+  CUDA_CHECK(cudaEventRecord(joined_, comm_));
+  CUDA_CHECK(cudaStreamWaitEvent(stream, joined_, 0));
+  pending_ = false;
+}
+
+void DeviceZero3::drain(const char* what) {
+  if (!undrained_) return;
+  undrained_ = false;  // a failed wait has aborted the communicators: no second try
+#if AUTOMOE_ZERO3_NCCL
+  if (nccl_any_) return nccl_any_->wait(comm_, what);
+#endif
+  (void)what;
+  CUDA_CHECK(cudaStreamSynchronize(comm_));  // no communicator: only device copies on it
 }
 
 void DeviceZero3::unpack(bf16* window, int64_t dev_lo, const ZeroGroup& gr, const bf16* src,
@@ -104,21 +145,52 @@ void DeviceZero3::store(bf16* dst, const bf16* src, int64_t n, bool assign, cuda
 }
 
 template <class F>
-void DeviceZero3::for_each_round(int64_t b, cudaStream_t stream, const char* what, F&& f) {
+void DeviceZero3::for_each_round(int64_t b, cudaStream_t stream, bool host_wait, const char* what,
+                                 F&& f) {
   const Block& bl = blocks_[size_t(b)];
   for (int gi = 0; gi < 2; ++gi) {
     const Group& gp = groups_[gi];
     const auto [lo, hi] = bl.flat[gi];
     for (const ZeroOwnerPart& p : owner_parts(*gp.gr, lo, hi))
       for (int64_t j = p.lo; j < p.hi; j += cap_) f(gp, p, j, std::min(cap_, p.hi - j));
-    if (gp.nccl && gp.gr->ranks > 1 && hi > lo) gp.nccl->wait(stream, what);
+    if (host_wait && gp.nccl && gp.gr->ranks > 1 && hi > lo) gp.nccl->wait(stream, what);
   }
   if (pin_) CUDA_CHECK(cudaStreamSynchronize(stream));  // pin_ is free again
 }
 
 void DeviceZero3::gather(bf16* window, const bf16* param_shard, int64_t b, cudaStream_t stream) {
+  drain("ZeRO-3 comm stream before a synchronous gather");
+  gather_on(window, param_shard, b, stream, true);
+}
+
+void DeviceZero3::reduce(bf16* grad_shard, const bf16* window, int64_t b, bool assign,
+                         cudaStream_t stream) {
+  drain("ZeRO-3 comm stream before a synchronous reduce");
+  reduce_on(grad_shard, window, b, assign, stream, true);
+}
+
+void DeviceZero3::gather_async(bf16* window, const bf16* param_shard, int64_t b,
+                               cudaStream_t stream, cudaEvent_t done) {
+  AM_CHECK(can_overlap(), "internal: ZeRO-3 gather_async over MPI staging (it waits on the host "
+           "every round: use gather)");
+  after(stream);
+  gather_on(window, param_shard, b, comm_, false);
+  CUDA_CHECK(cudaEventRecord(done, comm_));
+}
+
+void DeviceZero3::reduce_async(bf16* grad_shard, const bf16* window, int64_t b, bool assign,
+                               cudaStream_t stream, cudaEvent_t done) {
+  AM_CHECK(can_overlap(), "internal: ZeRO-3 reduce_async over MPI staging (it waits on the host "
+           "every round: use reduce)");
+  after(stream);
+  reduce_on(grad_shard, window, b, assign, comm_, false);
+  CUDA_CHECK(cudaEventRecord(done, comm_));
+}
+
+void DeviceZero3::gather_on(bf16* window, const bf16* param_shard, int64_t b, cudaStream_t stream,
+                            bool host_wait) {
   const int64_t dev_lo = blocks_[size_t(b)].dev_lo;
-  for_each_round(b, stream, "ZeRO-3 parameter gather",
+  for_each_round(b, stream, host_wait, "ZeRO-3 parameter gather",
                  [&](const Group& gp, const ZeroOwnerPart& p, int64_t j, int64_t n) {
     const ZeroGroup& gr = *gp.gr;
     const bf16* own = param_shard + gr.at + (j - gr.begin);  // meaningful on the owner only
@@ -142,10 +214,10 @@ void DeviceZero3::gather(bf16* window, const bf16* param_shard, int64_t b, cudaS
   });
 }
 
-void DeviceZero3::reduce(bf16* grad_shard, const bf16* window, int64_t b, bool assign,
-                         cudaStream_t stream) {
+void DeviceZero3::reduce_on(bf16* grad_shard, const bf16* window, int64_t b, bool assign,
+                            cudaStream_t stream, bool host_wait) {
   const int64_t dev_lo = blocks_[size_t(b)].dev_lo;
-  for_each_round(b, stream, "ZeRO-3 gradient reduce",
+  for_each_round(b, stream, host_wait, "ZeRO-3 gradient reduce",
                  [&](const Group& gp, const ZeroOwnerPart& p, int64_t j, int64_t n) {
     const ZeroGroup& gr = *gp.gr;
     bf16* dst = grad_shard + gr.at + (j - gr.begin);  // meaningful on the owner only

@@ -21,8 +21,35 @@
 // round, Comm::broadcast of the bf16 bits; for the reduce widened to fp32, Comm::allreduce_sum,
 // rounded to bf16 once (the sum ZeRO-1's MPI reduce-scatter takes, so with 2 ranks the same
 // bits), uploaded. Each owner's part moves in rounds of at most kBucket elements. A group of one
-// rank copies on the device. Everything is synchronous on the stream (no prefetch, no overlap
-// with compute). Buffers are allocated once, in the constructor.
+// rank copies on the device. Buffers, the comm stream and its events are allocated once, in the
+// constructor.
+//
+// Two ways to run them, the same collectives in the same rounds, so the same bits:
+//   gather / reduce               synchronous on the caller's stream: a timed host wait per
+//                                 group (NcclGroup::wait), as before; MPI staging always is
+//   gather_async / reduce_async   NCCL (or groups of one rank) only: on this object's comm stream
+//                                 (non-blocking, highest priority, as DeviceGradReducer's), after
+//                                 the work enqueued on the caller's stream so far (one event), an
+//                                 event of the caller's recorded on the comm stream when done; no
+//                                 host wait. The caller orders its stream behind that event, and
+//                                 join() behind everything (model/qwen3_moe_cuda.cpp:
+//                                 State::z3_need, z3_grads, z3_reduce).
+// NCCL's rule, every collective of a communicator issued in the same order on every rank from one
+// stream at a time: the world and DP communicators carry only this object's collectives under
+// ZeRO-3 (DeviceZero is not built beside it, DeviceGradReducer's overlapped and per-tensor
+// all-reduces are off under ZeRO-3, and the EP transport has its own communicator, GpuComms), one
+// host thread issues them in an order fixed by the block schedule, and the async ones all go to
+// the comm stream. A synchronous call after async ones first waits on the host (timed) for the
+// comm stream to drain, so the two streams never hold these communicators' kernels at once (and
+// the synchronous calls end with a host wait, so nothing of theirs is in flight after them).
+// Deadlock freedom beside the EP all-to-alls (the EP communicator, on the compute stream): every
+// cross-stream wait is on an event recorded earlier in the one host order that every rank
+// follows, so by induction over that order each collective's dependencies on every rank complete
+// without a later host action; what is left is NCCL's caveat that both communicators' kernels
+// must fit on the GPU at once (a few SMs each), the one DeviceGradReducer's overlap rests on.
+// A stall ends in a timed host wait (the model's loss and norm readbacks, drain()) rather than a
+// hang. Memory: none added here (both forms share the round buffer, in stream order); the
+// model's second gradient window is its own (model/qwen3_moe_cuda.cpp).
 #pragma once
 #include <cuda_runtime.h>
 
@@ -73,6 +100,22 @@ class DeviceZero3 {
   void keep_own(cuda::bf16* param_shard, const cuda::bf16* window, int64_t b,
                 cudaStream_t stream) const;
 
+  // The async forms can run: no group is staged through MPI (its rounds wait on the host).
+  bool can_overlap() const { return pin_ == nullptr; }
+  // gather() and reduce() on the comm stream, after the work enqueued on `stream` so far (the
+  // last reads of `window`; the writes of the shard or of the gradients); `done` is recorded on
+  // the comm stream after them. No host wait. Collective, as the synchronous forms.
+  void gather_async(cuda::bf16* window, const cuda::bf16* param_shard, int64_t b,
+                    cudaStream_t stream, cudaEvent_t done);
+  void reduce_async(cuda::bf16* grad_shard, const cuda::bf16* window, int64_t b, bool assign,
+                    cudaStream_t stream, cudaEvent_t done);
+  // `stream` waits (on the device) for everything enqueued on the comm stream; a no-op when
+  // nothing was since the last join.
+  void join(cudaStream_t stream);
+  // The host waits for the comm stream (over NCCL timed: throws after aborting the
+  // communicators); a no-op when nothing was enqueued since the last drain.
+  void drain(const char* what);
+
  private:
   struct Block {
     int64_t dev_lo, dev_hi;
@@ -90,9 +133,15 @@ class DeviceZero3 {
   void pack(cuda::bf16* dst, const ZeroGroup& gr, const cuda::bf16* window, int64_t dev_lo,
             int64_t lo, int64_t n, cudaStream_t stream) const;
   // f(group, owner part, j, n) for each round of block b: per group, per owner part, its flat
-  // elements [j, j + n); over NCCL a timed wait per group after its rounds.
+  // elements [j, j + n); over NCCL a timed wait per group after its rounds when `host_wait`.
   template <class F>
-  void for_each_round(int64_t b, cudaStream_t stream, const char* what, F&& f);
+  void for_each_round(int64_t b, cudaStream_t stream, bool host_wait, const char* what, F&& f);
+  // The bodies of gather() / reduce(), enqueued on `stream`.
+  void gather_on(cuda::bf16* window, const cuda::bf16* param_shard, int64_t b, cudaStream_t stream,
+                 bool host_wait);
+  void reduce_on(cuda::bf16* grad_shard, const cuda::bf16* window, int64_t b, bool assign,
+                 cudaStream_t stream, bool host_wait);
+  void after(cudaStream_t stream);  // the comm stream waits for `stream`'s work so far
   // dst[n] (device) =, or += unless assign, src[n] (device)
   void store(cuda::bf16* dst, const cuda::bf16* src, int64_t n, bool assign,
              cudaStream_t stream);
@@ -106,6 +155,12 @@ class DeviceZero3 {
   cuda::DeviceBuffer<cuda::bf16> dbuf_;  // [cap_]: a round's part on the device
   cuda::bf16* pin_ = nullptr;            // MPI: cudaMallocHost [cap_]
   std::vector<float> sum_;               // MPI: [cap_] fp32 sums
+  NcclGroup* nccl_any_ = nullptr;        // a communicator to time drain()'s wait with
+  cudaStream_t comm_ = nullptr;          // the async forms' stream (highest priority)
+  cudaEvent_t ready_ = nullptr;          // recorded on the caller's stream; comm_ waits on it
+  cudaEvent_t joined_ = nullptr;         // recorded on comm_ by join(); the caller waits on it
+  bool pending_ = false;                 // async work not yet joined
+  bool undrained_ = false;               // async work not yet waited for on the host
 };
 
 }  // namespace automoe::dist

@@ -273,30 +273,90 @@ struct Qwen3MoeCuda::State {
   // ZeRO-3 (CudaDist::zero 3; dist/zero3_cuda.h): no p16/g16 arenas. This rank's parameters and
   // gradients are flat shards like m16/v16; W() reads a block's weights from one of two
   // parameter windows (the running block, and the next one, whose ln1 / ln_f the fused residual
-  // norm reads), g16_at() writes the running block's gradients into one gradient window.
+  // norm reads), g16_at() writes the running block's gradients into a gradient window.
+  //
+  // Prefetch (z3_prefetch: AUTOMOE_ZERO3_PREFETCH, default 1, the same on every rank; NCCL or
+  // one-rank groups; MPI staging stays synchronous): the gathers and reduces run on DeviceZero3's
+  // comm stream, ordered by events with no host wait. The same collectives in the same rounds
+  // as the synchronous path (=0: each on the compute stream where it is needed, a host wait
+  // each), so the same bits.
+  //   forward   layer l computes from block l+1 while block l+2 is gathered into the other slot
+  //             (that slot's last reader, layer l-1, is enqueued before: the gather waits for it);
+  //             the compute stream waits for block l+2 only at the fused add + norm that ends
+  //             layer l, which reads its ln1 (or ln_f). The first two blocks (wte, layer 0) have
+  //             nothing before them to hide behind.
+  //   backward  layer l computes from block l+1 while block l (layer l-1's) is gathered into the
+  //             other slot, whose last reader was layer l+1's backward (or the head); block l+1's
+  //             reduce runs after layer l, beside layer l-1's backward. Two gradient windows
+  //             make that possible: block b's gradients go to slot b % 2, and the compute stream
+  //             waits for block b+2's reduce (the slot's last reader) before writing block b's.
+  //             With one window, layer l-1's first gradient write (a few kernels in) would wait
+  //             for the whole reduce: no overlap. Costs one more window of the largest block,
+  //             win x 2 bytes (Qwen3-30B-A3B: the lm_head block, V x H, 0.58 GiB; at EP 1 a
+  //             layer with all 128 experts, 1.16 GiB); bench/memory_plan.py counts it.
+  //   step      the end of backward() (and optimizer_step(), synchronize()) joins the comm
+  //             stream, so AdamW reads the summed gshard, and the next gathers (after AdamW on
+  //             the compute stream) read the new pshard.
+  // W() refuses a slot whose gather the compute stream has not waited for (z3_need does).
   std::unique_ptr<dist::DeviceZero3> z3;
   cu::DeviceBuffer<bf16> pshard, gshard;  // [shard] each
   cu::DeviceBuffer<bf16> pwin;            // [2 * win]: two blocks' device ranges
-  cu::DeviceBuffer<bf16> gwin;            // [win]: one block's
+  cu::DeviceBuffer<bf16> gwin;            // [win], prefetching [2 * win]: block b's in slot b % 2
   int64_t win = 0;
   int64_t resident[2] = {-1, -1};  // the block each parameter window holds (-1: none, stale)
   int64_t gblock = -1;             // the block whose gradients g16_at() points into
+  int gslot = 0;                   // ... in this gradient window
   bool z3_assign = true;           // this micro-batch's reduces assign (first of the step) or add
-  // window slot of block b (gathered now if absent, evicting the slot that does not hold `keep`)
-  const bf16* z3_need(int64_t b, int64_t keep) {
+  bool z3_prefetch = false;
+  cudaEvent_t z3_gathered[2] = {};  // prefetch: on the comm stream after the gather into slot i
+  bool z3_unwaited[2] = {};         // ... which the compute stream has not waited for yet
+  cudaEvent_t z3_reduced[2] = {};   // prefetch: after the reduce out of gradient slot i
+  // Window slot of block b; absent: gathered now into the slot that does not hold `keep`
+  // (prefetch: started on the comm stream after the compute stream's work so far, which holds
+  // the last reads of that slot; else on the compute stream, synchronously).
+  int z3_slot(int64_t b, int64_t keep) {
     for (int i = 0; i < 2; ++i)
-      if (resident[i] == b) return pwin.get() + i * win;
+      if (resident[i] == b) return i;
     const int i = resident[0] == keep && keep >= 0 ? 1 : 0;
     resident[i] = -1;  // a failed gather leaves it stale
-    z3->gather(pwin.get() + i * win, pshard.get(), b, ctx.stream);
+    if (z3_prefetch) {
+      z3->gather_async(pwin.get() + i * win, pshard.get(), b, ctx.stream, z3_gathered[i]);
+      z3_unwaited[i] = true;
+    } else {
+      z3->gather(pwin.get() + i * win, pshard.get(), b, ctx.stream);
+    }
     resident[i] = b;
-    return pwin.get() + i * win;
+    return i;
   }
-  // block b's gradients go to the gradient window; then (z3_reduce) to this rank's shard
-  void z3_grads(int64_t b) { gblock = b; }
+  // Block b's weights readable by what is enqueued on the compute stream from here on.
+  void z3_need(int64_t b, int64_t keep) {
+    const int i = z3_slot(b, keep);
+    if (z3_unwaited[i]) {  // on the device: no host wait
+      CUDA_CHECK(cudaStreamWaitEvent(ctx.stream, z3_gathered[i], 0));
+      z3_unwaited[i] = false;
+    }
+  }
+  // Prefetch: block b's gather started now (see z3_slot); without prefetch nothing (z3_need
+  // gathers it where it is first read).
+  void z3_fetch(int64_t b, int64_t keep) {
+    if (z3_prefetch) z3_slot(b, keep);
+  }
+  // block b's gradients go to a gradient window; then (z3_reduce) to this rank's shard
+  void z3_grads(int64_t b) {
+    gblock = b;
+    gslot = z3_prefetch ? int(b % 2) : 0;
+    if (z3_prefetch)  // the slot's previous reduce (block b+2's) has read it
+      CUDA_CHECK(cudaStreamWaitEvent(ctx.stream, z3_reduced[gslot], 0));
+  }
   void z3_reduce(int64_t b) {
-    z3->reduce(gshard.get(), gwin.get(), b, z3_assign, ctx.stream);
+    const bf16* g = gwin.get() + gslot * win;
+    if (z3_prefetch) z3->reduce_async(gshard.get(), g, b, z3_assign, ctx.stream, z3_reduced[gslot]);
+    else z3->reduce(gshard.get(), g, b, z3_assign, ctx.stream);
     gblock = -1;
+  }
+  // the compute stream behind every gather and reduce started so far (on the device)
+  void z3_join() {
+    if (z3) z3->join(ctx.stream);
   }
 
   State(const ModelConfig& c, Precision p, bool ms, const CudaDist& d)
@@ -308,6 +368,7 @@ struct Qwen3MoeCuda::State {
     ep = groups && groups->ep.size() > 1 && c.num_moe_layers() > 0;
   }
   ~State() {
+    z3.reset();  // drains its comm stream before the windows and shards it reads are freed
     if (scoped) cudaStreamSynchronize(ctx.stream);
     if (in_host) cudaFreeHost(in_host);
     if (loss_host) cudaFreeHost(loss_host);
@@ -316,6 +377,8 @@ struct Qwen3MoeCuda::State {
     for (cudaEvent_t e : {upload_done, loss_ready, norm_ready, ev[0], ev[1], ev[2], ev[3], ev[4]})
       if (e) cudaEventDestroy(e);
     for (cudaEvent_t e : lev) cudaEventDestroy(e);
+    for (cudaEvent_t e : {z3_gathered[0], z3_gathered[1], z3_reduced[0], z3_reduced[1]})
+      if (e) cudaEventDestroy(e);
   }
 
   bool bf16_mode() const { return prec == Precision::BF16; }
@@ -353,8 +416,11 @@ struct Qwen3MoeCuda::State {
     if (!z3) return p16.get() + off;
     for (int i = 0; i < 2; ++i) {  // ZeRO-3: a gathered block's window
       const int64_t b = resident[i];
-      if (b >= 0 && off >= z3->dev_lo(b) && off < z3->dev_hi(b))
+      if (b >= 0 && off >= z3->dev_lo(b) && off < z3->dev_hi(b)) {
+        AM_CHECK(!z3_unwaited[i], "internal: ZeRO-3 reads block {} before waiting for its "
+                 "gather (z3_need)", b);
         return pwin.get() + i * win + (off - z3->dev_lo(b));
+      }
     }
     AM_FAIL("internal: ZeRO-3 reads the parameter at device offset {} outside the gathered "
             "blocks {} and {}", off, resident[0], resident[1]);
@@ -369,7 +435,7 @@ struct Qwen3MoeCuda::State {
       AM_CHECK(gblock >= 0 && off >= z3->dev_lo(gblock) && off < z3->dev_hi(gblock),
                "internal: ZeRO-3 writes the gradient at device offset {} outside block {}", off,
                gblock);
-      return gwin.get() + (off - z3->dev_lo(gblock));
+      return gwin.get() + gslot * win + (off - z3->dev_lo(gblock));
     }
     if (!memsave) return g16.get() + off;
     if (tied && off == off_wte) return gsc_tied.get();
@@ -580,8 +646,22 @@ Qwen3MoeCuda::Qwen3MoeCuda(const ModelConfig& cfg, Precision precision, int devi
       PM = size_t(s.z3->shard_numel());
       s.zsumsq = cu::DeviceBuffer<double>(std::max<size_t>(s.z3->pieces().size(), 1));
       s.win = (s.z3->window_numel() + 127) / 128 * 128;  // slot 1 stays 256-byte aligned
+      // the prefetch (State::z3_prefetch): on unless AUTOMOE_ZERO3_PREFETCH=0, which must be the
+      // same on every rank (the order of the gathers and reduces differs in the backward)
+      const char* pf = std::getenv("AUTOMOE_ZERO3_PREFETCH");
+      int64_t on = !(pf && std::string(pf) == "0");
+      int64_t ranks_on = on;
+      s.groups->world.allreduce_sum(&ranks_on, 1);
+      AM_CHECK(ranks_on == 0 || ranks_on == s.groups->world.size(),
+               "AUTOMOE_ZERO3_PREFETCH is 0 on {} of {} ranks; set it the same on every rank "
+               "(mpirun -x AUTOMOE_ZERO3_PREFETCH=0)",
+               s.groups->world.size() - ranks_on, s.groups->world.size());
+      s.z3_prefetch = on && s.z3->can_overlap();
+      for (cudaEvent_t* e : {&s.z3_gathered[0], &s.z3_gathered[1], &s.z3_reduced[0],
+                             &s.z3_reduced[1]})
+        CUDA_CHECK(cudaEventCreateWithFlags(e, cudaEventDisableTiming));
       s.pwin = cu::DeviceBuffer<bf16>(size_t(2 * s.win));
-      s.gwin = cu::DeviceBuffer<bf16>(size_t(s.win));
+      s.gwin = cu::DeviceBuffer<bf16>(size_t((s.z3_prefetch ? 2 : 1) * s.win));
       s.pshard = cu::DeviceBuffer<bf16>(PM);
       s.gshard = cu::DeviceBuffer<bf16>(PM);
       for (const auto* b : {&s.pwin, &s.gwin, &s.pshard, &s.gshard})  // padding stays zero
@@ -678,6 +758,7 @@ bool Qwen3MoeCuda::memory_saving() const { return s_->memsave; }
 const cuda::Ctx& Qwen3MoeCuda::ctx() const { return s_->ctx; }
 int64_t Qwen3MoeCuda::adam_steps() const { return s_->adam_t; }
 void Qwen3MoeCuda::synchronize() const {
+  s_->z3_join();  // ZeRO-3 prefetch: its comm stream's work too
   // several ranks: timed (NCCL work of a stopped peer must end the job, not hang it)
   if (s_->reducer) s_->reducer->host_sync(s_->ctx.stream, "a model synchronize");
   else CUDA_CHECK(cudaStreamSynchronize(s_->ctx.stream));
@@ -1212,7 +1293,10 @@ void Qwen3MoeCuda::forward(const Batch& bt, float ce_denominator, float aux_scal
   s.record(0);
   // the EP arena: every layer carves its saved state in order below; last step's is released
   if (s.ep) s.ep_arena->reset();
-  if (s.z3) s.z3_need(0, -1);  // ZeRO-3: each block's weights gathered before it runs
+  if (s.z3) {  // ZeRO-3: each block's weights gathered before it runs (State::z3_prefetch);
+    s.z3_need(0, 1);  // layer 0's block kept if the last backward left it
+    s.z3_fetch(1, 0);
+  }
   cu::embedding_fwd(s.res[0], s.ids, s.W(s.off_wte), N, H, ctx);
   for (int64_t l = 0; l < L; ++l) {
     LayerActs& a = s.la[l];
@@ -1220,9 +1304,9 @@ void Qwen3MoeCuda::forward(const Batch& bt, float ce_denominator, float aux_scal
     const bf16* x_in = s.res[l];
     bf16* x_out = s.res[l + 1];
     auto Wn = [&](int64_t off) { return off < 0 ? nullptr : s.W(off); };
-    if (s.z3) {  // this layer's block, and the next one's (its ln1 or ln_f ends this layer)
+    if (s.z3) {  // this layer's block; the next one's (its ln1 or ln_f ends this layer)
       s.z3_need(l + 1, l + 2);
-      s.z3_need(l + 2, l + 1);
+      s.z3_fetch(l + 2, l + 1);  // prefetch: gathered while this layer computes
     }
     s.lrecord(l, 0);
     // attention block (fused: ln1 came with the previous layer's residual add)
@@ -1268,6 +1352,7 @@ void Qwen3MoeCuda::forward(const Batch& bt, float ce_denominator, float aux_scal
       cu::swiglu_fwd(s.act, a.gu, N, F, ctx);
       cu::linear_fwd(s.tmp, s.act, s.W(o.mlp_down), nullptr, N, F, H, ctx);
     }
+    if (s.z3) s.z3_need(l + 2, l + 1);  // the next block, read from here on
     if (s.fused_norm && l + 1 < L)  // the residual add with the next layer's ln1
       cu::add_rmsnorm_fwd(x_out, s.la[l + 1].ln1, s.la[l + 1].ln1_rstd, a.x_mid, s.tmp,
                           s.W(s.lo[l + 1].ln1), N, H, eps, ctx);
@@ -1405,6 +1490,7 @@ void Qwen3MoeCuda::backward() {
     s.lrecord(l, 3);
     if (s.z3) {  // ZeRO-3: the layer's weights again, its gradients into the window
       s.z3_need(l + 1, -1);
+      if (l > 0) s.z3_fetch(l, l + 1);  // prefetch: layer l-1's, gathered meanwhile
       s.z3_grads(l + 1);
     }
     bf16* ys = s.memsave ? s.ys_b : a.ys;
@@ -1521,6 +1607,7 @@ void Qwen3MoeCuda::backward() {
   // every expert gradient written before anything after the backward reads one (see the MLP
   // block above); the forward's EP blocks wait on their own (the scratch's event)
   for (const auto& b : s.ep_moe) b->join(ctx.stream);
+  s.z3_join();  // ZeRO-3 prefetch: the reduces (gshard) done before the step reads them
   s.record(3);
   s.have_grad_forward = false;
   if (s.memsave) {
@@ -1565,6 +1652,7 @@ void Qwen3MoeCuda::optimizer_step(const AdamWConfig& c, float lr, float max_grad
   }
   ++s.adam_t;
   if (s.z3) {  // ZeRO-3: the shards hold the summed gradients; norm, AdamW, no all-gather
+    s.z3_join();  // (backward() joined already; a forward's head reduce without it did not)
     const auto& pcs = s.z3->pieces();
     CUDA_CHECK(cudaMemsetAsync(s.d_sumsq, 0, sizeof(double), ctx.stream));
     for (size_t k = 0; k < pcs.size(); ++k)  // per piece, as ZeRO-1 (the same partial sums)

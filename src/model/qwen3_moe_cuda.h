@@ -11,8 +11,9 @@
 //   AdamW m, v  bf16 [P] each (fp32 with FP32Master); with ZeRO-1 or ZeRO-3 (CudaDist::zero)
 //               bf16 [this rank's shard] each, flat in the partition's order
 //   ZeRO-3      no parameter or gradient arena: bf16 parameter and gradient shards [shard],
-//               two parameter windows and one gradient window of the largest block's device
-//               range (dist/zero3_cuda.h), gathered and reduced block by block
+//               two parameter windows and two gradient windows (one without the prefetch,
+//               AUTOMOE_ZERO3_PREFETCH=0) of the largest block's device range
+//               (dist/zero3_cuda.h), gathered and reduced block by block
 //   activations one arena planned for (B, T) by plan(): saved per-layer tensors, the
 //               residual stream, then one region shared by the forward's and the backward's
 //               temporaries (their union), the lm_head+CE chunk buffers among them
