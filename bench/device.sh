@@ -459,18 +459,20 @@ ep_gpu2_stages() {
   # ZeRO-3's prefetch (gathers and reduces on its comm stream, overlapped with the blocks) against
   # its synchronous path (AUTOMOE_ZERO3_PREFETCH=0): the same collectives, so bit-identical; then
   # at EP 2, where the EP all-to-alls (their own communicator, compute stream) run beside them
-  stage ep_model_nccl2_zero3_sync "${nmpi[@]}" -x AUTOMOE_ZERO3_PREFETCH=0 "$BUILD/automoe" \
-    "${run[@]}" --train.ep 1 --data.micro_batch 8 --train.zero 3 \
-    --output.dir "$BUILD/ep_model_nccl2_zero3_sync"
-  stage ep_model_cmp_nccl_zero3_prefetch python3 bench/compare_loss_curves.py --exact loss,ce_loss,aux_loss,grad_norm \
-    "$BUILD/ep_model_nccl2_zero3_sync/metrics.jsonl" "$BUILD/ep_model_nccl2_zero3/metrics.jsonl"
-  stage ep_model_nccl2_ep2_zero3 "${nmpi[@]}" "$BUILD/automoe" "${run[@]}" --train.ep 2 \
-    --data.micro_batch 8 --train.zero 3 --output.dir "$BUILD/ep_model_nccl2_ep2_zero3"
-  stage ep_model_nccl2_ep2_zero3_sync "${nmpi[@]}" -x AUTOMOE_ZERO3_PREFETCH=0 "$BUILD/automoe" \
-    "${run[@]}" --train.ep 2 --data.micro_batch 8 --train.zero 3 \
-    --output.dir "$BUILD/ep_model_nccl2_ep2_zero3_sync"
-  stage ep_model_cmp_nccl_ep2_zero3_prefetch python3 bench/compare_loss_curves.py --exact loss,ce_loss,aux_loss,grad_norm \
-    "$BUILD/ep_model_nccl2_ep2_zero3_sync/metrics.jsonl" "$BUILD/ep_model_nccl2_ep2_zero3/metrics.jsonl"
+  for e in 1 2; do
+    tag=zero3
+    if [ "$e" = 2 ]; then
+      tag=ep2_zero3
+      stage "ep_model_nccl2_$tag" "${nmpi[@]}" "$BUILD/automoe" "${run[@]}" --train.ep 2 \
+        --data.micro_batch 8 --train.zero 3 --output.dir "$BUILD/ep_model_nccl2_$tag"
+    fi
+    stage "ep_model_nccl2_${tag}_sync" "${nmpi[@]}" -x AUTOMOE_ZERO3_PREFETCH=0 "$BUILD/automoe" \
+      "${run[@]}" --train.ep "$e" --data.micro_batch 8 --train.zero 3 \
+      --output.dir "$BUILD/ep_model_nccl2_${tag}_sync"
+    stage "ep_model_cmp_nccl_${tag}_prefetch" python3 bench/compare_loss_curves.py \
+      --exact loss,ce_loss,aux_loss,grad_norm \
+      "$BUILD/ep_model_nccl2_${tag}_sync/metrics.jsonl" "$BUILD/ep_model_nccl2_$tag/metrics.jsonl"
+  done
   # the memory-saving mode's per-tensor reduces over NCCL against one GPU's memory-saving run
   # (ep_memsave_stages above wrote ep_model_1gpu_ms)
   stage ep_model_ms_nccl2 "${nmpi[@]}" "$BUILD/automoe" "${run[@]}" --train.ep 2 \
