@@ -770,11 +770,9 @@ void EpMoeCuda::bwd(const EpMoeBwdArgs* a, float g_beta, const cu::Ctx& ctx) {
                          nullptr, ch.r[0]->send_pos, ch.r[0]->info.get(), ch.n, H, K, El, P,
                          t_.rank_of(0), ctx);
     t_.push_end(cs);
-    mark(ch, 6, cs);
     EpA2aTensor t = tensor(0, EpDtype::kBf16, H, [&](int) { return local(0, 0).x_send.get(); },
                            [&](int) { return local(0, 0).y_recv.get(); });
     t_.push_recv(&t, 1, ch.fwd_rows(), cs);
-    mark(ch, 7, cs);
   }
   for (auto& chp : ch_) {
     if (push) break;
