@@ -15,7 +15,8 @@
 //   dispatch and combine over the chosen transport, timed, against ncclAlltoAll of the same
 //   bytes on an NCCL communicator of the same ranks (opened for it when the transport is not
 //   NCCL): "BW <transport> rank ..." lines; counts mode over IPC both with the forward's
-//   direct dispatch ("direct", the default) and without it ("packed", AUTOMOE_EP_PUSH=0).
+//   direct dispatch ("direct", the default) and without it ("packed", AUTOMOE_EP_PUSH=0), and
+//   the direct dispatch's time in three (layout + counts, push, copy-out: dist::EpTimes).
 //   flags: --tokens N (8192, per rank) --hidden H (2048) --inter I (768) --experts E (128)
 //          --topk K (8) --modes counts,padded --recompute none,outputs,experts (all three)
 //          --chunks 2,3 (train.ep_chunks checked against one chunk; "1" for none)
@@ -1107,7 +1108,7 @@ void bandwidth(const Opts& o, dist::NcclGroup& g, dist::EpTransport& t, dist::Ep
   for (const bool push : {true, false}) {
     if (!push && !both) break;
     ep.set_push(push);
-    std::vector<double> disp, comb;
+    std::vector<double> disp, comb, d_counts, d_push, d_recv;
     dist::EpTimes last;
     for (int it = 0; it < o.warmup + o.iters; ++it) {
       if (it == o.warmup && push) maybe_die(o, g.rank());
@@ -1117,6 +1118,9 @@ void bandwidth(const Opts& o, dist::NcclGroup& g, dist::EpTransport& t, dist::Ep
       if (it >= o.warmup) {
         disp.push_back(last.dispatch_ms);
         comb.push_back(last.combine_ms);
+        d_counts.push_back(last.dispatch_counts_ms);
+        d_push.push_back(last.dispatch_push_ms);
+        d_recv.push_back(last.dispatch_recv_ms);
       }
     }
     const double bd = double(last.rows_payload) * row_d, bc = double(last.rows_payload) * row_c;
@@ -1149,6 +1153,11 @@ void bandwidth(const Opts& o, dist::NcclGroup& g, dist::EpTransport& t, dist::Ep
                 t.name(), g.rank(), g.size(), dist::ep_mode_name(mode), how, (long long)s.N, md,
                 bd / gib / (md / 1e3), bd / (1 << 20), double(last.rows_wire) * row_d / (1 << 20),
                 mc, bc / gib / (mc / 1e3), bc / (1 << 20), mb, base_bytes / gib / (mb / 1e3));
+    if (both && push)  // where the direct dispatch's time goes (medians; see dist::EpTimes)
+      std::printf("BW   %s rank %d/%d direct dispatch: layout + counts %.3f ms, push %.3f ms "
+                  "(%.1f GiB/s of all its rows, its own included), copy-out and waits %.3f ms\n",
+                  t.name(), g.rank(), g.size(), median(d_counts), median(d_push),
+                  double(last.rows_wire) * row_d / gib / (median(d_push) / 1e3), median(d_recv));
     std::fflush(stdout);
   }
 }

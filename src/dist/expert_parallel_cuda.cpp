@@ -245,6 +245,7 @@ EpMoeCuda::EpMoeCuda(EpTransport& t, const EpMoeShape& shape, EpMode mode, EpRec
   ptr_recv_.assign(size_t(3 * L_), nullptr);
   for (cudaEvent_t& e : ev_) CUDA_CHECK(cudaEventCreate(&e));
   for (cudaEvent_t& e : evb_) CUDA_CHECK(cudaEventCreate(&e));
+  for (cudaEvent_t& e : evd_) CUDA_CHECK(cudaEventCreate(&e));
   if (C_ > 1) CUDA_CHECK(cudaEventCreateWithFlags(&laid_out_, cudaEventDisableTiming));
   CUDA_CHECK(cudaEventCreateWithFlags(&wgrad_done_, cudaEventDisableTiming));
   CUDA_CHECK(cudaEventCreateWithFlags(&counted_, cudaEventDisableTiming));
@@ -262,6 +263,8 @@ EpMoeCuda::~EpMoeCuda() {
   }
   if (counted_) cudaEventDestroy(counted_);
   for (cudaEvent_t e : ev_)
+    if (e) cudaEventDestroy(e);
+  for (cudaEvent_t e : evd_)
     if (e) cudaEventDestroy(e);
   for (cudaEvent_t e : evb_)
     if (e) cudaEventDestroy(e);
@@ -595,6 +598,7 @@ void EpMoeCuda::fwd(const EpMoeFwdArgs* a, int64_t N, const cu::Ctx& ctx) {
                                    size_t(P * W_) * sizeof(int32_t), cudaMemcpyDeviceToHost, cs));
     if (push) {
       CUDA_CHECK(cudaEventRecord(counted_, cs));
+      if (timing_) CUDA_CHECK(cudaEventRecord(evd_[0], cs));
       Chunk& ch = *ch_[0];
       EpMoeScratch::Local& l = local(0, 0);
       cu::EpPushDst dst;
@@ -605,6 +609,7 @@ void EpMoeCuda::fwd(const EpMoeFwdArgs* a, int64_t N, const cu::Ctx& ctx) {
                            a[0].topk_idx, a[0].topk_w, pos(ch, 0), ch.r[0]->info.get(), ch.n, H,
                            K, El, P, t_.rank_of(0), ctx);
       t_.push_end(cs);
+      if (timing_) CUDA_CHECK(cudaEventRecord(evd_[1], cs));
       t_.wait_event(counted_);  // the counts only: the rows are still on their way
       try {
         check_room();
@@ -625,6 +630,7 @@ void EpMoeCuda::fwd(const EpMoeFwdArgs* a, int64_t N, const cu::Ctx& ctx) {
     for (auto& ch : ch_) carve(*ch, ctx);
   }
   N_ = N;
+  pushed_ = push;
   bwd_timed_ = false;  // until this forward's backward records its events
   for (auto& chp : ch_) {
     Chunk& ch = *chp;
@@ -862,6 +868,11 @@ EpTimes EpMoeCuda::last_times() const {
     CUDA_CHECK(cudaEventSynchronize(ev_[3]));
     CUDA_CHECK(cudaEventElapsedTime(&t.dispatch_ms, ev_[0], ev_[1]));
     CUDA_CHECK(cudaEventElapsedTime(&t.combine_ms, ev_[2], ev_[3]));
+    if (pushed_) {
+      CUDA_CHECK(cudaEventElapsedTime(&t.dispatch_counts_ms, ev_[0], evd_[0]));
+      CUDA_CHECK(cudaEventElapsedTime(&t.dispatch_push_ms, evd_[0], evd_[1]));
+      CUDA_CHECK(cudaEventElapsedTime(&t.dispatch_recv_ms, evd_[1], ev_[1]));
+    }
     if (bwd_timed_) {  // the backward of the last forward
       CUDA_CHECK(cudaEventSynchronize(evb_[3]));
       CUDA_CHECK(cudaEventElapsedTime(&t.bwd_dispatch_ms, evb_[0], evb_[1]));

@@ -183,6 +183,11 @@ struct EpTimes {
   // the backward's, when one ran after that forward (0 otherwise): combine's gradient (a
   // dispatch of d(out): pack .. rows received) and dispatch's (the d(x), d(w) rows back .. summed)
   float bwd_dispatch_ms = 0, bwd_combine_ms = 0;
+  // the forward's direct dispatch in three (0 otherwise; they add up to dispatch_ms): the layout
+  // and the counts exchange; the push (with its waits for the peers' last copy-outs); the rest
+  // (the carve's copy, the copy-out with its waits for the peers' rows, and any gap while the
+  // host had not enqueued them yet)
+  float dispatch_counts_ms = 0, dispatch_push_ms = 0, dispatch_recv_ms = 0;
   int64_t rows_payload = 0, rows_wire = 0;
 };
 
@@ -389,6 +394,8 @@ class EpMoeCuda {
   std::vector<void*> ptr_recv_;
   cudaEvent_t ev_[4] = {nullptr, nullptr, nullptr, nullptr};   // chunks = 1 (set_timing)
   cudaEvent_t evb_[4] = {nullptr, nullptr, nullptr, nullptr};  // the backward's (set_timing)
+  cudaEvent_t evd_[2] = {nullptr, nullptr};  // the direct dispatch's (set_timing): counted, pushed
+  bool pushed_ = false;                      // the last forward dispatched directly
   cudaEvent_t laid_out_ = nullptr;  // chunks > 1: every chunk's layout written (comm waits)
   bool bwd_timed_ = false;  // evb_ hold the backward of the last forward
   bool wgrad_overlap_ = true;
