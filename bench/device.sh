@@ -99,7 +99,8 @@
 #   push      (not default) the direct dispatch (AUTOMOE_EP_PUSH, dist/expert_parallel_cuda.h)
 #             over CUDA IPC, on two GPUs (or two processes on GPU 0): ep_check's checks with
 #             "direct dispatch off" lines and its "BW ipc ... direct / packed" bandwidth lines
-#             (a GPU per rank), and 50 training steps with it on and off, bit-identical.
+#             (a GPU per rank; the direct one also split into layout + counts, push, copy-out),
+#             and 50 training steps with it on and off, bit-identical.
 #             TARGETS="ep_check automoe_cli".
 #   multi     (not default) several GPUs: cuda_bench under mpirun, a rank per GPU, experts over
 #             all of them (transport auto), beside Transformers + FSDP2 (hf_moe_fsdp.py) for each
