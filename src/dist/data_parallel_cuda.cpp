@@ -21,9 +21,7 @@ namespace automoe::dist {
 DeviceGradReducer::DeviceGradReducer(const Groups& g, std::vector<DeviceTensor> tensors)
     : g_(g), t_(std::move(tensors)), sum_(size_t(kBucket)) {
   CUDA_CHECK(cudaMallocHost(&pin_, size_t(kBucket) * sizeof(float)));
-  int least = 0, greatest = 0;
-  CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
-  CUDA_CHECK(cudaStreamCreateWithPriority(&comm_, cudaStreamNonBlocking, greatest));
+  comm_ = cuda::create_priority_stream();
   CUDA_CHECK(cudaEventCreateWithFlags(&ready_, cudaEventDisableTiming));
   CUDA_CHECK(cudaEventCreateWithFlags(&done_, cudaEventDisableTiming));
 }

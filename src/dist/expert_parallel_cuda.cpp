@@ -92,9 +92,7 @@ EpMoeScratch::EpMoeScratch(const EpMoeShape& s, int P, int local_ranks, EpMode m
     const int64_t L = std::max(local_ranks, 1);
     acc_gu = Buf<float>(size_t(L * El * 2 * s.I * s.H));
     acc_down = Buf<float>(size_t(L * El * s.H * s.I));
-    int least = 0, greatest = 0;
-    CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
-    CUDA_CHECK(cudaStreamCreateWithPriority(&comm, cudaStreamNonBlocking, greatest));
+    comm = cu::create_priority_stream();
   }
   local.resize(size_t(std::max(local_ranks, 1)) * size_t(chunks));
   for (Local& l : local) {
@@ -310,6 +308,14 @@ bool EpMoeCuda::use_push(const bf16* rows) const {
   // the kernel moves 16-byte pieces of rows (the regions and scratch are 256-byte aligned)
   return push_ && C_ == 1 && L_ == 1 && t_.can_push() && s_.H % 8 == 0 &&
          reinterpret_cast<uintptr_t>(rows) % 16 == 0;
+}
+
+cu::EpPushDst EpMoeCuda::push_begin(cudaStream_t s) {
+  cu::EpPushDst dst;
+  size_t cap = 0;
+  t_.push_begin(s, dst.region, &cap);
+  dst.cap = int64_t(cap);
+  return dst;
 }
 
 cudaStream_t EpMoeCuda::comm_stream(const cu::Ctx& ctx) const {
@@ -601,11 +607,7 @@ void EpMoeCuda::fwd(const EpMoeFwdArgs* a, int64_t N, const cu::Ctx& ctx) {
       if (timing_) CUDA_CHECK(cudaEventRecord(evd_[0], cs));
       Chunk& ch = *ch_[0];
       EpMoeScratch::Local& l = local(0, 0);
-      cu::EpPushDst dst;
-      size_t cap = 0;
-      t_.push_begin(cs, dst.region, &cap);
-      dst.cap = int64_t(cap);
-      cu::ep_dispatch_push(dst, l.x_send.get(), l.idx_send.get(), l.w_send.get(), a[0].x,
+      cu::ep_dispatch_push(push_begin(cs), l.x_send.get(), l.idx_send.get(), l.w_send.get(), a[0].x,
                            a[0].topk_idx, a[0].topk_w, pos(ch, 0), ch.r[0]->info.get(), ch.n, H,
                            K, El, P, t_.rank_of(0), ctx);
       t_.push_end(cs);
@@ -768,11 +770,7 @@ void EpMoeCuda::bwd(const EpMoeBwdArgs* a, float g_beta, const cu::Ctx& ctx) {
   const bool push = mode_ == EpMode::kCounts && use_push(a[0].dout);
   if (push) {
     Chunk& ch = *ch_[0];
-    cu::EpPushDst dst;
-    size_t cap = 0;
-    t_.push_begin(cs, dst.region, &cap);
-    dst.cap = int64_t(cap);
-    cu::ep_dispatch_push(dst, local(0, 0).x_send.get(), nullptr, nullptr, a[0].dout, nullptr,
+    cu::ep_dispatch_push(push_begin(cs), local(0, 0).x_send.get(), nullptr, nullptr, a[0].dout, nullptr,
                          nullptr, ch.r[0]->send_pos, ch.r[0]->info.get(), ch.n, H, K, El, P,
                          t_.rank_of(0), ctx);
     t_.push_end(cs);

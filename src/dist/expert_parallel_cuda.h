@@ -147,6 +147,10 @@
 #include "dist/ep_arena.h"
 #include "dist/ep_transport.h"
 
+namespace automoe::cuda {
+struct EpPushDst;  // backend/cuda/ep_kernels.h
+}
+
 namespace automoe::dist {
 
 // EpMode, ep_mode_name: dist/ep_arena.h (train.ep_dispatch, CUDA-free).
@@ -333,6 +337,9 @@ class EpMoeCuda {
   // Whether this call dispatches directly (set_push): one chunk, one local rank, a transport
   // that can, and rows the kernel moves in 16-byte pieces (H % 8 == 0, `rows` aligned).
   bool use_push(const cuda::bf16* rows) const;
+  // Opens a direct dispatch's transport call on `s` (EpTransport::push_begin): the kernel's
+  // destinations.
+  cuda::EpPushDst push_begin(cudaStream_t s);
   // The stream of the transport calls: the scratch's comm stream, or the caller's (chunks = 1).
   cudaStream_t comm_stream(const cuda::Ctx& ctx) const;
   // chunks > 1: record e on s / make s wait for e's last record (the hand-offs between the

@@ -32,7 +32,6 @@ double seconds_since(Clock::time_point t0) {
   return std::chrono::duration<double>(Clock::now() - t0).count();
 }
 
-void nap() { std::this_thread::sleep_for(std::chrono::microseconds(50)); }
 
 // Every live NcclGroup of this process. A failure aborts all of them, not only the one that
 // noticed: the error unwinds through destructors that synchronise streams (the model's compute
@@ -192,11 +191,12 @@ NcclGroup::~NcclGroup() {
         break;
       }
       if (st == ncclSuccess) break;
-      if (seconds_since(t0) > timeout_s_) {
+      const double waited = seconds_since(t0);
+      if (waited > timeout_s_) {
         ok = false;
         break;
       }
-      nap();
+      poll_pause(waited);
     }
     if (ok) ncclCommDestroy(comm_);
     else ncclCommAbort(comm_);
@@ -232,9 +232,9 @@ void NcclGroup::poll_ready(const char* what) {
     if (st == ncclSuccess) return;
     if (st != ncclInProgress)
       fail(what, fmt::format("{} ({})", ncclGetErrorString(st), ncclGetLastError(comm_)));
-    if (seconds_since(t0) > timeout_s_)
-      fail(what, fmt::format("not done after {} s", timeout_s_));
-    nap();
+    const double waited = seconds_since(t0);
+    if (waited > timeout_s_) fail(what, fmt::format("not done after {} s", timeout_s_));
+    poll_pause(waited);  // every group end of a non-blocking communicator polls here
   }
 }
 

@@ -72,9 +72,7 @@ DeviceZero3::DeviceZero3(const ZeroPartition& part, const Groups& g, std::vector
     sum_.assign(size_t(cap_), 0.f);
   }
   nccl_any_ = nccl_world ? nccl_world : nccl_dp;
-  int least = 0, greatest = 0;
-  CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
-  CUDA_CHECK(cudaStreamCreateWithPriority(&comm_, cudaStreamNonBlocking, greatest));
+  comm_ = cuda::create_priority_stream();
   CUDA_CHECK(cudaEventCreateWithFlags(&ready_, cudaEventDisableTiming));
   CUDA_CHECK(cudaEventCreateWithFlags(&joined_, cudaEventDisableTiming));
 }

@@ -38,6 +38,14 @@ void require_device(const char* who) {
            CUDART_VERSION % 1000 / 10);
 }
 
+cudaStream_t create_priority_stream() {
+  int least = 0, greatest = 0;
+  CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+  cudaStream_t s = nullptr;
+  CUDA_CHECK(cudaStreamCreateWithPriority(&s, cudaStreamNonBlocking, greatest));
+  return s;
+}
+
 ScopedCtx::ScopedCtx(size_t workspace_bytes, int device) : ws_(0) {
   require_device("the CUDA backend");
   CUDA_CHECK(cudaSetDevice(device));

@@ -57,6 +57,9 @@ void* workspace_for(const Ctx& ctx, size_t bytes, const char* op);
 // Throws, saying what to do, when this process has no usable CUDA device (no GPU, no or too
 // old a driver, CUDA_VISIBLE_DEVICES empty). `who`: the command or option that needs one.
 void require_device(const char* who);
+// A non-blocking stream at the current device's highest priority: the side streams whose
+// transfers (all-reduces, gathers, all-to-alls) should start before queued compute blocks.
+cudaStream_t create_priority_stream();
 
 // Device memory owned by one object (move-only). Allocation is cudaMalloc: do it at set-up.
 template <class T>
