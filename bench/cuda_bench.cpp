@@ -205,6 +205,19 @@ int main(int argc, char** argv) {
     double worst[3] = {median(t_step), median(t_fb), double(free0 - min_free)};
     groups.world.allreduce_max(worst, 3);
     const double step_s = worst[0], fb_s = worst[1], peak = worst[2];
+    // EP load balance of the last forward: per MoE layer the most expert rows any rank ran over
+    // their mean (every rank waits for the slowest one at the combine)
+    std::vector<int64_t> picks = model.ep_picks_received(), most = picks;
+    double balance[2] = {0, 0};  // mean over layers of max/mean, the worst layer's
+    if (multi && !picks.empty()) {
+      groups.ep.allreduce_sum(picks.data(), int64_t(picks.size()));
+      groups.ep.allreduce_max(most.data(), int64_t(most.size()));
+      for (size_t l = 0; l < picks.size(); ++l) {
+        const double r = picks[l] > 0 ? double(most[l]) * groups.ep.size() / double(picks[l]) : 1.0;
+        balance[0] += r / double(picks.size());
+        balance[1] = std::max(balance[1], r);
+      }
+    }
     CudaMemory mem = model.memory();
     const double GiB = double(1 << 30);
     nlohmann::json phases = nlohmann::json::object();
@@ -213,6 +226,8 @@ int main(int argc, char** argv) {
         {"bench", multi ? "ep_cuda" : "w1_cuda"},
         {"world", world},
         {"ep", groups.ep.size()},
+        {"ep_rows_max_over_mean", std::round(balance[0] * 1000) / 1000},
+        {"ep_rows_max_over_mean_worst_layer", std::round(balance[1] * 1000) / 1000},
         {"transport", multi ? dist::ep_transport_kind_name(comms->kind()) : "none"},
         {"ep_recompute", ep_recompute},
         {"ep_dispatch", ep_dispatch},

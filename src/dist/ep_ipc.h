@@ -1,12 +1,16 @@
 // dist/ep_ipc.h: the EP transport over CUDA IPC buffers (dist/ep_transport.h), one rank per
 // process, all ranks of the EP group on ONE node. Each rank owns a receive staging buffer and a
 // few flags in its GPU memory; every peer maps both (cudaIpcOpenMemHandle), writes its rows
-// straight into its own region of the staging with cudaMemcpyAsync (the copy engine;
-// peer-to-peer over NVLink when the GPUs differ) and then raises a flag there; the owner waits
-// for the flag on its stream and copies the region out into the caller's receive buffers.
-// DeepEP's normal mode is the design reference (a registered buffer per rank that peers write
-// into, with per-source regions and flags), done with copies and stream memory operations, not
-// SM kernels.
+// straight into its own region of the staging (one cuda::copy_many kernel for every peer and
+// tensor of a call: SM stores over NVLink; AUTOMOE_IPC_SM_COPY=0: a copy-engine cudaMemcpyAsync
+// each) and then raises a flag there; the owner waits for the flags on its stream and copies
+// the regions out into the caller's receive buffers (one copy_many), or, in place
+// (alltoallv_inplace), lets the caller read them there until inplace_end(). Each group of flag
+// waits or writes is one cuStreamBatchMemOp (single operations where the driver lacks it): six
+// operations per call instead of about 20 at P = 4, where each cost a few microseconds of the
+// GPU's queue. DeepEP's normal mode is the design reference (a registered buffer per rank that
+// peers write into, with per-source regions and flags), with stream memory operations for the
+// flags, not spinning kernels.
 //
 // Why: a call enqueues everything and returns: no host collective and no host wait per call
 // (MpiStagedTransport waits on both; the first IPC version all-gathered the counts and held a
@@ -55,7 +59,12 @@
 //      after the copies). Every peer is signalled every call, also with 0 rows.
 //   b) rows to itself: send -> recv directly, never through the staging.
 //   c) for every source s: wait until my ready[s] >= e; copy region s out into recv; write s's
-//      done[r] = e.
+//      done[r] = e. (Batched: all of a)'s waits, then all its copies, then all its writes; all
+//      of c)'s waits, then b) and c)'s copies, then c)'s writes. Each wait still depends only
+//      on writes of an earlier step, so the argument below holds as it stands. In place, c)'s
+//      copies are the caller's reads and its writes come with inplace_end(), after them; the
+//      next call's copy-out cannot run ahead of them, since its ready waits need the sources'
+//      call e+1 writes, which wait for this rank's done = e.)
 // Correct data: s writes region s of p in call e only after p wrote done = e-1 (after its
 // copy-out of call e-1), and p copies it out only after ready = e (after s's copies of call e,
 // fenced); ready cannot already hold e+1 then, since s's call e+1 waits for p's done = e.
@@ -124,6 +133,12 @@ class IpcTransport final : public EpTransport {
   void push_begin(cudaStream_t stream, unsigned char** region, size_t* cap) override;
   void push_end(cudaStream_t stream) override;
   void push_recv(const EpA2aTensor* t, int nt, const EpA2aRows& rows, cudaStream_t stream) override;
+  // Steps a) and c)'s waits of one call; src into the staging regions (and into t[k].send for
+  // this rank's own rows), held until inplace_end() writes the done flags (step c)'s writes)
+  // on the reader's stream.
+  void alltoallv_inplace(const EpA2aTensor* t, int nt, const EpA2aRows& rows, cudaStream_t stream,
+                         const void** src) override;
+  void inplace_end(cudaStream_t stream) override;
   void wait_event(cudaEvent_t ev) override;  // sync()'s timeout and failure
   static constexpr int kMaxPushRanks = 8;    // cuda::kEpPushMaxRanks
 
@@ -134,10 +149,21 @@ class IpcTransport final : public EpTransport {
   // is enqueued), and steps b) and c) of call epoch_
   void check_fits(const EpA2aTensor* t, int nt, const EpA2aRows& rows) const;
   void copy_out(const EpA2aTensor* t, int nt, const EpA2aRows& rows, cudaStream_t stream);
+  // step a) of call epoch_ (the waits, the copies into the peers' regions, their ready flags)
+  void scatter(const EpA2aTensor* t, int nt, const EpA2aRows& rows, cudaStream_t stream);
+  // step c)'s waits (every source's ready flag) and its writes (every source's done flag, and
+  // this rank's own ready slot) of call epoch_, one batch each
+  void wait_sources(cudaStream_t stream);
+  void release_sources(cudaStream_t stream);
   // a host wait on `ev` with the timeout; after it ran out, the release and the error
   void wait_or_fail(cudaEvent_t ev);
   void wait_geq(cudaStream_t s, const uint32_t* addr, uint32_t v);
   void write(cudaStream_t s, uint32_t* addr, uint32_t v);
+  // The first n of flag_ptr_: waits (>= v) or fenced writes (= v), in order, as one
+  // cuStreamBatchMemOp where the driver has it (else single operations); flags_batch is that
+  // batch over `addr`, false where the driver refused it.
+  void flags(cudaStream_t s, bool wait, int n, uint32_t v);
+  bool flags_batch(cudaStream_t s, bool wait, uint32_t* const* addr, int n, uint32_t v);
   // Local: this rank's pending waits released (its flags set past the epoch, from a stream of
   // its own) after a timeout or while an error unwinds; false when that did not finish.
   bool release();
@@ -154,6 +180,13 @@ class IpcTransport final : public EpTransport {
   double timeout_s_ = 600;
   void* wait_op_ = nullptr;   // cuStreamWaitValue32, from the driver at run time
   void* write_op_ = nullptr;  // cuStreamWriteValue32
+  void* batch_op_ = nullptr;  // cuStreamBatchMemOp (null: single operations)
+  bool sm_copies_ = true;     // AUTOMOE_IPC_SM_COPY (default 1): a call's copies as one kernel
+                              //   (cuda::copy_many); 0: a copy-engine memcpy per peer and tensor
+  std::vector<uint32_t*> flag_ptr_;  // [P] the flags of one batch (host scratch, no allocation
+                                     //   per call)
+  std::vector<uint64_t> batch_;      // [P x 6] its CUstreamBatchMemOpParams (48 bytes each;
+                                     //   cuda.h stays out of this header)
   unsigned char* own_ = nullptr;       // [(P-1) * pair_cap_] this rank's staging (cudaMalloc)
   size_t pair_cap_ = 0;                // bytes of one source's region, the same on every rank
   std::vector<unsigned char*> peer_;   // [P] the peers' staging, mapped here; [rank] = own_
@@ -164,6 +197,7 @@ class IpcTransport final : public EpTransport {
   uint32_t epoch_ = 0;                 // calls so far (the same on every rank)
   cudaEvent_t done_ev_ = nullptr;      // sync()'s
   bool in_flight_ = false;             // calls enqueued since the last sync() that returned
+  bool inplace_open_ = false;          // an alltoallv_inplace() whose inplace_end() is due
   bool released_ = false;              // after a timeout: the flags no longer order anything
   bool stuck_ = false;                 // a release that did not finish: leak, never free
 };

@@ -15,6 +15,7 @@
 #include <thread>
 
 #include "backend/cuda/common.cuh"
+#include "backend/cuda/copy_many.h"
 #include "core/check.h"
 #include "dist/comm_backend.h"
 
@@ -25,6 +26,34 @@ namespace {
 using Clock = std::chrono::steady_clock;
 
 using MemOp = CUresult (*)(CUstream, CUdeviceptr, cuuint32_t, unsigned int);
+using BatchOp = CUresult (*)(CUstream, unsigned int, CUstreamBatchMemOpParams*, unsigned int);
+constexpr size_t kBatchWords = 6;  // IpcTransport::batch_'s words per operation
+static_assert(sizeof(CUstreamBatchMemOpParams) == kBatchWords * sizeof(uint64_t));
+
+// A call's copies: with `sm`, as few kernels as cuda::kCopyManyMax spans allow (one for
+// P <= 8; the SMs store into the peers); else a copy-engine cudaMemcpyAsync each.
+class Copies {
+ public:
+  Copies(cudaStream_t s, bool sm) : s_(s), sm_(sm) {}
+  void add(void* dst, const void* src, size_t bytes) {
+    if (!sm_) {
+      if (bytes) CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, s_));
+      return;
+    }
+    if (c_.n == cuda::kCopyManyMax) flush();
+    c_.add(dst, src, int64_t(bytes));
+  }
+  void flush() {
+    if (!sm_) return;
+    cuda::copy_many(c_, s_);
+    c_.n = 0;
+  }
+
+ private:
+  cuda::CopyMany c_;
+  cudaStream_t s_;
+  bool sm_;
+};
 
 size_t row_bytes(const EpA2aTensor& t) { return size_t(t.row_elems) * ep_dtype_bytes(t.dtype); }
 
@@ -120,10 +149,15 @@ IpcTransport::IpcTransport(const Comm& ep)
       cuda_ok(cudaStreamCreateWithFlags(&probe, cudaStreamNonBlocking), "cudaStreamCreate")) {
     wait_op_ = driver_fn("cuStreamWaitValue32");
     write_op_ = driver_fn("cuStreamWriteValue32");
+    batch_op_ = driver_fn("cuStreamBatchMemOp");  // optional: single operations without it
     if (!wait_op_ || !write_op_)
       why = "the driver has no stream memory operations (cuStreamWaitValue32, "
             "cuStreamWriteValue32 of CUDA 12.0; an older driver?)";
   }
+  const char* sm = std::getenv("AUTOMOE_IPC_SM_COPY");
+  sm_copies_ = !(sm && std::strcmp(sm, "0") == 0);
+  flag_ptr_.assign(size_t(P), nullptr);
+  batch_.assign(size_t(P) * kBatchWords, 0);
   if (why.empty() &&
       cuda_ok(cudaMalloc(reinterpret_cast<void**>(&flags_), size_t(2 * P) * sizeof(uint32_t)),
               "cudaMalloc of the IPC flags") &&
@@ -138,8 +172,18 @@ IpcTransport::IpcTransport(const Comm& ep)
       cu_ok(reinterpret_cast<MemOp>(wait_op_)(probe, reinterpret_cast<uintptr_t>(flags_ + me), 0,
                                               CU_STREAM_WAIT_VALUE_GEQ),
             "cuStreamWaitValue32 (GEQ, local)") &&
-      cuda_ok(cudaStreamSynchronize(probe), "the stream memory operations' probe"))
+      cuda_ok(cudaStreamSynchronize(probe), "the stream memory operations' probe")) {
+    // the batch entry point, tried on the same slot; where it fails, single operations
+    if (batch_op_) {
+      uint32_t* own[1] = {flags_ + me};
+      if (!flags_batch(probe, false, own, 1, 0) || !flags_batch(probe, true, own, 1, 0) ||
+          cudaStreamSynchronize(probe) != cudaSuccess) {
+        cudaGetLastError();
+        batch_op_ = nullptr;
+      }
+    }
     cuda_ok(cudaIpcGetMemHandle(&mine.flags, flags_), "cudaIpcGetMemHandle (flags)");
+  }
   peer_flags_[size_t(me)] = flags_;
 
   if (gethostname(mine.host, sizeof(mine.host) - 1) != 0 && why.empty()) why = "gethostname failed";
@@ -248,6 +292,40 @@ void IpcTransport::write(cudaStream_t s, uint32_t* addr, uint32_t v) {
            cu_error("cuStreamWriteValue32", r));
 }
 
+bool IpcTransport::flags_batch(cudaStream_t s, bool wait, uint32_t* const* addr, int n,
+                               uint32_t v) {
+  auto* ops = reinterpret_cast<CUstreamBatchMemOpParams*>(batch_.data());
+  for (int i = 0; i < n; ++i) {
+    CUstreamBatchMemOpParams& p = ops[i];
+    p = CUstreamBatchMemOpParams{};
+    if (wait) {
+      p.waitValue.operation = CU_STREAM_MEM_OP_WAIT_VALUE_32;
+      p.waitValue.address = reinterpret_cast<uintptr_t>(addr[i]);
+      p.waitValue.value = v;
+      p.waitValue.flags = CU_STREAM_WAIT_VALUE_GEQ;
+    } else {
+      p.writeValue.operation = CU_STREAM_MEM_OP_WRITE_VALUE_32;
+      p.writeValue.address = reinterpret_cast<uintptr_t>(addr[i]);
+      p.writeValue.value = v;
+      p.writeValue.flags = CU_STREAM_WRITE_VALUE_DEFAULT;  // fenced, as write()
+    }
+  }
+  return reinterpret_cast<BatchOp>(batch_op_)(s, unsigned(n), ops, 0) == CUDA_SUCCESS;
+}
+
+void IpcTransport::flags(cudaStream_t s, bool wait, int n, uint32_t v) {
+  if (n == 0) return;
+  if (batch_op_) {
+    AM_CHECK(flags_batch(s, wait, flag_ptr_.data(), n, v), "[ep ipc] rank {}: {}", ep_.rank(),
+             "cuStreamBatchMemOp of the flags failed");
+    return;
+  }
+  for (int i = 0; i < n; ++i) {
+    if (wait) wait_geq(s, flag_ptr_[size_t(i)], v);
+    else write(s, flag_ptr_[size_t(i)], v);
+  }
+}
+
 bool IpcTransport::release() {
   released_ = true;
   // Every flag past the epoch (cyclically: epoch_ + 1 meets every wait enqueued so far), from
@@ -351,58 +429,113 @@ void IpcTransport::check_fits(const EpA2aTensor* t, int nt, const EpA2aRows& row
 
 void IpcTransport::alltoallv(const EpA2aTensor* t, int nt, const EpA2aRows& rows,
                              cudaStream_t stream) {
-  const int P = ep_.size(), me = ep_.rank();
-  AM_CHECK(!released_, "[ep ipc] rank {}: the transport stopped after an earlier timeout", me);
+  AM_CHECK(!released_, "[ep ipc] rank {}: the transport stopped after an earlier timeout",
+           ep_.rank());
   // Everything checked before anything is enqueued: a rank that throws here leaves the others
   // waiting on its flags, until their sync() times out (an internal error: EpMoeCuda reserves
   // what its calls need).
   check_fits(t, nt, rows);
-  const uint32_t e = ++epoch_;
+  ++epoch_;
   in_flight_ = true;
-  // a) into every peer's region, after its copy-out of the previous call; then its ready flag
+  scatter(t, nt, rows, stream);
+  copy_out(t, nt, rows, stream);
+}
+
+void IpcTransport::scatter(const EpA2aTensor* t, int nt, const EpA2aRows& rows,
+                           cudaStream_t stream) {
+  const int P = ep_.size(), me = ep_.rank();
+  const uint32_t e = epoch_;
+  // a) into every peer's region, after its copy-out of the previous call (one batch of waits,
+  // one copy kernel for every peer and tensor); then the peers' ready flags (one batch)
+  int n = 0;
+  for (int p = 0; p < P; ++p)
+    if (p != me) flag_ptr_[size_t(n++)] = flags_ + P + p;  // my done[p]
+  flags(stream, true, n, e - 1);
+  Copies copies(stream, sm_copies_);
+  n = 0;
   for (int p = 0; p < P; ++p) {
     if (p == me) continue;
-    wait_geq(stream, flags_ + P + p, e - 1);  // my done[p]
     unsigned char* dst = region(p, me);
     for (int k = 0; k < nt; ++k) {
-      const size_t rb = row_bytes(t[k]), n = size_t(rows.send_cnt[p]) * rb;
-      if (n == 0) continue;
-      const auto* src = static_cast<const unsigned char*>(t[k].send[0]) + rows.send_off[p] * rb;
-      CUDA_CHECK(cudaMemcpyAsync(dst, src, n, cudaMemcpyDefault, stream));
-      dst += n;
+      const size_t rb = row_bytes(t[k]), bytes = size_t(rows.send_cnt[p]) * rb;
+      copies.add(dst, static_cast<const unsigned char*>(t[k].send[0]) + rows.send_off[p] * rb, bytes);
+      dst += bytes;
     }
-    write(stream, peer_flags_[size_t(p)] + me, e);  // p's ready[me]
+    flag_ptr_[size_t(n++)] = peer_flags_[size_t(p)] + me;  // p's ready[me]
   }
-  copy_out(t, nt, rows, stream);
+  copies.flush();
+  flags(stream, false, n, e);
+}
+
+void IpcTransport::alltoallv_inplace(const EpA2aTensor* t, int nt, const EpA2aRows& rows,
+                                     cudaStream_t stream, const void** src) {
+  const int P = ep_.size(), me = ep_.rank();
+  AM_CHECK(!released_, "[ep ipc] rank {}: the transport stopped after an earlier timeout", me);
+  AM_CHECK(!inplace_open_, "internal: [ep ipc] rank {}: alltoallv_inplace before the last one's "
+           "inplace_end", me);
+  check_fits(t, nt, rows);
+  ++epoch_;
+  in_flight_ = true;
+  scatter(t, nt, rows, stream);
+  wait_sources(stream);
+  for (int k = 0; k < nt; ++k) {
+    const size_t rb = row_bytes(t[k]);
+    size_t before = 0;  // bytes of the tensors before k in each region
+    for (int j = 0; j < k; ++j) before += row_bytes(t[j]);
+    for (int s = 0; s < P; ++s)
+      src[k * P + s] = s == me ? static_cast<const unsigned char*>(t[k].send[0]) + rows.send_off[me] * rb
+                               : region(me, s) + size_t(rows.recv_cnt[s]) * before;
+  }
+  inplace_open_ = true;
+}
+
+void IpcTransport::inplace_end(cudaStream_t stream) {
+  AM_CHECK(inplace_open_, "internal: [ep ipc] rank {}: inplace_end without alltoallv_inplace",
+           ep_.rank());
+  inplace_open_ = false;
+  release_sources(stream);
+}
+
+void IpcTransport::wait_sources(cudaStream_t stream) {
+  const int P = ep_.size(), me = ep_.rank();
+  int n = 0;  // c)'s waits: every source's rows of call epoch_ are in its region (one batch)
+  for (int s = 0; s < P; ++s)
+    if (s != me) flag_ptr_[size_t(n++)] = flags_ + s;  // my ready[s]
+  flags(stream, true, n, epoch_);
+}
+
+void IpcTransport::release_sources(cudaStream_t stream) {
+  const int P = ep_.size(), me = ep_.rank();
+  int n = 0;  // c)'s writes: the sources may write their regions again (one batch)
+  for (int s = 0; s < P; ++s)
+    if (s != me) flag_ptr_[size_t(n++)] = peer_flags_[size_t(s)] + P + me;  // s's done[me]
+  flag_ptr_[size_t(n++)] = flags_ + me;  // this call finished here (the destructor reads it)
+  flags(stream, false, n, epoch_);
 }
 
 void IpcTransport::copy_out(const EpA2aTensor* t, int nt, const EpA2aRows& rows,
                             cudaStream_t stream) {
   const int P = ep_.size(), me = ep_.rank();
-  const uint32_t e = epoch_;
-  // b) to itself, send -> recv
+  wait_sources(stream);
+  // b) to itself, send -> recv, and c) out of every source's region: one copy kernel
+  Copies copies(stream, sm_copies_);
   for (int k = 0; k < nt; ++k) {
-    const size_t rb = row_bytes(t[k]), n = size_t(rows.send_cnt[me]) * rb;
-    if (n == 0) continue;
-    const auto* src = static_cast<const unsigned char*>(t[k].send[0]) + rows.send_off[me] * rb;
-    auto* dst = static_cast<unsigned char*>(t[k].recv[0]) + rows.recv_off[me] * rb;
-    CUDA_CHECK(cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToDevice, stream));
+    const size_t rb = row_bytes(t[k]);
+    copies.add(static_cast<unsigned char*>(t[k].recv[0]) + rows.recv_off[me] * rb,
+               static_cast<const unsigned char*>(t[k].send[0]) + rows.send_off[me] * rb,
+               size_t(rows.send_cnt[me]) * rb);
   }
-  // c) out of every source's region, after its writes; then its done flag
   for (int s = 0; s < P; ++s) {
     if (s == me) continue;
-    wait_geq(stream, flags_ + s, e);  // my ready[s]
     const unsigned char* src = region(me, s);
     for (int k = 0; k < nt; ++k) {
-      const size_t rb = row_bytes(t[k]), n = size_t(rows.recv_cnt[s]) * rb;
-      if (n == 0) continue;
-      auto* dst = static_cast<unsigned char*>(t[k].recv[0]) + rows.recv_off[s] * rb;
-      CUDA_CHECK(cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToDevice, stream));
-      src += n;
+      const size_t rb = row_bytes(t[k]), bytes = size_t(rows.recv_cnt[s]) * rb;
+      copies.add(static_cast<unsigned char*>(t[k].recv[0]) + rows.recv_off[s] * rb, src, bytes);
+      src += bytes;
     }
-    write(stream, peer_flags_[size_t(s)] + P + me, e);  // s's done[me]
   }
-  write(stream, flags_ + me, e);  // this call finished here (the destructor reads it)
+  copies.flush();
+  release_sources(stream);
 }
 
 void IpcTransport::push_begin(cudaStream_t stream, unsigned char** region_out, size_t* cap) {
@@ -410,20 +543,24 @@ void IpcTransport::push_begin(cudaStream_t stream, unsigned char** region_out, s
   AM_CHECK(!released_, "[ep ipc] rank {}: the transport stopped after an earlier timeout", me);
   const uint32_t e = ++epoch_;
   in_flight_ = true;
+  int n = 0;
   for (int p = 0; p < P; ++p) {  // step a)'s waits: p is done with my region of call e-1
     region_out[p] = nullptr;
     if (p == me) continue;
-    wait_geq(stream, flags_ + P + p, e - 1);  // my done[p]
+    flag_ptr_[size_t(n++)] = flags_ + P + p;  // my done[p]
     region_out[p] = region(p, me);
   }
+  flags(stream, true, n, e - 1);
   *cap = pair_cap_;
 }
 
 void IpcTransport::push_end(cudaStream_t stream) {
   const int P = ep_.size(), me = ep_.rank();
-  // the kernel's stores into the peers came before on this stream; the fenced write after them
+  // the kernel's stores into the peers came before on this stream; the fenced writes after them
+  int n = 0;
   for (int p = 0; p < P; ++p)
-    if (p != me) write(stream, peer_flags_[size_t(p)] + me, epoch_);  // p's ready[me]
+    if (p != me) flag_ptr_[size_t(n++)] = peer_flags_[size_t(p)] + me;  // p's ready[me]
+  flags(stream, false, n, epoch_);
 }
 
 void IpcTransport::push_recv(const EpA2aTensor* t, int nt, const EpA2aRows& rows,

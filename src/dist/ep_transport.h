@@ -91,6 +91,26 @@ class EpTransport {
                          cudaStream_t /*stream*/) {
     no_push();
   }
+  // In-place receive: alltoallv() without gathering the rows into recv, for a reader that takes
+  // them from wherever they are (cuda::ep_combine_unpack_sources). Afterwards, in `stream`'s
+  // order, the rows that alltoallv() would put at rows [recv_off[s], recv_off[s] + recv_cnt[s])
+  // of t[k].recv[0] are at src[k * P + s] (row 0 there the first of them), and stay there until
+  // inplace_end() is enqueued on the reader's stream after its last read. One process drives
+  // one rank here (num_local() == 1). The default is alltoallv() with src pointing into recv;
+  // IpcTransport points src into its staging regions (s == rank: into t[k].send) and holds them
+  // until inplace_end, so the gather's copy never happens.
+  virtual void alltoallv_inplace(const EpA2aTensor* t, int nt, const EpA2aRows& rows,
+                                 cudaStream_t stream, const void** src) {
+    AM_CHECK(num_local() == 1, "internal: [ep {}] alltoallv_inplace drives one rank", name());
+    alltoallv(t, nt, rows, stream);
+    const int P = size();
+    for (int k = 0; k < nt; ++k)
+      for (int s = 0; s < P; ++s)
+        src[k * P + s] = static_cast<const unsigned char*>(t[k].recv[0]) +
+                         rows.recv_off[s] * t[k].row_elems * int64_t(ep_dtype_bytes(t[k].dtype));
+  }
+  virtual void inplace_end(cudaStream_t /*stream*/) {}
+
   // Waits until `ev` (recorded on a stream of this group's calls) has completed: with sync()'s
   // timeout and failure; the default waits without one (loopback, MPI staging).
   virtual void wait_event(cudaEvent_t ev) {

@@ -251,6 +251,8 @@ EpMoeCuda::EpMoeCuda(EpTransport& t, const EpMoeShape& shape, EpMode mode, EpRec
   wgrad_overlap_ = !(ov && std::strcmp(ov, "0") == 0);
   const char* pu = std::getenv("AUTOMOE_EP_PUSH");
   push_ = !(pu && std::strcmp(pu, "0") == 0);
+  const char* ip = std::getenv("AUTOMOE_EP_INPLACE");
+  inplace_ = !(ip && std::strcmp(ip, "0") == 0);
 }
 
 EpMoeCuda::~EpMoeCuda() {
@@ -308,6 +310,27 @@ bool EpMoeCuda::use_push(const bf16* rows) const {
   // the kernel moves 16-byte pieces of rows (the regions and scratch are 256-byte aligned)
   return push_ && C_ == 1 && L_ == 1 && t_.can_push() && s_.H % 8 == 0 &&
          reinterpret_cast<uintptr_t>(rows) % 16 == 0;
+}
+
+bool EpMoeCuda::use_inplace() const {
+  return inplace_ && C_ == 1 && L_ == 1 && P_ <= cu::kEpPushMaxRanks && s_.H % 8 == 0;
+}
+
+void EpMoeCuda::return_inplace(Chunk& ch, int nt, cu::EpRowSources* src, cudaStream_t s) {
+  const int P = P_;
+  const void* at[2 * cu::kEpPushMaxRanks] = {};
+  const EpA2aTensor t[2] = {
+      tensor(0, EpDtype::kBf16, s_.H, [&](int) { return local(ch.idx, 0).y_recv.get(); },
+             [&](int) { return local(ch.idx, 0).x_send.get(); }),
+      tensor(1, EpDtype::kF32, s_.K, [&](int) { return local(ch.idx, 0).dw_recv.get(); },
+             [&](int) { return local(ch.idx, 0).w_send.get(); })};
+  const EpA2aRows rows = ch.back_rows();
+  t_.alltoallv_inplace(t, nt, rows, s, at);
+  for (int k = 0; k < nt; ++k)
+    for (int d = 0; d < P; ++d) {
+      src[k].rows[d] = at[k * P + d];
+      src[k].first[d] = rows.recv_off[d];  // where d's rows would start in x_send / w_send
+    }
 }
 
 cu::EpPushDst EpMoeCuda::push_begin(cudaStream_t s) {
@@ -653,8 +676,16 @@ void EpMoeCuda::fwd(const EpMoeFwdArgs* a, int64_t N, const cu::Ctx& ctx) {
   if (timing_ && C_ == 1) CUDA_CHECK(cudaEventRecord(ev_[1], ctx.stream));
   // ---- the local experts over the received rows; combine: rows back along the dispatch's
   // path, summed per token in rank order
+  const bool inplace = use_inplace();
+  cu::EpRowSources ys;  // in place: where each rank's rows came back
   auto unpack = [&](Chunk& ch) {
     await(ctx.stream, ch.returned);
+    if (inplace) {
+      cu::ep_combine_unpack_sources(a[0].out, nullptr, ys, nullptr, ch.r[0]->send_pos, ch.n, H, K,
+                                    P, ctx);
+      t_.inplace_end(ctx.stream);
+      return;
+    }
     for (int i = 0; i < L_; ++i)
       cu::ep_combine_unpack(a[i].out + ch.t0 * H, nullptr, local(ch.idx, i).x_send.get(), nullptr,
                             ch.r[i]->send_pos, ch.n, H, K, P, ctx);
@@ -667,7 +698,8 @@ void EpMoeCuda::fwd(const EpMoeFwdArgs* a, int64_t N, const cu::Ctx& ctx) {
     await(cs, ch.computed);
     if (timing_ && C_ == 1) CUDA_CHECK(cudaEventRecord(ev_[2], ctx.stream));
     mark(ch, 4, cs);
-    move_rows(ch, &EpMoeScratch::Local::y_recv, &EpMoeScratch::Local::x_send, ch.back_rows(), cs);
+    if (inplace) return_inplace(ch, 1, &ys, cs);
+    else move_rows(ch, &EpMoeScratch::Local::y_recv, &EpMoeScratch::Local::x_send, ch.back_rows(), cs);
     mark(ch, 5, cs);
     signal(ch.returned, cs);
     if (c > 0) unpack(*ch_[c - 1]);
@@ -806,8 +838,16 @@ void EpMoeCuda::bwd(const EpMoeBwdArgs* a, float g_beta, const cu::Ctx& ctx) {
     wctx.workspace = sc_->side_ws.get();
     wctx.workspace_bytes = sc_->side_ws.bytes();
   }
+  const bool inplace = use_inplace();
+  cu::EpRowSources src[2];  // in place: where each rank's dx and dw rows came back
   auto unpack = [&](Chunk& ch) {
     await(ctx.stream, ch.returned);
+    if (inplace) {
+      cu::ep_combine_unpack_sources(a[0].dx, a[0].dtopk_w, src[0], &src[1], ch.r[0]->send_pos, ch.n,
+                                    H, K, P, ctx);
+      t_.inplace_end(ctx.stream);
+      return;
+    }
     for (int i = 0; i < L_; ++i)
       cu::ep_combine_unpack(a[i].dx + ch.t0 * H, a[i].dtopk_w + ch.t0 * K,
                             local(ch.idx, i).x_send.get(), local(ch.idx, i).w_send.get(),
@@ -822,7 +862,9 @@ void EpMoeCuda::bwd(const EpMoeBwdArgs* a, float g_beta, const cu::Ctx& ctx) {
     await(cs, ch.computed);
     if (timing_ && C_ == 1) CUDA_CHECK(cudaEventRecord(evb_[2], ctx.stream));
     mark(ch, 8, cs);
-    {
+    if (inplace) {
+      return_inplace(ch, 2, src, cs);
+    } else {
       EpA2aTensor t[2] = {
           tensor(0, EpDtype::kBf16, H, [&](int i) { return local(ch.idx, i).y_recv.get(); },
                  [&](int i) { return local(ch.idx, i).x_send.get(); }),

@@ -148,7 +148,8 @@
 #include "dist/ep_transport.h"
 
 namespace automoe::cuda {
-struct EpPushDst;  // backend/cuda/ep_kernels.h
+struct EpPushDst;     // backend/cuda/ep_kernels.h
+struct EpRowSources;  // backend/cuda/ep_kernels.h
 }
 
 namespace automoe::dist {
@@ -314,6 +315,13 @@ class EpMoeCuda {
   // land in the same places either way, so the same bits.
   void set_push(bool on) { push_ = on; }
   bool push() const { return push_; }
+  // The combine without its gather, where it applies (one chunk, one rank per process, P <= 8,
+  // H a multiple of 8): the unpack reads each rank's returned rows where the transport received
+  // them (IPC: its staging regions; EpTransport::alltoallv_inplace) instead of after a copy into
+  // one buffer; forward and backward. Default: AUTOMOE_EP_INPLACE, 1 unless "0"; the same sums
+  // of the same rows in the same order, so the same bits.
+  void set_inplace(bool on) { inplace_ = on; }
+  bool inplace() const { return inplace_; }
 
   EpMode mode() const { return mode_; }
   EpRecompute recompute() const { return rc_; }
@@ -337,6 +345,10 @@ class EpMoeCuda {
   // Whether this call dispatches directly (set_push): one chunk, one local rank, a transport
   // that can, and rows the kernel moves in 16-byte pieces (H % 8 == 0, `rows` aligned).
   bool use_push(const cuda::bf16* rows) const;
+  bool use_inplace() const;
+  // The combine's rows back (nt = 1: y; 2: the backward's dx and dw) with alltoallv_inplace on
+  // stream s: src[k] says where each rank's rows of tensor k are until inplace_end.
+  void return_inplace(Chunk& ch, int nt, cuda::EpRowSources* src, cudaStream_t s);
   // Opens a direct dispatch's transport call on `s` (EpTransport::push_begin): the kernel's
   // destinations.
   cuda::EpPushDst push_begin(cudaStream_t s);
@@ -407,6 +419,7 @@ class EpMoeCuda {
   bool bwd_timed_ = false;  // evb_ hold the backward of the last forward
   bool wgrad_overlap_ = true;
   bool push_ = true;
+  bool inplace_ = true;
   cudaEvent_t counted_ = nullptr;  // direct dispatch: the counts read back (the host waits on it)
   cudaEvent_t wgrad_done_ = nullptr;  // on the scratch's side stream after this block's bwd
 };

@@ -1753,6 +1753,16 @@ std::vector<int32_t> Qwen3MoeCuda::download_router_topk() const {
   return out;
 }
 
+std::vector<int64_t> Qwen3MoeCuda::ep_picks_received() const {
+  std::vector<int64_t> out;
+  for (const auto& b : s_->ep_moe) {
+    const int64_t m = b->picks_received(0);
+    if (m < 0) return {};  // padded mode: on the device only
+    out.push_back(m);
+  }
+  return out;
+}
+
 void Qwen3MoeCuda::enable_phase_timing(bool on) {
   State& s = *s_;
   s.timing = on;

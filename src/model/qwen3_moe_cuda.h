@@ -223,6 +223,9 @@ class Qwen3MoeCuda {
   // Recorded only when enabled (before the step).
   void enable_phase_timing(bool on);
   std::vector<std::pair<std::string, float>> phase_ms() const;
+  // With EP in counts mode: the expert rows (received picks) this rank ran in each MoE layer
+  // of the last forward, in layer order; empty otherwise. cuda_bench's load balance line.
+  std::vector<int64_t> ep_picks_received() const;
 
  private:
   struct State;

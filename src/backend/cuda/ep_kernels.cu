@@ -94,17 +94,18 @@ __global__ void ep_dispatch_pack_kernel(Chunk* x_send, int32_t* idx_send, float*
 
 // Block per token n: out[n] = sum_d y_back[send_pos[n,d]] in rank order, fp32, one rounding.
 // Vectorised: each thread owns 8 channels (one uint4 of bf16) when rows allow it.
-__global__ void ep_combine_unpack_vec_kernel(uint4* out, float* dw_out, const uint4* y_back,
-                                             const float* dw_back, const int32_t* send_pos,
-                                             int64_t Hc, int K, int P) {
-  const int64_t n = blockIdx.x;
-  const int32_t* pos = send_pos + n * P;
+// One token's combine, 16-byte chunks: out[n] = sum over d of row_y(d, pos[d]), dw_out[n] likewise
+// from row_w (rank order, fp32, one rounding). row_y/row_w say where the row of send_pos r on d is.
+template <class RowY, class RowW>
+__device__ __forceinline__ void unpack_token(uint4* out, float* dw_out, const int32_t* pos,
+                                             int64_t n, int64_t Hc, int K, int P, RowY row_y,
+                                             RowW row_w) {
   for (int64_t c = threadIdx.x; c < Hc; c += blockDim.x) {
     float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
     for (int d = 0; d < P; ++d) {
       const int64_t r = pos[d];
       if (r < 0) continue;
-      const uint4 v = y_back[r * Hc + c];
+      const uint4 v = row_y(d, r)[c];
       const bf16* b = reinterpret_cast<const bf16*>(&v);
 #pragma unroll
       for (int k = 0; k < 8; ++k) acc[k] += to_f(b[k]);
@@ -119,9 +120,31 @@ __global__ void ep_combine_unpack_vec_kernel(uint4* out, float* dw_out, const ui
     for (int j = threadIdx.x; j < K; j += blockDim.x) {
       float acc = 0.f;
       for (int d = 0; d < P; ++d)
-        if (pos[d] >= 0) acc += dw_back[int64_t(pos[d]) * K + j];
+        if (pos[d] >= 0) acc += row_w(d, pos[d])[j];
       dw_out[n * K + j] = acc;
     }
+}
+
+__global__ void ep_combine_unpack_vec_kernel(uint4* out, float* dw_out, const uint4* y_back,
+                                             const float* dw_back, const int32_t* send_pos,
+                                             int64_t Hc, int K, int P) {
+  const int64_t n = blockIdx.x;
+  unpack_token(
+      out, dw_out, send_pos + n * P, n, Hc, K, P,
+      [&](int, int64_t r) { return y_back + r * Hc; },
+      [&](int, int64_t r) { return dw_back + r * K; });
+}
+
+__global__ void ep_combine_unpack_sources_kernel(uint4* out, float* dw_out, EpRowSources y,
+                                                 EpRowSources dw, const int32_t* send_pos,
+                                                 int64_t Hc, int K, int P) {
+  const int64_t n = blockIdx.x;
+  unpack_token(
+      out, dw_out, send_pos + n * P, n, Hc, K, P,
+      [&](int d, int64_t r) { return static_cast<const uint4*>(y.rows[d]) + (r - y.first[d]) * Hc; },
+      [&](int d, int64_t r) {
+        return static_cast<const float*>(dw.rows[d]) + (r - dw.first[d]) * K;
+      });
 }
 
 __global__ void ep_combine_unpack_kernel(bf16* out, float* dw_out, const bf16* y_back,
@@ -194,6 +217,24 @@ void ep_combine_unpack(bf16* out, float* dw_out, const bf16* y_back, const float
   else
     ep_combine_unpack_kernel<<<unsigned(N), kRowThreads, 0, ctx.stream>>>(
         out, dw_out, y_back, dw_back, send_pos, H, int(K), P);
+  CUDA_CHECK_LAUNCH();
+}
+
+void ep_combine_unpack_sources(bf16* out, float* dw_out, const EpRowSources& y,
+                               const EpRowSources* dw, const int32_t* send_pos, int64_t N,
+                               int64_t H, int64_t K, int P, const Ctx& ctx) {
+  if (N == 0) return;
+  AM_CHECK((dw_out == nullptr) == (dw == nullptr),
+           "[ep_combine_unpack_sources] dw_out and the returned dw rows (dw) go together");
+  AM_CHECK(P >= 1 && P <= kEpPushMaxRanks, "[ep_combine_unpack_sources] {} ranks, at most {}", P,
+           kEpPushMaxRanks);
+  bool aligned = H % 8 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0;
+  for (int d = 0; d < P; ++d) aligned = aligned && reinterpret_cast<uintptr_t>(y.rows[d]) % 16 == 0;
+  AM_CHECK(aligned, "[ep_combine_unpack_sources] hidden size {} (or a source) is not 16-byte "
+           "aligned; use ep_combine_unpack over gathered rows", H);
+  ep_combine_unpack_sources_kernel<<<unsigned(N), kRowThreads, 0, ctx.stream>>>(
+      reinterpret_cast<uint4*>(out), dw_out, y, dw ? *dw : EpRowSources{}, send_pos, H / 8,
+      int(K), P);
   CUDA_CHECK_LAUNCH();
 }
 

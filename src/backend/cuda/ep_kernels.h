@@ -66,4 +66,19 @@ void ep_dispatch_push(const EpPushDst& dst, bf16* x_send /*[S,H] bf16 =, own row
                       const int32_t* send_cnt /*[P] i32*/, int64_t N, int64_t H, int64_t K,
                       int64_t El, int P, int me, const Ctx& ctx);
 
+// The combine without its gather (dist::EpTransport::alltoallv_inplace): rank d's returned rows
+// lie at rows[d] (row 0 there = row first[d] of the packed layout) instead of in one buffer,
+// so the row of send_pos r on rank d is rows[d] + (r - first[d]) rows; otherwise
+// ep_combine_unpack, the same sums in the same order (the same bits). P <= kEpPushMaxRanks, H a
+// multiple of 8 and every y source 16-byte aligned.
+struct EpRowSources {
+  const void* rows[kEpPushMaxRanks] = {};
+  int64_t first[kEpPushMaxRanks] = {};
+};
+void ep_combine_unpack_sources(bf16* out /*[N,H] bf16 =*/, float* dw_out /*[N,K] f32 =, nullable*/,
+                               const EpRowSources& y /*bf16 rows of H*/,
+                               const EpRowSources* dw /*f32 rows of K, nullable*/,
+                               const int32_t* send_pos /*[N,P] i32*/, int64_t N, int64_t H,
+                               int64_t K, int P, const Ctx& ctx);
+
 }  // namespace automoe::cuda
