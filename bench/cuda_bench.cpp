@@ -12,13 +12,7 @@
 //   cuda_bench [--layers 12] [--seq 4096] [--mbs 2] [--warmup 3] [--steps 8]
 //              [--precision bf16|fp32_master] [--max-grad-norm 1.0] [--memory-saving]
 //              [--ep E] [--ep-capacity 2] [--ep-recompute none|outputs|experts]
-//              [--ep-dispatch counts|padded] [--ep-chunks 1..8] [--zero 0|1|3] [--ep-balance]
-// --ep-balance: an experiment (EP in counts mode only): one untimed step on a calibration batch
-// (other random tokens than the timed one), then every MoE layer's experts placed on the ranks
-// by their summed top-k load over the EP group (largest first, each to the rank with the least
-// load and a free slot), applied with Qwen3MoeCuda::bench_relabel_experts, which does NOT move
-// the expert weights: what placement by load would be worth to the speed of a random-init
-// model, not a feature of the trainer. The RESULT's ep_rows_max_over_mean shows the balance.
+//              [--ep-dispatch counts|padded] [--ep-chunks 1..8] [--zero 0|1|3]
 // --ep-chunks C: train.ep_chunks (each EP block pipelines its tokens in C chunks; the phases
 // fwd_ep_dispatch .. bwd_ep_combine are then the transport calls alone, beside the GEMMs).
 // --memory-saving: AdamW inside the backward (there fwd_bwd includes the optimizer and the
@@ -74,29 +68,6 @@ double median(std::vector<double> v) {
 
 }  // namespace
 
-// --ep-balance's placement: per MoE layer, experts by load (largest first, lower id on ties) each
-// to the rank with the least load so far among those with a free slot (lower rank on ties).
-// loads [nMoE x E] summed over the EP group; returns slot_of [nMoE x E].
-std::vector<int32_t> place_by_load(const std::vector<int64_t>& loads, int64_t E, int P) {
-  const int64_t El = E / P, M = int64_t(loads.size()) / E;
-  std::vector<int32_t> slot_of(loads.size());
-  for (int64_t l = 0; l < M; ++l) {
-    std::vector<int64_t> order(static_cast<size_t>(E));
-    for (int64_t e = 0; e < E; ++e) order[size_t(e)] = e;
-    const int64_t* ld = loads.data() + l * E;
-    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return ld[a] > ld[b]; });
-    std::vector<int64_t> rank_load(size_t(P), 0), used(size_t(P), 0);
-    for (int64_t e : order) {
-      int best = -1;
-      for (int r = 0; r < P; ++r)
-        if (used[size_t(r)] < El && (best < 0 || rank_load[size_t(r)] < rank_load[size_t(best)])) best = r;
-      slot_of[size_t(l * E + e)] = int32_t(best * El + used[size_t(best)]++);
-      rank_load[size_t(best)] += ld[e];
-    }
-  }
-  return slot_of;
-}
-
 int main(int argc, char** argv) {
   int64_t layers = 12, seq = 4096, mbs = 2, warm = 3, steps = 8;
   std::string precision = "bf16";
@@ -107,7 +78,6 @@ int main(int argc, char** argv) {
   std::string ep_recompute = "none", ep_dispatch = "counts";
   int zero = 0;
   int ep_chunks = 1;
-  bool ep_balance = false;
   for (int i = 1; i < argc; ++i) {
     auto need = [&](const char* f) {
       if (i + 1 >= argc) {
@@ -130,13 +100,12 @@ int main(int argc, char** argv) {
     else if (!std::strcmp(argv[i], "--ep-dispatch")) ep_dispatch = need("--ep-dispatch");
     else if (!std::strcmp(argv[i], "--zero")) zero = std::atoi(need("--zero"));
     else if (!std::strcmp(argv[i], "--ep-chunks")) ep_chunks = std::atoi(need("--ep-chunks"));
-    else if (!std::strcmp(argv[i], "--ep-balance")) ep_balance = true;
     else {
       std::fprintf(stderr,
                    "usage: cuda_bench [--layers 12] [--seq 4096] [--mbs 2] [--warmup 3] [--steps 8] "
                    "[--precision bf16|fp32_master] [--max-grad-norm 1.0] [--memory-saving] "
                    "[--ep E] [--ep-capacity 2] [--ep-recompute none|outputs|experts] "
-                   "[--ep-dispatch counts|padded] [--ep-chunks 1..8] [--zero 0|1|3] [--ep-balance]\n");
+                   "[--ep-dispatch counts|padded] [--ep-chunks 1..8] [--zero 0|1|3]\n");
       return 2;
     }
   }
@@ -204,30 +173,6 @@ int main(int argc, char** argv) {
     b.labels = b.ids;
     AdamWConfig ac{1e-5f, 0.9f, 0.999f, 1e-8f, 0.01f};
 
-    if (ep_balance) {  // the calibration step, then the placement (see --ep-balance above)
-      AM_CHECK(multi && ep_dispatch == "counts", "cuda_bench: --ep-balance needs several ranks "
-               "with expert parallelism in counts mode");
-      Batch cal = b;
-      Rng crng{uint64_t(rank) + 1000003};
-      for (auto& id : cal.ids) id = int64_t(crng.next() % uint64_t(mc.vocab_size));
-      cal.labels = cal.ids;
-      model.zero_grad();
-      model.begin_step(ac, 1e-5f, max_norm);
-      model.forward(cal, float(world * mbs * (seq - 1)));
-      model.backward();
-      model.synchronize();
-      const std::vector<int32_t> topk = model.download_router_topk();  // [nMoE, N, K]
-      const int64_t E = mc.num_experts, NK = mbs * seq * mc.num_experts_per_tok;
-      std::vector<int64_t> loads(size_t(int64_t(topk.size()) / NK * E), 0);
-      for (size_t i = 0; i < topk.size(); ++i) ++loads[size_t(int64_t(i) / NK * E + topk[i])];
-      groups.ep.allreduce_sum(loads.data(), int64_t(loads.size()));
-      model.bench_relabel_experts(place_by_load(loads, E, groups.ep.size()));
-      if (rank == 0) {
-        std::printf("cuda_bench: --ep-balance: experts relabeled by the calibration batch's load "
-                    "(weights not moved: a speed experiment)\n");
-        std::fflush(stdout);
-      }
-    }
     std::vector<double> t_step, t_fb;
     std::map<std::string, double> phase_sum;
     size_t min_free = free0;
@@ -287,7 +232,6 @@ int main(int argc, char** argv) {
         {"ep_recompute", ep_recompute},
         {"ep_dispatch", ep_dispatch},
         {"ep_chunks", ep_chunks},
-        {"ep_balance", ep_balance},
         {"zero", zero},
         {"layers", layers},
         {"seq", seq},

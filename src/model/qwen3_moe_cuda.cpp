@@ -44,7 +44,6 @@
 
 #include <fmt/format.h>
 
-#include "backend/cuda/ep_kernels.h"
 #include "backend/cuda/ops_cuda.h"
 #include "core/check.h"
 #include "dist/data_parallel_cuda.h"
@@ -201,9 +200,6 @@ struct Qwen3MoeCuda::State {
   std::vector<bf16*> res;  // [L+1] residual stream [N,H]: res[l] enters layer l, res[L] = x_final
   float *probs_all = nullptr;  // [nMoE*N, E]
   int32_t* topk_all = nullptr;  // [nMoE*N, K]
-  // bench_relabel_experts: the slots of every MoE layer's experts [nMoE*E], and the relabeled
-  // top-k of the layer in flight [N*K] (empty: no relabeling)
-  cu::DeviceBuffer<int32_t> relabel, topk_slots;
   bf16 *lnf_out = nullptr, *dres = nullptr;  // [N,H]
   float *lnf_rstd = nullptr, *losses = nullptr, *small = nullptr;  // [N], [N], [max_small]
   // forward temporaries
@@ -1335,14 +1331,7 @@ void Qwen3MoeCuda::forward(const Batch& bt, float ce_denominator, float aux_scal
       int32_t* idx = s.topk_all + o.moe_index * N * K;
       cu::linear_fwd(s.rlogits, a.ln2, s.W(o.router), nullptr, N, H, E, ctx);
       cu::router_fwd(probs, idx, a.topk_w, s.rlogits, N, E, K, c.norm_topk_prob, ctx);
-      const int32_t* ep_idx = idx;  // bench_relabel_experts: the slots (the aux loss keeps idx)
-      if (s.relabel.get()) {
-        AM_CHECK(s.topk_slots.size() >= size_t(N * K), "[bench_relabel_experts] planned for "
-                 "fewer tokens than this forward's {}; call it after plan()", N);
-        cu::ep_relabel(s.topk_slots.get(), idx, s.relabel.get() + o.moe_index * E, N * K, ctx);
-        ep_idx = s.topk_slots.get();
-      }
-      s.ep_moe[size_t(o.moe_index)]->fwd(s.tmp, a.ln2, ep_idx, a.topk_w, s.W(o.ex_gu),
+      s.ep_moe[size_t(o.moe_index)]->fwd(s.tmp, a.ln2, idx, a.topk_w, s.W(o.ex_gu),
                                          s.W(o.ex_down), N, ctx);
     } else if (o.moe) {
       float* probs = s.probs_all + o.moe_index * N * E;
@@ -1772,29 +1761,6 @@ std::vector<int64_t> Qwen3MoeCuda::ep_picks_received() const {
     out.push_back(m);
   }
   return out;
-}
-
-void Qwen3MoeCuda::bench_relabel_experts(const std::vector<int32_t>& slot_of) {
-  State& s = *s_;
-  const int64_t E = s.cfg.num_experts, M = s.nmoe();
-  AM_CHECK(s.ep && !s.ep_moe.empty() && s.N > 0,
-           "[bench_relabel_experts] needs expert parallelism and a planned shape (plan())");
-  AM_CHECK(int64_t(slot_of.size()) == M * E, "[bench_relabel_experts] {} slots for {} MoE layers "
-           "of {} experts", slot_of.size(), M, E);
-  for (int64_t l = 0; l < M; ++l) {
-    std::vector<char> seen(size_t(E), 0);
-    for (int64_t e = 0; e < E; ++e) {
-      const int32_t v = slot_of[size_t(l * E + e)];
-      AM_CHECK(v >= 0 && v < E && !seen[size_t(v)],
-               "[bench_relabel_experts] layer {}: the slots are not a permutation of [0, {})", l, E);
-      seen[size_t(v)] = 1;
-    }
-  }
-  synchronize();
-  s.relabel = cu::DeviceBuffer<int32_t>(size_t(M * E));
-  s.topk_slots = cu::DeviceBuffer<int32_t>(size_t(s.N * s.cfg.num_experts_per_tok));
-  CUDA_CHECK(cudaMemcpy(s.relabel.get(), slot_of.data(), slot_of.size() * sizeof(int32_t),
-                        cudaMemcpyHostToDevice));
 }
 
 void Qwen3MoeCuda::enable_phase_timing(bool on) {

@@ -226,14 +226,6 @@ class Qwen3MoeCuda {
   // With EP in counts mode: the expert rows (received picks) this rank ran in each MoE layer
   // of the last forward, in layer order; empty otherwise. cuda_bench's load balance line.
   std::vector<int64_t> ep_picks_received() const;
-  // BENCHMARK ONLY (cuda_bench --ep-balance): from now on each MoE layer's top-k expert ids go
-  // through slot_of ([nMoE x E], a permutation of [0, E) per layer, the same on every rank)
-  // before the EP block, so expert e runs on rank slot_of[e] / El as local expert
-  // slot_of[e] % El. The expert WEIGHTS do not move with it: local expert j keeps the weights
-  // of expert rank*El + j, so the model computes another function than before. That is
-  // harmless for random-init speed runs (what expert placement by load would be worth); the
-  // trainer must not call it (real placement moves the weights too). Needs EP and plan().
-  void bench_relabel_experts(const std::vector<int32_t>& slot_of);
 
  private:
   struct State;

@@ -167,21 +167,7 @@ __global__ void ep_combine_unpack_kernel(bf16* out, float* dw_out, const bf16* y
     }
 }
 
-__global__ void ep_relabel_kernel(int32_t* out, const int32_t* idx, const int32_t* slot_of,
-                                  int64_t n) {
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x)
-    out[i] = slot_of[idx[i]];
-}
-
 }  // namespace
-
-void ep_relabel(int32_t* out, const int32_t* idx, const int32_t* slot_of, int64_t n,
-                const Ctx& ctx) {
-  if (n == 0) return;
-  ep_relabel_kernel<<<grid_for(n, 256, ctx), 256, 0, ctx.stream>>>(out, idx, slot_of, n);
-  CUDA_CHECK_LAUNCH();
-}
 
 void ep_layout(int32_t* send_pos, int32_t* send_cnt, int32_t* send_picks, const int32_t* topk_idx,
                int64_t N, int64_t K, int64_t El, int P, int64_t region, const Ctx& ctx) {

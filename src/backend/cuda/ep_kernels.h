@@ -66,12 +66,6 @@ void ep_dispatch_push(const EpPushDst& dst, bf16* x_send /*[S,H] bf16 =, own row
                       const int32_t* send_cnt /*[P] i32*/, int64_t N, int64_t H, int64_t K,
                       int64_t El, int P, int me, const Ctx& ctx);
 
-// out[i] = slot_of[idx[i]] (=): top-k expert ids relabeled to EP slots (slot s on rank s / El,
-// local expert s % El). cuda_bench's load-balance experiment (Qwen3MoeCuda::
-// bench_relabel_experts); idx and out may not alias.
-void ep_relabel(int32_t* out /*[n] i32 =*/, const int32_t* idx /*[n] i32*/,
-                const int32_t* slot_of /*[E] i32*/, int64_t n, const Ctx& ctx);
-
 // The combine without its gather (dist::EpTransport::alltoallv_inplace): rank d's returned rows
 // lie at rows[d] (row 0 there = row first[d] of the packed layout) instead of in one buffer,
 // so the row of send_pos r on rank d is rows[d] + (r - first[d]) rows; otherwise
