@@ -49,6 +49,17 @@ void attention_fwd(float* out, float* att, const float* q, const float* k, const
 void attention_bwd(float* dq /*=*/, float* dk /*=*/, float* dv /*=*/, const float* dout,
                    const float* att, const float* q, const float* k, const float* v, int64_t B,
                    int64_t T, int64_t nH, int64_t nKV, int64_t D);
+// The last Tq queries of each sequence over all Tkv of its keys, causal aligned bottom-right
+// (query t sits at position Tkv - Tq + t): the second half of a sequence split in two, whose
+// first half is attention_fwd over its own Tkv - Tq keys (the oracle of a split step's
+// attention; the same bits as the unsplit attention_fwd). q[B,Tq,nH,D], k/v[B,Tkv,nKV,D] ->
+// out[B,Tq,nH,D], att[B,nH,Tq,Tkv]. Backward: dq (=); dk, dv over all Tkv keys (+=), so the
+// first half's attention_bwd gradients of its keys are added to what this leaves there.
+void attention_tail_fwd(float* out, float* att, const float* q, const float* k, const float* v,
+                        int64_t B, int64_t Tq, int64_t Tkv, int64_t nH, int64_t nKV, int64_t D);
+void attention_tail_bwd(float* dq /*=*/, float* dk /*+=*/, float* dv /*+=*/, const float* dout,
+                        const float* att, const float* q, const float* k, const float* v,
+                        int64_t B, int64_t Tq, int64_t Tkv, int64_t nH, int64_t nKV, int64_t D);
 
 // ---- router: probs = softmax(logits) (fp32), top-k (descending; ties to the lower index),
 // weights = top-k probs, renormalised to sum 1 when norm_topk.

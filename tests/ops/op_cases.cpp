@@ -123,6 +123,25 @@ void attention(std::vector<OpCase>& R, int64_t B, int64_t T, int64_t nH, int64_t
   R.push_back(std::move(c));
 }
 
+// The second half of a split sequence: Tq queries at the end of Tkv keys (dk, dv accumulate).
+void attention_tail(std::vector<OpCase>& R, int64_t B, int64_t Tq, int64_t Tkv, int64_t nH,
+                    int64_t nKV, int64_t D) {
+  OpCase c = make("attention_tail_" + x({B, Tq, Tkv, nH, nKV, D}));
+  Rng r(c.seed);
+  c.in = {{"q", randn(r, B * Tq * nH * D), GradRule::assign},
+          {"k", randn(r, B * Tkv * nKV * D), GradRule::accumulate},
+          {"v", randn(r, B * Tkv * nKV * D), GradRule::accumulate}};
+  c.out = {{"out", B * Tq * nH * D}, {"att", B * nH * Tq * Tkv, false}};
+  c.fwd = [=](const Ctx& t) {
+    attention_tail_fwd(t.out[0], t.out[1], t.in[0], t.in[1], t.in[2], B, Tq, Tkv, nH, nKV, D);
+  };
+  c.bwd = [=](const Ctx& t) {
+    attention_tail_bwd(t.grad[0], t.grad[1], t.grad[2], t.dout[0], t.out[1], t.in[0], t.in[1],
+                       t.in[2], B, Tq, Tkv, nH, nKV, D);
+  };
+  R.push_back(std::move(c));
+}
+
 // ---- router ------------------------------------------------------------------------------
 // extra: an upstream gradient on probs too (router_bwd's dprobs_extra, the aux loss's path).
 void router(std::vector<OpCase>& R, int64_t N, int64_t E, int64_t K, bool norm, bool extra) {
@@ -278,6 +297,9 @@ std::vector<OpCase> build() {
   for (int64_t nKV : {2, 1, 6})
     for (int64_t D : {5, 8})
       for (bool docs : {false, true}) attention(R, 2, 7, 6, nKV, D, docs);
+  attention_tail(R, 2, 3, 7, 6, 2, 8);
+  attention_tail(R, 1, 7, 7, 4, 1, 5);  // Tq = Tkv: attention_fwd
+  attention_tail(R, 2, 1, 9, 2, 2, 8);  // the last query alone
 
   for (int64_t K : {1, 3})
     for (bool norm : {false, true})

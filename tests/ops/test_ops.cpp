@@ -3,6 +3,8 @@
 //   OpExact.<case>  ops without a backward, against plain reimplementations: moe_layout
 //                   (counts, offsets, stable order), adamw_step (torch.optim.AdamW in double
 //                   for 3 steps), sum_squares, scale_inplace. Guard zones around every output.
+//                   And attention split in two halves (attention_fwd over the first T0
+//                   positions, attention_tail_fwd for the rest) against the unsplit attention.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -44,7 +46,8 @@ TEST(OpRegistry, NamesAreUniqueAndEveryOpIsCovered) {
   for (const OpCase& c : grad_cases()) EXPECT_TRUE(names.insert(c.name).second) << c.name;
   for (const char* op :
        {"embedding_", "rmsnorm_", "rmsnorm_qk_", "linear_", "rope_", "attention_", "router_",
-        "permute_", "unpermute_", "grouped_linear_", "swiglu_", "cross_entropy_", "aux_loss_"}) {
+        "permute_", "unpermute_", "grouped_linear_", "swiglu_", "cross_entropy_", "aux_loss_",
+        "attention_tail_"}) {
     bool found = false;
     for (const auto& n : names) found |= n.rfind(op, 0) == 0;
     EXPECT_TRUE(found) << "no gradient case for " << op;
@@ -186,3 +189,71 @@ TEST(OpExact, scale_inplace_13) {
   for (int64_t i = 0; i < 13; ++i) EXPECT_EQ(x[i], x0[size_t(i)] * 0.37f) << i;
   EXPECT_TRUE(x.guards_ok());
 }
+
+// ---- a sequence split in two: attention_fwd over [0, T0), attention_tail_fwd over [T0, T) -------
+namespace {
+
+// rows [t0, t1) of every sequence of x[B,T,W]
+std::vector<float> rows(const std::vector<float>& x, int64_t B, int64_t T, int64_t W, int64_t t0,
+                        int64_t t1) {
+  std::vector<float> out;
+  for (int64_t b = 0; b < B; ++b)
+    out.insert(out.end(), x.begin() + (b * T + t0) * W, x.begin() + (b * T + t1) * W);
+  return out;
+}
+
+double rel_diff(const std::vector<float>& a, const std::vector<float>& b) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    num += (double(a[i]) - b[i]) * (double(a[i]) - b[i]);
+    den += double(b[i]) * b[i];
+  }
+  return std::sqrt(num / std::max(den, 1e-30));
+}
+
+void check_split(int64_t B, int64_t T, int64_t T0, int64_t nH, int64_t nKV, int64_t D) {
+  Rng r(uint64_t(B * 1000 + T * 10 + T0));
+  const int64_t Wq = nH * D, Wk = nKV * D, T1 = T - T0;
+  const auto q = randn(r, B * T * Wq), k = randn(r, B * T * Wk), v = randn(r, B * T * Wk),
+             dout = randn(r, B * T * Wq);
+  // unsplit
+  std::vector<float> out(q.size()), att(size_t(B * nH * T * T)), dq(q.size()), dk(k.size()),
+      dv(v.size());
+  cpu::attention_fwd(out.data(), att.data(), q.data(), k.data(), v.data(), nullptr, B, T, nH, nKV, D);
+  cpu::attention_bwd(dq.data(), dk.data(), dv.data(), dout.data(), att.data(), q.data(), k.data(),
+                     v.data(), B, T, nH, nKV, D);
+  // head: its own T0 keys
+  const auto qh = rows(q, B, T, Wq, 0, T0), kh = rows(k, B, T, Wk, 0, T0),
+             vh = rows(v, B, T, Wk, 0, T0), gh = rows(dout, B, T, Wq, 0, T0);
+  std::vector<float> oh(qh.size()), ah(size_t(B * nH * T0 * T0)), dqh(qh.size()), dkh(kh.size()),
+      dvh(vh.size());
+  cpu::attention_fwd(oh.data(), ah.data(), qh.data(), kh.data(), vh.data(), nullptr, B, T0, nH, nKV, D);
+  cpu::attention_bwd(dqh.data(), dkh.data(), dvh.data(), gh.data(), ah.data(), qh.data(), kh.data(),
+                     vh.data(), B, T0, nH, nKV, D);
+  // tail: its T1 queries over all T keys; dk, dv accumulate into zeros, then the head's added
+  const auto qt = rows(q, B, T, Wq, T0, T), gt = rows(dout, B, T, Wq, T0, T);
+  std::vector<float> ot(qt.size()), at(size_t(B * nH * T1 * T)), dqt(qt.size()), dks(k.size(), 0.f),
+      dvs(v.size(), 0.f);
+  cpu::attention_tail_fwd(ot.data(), at.data(), qt.data(), k.data(), v.data(), B, T1, T, nH, nKV, D);
+  cpu::attention_tail_bwd(dqt.data(), dks.data(), dvs.data(), gt.data(), at.data(), qt.data(),
+                          k.data(), v.data(), B, T1, T, nH, nKV, D);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < T0 * Wk; ++i) {
+      dks[size_t(b * T * Wk + i)] += dkh[size_t(b * T0 * Wk + i)];
+      dvs[size_t(b * T * Wk + i)] += dvh[size_t(b * T0 * Wk + i)];
+    }
+  // each query's own sums run in the same order: out and dq bit for bit; a key's gradient
+  // adds the same terms in another order
+  EXPECT_EQ(oh, rows(out, B, T, Wq, 0, T0));
+  EXPECT_EQ(ot, rows(out, B, T, Wq, T0, T));
+  EXPECT_EQ(dqh, rows(dq, B, T, Wq, 0, T0));
+  EXPECT_EQ(dqt, rows(dq, B, T, Wq, T0, T));
+  EXPECT_LT(rel_diff(dks, dk), 1e-6);
+  EXPECT_LT(rel_diff(dvs, dv), 1e-6);
+}
+
+}  // namespace
+
+TEST(OpExact, attention_split_2x9_at4_gqa) { check_split(2, 9, 4, 6, 2, 8); }
+TEST(OpExact, attention_split_1x8_at1) { check_split(1, 8, 1, 4, 4, 5); }
+TEST(OpExact, attention_split_3x7_at6_mqa) { check_split(3, 7, 6, 4, 1, 8); }

@@ -1,25 +1,34 @@
 // backend/cpu/attention.cpp: causal grouped-query attention with optional document masking,
 // naive O(T^2) with the probabilities saved for backward. Scale D^-0.5, softmax in fp32.
+// attention_tail_* are the same loops for the last Tq queries of each sequence over all Tkv of
+// its keys (query t at position Tkv - Tq + t), so a sequence split in two halves gives the
+// unsplit forward's bits.
 #include <cmath>
 #include <limits>
 #include <vector>
 
+#include "core/check.h"
 #include "ops/ops.h"
 
 namespace automoe::cpu {
 
-// q[B,T,nH,D], k/v[B,T,nKV,D], out[B,T,nH,D], att[B,nH,T,T]
-void attention_fwd(float* out, float* att, const float* q, const float* k, const float* v,
-                   const int32_t* doc, int64_t B, int64_t T, int64_t nH, int64_t nKV, int64_t D) {
-  const int64_t rep = nH / nKV;
+namespace {
+
+// q[B,Tq,nH,D] at positions Tkv-Tq.., k/v[B,Tkv,nKV,D], out[B,Tq,nH,D], att[B,nH,Tq,Tkv];
+// doc[B*Tkv] only with Tq = Tkv
+void attn_fwd(float* out, float* att, const float* q, const float* k, const float* v,
+              const int32_t* doc, int64_t B, int64_t Tq, int64_t Tkv, int64_t nH, int64_t nKV,
+              int64_t D) {
+  const int64_t rep = nH / nKV, off = Tkv - Tq, T = Tkv;
   const float scale = 1.0f / std::sqrt(float(D));
 #pragma omp parallel for collapse(2)
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < nH; ++h) {
       const int64_t hk = h / rep;
-      for (int64_t t = 0; t < T; ++t) {
-        const float* qr = q + ((b * T + t) * nH + h) * D;
-        float* a = att + ((b * nH + h) * T + t) * T;
+      for (int64_t i = 0; i < Tq; ++i) {
+        const int64_t t = off + i;  // the query's position
+        const float* qr = q + ((b * Tq + i) * nH + h) * D;
+        float* a = att + ((b * nH + h) * Tq + i) * T;
         float mx = -std::numeric_limits<float>::infinity();
         for (int64_t s = 0; s < T; ++s) {
           bool ok = s <= t && (!doc || doc[b * T + s] == doc[b * T + t]);
@@ -36,7 +45,7 @@ void attention_fwd(float* out, float* att, const float* q, const float* k, const
           sum += a[s];
         }
         float inv = 1.0f / sum;
-        float* o = out + ((b * T + t) * nH + h) * D;
+        float* o = out + ((b * Tq + i) * nH + h) * D;
         for (int64_t d = 0; d < D; ++d) o[d] = 0.f;
         for (int64_t s = 0; s <= t; ++s) {
           a[s] *= inv;
@@ -48,23 +57,24 @@ void attention_fwd(float* out, float* att, const float* q, const float* k, const
     }
 }
 
-void attention_bwd(float* dq, float* dk, float* dv, const float* dout, const float* att,
-                   const float* q, const float* k, const float* v, int64_t B, int64_t T,
-                   int64_t nH, int64_t nKV, int64_t D) {
-  const int64_t rep = nH / nKV;
+// dq (=) [B,Tq]; dk, dv [B,Tkv] (+=)
+void attn_bwd(float* dq, float* dk, float* dv, const float* dout, const float* att,
+              const float* q, const float* k, const float* v, int64_t B, int64_t Tq, int64_t Tkv,
+              int64_t nH, int64_t nKV, int64_t D) {
+  const int64_t rep = nH / nKV, off = Tkv - Tq, T = Tkv;
   const float scale = 1.0f / std::sqrt(float(D));
-  for (int64_t i = 0; i < B * T * nKV * D; ++i) dk[i] = dv[i] = 0.f;
   // Parallel over batch and kv head: each kv head's dk/dv is touched only by its query heads.
 #pragma omp parallel for collapse(2)
   for (int64_t b = 0; b < B; ++b)
     for (int64_t hk = 0; hk < nKV; ++hk) {
       std::vector<float> datt(T);
       for (int64_t h = hk * rep; h < (hk + 1) * rep; ++h)
-        for (int64_t t = 0; t < T; ++t) {
-          const float* a = att + ((b * nH + h) * T + t) * T;
-          const float* go = dout + ((b * T + t) * nH + h) * D;
-          const float* qr = q + ((b * T + t) * nH + h) * D;
-          float* gq = dq + ((b * T + t) * nH + h) * D;
+        for (int64_t i = 0; i < Tq; ++i) {
+          const int64_t t = off + i;  // the query's position
+          const float* a = att + ((b * nH + h) * Tq + i) * T;
+          const float* go = dout + ((b * Tq + i) * nH + h) * D;
+          const float* qr = q + ((b * Tq + i) * nH + h) * D;
+          float* gq = dq + ((b * Tq + i) * nH + h) * D;
           // datt[s] = go . v[s];  dv[s] += a[s] go
           float dot_sum = 0.f;
           for (int64_t s = 0; s <= t; ++s) {
@@ -92,6 +102,35 @@ void attention_bwd(float* dq, float* dk, float* dv, const float* dout, const flo
           }
         }
     }
+}
+
+}  // namespace
+
+void attention_fwd(float* out, float* att, const float* q, const float* k, const float* v,
+                   const int32_t* doc, int64_t B, int64_t T, int64_t nH, int64_t nKV, int64_t D) {
+  attn_fwd(out, att, q, k, v, doc, B, T, T, nH, nKV, D);
+}
+
+void attention_bwd(float* dq, float* dk, float* dv, const float* dout, const float* att,
+                   const float* q, const float* k, const float* v, int64_t B, int64_t T,
+                   int64_t nH, int64_t nKV, int64_t D) {
+  for (int64_t i = 0; i < B * T * nKV * D; ++i) dk[i] = dv[i] = 0.f;
+  attn_bwd(dq, dk, dv, dout, att, q, k, v, B, T, T, nH, nKV, D);
+}
+
+void attention_tail_fwd(float* out, float* att, const float* q, const float* k, const float* v,
+                        int64_t B, int64_t Tq, int64_t Tkv, int64_t nH, int64_t nKV, int64_t D) {
+  AM_CHECK(Tq >= 1 && Tq <= Tkv, "[attention_tail_fwd] {} queries over {} keys: needs "
+           "1 <= Tq <= Tkv", Tq, Tkv);
+  attn_fwd(out, att, q, k, v, nullptr, B, Tq, Tkv, nH, nKV, D);
+}
+
+void attention_tail_bwd(float* dq, float* dk, float* dv, const float* dout, const float* att,
+                        const float* q, const float* k, const float* v, int64_t B, int64_t Tq,
+                        int64_t Tkv, int64_t nH, int64_t nKV, int64_t D) {
+  AM_CHECK(Tq >= 1 && Tq <= Tkv, "[attention_tail_bwd] {} queries over {} keys: needs "
+           "1 <= Tq <= Tkv", Tq, Tkv);
+  attn_bwd(dq, dk, dv, dout, att, q, k, v, B, Tq, Tkv, nH, nKV, D);
 }
 
 }  // namespace automoe::cpu
