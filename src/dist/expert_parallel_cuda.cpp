@@ -312,8 +312,11 @@ bool EpMoeCuda::use_push(const bf16* rows) const {
          reinterpret_cast<uintptr_t>(rows) % 16 == 0;
 }
 
-bool EpMoeCuda::use_inplace() const {
-  return inplace_ && C_ == 1 && L_ == 1 && P_ <= cu::kEpPushMaxRanks && s_.H % 8 == 0;
+bool EpMoeCuda::use_inplace(const bf16* out) const {
+  // ep_combine_unpack_sources reads and writes 16-byte pieces of rows (the transport's row
+  // sources are aligned: staging regions, or send and receive buffers at whole rows)
+  return inplace_ && C_ == 1 && L_ == 1 && P_ <= cu::kEpPushMaxRanks && s_.H % 8 == 0 &&
+         reinterpret_cast<uintptr_t>(out) % 16 == 0;
 }
 
 void EpMoeCuda::return_inplace(Chunk& ch, int nt, cu::EpRowSources* src, cudaStream_t s) {
@@ -676,7 +679,7 @@ void EpMoeCuda::fwd(const EpMoeFwdArgs* a, int64_t N, const cu::Ctx& ctx) {
   if (timing_ && C_ == 1) CUDA_CHECK(cudaEventRecord(ev_[1], ctx.stream));
   // ---- the local experts over the received rows; combine: rows back along the dispatch's
   // path, summed per token in rank order
-  const bool inplace = use_inplace();
+  const bool inplace = use_inplace(a[0].out);
   cu::EpRowSources ys;  // in place: where each rank's rows came back
   auto unpack = [&](Chunk& ch) {
     await(ctx.stream, ch.returned);
@@ -838,7 +841,7 @@ void EpMoeCuda::bwd(const EpMoeBwdArgs* a, float g_beta, const cu::Ctx& ctx) {
     wctx.workspace = sc_->side_ws.get();
     wctx.workspace_bytes = sc_->side_ws.bytes();
   }
-  const bool inplace = use_inplace();
+  const bool inplace = use_inplace(a[0].dx);
   cu::EpRowSources src[2];  // in place: where each rank's dx and dw rows came back
   auto unpack = [&](Chunk& ch) {
     await(ctx.stream, ch.returned);

@@ -345,7 +345,7 @@ class EpMoeCuda {
   // Whether this call dispatches directly (set_push): one chunk, one local rank, a transport
   // that can, and rows the kernel moves in 16-byte pieces (H % 8 == 0, `rows` aligned).
   bool use_push(const cuda::bf16* rows) const;
-  bool use_inplace() const;
+  bool use_inplace(const cuda::bf16* out) const;
   // The combine's rows back (nt = 1: y; 2: the backward's dx and dw) with alltoallv_inplace on
   // stream s: src[k] says where each rank's rows of tensor k are until inplace_end.
   void return_inplace(Chunk& ch, int nt, cuda::EpRowSources* src, cudaStream_t s);
