@@ -633,6 +633,71 @@ void case_attention_doc(const cu::Ctx& ctx, int64_t B, int64_t T, int64_t nH, in
   cu::set_attention_impl(cu::AttentionImpl::kAuto);
 }
 
+// The tail of a split sequence (cuDNN only): Tq queries at the end of Tkv keys against the CPU
+// op attention_tail_*; dk and dv start from `prior` rows (the op adds onto them). lse in double.
+void case_attention_tail(int64_t B, int64_t Tq, int64_t Tkv, int64_t nH, int64_t nKV, int64_t D) {
+  const std::string sh = shape_str({{"B", B}, {"Tq", Tq}, {"Tkv", Tkv}, {"nH", nH}, {"nKV", nKV},
+                                    {"D", D}});
+  std::string why = cu::attention_tail_unsupported(false, B, Tq, Tkv, nH, nKV, D);
+  if (why.empty()) why = cu::attention_tail_unsupported(true, B, Tq, Tkv, nH, nKV, D);
+  if (!why.empty()) {
+    skip("attention_tail_fwd", sh, why);
+    skip("attention_tail_bwd", sh, why);
+    return;
+  }
+  cu::ScopedCtx owner(std::max(cu::attention_tail_workspace_bytes(false, B, Tq, Tkv, nH, nKV, D),
+                               cu::attention_tail_workspace_bytes(true, B, Tq, Tkv, nH, nKV, D)));
+  const cu::Ctx& ctx = owner.ctx();
+  const int64_t nq = B * Tq * nH * D, nk = B * Tkv * nKV * D, off = Tkv - Tq;
+  Bf q = bf_uniform(nq, -1, 1), k = bf_uniform(nk, -1, 1), v = bf_uniform(nk, -1, 1);
+  Bf dout = bf_uniform(nq, -1, 1), prior_k = bf_uniform(nk, -1, 1), prior_v = bf_uniform(nk, -1, 1);
+  std::vector<float> out_ref(nq), att(B * nH * Tq * Tkv), dq_ref(nq), dk_ref = prior_k.f,
+                                                                      dv_ref = prior_v.f;
+  cpu::attention_tail_fwd(out_ref.data(), att.data(), q.f.data(), k.f.data(), v.f.data(), B, Tq,
+                          Tkv, nH, nKV, D);
+  cpu::attention_tail_bwd(dq_ref.data(), dk_ref.data(), dv_ref.data(), dout.f.data(), att.data(),
+                          q.f.data(), k.f.data(), v.f.data(), B, Tq, Tkv, nH, nKV, D);
+  std::vector<float> lse_ref(B * nH * Tq);
+  const double scale = 1.0 / std::sqrt(double(D));
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < nH; ++h)
+      for (int64_t i = 0; i < Tq; ++i) {
+        std::vector<double> sc;
+        double mx = -INFINITY;
+        for (int64_t s = 0; s <= off + i; ++s) {
+          double dot = 0;
+          for (int64_t d = 0; d < D; ++d)
+            dot += double(q.f[((b * Tq + i) * nH + h) * D + d]) *
+                   k.f[((b * Tkv + s) * nKV + h / (nH / nKV)) * D + d];
+          sc.push_back(dot * scale);
+          mx = std::max(mx, sc.back());
+        }
+        double sum = 0;
+        for (double x : sc) sum += std::exp(x - mx);
+        lse_ref[(b * nH + h) * Tq + i] = float(mx + std::log(sum));
+      }
+  Pool pool;
+  auto& d_q = pool.in(q.h);
+  auto& d_k = pool.in(k.h);
+  auto& d_v = pool.in(v.h);
+  auto& d_out = pool.out<bf16>(nq);
+  auto& d_lse = pool.out<float>(B * nH * Tq);
+  cu::attention_tail_fwd(d_out.p, d_lse.p, d_q.p, d_k.p, d_v.p, B, Tq, Tkv, nH, nKV, D, ctx);
+  sync(ctx);
+  check("attention_tail_fwd", "out", sh, d_out, out_ref, kFlash);
+  check("attention_tail_fwd", "lse", sh, d_lse, lse_ref, kF32);
+  auto& d_dout = pool.in(dout.h);
+  auto& d_dq = pool.out<bf16>(nq);
+  auto& d_dk = pool.in(prior_k.h);  // += onto the prior rows
+  auto& d_dv = pool.in(prior_v.h);
+  cu::attention_tail_bwd(d_dq.p, d_dk.p, d_dv.p, d_dout.p, d_out.p, d_lse.p, d_q.p, d_k.p, d_v.p,
+                         B, Tq, Tkv, nH, nKV, D, ctx);
+  sync(ctx);
+  check("attention_tail_bwd", "dq", sh, d_dq, dq_ref, kFlash);
+  check("attention_tail_bwd", "dk(+=)", sh, d_dk, dk_ref, kFlash);
+  check("attention_tail_bwd", "dv(+=)", sh, d_dv, dv_ref, kFlash);
+}
+
 // docs random documents per row (1: plain causal).
 void case_attention(const cu::Ctx& ctx, int64_t B, int64_t T, int64_t nH, int64_t nKV,
                     int64_t D, int docs) {
@@ -1641,6 +1706,15 @@ int main(int argc, char** argv) {
     case_attention_lens(ctx, 30, 3, 1, 6, {{10, 20}, {30}});   // D 6: fallback only
     case_attention(ctx, 2, 300, 8, 1, 128, 9);   // 18 sequences: bucket 32
     case_attention(ctx, 2, 64, 4, 2, 64, 33);    // many short documents: bucket 128
+  });
+  // The second half of a split sequence (the two-half overlap's attention; cuDNN only, SKIP
+  // with the reason where it cannot run): against the CPU op attention_tail_*
+  run(filter, "attention_tail", [&] {
+    case_attention_tail(2, 5, 13, 4, 2, 16);
+    case_attention_tail(1, 64, 128, 8, 2, 64);
+    case_attention_tail(1, 1, 77, 4, 1, 128);       // the last query alone
+    case_attention_tail(1, 100, 100, 4, 4, 64);     // Tq = Tkv: the causal attention
+    case_attention_tail(1, 256, 512, 32, 4, 128);   // Qwen3-30B-A3B heads
   });
   // W1 (seq 4096, micro-batch 2, 32 q heads, 4 kv heads, D 128): cuDNN against the fallback,
   // and the TIME lines (TFLOP/s of each, fwd and bwd).

@@ -633,4 +633,76 @@ void attention_bwd(bf16* dq, bf16* dk, bf16* dv, const bf16* dout, const bf16* o
   }
 }
 
+// ---- the tail of a split sequence (cuDNN only) ------------------------------------------------
+
+std::string attention_tail_unsupported(bool bwd, int64_t B, int64_t Tq, int64_t Tkv, int64_t nH,
+                                       int64_t nKV, int64_t D) {
+  check_sizes(B, Tkv, nH, nKV, D, bwd ? "attention_tail_bwd" : "attention_tail_fwd");
+  std::string why;
+  if (sdpa::supported_tail(bwd, B, Tq, Tkv, nH, nKV, D, &why)) return "";
+  return why;
+}
+
+namespace {
+
+// The backward's scratch after cuDNN's workspace: dk and dv as cuDNN writes them [B,Tkv,nKV,D].
+size_t tail_scratch_offset(int64_t B, int64_t Tq, int64_t Tkv, int64_t nH, int64_t nKV,
+                           int64_t D) {
+  return align_scratch(sdpa::workspace_bytes_tail(true, B, Tq, Tkv, nH, nKV, D));
+}
+
+void tail_check(bool bwd, int64_t B, int64_t Tq, int64_t Tkv, int64_t nH, int64_t nKV, int64_t D,
+                bool aligned, const Ctx& ctx) {
+  const char* op = bwd ? "attention_tail_bwd" : "attention_tail_fwd";
+  check_sizes(B, Tkv, nH, nKV, D, op);
+  AM_CHECK(aligned, "[{}] tensors not 16-byte aligned (cuDNN needs them)", op);
+  std::string why;
+  AM_CHECK(sdpa::supported_tail(bwd, B, Tq, Tkv, nH, nKV, D, &why),
+           "[{}] cuDNN cannot run B={} Tq={} Tkv={} nH={} nKV={} D={}, and the tail attention "
+           "has no fallback kernel: {}",
+           op, B, Tq, Tkv, nH, nKV, D, why);
+  const size_t need = attention_tail_workspace_bytes(bwd, B, Tq, Tkv, nH, nKV, D);
+  AM_CHECK(ctx.workspace_bytes >= need,
+           "[{}] needs {} bytes of workspace, the Ctx has {} (size it with "
+           "attention_tail_workspace_bytes)",
+           op, need, ctx.workspace_bytes);
+}
+
+}  // namespace
+
+size_t attention_tail_workspace_bytes(bool bwd, int64_t B, int64_t Tq, int64_t Tkv, int64_t nH,
+                                      int64_t nKV, int64_t D) {
+  if (!sdpa::supported_tail(bwd, B, Tq, Tkv, nH, nKV, D, nullptr)) return 0;
+  if (!bwd) return sdpa::workspace_bytes_tail(false, B, Tq, Tkv, nH, nKV, D);
+  const size_t kv = align_scratch(size_t(B * Tkv * nKV * D) * sizeof(bf16));
+  return tail_scratch_offset(B, Tq, Tkv, nH, nKV, D) + 2 * kv;
+}
+
+void attention_tail_fwd(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v,
+                        int64_t B, int64_t Tq, int64_t Tkv, int64_t nH, int64_t nKV, int64_t D,
+                        const Ctx& ctx) {
+  if (B == 0 || Tq == 0 || nH == 0) return;
+  tail_check(false, B, Tq, Tkv, nH, nKV, D,
+             aligned16(out) && aligned16(lse) && aligned16(q) && aligned16(k) && aligned16(v), ctx);
+  sdpa::fwd_tail(out, lse, q, k, v, B, Tq, Tkv, nH, nKV, D, ctx);
+}
+
+void attention_tail_bwd(bf16* dq, bf16* dk, bf16* dv, const bf16* dout, const bf16* out,
+                        const float* lse, const bf16* q, const bf16* k, const bf16* v, int64_t B,
+                        int64_t Tq, int64_t Tkv, int64_t nH, int64_t nKV, int64_t D,
+                        const Ctx& ctx) {
+  if (B == 0 || Tq == 0 || nH == 0) return;
+  tail_check(true, B, Tq, Tkv, nH, nKV, D,
+             aligned16(dq) && aligned16(dk) && aligned16(dv) && aligned16(dout) &&
+                 aligned16(out) && aligned16(lse) && aligned16(q) && aligned16(k) && aligned16(v),
+             ctx);
+  const int64_t nkv = B * Tkv * nKV * D;
+  unsigned char* ws = static_cast<unsigned char*>(ctx.workspace);
+  bf16* dk_t = reinterpret_cast<bf16*>(ws + tail_scratch_offset(B, Tq, Tkv, nH, nKV, D));
+  bf16* dv_t = dk_t + align_scratch(size_t(nkv) * sizeof(bf16)) / sizeof(bf16);
+  sdpa::bwd_tail(dq, dk_t, dv_t, dout, out, lse, q, k, v, B, Tq, Tkv, nH, nKV, D, ctx);
+  add(dk, dk, dk_t, nkv, ctx);
+  add(dv, dv, dv_t, nkv, ctx);
+}
+
 }  // namespace automoe::cuda

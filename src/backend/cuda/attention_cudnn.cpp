@@ -73,6 +73,22 @@ void bwd_packed(bf16*, bf16*, bf16*, const bf16*, const bf16*, const float*, con
                 int64_t, int64_t, const Ctx&) {
   AM_FAIL("[attention_bwd] built without cuDNN; use the fallback (AUTOMOE_ATTENTION=fallback)");
 }
+bool supported_tail(bool bwd, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                    std::string* why) {
+  return supported(bwd, 0, 0, 0, 0, 0, false, 0, why);
+}
+size_t workspace_bytes_tail(bool, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t) {
+  return 0;
+}
+void fwd_tail(bf16*, float*, const bf16*, const bf16*, const bf16*, int64_t, int64_t, int64_t,
+              int64_t, int64_t, int64_t, const Ctx&) {
+  AM_FAIL("[attention_tail_fwd] built without cuDNN (the tail attention runs on cuDNN only)");
+}
+void bwd_tail(bf16*, bf16*, bf16*, const bf16*, const bf16*, const float*, const bf16*,
+              const bf16*, const bf16*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+              const Ctx&) {
+  AM_FAIL("[attention_tail_bwd] built without cuDNN (the tail attention runs on cuDNN only)");
+}
 
 #else
 
@@ -135,8 +151,9 @@ struct Plan {
   std::unordered_map<int64_t, void*> pack;
 };
 
-// bwd, B, T, nH, nKV, D, mask kind (1 = causal, 2 = packed: causal within ragged sequences),
-// sequences of the packed graph (its bucket; 0 for causal)
+// bwd, B, T, nH, nKV, D, mask kind (1 = causal, 2 = packed: causal within ragged sequences,
+// 3 = tail: the last Tq queries over T keys, causal aligned bottom-right), then the packed
+// graph's sequences (its bucket) or the tail's Tq (0 for causal)
 using Key = std::array<int64_t, 8>;
 std::mutex g_mu;                     // guards the cache and the handle's stream binding
 // Never destroyed (nor is the handle): at exit their destructors would run after the CUDA
@@ -159,7 +176,7 @@ std::shared_ptr<fe::graph::Tensor_attributes> bf16_tensor(fe::graph::Graph& g, c
 }
 
 std::shared_ptr<fe::graph::Tensor_attributes> stats_tensor(fe::graph::Graph& g, int64_t B,
-                                                           int64_t T, int64_t nH) {
+                                                           int64_t T, int64_t nH) {  // T queries
   return g.tensor(fe::graph::Tensor_attributes()
                       .set_name("Stats")
                       .set_uid(kStats)
@@ -170,45 +187,49 @@ std::shared_ptr<fe::graph::Tensor_attributes> stats_tensor(fe::graph::Graph& g, 
 
 // sm: the device's compute capability (90 for sm_90), given to the graph before its nodes so
 // cudnn-frontend's support checks use it rather than query the current device.
-std::shared_ptr<fe::graph::Graph> make_graph(bool bwd, int64_t B, int64_t T, int64_t nH,
-                                             int64_t nKV, int64_t D, int sm) {
+// Tq queries over Tkv keys: Tq = Tkv with the top-left diagonal (causal), or (tail) the last Tq
+// positions with the bottom-right one (query i at position Tkv - Tq + i sees keys <= it).
+std::shared_ptr<fe::graph::Graph> make_graph(bool bwd, int64_t B, int64_t Tq, int64_t Tkv,
+                                             int64_t nH, int64_t nKV, int64_t D, int sm,
+                                             bool tail) {
   auto g = std::make_shared<fe::graph::Graph>();
   g->set_sm_version(sm);
   g->set_io_data_type(fe::DataType_t::BFLOAT16)
       .set_intermediate_data_type(fe::DataType_t::FLOAT)
       .set_compute_data_type(fe::DataType_t::FLOAT);
   const float scale = 1.0f / std::sqrt(float(D));
-  auto Q = bf16_tensor(*g, "Q", kQ, B, T, nH, D);
-  auto K = bf16_tensor(*g, "K", kK, B, T, nKV, D);
-  auto V = bf16_tensor(*g, "V", kV, B, T, nKV, D);
+  const auto align = tail ? fe::DiagonalAlignment_t::BOTTOM_RIGHT : fe::DiagonalAlignment_t::TOP_LEFT;
+  auto Q = bf16_tensor(*g, "Q", kQ, B, Tq, nH, D);
+  auto K = bf16_tensor(*g, "K", kK, B, Tkv, nKV, D);
+  auto V = bf16_tensor(*g, "V", kV, B, Tkv, nKV, D);
   if (!bwd) {
     auto attr = fe::graph::SDPA_attributes()
                     .set_name("attention_fwd")
                     .set_generate_stats(true)
                     .set_attn_scale(scale)
-                    .set_diagonal_alignment(fe::DiagonalAlignment_t::TOP_LEFT)
+                    .set_diagonal_alignment(align)
                     .set_diagonal_band_right_bound(0);
     auto [O, Stats] = g->sdpa(Q, K, V, attr);
-    O->set_output(true).set_uid(kO).set_dim({B, nH, T, D}).set_stride(bshd_strides(T, nH, D));
+    O->set_output(true).set_uid(kO).set_dim({B, nH, Tq, D}).set_stride(bshd_strides(Tq, nH, D));
     Stats->set_output(true)
         .set_uid(kStats)
-        .set_dim({B, nH, T, 1})
-        .set_stride({nH * T, T, 1, 1})
+        .set_dim({B, nH, Tq, 1})
+        .set_stride({nH * Tq, Tq, 1, 1})
         .set_data_type(fe::DataType_t::FLOAT);
   } else {
-    auto O = bf16_tensor(*g, "O", kO, B, T, nH, D);
-    auto dO = bf16_tensor(*g, "dO", kdO, B, T, nH, D);
-    auto Stats = stats_tensor(*g, B, T, nH);
+    auto O = bf16_tensor(*g, "O", kO, B, Tq, nH, D);
+    auto dO = bf16_tensor(*g, "dO", kdO, B, Tq, nH, D);
+    auto Stats = stats_tensor(*g, B, Tq, nH);
     // Non-deterministic dq accumulation (fp32 atomics), cuDNN's fast default.
     auto attr = fe::graph::SDPA_backward_attributes()
                     .set_name("attention_bwd")
                     .set_attn_scale(scale)
-                    .set_diagonal_alignment(fe::DiagonalAlignment_t::TOP_LEFT)
+                    .set_diagonal_alignment(align)
                     .set_diagonal_band_right_bound(0);
     auto [dQ, dK, dV] = g->sdpa_backward(Q, K, V, O, dO, Stats, attr);
-    dQ->set_output(true).set_uid(kdQ).set_dim({B, nH, T, D}).set_stride(bshd_strides(T, nH, D));
-    dK->set_output(true).set_uid(kdK).set_dim({B, nKV, T, D}).set_stride(bshd_strides(T, nKV, D));
-    dV->set_output(true).set_uid(kdV).set_dim({B, nKV, T, D}).set_stride(bshd_strides(T, nKV, D));
+    dQ->set_output(true).set_uid(kdQ).set_dim({B, nH, Tq, D}).set_stride(bshd_strides(Tq, nH, D));
+    dK->set_output(true).set_uid(kdK).set_dim({B, nKV, Tkv, D}).set_stride(bshd_strides(Tkv, nKV, D));
+    dV->set_output(true).set_uid(kdV).set_dim({B, nKV, Tkv, D}).set_stride(bshd_strides(Tkv, nKV, D));
   }
   return g;
 }
@@ -315,10 +336,11 @@ std::shared_ptr<fe::graph::Graph> make_packed_graph(bool bwd, int64_t B, int64_t
 
 // The cached plan for a shape, built on first use (under g_mu). A case cuDNN rejects is cached
 // too (graph null, why set), so it is checked once.
-// S = 0: the causal graph; S > 0: the packed graph of S sequences (a bucket).
+// S = 0: the causal graph; S > 0: the packed graph of S sequences (a bucket). Tq > 0: the tail
+// graph (Tq queries over the T keys; S must be 0).
 Plan& plan_locked(bool bwd, int64_t B, int64_t T, int64_t nH, int64_t nKV, int64_t D,
-                  int64_t S = 0) {
-  const Key key{bwd, B, T, nH, nKV, D, S > 0 ? 2 : 1, S};
+                  int64_t S = 0, int64_t Tq = 0) {
+  const Key key{bwd, B, T, nH, nKV, D, Tq > 0 ? 3 : S > 0 ? 2 : 1, Tq > 0 ? Tq : S};
   auto it = g_plans.find(key);
   if (it != g_plans.end()) return *it->second;
   auto p = std::make_unique<Plan>();
@@ -344,8 +366,9 @@ Plan& plan_locked(bool bwd, int64_t B, int64_t T, int64_t nH, int64_t nKV, int64
     fe::error_t e;
     try {  // the frontend reports through error_t, and throws on some paths
       const int sm = hd.cc_major * 10 + hd.cc_minor;
-      g = S > 0 ? make_packed_graph(bwd, B, T, nH, nKV, D, S, sm)
-                : make_graph(bwd, B, T, nH, nKV, D, sm);
+      g = Tq > 0  ? make_graph(bwd, B, Tq, T, nH, nKV, D, sm, true)
+          : S > 0 ? make_packed_graph(bwd, B, T, nH, nKV, D, S, sm)
+                  : make_graph(bwd, B, T, T, nH, nKV, D, sm, false);
       e = g->validate();
       if (e.is_good()) e = g->build_operation_graph(hd.h);
       if (e.is_good()) e = g->create_execution_plans({fe::HeurMode_t::A});
@@ -429,6 +452,24 @@ void bind_segments(Plan& p, const void* table, int64_t B, int64_t T) {
   p.pack[kSeqKV] = off + 3 * C;
 }
 
+// A pass's tensors in the plan's variant pack (its keys were inserted at build time).
+void bind_fwd(Plan& p, bf16* out, float* stats, const bf16* q, const bf16* k, const bf16* v) {
+  p.pack[kQ] = const_cast<bf16*>(q);
+  p.pack[kK] = const_cast<bf16*>(k);
+  p.pack[kV] = const_cast<bf16*>(v);
+  p.pack[kO] = out;
+  p.pack[kStats] = stats;
+}
+
+void bind_bwd(Plan& p, bf16* dq, bf16* dk, bf16* dv, const bf16* dout, const bf16* out,
+              const float* stats, const bf16* q, const bf16* k, const bf16* v) {
+  bind_fwd(p, const_cast<bf16*>(out), const_cast<float*>(stats), q, k, v);
+  p.pack[kdO] = const_cast<bf16*>(dout);
+  p.pack[kdQ] = dq;
+  p.pack[kdK] = dk;
+  p.pack[kdV] = dv;
+}
+
 // One pass on the plan of (shape, bucket); segments > 0: the packed plan, with the table bound.
 void run_fwd(bf16* out, float* stats, const bf16* q, const bf16* k, const bf16* v,
              const void* table, int64_t segments, int64_t B, int64_t T, int64_t nH, int64_t nKV,
@@ -439,11 +480,7 @@ void run_fwd(bf16* out, float* stats, const bf16* q, const bf16* k, const bf16* 
   AM_CHECK(p.graph, "[attention_fwd] cuDNN cannot run {}B={} T={} nH={} nKV={} D={}{}: {}",
            S ? "packed " : "", B, T, nH, nKV, D,
            S ? fmt::format(" sequences={} (bucket {})", segments, S) : std::string(), p.why);
-  p.pack[kQ] = const_cast<bf16*>(q);
-  p.pack[kK] = const_cast<bf16*>(k);
-  p.pack[kV] = const_cast<bf16*>(v);
-  p.pack[kO] = out;
-  p.pack[kStats] = stats;
+  bind_fwd(p, out, stats, q, k, v);
   if (S) bind_segments(p, table, B, T);
   execute_locked(p, ctx, "attention_fwd");
 }
@@ -457,15 +494,7 @@ void run_bwd(bf16* dq, bf16* dk, bf16* dv, const bf16* dout, const bf16* out, co
   AM_CHECK(p.graph, "[attention_bwd] cuDNN cannot run {}B={} T={} nH={} nKV={} D={}{}: {}",
            S ? "packed " : "", B, T, nH, nKV, D,
            S ? fmt::format(" sequences={} (bucket {})", segments, S) : std::string(), p.why);
-  p.pack[kQ] = const_cast<bf16*>(q);
-  p.pack[kK] = const_cast<bf16*>(k);
-  p.pack[kV] = const_cast<bf16*>(v);
-  p.pack[kO] = const_cast<bf16*>(out);
-  p.pack[kStats] = const_cast<float*>(stats);
-  p.pack[kdO] = const_cast<bf16*>(dout);
-  p.pack[kdQ] = dq;
-  p.pack[kdK] = dk;
-  p.pack[kdV] = dv;
+  bind_bwd(p, dq, dk, dv, dout, out, stats, q, k, v);
   if (S) bind_segments(p, table, B, T);
   execute_locked(p, ctx, "attention_bwd");
 }
@@ -496,6 +525,49 @@ void bwd_packed(bf16* dq, bf16* dk, bf16* dv, const bf16* dout, const bf16* out,
                 int64_t nKV, int64_t D, const Ctx& ctx) {
   AM_CHECK(segments > 0, "[attention_bwd] packed pass without segments");
   run_bwd(dq, dk, dv, dout, out, stats, q, k, v, table, segments, B, T, nH, nKV, D, ctx);
+}
+
+bool supported_tail(bool bwd, int64_t B, int64_t Tq, int64_t Tkv, int64_t nH, int64_t nKV,
+                    int64_t D, std::string* why) {
+  auto no = [&](std::string reason) {
+    if (why) *why = std::move(reason);
+    return false;
+  };
+  if (Tq < 1 || Tq > Tkv) return no(fmt::format("{} queries over {} keys (1 <= Tq <= Tkv)", Tq, Tkv));
+  if (D % 8 != 0 || D > kMaxD)
+    return no(fmt::format("head dim {} (cuDNN: a multiple of 8, at most 256)", D));
+  std::lock_guard<std::mutex> lock(g_mu);
+  Plan& p = plan_locked(bwd, B, Tkv, nH, nKV, D, 0, Tq);
+  if (!p.graph) return no(p.why);
+  return true;
+}
+
+size_t workspace_bytes_tail(bool bwd, int64_t B, int64_t Tq, int64_t Tkv, int64_t nH,
+                            int64_t nKV, int64_t D) {
+  if (!supported_tail(bwd, B, Tq, Tkv, nH, nKV, D, nullptr)) return 0;
+  std::lock_guard<std::mutex> lock(g_mu);
+  return size_t(plan_locked(bwd, B, Tkv, nH, nKV, D, 0, Tq).workspace);
+}
+
+void fwd_tail(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v, int64_t B,
+              int64_t Tq, int64_t Tkv, int64_t nH, int64_t nKV, int64_t D, const Ctx& ctx) {
+  std::lock_guard<std::mutex> lock(g_mu);
+  Plan& p = plan_locked(false, B, Tkv, nH, nKV, D, 0, Tq);
+  AM_CHECK(p.graph, "[attention_tail_fwd] cuDNN cannot run B={} Tq={} Tkv={} nH={} nKV={} D={}: {}",
+           B, Tq, Tkv, nH, nKV, D, p.why);
+  bind_fwd(p, out, lse, q, k, v);
+  execute_locked(p, ctx, "attention_tail_fwd");
+}
+
+void bwd_tail(bf16* dq, bf16* dk, bf16* dv, const bf16* dout, const bf16* out, const float* lse,
+              const bf16* q, const bf16* k, const bf16* v, int64_t B, int64_t Tq, int64_t Tkv,
+              int64_t nH, int64_t nKV, int64_t D, const Ctx& ctx) {
+  std::lock_guard<std::mutex> lock(g_mu);
+  Plan& p = plan_locked(true, B, Tkv, nH, nKV, D, 0, Tq);
+  AM_CHECK(p.graph, "[attention_tail_bwd] cuDNN cannot run B={} Tq={} Tkv={} nH={} nKV={} D={}: {}",
+           B, Tq, Tkv, nH, nKV, D, p.why);
+  bind_bwd(p, dq, dk, dv, dout, out, lse, q, k, v);
+  execute_locked(p, ctx, "attention_tail_bwd");
 }
 
 #endif  // AUTOMOE_HAVE_CUDNN

@@ -76,4 +76,18 @@ void bwd_packed(bf16* dq, bf16* dk, bf16* dv, const bf16* dout, const bf16* out,
                 const void* table, int64_t segments, int64_t B, int64_t T, int64_t nH,
                 int64_t nKV, int64_t D, const Ctx& ctx);
 
+// The tail graph (ops_cuda.h attention_tail_*): the last Tq queries of each sequence over all
+// Tkv of its keys, causal aligned bottom-right; q/out/dq [B,Tq,nH,D], k/v/dk/dv [B,Tkv,nKV,D]
+// (dk, dv assigned here: attention.cu adds them), lse [B,nH,Tq]. Plans keyed by (bwd, B, Tq,
+// Tkv, nH, nKV, D) and cached like the others.
+bool supported_tail(bool bwd, int64_t B, int64_t Tq, int64_t Tkv, int64_t nH, int64_t nKV,
+                    int64_t D, std::string* why);
+size_t workspace_bytes_tail(bool bwd, int64_t B, int64_t Tq, int64_t Tkv, int64_t nH,
+                            int64_t nKV, int64_t D);
+void fwd_tail(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v, int64_t B,
+              int64_t Tq, int64_t Tkv, int64_t nH, int64_t nKV, int64_t D, const Ctx& ctx);
+void bwd_tail(bf16* dq, bf16* dk, bf16* dv, const bf16* dout, const bf16* out, const float* lse,
+              const bf16* q, const bf16* k, const bf16* v, int64_t B, int64_t Tq, int64_t Tkv,
+              int64_t nH, int64_t nKV, int64_t D, const Ctx& ctx);
+
 }  // namespace automoe::cuda::sdpa

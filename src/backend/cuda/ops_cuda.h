@@ -148,6 +148,27 @@ void attention_bwd(bf16* dq /*[B,T,nH,D] bf16 =*/, bf16* dk /*[B,T,nKV,D] bf16 =
                    const AttentionSegments* seg /*nullable*/, int64_t B, int64_t T, int64_t nH,
                    int64_t nKV, int64_t D, const Ctx& ctx);
 
+// The last Tq queries of each sequence over all Tkv of its keys, causal aligned bottom-right
+// (query i at position Tkv - Tq + i): the second half of a sequence split in two (the CPU op
+// attention_tail_fwd/bwd of ops/ops.h is its oracle). cuDNN only (no fallback kernel): an
+// Error says why where cuDNN cannot run it; attention_tail_unsupported() asks first. The
+// backward adds dk and dv (+=) onto what is there, e.g. the first half's attention_bwd: cuDNN
+// writes them into the workspace, then one add each. Not yet run on a GPU (op_check's
+// attention_tail case checks it against the CPU op).
+std::string attention_tail_unsupported(bool bwd, int64_t B, int64_t Tq, int64_t Tkv, int64_t nH,
+                                       int64_t nKV, int64_t D);  // "" when cuDNN can run it
+size_t attention_tail_workspace_bytes(bool bwd, int64_t B, int64_t Tq, int64_t Tkv, int64_t nH,
+                                      int64_t nKV, int64_t D);
+void attention_tail_fwd(bf16* out /*[B,Tq,nH,D] bf16 =*/, float* lse /*[B,nH,Tq] f32 =*/,
+                        const bf16* q /*[B,Tq,nH,D]*/, const bf16* k /*[B,Tkv,nKV,D]*/,
+                        const bf16* v /*[B,Tkv,nKV,D]*/, int64_t B, int64_t Tq, int64_t Tkv,
+                        int64_t nH, int64_t nKV, int64_t D, const Ctx& ctx);
+void attention_tail_bwd(bf16* dq /*[B,Tq,nH,D] bf16 =*/, bf16* dk /*[B,Tkv,nKV,D] bf16 +=*/,
+                        bf16* dv /*[B,Tkv,nKV,D] bf16 +=*/, const bf16* dout /*[B,Tq,nH,D]*/,
+                        const bf16* out /*[B,Tq,nH,D] (fwd)*/, const float* lse /*[B,nH,Tq]*/,
+                        const bf16* q, const bf16* k, const bf16* v, int64_t B, int64_t Tq,
+                        int64_t Tkv, int64_t nH, int64_t nKV, int64_t D, const Ctx& ctx);
+
 // ---- router: probs = softmax(logits) in fp32, top-k (descending, ties to the lower index),
 // weights = top-k probs, renormalised to sum 1 when norm_topk. One warp per token.
 void router_fwd(float* probs /*[N,E] f32 =*/, int32_t* topk_idx /*[N,K] i32 =*/,
