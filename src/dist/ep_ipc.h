@@ -163,6 +163,16 @@ class IpcTransport final : public EpTransport {
   // cuStreamBatchMemOp where the driver has it (else single operations); flags_batch is that
   // batch over `addr`, false where the driver refused it.
   void flags(cudaStream_t s, bool wait, int n, uint32_t v);
+  // flag_ptr_ = at(p) for every peer p != rank, in rank order; returns their count (P - 1)
+  template <class F>
+  int peer_flags(F at) {
+    int n = 0;
+    for (int p = 0; p < ep_.size(); ++p)
+      if (p != ep_.rank()) flag_ptr_[size_t(n++)] = at(p);
+    return n;
+  }
+  // throws once a timeout released this rank's waits (the flags order nothing any more)
+  void check_live() const;
   bool flags_batch(cudaStream_t s, bool wait, uint32_t* const* addr, int n, uint32_t v);
   // Local: this rank's pending waits released (its flags set past the epoch, from a stream of
   // its own) after a timeout or while an error unwinds; false when that did not finish.

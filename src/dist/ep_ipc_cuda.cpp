@@ -154,8 +154,7 @@ IpcTransport::IpcTransport(const Comm& ep)
       why = "the driver has no stream memory operations (cuStreamWaitValue32, "
             "cuStreamWriteValue32 of CUDA 12.0; an older driver?)";
   }
-  const char* sm = std::getenv("AUTOMOE_IPC_SM_COPY");
-  sm_copies_ = !(sm && std::strcmp(sm, "0") == 0);
+  sm_copies_ = env_on("AUTOMOE_IPC_SM_COPY");
   flag_ptr_.assign(size_t(P), nullptr);
   batch_.assign(size_t(P) * kBatchWords, 0);
   if (why.empty() &&
@@ -313,6 +312,11 @@ bool IpcTransport::flags_batch(cudaStream_t s, bool wait, uint32_t* const* addr,
   return reinterpret_cast<BatchOp>(batch_op_)(s, unsigned(n), ops, 0) == CUDA_SUCCESS;
 }
 
+void IpcTransport::check_live() const {
+  AM_CHECK(!released_, "[ep ipc] rank {}: the transport stopped after an earlier timeout",
+           ep_.rank());
+}
+
 void IpcTransport::flags(cudaStream_t s, bool wait, int n, uint32_t v) {
   if (n == 0) return;
   if (batch_op_) {
@@ -371,7 +375,7 @@ bool IpcTransport::finished(double seconds) {
 
 void IpcTransport::reserve(size_t /*send_bytes*/, size_t /*recv_bytes*/, size_t pair_bytes) {
   const int P = ep_.size(), me = ep_.rank();
-  AM_CHECK(!released_, "[ep ipc] rank {}: the transport stopped after an earlier timeout", me);
+  check_live();
   int64_t want = int64_t((pair_bytes + 255) / 256 * 256);  // regions 256-byte aligned
   ep_.allreduce_max(&want, 1);  // the collective (the header's "Sizing" says when it is safe)
   if (size_t(want) <= pair_cap_) return;
@@ -429,8 +433,7 @@ void IpcTransport::check_fits(const EpA2aTensor* t, int nt, const EpA2aRows& row
 
 void IpcTransport::alltoallv(const EpA2aTensor* t, int nt, const EpA2aRows& rows,
                              cudaStream_t stream) {
-  AM_CHECK(!released_, "[ep ipc] rank {}: the transport stopped after an earlier timeout",
-           ep_.rank());
+  check_live();
   // Everything checked before anything is enqueued: a rank that throws here leaves the others
   // waiting on its flags, until their sync() times out (an internal error: EpMoeCuda reserves
   // what its calls need).
@@ -447,12 +450,8 @@ void IpcTransport::scatter(const EpA2aTensor* t, int nt, const EpA2aRows& rows,
   const uint32_t e = epoch_;
   // a) into every peer's region, after its copy-out of the previous call (one batch of waits,
   // one copy kernel for every peer and tensor); then the peers' ready flags (one batch)
-  int n = 0;
-  for (int p = 0; p < P; ++p)
-    if (p != me) flag_ptr_[size_t(n++)] = flags_ + P + p;  // my done[p]
-  flags(stream, true, n, e - 1);
+  flags(stream, true, peer_flags([&](int p) { return flags_ + P + p; }), e - 1);  // my done[p]
   Copies copies(stream, sm_copies_);
-  n = 0;
   for (int p = 0; p < P; ++p) {
     if (p == me) continue;
     unsigned char* dst = region(p, me);
@@ -461,16 +460,16 @@ void IpcTransport::scatter(const EpA2aTensor* t, int nt, const EpA2aRows& rows,
       copies.add(dst, static_cast<const unsigned char*>(t[k].send[0]) + rows.send_off[p] * rb, bytes);
       dst += bytes;
     }
-    flag_ptr_[size_t(n++)] = peer_flags_[size_t(p)] + me;  // p's ready[me]
   }
   copies.flush();
-  flags(stream, false, n, e);
+  // p's ready[me]
+  flags(stream, false, peer_flags([&](int p) { return peer_flags_[size_t(p)] + me; }), e);
 }
 
 void IpcTransport::alltoallv_inplace(const EpA2aTensor* t, int nt, const EpA2aRows& rows,
                                      cudaStream_t stream, const void** src) {
   const int P = ep_.size(), me = ep_.rank();
-  AM_CHECK(!released_, "[ep ipc] rank {}: the transport stopped after an earlier timeout", me);
+  check_live();
   AM_CHECK(!inplace_open_, "internal: [ep ipc] rank {}: alltoallv_inplace before the last one's "
            "inplace_end", me);
   check_fits(t, nt, rows);
@@ -497,18 +496,14 @@ void IpcTransport::inplace_end(cudaStream_t stream) {
 }
 
 void IpcTransport::wait_sources(cudaStream_t stream) {
-  const int P = ep_.size(), me = ep_.rank();
-  int n = 0;  // c)'s waits: every source's rows of call epoch_ are in its region (one batch)
-  for (int s = 0; s < P; ++s)
-    if (s != me) flag_ptr_[size_t(n++)] = flags_ + s;  // my ready[s]
-  flags(stream, true, n, epoch_);
+  // c)'s waits: every source's rows of call epoch_ are in its region (one batch)
+  flags(stream, true, peer_flags([&](int s) { return flags_ + s; }), epoch_);  // my ready[s]
 }
 
 void IpcTransport::release_sources(cudaStream_t stream) {
   const int P = ep_.size(), me = ep_.rank();
-  int n = 0;  // c)'s writes: the sources may write their regions again (one batch)
-  for (int s = 0; s < P; ++s)
-    if (s != me) flag_ptr_[size_t(n++)] = peer_flags_[size_t(s)] + P + me;  // s's done[me]
+  // c)'s writes: the sources may write their regions again (one batch); s's done[me]
+  int n = peer_flags([&](int s) { return peer_flags_[size_t(s)] + P + me; });
   flag_ptr_[size_t(n++)] = flags_ + me;  // this call finished here (the destructor reads it)
   flags(stream, false, n, epoch_);
 }
@@ -540,33 +535,24 @@ void IpcTransport::copy_out(const EpA2aTensor* t, int nt, const EpA2aRows& rows,
 
 void IpcTransport::push_begin(cudaStream_t stream, unsigned char** region_out, size_t* cap) {
   const int P = ep_.size(), me = ep_.rank();
-  AM_CHECK(!released_, "[ep ipc] rank {}: the transport stopped after an earlier timeout", me);
+  check_live();
   const uint32_t e = ++epoch_;
   in_flight_ = true;
-  int n = 0;
-  for (int p = 0; p < P; ++p) {  // step a)'s waits: p is done with my region of call e-1
-    region_out[p] = nullptr;
-    if (p == me) continue;
-    flag_ptr_[size_t(n++)] = flags_ + P + p;  // my done[p]
-    region_out[p] = region(p, me);
-  }
-  flags(stream, true, n, e - 1);
+  for (int p = 0; p < P; ++p) region_out[p] = p == me ? nullptr : region(p, me);
+  // step a)'s waits: every peer p is done with my region of call e-1 (my done[p])
+  flags(stream, true, peer_flags([&](int p) { return flags_ + P + p; }), e - 1);
   *cap = pair_cap_;
 }
 
 void IpcTransport::push_end(cudaStream_t stream) {
-  const int P = ep_.size(), me = ep_.rank();
+  const int me = ep_.rank();
   // the kernel's stores into the peers came before on this stream; the fenced writes after them
-  int n = 0;
-  for (int p = 0; p < P; ++p)
-    if (p != me) flag_ptr_[size_t(n++)] = peer_flags_[size_t(p)] + me;  // p's ready[me]
-  flags(stream, false, n, epoch_);
+  flags(stream, false, peer_flags([&](int p) { return peer_flags_[size_t(p)] + me; }), epoch_);
 }
 
 void IpcTransport::push_recv(const EpA2aTensor* t, int nt, const EpA2aRows& rows,
                              cudaStream_t stream) {
-  AM_CHECK(!released_, "[ep ipc] rank {}: the transport stopped after an earlier timeout",
-           ep_.rank());
+  check_live();
   // the kernel skipped a destination whose rows would not fit (ep_dispatch_push): this throws
   // for it here, before any copy-out reads its region
   check_fits(t, nt, rows);
@@ -585,16 +571,14 @@ void IpcTransport::wait_or_fail(cudaEvent_t ev) {
 }
 
 void IpcTransport::sync(cudaStream_t stream) {
-  AM_CHECK(!released_, "[ep ipc] rank {}: the transport stopped after an earlier timeout",
-           ep_.rank());
+  check_live();
   CUDA_CHECK(cudaEventRecord(done_ev_, stream));
   wait_or_fail(done_ev_);
   in_flight_ = false;
 }
 
 void IpcTransport::wait_event(cudaEvent_t ev) {
-  AM_CHECK(!released_, "[ep ipc] rank {}: the transport stopped after an earlier timeout",
-           ep_.rank());
+  check_live();
   wait_or_fail(ev);
 }
 

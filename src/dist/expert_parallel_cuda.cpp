@@ -5,12 +5,11 @@
 
 #include <algorithm>
 #include <climits>
-#include <cstdlib>
-#include <cstring>
 
 #include "backend/cuda/ep_kernels.h"
 #include "backend/cuda/ops_cuda.h"
 #include "core/check.h"
+#include "dist/process_group.h"
 
 namespace automoe::dist {
 
@@ -247,12 +246,9 @@ EpMoeCuda::EpMoeCuda(EpTransport& t, const EpMoeShape& shape, EpMode mode, EpRec
   if (C_ > 1) CUDA_CHECK(cudaEventCreateWithFlags(&laid_out_, cudaEventDisableTiming));
   CUDA_CHECK(cudaEventCreateWithFlags(&wgrad_done_, cudaEventDisableTiming));
   CUDA_CHECK(cudaEventCreateWithFlags(&counted_, cudaEventDisableTiming));
-  const char* ov = std::getenv("AUTOMOE_EP_WGRAD_OVERLAP");
-  wgrad_overlap_ = !(ov && std::strcmp(ov, "0") == 0);
-  const char* pu = std::getenv("AUTOMOE_EP_PUSH");
-  push_ = !(pu && std::strcmp(pu, "0") == 0);
-  const char* ip = std::getenv("AUTOMOE_EP_INPLACE");
-  inplace_ = !(ip && std::strcmp(ip, "0") == 0);
+  wgrad_overlap_ = env_on("AUTOMOE_EP_WGRAD_OVERLAP");
+  push_ = env_on("AUTOMOE_EP_PUSH");
+  inplace_ = env_on("AUTOMOE_EP_INPLACE");
 }
 
 EpMoeCuda::~EpMoeCuda() {

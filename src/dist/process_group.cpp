@@ -58,6 +58,21 @@ double env_seconds(const char* name, double fallback) {
 
 double dist_timeout_s() { return env_seconds("AUTOMOE_DIST_TIMEOUT", 600); }
 
+bool env_on(const char* name) {
+  const char* v = std::getenv(name);
+  return !(v && std::strcmp(v, "0") == 0);
+}
+
+bool env_on_everywhere(const char* name, const Comm& c) {
+  const int64_t on = env_on(name);
+  int64_t ranks_on = on;
+  c.allreduce_sum(&ranks_on, 1);
+  AM_CHECK(ranks_on == 0 || ranks_on == c.size(),
+           "{} is 0 on {} of {} ranks; set it the same on every rank (mpirun -x {}=0)", name,
+           c.size() - ranks_on, c.size(), name);
+  return on;
+}
+
 void poll_pause(double waited_s) {
   if (waited_s < 2e-3) std::this_thread::yield();
   else std::this_thread::sleep_for(std::chrono::microseconds(50));

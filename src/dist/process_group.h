@@ -100,6 +100,13 @@ class Comm {
   int rank_ = 0, size_ = 1;
 };
 
+// An on/off switch from the environment (AUTOMOE_GRAD_OVERLAP, AUTOMOE_EP_PUSH, ...): on unless
+// `name` is "0".
+bool env_on(const char* name);
+// The same, for a switch that changes which collectives a rank issues, so it must agree over
+// `c` (collective): every rank throws, naming the switch, when some ranks have it off.
+bool env_on_everywhere(const char* name, const Comm& c);
+
 struct Groups {
   Comm world, ep, dp;
   int ep_size() const { return ep.size(); }

@@ -386,10 +386,7 @@ struct Qwen3MoeCuda::State {
   // The residual adds fused with the next RMSNorm and the q/k norms with RoPE (add_rmsnorm_fwd,
   // qk_norm_rope_fwd: the same bits as the op pairs, checked on an H200 by cuda_op_check and
   // cuda_parity). AUTOMOE_FUSED_NORM=0 runs the op pairs instead.
-  bool fused_norm = [] {
-    const char* e = std::getenv("AUTOMOE_FUSED_NORM");
-    return !(e && std::string(e) == "0");
-  }();
+  bool fused_norm = dist::env_on("AUTOMOE_FUSED_NORM");
   // ... and in the backward RoPE's and the q/k norms' (qk_norm_rope_bwd, even head dims up to
   // 256; not the same bits as the pair: the rotated gradient stays fp32). Set in the constructor.
   bool fused_qk_bwd = false;
@@ -648,15 +645,8 @@ Qwen3MoeCuda::Qwen3MoeCuda(const ModelConfig& cfg, Precision precision, int devi
       s.win = (s.z3->window_numel() + 127) / 128 * 128;  // slot 1 stays 256-byte aligned
       // the prefetch (State::z3_prefetch): on unless AUTOMOE_ZERO3_PREFETCH=0, which must be the
       // same on every rank (the order of the gathers and reduces differs in the backward)
-      const char* pf = std::getenv("AUTOMOE_ZERO3_PREFETCH");
-      int64_t on = !(pf && std::string(pf) == "0");
-      int64_t ranks_on = on;
-      s.groups->world.allreduce_sum(&ranks_on, 1);
-      AM_CHECK(ranks_on == 0 || ranks_on == s.groups->world.size(),
-               "AUTOMOE_ZERO3_PREFETCH is 0 on {} of {} ranks; set it the same on every rank "
-               "(mpirun -x AUTOMOE_ZERO3_PREFETCH=0)",
-               s.groups->world.size() - ranks_on, s.groups->world.size());
-      s.z3_prefetch = on && s.z3->can_overlap();
+      s.z3_prefetch =
+          dist::env_on_everywhere("AUTOMOE_ZERO3_PREFETCH", s.groups->world) && s.z3->can_overlap();
       for (cudaEvent_t* e : {&s.z3_gathered[0], &s.z3_gathered[1], &s.z3_reduced[0],
                              &s.z3_reduced[1]})
         CUDA_CHECK(cudaEventCreateWithFlags(e, cudaEventDisableTiming));
@@ -692,15 +682,8 @@ Qwen3MoeCuda::Qwen3MoeCuda(const ModelConfig& cfg, Precision precision, int devi
     s.reducer->use_nccl(s.nccl_world, s.nccl_dp);
     // the overlapped reduce (State::overlap): on unless AUTOMOE_GRAD_OVERLAP=0, which must be
     // the same on every rank (the ranks would otherwise issue different collectives)
-    const char* ov = std::getenv("AUTOMOE_GRAD_OVERLAP");
-    int64_t on = !(ov && std::string(ov) == "0");
-    int64_t ranks_on = on;
-    s.groups->world.allreduce_sum(&ranks_on, 1);
-    AM_CHECK(ranks_on == 0 || ranks_on == s.groups->world.size(),
-             "AUTOMOE_GRAD_OVERLAP is 0 on {} of {} ranks; set it the same on every rank "
-             "(mpirun -x AUTOMOE_GRAD_OVERLAP=0)",
-             s.groups->world.size() - ranks_on, s.groups->world.size());
-    s.overlap_ok = on && s.bf16_mode() && !s.memsave && !s.zero && !s.z3;
+    s.overlap_ok = dist::env_on_everywhere("AUTOMOE_GRAD_OVERLAP", s.groups->world) &&
+                   s.bf16_mode() && !s.memsave && !s.zero && !s.z3;
     // its points: every tensor in exactly one of [ln_f, lm_head], a layer, wte (checked here:
     // a tensor left out would never be summed, and its replicas would drift)
     s.layer_k.assign(size_t(cfg.num_hidden_layers), {layout.params.size(), 0});
