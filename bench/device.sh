@@ -108,7 +108,7 @@
 #             all of them (transport auto), beside Transformers + FSDP2 (hf_moe_fsdp.py) for each
 #             MULTI_LAYERS (default "12 24": W2; W4: MULTI_LAYERS=48 MBS=1 on 4 GPUs); on one GPU
 #             a small two-rank smoke run of the same path; each also with --ep-chunks 2
-#             (multi_automoe_L<L>_chunks2, multi_smoke_chunks2)
+#             (multi_automoe_L<L>_chunks2, multi_smoke_chunks2; MULTI_CHUNKS=0 leaves those out)
 #   launch    (not default) torchrun (torch.distributed.run --no-python, no MPI in the processes:
 #             the TCP backend of dist::Comm) against mpirun, bit for bit: a 20-step CPU tiny-moe run
 #             with ep 2, and the demo recipe on GPU 0 with ep 2 (both ranks on GPU 0: IPC rows,
@@ -752,8 +752,9 @@ if has multi; then
       # train.ep_chunks 2 beside it (the all-to-alls pipelined with the expert GEMMs): the
       # phases fwd_ep_* / bwd_ep_* are then the transport calls alone, overlapping the GEMMs
       # shellcheck disable=SC2086
-      stage "multi_automoe_L${L}_chunks2" "${MPIM[@]}" -np "$ngpu" "$BUILD/cuda_bench" --layers "$L" \
-        --seq "${SEQ:-4096}" --mbs "${MBS:-2}" --ep-chunks 2 ${BENCH_ARGS:-}
+      [ "${MULTI_CHUNKS:-1}" = 0 ] ||
+        stage "multi_automoe_L${L}_chunks2" "${MPIM[@]}" -np "$ngpu" "$BUILD/cuda_bench" --layers "$L" \
+          --seq "${SEQ:-4096}" --mbs "${MBS:-2}" --ep-chunks 2 ${BENCH_ARGS:-}
       if [ -f .deps/bench/hf_moe_fsdp.py ]; then
         stage "multi_fsdp_L$L" env LAYERS="$L" SEQ="${SEQ:-4096}" MBS="${MBS:-2}" STEPS=8 WARM=3 \
           NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \

@@ -16,7 +16,7 @@
 //   bytes on an NCCL communicator of the same ranks (opened for it when the transport is not
 //   NCCL): "BW <transport> rank ..." lines; counts mode over IPC both with the forward's
 //   direct dispatch ("direct", the default) and without it ("packed", AUTOMOE_EP_PUSH=0), and
-//   the direct dispatch's time in three (layout + counts, push, copy-out: dist::EpTimes).
+//   the direct dispatch's time in three (layout + counts sent, push, copy-out: dist::EpTimes).
 //   flags: --tokens N (8192, per rank) --hidden H (2048) --inter I (768) --experts E (128)
 //          --topk K (8) --modes counts,padded --recompute none,outputs,experts (all three)
 //          --chunks 2,3 (train.ep_chunks checked against one chunk; "1" for none)
@@ -1154,7 +1154,7 @@ void bandwidth(const Opts& o, dist::NcclGroup& g, dist::EpTransport& t, dist::Ep
                 bd / gib / (md / 1e3), bd / (1 << 20), double(last.rows_wire) * row_d / (1 << 20),
                 mc, bc / gib / (mc / 1e3), bc / (1 << 20), mb, base_bytes / gib / (mb / 1e3));
     if (both && push)  // where the direct dispatch's time goes (medians; see dist::EpTimes)
-      std::printf("BW   %s rank %d/%d direct dispatch: layout + counts %.3f ms, push %.3f ms "
+      std::printf("BW   %s rank %d/%d direct dispatch: layout + counts sent %.3f ms, push %.3f ms "
                   "(%.1f GiB/s of all its rows, its own included), copy-out and waits %.3f ms\n",
                   t.name(), g.rank(), g.size(), median(d_counts), median(d_push),
                   double(last.rows_wire) * row_d / gib / (median(d_push) / 1e3), median(d_recv));

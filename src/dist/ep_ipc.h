@@ -52,6 +52,13 @@
 //   ready[s]  source s's rows of call e are in my region s: written e by s
 //   done[p]   peer p copied my rows of call e out of its staging: written e by p
 //   ready[me] my own call e finished (written last in each call; the destructor reads it)
+//   mailed[s] source s's mail of call e is in my mail[s]: written e by s (push_mail)
+// then the mail, [P][kEpMailWords] int32: mail[s] holds source s's words of its last push call
+// (mail[me] this rank's own, so one read-back returns every rank's row). Source s writes it in
+// call e after its step a)'s waits (my done[s] >= e-1), as it writes its region; I read it back
+// before my copy-out of call e, and the host waits for that read before it enqueues the copy-out
+// whose done write lets s write call e+1's mail. So the mail needs no flags of its own beyond
+// mailed[], which only says it arrived ahead of the rows' ready[].
 // Call number e (a per-transport counter, the same on every rank: every rank makes the same
 // calls) on rank r, all on the caller's stream, waits on LOCAL memory, writes into the peer's:
 //   a) for every peer p: wait until my done[p] >= e-1 (p is done with my region of call e-1);
@@ -131,6 +138,11 @@ class IpcTransport final : public EpTransport {
   // copies, push_end its ready flags, push_recv steps b) and c); one call number for all three.
   bool can_push() const override { return ep_.size() <= kMaxPushRanks; }
   void push_begin(cudaStream_t stream, unsigned char** region, size_t* cap) override;
+  // Copies the words into every rank's mail[me] (one copy kernel), writes the peers' mailed[me]
+  // (fenced), and on mail_s_ (after `stream`) waits for every source's mailed[s] and reads the
+  // whole mail back into `host`, recording `done` there.
+  void push_mail(cudaStream_t stream, const int32_t* words_dev, int words, int32_t* host,
+                 cudaEvent_t done) override;
   void push_end(cudaStream_t stream) override;
   void push_recv(const EpA2aTensor* t, int nt, const EpA2aRows& rows, cudaStream_t stream) override;
   // Steps a) and c)'s waits of one call; src into the staging regions (and into t[k].send for
@@ -200,8 +212,11 @@ class IpcTransport final : public EpTransport {
   unsigned char* own_ = nullptr;       // [(P-1) * pair_cap_] this rank's staging (cudaMalloc)
   size_t pair_cap_ = 0;                // bytes of one source's region, the same on every rank
   std::vector<unsigned char*> peer_;   // [P] the peers' staging, mapped here; [rank] = own_
-  uint32_t* flags_ = nullptr;          // [2P] this rank's ready[P] | done[P] (cudaMalloc);
+  uint32_t* flags_ = nullptr;          // [3P + P*kEpMailWords] this rank's ready[P] | done[P] |
+                                       //   mailed[P] | mail[P][kEpMailWords] (cudaMalloc);
                                        //   ready[rank]: the last call this rank finished
+  cudaStream_t mail_s_ = nullptr;      // push_mail's waits and read-back, beside the rows
+  cudaEvent_t mail_ev_ = nullptr;      // push_mail: the caller's stream, up to the mail's sends
   uint32_t* host_word_ = nullptr;      // [2P] pinned: finished()'s read-back of the flags
   std::vector<uint32_t*> peer_flags_;  // [P] the peers' flags, mapped here; [rank] = flags_
   uint32_t epoch_ = 0;                 // calls so far (the same on every rank)

@@ -57,6 +57,12 @@ class Copies {
 
 size_t row_bytes(const EpA2aTensor& t) { return size_t(t.row_elems) * ep_dtype_bytes(t.dtype); }
 
+// The flags allocation's words (ep_ipc.h): ready[P] | done[P] | mailed[P] | mail[P][kEpMailWords]
+size_t flag_words(int P) { return size_t(P) * (3 + EpTransport::kEpMailWords); }
+uint32_t* mail_of(uint32_t* flags, int P, int s) {
+  return flags + 3 * size_t(P) + size_t(s) * EpTransport::kEpMailWords;
+}
+
 // What a rank tells the others at construction (raw bytes through Comm::allgather).
 struct RankInfo {
   char host[256];             // gethostname
@@ -158,11 +164,13 @@ IpcTransport::IpcTransport(const Comm& ep)
   flag_ptr_.assign(size_t(P), nullptr);
   batch_.assign(size_t(P) * kBatchWords, 0);
   if (why.empty() &&
-      cuda_ok(cudaMalloc(reinterpret_cast<void**>(&flags_), size_t(2 * P) * sizeof(uint32_t)),
+      cuda_ok(cudaMalloc(reinterpret_cast<void**>(&flags_), flag_words(P) * sizeof(uint32_t)),
               "cudaMalloc of the IPC flags") &&
       cuda_ok(cudaMallocHost(reinterpret_cast<void**>(&host_word_), size_t(2 * P) * sizeof(uint32_t)),
               "cudaMallocHost") &&
-      cuda_ok(cudaMemset(flags_, 0, size_t(2 * P) * sizeof(uint32_t)), "cudaMemset") &&
+      cuda_ok(cudaMemset(flags_, 0, flag_words(P) * sizeof(uint32_t)), "cudaMemset") &&
+      cuda_ok(cudaStreamCreateWithFlags(&mail_s_, cudaStreamNonBlocking), "cudaStreamCreate") &&
+      cuda_ok(cudaEventCreateWithFlags(&mail_ev_, cudaEventDisableTiming), "cudaEventCreate") &&
       cuda_ok(cudaDeviceSynchronize(), "cudaDeviceSynchronize") &&
       // a write and a wait on this rank's own ready slot: stream memory ops work here
       cu_ok(reinterpret_cast<MemOp>(write_op_)(probe, reinterpret_cast<uintptr_t>(flags_ + me), 0,
@@ -242,6 +250,8 @@ IpcTransport::IpcTransport(const Comm& ep)
     if (flags_) cudaFree(flags_);
     if (host_word_) cudaFreeHost(host_word_);
     if (done_ev_) cudaEventDestroy(done_ev_);
+    if (mail_ev_) cudaEventDestroy(mail_ev_);
+    if (mail_s_) cudaStreamDestroy(mail_s_);
     cudaGetLastError();
     throw;
   }
@@ -264,6 +274,8 @@ IpcTransport::~IpcTransport() {
   if (flags_) cudaFree(flags_);
   if (host_word_) cudaFreeHost(host_word_);
   if (done_ev_) cudaEventDestroy(done_ev_);
+  if (mail_ev_) cudaEventDestroy(mail_ev_);
+  if (mail_s_) cudaStreamDestroy(mail_s_);
 }
 
 void IpcTransport::close_peers() {
@@ -336,7 +348,7 @@ bool IpcTransport::release() {
   // a stream of its own. Bounded: where it does not finish either, nothing is freed.
   cudaStream_t s = nullptr;
   bool ok = cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking) == cudaSuccess;
-  for (int i = 0; ok && i < 2 * ep_.size(); ++i)
+  for (int i = 0; ok && i < 3 * ep_.size(); ++i)  // ready, done, mailed
     ok = reinterpret_cast<MemOp>(write_op_)(s, reinterpret_cast<uintptr_t>(flags_ + i),
                                             epoch_ + 1, CU_STREAM_WRITE_VALUE_DEFAULT) ==
          CUDA_SUCCESS;
@@ -542,6 +554,30 @@ void IpcTransport::push_begin(cudaStream_t stream, unsigned char** region_out, s
   // step a)'s waits: every peer p is done with my region of call e-1 (my done[p])
   flags(stream, true, peer_flags([&](int p) { return flags_ + P + p; }), e - 1);
   *cap = pair_cap_;
+}
+
+void IpcTransport::push_mail(cudaStream_t stream, const int32_t* words_dev, int words,
+                             int32_t* host, cudaEvent_t done) {
+  const int P = ep_.size(), me = ep_.rank();
+  check_live();
+  AM_CHECK(words > 0 && words <= kEpMailWords,
+           "internal: [ep ipc] push_mail of {} words (1 to {})", words, kEpMailWords);
+  // my words into every rank's mail[me] (mine too: the read-back below takes every row at once)
+  cuda::CopyMany c;
+  for (int p = 0; p < P; ++p)
+    c.add(mail_of(peer_flags_[size_t(p)], P, me), words_dev, int64_t(words) * 4);
+  cuda::copy_many(c, stream);
+  // p's mailed[me], fenced after the copies
+  flags(stream, false, peer_flags([&](int p) { return peer_flags_[size_t(p)] + 2 * P + me; }),
+        epoch_);
+  // beside the rows: every source's mail of this call, then all of it back to the host
+  CUDA_CHECK(cudaEventRecord(mail_ev_, stream));
+  CUDA_CHECK(cudaStreamWaitEvent(mail_s_, mail_ev_, 0));
+  flags(mail_s_, true, peer_flags([&](int s) { return flags_ + 2 * P + s; }), epoch_);
+  CUDA_CHECK(cudaMemcpy2DAsync(host, size_t(words) * 4, mail_of(flags_, P, 0),
+                               size_t(kEpMailWords) * 4, size_t(words) * 4, size_t(P),
+                               cudaMemcpyDeviceToHost, mail_s_));
+  CUDA_CHECK(cudaEventRecord(done, mail_s_));
 }
 
 void IpcTransport::push_end(cudaStream_t stream) {

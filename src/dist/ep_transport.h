@@ -81,9 +81,21 @@ class EpTransport {
   //   push_recv   the rest of the call, the row plan now on the host: this rank's rows to
   //               itself (send -> recv) and every source's region out into recv, as alltoallv();
   //               t: the tensors the kernel wrote, in region order.
+  //   push_mail   between push_begin and the kernel, on the same stream: `words` int32 of this
+  //               rank (words_dev, on the device; at most kEpMailWords) go to every rank ahead
+  //               of the rows, and every rank's words come back to the host: host[s * words + j]
+  //               is word j of rank s (this rank's own included), once `done` (recorded here,
+  //               on a stream of the transport's) has completed; wait_event(done) waits for it.
+  //               The rows' kernel is queued right after, so they travel while the host waits
+  //               for the words (the dispatch's counts) and plans.
   // One process drives one rank here. No host wait in any of them.
+  static constexpr int kEpMailWords = 32;
   virtual bool can_push() const { return false; }
   virtual void push_begin(cudaStream_t /*stream*/, unsigned char** /*region [P]*/, size_t* /*cap*/) {
+    no_push();
+  }
+  virtual void push_mail(cudaStream_t /*stream*/, const int32_t* /*words_dev*/, int /*words*/,
+                         int32_t* /*host [P x words], pinned*/, cudaEvent_t /*done*/) {
     no_push();
   }
   virtual void push_end(cudaStream_t /*stream*/) { no_push(); }

@@ -379,14 +379,18 @@ void EpMoeCuda::exchange_counts(Chunk& ch, const cu::Ctx& ctx) {
 // lands at row 1+s of the peer's info, s the sender. P*W int32 per rank, the same all-to-all as
 // the counts alone, so no extra sync; every rank then knows every rank's need and room. Every
 // chunk reports the room left before the layer's first carve (check_room() adds the chunks).
-void EpMoeCuda::exchange_info(Chunk& ch, const cu::Ctx& ctx) {
+void EpMoeCuda::info_tail(Chunk& ch, cudaStream_t s) {
   const size_t room = arena_->bump.left() / kEpArenaAlign;  // whole units: carves are aligned
   for (int i = 0; i < L_; ++i) {
     ch.host_tail[2 * i] = int32_t(ch.n);
     ch.host_tail[2 * i + 1] = int32_t(std::min<size_t>(room, INT32_MAX));
     CUDA_CHECK(cudaMemcpyAsync(ch.r[i]->info.get() + 2 * P_, ch.host_tail + 2 * i,
-                               2 * sizeof(int32_t), cudaMemcpyHostToDevice, ctx.stream));
+                               2 * sizeof(int32_t), cudaMemcpyHostToDevice, s));
   }
+}
+
+void EpMoeCuda::exchange_info(Chunk& ch, const cu::Ctx& ctx) {
+  info_tail(ch, ctx.stream);
   EpA2aTensor c = tensor(0, EpDtype::kI32, W_, [&](int i) { return ch.r[i]->info.get(); },
                          [&](int i) { return ch.r[i]->info.get() + W_; });
   EpA2aRows rows{zero_off_.data(), unit_cnt_.data(), unit_off_.data(), unit_cnt_.data()};
@@ -596,17 +600,18 @@ void EpMoeCuda::fwd(const EpMoeFwdArgs* a, int64_t N, const cu::Ctx& ctx) {
   }
   signal(laid_out_, ctx.stream);
   await(cs, laid_out_);
+  // Direct dispatch (one chunk, one rank per process, a transport that can): the info rows go
+  // to every rank as the call's mail, then the kernel stores the rows straight into the peers'
+  // regions, so they travel while the host waits for the mail and plans (below). Without it
+  // the info rows' own all-to-all here, the pack, and the rows' all-to-all after the plan.
+  const bool push = counts && use_push(a[0].x);
   for (auto& chp : ch_) {
+    if (push) break;
     mark(*chp, 0, cs);
     if (counts) exchange_info(*chp, cctx);
     else exchange_counts(*chp, cctx);
     mark(*chp, 1, cs);
   }
-  // Direct dispatch (one chunk, one rank per process, a transport that can): the rows go
-  // straight into the peers' regions from the kernel, queued behind the counts' read-back, so
-  // they travel while the host waits for the counts and plans; without it the pack here and the
-  // rows' all-to-all after the host's plan.
-  const bool push = counts && use_push(a[0].x);
   for (auto& chp : ch_) {
     if (push) break;
     Chunk& ch = *chp;
@@ -620,21 +625,25 @@ void EpMoeCuda::fwd(const EpMoeFwdArgs* a, int64_t N, const cu::Ctx& ctx) {
   }
   if (counts) {  // the one host sync (for all chunks): the counts size the all-to-all-v and the
                  // saved state
-    for (auto& chp : ch_)
-      for (int i = 0; i < L_; ++i)
-        CUDA_CHECK(cudaMemcpyAsync(chp->host_cnt + size_t(i) * P * W_, chp->r[i]->info.get() + W_,
-                                   size_t(P * W_) * sizeof(int32_t), cudaMemcpyDeviceToHost, cs));
+    if (!push)
+      for (auto& chp : ch_)
+        for (int i = 0; i < L_; ++i)
+          CUDA_CHECK(cudaMemcpyAsync(chp->host_cnt + size_t(i) * P * W_, chp->r[i]->info.get() + W_,
+                                     size_t(P * W_) * sizeof(int32_t), cudaMemcpyDeviceToHost, cs));
     if (push) {
-      CUDA_CHECK(cudaEventRecord(counted_, cs));
-      if (timing_) CUDA_CHECK(cudaEventRecord(evd_[0], cs));
       Chunk& ch = *ch_[0];
       EpMoeScratch::Local& l = local(0, 0);
-      cu::ep_dispatch_push(push_begin(cs), l.x_send.get(), l.idx_send.get(), l.w_send.get(), a[0].x,
+      info_tail(ch, cs);
+      const cu::EpPushDst dst = push_begin(cs);
+      // every rank's info row into host_cnt (rank s's at row s), as the all-to-all would
+      t_.push_mail(cs, ch.r[0]->info.get(), W_, ch.host_cnt, counted_);
+      if (timing_) CUDA_CHECK(cudaEventRecord(evd_[0], cs));
+      cu::ep_dispatch_push(dst, l.x_send.get(), l.idx_send.get(), l.w_send.get(), a[0].x,
                            a[0].topk_idx, a[0].topk_w, pos(ch, 0), ch.r[0]->info.get(), ch.n, H,
                            K, El, P, t_.rank_of(0), ctx);
       t_.push_end(cs);
       if (timing_) CUDA_CHECK(cudaEventRecord(evd_[1], cs));
-      t_.wait_event(counted_);  // the counts only: the rows are still on their way
+      t_.wait_event(counted_);  // the mail only: the rows are still on their way
       try {
         check_room();
       } catch (...) {

@@ -189,7 +189,7 @@ struct EpTimes {
   // dispatch of d(out): pack .. rows received) and dispatch's (the d(x), d(w) rows back .. summed)
   float bwd_dispatch_ms = 0, bwd_combine_ms = 0;
   // the forward's direct dispatch in three (0 otherwise; they add up to dispatch_ms): the layout
-  // and the counts exchange; the push (with its waits for the peers' last copy-outs); the rest
+  // and the counts' mail sent (not its arrival: the host waits for that beside the push); the push (with its waits for the peers' last copy-outs); the rest
   // (the carve's copy, the copy-out with its waits for the peers' rows, and any gap while the
   // host had not enqueued them yet)
   float dispatch_counts_ms = 0, dispatch_push_ms = 0, dispatch_recv_ms = 0;
@@ -366,6 +366,7 @@ class EpMoeCuda {
                  cudaStream_t s);
   void exchange_counts(Chunk& c, const cuda::Ctx& ctx);  // padded: counts only
   void exchange_info(Chunk& c, const cuda::Ctx& ctx);    // counts: every rank's counts and room
+  void info_tail(Chunk& c, cudaStream_t s);  // counts: N and the room into the info row's tail
   void check_room();  // counts: the same verdict on every rank, before any rows move
   void check_room_padded();  // padded: the worst carves of every chunk, on the host
   // this forward's saved state of every local rank of chunk c, from the arena (counts: send_pos
@@ -420,7 +421,7 @@ class EpMoeCuda {
   bool wgrad_overlap_ = true;
   bool push_ = true;
   bool inplace_ = true;
-  cudaEvent_t counted_ = nullptr;  // direct dispatch: the counts read back (the host waits on it)
+  cudaEvent_t counted_ = nullptr;  // direct dispatch: the mail's counts read back (the host waits)
   cudaEvent_t wgrad_done_ = nullptr;  // on the scratch's side stream after this block's bwd
 };
 
