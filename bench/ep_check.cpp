@@ -1092,8 +1092,12 @@ void maybe_die(const Opts& o, int rank) {
 // Counts mode over a transport with a direct dispatch (IPC) is timed both ways: "direct" (the
 // kernel stores the rows into the peers while the host waits for the counts; the default) and
 // "packed" (AUTOMOE_EP_PUSH=0's pack, host sync, then the rows' all-to-all).
-void bandwidth(const Opts& o, dist::NcclGroup& g, dist::EpTransport& t, dist::EpMode mode,
-               const Shape& s, const cu::Ctx& ctx) {
+// Every timed iteration, ours and NCCL's, starts after a host barrier over the EP group (the
+// GPUs idle), so a rank's time is its own call's and not its wait for a peer still finishing the
+// previous iteration (each iteration ends with a host sync on each rank, not together). Not in
+// the kill drills (--kill-rank), which must end in NCCL's timeout.
+void bandwidth(const Opts& o, const dist::Comm& ep_comm, dist::NcclGroup& g,
+               dist::EpTransport& t, dist::EpMode mode, const Shape& s, const cu::Ctx& ctx) {
   Problem p;
   p.s = s;
   make_problem(p, Routing::kRandom, o.seed + 500, ctx);
@@ -1112,6 +1116,7 @@ void bandwidth(const Opts& o, dist::NcclGroup& g, dist::EpTransport& t, dist::Ep
     dist::EpTimes last;
     for (int it = 0; it < o.warmup + o.iters; ++it) {
       if (it == o.warmup && push) maybe_die(o, g.rank());
+      if (o.kill_rank < 0) ep_comm.barrier();  // the kill drills want NCCL's timeout, not MPI's
       ep.fwd(fa.data(), s.N, ctx);
       t.sync(ctx.stream);
       last = ep.last_times();
@@ -1133,6 +1138,7 @@ void bandwidth(const Opts& o, dist::NcclGroup& g, dist::EpTransport& t, dist::Ep
       CUDA_CHECK(cudaEventCreate(&e1));
       std::vector<double> base;
       for (int it = 0; it < o.warmup + o.iters; ++it) {
+        if (o.kill_rank < 0) ep_comm.barrier();
         CUDA_CHECK(cudaEventRecord(e0, ctx.stream));
         g.alltoall(a2a_r.get(), a2a_s.get(), per_peer, ncclBfloat16, ctx.stream);
         CUDA_CHECK(cudaEventRecord(e1, ctx.stream));
@@ -1214,7 +1220,7 @@ int run_ranks(const Opts& o) {
     std::unique_ptr<dist::NcclGroup> base;
     if (!comm.nccl_ep()) base = std::make_unique<dist::NcclGroup>(groups.ep, pl.device);
     dist::NcclGroup& g = comm.nccl_ep() ? *comm.nccl_ep() : *base;
-    for (dist::EpMode m : o.modes) bandwidth(o, g, t, m, s, owner.ctx());
+    for (dist::EpMode m : o.modes) bandwidth(o, groups.ep, g, t, m, s, owner.ctx());
   }
 #endif
   int64_t fails = tally.fails;
