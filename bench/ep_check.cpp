@@ -17,10 +17,13 @@
 //   NCCL): "BW <transport> rank ..." lines; counts mode over IPC both with the forward's
 //   direct dispatch ("direct", the default) and without it ("packed", AUTOMOE_EP_PUSH=0), and
 //   the direct dispatch's time in three (layout + counts sent, push, copy-out: dist::EpTimes).
+//   Each timed iteration starts after a host barrier (a rank's own call, not its wait for a
+//   peer that is still finishing the last iteration).
 //   flags: --tokens N (8192, per rank) --hidden H (2048) --inter I (768) --experts E (128)
 //          --topk K (8) --modes counts,padded --recompute none,outputs,experts (all three)
 //          --chunks 2,3 (train.ep_chunks checked against one chunk; "1" for none)
 //          --iters 20 --warmup 3 --seed S --no-bench
+//          --bench-only (the bandwidth run alone, no checks)
 //          --time (loopback: no checks; the block's fwd and bwd GPU time per chunk count (1,
 //          then --chunks), mode and recompute option, median of --iters: the relative cost of
 //          the options)
@@ -134,6 +137,7 @@ struct Opts {
   int iters = 20, warmup = 3;
   uint64_t seed = 20261129;
   bool bench = true;
+  bool checks = true;  // --bench-only: false
   int kill_rank = -1;
   int stall_rank = -1;  // IPC: the stalled-peer drill
   std::string kill_mode = "exit";
@@ -147,7 +151,7 @@ struct Opts {
                "ep_check: %s\nusage: ep_check [--loopback P] [--tokens N] [--hidden H] [--inter I] "
                "[--experts E] [--topk K] [--modes counts,padded] "
                "[--recompute none,outputs,experts] [--iters N] [--warmup N] "
-               "[--seed S] [--no-bench] [--kill-rank R] [--kill-mode exit|stall] [--stall-rank R] "
+               "[--seed S] [--no-bench | --bench-only] [--kill-rank R] [--kill-mode exit|stall] [--stall-rank R] "
                "[--transport mpi|nccl|ipc|auto] [--time] [--chunks 2,3]\n",
                why.c_str());
   std::exit(2);
@@ -178,6 +182,7 @@ Opts parse(int argc, char** argv) {
     else if (a == "--warmup") o.warmup = int(num());
     else if (a == "--seed") o.seed = uint64_t(num());
     else if (a == "--no-bench") o.bench = false;
+    else if (a == "--bench-only") o.checks = false;
     else if (a == "--time") o.time_only = true;
     else if (a == "--kill-rank") o.kill_rank = int(num());
     else if (a == "--kill-mode") o.kill_mode = val();
@@ -1112,7 +1117,7 @@ void bandwidth(const Opts& o, const dist::Comm& ep_comm, dist::NcclGroup& g,
   for (const bool push : {true, false}) {
     if (!push && !both) break;
     ep.set_push(push);
-    std::vector<double> disp, comb, d_counts, d_push, d_recv;
+    std::vector<double> disp, comb, d_layout, d_counts, d_push, d_recv;
     dist::EpTimes last;
     for (int it = 0; it < o.warmup + o.iters; ++it) {
       if (it == o.warmup && push) maybe_die(o, g.rank());
@@ -1123,6 +1128,7 @@ void bandwidth(const Opts& o, const dist::Comm& ep_comm, dist::NcclGroup& g,
       if (it >= o.warmup) {
         disp.push_back(last.dispatch_ms);
         comb.push_back(last.combine_ms);
+        d_layout.push_back(last.dispatch_layout_ms);
         d_counts.push_back(last.dispatch_counts_ms);
         d_push.push_back(last.dispatch_push_ms);
         d_recv.push_back(last.dispatch_recv_ms);
@@ -1160,9 +1166,10 @@ void bandwidth(const Opts& o, const dist::Comm& ep_comm, dist::NcclGroup& g,
                 bd / gib / (md / 1e3), bd / (1 << 20), double(last.rows_wire) * row_d / (1 << 20),
                 mc, bc / gib / (mc / 1e3), bc / (1 << 20), mb, base_bytes / gib / (mb / 1e3));
     if (both && push)  // where the direct dispatch's time goes (medians; see dist::EpTimes)
-      std::printf("BW   %s rank %d/%d direct dispatch: layout + counts sent %.3f ms, push %.3f ms "
-                  "(%.1f GiB/s of all its rows, its own included), copy-out and waits %.3f ms\n",
-                  t.name(), g.rank(), g.size(), median(d_counts), median(d_push),
+      std::printf("BW   %s rank %d/%d direct dispatch: layout + counts sent %.3f ms (layout %.3f), "
+                  "push %.3f ms (%.1f GiB/s of all its rows, its own included), copy-out and "
+                  "waits %.3f ms\n",
+                  t.name(), g.rank(), g.size(), median(d_counts), median(d_layout), median(d_push),
                   double(last.rows_wire) * row_d / gib / (median(d_push) / 1e3), median(d_recv));
     std::fflush(stdout);
   }
@@ -1201,7 +1208,7 @@ int run_ranks(const Opts& o) {
   const Shape s{o.N, o.H, o.I, o.E, o.K, P};
   if (s.E % P != 0) usage("--experts must be a multiple of the rank count");
   if (o.stall_rank >= 0) stall_drill(o, t, groups.world, s, owner.ctx());
-  if (o.kill_rank < 0) {
+  if (o.kill_rank < 0 && o.checks) {
     // the small unaligned suite first, then the given shapes
     for (dist::EpMode m : o.modes)
       check_shape(tally, t, m, small, o.recompute, o.chunks, o.seed, owner.ctx());

@@ -598,6 +598,7 @@ void EpMoeCuda::fwd(const EpMoeFwdArgs* a, int64_t N, const cu::Ctx& ctx) {
                     K, El, P, counts ? 0 : ch.n, ctx);
     }
   }
+  if (timing_ && C_ == 1) CUDA_CHECK(cudaEventRecord(evd_[2], ctx.stream));
   signal(laid_out_, ctx.stream);
   await(cs, laid_out_);
   // Direct dispatch (one chunk, one rank per process, a transport that can): the info rows go
@@ -918,6 +919,7 @@ EpTimes EpMoeCuda::last_times() const {
     CUDA_CHECK(cudaEventElapsedTime(&t.combine_ms, ev_[2], ev_[3]));
     if (pushed_) {
       CUDA_CHECK(cudaEventElapsedTime(&t.dispatch_counts_ms, ev_[0], evd_[0]));
+      CUDA_CHECK(cudaEventElapsedTime(&t.dispatch_layout_ms, ev_[0], evd_[2]));
       CUDA_CHECK(cudaEventElapsedTime(&t.dispatch_push_ms, evd_[0], evd_[1]));
       CUDA_CHECK(cudaEventElapsedTime(&t.dispatch_recv_ms, evd_[1], ev_[1]));
     }

@@ -193,6 +193,7 @@ struct EpTimes {
   // (the carve's copy, the copy-out with its waits for the peers' rows, and any gap while the
   // host had not enqueued them yet)
   float dispatch_counts_ms = 0, dispatch_push_ms = 0, dispatch_recv_ms = 0;
+  float dispatch_layout_ms = 0;  // of dispatch_counts_ms: the layout kernels alone
   int64_t rows_payload = 0, rows_wire = 0;
 };
 
@@ -414,7 +415,7 @@ class EpMoeCuda {
   std::vector<void*> ptr_recv_;
   cudaEvent_t ev_[4] = {nullptr, nullptr, nullptr, nullptr};   // chunks = 1 (set_timing)
   cudaEvent_t evb_[4] = {nullptr, nullptr, nullptr, nullptr};  // the backward's (set_timing)
-  cudaEvent_t evd_[2] = {nullptr, nullptr};  // the direct dispatch's (set_timing): counted, pushed
+  cudaEvent_t evd_[3] = {};  // the direct dispatch's (set_timing): counts sent, pushed, laid out
   bool pushed_ = false;                      // the last forward dispatched directly
   cudaEvent_t laid_out_ = nullptr;  // chunks > 1: every chunk's layout written (comm waits)
   bool bwd_timed_ = false;  // evb_ hold the backward of the last forward
