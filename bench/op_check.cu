@@ -24,6 +24,7 @@
 #include <string>
 #include <vector>
 
+#include "backend/cuda/ep_kernels.h"
 #include "backend/cuda/ops_cuda.h"
 #include "ops/ops.h"
 
@@ -989,6 +990,56 @@ void case_moe(const cu::Ctx& ctx, int64_t N, int64_t E, int64_t K, int64_t C, in
   check("grouped_linear_bwd", "dw", gsh, d_gdw, gdw, kF32);
 }
 
+// cuda::ep_layout against the host: every token's row per destination (token order, packed
+// after the earlier destinations or in regions of `region` rows), the tokens and the picks per
+// destination. P <= 8 runs the one-block kernel, P > 8 the general path. `drop`: the share of
+// picks that are -1 (no expert), as a capacity-dropping router would leave them.
+void case_ep_layout(const cu::Ctx& ctx, int64_t N, int64_t K, int64_t El, int P, int64_t region,
+                    double drop, bool picks) {
+  const std::string sh = shape_str({{"N", N}, {"K", K}, {"El", El}, {"P", P}, {"region", region}}) +
+                         (picks ? "" : " no picks") + (drop > 0 ? " drops" : "");
+  std::uniform_int_distribution<int32_t> ex(0, int32_t(P * El) - 1);
+  std::uniform_real_distribution<double> u(0, 1);
+  std::vector<int32_t> idx(size_t(N * K));
+  for (int64_t n = 0; n < N; ++n)  // distinct experts per token, as top-k gives
+    for (int64_t j = 0; j < K; ++j) {
+      int32_t e;
+      bool dup;
+      do {
+        e = ex(g_rng);
+        dup = false;
+        for (int64_t i = 0; i < j; ++i) dup |= idx[size_t(n * K + i)] == e;
+      } while (dup && K <= P * El);
+      idx[size_t(n * K + j)] = u(g_rng) < drop ? -1 : e;
+    }
+  std::vector<int32_t> pos_ref(size_t(N * P), -1), cnt_ref(size_t(P), 0), picks_ref(size_t(P), 0);
+  int64_t first = 0;
+  for (int d = 0; d < P; ++d) {
+    const int64_t base = region > 0 ? d * region : first;
+    for (int64_t n = 0; n < N; ++n) {
+      int on = 0;
+      for (int64_t j = 0; j < K; ++j) {
+        const int32_t e = idx[size_t(n * K + j)];
+        on += e >= 0 && e / El == d ? 1 : 0;
+      }
+      if (on) pos_ref[size_t(n * P + d)] = int32_t(base + cnt_ref[size_t(d)]++);
+      picks_ref[size_t(d)] += on;
+    }
+    first += cnt_ref[size_t(d)];
+  }
+  Pool pool;
+  auto& d_idx = pool.in(idx);
+  // outputs start as a value the kernel never writes, so a missed element shows
+  auto& d_pos = pool.in(std::vector<int32_t>(size_t(N * P), 123456789));
+  auto& d_cnt = pool.in(std::vector<int32_t>(size_t(P), 123456789));
+  auto& d_picks = pool.in(std::vector<int32_t>(size_t(P), 123456789));
+  cu::ep_layout(d_pos.p, d_cnt.p, picks ? d_picks.p : nullptr, d_idx.p, N, K, El, P, region, ctx);
+  sync(ctx);
+  check_i32("ep_layout", "send_pos", sh, d_pos, pos_ref);
+  check_i32("ep_layout", "send_cnt", sh, d_cnt, cnt_ref);
+  if (picks) check_i32("ep_layout", "send_picks", sh, d_picks, picks_ref);
+}
+
 // The layout and the row ops over rows in regions with padding (EP padded mode, cu::RowRegions):
 // P regions of `region` rows, cnt[s] of them tokens. The padding rows hold real-looking picks and
 // rows, which must not be read. Reference: the CPU ops on the tokens packed (what counts mode
@@ -1739,6 +1790,19 @@ int main(int argc, char** argv) {
     case_moe(ctx, 600, 13, 4, 24, 40, 0);  // several layout chunks
     case_moe(ctx, 512, 128, 8, 2048, 256, 0);
     case_moe(ctx, 512, 128, 8, 256, 128, 1);
+  });
+  run(filter, "ep_layout", [&] {  // the EP dispatch's rows per destination
+    case_ep_layout(ctx, 0, 8, 4, 2, 0, 0, true);          // no tokens
+    case_ep_layout(ctx, 1, 3, 2, 3, 0, 0, true);          // one token
+    case_ep_layout(ctx, 37, 3, 4, 2, 0, 0.2, true);       // fewer tokens than threads, drops
+    case_ep_layout(ctx, 1025, 8, 16, 4, 0, 0, false);     // one past the block: runs of 2
+    case_ep_layout(ctx, 4096, 8, 64, 2, 0, 0, true);      // Qwen3-30B-A3B, EP 2
+    case_ep_layout(ctx, 4096, 8, 32, 4, 4096, 0, true);   // EP 4, padded regions
+    case_ep_layout(ctx, 8193, 8, 16, 8, 0, 0.05, true);   // EP 8, odd N
+    case_ep_layout(ctx, 8192, 8, 16, 8, 8200, 0, true);   // EP 8, regions larger than N
+    case_ep_layout(ctx, 3000, 6, 8, 5, 0, 0, true);       // P 5 in the 8-rank kernel
+    case_ep_layout(ctx, 2000, 8, 8, 16, 0, 0.1, true);    // P 16: the general path
+    case_ep_layout(ctx, 500, 4, 2, 9, 600, 0, true);      // P 9, regions: the general path
   });
   run(filter, "moe_regions", [&] {  // EP padded mode's receive
     case_moe_regions(ctx, 7, {7, 0, 4}, 5, 2, 11);

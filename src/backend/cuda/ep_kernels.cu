@@ -49,6 +49,75 @@ __global__ void ep_layout_count_kernel(int32_t* send_pos, int32_t* send_cnt, int
   }
 }
 
+// The whole layout in one block, for P <= kMaxP: each thread owns a contiguous run of tokens,
+// counts its tokens and picks for every destination at once (the top-k rows read once, then
+// again from L1), one block scan per destination places the runs, and it writes the final rows
+// (packed or regions) itself: one launch, where the general path takes P blocks of the same
+// scan each (each re-reading every token's picks) and a second kernel to place them. The same
+// rows as that path, bit for bit (token order within a destination).
+template <int kMaxP>
+__global__ void __launch_bounds__(kLayoutThreads)
+    ep_layout_small_kernel(int32_t* send_pos, int32_t* send_cnt, int32_t* send_picks,
+                           const int32_t* topk_idx, int64_t N, int K, int El, int P,
+                           int64_t region) {
+  __shared__ int tmp[kMaxP][32], tmp_p[kMaxP][32], tot[kMaxP], tot_p[kMaxP];
+  const int64_t per = (N + blockDim.x - 1) / blockDim.x;
+  const int64_t t0 = int64_t(threadIdx.x) * per;
+  const int64_t n0 = t0 < N ? t0 : N, n1 = n0 + per < N ? n0 + per : N;
+  // picks of token n on each destination (registers: d is unrolled, never an index)
+  auto picks_on = [&](int64_t n, int (&on)[kMaxP]) {
+#pragma unroll
+    for (int d = 0; d < kMaxP; ++d) on[d] = 0;
+    for (int j = 0; j < K; ++j) {
+      const int e = topk_idx[n * K + j];
+      const int r = e >= 0 ? e / El : -1;
+#pragma unroll
+      for (int d = 0; d < kMaxP; ++d) on[d] += r == d ? 1 : 0;
+    }
+  };
+  int cnt[kMaxP], picks[kMaxP], on[kMaxP];
+#pragma unroll
+  for (int d = 0; d < kMaxP; ++d) cnt[d] = picks[d] = 0;
+  for (int64_t n = n0; n < n1; ++n) {
+    picks_on(n, on);
+#pragma unroll
+    for (int d = 0; d < kMaxP; ++d) {
+      cnt[d] += on[d] > 0 ? 1 : 0;
+      picks[d] += on[d];
+    }
+  }
+  int run[kMaxP];
+#pragma unroll
+  for (int d = 0; d < kMaxP; ++d) {
+    if (d >= P) break;  // uniform over the block
+    int total = 0, total_p = 0;
+    run[d] = block_exclusive_scan(cnt[d], tmp[d], total);
+    if (send_picks) block_exclusive_scan(picks[d], tmp_p[d], total_p);
+    if (threadIdx.x == 0) {
+      tot[d] = total;
+      tot_p[d] = total_p;
+    }
+  }
+  __syncthreads();
+  int64_t first = 0;  // destination d's first row
+#pragma unroll
+  for (int d = 0; d < kMaxP; ++d) {
+    if (d >= P) break;
+    run[d] += int(region > 0 ? d * region : first);
+    first += tot[d];
+  }
+  for (int64_t n = n0; n < n1; ++n) {
+    picks_on(n, on);
+#pragma unroll
+    for (int d = 0; d < kMaxP; ++d)
+      if (d < P) send_pos[n * P + d] = on[d] > 0 ? run[d]++ : -1;
+  }
+  if (threadIdx.x < P) {
+    send_cnt[threadIdx.x] = tot[threadIdx.x];
+    if (send_picks) send_picks[threadIdx.x] = tot_p[threadIdx.x];
+  }
+}
+
 // Relative positions to send-buffer rows: destination d starts at d * region (padded) or after
 // the rows of destinations 0..d-1 (packed; P is small, each thread sums the counts itself).
 __global__ void ep_layout_place_kernel(int32_t* send_pos, const int32_t* send_cnt, int64_t N,
@@ -179,6 +248,14 @@ void ep_layout(int32_t* send_pos, int32_t* send_cnt, int32_t* send_picks, const 
            P, std::max(N, region));
   AM_CHECK(region == 0 || region >= N, "[ep_layout] padded regions of {} rows cannot hold {} tokens",
            region, N);
+  if (P <= 8) {  // one block (op_check's ep_layout group checks both paths against the host)
+    auto* k = P <= 2 ? ep_layout_small_kernel<2> : P <= 4 ? ep_layout_small_kernel<4>
+                                                           : ep_layout_small_kernel<8>;
+    k<<<1, kLayoutThreads, 0, ctx.stream>>>(send_pos, send_cnt, send_picks, topk_idx, N, int(K),
+                                             int(El), P, region);
+    CUDA_CHECK_LAUNCH();
+    return;
+  }
   ep_layout_count_kernel<<<unsigned(P), kLayoutThreads, 0, ctx.stream>>>(
       send_pos, send_cnt, send_picks, topk_idx, N, int(K), int(El), P);
   CUDA_CHECK_LAUNCH();
