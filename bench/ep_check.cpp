@@ -24,6 +24,9 @@
 //          --chunks 2,3 (train.ep_chunks checked against one chunk; "1" for none)
 //          --iters 20 --warmup 3 --seed S --no-bench
 //          --bench-only (the bandwidth run alone, no checks)
+//          --queued-start (the bandwidth run: each timed call, ours and NCCL's, behind 300 us of
+//          GPU spin after the barrier, so its work is enqueued before the GPU reaches it, as in
+//          a step; without it the idle GPU also times the host's launches)
 //          --time (loopback: no checks; the block's fwd and bwd GPU time per chunk count (1,
 //          then --chunks), mode and recompute option, median of --iters: the relative cost of
 //          the options)
@@ -104,6 +107,7 @@
 #include <vector>
 
 #include "backend/cuda/ops_cuda.h"
+#include "backend/cuda/spin.h"
 #include "dist/expert_parallel_cuda.h"
 #include "dist/gpu_rank.h"
 #include "dist/process_group.h"
@@ -138,6 +142,7 @@ struct Opts {
   uint64_t seed = 20261129;
   bool bench = true;
   bool checks = true;  // --bench-only: false
+  bool queued = false;  // --queued-start
   int kill_rank = -1;
   int stall_rank = -1;  // IPC: the stalled-peer drill
   std::string kill_mode = "exit";
@@ -151,7 +156,7 @@ struct Opts {
                "ep_check: %s\nusage: ep_check [--loopback P] [--tokens N] [--hidden H] [--inter I] "
                "[--experts E] [--topk K] [--modes counts,padded] "
                "[--recompute none,outputs,experts] [--iters N] [--warmup N] "
-               "[--seed S] [--no-bench | --bench-only] [--kill-rank R] [--kill-mode exit|stall] [--stall-rank R] "
+               "[--seed S] [--no-bench | --bench-only] [--queued-start] [--kill-rank R] [--kill-mode exit|stall] [--stall-rank R] "
                "[--transport mpi|nccl|ipc|auto] [--time] [--chunks 2,3]\n",
                why.c_str());
   std::exit(2);
@@ -183,6 +188,7 @@ Opts parse(int argc, char** argv) {
     else if (a == "--seed") o.seed = uint64_t(num());
     else if (a == "--no-bench") o.bench = false;
     else if (a == "--bench-only") o.checks = false;
+    else if (a == "--queued-start") o.queued = true;
     else if (a == "--time") o.time_only = true;
     else if (a == "--kill-rank") o.kill_rank = int(num());
     else if (a == "--kill-mode") o.kill_mode = val();
@@ -1101,6 +1107,8 @@ void maybe_die(const Opts& o, int rank) {
 // GPUs idle), so a rank's time is its own call's and not its wait for a peer still finishing the
 // previous iteration (each iteration ends with a host sync on each rank, not together). Not in
 // the kill drills (--kill-rank), which must end in NCCL's timeout.
+constexpr int64_t kQueuedSpinNs = 300000;  // --queued-start
+
 void bandwidth(const Opts& o, const dist::Comm& ep_comm, dist::NcclGroup& g,
                dist::EpTransport& t, dist::EpMode mode, const Shape& s, const cu::Ctx& ctx) {
   Problem p;
@@ -1122,6 +1130,7 @@ void bandwidth(const Opts& o, const dist::Comm& ep_comm, dist::NcclGroup& g,
     for (int it = 0; it < o.warmup + o.iters; ++it) {
       if (it == o.warmup && push) maybe_die(o, g.rank());
       if (o.kill_rank < 0) ep_comm.barrier();  // the kill drills want NCCL's timeout, not MPI's
+      if (o.queued) cu::gpu_spin(kQueuedSpinNs, ctx.stream);
       ep.fwd(fa.data(), s.N, ctx);
       t.sync(ctx.stream);
       last = ep.last_times();
@@ -1145,6 +1154,7 @@ void bandwidth(const Opts& o, const dist::Comm& ep_comm, dist::NcclGroup& g,
       std::vector<double> base;
       for (int it = 0; it < o.warmup + o.iters; ++it) {
         if (o.kill_rank < 0) ep_comm.barrier();
+        if (o.queued) cu::gpu_spin(kQueuedSpinNs, ctx.stream);
         CUDA_CHECK(cudaEventRecord(e0, ctx.stream));
         g.alltoall(a2a_r.get(), a2a_s.get(), per_peer, ncclBfloat16, ctx.stream);
         CUDA_CHECK(cudaEventRecord(e1, ctx.stream));
@@ -1159,10 +1169,11 @@ void bandwidth(const Opts& o, const dist::Comm& ep_comm, dist::NcclGroup& g,
       base_bytes = double(per_peer * s.P * 2);
     }
     const char* how = !both ? "" : push ? " direct" : " packed";
-    std::printf("BW   %s rank %d/%d %-6s%s N=%lld: dispatch %.3f ms %.1f GiB/s (payload %.1f MiB, "
+    std::printf("BW   %s rank %d/%d %-6s%s N=%lld%s: dispatch %.3f ms %.1f GiB/s (payload %.1f MiB, "
                 "wire %.1f MiB; layout+pack+exchange), combine %.3f ms %.1f GiB/s (%.1f MiB); "
                 "ncclAlltoAll of the dispatch bytes %.3f ms %.1f GiB/s\n",
-                t.name(), g.rank(), g.size(), dist::ep_mode_name(mode), how, (long long)s.N, md,
+                t.name(), g.rank(), g.size(), dist::ep_mode_name(mode), how, (long long)s.N,
+                o.queued ? " queued start" : "", md,
                 bd / gib / (md / 1e3), bd / (1 << 20), double(last.rows_wire) * row_d / (1 << 20),
                 mc, bc / gib / (mc / 1e3), bc / (1 << 20), mb, base_bytes / gib / (mb / 1e3));
     if (both && push)  // where the direct dispatch's time goes (medians; see dist::EpTimes)
