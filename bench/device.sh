@@ -104,6 +104,9 @@
 #             (a GPU per rank; the direct one also split into layout + counts, push, copy-out),
 #             and 50 training steps with it on and off, bit-identical.
 #             TARGETS="ep_check automoe_cli".
+#   dispatch_bw (not default; two GPUs) the forward's dispatch/combine bandwidth lines of
+#             ep_check --bench-only over DISPATCH_TRANSPORTS ("ipc nccl") at DISPATCH_TOKENS
+#             ("4096 8192") per rank, idle and queued start (--queued-start), TARGETS=ep_check
 #   multi     (not default) several GPUs: cuda_bench under mpirun, a rank per GPU, experts over
 #             all of them (transport auto), beside Transformers + FSDP2 (hf_moe_fsdp.py) for each
 #             MULTI_LAYERS (default "12 24": W2; W4: MULTI_LAYERS=48 MBS=1 on 4 GPUs); on one GPU
@@ -736,6 +739,27 @@ if has push; then
     fails=$((fails + 1))
   fi
 fi
+if has dispatch_bw; then
+  # The forward's dispatch and combine bandwidth (ep_check --bench-only, a GPU per rank) over each
+  # of DISPATCH_TRANSPORTS (default "ipc nccl") at DISPATCH_TOKENS tokens per rank (default
+  # "4096 8192"), with an idle start and a queued one (--queued-start: the call's work enqueued
+  # before the GPU reaches it, as in a step); each BW line also times ncclAlltoAll of its bytes.
+  if [ -x "$BUILD/ep_check" ] && [ "$(nvidia-smi -L 2>/dev/null | grep -c "^GPU")" -ge 2 ]; then
+    for n in ${DISPATCH_TOKENS:-4096 8192}; do
+      for tr in ${DISPATCH_TRANSPORTS:-ipc nccl}; do
+        for q in "" --queued-start; do
+          # shellcheck disable=SC2086
+          stage "dispatch_bw_${tr}_N${n}${q:+_queued}" mpirun --allow-run-as-root -np 2 \
+            -x NCCL_NVLS_ENABLE=0 -x TORCH_SYMM_MEM_DISABLE_MULTICAST=1 -x NVSHMEM_DISABLE_NVLS=1 \
+            "$BUILD/ep_check" --transport "$tr" --modes counts --bench-only --tokens "$n" --iters 20 $q
+        done
+      done
+    done
+  else
+    echo "device.sh: stage dispatch_bw needs $BUILD/ep_check and two GPUs"
+    fails=$((fails + 1))
+  fi
+fi
 if has multi; then
   # Several GPUs: cuda_bench under mpirun (a rank per GPU, EP over all of them, transport auto)
   # beside native Transformers + FSDP2 (.deps/bench/hf_moe_fsdp.py, all GPUs), per layer count
@@ -837,6 +861,9 @@ if has launch; then
     [ -f "$f" ] && echo "$(basename "$f" .log):" && grep -hE "^(ok|FAIL)" "$f"
   done
   grep -hE "replicas identical|automoe: error|torchrun|launcher" "$BUILD"/launch_*.log 2>/dev/null | sort -u | head -n 12
+fi
+if has dispatch_bw; then  # rank 0's lines: dispatch and combine, and where the dispatch's time goes
+  grep -h "^BW .* rank 0/" "$BUILD"/dispatch_bw_*.log 2>/dev/null | sed 's/(payload[^)]*) //'
 fi
 if has multi; then  # per GPU, automoe against Transformers + FSDP2 in this call
   python3 - "$BUILD" <<'PY'
