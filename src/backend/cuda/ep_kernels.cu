@@ -13,6 +13,13 @@ constexpr int kLayoutThreads = 1024;  // ep_layout_count_kernel's block
 constexpr int kRowThreads = 128;
 
 // Block d: which tokens have a pick on rank d, and their rank among them (token order).
+// Measured (bench/RESULTS.md, eighth session): with the place kernel 43-49 us at N 4096 and
+// 80 us at 8192 on an H200, a third of the direct dispatch. Each thread's run of tokens makes
+// a warp's load touch 32 cache lines (threads per*K*4 bytes apart), so the loads are bound by
+// L1 wavefronts, one per line: N*K/32 warp loads x 32 wavefronts per pass. One block doing
+// every destination, or four tokens' loads in flight at once, did not help (measured). What
+// should: consecutive threads on consecutive tokens (rounds of blockDim tokens, a block scan
+// per round carrying each destination's base; 16-byte loads of a token's picks).
 // send_pos gets the position relative to d's first row; send_cnt[d] the number of tokens;
 // send_picks[d] (nullable) the number of their picks on d (the receiver's expert rows).
 // Each of the block's kLayoutThreads threads owns a contiguous run of tokens: it counts them,
@@ -46,107 +53,6 @@ __global__ void ep_layout_count_kernel(int32_t* send_pos, int32_t* send_cnt, int
   if (threadIdx.x == 0) {
     send_cnt[d] = total;
     if (send_picks) send_picks[d] = total_p;
-  }
-}
-
-// The whole layout in one block, for P <= kMaxP: each thread owns a contiguous run of tokens,
-// counts its tokens and picks for every destination at once, one block scan per destination
-// places the runs, and it writes the final rows (packed or regions) itself: one launch, where
-// the general path takes P blocks of the same scan each and a second kernel to place them. The
-// same rows as that path, bit for bit (token order within a destination).
-// The top-k rows are read kG tokens at a time, every load of a group issued before any is used
-// (kK = K at compile time; 0: any K, a load at a time): a run is then a few memory round trips,
-// not K per token (one block's latency-bound loads made the layout 43 us of the dispatch at
-// N 4096, 80 us at 8192).
-constexpr int kLayoutSmallThreads = 512;
-template <int kMaxP, int kK>
-__global__ void __launch_bounds__(kLayoutSmallThreads)
-    ep_layout_small_kernel(int32_t* send_pos, int32_t* send_cnt, int32_t* send_picks,
-                           const int32_t* topk_idx, int64_t N, int K, int El, int P,
-                           int64_t region) {
-  constexpr int kG = 4;
-  __shared__ int tmp[kMaxP][32], tmp_p[kMaxP][32], tot[kMaxP], tot_p[kMaxP];
-  const int64_t per = (N + blockDim.x - 1) / blockDim.x;
-  const int64_t t0 = int64_t(threadIdx.x) * per;
-  const int64_t n0 = t0 < N ? t0 : N, n1 = n0 + per < N ? n0 + per : N;
-  // f(token, on) for every token of [n0, n1), on[d] its picks on destination d (registers: d is
-  // unrolled, never an index)
-  auto each_token = [&](auto&& f) {
-    int on[kMaxP];
-    if constexpr (kK > 0) {
-      for (int64_t n = n0; n < n1; n += kG) {
-        int e[kG][kK];
-#pragma unroll
-        for (int g = 0; g < kG; ++g)
-#pragma unroll
-          for (int j = 0; j < kK; ++j) e[g][j] = n + g < n1 ? topk_idx[(n + g) * kK + j] : -1;
-#pragma unroll
-        for (int g = 0; g < kG; ++g) {
-          if (n + g >= n1) break;
-#pragma unroll
-          for (int d = 0; d < kMaxP; ++d) on[d] = 0;
-#pragma unroll
-          for (int j = 0; j < kK; ++j) {
-            const int r = e[g][j] >= 0 ? e[g][j] / El : -1;
-#pragma unroll
-            for (int d = 0; d < kMaxP; ++d) on[d] += r == d ? 1 : 0;
-          }
-          f(n + g, on);
-        }
-      }
-    } else {
-      for (int64_t n = n0; n < n1; ++n) {
-#pragma unroll
-        for (int d = 0; d < kMaxP; ++d) on[d] = 0;
-        for (int j = 0; j < K; ++j) {
-          const int e = topk_idx[n * K + j];
-          const int r = e >= 0 ? e / El : -1;
-#pragma unroll
-          for (int d = 0; d < kMaxP; ++d) on[d] += r == d ? 1 : 0;
-        }
-        f(n, on);
-      }
-    }
-  };
-  int cnt[kMaxP], picks[kMaxP];
-#pragma unroll
-  for (int d = 0; d < kMaxP; ++d) cnt[d] = picks[d] = 0;
-  each_token([&](int64_t, const int(&on)[kMaxP]) {
-#pragma unroll
-    for (int d = 0; d < kMaxP; ++d) {
-      cnt[d] += on[d] > 0 ? 1 : 0;
-      picks[d] += on[d];
-    }
-  });
-  int run[kMaxP];
-#pragma unroll
-  for (int d = 0; d < kMaxP; ++d) {
-    run[d] = 0;
-    if (d >= P) continue;  // uniform over the block
-    int total = 0, total_p = 0;
-    run[d] = block_exclusive_scan(cnt[d], tmp[d], total);
-    if (send_picks) block_exclusive_scan(picks[d], tmp_p[d], total_p);
-    if (threadIdx.x == 0) {
-      tot[d] = total;
-      tot_p[d] = total_p;
-    }
-  }
-  __syncthreads();
-  int64_t first = 0;  // destination d's first row
-#pragma unroll
-  for (int d = 0; d < kMaxP; ++d) {
-    if (d >= P) continue;
-    run[d] += int(region > 0 ? d * region : first);
-    first += tot[d];
-  }
-  each_token([&](int64_t n, const int(&on)[kMaxP]) {
-#pragma unroll
-    for (int d = 0; d < kMaxP; ++d)
-      if (d < P) send_pos[n * P + d] = on[d] > 0 ? run[d]++ : -1;
-  });
-  if (threadIdx.x < P) {
-    send_cnt[threadIdx.x] = tot[threadIdx.x];
-    if (send_picks) send_picks[threadIdx.x] = tot_p[threadIdx.x];
   }
 }
 
@@ -280,21 +186,6 @@ void ep_layout(int32_t* send_pos, int32_t* send_cnt, int32_t* send_picks, const 
            P, std::max(N, region));
   AM_CHECK(region == 0 || region >= N, "[ep_layout] padded regions of {} rows cannot hold {} tokens",
            region, N);
-  if (P <= 8) {  // one block (op_check's ep_layout group checks both paths against the host)
-    using Kern = void (*)(int32_t*, int32_t*, int32_t*, const int32_t*, int64_t, int, int, int,
-                          int64_t);
-    Kern k;
-    if (K == 8)
-      k = P <= 2 ? ep_layout_small_kernel<2, 8> : P <= 4 ? ep_layout_small_kernel<4, 8>
-                                                         : ep_layout_small_kernel<8, 8>;
-    else
-      k = P <= 2 ? ep_layout_small_kernel<2, 0> : P <= 4 ? ep_layout_small_kernel<4, 0>
-                                                         : ep_layout_small_kernel<8, 0>;
-    k<<<1, kLayoutSmallThreads, 0, ctx.stream>>>(send_pos, send_cnt, send_picks, topk_idx, N,
-                                                 int(K), int(El), P, region);
-    CUDA_CHECK_LAUNCH();
-    return;
-  }
   ep_layout_count_kernel<<<unsigned(P), kLayoutThreads, 0, ctx.stream>>>(
       send_pos, send_cnt, send_picks, topk_idx, N, int(K), int(El), P);
   CUDA_CHECK_LAUNCH();
