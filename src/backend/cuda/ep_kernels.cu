@@ -12,14 +12,14 @@ constexpr int kScanThreads = 256;
 constexpr int kLayoutThreads = 1024;  // ep_layout_count_kernel's block
 constexpr int kRowThreads = 128;
 
-// Block d: which tokens have a pick on rank d, and their rank among them (token order).
-// Measured (bench/RESULTS.md, eighth session): with the place kernel 43-49 us at N 4096 and
-// 80 us at 8192 on an H200, a third of the direct dispatch. Each thread's run of tokens makes
-// a warp's load touch 32 cache lines (threads per*K*4 bytes apart), so the loads are bound by
-// L1 wavefronts, one per line: N*K/32 warp loads x 32 wavefronts per pass. One block doing
-// every destination, or four tokens' loads in flight at once, did not help (measured). What
-// should: consecutive threads on consecutive tokens (rounds of blockDim tokens, a block scan
-// per round carrying each destination's base; 16-byte loads of a token's picks).
+// The general path (P > 8): block d finds which tokens have a pick on rank d, and their rank
+// among them (token order); ep_layout_place_kernel then adds each destination's first row.
+// Measured for P = 2 (bench/RESULTS.md, eighth session): 43-49 us at N 4096 and 80 us at 8192
+// on an H200, a third of the direct dispatch. Each thread's run of tokens makes a warp's load
+// touch 32 cache lines (threads per*K*4 bytes apart), so the loads are bound by L1 wavefronts,
+// one per line: N*K/32 warp loads x 32 wavefronts per pass. One block doing every destination,
+// or four tokens' loads in flight at once, did not help (measured): ep_layout_rounds_kernel
+// below puts consecutive threads on consecutive tokens instead.
 // send_pos gets the position relative to d's first row; send_cnt[d] the number of tokens;
 // send_picks[d] (nullable) the number of their picks on d (the receiver's expert rows).
 // Each of the block's kLayoutThreads threads owns a contiguous run of tokens: it counts them,
@@ -53,6 +53,92 @@ __global__ void ep_layout_count_kernel(int32_t* send_pos, int32_t* send_cnt, int
   if (threadIdx.x == 0) {
     send_cnt[d] = total;
     if (send_picks) send_picks[d] = total_p;
+  }
+}
+
+// P <= kMaxP (8), one block: every destination at once, consecutive threads on consecutive
+// tokens, so a warp's loads cover one contiguous span of top-k rows (8 cache lines per 16-byte
+// load at K = 8, against 32 lines per load in the general path's runs). Pass 1 counts every
+// destination's tokens and picks; pass 2 walks the tokens in rounds of blockDim, a block scan
+// per destination and round placing each token after the ones before it (the base carried
+// from round to round), and writes the final rows (packed: after the earlier destinations; or
+// regions). The same rows as the general path, bit for bit (token order within a destination).
+// kVec: K == 8 and topk_idx 16-byte aligned (two 16-byte loads per token); else K loads.
+// The scans' shared words are double-buffered by round, so a round's writes never meet the
+// reads of the round before (the scans of the round between hold every thread at a barrier).
+template <int kMaxP, bool kVec>
+__global__ void __launch_bounds__(kLayoutThreads)
+    ep_layout_rounds_kernel(int32_t* send_pos, int32_t* send_cnt, int32_t* send_picks,
+                            const int32_t* topk_idx, int64_t N, int K, int El, int P,
+                            int64_t region) {
+  __shared__ int tmp[2][kMaxP][32];
+  __shared__ int tot[kMaxP], tot_p[kMaxP];
+  // on[d] = token n's picks on destination d (0 for n >= N); d unrolled, never an index
+  auto picks_of = [&](int64_t n, int (&on)[kMaxP]) {
+#pragma unroll
+    for (int d = 0; d < kMaxP; ++d) on[d] = 0;
+    if (n >= N) return;
+    auto add = [&](int e) {
+      const int r = e >= 0 ? e / El : -1;
+#pragma unroll
+      for (int d = 0; d < kMaxP; ++d) on[d] += r == d ? 1 : 0;
+    };
+    if constexpr (kVec) {
+      const int4* row = reinterpret_cast<const int4*>(topk_idx + n * 8);
+      const int4 a = row[0], b = row[1];
+      add(a.x), add(a.y), add(a.z), add(a.w), add(b.x), add(b.y), add(b.z), add(b.w);
+    } else {
+      for (int j = 0; j < K; ++j) add(topk_idx[n * K + j]);
+    }
+  };
+  const int64_t T = blockDim.x;
+  int on[kMaxP], cnt[kMaxP], picks[kMaxP];
+#pragma unroll
+  for (int d = 0; d < kMaxP; ++d) cnt[d] = picks[d] = 0;
+  for (int64_t n = threadIdx.x; n < N; n += T) {  // pass 1: the totals
+    picks_of(n, on);
+#pragma unroll
+    for (int d = 0; d < kMaxP; ++d) {
+      cnt[d] += on[d] > 0 ? 1 : 0;
+      picks[d] += on[d];
+    }
+  }
+#pragma unroll
+  for (int d = 0; d < kMaxP; ++d) {
+    if (d >= P) continue;  // uniform over the block
+    int total = 0, total_p = 0;
+    block_exclusive_scan(cnt[d], tmp[0][d], total);
+    if (send_picks) block_exclusive_scan(picks[d], tmp[1][d], total_p);
+    if (threadIdx.x == 0) {
+      tot[d] = total;
+      tot_p[d] = total_p;
+    }
+  }
+  __syncthreads();
+  int64_t base[kMaxP], first = 0;  // destination d's next row
+#pragma unroll
+  for (int d = 0; d < kMaxP; ++d) {
+    base[d] = 0;
+    if (d >= P) continue;
+    base[d] = region > 0 ? d * region : first;
+    first += tot[d];
+  }
+  int round = 0;
+  for (int64_t n0 = 0; n0 < N; n0 += T, ++round) {  // pass 2: the rows, in token order
+    const int64_t n = n0 + threadIdx.x;
+    picks_of(n, on);
+#pragma unroll
+    for (int d = 0; d < kMaxP; ++d) {
+      if (d >= P) continue;
+      int total = 0;
+      const int before = block_exclusive_scan(on[d] > 0 ? 1 : 0, tmp[round & 1][d], total);
+      if (n < N) send_pos[n * P + d] = on[d] > 0 ? int32_t(base[d] + before) : -1;
+      base[d] += total;
+    }
+  }
+  if (threadIdx.x < P) {
+    send_cnt[threadIdx.x] = tot[threadIdx.x];
+    if (send_picks) send_picks[threadIdx.x] = tot_p[threadIdx.x];
   }
 }
 
@@ -186,6 +272,18 @@ void ep_layout(int32_t* send_pos, int32_t* send_cnt, int32_t* send_picks, const 
            P, std::max(N, region));
   AM_CHECK(region == 0 || region >= N, "[ep_layout] padded regions of {} rows cannot hold {} tokens",
            region, N);
+  if (P <= 8) {  // one block, coalesced (op_check's ep_layout group: both paths, exactly)
+    using Kern = void (*)(int32_t*, int32_t*, int32_t*, const int32_t*, int64_t, int, int, int,
+                          int64_t);
+    const bool vec = K == 8 && reinterpret_cast<uintptr_t>(topk_idx) % 16 == 0;
+    const Kern k = P <= 2 ? (vec ? ep_layout_rounds_kernel<2, true> : ep_layout_rounds_kernel<2, false>)
+                   : P <= 4 ? (vec ? ep_layout_rounds_kernel<4, true> : ep_layout_rounds_kernel<4, false>)
+                            : (vec ? ep_layout_rounds_kernel<8, true> : ep_layout_rounds_kernel<8, false>);
+    k<<<1, kLayoutThreads, 0, ctx.stream>>>(send_pos, send_cnt, send_picks, topk_idx, N, int(K),
+                                            int(El), P, region);
+    CUDA_CHECK_LAUNCH();
+    return;
+  }
   ep_layout_count_kernel<<<unsigned(P), kLayoutThreads, 0, ctx.stream>>>(
       send_pos, send_cnt, send_picks, topk_idx, N, int(K), int(El), P);
   CUDA_CHECK_LAUNCH();
