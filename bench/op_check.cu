@@ -992,7 +992,8 @@ void case_moe(const cu::Ctx& ctx, int64_t N, int64_t E, int64_t K, int64_t C, in
 
 // cuda::ep_layout against the host: every token's row per destination (token order, packed
 // after the earlier destinations or in regions of `region` rows), the tokens and the picks per
-// destination. `drop`: the share of picks that are -1 (no expert), as a capacity-dropping
+// destination. P <= 8 runs the one-block rounds kernel (K 8: its 16-byte loads), P > 8 the
+// general path. `drop`: the share of picks that are -1 (no expert), as a capacity-dropping
 // router would leave them.
 void case_ep_layout(const cu::Ctx& ctx, int64_t N, int64_t K, int64_t El, int P, int64_t region,
                     double drop, bool picks) {
@@ -1800,9 +1801,9 @@ int main(int argc, char** argv) {
     case_ep_layout(ctx, 4096, 8, 32, 4, 4096, 0, true);   // EP 4, padded regions
     case_ep_layout(ctx, 8193, 8, 16, 8, 0, 0.05, true);   // EP 8, odd N
     case_ep_layout(ctx, 8192, 8, 16, 8, 8200, 0, true);   // EP 8, regions larger than N
-    case_ep_layout(ctx, 3000, 6, 8, 5, 0, 0, true);       // P 5
-    case_ep_layout(ctx, 2000, 8, 8, 16, 0, 0.1, true);    // P 16
-    case_ep_layout(ctx, 500, 4, 2, 9, 600, 0, true);      // P 9, regions
+    case_ep_layout(ctx, 3000, 6, 8, 5, 0, 0, true);       // P 5, K 6: a load per pick
+    case_ep_layout(ctx, 2000, 8, 8, 16, 0, 0.1, true);    // P 16: the general path
+    case_ep_layout(ctx, 500, 4, 2, 9, 600, 0, true);      // P 9, regions: the general path
   });
   run(filter, "moe_regions", [&] {  // EP padded mode's receive
     case_moe_regions(ctx, 7, {7, 0, 4}, 5, 2, 11);
