@@ -379,6 +379,8 @@ void EpMoeCuda::exchange_counts(Chunk& ch, const cu::Ctx& ctx) {
 // lands at row 1+s of the peer's info, s the sender. P*W int32 per rank, the same all-to-all as
 // the counts alone, so no extra sync; every rank then knows every rank's need and room. Every
 // chunk reports the room left before the layer's first carve (check_room() adds the chunks).
+// info_tail writes that N and room into the info row; the direct dispatch sends the row as its
+// call's mail instead (EpTransport::push_mail).
 void EpMoeCuda::info_tail(Chunk& ch, cudaStream_t s) {
   const size_t room = arena_->bump.left() / kEpArenaAlign;  // whole units: carves are aligned
   for (int i = 0; i < L_; ++i) {
