@@ -156,7 +156,8 @@ struct Opts {
                "ep_check: %s\nusage: ep_check [--loopback P] [--tokens N] [--hidden H] [--inter I] "
                "[--experts E] [--topk K] [--modes counts,padded] "
                "[--recompute none,outputs,experts] [--iters N] [--warmup N] "
-               "[--seed S] [--no-bench | --bench-only] [--queued-start] [--kill-rank R] [--kill-mode exit|stall] [--stall-rank R] "
+               "[--seed S] [--no-bench | --bench-only] [--queued-start] [--kill-rank R] "
+               "[--kill-mode exit|stall] [--stall-rank R] "
                "[--transport mpi|nccl|ipc|auto] [--time] [--chunks 2,3]\n",
                why.c_str());
   std::exit(2);
@@ -1122,6 +1123,11 @@ void bandwidth(const Opts& o, const dist::Comm& ep_comm, dist::NcclGroup& g,
   // (the payload is the routing's: the same for every way of dispatching)
   double mb = 0, base_bytes = 0;
   const bool both = mode == dist::EpMode::kCounts && t.can_push() && t.num_local() == 1;
+  // every timed call, ours and ncclAlltoAll's, starts here (see above)
+  auto start = [&] {
+    if (o.kill_rank < 0) ep_comm.barrier();  // the kill drills want NCCL's timeout, not MPI's
+    if (o.queued) cu::gpu_spin(kQueuedSpinNs, ctx.stream);
+  };
   for (const bool push : {true, false}) {
     if (!push && !both) break;
     ep.set_push(push);
@@ -1129,8 +1135,7 @@ void bandwidth(const Opts& o, const dist::Comm& ep_comm, dist::NcclGroup& g,
     dist::EpTimes last;
     for (int it = 0; it < o.warmup + o.iters; ++it) {
       if (it == o.warmup && push) maybe_die(o, g.rank());
-      if (o.kill_rank < 0) ep_comm.barrier();  // the kill drills want NCCL's timeout, not MPI's
-      if (o.queued) cu::gpu_spin(kQueuedSpinNs, ctx.stream);
+      start();
       ep.fwd(fa.data(), s.N, ctx);
       t.sync(ctx.stream);
       last = ep.last_times();
@@ -1153,8 +1158,7 @@ void bandwidth(const Opts& o, const dist::Comm& ep_comm, dist::NcclGroup& g,
       CUDA_CHECK(cudaEventCreate(&e1));
       std::vector<double> base;
       for (int it = 0; it < o.warmup + o.iters; ++it) {
-        if (o.kill_rank < 0) ep_comm.barrier();
-        if (o.queued) cu::gpu_spin(kQueuedSpinNs, ctx.stream);
+        start();
         CUDA_CHECK(cudaEventRecord(e0, ctx.stream));
         g.alltoall(a2a_r.get(), a2a_s.get(), per_peer, ncclBfloat16, ctx.stream);
         CUDA_CHECK(cudaEventRecord(e1, ctx.stream));

@@ -163,6 +163,11 @@ class IpcTransport final : public EpTransport {
   void copy_out(const EpA2aTensor* t, int nt, const EpA2aRows& rows, cudaStream_t stream);
   // step a) of call epoch_ (the waits, the copies into the peers' regions, their ready flags)
   void scatter(const EpA2aTensor* t, int nt, const EpA2aRows& rows, cudaStream_t stream);
+  // step a)'s waits (every peer's done flag of the previous call) and its writes (every peer's
+  // ready flag of call epoch_, fenced after the copies before them), one batch each; scatter
+  // and the direct dispatch (push_begin, push_end) share them
+  void wait_peers(cudaStream_t stream);
+  void signal_peers(cudaStream_t stream);
   // step c)'s waits (every source's ready flag) and its writes (every source's done flag, and
   // this rank's own ready slot) of call epoch_, one batch each
   void wait_sources(cudaStream_t stream);

@@ -459,10 +459,9 @@ void IpcTransport::alltoallv(const EpA2aTensor* t, int nt, const EpA2aRows& rows
 void IpcTransport::scatter(const EpA2aTensor* t, int nt, const EpA2aRows& rows,
                            cudaStream_t stream) {
   const int P = ep_.size(), me = ep_.rank();
-  const uint32_t e = epoch_;
   // a) into every peer's region, after its copy-out of the previous call (one batch of waits,
   // one copy kernel for every peer and tensor); then the peers' ready flags (one batch)
-  flags(stream, true, peer_flags([&](int p) { return flags_ + P + p; }), e - 1);  // my done[p]
+  wait_peers(stream);
   Copies copies(stream, sm_copies_);
   for (int p = 0; p < P; ++p) {
     if (p == me) continue;
@@ -474,8 +473,18 @@ void IpcTransport::scatter(const EpA2aTensor* t, int nt, const EpA2aRows& rows,
     }
   }
   copies.flush();
-  // p's ready[me]
-  flags(stream, false, peer_flags([&](int p) { return peer_flags_[size_t(p)] + me; }), e);
+  signal_peers(stream);
+}
+
+void IpcTransport::wait_peers(cudaStream_t stream) {
+  const int P = ep_.size();
+  flags(stream, true, peer_flags([&](int p) { return flags_ + P + p; }), epoch_ - 1);  // my done[p]
+}
+
+void IpcTransport::signal_peers(cudaStream_t stream) {
+  const int me = ep_.rank();
+  // fenced after the copies before them on this stream; p's ready[me]
+  flags(stream, false, peer_flags([&](int p) { return peer_flags_[size_t(p)] + me; }), epoch_);
 }
 
 void IpcTransport::alltoallv_inplace(const EpA2aTensor* t, int nt, const EpA2aRows& rows,
@@ -548,11 +557,10 @@ void IpcTransport::copy_out(const EpA2aTensor* t, int nt, const EpA2aRows& rows,
 void IpcTransport::push_begin(cudaStream_t stream, unsigned char** region_out, size_t* cap) {
   const int P = ep_.size(), me = ep_.rank();
   check_live();
-  const uint32_t e = ++epoch_;
+  ++epoch_;
   in_flight_ = true;
   for (int p = 0; p < P; ++p) region_out[p] = p == me ? nullptr : region(p, me);
-  // step a)'s waits: every peer p is done with my region of call e-1 (my done[p])
-  flags(stream, true, peer_flags([&](int p) { return flags_ + P + p; }), e - 1);
+  wait_peers(stream);  // every peer p is done with my region of the previous call
   *cap = pair_cap_;
 }
 
@@ -581,9 +589,7 @@ void IpcTransport::push_mail(cudaStream_t stream, const int32_t* words_dev, int 
 }
 
 void IpcTransport::push_end(cudaStream_t stream) {
-  const int me = ep_.rank();
-  // the kernel's stores into the peers came before on this stream; the fenced writes after them
-  flags(stream, false, peer_flags([&](int p) { return peer_flags_[size_t(p)] + me; }), epoch_);
+  signal_peers(stream);  // after the kernel's stores into the peers
 }
 
 void IpcTransport::push_recv(const EpA2aTensor* t, int nt, const EpA2aRows& rows,

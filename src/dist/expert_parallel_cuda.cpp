@@ -628,11 +628,6 @@ void EpMoeCuda::fwd(const EpMoeFwdArgs* a, int64_t N, const cu::Ctx& ctx) {
   }
   if (counts) {  // the one host sync (for all chunks): the counts size the all-to-all-v and the
                  // saved state
-    if (!push)
-      for (auto& chp : ch_)
-        for (int i = 0; i < L_; ++i)
-          CUDA_CHECK(cudaMemcpyAsync(chp->host_cnt + size_t(i) * P * W_, chp->r[i]->info.get() + W_,
-                                     size_t(P * W_) * sizeof(int32_t), cudaMemcpyDeviceToHost, cs));
     if (push) {
       Chunk& ch = *ch_[0];
       EpMoeScratch::Local& l = local(0, 0);
@@ -659,6 +654,10 @@ void EpMoeCuda::fwd(const EpMoeFwdArgs* a, int64_t N, const cu::Ctx& ctx) {
         throw;
       }
     } else {
+      for (auto& chp : ch_)
+        for (int i = 0; i < L_; ++i)
+          CUDA_CHECK(cudaMemcpyAsync(chp->host_cnt + size_t(i) * P * W_, chp->r[i]->info.get() + W_,
+                                     size_t(P * W_) * sizeof(int32_t), cudaMemcpyDeviceToHost, cs));
       t_.sync(cs);
       check_room();  // throws on every rank alike, before any rows move
     }

@@ -189,9 +189,10 @@ struct EpTimes {
   // dispatch of d(out): pack .. rows received) and dispatch's (the d(x), d(w) rows back .. summed)
   float bwd_dispatch_ms = 0, bwd_combine_ms = 0;
   // the forward's direct dispatch in three (0 otherwise; they add up to dispatch_ms): the layout
-  // and the counts' mail sent (not its arrival: the host waits for that beside the push); the push (with its waits for the peers' last copy-outs); the rest
-  // (the carve's copy, the copy-out with its waits for the peers' rows, and any gap while the
-  // host had not enqueued them yet)
+  // and the counts' mail sent (not its arrival: the host waits for that beside the push); the
+  // push (with its waits for the peers' last copy-outs); the rest (the carve's copy, the
+  // copy-out with its waits for the peers' rows, and any gap while the host had not enqueued
+  // them yet)
   float dispatch_counts_ms = 0, dispatch_push_ms = 0, dispatch_recv_ms = 0;
   float dispatch_layout_ms = 0;  // of dispatch_counts_ms: the layout kernels alone
   int64_t rows_payload = 0, rows_wire = 0;

@@ -32,7 +32,6 @@ double seconds_since(Clock::time_point t0) {
   return std::chrono::duration<double>(Clock::now() - t0).count();
 }
 
-
 // Every live NcclGroup of this process. A failure aborts all of them, not only the one that
 // noticed: the error unwinds through destructors that synchronise streams (the model's compute
 // stream, DeviceGradReducer's comm stream, IpcTransport's device synchronize) before the top level

@@ -142,6 +142,13 @@ __global__ void __launch_bounds__(kLayoutThreads)
   }
 }
 
+using LayoutKernel = void (*)(int32_t*, int32_t*, int32_t*, const int32_t*, int64_t, int, int,
+                              int, int64_t);
+template <int kMaxP>
+LayoutKernel rounds_kernel(bool vec) {
+  return vec ? ep_layout_rounds_kernel<kMaxP, true> : ep_layout_rounds_kernel<kMaxP, false>;
+}
+
 // Relative positions to send-buffer rows: destination d starts at d * region (padded) or after
 // the rows of destinations 0..d-1 (packed; P is small, each thread sums the counts itself).
 __global__ void ep_layout_place_kernel(int32_t* send_pos, const int32_t* send_cnt, int64_t N,
@@ -273,12 +280,10 @@ void ep_layout(int32_t* send_pos, int32_t* send_cnt, int32_t* send_picks, const 
   AM_CHECK(region == 0 || region >= N, "[ep_layout] padded regions of {} rows cannot hold {} tokens",
            region, N);
   if (P <= 8) {  // one block, coalesced (op_check's ep_layout group: both paths, exactly)
-    using Kern = void (*)(int32_t*, int32_t*, int32_t*, const int32_t*, int64_t, int, int, int,
-                          int64_t);
     const bool vec = K == 8 && reinterpret_cast<uintptr_t>(topk_idx) % 16 == 0;
-    const Kern k = P <= 2 ? (vec ? ep_layout_rounds_kernel<2, true> : ep_layout_rounds_kernel<2, false>)
-                   : P <= 4 ? (vec ? ep_layout_rounds_kernel<4, true> : ep_layout_rounds_kernel<4, false>)
-                            : (vec ? ep_layout_rounds_kernel<8, true> : ep_layout_rounds_kernel<8, false>);
+    const LayoutKernel k = P <= 2 ? rounds_kernel<2>(vec)
+                           : P <= 4 ? rounds_kernel<4>(vec)
+                                    : rounds_kernel<8>(vec);
     k<<<1, kLayoutThreads, 0, ctx.stream>>>(send_pos, send_cnt, send_picks, topk_idx, N, int(K),
                                             int(El), P, region);
     CUDA_CHECK_LAUNCH();
