@@ -12,7 +12,8 @@
 //   cuda_bench [--layers 12] [--seq 4096] [--mbs 2] [--warmup 3] [--steps 8]
 //              [--precision bf16|fp32_master] [--max-grad-norm 1.0] [--memory-saving]
 //              [--ep E] [--ep-capacity 2] [--ep-recompute none|outputs|experts]
-//              [--ep-dispatch counts|padded] [--ep-chunks 1..8] [--zero 0|1|3]
+//              [--ep-dispatch counts|padded] [--ep-chunks 1..8] [--ep-halves] [--zero 0|1|3]
+// --ep-halves: train.ep_halves (the two-half overlap; model/qwen3_moe_cuda.h); needs IPC.
 // --ep-chunks C: train.ep_chunks (each EP block pipelines its tokens in C chunks; the phases
 // fwd_ep_dispatch .. bwd_ep_combine are then the transport calls alone, beside the GEMMs).
 // --memory-saving: AdamW inside the backward (there fwd_bwd includes the optimizer and the
@@ -78,6 +79,7 @@ int main(int argc, char** argv) {
   std::string ep_recompute = "none", ep_dispatch = "counts";
   int zero = 0;
   int ep_chunks = 1;
+  bool ep_halves = false;
   for (int i = 1; i < argc; ++i) {
     auto need = [&](const char* f) {
       if (i + 1 >= argc) {
@@ -100,12 +102,13 @@ int main(int argc, char** argv) {
     else if (!std::strcmp(argv[i], "--ep-dispatch")) ep_dispatch = need("--ep-dispatch");
     else if (!std::strcmp(argv[i], "--zero")) zero = std::atoi(need("--zero"));
     else if (!std::strcmp(argv[i], "--ep-chunks")) ep_chunks = std::atoi(need("--ep-chunks"));
+    else if (!std::strcmp(argv[i], "--ep-halves")) ep_halves = true;
     else {
       std::fprintf(stderr,
                    "usage: cuda_bench [--layers 12] [--seq 4096] [--mbs 2] [--warmup 3] [--steps 8] "
                    "[--precision bf16|fp32_master] [--max-grad-norm 1.0] [--memory-saving] "
                    "[--ep E] [--ep-capacity 2] [--ep-recompute none|outputs|experts] "
-                   "[--ep-dispatch counts|padded] [--ep-chunks 1..8] [--zero 0|1|3]\n");
+                   "[--ep-dispatch counts|padded] [--ep-chunks 1..8] [--ep-halves] [--zero 0|1|3]\n");
       return 2;
     }
   }
@@ -152,7 +155,8 @@ int main(int argc, char** argv) {
       comms = std::make_unique<dist::GpuComms>(groups, pl, dist::choose_ep_transport("", pl));
       cd = CudaDist{&groups, comms->ep_transport(), comms->nccl_world(), comms->nccl_dp(),
                     ep_capacity, dist::parse_ep_recompute(ep_recompute), zero,
-                    dist::parse_ep_dispatch(ep_dispatch), ep_chunks};
+                    dist::parse_ep_dispatch(ep_dispatch), ep_chunks, ep_halves};
+      if (ep_halves) cd.ep_transport_b = comms->second_ep_transport();
       if (rank == 0) {
         std::printf("cuda_bench: %d ranks, expert parallel %d x data parallel %d; %s\n", world,
                     groups.ep.size(), groups.dp.size(), comms->describe(groups).c_str());
@@ -232,6 +236,7 @@ int main(int argc, char** argv) {
         {"ep_recompute", ep_recompute},
         {"ep_dispatch", ep_dispatch},
         {"ep_chunks", ep_chunks},
+        {"ep_halves", ep_halves},
         {"zero", zero},
         {"layers", layers},
         {"seq", seq},

@@ -112,6 +112,11 @@
 #             MULTI_LAYERS (default "12 24": W2; W4: MULTI_LAYERS=48 MBS=1 on 4 GPUs); on one GPU
 #             a small two-rank smoke run of the same path; each also with --ep-chunks 2
 #             (multi_automoe_L<L>_chunks2, multi_smoke_chunks2; MULTI_CHUNKS=0 leaves those out)
+#             and with --ep-halves over IPC (multi_automoe_L<L>_halves; MULTI_HALVES=0 leaves
+#             those out); MULTI_FSDP=0 leaves out Transformers (A/B runs of ours only)
+#   halves    (not default) train.ep_halves against the whole micro-batch: 50 steps of the demo
+#             recipe, EP = 2 over IPC, the same loss curve within bf16 rounding
+#             (TARGETS=automoe_cli)
 #   launch    (not default) torchrun (torch.distributed.run --no-python, no MPI in the processes:
 #             the TCP backend of dist::Comm) against mpirun, bit for bit: a 20-step CPU tiny-moe run
 #             with ep 2, and the demo recipe on GPU 0 with ep 2 (both ranks on GPU 0: IPC rows,
@@ -760,6 +765,26 @@ if has dispatch_bw; then
     fails=$((fails + 1))
   fi
 fi
+if has halves; then
+  # train.ep_halves (the two-half overlap) against the whole micro-batch: 50 steps of the demo
+  # recipe with EP = 2 over IPC (two GPUs, or two processes on GPU 0), the same loss curve
+  # within bf16 rounding (the halves' weight gradients add two sums, so not the same bits)
+  if [ -x "$BUILD/automoe" ] && command -v mpirun >/dev/null 2>&1; then
+    hmpi=(mpirun --allow-run-as-root -np 2 -x NCCL_NVLS_ENABLE=0 -x TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+          -x NVSHMEM_DISABLE_NVLS=1 -x AUTOMOE_EP_TRANSPORT=ipc -x CUDA_DEVICE_MAX_CONNECTIONS=32)
+    [ "$(nvidia-smi -L 2>/dev/null | grep -c "^GPU")" -lt 2 ] &&
+      hmpi+=(--oversubscribe -x CUDA_VISIBLE_DEVICES=0)
+    stage halves_train_off "${hmpi[@]}" "$BUILD/automoe" "${run[@]}" --train.ep 2 \
+      --data.micro_batch 8 --output.dir "$BUILD/halves_train_off"
+    stage halves_train_on "${hmpi[@]}" "$BUILD/automoe" "${run[@]}" --train.ep 2 \
+      --data.micro_batch 8 --train.ep_halves true --output.dir "$BUILD/halves_train_on"
+    stage halves_cmp python3 bench/compare_loss_curves.py \
+      "$BUILD/halves_train_off/metrics.jsonl" "$BUILD/halves_train_on/metrics.jsonl"
+  else
+    echo "device.sh: stage halves needs $BUILD/automoe and mpirun"
+    fails=$((fails + 1))
+  fi
+fi
 if has multi; then
   # Several GPUs: cuda_bench under mpirun (a rank per GPU, EP over all of them, transport auto)
   # beside native Transformers + FSDP2 (.deps/bench/hf_moe_fsdp.py, all GPUs), per layer count
@@ -779,7 +804,14 @@ if has multi; then
       [ "${MULTI_CHUNKS:-1}" = 0 ] ||
         stage "multi_automoe_L${L}_chunks2" "${MPIM[@]}" -np "$ngpu" "$BUILD/cuda_bench" --layers "$L" \
           --seq "${SEQ:-4096}" --mbs "${MBS:-2}" --ep-chunks 2 ${BENCH_ARGS:-}
-      if [ -f .deps/bench/hf_moe_fsdp.py ]; then
+      # train.ep_halves beside it (the two-half overlap; needs the IPC transport)
+      # shellcheck disable=SC2086
+      [ "${MULTI_HALVES:-1}" = 0 ] ||
+        stage "multi_automoe_L${L}_halves" "${MPIM[@]}" -np "$ngpu" -x AUTOMOE_EP_TRANSPORT=ipc \
+          -x CUDA_DEVICE_MAX_CONNECTIONS=32 \
+          "$BUILD/cuda_bench" --layers "$L" --seq "${SEQ:-4096}" --mbs "${MBS:-2}" --ep-halves \
+          ${BENCH_ARGS:-}
+      if [ -f .deps/bench/hf_moe_fsdp.py ] && [ "${MULTI_FSDP:-1}" != 0 ]; then
         stage "multi_fsdp_L$L" env LAYERS="$L" SEQ="${SEQ:-4096}" MBS="${MBS:-2}" STEPS=8 WARM=3 \
           NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
           PYTHONPATH=.deps/bench python3 .deps/bench/hf_moe_fsdp.py
@@ -861,6 +893,10 @@ if has launch; then
     [ -f "$f" ] && echo "$(basename "$f" .log):" && grep -hE "^(ok|FAIL)" "$f"
   done
   grep -hE "replicas identical|automoe: error|torchrun|launcher" "$BUILD"/launch_*.log 2>/dev/null | sort -u | head -n 12
+fi
+if has halves; then  # the two halves against the whole micro-batch
+  [ -f "$BUILD/halves_cmp.log" ] && echo "halves_cmp:" && grep -hE "^(ok|FAIL)" "$BUILD/halves_cmp.log"
+  grep -hE "automoe: error|error:" "$BUILD"/halves_train_*.log 2>/dev/null | sort -u | head -n 4
 fi
 if has dispatch_bw; then  # rank 0's lines: dispatch and combine, and where the dispatch's time goes
   grep -h "^BW .* rank 0/" "$BUILD"/dispatch_bw_*.log 2>/dev/null | sed 's/(payload[^)]*) //'

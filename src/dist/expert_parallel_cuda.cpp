@@ -68,7 +68,7 @@ size_t EpMoeCuda::workspace_bytes(const EpMoeShape& s, int P) {
 }
 
 EpMoeScratch::EpMoeScratch(const EpMoeShape& s, int P, int local_ranks, EpMode m, EpRecompute rc,
-                           int chunks_)
+                           int chunks_, bool split)
     : chunks(chunks_), mode(m), recompute(rc) {
   check_ep_chunks(chunks);
   P = std::max(P, 1);
@@ -91,8 +91,8 @@ EpMoeScratch::EpMoeScratch(const EpMoeShape& s, int P, int local_ranks, EpMode m
     const int64_t L = std::max(local_ranks, 1);
     acc_gu = Buf<float>(size_t(L * El * 2 * s.I * s.H));
     acc_down = Buf<float>(size_t(L * El * s.H * s.I));
-    comm = cu::create_priority_stream();
   }
+  if (chunks > 1 || split) comm = cu::create_priority_stream();
   local.resize(size_t(std::max(local_ranks, 1)) * size_t(chunks));
   for (Local& l : local) {
     l.send_pos = Buf<int32_t>(size_t(Nmax * P));
@@ -178,11 +178,8 @@ EpMoeCuda::EpMoeCuda(EpTransport& t, const EpMoeShape& shape, EpMode mode, EpRec
     ch->recv_cnt.assign(LP, 0);
     ch->R.assign(size_t(L_), 0);
     ch->M.assign(size_t(L_), 0);
-    if (C_ > 1) {
-      for (cudaEvent_t* e : {&ch->packed, &ch->arrived, &ch->computed, &ch->returned})
-        CUDA_CHECK(cudaEventCreateWithFlags(e, cudaEventDisableTiming));
+    if (C_ > 1)
       for (cudaEvent_t& e : ch->tev) CUDA_CHECK(cudaEventCreate(&e));
-    }
     ch_.push_back(std::move(ch));
   }
   if (sc_) {
@@ -207,6 +204,12 @@ EpMoeCuda::EpMoeCuda(EpTransport& t, const EpMoeShape& shape, EpMode mode, EpRec
     sc_ = std::make_shared<EpMoeScratch>(s_, P_, L_, mode_, rc_, C_);
     bytes_ += sc_->bytes();
   }
+  split_ = C_ == 1 && sc_->comm;  // the split calls' comm stream (a scratch built with `split`)
+  if (C_ > 1 || split_)  // the hand-offs between the caller's stream and the comm stream
+    for (auto& ch : ch_)
+      for (cudaEvent_t* e : {&ch->packed, &ch->arrived, &ch->computed, &ch->returned})
+        CUDA_CHECK(cudaEventCreateWithFlags(e, cudaEventDisableTiming));
+  src_ = std::make_unique<cu::EpRowSources[]>(2);
   if (!arena_) {  // one forward's state at the worst routing, reset at each forward
     arena_ = std::make_shared<EpSavedArena>(ep_arena_worst_bytes(s_, P_, L_, rc_, C_),
                                             "the worst routing of one layer");
@@ -243,7 +246,7 @@ EpMoeCuda::EpMoeCuda(EpTransport& t, const EpMoeShape& shape, EpMode mode, EpRec
   for (cudaEvent_t& e : ev_) CUDA_CHECK(cudaEventCreate(&e));
   for (cudaEvent_t& e : evb_) CUDA_CHECK(cudaEventCreate(&e));
   for (cudaEvent_t& e : evd_) CUDA_CHECK(cudaEventCreate(&e));
-  if (C_ > 1) CUDA_CHECK(cudaEventCreateWithFlags(&laid_out_, cudaEventDisableTiming));
+  if (C_ > 1 || split_) CUDA_CHECK(cudaEventCreateWithFlags(&laid_out_, cudaEventDisableTiming));
   CUDA_CHECK(cudaEventCreateWithFlags(&wgrad_done_, cudaEventDisableTiming));
   CUDA_CHECK(cudaEventCreateWithFlags(&counted_, cudaEventDisableTiming));
   wgrad_overlap_ = env_on("AUTOMOE_EP_WGRAD_OVERLAP");
@@ -341,15 +344,15 @@ cu::EpPushDst EpMoeCuda::push_begin(cudaStream_t s) {
 }
 
 cudaStream_t EpMoeCuda::comm_stream(const cu::Ctx& ctx) const {
-  return C_ > 1 ? sc_->comm : ctx.stream;
+  return C_ > 1 || split_ ? sc_->comm : ctx.stream;
 }
 
 void EpMoeCuda::signal(cudaEvent_t e, cudaStream_t s) const {
-  if (C_ > 1) CUDA_CHECK(cudaEventRecord(e, s));
+  if (C_ > 1 || split_) CUDA_CHECK(cudaEventRecord(e, s));
 }
 
 void EpMoeCuda::await(cudaStream_t s, cudaEvent_t e) const {
-  if (C_ > 1) CUDA_CHECK(cudaStreamWaitEvent(s, e, 0));
+  if (C_ > 1 || split_) CUDA_CHECK(cudaStreamWaitEvent(s, e, 0));
 }
 
 void EpMoeCuda::mark(Chunk& c, int k, cudaStream_t s) const {
@@ -563,6 +566,15 @@ void EpMoeCuda::experts_fwd(Chunk& ch, int i, const EpMoeFwdArgs& a, const cu::C
 void EpMoeCuda::fwd(const EpMoeFwdArgs* a, int64_t N, const cu::Ctx& ctx) {
   const int64_t H = s_.H, K = s_.K, El = El_;
   const int P = P_;
+  // The direct dispatch (one chunk, one rank per process, a transport that can): the split
+  // calls in a row (on the caller's stream, unless the scratch has a comm stream)
+  if (mode_ == EpMode::kCounts && use_push(a[0].x)) {
+    fwd_begin(a[0], N, ctx);
+    fwd_end(ctx);
+    fwd_finish(ctx);
+    return;
+  }
+  expect(Step::kIdle, "fwd");
   AM_CHECK(N >= 0 && N <= s_.max_tokens,
            "[EpMoeCuda] {} tokens, but the buffers were sized for at most {}; construct it with "
            "a larger max_tokens",
@@ -591,7 +603,8 @@ void EpMoeCuda::fwd(const EpMoeFwdArgs* a, int64_t N, const cu::Ctx& ctx) {
     return counts ? local(ch.idx, i).send_pos.get() : ch.r[i]->send_pos;
   };
   if (timing_ && C_ == 1) CUDA_CHECK(cudaEventRecord(ev_[0], ctx.stream));
-  // ---- layout and dispatch
+  // ---- layout and dispatch: the counts (counts: every rank's info row; padded: the counts
+  // only), the pack, and after the host's plan the rows' all-to-all
   for (auto& chp : ch_) {
     Chunk& ch = *chp;
     for (int i = 0; i < L_; ++i) {
@@ -600,23 +613,15 @@ void EpMoeCuda::fwd(const EpMoeFwdArgs* a, int64_t N, const cu::Ctx& ctx) {
                     K, El, P, counts ? 0 : ch.n, ctx);
     }
   }
-  if (timing_ && C_ == 1) CUDA_CHECK(cudaEventRecord(evd_[2], ctx.stream));
   signal(laid_out_, ctx.stream);
   await(cs, laid_out_);
-  // Direct dispatch (one chunk, one rank per process, a transport that can): the info rows go
-  // to every rank as the call's mail, then the kernel stores the rows straight into the peers'
-  // regions, so they travel while the host waits for the mail and plans (below). Without it
-  // the info rows' own all-to-all here, the pack, and the rows' all-to-all after the plan.
-  const bool push = counts && use_push(a[0].x);
   for (auto& chp : ch_) {
-    if (push) break;
     mark(*chp, 0, cs);
     if (counts) exchange_info(*chp, cctx);
     else exchange_counts(*chp, cctx);
     mark(*chp, 1, cs);
   }
   for (auto& chp : ch_) {
-    if (push) break;
     Chunk& ch = *chp;
     for (int i = 0; i < L_; ++i) {
       EpMoeScratch::Local& l = local(ch.idx, i);
@@ -628,44 +633,17 @@ void EpMoeCuda::fwd(const EpMoeFwdArgs* a, int64_t N, const cu::Ctx& ctx) {
   }
   if (counts) {  // the one host sync (for all chunks): the counts size the all-to-all-v and the
                  // saved state
-    if (push) {
-      Chunk& ch = *ch_[0];
-      EpMoeScratch::Local& l = local(0, 0);
-      info_tail(ch, cs);
-      const cu::EpPushDst dst = push_begin(cs);
-      // every rank's info row into host_cnt (rank s's at row s), as the all-to-all would
-      t_.push_mail(cs, ch.r[0]->info.get(), W_, ch.host_cnt, counted_);
-      if (timing_) CUDA_CHECK(cudaEventRecord(evd_[0], cs));
-      cu::ep_dispatch_push(dst, l.x_send.get(), l.idx_send.get(), l.w_send.get(), a[0].x,
-                           a[0].topk_idx, a[0].topk_w, pos(ch, 0), ch.r[0]->info.get(), ch.n, H,
-                           K, El, P, t_.rank_of(0), ctx);
-      t_.push_end(cs);
-      if (timing_) CUDA_CHECK(cudaEventRecord(evd_[1], cs));
-      t_.wait_event(counted_);  // the mail only: the rows are still on their way
-      try {
-        check_room();
-      } catch (...) {
-        // The rows were pushed already: every rank (check_room's verdict is the same on all)
-        // ends the transport's call taking none of them, so the next call's waits are met.
-        const std::vector<int64_t> none(size_t(P), 0);
-        const EpA2aTensor t = tensor(0, EpDtype::kBf16, H, [&](int) { return l.x_send.get(); },
-                                     [&](int) { return ch.r[0]->x_recv; });
-        t_.push_recv(&t, 1, EpA2aRows{none.data(), none.data(), none.data(), none.data()}, cs);
-        throw;
-      }
-    } else {
-      for (auto& chp : ch_)
-        for (int i = 0; i < L_; ++i)
-          CUDA_CHECK(cudaMemcpyAsync(chp->host_cnt + size_t(i) * P * W_, chp->r[i]->info.get() + W_,
-                                     size_t(P * W_) * sizeof(int32_t), cudaMemcpyDeviceToHost, cs));
-      t_.sync(cs);
-      check_room();  // throws on every rank alike, before any rows move
-    }
+    for (auto& chp : ch_)
+      for (int i = 0; i < L_; ++i)
+        CUDA_CHECK(cudaMemcpyAsync(chp->host_cnt + size_t(i) * P * W_, chp->r[i]->info.get() + W_,
+                                   size_t(P * W_) * sizeof(int32_t), cudaMemcpyDeviceToHost, cs));
+    t_.sync(cs);
+    check_room();  // throws on every rank alike, before any rows move
     for (auto& ch : ch_) set_plan(*ch);
     for (auto& ch : ch_) carve(*ch, ctx);
   }
   N_ = N;
-  pushed_ = push;
+  pushed_ = false;
   bwd_timed_ = false;  // until this forward's backward records its events
   for (auto& chp : ch_) {
     Chunk& ch = *chp;
@@ -678,8 +656,7 @@ void EpMoeCuda::fwd(const EpMoeFwdArgs* a, int64_t N, const cu::Ctx& ctx) {
                [&](int i) { return local(ch.idx, i).idx_recv.get(); }),
         tensor(2, EpDtype::kF32, K, [&](int i) { return local(ch.idx, i).w_send.get(); },
                [&](int i) { return ch.r[i]->w_recv; })};
-    if (push) t_.push_recv(t, 3, ch.fwd_rows(), cs);
-    else t_.alltoallv(t, 3, ch.fwd_rows(), cs);
+    t_.alltoallv(t, 3, ch.fwd_rows(), cs);
     mark(ch, 3, cs);
     signal(ch.arrived, cs);
   }
@@ -687,12 +664,11 @@ void EpMoeCuda::fwd(const EpMoeFwdArgs* a, int64_t N, const cu::Ctx& ctx) {
   // ---- the local experts over the received rows; combine: rows back along the dispatch's
   // path, summed per token in rank order
   const bool inplace = use_inplace(a[0].out);
-  cu::EpRowSources ys;  // in place: where each rank's rows came back
   auto unpack = [&](Chunk& ch) {
     await(ctx.stream, ch.returned);
     if (inplace) {
-      cu::ep_combine_unpack_sources(a[0].out, nullptr, ys, nullptr, ch.r[0]->send_pos, ch.n, H, K,
-                                    P, ctx);
+      cu::ep_combine_unpack_sources(a[0].out, nullptr, src_[0], nullptr, ch.r[0]->send_pos, ch.n,
+                                    H, K, P, ctx);
       t_.inplace_end(ctx.stream);
       return;
     }
@@ -708,7 +684,7 @@ void EpMoeCuda::fwd(const EpMoeFwdArgs* a, int64_t N, const cu::Ctx& ctx) {
     await(cs, ch.computed);
     if (timing_ && C_ == 1) CUDA_CHECK(cudaEventRecord(ev_[2], ctx.stream));
     mark(ch, 4, cs);
-    if (inplace) return_inplace(ch, 1, &ys, cs);
+    if (inplace) return_inplace(ch, 1, src_.get(), cs);
     else move_rows(ch, &EpMoeScratch::Local::y_recv, &EpMoeScratch::Local::x_send, ch.back_rows(), cs);
     mark(ch, 5, cs);
     signal(ch.returned, cs);
@@ -716,6 +692,130 @@ void EpMoeCuda::fwd(const EpMoeFwdArgs* a, int64_t N, const cu::Ctx& ctx) {
   }
   unpack(*ch_[C_ - 1]);
   if (timing_ && C_ == 1) CUDA_CHECK(cudaEventRecord(ev_[3], ctx.stream));
+}
+
+void EpMoeCuda::expect(Step want, const char* call) const {
+  static const char* const after[] = {"nothing pending", "fwd_begin", "fwd_end", "bwd_begin",
+                                      "bwd_end"};
+  AM_CHECK(step_ == want,
+           "internal: [EpMoeCuda] {}: {} called after {}; the split calls go fwd_begin, fwd_end, "
+           "fwd_finish, then bwd_begin, bwd_end, bwd_finish",
+           label_, call, after[int(step_)]);
+}
+
+// The direct dispatch's forward, first step: the layout on the caller's stream; then, on the
+// comm stream, the counts' mail and the push (the kernel stores the rows straight into the
+// peers' regions), so they travel while the host does other work and then waits in fwd_end.
+void EpMoeCuda::fwd_begin(const EpMoeFwdArgs& a, int64_t N, const cu::Ctx& ctx) {
+  const int64_t H = s_.H, K = s_.K, El = El_;
+  const int P = P_;
+  expect(Step::kIdle, "fwd_begin");
+  AM_CHECK(N >= 0 && N <= s_.max_tokens,
+           "[EpMoeCuda] {} tokens, but the buffers were sized for at most {}; construct it with "
+           "a larger max_tokens",
+           N, s_.max_tokens);
+  AM_CHECK(mode_ == EpMode::kCounts && use_push(a.x),
+           "[EpMoeCuda] {}: the split forward needs the direct dispatch: counts mode, one chunk, "
+           "one rank per process, a transport that can push (ipc), H a multiple of 8 and "
+           "16-byte aligned rows (AUTOMOE_EP_PUSH not 0)",
+           label_);
+  N_ = -1;  // no valid state until fwd_end's carve
+  sc_->wait_wgrad(ctx.stream);  // the last backward's weight gradients read the scratch
+  if (own_arena_) arena_->reset();
+  const cudaStream_t cs = comm_stream(ctx);
+  cu::Ctx cctx = ctx;
+  cctx.stream = cs;
+  Chunk& ch = *ch_[0];
+  EpMoeScratch::Local& l = local(0, 0);
+  ch.t0 = 0;
+  ch.n = N;
+  if (timing_) CUDA_CHECK(cudaEventRecord(ev_[0], ctx.stream));
+  cu::ep_layout(l.send_pos.get(), ch.r[0]->info.get(), ch.r[0]->info.get() + P, a.topk_idx, N, K,
+                El, P, 0, ctx);
+  if (timing_) CUDA_CHECK(cudaEventRecord(evd_[2], ctx.stream));
+  // the comm stream after everything of the caller's so far (the layout, the rows, and what
+  // last read the buffers the push writes)
+  signal(laid_out_, ctx.stream);
+  await(cs, laid_out_);
+  info_tail(ch, cs);
+  const cu::EpPushDst dst = push_begin(cs);
+  // every rank's info row into host_cnt (rank s's at row s), as the all-to-all would
+  t_.push_mail(cs, ch.r[0]->info.get(), W_, ch.host_cnt, counted_);
+  if (timing_) CUDA_CHECK(cudaEventRecord(evd_[0], cs));
+  cu::ep_dispatch_push(dst, l.x_send.get(), l.idx_send.get(), l.w_send.get(), a.x, a.topk_idx,
+                       a.topk_w, l.send_pos.get(), ch.r[0]->info.get(), N, H, K, El, P,
+                       t_.rank_of(0), cctx);
+  t_.push_end(cs);
+  if (timing_) CUDA_CHECK(cudaEventRecord(evd_[1], cs));
+  fa_ = a;
+  step_ = Step::kFwdBegun;
+}
+
+// Second step: the host waits for the mail only (the rows are still on their way), checks the
+// room, plans and carves; then the copy-out (comm), the experts (caller's stream, once the rows
+// are there) and the combine (comm, once the experts are done).
+void EpMoeCuda::fwd_end(const cu::Ctx& ctx) {
+  const int64_t H = s_.H, K = s_.K;
+  const int P = P_;
+  expect(Step::kFwdBegun, "fwd_end");
+  step_ = Step::kIdle;  // a throw below leaves nothing pending
+  const cudaStream_t cs = comm_stream(ctx);
+  Chunk& ch = *ch_[0];
+  EpMoeScratch::Local& l = local(0, 0);
+  t_.wait_event(counted_);
+  try {
+    check_room();
+  } catch (...) {
+    // The rows were pushed already: every rank (check_room's verdict is the same on all) ends
+    // the transport's call taking none of them, so the next call's waits are met.
+    const std::vector<int64_t> none(size_t(P), 0);
+    const EpA2aTensor t = tensor(0, EpDtype::kBf16, H, [&](int) { return l.x_send.get(); },
+                                 [&](int) { return ch.r[0]->x_recv; });
+    t_.push_recv(&t, 1, EpA2aRows{none.data(), none.data(), none.data(), none.data()}, cs);
+    throw;
+  }
+  set_plan(ch);
+  carve(ch, ctx);
+  N_ = ch.n;
+  pushed_ = true;
+  bwd_timed_ = false;  // until this forward's backward records its events
+  EpA2aTensor t[3] = {
+      tensor(0, EpDtype::kBf16, H, [&](int) { return l.x_send.get(); },
+             [&](int) { return ch.r[0]->x_recv; }),
+      tensor(1, EpDtype::kI32, K, [&](int) { return l.idx_send.get(); },
+             [&](int) { return l.idx_recv.get(); }),
+      tensor(2, EpDtype::kF32, K, [&](int) { return l.w_send.get(); },
+             [&](int) { return ch.r[0]->w_recv; })};
+  t_.push_recv(t, 3, ch.fwd_rows(), cs);
+  if (timing_) CUDA_CHECK(cudaEventRecord(ev_[1], cs));
+  signal(ch.arrived, cs);
+  await(ctx.stream, ch.arrived);
+  experts_fwd(ch, 0, fa_, ctx);
+  signal(ch.computed, ctx.stream);
+  await(cs, ch.computed);
+  if (timing_) CUDA_CHECK(cudaEventRecord(ev_[2], cs));
+  inplace_now_ = use_inplace(fa_.out);
+  if (inplace_now_) return_inplace(ch, 1, src_.get(), cs);
+  else move_rows(ch, &EpMoeScratch::Local::y_recv, &EpMoeScratch::Local::x_send, ch.back_rows(), cs);
+  signal(ch.returned, cs);
+  step_ = Step::kFwdEnded;
+}
+
+// Third step: the caller's stream waits for the combine and sums each token's rows into out.
+void EpMoeCuda::fwd_finish(const cu::Ctx& ctx) {
+  expect(Step::kFwdEnded, "fwd_finish");
+  step_ = Step::kIdle;
+  Chunk& ch = *ch_[0];
+  await(ctx.stream, ch.returned);
+  if (inplace_now_) {
+    cu::ep_combine_unpack_sources(fa_.out, nullptr, src_[0], nullptr, ch.r[0]->send_pos, ch.n,
+                                  s_.H, s_.K, P_, ctx);
+    t_.inplace_end(ctx.stream);
+  } else {
+    cu::ep_combine_unpack(fa_.out, nullptr, local(0, 0).x_send.get(), nullptr, ch.r[0]->send_pos,
+                          ch.n, s_.H, s_.K, P_, ctx);
+  }
+  if (timing_) CUDA_CHECK(cudaEventRecord(ev_[3], ctx.stream));
 }
 
 // The backward of chunk ch's experts of local rank i: xs and the SwiGLU output always
@@ -761,6 +861,8 @@ void EpMoeCuda::experts_bwd(Chunk& ch, int i, const EpMoeBwdArgs& a, float g_bet
   if (overlap) {
     CUDA_CHECK(cudaEventRecord(sc_->inputs_ready, ctx.stream));
     CUDA_CHECK(cudaStreamWaitEvent(wctx.stream, sc_->inputs_ready, 0));
+    // the other half's weight gradients of this layer first (the same tensors; set_wgrad_after)
+    if (wgrad_after_) CUDA_CHECK(cudaStreamWaitEvent(wctx.stream, wgrad_after_->wgrad_done_, 0));
   }
   if (C_ == 1) {
     cu::grouped_linear_bwd(nullptr, a.g_down, g_beta, sc_->dys.get(), sc_->act.get(), nullptr,
@@ -797,31 +899,20 @@ void EpMoeCuda::experts_bwd(Chunk& ch, int i, const EpMoeBwdArgs& a, float g_bet
 void EpMoeCuda::bwd(const EpMoeBwdArgs* a, float g_beta, const cu::Ctx& ctx) {
   const int64_t H = s_.H, K = s_.K, El = El_;
   const int P = P_;
-  AM_CHECK(N_ >= 0, "[EpMoeCuda] {}: bwd before any (complete) fwd: the backward reuses the "
-           "forward's layout",
-           label_);
-  AM_CHECK(arena_->bump.generation() == carved_gen_,
-           "[EpMoeCuda] {}: backward after its saved state was released (the EP arena was reset "
-           "by a newer forward); run each forward's backward before the next forward",
-           label_);
+  // the direct dispatch as in the forward (one pass over the rows instead of pack + copies; the
+  // forward's counts are still in info on the device): the split calls in a row
+  if (mode_ == EpMode::kCounts && use_push(a[0].dout)) {
+    bwd_begin(a[0], g_beta, ctx);
+    bwd_end(ctx);
+    bwd_finish(ctx);
+    return;
+  }
+  expect(Step::kIdle, "bwd");
+  check_saved();
   const cudaStream_t cs = comm_stream(ctx);
   // ---- combine's backward: a dispatch of d(out) rows
   if (timing_ && C_ == 1) CUDA_CHECK(cudaEventRecord(evb_[0], ctx.stream));
-  // the direct dispatch as in the forward (one pass over the rows instead of pack + copies; the
-  // forward's counts are still in info on the device)
-  const bool push = mode_ == EpMode::kCounts && use_push(a[0].dout);
-  if (push) {
-    Chunk& ch = *ch_[0];
-    cu::ep_dispatch_push(push_begin(cs), local(0, 0).x_send.get(), nullptr, nullptr, a[0].dout, nullptr,
-                         nullptr, ch.r[0]->send_pos, ch.r[0]->info.get(), ch.n, H, K, El, P,
-                         t_.rank_of(0), ctx);
-    t_.push_end(cs);
-    EpA2aTensor t = tensor(0, EpDtype::kBf16, H, [&](int) { return local(0, 0).x_send.get(); },
-                           [&](int) { return local(0, 0).y_recv.get(); });
-    t_.push_recv(&t, 1, ch.fwd_rows(), cs);
-  }
   for (auto& chp : ch_) {
-    if (push) break;
     Chunk& ch = *chp;
     for (int i = 0; i < L_; ++i)
       cu::ep_dispatch_pack(local(ch.idx, i).x_send.get(), nullptr, nullptr, a[i].dout + ch.t0 * H,
@@ -829,7 +920,6 @@ void EpMoeCuda::bwd(const EpMoeBwdArgs* a, float g_beta, const cu::Ctx& ctx) {
     signal(ch.packed, ctx.stream);
   }
   for (auto& chp : ch_) {
-    if (push) break;
     Chunk& ch = *chp;
     await(cs, ch.packed);
     mark(ch, 6, cs);
@@ -842,14 +932,9 @@ void EpMoeCuda::bwd(const EpMoeBwdArgs* a, float g_beta, const cu::Ctx& ctx) {
   // d(weights) (with the overlap on, the weight gradients run beside it: evb_[2..3] time the
   // combine alone)
   const bool overlap = wgrad_overlap_;
-  cu::Ctx wctx = ctx;
-  if (overlap) {
-    wctx.stream = sc_->side;
-    wctx.workspace = sc_->side_ws.get();
-    wctx.workspace_bytes = sc_->side_ws.bytes();
-  }
+  const cu::Ctx wctx = wgrad_ctx(ctx);
   const bool inplace = use_inplace(a[0].dx);
-  cu::EpRowSources src[2];  // in place: where each rank's dx and dw rows came back
+  cu::EpRowSources* src = src_.get();  // in place: where each rank's dx and dw rows came back
   auto unpack = [&](Chunk& ch) {
     await(ctx.stream, ch.returned);
     if (inplace) {
@@ -872,16 +957,7 @@ void EpMoeCuda::bwd(const EpMoeBwdArgs* a, float g_beta, const cu::Ctx& ctx) {
     await(cs, ch.computed);
     if (timing_ && C_ == 1) CUDA_CHECK(cudaEventRecord(evb_[2], ctx.stream));
     mark(ch, 8, cs);
-    if (inplace) {
-      return_inplace(ch, 2, src, cs);
-    } else {
-      EpA2aTensor t[2] = {
-          tensor(0, EpDtype::kBf16, H, [&](int i) { return local(ch.idx, i).y_recv.get(); },
-                 [&](int i) { return local(ch.idx, i).x_send.get(); }),
-          tensor(1, EpDtype::kF32, K, [&](int i) { return local(ch.idx, i).dw_recv.get(); },
-                 [&](int i) { return local(ch.idx, i).w_send.get(); })};
-      t_.alltoallv(t, 2, ch.back_rows(), cs);
-    }
+    combine_back(ch, inplace, cs);
     mark(ch, 9, cs);
     signal(ch.returned, cs);
     if (c > 0) unpack(*ch_[c - 1]);
@@ -889,6 +965,112 @@ void EpMoeCuda::bwd(const EpMoeBwdArgs* a, float g_beta, const cu::Ctx& ctx) {
   unpack(*ch_[C_ - 1]);
   if (timing_) {
     if (C_ == 1) CUDA_CHECK(cudaEventRecord(evb_[3], ctx.stream));
+    bwd_timed_ = true;
+  }
+}
+
+void EpMoeCuda::check_saved() const {
+  AM_CHECK(N_ >= 0, "[EpMoeCuda] {}: bwd before any (complete) fwd: the backward reuses the "
+           "forward's layout",
+           label_);
+  AM_CHECK(arena_->bump.generation() == carved_gen_,
+           "[EpMoeCuda] {}: backward after its saved state was released (the EP arena was reset "
+           "by a newer forward); run each forward's backward before the next forward",
+           label_);
+}
+
+cu::Ctx EpMoeCuda::wgrad_ctx(const cu::Ctx& ctx) const {
+  cu::Ctx wctx = ctx;
+  if (wgrad_overlap_) {
+    wctx.stream = sc_->side;
+    wctx.workspace = sc_->side_ws.get();
+    wctx.workspace_bytes = sc_->side_ws.bytes();
+  }
+  return wctx;
+}
+
+// The dx and dw rows of chunk ch back to their tokens' ranks, on the comm stream s: in place
+// (the unpack reads them where they came; src_) or into x_send and w_send.
+void EpMoeCuda::combine_back(Chunk& ch, bool inplace, cudaStream_t s) {
+  if (inplace) {
+    return_inplace(ch, 2, src_.get(), s);
+    return;
+  }
+  EpA2aTensor t[2] = {
+      tensor(0, EpDtype::kBf16, s_.H, [&](int i) { return local(ch.idx, i).y_recv.get(); },
+             [&](int i) { return local(ch.idx, i).x_send.get(); }),
+      tensor(1, EpDtype::kF32, s_.K, [&](int i) { return local(ch.idx, i).dw_recv.get(); },
+             [&](int i) { return local(ch.idx, i).w_send.get(); })};
+  t_.alltoallv(t, 2, ch.back_rows(), s);
+}
+
+// The backward's split calls (the forward's counts are still in info on the device). First step:
+// the d(out) rows pushed on the comm stream once the caller's stream has written them.
+void EpMoeCuda::bwd_begin(const EpMoeBwdArgs& a, float g_beta, const cu::Ctx& ctx) {
+  expect(Step::kIdle, "bwd_begin");
+  check_saved();
+  AM_CHECK(mode_ == EpMode::kCounts && use_push(a.dout),
+           "[EpMoeCuda] {}: the split backward needs the direct dispatch (see fwd_begin) and "
+           "16-byte aligned d(out) rows",
+           label_);
+  const cudaStream_t cs = comm_stream(ctx);
+  cu::Ctx cctx = ctx;
+  cctx.stream = cs;
+  Chunk& ch = *ch_[0];
+  EpMoeScratch::Local& l = local(0, 0);
+  if (timing_) CUDA_CHECK(cudaEventRecord(evb_[0], ctx.stream));
+  signal(laid_out_, ctx.stream);  // dout written; the last readers of x_send and y_recv done
+  await(cs, laid_out_);
+  cu::ep_dispatch_push(push_begin(cs), l.x_send.get(), nullptr, nullptr, a.dout, nullptr, nullptr,
+                       ch.r[0]->send_pos, ch.r[0]->info.get(), ch.n, s_.H, s_.K, El_, P_,
+                       t_.rank_of(0), cctx);
+  t_.push_end(cs);
+  EpA2aTensor t = tensor(0, EpDtype::kBf16, s_.H, [&](int) { return l.x_send.get(); },
+                         [&](int) { return l.y_recv.get(); });
+  t_.push_recv(&t, 1, ch.fwd_rows(), cs);
+  if (timing_) CUDA_CHECK(cudaEventRecord(evb_[1], cs));
+  signal(ch.arrived, cs);
+  ba_ = a;
+  g_beta_ = g_beta;
+  step_ = Step::kBwdBegun;
+}
+
+// Second step: the experts' backward on the caller's stream once the rows came (the weight
+// gradients on the side stream with the overlap on), then the dx and dw rows' combine (comm).
+void EpMoeCuda::bwd_end(const cu::Ctx& ctx) {
+  expect(Step::kBwdBegun, "bwd_end");
+  const cudaStream_t cs = comm_stream(ctx);
+  Chunk& ch = *ch_[0];
+  const bool overlap = wgrad_overlap_;
+  const cu::Ctx wctx = wgrad_ctx(ctx);
+  await(ctx.stream, ch.arrived);
+  experts_bwd(ch, 0, ba_, g_beta_, ctx, wctx, overlap);
+  if (overlap) CUDA_CHECK(cudaEventRecord(wgrad_done_, wctx.stream));  // what join() waits on
+  signal(ch.computed, ctx.stream);
+  await(cs, ch.computed);
+  if (timing_) CUDA_CHECK(cudaEventRecord(evb_[2], cs));
+  inplace_now_ = use_inplace(ba_.dx);
+  combine_back(ch, inplace_now_, cs);
+  signal(ch.returned, cs);
+  step_ = Step::kBwdEnded;
+}
+
+// Third step: the caller's stream waits for the combine and sums into dx and dtopk_w.
+void EpMoeCuda::bwd_finish(const cu::Ctx& ctx) {
+  expect(Step::kBwdEnded, "bwd_finish");
+  step_ = Step::kIdle;
+  Chunk& ch = *ch_[0];
+  await(ctx.stream, ch.returned);
+  if (inplace_now_) {
+    cu::ep_combine_unpack_sources(ba_.dx, ba_.dtopk_w, src_[0], &src_[1], ch.r[0]->send_pos, ch.n,
+                                  s_.H, s_.K, P_, ctx);
+    t_.inplace_end(ctx.stream);
+  } else {
+    cu::ep_combine_unpack(ba_.dx, ba_.dtopk_w, local(0, 0).x_send.get(), local(0, 0).w_send.get(),
+                          ch.r[0]->send_pos, ch.n, s_.H, s_.K, P_, ctx);
+  }
+  if (timing_) {
+    CUDA_CHECK(cudaEventRecord(evb_[3], ctx.stream));
     bwd_timed_ = true;
   }
 }

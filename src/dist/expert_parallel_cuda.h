@@ -210,8 +210,10 @@ struct EpTimes {
 // The backward's weight gradients run on the scratch's side stream (see "The backward's weight
 // gradients" above): the stream, its events and its GEMM workspace live here, created once.
 struct EpMoeScratch {
+  // `split`: the blocks using it run split calls (fwd_begin .. bwd_finish, "Two halves" below):
+  // the scratch gets a comm stream with one chunk too.
   EpMoeScratch(const EpMoeShape& shape, int P, int local_ranks = 1, EpMode mode = EpMode::kCounts,
-               EpRecompute recompute = EpRecompute::kNone, int chunks = 1);
+               EpRecompute recompute = EpRecompute::kNone, int chunks = 1, bool split = false);
   ~EpMoeScratch();  // waits for the side and comm streams (their work reads these buffers)
   EpMoeScratch(const EpMoeScratch&) = delete;
   EpMoeScratch& operator=(const EpMoeScratch&) = delete;
@@ -229,10 +231,10 @@ struct EpMoeScratch {
   cudaStream_t side = nullptr;
   cudaEvent_t inputs_ready = nullptr, wgrad_done = nullptr;
   cuda::DeviceBuffer<unsigned char> side_ws;
-  // chunks > 1: the stream of every transport call (non-blocking, the device's highest
+  // chunks > 1 or split: the stream of every transport call (non-blocking, the device's highest
   // priority, so the copies and NCCL kernels of an all-to-all start before queued GEMM blocks);
   // shared by the blocks using this scratch, so their calls keep one order (IPC's rule). Null
-  // with chunks = 1: the calls run on the caller's stream.
+  // otherwise: the calls run on the caller's stream.
   cudaStream_t comm = nullptr;
   // chunks > 1: the weight gradients of one layer's local experts in fp32, [local_ranks] x
   // [El,2I,H] and [El,H,I] (4 bytes x 3*I*H per local expert and local rank: 604 MiB at
@@ -300,6 +302,36 @@ class EpMoeCuda {
   void bwd(cuda::bf16* dx, float* dtopk_w, cuda::bf16* g_gu, cuda::bf16* g_down, float g_beta,
            const cuda::bf16* dout, const cuda::bf16* w_gu, const cuda::bf16* w_down,
            const cuda::Ctx& ctx);
+
+  // Two halves (the model's train.ep_halves; docs/DISTRIBUTED.md): the forward and the backward
+  // in three steps each, so that the caller can run other work (the other half's attention and
+  // MoE block) between them:
+  //   fwd_begin   enqueues the layout (caller's stream), the counts' mail and the direct
+  //               dispatch's push (comm stream); no host wait
+  //   fwd_end     waits on the host for the mail, plans, carves, enqueues the copy-out (comm),
+  //               the experts (caller's stream, after the rows came) and the combine (comm)
+  //   fwd_finish  the caller's stream waits for the combine and sums the rows into `out`
+  //   bwd_begin   the d(out) rows pushed (comm, after the caller's stream has written dout)
+  //   bwd_end     the experts' backward (caller's stream; weight gradients on the side stream),
+  //               the dx and dw rows' combine (comm)
+  //   bwd_finish  the caller's stream waits for it and sums into dx, dtopk_w
+  // fwd() and bwd() are these three in a row wherever the direct dispatch applies (use_push),
+  // with or without a comm stream. The split calls need it (counts mode, one chunk, one rank per
+  // process, a transport that can push: IPC) and a scratch built with `split` (its comm
+  // stream; without one they still work, on the caller's stream, with nothing overlapped). Two
+  // blocks whose calls interleave must not share a transport, a scratch or an arena: over IPC
+  // one transport's calls keep one order on one stream, and a carve's room is reported at
+  // fwd_begin. The args' pointers must stay valid until the matching finish.
+  void fwd_begin(const EpMoeFwdArgs& a, int64_t N, const cuda::Ctx& ctx);
+  void fwd_end(const cuda::Ctx& ctx);
+  void fwd_finish(const cuda::Ctx& ctx);
+  void bwd_begin(const EpMoeBwdArgs& a, float g_beta, const cuda::Ctx& ctx);
+  void bwd_end(const cuda::Ctx& ctx);
+  void bwd_finish(const cuda::Ctx& ctx);
+  // This block's weight gradients go into the same tensors as `first`'s (the other half of the
+  // same layer) and must come after them: its side stream waits for first's before its own
+  // (with the overlap off both run on the caller's stream in call order). Null: none.
+  void set_wgrad_after(const EpMoeCuda* first) { wgrad_after_ = first; }
 
   // `stream` waits (on the device) until the last bwd()'s weight gradients (g_gu, g_down) are
   // written; call it before any read of them on another stream or the host (a no-op when the
@@ -424,6 +456,21 @@ class EpMoeCuda {
   bool push_ = true;
   bool inplace_ = true;
   cudaEvent_t counted_ = nullptr;  // direct dispatch: the mail's counts read back (the host waits)
+  // the split calls: which step comes next, the args of the call in progress, and where the
+  // combine's rows came back (in place)
+  enum class Step { kIdle, kFwdBegun, kFwdEnded, kBwdBegun, kBwdEnded };
+  Step step_ = Step::kIdle;
+  EpMoeFwdArgs fa_{};
+  EpMoeBwdArgs ba_{};
+  float g_beta_ = 0.f;
+  bool inplace_now_ = false;
+  std::unique_ptr<cuda::EpRowSources[]> src_;  // [2]
+  bool split_ = false;                 // a comm stream with one chunk (the scratch's)
+  const EpMoeCuda* wgrad_after_ = nullptr;
+  void expect(Step want, const char* call) const;
+  void check_saved() const;  // the backward's: a complete forward whose carve is still there
+  cuda::Ctx wgrad_ctx(const cuda::Ctx& ctx) const;  // where the weight gradients run
+  void combine_back(Chunk& ch, bool inplace, cudaStream_t s);  // the backward's dx, dw rows
   cudaEvent_t wgrad_done_ = nullptr;  // on the scratch's side stream after this block's bwd
 };
 

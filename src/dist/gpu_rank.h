@@ -57,6 +57,11 @@ class GpuComms {
   // One line for rank 0's log: the EP transport and what the gradients travel over.
   std::string describe(const Groups& g) const;
   EpTransport* ep_transport() { return t_.get(); }  // null when the EP group is one rank
+  // A second transport of the same kind over the same EP group, made at the first call
+  // (collective over the EP group: every rank calls it at the same point): the two-half
+  // overlap's half B (train.ep_halves). IPC only (its buffers and flags are per transport);
+  // null for the other kinds and a one-rank EP group.
+  EpTransport* second_ep_transport();
   NcclGroup* nccl_ep() { return ep_.get(); }
   NcclGroup* nccl_world() { return world_.get(); }
   NcclGroup* nccl_dp() { return dp_.get(); }
@@ -66,7 +71,8 @@ class GpuComms {
   std::string fallback_;  // auto: why ipc was not taken (empty: it was, or not tried)
   // shared_ptr: NcclGroup is complete only in NCCL builds
   std::shared_ptr<NcclGroup> ep_, world_, dp_;
-  std::unique_ptr<EpTransport> t_;
+  std::unique_ptr<EpTransport> t_, t2_;
+  const Comm* ep_comm_ = nullptr;
 };
 
 }  // namespace automoe::dist

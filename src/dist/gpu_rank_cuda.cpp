@@ -76,7 +76,7 @@ EpTransportKind choose_ep_transport(const std::string& request, const GpuPlaceme
 }
 
 GpuComms::GpuComms(const Groups& g, const GpuPlacement& pl, EpTransportKind kind, bool gradients)
-    : kind_(kind) {
+    : kind_(kind), ep_comm_(&g.ep) {
   const bool nccl_ok = built_with_nccl() && !pl.shared();
   if (kind_ == EpTransportKind::kAuto) {
     kind_ = nccl_ok ? EpTransportKind::kNccl : EpTransportKind::kMpiStaged;
@@ -127,7 +127,14 @@ std::string GpuComms::describe(const Groups& g) const {
   return s;
 }
 
+EpTransport* GpuComms::second_ep_transport() {
+  if (kind_ != EpTransportKind::kIpc || !t_) return nullptr;
+  if (!t2_) t2_ = std::make_unique<IpcTransport>(*ep_comm_);
+  return t2_.get();
+}
+
 GpuComms::~GpuComms() {
+  t2_.reset();
   t_.reset();  // the transport refers to the EP communicator: it goes first
   ep_.reset();
   dp_.reset();

@@ -221,6 +221,9 @@ struct Qwen3MoeCuda::State {
   bool has_doc = false;
   bool planned_packed = false;  // plan() sized the workspace for packed batches too
   cu::AttentionSegments seg;  // table = seg_table, count from the host's doc ids
+  // the two halves (train.ep_halves): each half's own segment table, after seg_table
+  unsigned char* seg_half_table[2] = {};
+  cu::AttentionSegments seg_half[2];
   cudaEvent_t upload_done = nullptr, loss_ready = nullptr, norm_ready = nullptr;
   bool upload_pending = false;
   float* loss_host = nullptr;  // pinned [N + 1]: losses, aux
@@ -241,13 +244,20 @@ struct Qwen3MoeCuda::State {
   dist::NcclGroup *nccl_world = nullptr, *nccl_dp = nullptr;
   bool dist = false, ep = false;
   std::unique_ptr<dist::DeviceGradReducer> reducer;     // gradient all-reduce, global norm
-  std::vector<std::unique_ptr<dist::EpMoeCuda>> ep_moe;  // [nMoE], sized in plan()
+  // [nMoE], sized in plan(); with the two halves [2 * nMoE]: half A's blocks, then half B's
+  std::vector<std::unique_ptr<dist::EpMoeCuda>> ep_moe;
   std::shared_ptr<dist::EpMoeScratch> ep_scratch;        // their per-call scratch, one for all
   std::shared_ptr<dist::EpSavedArena> ep_arena;          // their saved state, reset per forward
   double ep_capacity = 2.0;                              // the arena over the balanced load
   dist::EpRecompute ep_recompute = dist::EpRecompute::kNone;  // what the EP backward recomputes
   dist::EpMode ep_dispatch = dist::EpMode::kCounts;           // counts (host sync) or padded
   int ep_chunks = 1;  // token chunks each EP block pipelines (train.ep_chunks)
+  // the two halves (CudaDist::ep_halves): half B's transport, scratch and arena (half A's are
+  // ep_scratch and ep_arena)
+  bool halves = false;
+  dist::EpTransport* ept_b = nullptr;
+  std::shared_ptr<dist::EpMoeScratch> ep_scratch_b;
+  std::shared_ptr<dist::EpSavedArena> ep_arena_b;
   cu::DeviceBuffer<double> auxstats;                     // [2E+1] global aux statistics
   cu::DeviceBuffer<double> tsumsq;                       // [segs] g^2 per tensor
   double* sumsq_host = nullptr;                          // pinned [1]: the global g^2 sum
@@ -363,7 +373,7 @@ struct Qwen3MoeCuda::State {
       : cfg(c), prec(p), memsave(ms), layout_model(c, d.groups, false), groups(d.groups),
         ept(d.ep_transport), nccl_world(d.nccl_world), nccl_dp(d.nccl_dp),
         ep_capacity(d.ep_capacity), ep_recompute(d.ep_recompute), ep_dispatch(d.ep_dispatch),
-        ep_chunks(d.ep_chunks) {
+        ep_chunks(d.ep_chunks), halves(d.ep_halves), ept_b(d.ep_transport_b) {
     dist = groups && groups->world.size() > 1;
     ep = groups && groups->ep.size() > 1 && c.num_moe_layers() > 0;
   }
@@ -457,6 +467,28 @@ struct Qwen3MoeCuda::State {
   }
   // dx (nullable) = dx_beta * dx + dout @ w; dW (and db when b_off >= 0) of the parameter at
   // w_off; `last`: no further writes to dW follow in this step (done()).
+  // The layers' forward and backward as two halves (train.ep_halves; below forward()).
+  void forward_halves(float eps, float theta);
+  void backward_halves();
+  // The two halves (train.ep_halves): layer activations `a` from token row r0 on (every
+  // per-token tensor; lse is [B,nH,T], so a half of whole sequences starts at r0 * nH).
+  LayerActs half_of(const LayerActs& a, int64_t r0) const {
+    const int64_t H = cfg.hidden_size, nH = cfg.num_attention_heads,
+                  nKV = cfg.num_key_value_heads, D = cfg.head_dim, K = cfg.num_experts_per_tok,
+                  F = cfg.intermediate_size;
+    LayerActs h = a;
+    for (bf16** t : {&h.ln1, &h.x_mid, &h.ln2}) *t += r0 * H;
+    for (bf16** t : {&h.q_pre, &h.q, &h.ao}) *t += r0 * nH * D;
+    for (bf16** t : {&h.k_pre, &h.k, &h.v}) *t += r0 * nKV * D;
+    h.ln1_rstd += r0;
+    h.ln2_rstd += r0;
+    h.q_rstd += r0 * nH;
+    h.k_rstd += r0 * nKV;
+    h.lse += r0 * nH;
+    if (h.topk_w) h.topk_w += r0 * K;
+    if (h.gu && !h.offsets) h.gu += r0 * 2 * F;  // a dense layer's [N,2F]
+    return h;
+  }
   void lin_bwd(bf16* dx, float dx_beta, int64_t w_off, int64_t b_off, const bf16* dout,
                const bf16* x, int64_t n, int64_t I, int64_t O, float dw_beta, bool last = true) {
     const bf16* w = W(w_off);
@@ -547,6 +579,23 @@ Qwen3MoeCuda::Qwen3MoeCuda(const ModelConfig& cfg, Precision precision, int devi
            "train.zero 3 on the GPU needs untied embeddings (tie_word_embeddings false; "
            "Qwen3-30B-A3B is untied): the embedding's and the head's blocks would both write "
            "wte's gradient. Use train.zero 1, or train.device cpu");
+  if (s.halves) {  // the two-half overlap (CudaDist::ep_halves): what it is built on
+    AM_CHECK(s.ep, "train.ep_halves needs expert parallelism (train.ep > 1 and MoE layers): "
+             "it overlaps the EP all-to-alls; turn it off for a single GPU");
+    AM_CHECK(s.ept_b && s.ept_b != s.ept && s.ept_b->size() == s.ept->size() &&
+                 s.ept->can_push() && s.ept_b->can_push(),
+             "train.ep_halves needs the IPC transport (the direct dispatch) and a second one for "
+             "half B; this run's EP transport is {}. Use AUTOMOE_EP_TRANSPORT=ipc (GPUs of one "
+             "node with peer access) or turn train.ep_halves off",
+             s.ept->name());
+    AM_CHECK(s.ep_dispatch == dist::EpMode::kCounts && s.ep_chunks == 1 && !memory_saving &&
+                 dist.zero != 3,
+             "train.ep_halves runs with train.ep_dispatch counts, train.ep_chunks 1, without "
+             "train.memory_saving and without train.zero 3 (got {}, {}, {}, zero {}); change "
+             "those or turn train.ep_halves off",
+             dist::ep_mode_name(s.ep_dispatch), s.ep_chunks, memory_saving ? "memory-saving" : "default mode",
+             dist.zero);
+  }
   s.fused_qk_bwd = s.fused_norm && cu::qk_norm_rope_bwd_fused(cfg.head_dim);
   const auto& layout = s.layout_model.layout();
   s.P_host = layout.total;
@@ -994,6 +1043,9 @@ void Qwen3MoeCuda::plan(int64_t B, int64_t T, bool packed) {
     s.uoff = cv.take<int32_t>(N + 1);
     s.rows = cv.take<int32_t>(N);
     s.seg_table = cv.take<unsigned char>(int64_t(cu::attention_segments_bytes(B, T)));
+    for (auto& t : s.seg_half_table)
+      t = s.ep && s.halves ? cv.take<unsigned char>(int64_t(cu::attention_segments_bytes(B / 2, T)))
+                           : nullptr;
     s.in_bytes = cv.off - in0;
     // temporaries: the forward's and the backward's share one region
     const size_t u0 = cv.off;
@@ -1036,6 +1088,39 @@ void Qwen3MoeCuda::plan(int64_t B, int64_t T, bool packed) {
     s.ep_moe.clear();
     s.ep_scratch.reset();  // free the old ones before sizing the new
     s.ep_arena.reset();
+    s.ep_scratch_b.reset();
+    s.ep_arena_b.reset();
+    AM_CHECK(!s.halves || B % 2 == 0,
+             "train.ep_halves splits each micro-batch into two halves of its sequences, but this "
+             "one has {} (B x T = {} x {}); use an even micro-batch or turn train.ep_halves off",
+             B, B, T);
+  }
+  if (s.ep && s.halves) {  // per half: a scratch with a comm stream, an arena, the blocks
+    const dist::EpMoeShape sh{N / 2, H, I, E, K};
+    const int P = int(s.groups->ep.size());
+    for (int h = 0; h < 2; ++h) {
+      auto sc = std::make_shared<dist::EpMoeScratch>(sh, P, 1, dist::EpMode::kCounts,
+                                                     s.ep_recompute, 1, true);
+      auto ar = std::make_shared<dist::EpSavedArena>(
+          dist::ep_arena_bytes(sh, P, M, 1, s.ep_capacity, s.ep_recompute, 1),
+          fmt::format("sized for train.ep_capacity {} x the balanced load of {} MoE layers of "
+                      "{} tokens (half {} of the micro-batch, train.ep_halves), "
+                      "train.ep_recompute {}",
+                      s.ep_capacity, M, N / 2, h == 0 ? "A" : "B",
+                      dist::ep_recompute_name(s.ep_recompute)));
+      for (int64_t l = 0, m = 0; l < L; ++l)
+        if (s.lo[l].moe) {
+          s.ep_moe.push_back(std::make_unique<dist::EpMoeCuda>(
+              h == 0 ? *s.ept : *s.ept_b, sh, dist::EpMode::kCounts, s.ep_recompute, sc, ar,
+              fmt::format("MoE layer {} (model layer {}), half {}", m, l, h == 0 ? "A" : "B"), 1));
+          s.ep_moe.back()->set_timing(s.timing);
+          if (h == 1) s.ep_moe.back()->set_wgrad_after(s.ep_moe[size_t(m)].get());
+          ++m;
+        }
+      (h == 0 ? s.ep_scratch : s.ep_scratch_b) = std::move(sc);
+      (h == 0 ? s.ep_arena : s.ep_arena_b) = std::move(ar);
+    }
+  } else if (s.ep) {
     const dist::EpMoeShape sh{N, H, I, E, K};
     const int P = int(s.groups->ep.size());
     const dist::EpMode mode = s.ep_dispatch;
@@ -1121,8 +1206,10 @@ CudaMemory Qwen3MoeCuda::memory() const {
   m.moments = s.m16.bytes() + s.v16.bytes() + s.m32.bytes() + s.v32.bytes();
   m.activations = s.acts.bytes();
   for (auto& e : s.ep_moe) m.activations += e->device_bytes();  // EP buffers count as activations
-  if (s.ep_scratch) m.activations += s.ep_scratch->bytes();
-  if (s.ep_arena) m.activations += s.ep_arena->bytes();
+  for (const auto& sc : {s.ep_scratch, s.ep_scratch_b})
+    if (sc) m.activations += sc->bytes();
+  for (const auto& ar : {s.ep_arena, s.ep_arena_b})
+    if (ar) m.activations += ar->bytes();
   m.workspace = s.ws.bytes();
   return m;
 }
@@ -1210,6 +1297,10 @@ void Qwen3MoeCuda::forward(const Batch& bt, float ce_denominator, float aux_scal
   int32_t* h_uoff = hv.take<int32_t>(N + 1);
   int32_t* h_rows = hv.take<int32_t>(N);
   unsigned char* h_seg = hv.take<unsigned char>(int64_t(cu::attention_segments_bytes(B, T)));
+  const bool halves = s.ep && s.halves;
+  unsigned char* h_seg_half[2] = {};
+  for (auto& t : h_seg_half)
+    t = halves ? hv.take<unsigned char>(int64_t(cu::attention_segments_bytes(B / 2, T))) : nullptr;
   int64_t labelled = 0;
   for (int64_t r = 0; r < B; ++r)
     for (int64_t t = 0; t < T; ++t) {
@@ -1242,8 +1333,16 @@ void Qwen3MoeCuda::forward(const Batch& bt, float ce_denominator, float aux_scal
   s.has_doc = !bt.doc.empty();
   // the documents as (row, document) sequences for cuDNN's packed attention; uploaded below
   s.seg.table = s.seg_table;
-  s.seg.count = s.has_doc ? cu::attention_segments_build(h_seg, bt.doc.data(), B, T, nH, nKV, D)
-                          : 0;
+  s.seg.count = s.has_doc && !halves
+                    ? cu::attention_segments_build(h_seg, bt.doc.data(), B, T, nH, nKV, D)
+                    : 0;
+  for (int h = 0; h < 2 && halves; ++h) {  // the two halves: a table for each half's rows
+    s.seg_half[h].table = s.seg_half_table[h];
+    s.seg_half[h].count = s.has_doc ? cu::attention_segments_build(h_seg_half[h],
+                                                                   bt.doc.data() + h * (N / 2),
+                                                                   B / 2, T, nH, nKV, D)
+                                    : 0;
+  }
   CUDA_CHECK(cudaMemcpyAsync(s.ids, s.in_host, s.in_bytes, cudaMemcpyHostToDevice, ctx.stream));
   CUDA_CHECK(cudaEventRecord(s.upload_done, ctx.stream));
   s.upload_pending = true;
@@ -1276,12 +1375,14 @@ void Qwen3MoeCuda::forward(const Batch& bt, float ce_denominator, float aux_scal
   s.record(0);
   // the EP arena: every layer carves its saved state in order below; last step's is released
   if (s.ep) s.ep_arena->reset();
+  if (s.ep_arena_b) s.ep_arena_b->reset();
   if (s.z3) {  // ZeRO-3: each block's weights gathered before it runs (State::z3_prefetch);
     s.z3_need(0, 1);  // layer 0's block kept if the last backward left it
     s.z3_fetch(1, 0);
   }
   cu::embedding_fwd(s.res[0], s.ids, s.W(s.off_wte), N, H, ctx);
-  for (int64_t l = 0; l < L; ++l) {
+  if (halves) s.forward_halves(eps, theta);
+  for (int64_t l = 0; l < L && !halves; ++l) {
     LayerActs& a = s.la[l];
     const LayerOff& o = s.lo[l];
     const bf16* x_in = s.res[l];
@@ -1420,6 +1521,181 @@ void Qwen3MoeCuda::forward(const Batch& bt, float ce_denominator, float aux_scal
   s.have_grad_forward = grad;
 }
 
+// The layers' forward as two halves of the micro-batch's sequences (train.ep_halves), each a
+// software pipeline over the layers so that every all-to-all has the other half's compute
+// beside it on the GPU:
+//   layer l:  [finish A(l-1)] attention A, begin A  [finish B(l-1)] attention B, begin B
+//             end A (experts A; combine A beside experts B), end B (combine B beside the next
+//             layer's finish A and attention A)
+// begin = router + fwd_begin (layout, counts' mail, push on half A's or B's comm stream);
+// end = fwd_end (the host waits for that half's mail, then copy-out, experts, combine);
+// finish = fwd_finish (the sum of the returned rows) + the residual add (with the next norm).
+// Every op of a half works on the half's rows of the whole batch's buffers.
+void Qwen3MoeCuda::State::forward_halves(float eps, float theta) {
+  const auto& c = cfg;
+  const int64_t H = c.hidden_size, nH = c.num_attention_heads, nKV = c.num_key_value_heads,
+                D = c.head_dim, E = c.num_experts, K = c.num_experts_per_tok,
+                F = c.intermediate_size, L = c.num_hidden_layers;
+  const int64_t N2 = N / 2, B2 = B / 2, nm = nmoe();
+  int32_t* const pos0 = pos;
+  auto Wn = [&](int64_t off) { return off < 0 ? nullptr : W(off); };
+  auto block = [&](int64_t l, int h) -> dist::EpMoeCuda& {
+    return *ep_moe[size_t(h * nm + lo[size_t(l)].moe_index)];
+  };
+  auto attention_begin = [&](int64_t l, int h) {
+    const int64_t r0 = h * N2;
+    LayerActs a = half_of(la[size_t(l)], r0);
+    const LayerOff& o = lo[size_t(l)];
+    const bf16* x_in = res[size_t(l)] + r0 * H;
+    bf16* t = tmp + r0 * H;
+    pos = pos0 + r0;
+    if (!(fused_norm && l > 0)) cu::rmsnorm_fwd(a.ln1, a.ln1_rstd, x_in, W(o.ln1), N2, H, eps, ctx);
+    cu::linear_fwd(a.q_pre, a.ln1, W(o.wq), Wn(o.bq), N2, H, nH * D, ctx);
+    cu::linear_fwd(a.k_pre, a.ln1, W(o.wk), Wn(o.bk), N2, H, nKV * D, ctx);
+    cu::linear_fwd(a.v, a.ln1, W(o.wv), Wn(o.bv), N2, H, nKV * D, ctx);
+    qk_norm_rope(a, o, N2, eps, theta);
+    pos = pos0;
+    cu::attention_fwd(a.ao, a.lse, a.q, a.k, a.v, has_doc ? doc + r0 : nullptr,
+                      has_doc ? &seg_half[h] : nullptr, B2, T, nH, nKV, D, ctx);
+    cu::linear_fwd(t, a.ao, W(o.wo), Wn(o.bo), N2, nH * D, H, ctx);
+    if (fused_norm) {
+      cu::add_rmsnorm_fwd(a.x_mid, a.ln2, a.ln2_rstd, x_in, t, W(o.ln2), N2, H, eps, ctx);
+    } else {
+      cu::add(a.x_mid, x_in, t, N2 * H, ctx);
+      cu::rmsnorm_fwd(a.ln2, a.ln2_rstd, a.x_mid, W(o.ln2), N2, H, eps, ctx);
+    }
+    if (o.moe) {
+      float* probs = probs_all + o.moe_index * N * E + r0 * E;
+      int32_t* idx = topk_all + o.moe_index * N * K + r0 * K;
+      cu::linear_fwd(rlogits + r0 * E, a.ln2, W(o.router), nullptr, N2, H, E, ctx);
+      cu::router_fwd(probs, idx, a.topk_w, rlogits + r0 * E, N2, E, K, c.norm_topk_prob, ctx);
+      block(l, h).fwd_begin({t, a.ln2, idx, a.topk_w, W(o.ex_gu), W(o.ex_down)}, N2, ctx);
+    } else {  // a dense MLP: the whole block here
+      cu::linear_fwd(a.gu, a.ln2, W(o.mlp_gu), nullptr, N2, H, 2 * F, ctx);
+      cu::swiglu_fwd(act, a.gu, N2, F, ctx);
+      cu::linear_fwd(t, act, W(o.mlp_down), nullptr, N2, F, H, ctx);
+    }
+  };
+  auto finish = [&](int64_t l, int h) {
+    const int64_t r0 = h * N2;
+    if (lo[size_t(l)].moe) block(l, h).fwd_finish(ctx);
+    const bf16* x_mid = la[size_t(l)].x_mid + r0 * H;
+    const bf16* t = tmp + r0 * H;
+    bf16* x_out = res[size_t(l + 1)] + r0 * H;
+    if (fused_norm && l + 1 < L)  // the residual add with the next layer's ln1
+      cu::add_rmsnorm_fwd(x_out, la[size_t(l + 1)].ln1 + r0 * H, la[size_t(l + 1)].ln1_rstd + r0,
+                          x_mid, t, W(lo[size_t(l + 1)].ln1), N2, H, eps, ctx);
+    else if (fused_norm)  // ... or with ln_f
+      cu::add_rmsnorm_fwd(x_out, lnf_out + r0 * H, lnf_rstd + r0, x_mid, t, W(off_lnf), N2, H,
+                          eps, ctx);
+    else
+      cu::add(x_out, x_mid, t, N2 * H, ctx);
+  };
+  for (int64_t l = 0; l < L; ++l) {
+    lrecord(l, 0);
+    for (int h = 0; h < 2; ++h) {
+      if (l > 0) finish(l - 1, h);
+      attention_begin(l, h);
+    }
+    lrecord(l, 1);
+    if (lo[size_t(l)].moe)
+      for (int h = 0; h < 2; ++h) block(l, h).fwd_end(ctx);
+    lrecord(l, 2);
+  }
+  for (int h = 0; h < 2; ++h) finish(L - 1, h);
+}
+
+// The layers' backward as two halves (train.ep_halves), pipelined as the forward:
+//   layer l:  end A (experts' backward A; combine A beside B's), end B
+//             rest A (finish A: the dx sums; router, ln2, attention backward), begin A(l-1)
+//             rest B, begin B(l-1)
+// begin = bwd_begin (the d(out) rows pushed on that half's comm stream). Half B's weight
+// gradients add to half A's (beta 1; the EP blocks' side streams in that order too).
+void Qwen3MoeCuda::State::backward_halves() {
+  const auto& c = cfg;
+  const int64_t H = c.hidden_size, nH = c.num_attention_heads, nKV = c.num_key_value_heads,
+                D = c.head_dim, E = c.num_experts, K = c.num_experts_per_tok,
+                F = c.intermediate_size, L = c.num_hidden_layers;
+  const int64_t N2 = N / 2, B2 = B / 2, nm = nmoe();
+  const float theta = float(c.rope_theta), beta0 = beta;
+  int32_t* const pos0 = pos;
+  auto block = [&](int64_t l, int h) -> dist::EpMoeCuda& {
+    return *ep_moe[size_t(h * nm + lo[size_t(l)].moe_index)];
+  };
+  auto begin = [&](int64_t l, int h) {
+    const LayerOff& o = lo[size_t(l)];
+    if (!o.moe) return;
+    const int64_t r0 = h * N2;
+    block(l, h).bwd_begin({dln + r0 * H, dtopk_w + r0 * K, g16_at(o.ex_gu), g16_at(o.ex_down),
+                           dres + r0 * H, W(o.ex_gu), W(o.ex_down)},
+                          h == 0 ? beta0 : 1.f, ctx);
+  };
+  auto rest = [&](int64_t l, int h) {
+    const int64_t r0 = h * N2;
+    LayerActs a = half_of(la[size_t(l)], r0);
+    const LayerOff& o = lo[size_t(l)];
+    const bf16* x_in = res[size_t(l)] + r0 * H;
+    bf16 *dl = dln + r0 * H, *dr = dres + r0 * H, *dq_h = dq + r0 * nH * D,
+         *dk_h = dk + r0 * nKV * D, *dv_h = dv + r0 * nKV * D, *dao_h = dao + r0 * nH * D;
+    beta = h == 0 ? beta0 : 1.f;  // half B's weight gradients add to half A's
+    pos = pos0 + r0;
+    // ---- MLP block
+    if (o.moe) {
+      block(l, h).bwd_finish(ctx);
+      const float* probs = probs_all + o.moe_index * N * E + r0 * E;
+      const int32_t* idx = topk_all + o.moe_index * N * K + r0 * K;
+      cu::router_bwd(drl + r0 * E, dtopk_w + r0 * K,
+                     aux_grad != 0.f ? dprobs_all + o.moe_index * N * E + r0 * E : nullptr, probs,
+                     idx, N2, E, K, c.norm_topk_prob, ctx);
+      lin_bwd(dl, 1.f, o.router, -1, drl + r0 * E, a.ln2, N2, H, E, beta);
+    } else {
+      cu::swiglu_fwd(act_b, a.gu, N2, F, ctx);  // recomputed
+      lin_bwd(dact, 0.f, o.mlp_down, -1, dr, act_b, N2, F, H, beta);
+      cu::swiglu_bwd(dgu, dact, a.gu, N2, F, ctx);
+      lin_bwd(dl, 0.f, o.mlp_gu, -1, dgu, a.ln2, N2, H, 2 * F, beta);
+    }
+    norm_bwd(dr, 1.f, o.ln2, dl, a.x_mid, a.ln2_rstd, N2, H);  // dres += ln2's dx
+    // ---- attention block
+    lin_bwd(dao_h, 0.f, o.wo, o.bo, dr, a.ao, N2, nH * D, H, beta);
+    cu::attention_bwd(dq_h, dk_h, dv_h, dao_h, a.ao, a.lse, a.q, a.k, a.v,
+                      has_doc ? doc + r0 : nullptr, has_doc ? &seg_half[h] : nullptr, B2, T, nH,
+                      nKV, D, ctx);
+    if (fused_qk_bwd) {
+      qk_norm_rope_bwd(dq_h, o.qn, a.q_pre, a.q_rstd, N2, nH, theta);
+      qk_norm_rope_bwd(dk_h, o.kn, a.k_pre, a.k_rstd, N2, nKV, theta);
+    } else {
+      cu::rope_bwd(dqn + r0 * nH * D, dq_h, pos, N2, nH, D, theta, ctx);
+      cu::rope_bwd(dkn + r0 * nKV * D, dk_h, pos, N2, nKV, D, theta, ctx);
+      norm_bwd(dq_h, 0.f, o.qn, dqn + r0 * nH * D, a.q_pre, a.q_rstd, N2 * nH, D);
+      norm_bwd(dk_h, 0.f, o.kn, dkn + r0 * nKV * D, a.k_pre, a.k_rstd, N2 * nKV, D);
+    }
+    lin_bwd(dl, 0.f, o.wq, o.bq, dq_h, a.ln1, N2, H, nH * D, beta);
+    lin_bwd(dl, 1.f, o.wk, o.bk, dk_h, a.ln1, N2, H, nKV * D, beta);
+    lin_bwd(dl, 1.f, o.wv, o.bv, dv_h, a.ln1, N2, H, nKV * D, beta);
+    norm_bwd(dr, 1.f, o.ln1, dl, x_in, a.ln1_rstd, N2, H);  // dres += ln1's dx
+    beta = beta0;
+    pos = pos0;
+  };
+  for (int64_t l = L - 1; l >= 0; --l) {
+    lrecord(l, 3);
+    if (l == L - 1)
+      for (int h = 0; h < 2; ++h) begin(l, h);
+    if (lo[size_t(l)].moe)
+      for (int h = 0; h < 2; ++h) block(l, h).bwd_end(ctx);
+    lrecord(l, 4);
+    for (int h = 0; h < 2; ++h) {
+      rest(l, h);
+      if (l > 0) begin(l - 1, h);
+    }
+    lrecord(l, 5);
+    if (overlap) {  // the layer's expert gradients too: both halves' side streams first
+      if (lo[size_t(l)].moe)
+        for (int h = 0; h < 2; ++h) block(l, h).join(ctx.stream);
+      reduce_async(layer_k[size_t(l)].first, layer_k[size_t(l)].second);
+    }
+  }
+}
+
 LossParts Qwen3MoeCuda::loss() {
   State& s = *s_;
   AM_CHECK(s.loss_host && s.N > 0, "loss() needs a forward() first");
@@ -1466,7 +1742,8 @@ void Qwen3MoeCuda::backward() {
                             ctx);
   else if (s.aux_grad != 0.f)
     cu::aux_loss_bwd(s.dprobs_all, s.aux_grad, s.topk_all, c.num_moe_layers() * N, E, K, ctx);
-  for (int64_t l = L - 1; l >= 0; --l) {
+  if (s.ep && s.halves) s.backward_halves();
+  for (int64_t l = L - 1; l >= 0 && !(s.ep && s.halves); --l) {
     LayerActs& a = s.la[l];
     const LayerOff& o = s.lo[l];
     const bf16* x_in = s.res[l];
@@ -1738,10 +2015,12 @@ std::vector<int32_t> Qwen3MoeCuda::download_router_topk() const {
 
 std::vector<int64_t> Qwen3MoeCuda::ep_picks_received() const {
   std::vector<int64_t> out;
-  for (const auto& b : s_->ep_moe) {
-    const int64_t m = b->picks_received(0);
+  const size_t nm = size_t(s_->nmoe());
+  for (size_t i = 0; i < s_->ep_moe.size(); ++i) {
+    const int64_t m = s_->ep_moe[i]->picks_received(0);
     if (m < 0) return {};  // padded mode: on the device only
-    out.push_back(m);
+    if (i < nm) out.push_back(m);
+    else out[i - nm] += m;  // the two halves: half B's blocks follow half A's
   }
   return out;
 }

@@ -67,6 +67,7 @@ const std::map<std::string, Setter>& keys() {
       KEY("train.ep_recompute", ep_recompute, std::string),
       KEY("train.ep_dispatch", ep_dispatch, std::string),
       KEY("train.ep_chunks", ep_chunks, int64_t),
+      KEY("train.ep_halves", ep_halves, bool),
       KEY("train.zero", zero, int64_t),
       KEY("output.dir", output_dir, std::string),
       KEY("output.export_hf", export_hf, bool),
@@ -148,6 +149,11 @@ TrainConfig load_train_config(const std::string& path,
            "train.ep > 1), but this run has train.device {} and train.ep {}; remove it or set "
            "both",
            c.ep_chunks, c.device, c.ep);
+  AM_CHECK(!c.ep_halves || (c.device == "cuda" && c.ep > 1),
+           "train.ep_halves applies to the GPU expert-parallel block (train.device cuda, "
+           "train.ep > 1), but this run has train.device {} and train.ep {}; remove it or set "
+           "both",
+           c.device, c.ep);
   if (c.ep_dispatch == "padded") {
     AM_CHECK(c.device == "cuda" && c.ep > 1,
              "train.ep_dispatch padded applies to the GPU expert-parallel block (train.device "
@@ -240,6 +246,7 @@ std::string TrainConfig::to_yaml() const {
   if (ep_recompute != "none") e << YAML::Key << "ep_recompute" << YAML::Value << ep_recompute;
   if (ep_dispatch != "counts") e << YAML::Key << "ep_dispatch" << YAML::Value << ep_dispatch;
   if (ep_chunks != 1) e << YAML::Key << "ep_chunks" << YAML::Value << ep_chunks;
+  if (ep_halves) e << YAML::Key << "ep_halves" << YAML::Value << ep_halves;
   if (zero != 0) e << YAML::Key << "zero" << YAML::Value << zero;
   e << YAML::EndMap;
   e << YAML::Key << "output" << YAML::Value << YAML::BeginMap << YAML::Key << "dir" << YAML::Value

@@ -51,6 +51,8 @@ struct TrainConfig {
                                         // MoE forward; needs ep_recompute experts)
   int64_t ep_chunks = 1;                // cuda, ep > 1: 1..8 token chunks the EP block pipelines
                                         // (all-to-alls beside the expert GEMMs); 1 = none
+  bool ep_halves = false;               // cuda, ep > 1 over IPC: the two-half overlap
+                                        // (model/qwen3_moe_cuda.h, CudaDist::ep_halves)
   int64_t zero = 0;                     // ZeRO: 0 replicated, 1 optimizer state sharded, 2 + gradients, 3 + parameters (CPU)
   // output:
   std::string output_dir = "out/run";

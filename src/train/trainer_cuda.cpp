@@ -86,6 +86,10 @@ class CudaTrainModel final : public DeviceTrainModel {
     d.zero = int(cfg.zero);
     d.ep_dispatch = dist::parse_ep_dispatch(cfg.ep_dispatch);
     d.ep_chunks = int(cfg.ep_chunks);
+    d.ep_halves = cfg.ep_halves;
+    // half B's transport (collective: every rank gets here in the same order); null unless IPC,
+    // which the model then names in its error
+    if (comms && cfg.ep_halves) d.ep_transport_b = comms->second_ep_transport();
     return d;
   }
   // Several ranks: the EP transport and, over NCCL, the gradient communicators (collective).

@@ -436,3 +436,39 @@ TEST(EpArena, ChunksRecipeKey) {
   cpu.push_back({"train.ep_chunks", "2"});
   EXPECT_THROW(load_train_config("", cpu), std::exception);
 }
+
+TEST(EpArena, HalvesRecipeKey) {
+  using automoe::load_train_config;
+  const auto base = std::vector<std::pair<std::string, std::string>>{
+      {"model.builtin", "tiny-moe"}, {"data.builtin", "addition"}};
+  const auto d = load_train_config("", base);
+  EXPECT_FALSE(d.ep_halves);
+  EXPECT_EQ(d.to_yaml().find("ep_halves"), std::string::npos) << d.to_yaml();
+  auto gpu = base;
+  gpu.push_back({"train.device", "cuda"});
+  gpu.push_back({"train.ep", "2"});
+  gpu.push_back({"train.ep_halves", "true"});
+  const auto cfg = load_train_config("", gpu);
+  EXPECT_TRUE(cfg.ep_halves);
+  EXPECT_NE(cfg.to_yaml().find("ep_halves: true"), std::string::npos) << cfg.to_yaml();
+  // the resolved recipe loads back to the same setting
+  EXPECT_TRUE(load_train_config("", {{"model.builtin", "tiny-moe"}, {"data.builtin", "addition"},
+                                     {"train.device", "cuda"}, {"train.ep", "2"},
+                                     {"train.ep_halves", "true"}})
+                  .ep_halves);
+  // nothing to overlap without the GPU EP block: an error naming both settings
+  for (const auto& [k, v] : std::vector<std::pair<std::string, std::string>>{
+           {"train.device", "cpu"}, {"train.ep", "1"}}) {
+    auto o = base;
+    o.push_back({"train.device", k == "train.device" ? v : "cuda"});
+    o.push_back({"train.ep", k == "train.ep" ? v : "2"});
+    o.push_back({"train.ep_halves", "true"});
+    try {
+      load_train_config("", o);
+      ADD_FAILURE() << "train.ep_halves accepted with " << k << " " << v;
+    } catch (const std::exception& e) {
+      EXPECT_NE(std::string(e.what()).find("train.ep_halves applies to the GPU"), std::string::npos)
+          << e.what();
+    }
+  }
+}
