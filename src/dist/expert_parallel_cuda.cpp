@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstdlib>
 
 #include "backend/cuda/ep_kernels.h"
 #include "backend/cuda/ops_cuda.h"
@@ -252,6 +253,7 @@ EpMoeCuda::EpMoeCuda(EpTransport& t, const EpMoeShape& shape, EpMode mode, EpRec
   wgrad_overlap_ = env_on("AUTOMOE_EP_WGRAD_OVERLAP");
   push_ = env_on("AUTOMOE_EP_PUSH");
   inplace_ = env_on("AUTOMOE_EP_INPLACE");
+  if (const char* v = std::getenv("AUTOMOE_EP_GEMM_SMS"); v && *v) gemm_sms_ = std::max(0, std::atoi(v));
 }
 
 EpMoeCuda::~EpMoeCuda() {
@@ -341,6 +343,12 @@ cu::EpPushDst EpMoeCuda::push_begin(cudaStream_t s) {
   t_.push_begin(s, dst.region, &cap);
   dst.cap = int64_t(cap);
   return dst;
+}
+
+cu::Ctx EpMoeCuda::gemm_ctx(const cu::Ctx& ctx) const {
+  cu::Ctx g = ctx;
+  if (gemm_sms_ > 0) g.num_sms = std::min(g.num_sms, gemm_sms_);
+  return g;
 }
 
 cudaStream_t EpMoeCuda::comm_stream(const cu::Ctx& ctx) const {
@@ -548,11 +556,12 @@ void EpMoeCuda::experts_fwd(Chunk& ch, int i, const EpMoeFwdArgs& a, const cu::C
   // kept in the carve, or (recompute) in the scratch for this call only
   bf16* gu = r.gu ? r.gu : sc_->gu.get();  // [M,2I]
   bf16* ys = r.ys ? r.ys : sc_->xs.get();  // [M,H]: xs is dead after the gate_up GEMM
+  const cu::Ctx g = gemm_ctx(ctx);  // the grouped GEMMs' (AUTOMOE_EP_GEMM_SMS)
   cu::moe_layout(r.offsets, r.slot_row, l.idx_recv.get(), R, El, K, ctx, rows);
   cu::permute_fwd(sc_->xs.get(), r.x_recv, r.slot_row, R, K, H, ctx);
-  cu::grouped_linear_fwd(gu, sc_->xs.get(), a.w_gu, r.offsets, M, El, H, 2 * I, ctx);
+  cu::grouped_linear_fwd(gu, sc_->xs.get(), a.w_gu, r.offsets, M, El, H, 2 * I, g);
   cu::swiglu_fwd(sc_->act.get(), gu, M, I, ctx, m_rows);
-  cu::grouped_linear_fwd(ys, sc_->act.get(), a.w_down, r.offsets, M, El, I, H, ctx);
+  cu::grouped_linear_fwd(ys, sc_->act.get(), a.w_down, r.offsets, M, El, I, H, g);
   cu::unpermute_fwd(l.y_recv.get(), ys, r.w_recv, r.slot_row, R, K, H, ctx, rows);
 }
 
@@ -839,23 +848,24 @@ void EpMoeCuda::experts_bwd(Chunk& ch, int i, const EpMoeBwdArgs& a, float g_bet
   // the weight gradients of the previous local rank or chunk, or of an earlier call, still read
   // dys, act, dgu and xs (the dispatches write only x_send and y_recv, which they do not read)
   sc_->wait_wgrad(ctx.stream);
+  const cu::Ctx g = gemm_ctx(ctx), wg = gemm_ctx(wctx);  // the grouped GEMMs' (AUTOMOE_EP_GEMM_SMS)
   if (rc_ == EpRecompute::kExperts) {
     cu::permute_fwd(sc_->xs.get(), r.x_recv, r.slot_row, R, K, H, ctx);
-    cu::grouped_linear_fwd(gu, sc_->xs.get(), a.w_gu, r.offsets, M, El, H, 2 * I, ctx);
+    cu::grouped_linear_fwd(gu, sc_->xs.get(), a.w_gu, r.offsets, M, El, H, 2 * I, g);
   }
   cu::swiglu_fwd(sc_->act.get(), gu, M, I, ctx, m_rows);
   if (rc_ != EpRecompute::kNone)
-    cu::grouped_linear_fwd(ys, sc_->act.get(), a.w_down, r.offsets, M, El, I, H, ctx);
+    cu::grouped_linear_fwd(ys, sc_->act.get(), a.w_down, r.offsets, M, El, I, H, g);
   // data gradients: dys, dact, dgu, dxs, the dx rows
   cu::unpermute_bwd(sc_->dys.get(), l.dw_recv.get(), l.y_recv.get(), ys, r.w_recv, r.slot_row, R,
                     K, H, ctx, rows);
   cu::grouped_linear_bwd(sc_->dact.get(), no_dw, 0.f, sc_->dys.get(), nullptr, a.w_down, r.offsets,
-                         M, El, I, H, ctx);
+                         M, El, I, H, g);
   cu::swiglu_bwd(sc_->dgu.get(), sc_->dact.get(), gu, M, I, ctx, m_rows);
   // dxs [M,H] in xs: dead here (ys, when it lived there, was read above); dys stays for g_down
   bf16* dxs = sc_->xs.get();
   cu::grouped_linear_bwd(dxs, no_dw, 0.f, sc_->dgu.get(), nullptr, a.w_gu, r.offsets, M, El, H,
-                         2 * I, ctx);
+                         2 * I, g);
   cu::permute_bwd(l.y_recv.get() /*dx rows*/, dxs, r.slot_row, R, K, H, ctx, rows);
   // weight gradients, once their inputs exist and permute_bwd has read dxs (xs is rewritten)
   if (overlap) {
@@ -866,10 +876,10 @@ void EpMoeCuda::experts_bwd(Chunk& ch, int i, const EpMoeBwdArgs& a, float g_bet
   }
   if (C_ == 1) {
     cu::grouped_linear_bwd(nullptr, a.g_down, g_beta, sc_->dys.get(), sc_->act.get(), nullptr,
-                           r.offsets, M, El, I, H, wctx);
+                           r.offsets, M, El, I, H, wg);
     cu::permute_fwd(sc_->xs.get(), r.x_recv, r.slot_row, R, K, H, wctx);
     cu::grouped_linear_bwd(nullptr, a.g_gu, g_beta, sc_->dgu.get(), sc_->xs.get(), nullptr,
-                           r.offsets, M, El, H, 2 * I, wctx);
+                           r.offsets, M, El, H, 2 * I, wg);
   } else {
     const int64_t n_down = El * H * I, n_gu = El * 2 * I * H;
     float* acc_down = sc_->acc_down.get() + size_t(i) * n_down;
@@ -879,10 +889,10 @@ void EpMoeCuda::experts_bwd(Chunk& ch, int i, const EpMoeBwdArgs& a, float g_bet
       CUDA_CHECK(cudaMemsetAsync(acc_gu, 0, size_t(n_gu) * sizeof(float), wctx.stream));
     }
     cu::grouped_linear_bwd(nullptr, acc_down, sc_->dys.get(), sc_->act.get(), nullptr, r.offsets,
-                           M, El, I, H, wctx);
+                           M, El, I, H, wg);
     cu::permute_fwd(sc_->xs.get(), r.x_recv, r.slot_row, R, K, H, wctx);
     cu::grouped_linear_bwd(nullptr, acc_gu, sc_->dgu.get(), sc_->xs.get(), nullptr, r.offsets, M,
-                           El, H, 2 * I, wctx);
+                           El, H, 2 * I, wg);
     if (ch.idx == C_ - 1) {
       cu::accumulate_grad(a.g_down, acc_down, g_beta, n_down, wctx);
       cu::accumulate_grad(a.g_gu, acc_gu, g_beta, n_gu, wctx);
