@@ -34,6 +34,7 @@
 #include <string>
 #include <vector>
 
+#include "backend/cuda/trace.h"
 #include "core/rng.h"
 #include "dist/ep_arena.h"
 #include "dist/gpu_rank.h"
@@ -183,6 +184,7 @@ int main(int argc, char** argv) {
     float loss = 0, gnorm = 0;
     for (int64_t i = 0; i < warm + steps; ++i) {
       model.synchronize();
+      if (i + 1 == warm + steps) cuda::trace_reset();  // AUTOMOE_TRACE: the last step's timeline
       auto t0 = std::chrono::steady_clock::now();
       model.zero_grad();
       model.begin_step(ac, 1e-5f, max_norm);
@@ -191,6 +193,9 @@ int main(int argc, char** argv) {
       model.backward();
       model.synchronize();
       auto tm = std::chrono::steady_clock::now();
+      if (i + 1 == warm + steps && cuda::trace_on())
+        std::printf("cuda_bench: rank %d's last forward and backward traced in %s\n", rank,
+                    cuda::trace_dump(".rank" + std::to_string(rank)).c_str());
       model.optimizer_step(ac, 1e-5f, max_norm);
       model.synchronize();
       auto t1 = std::chrono::steady_clock::now();

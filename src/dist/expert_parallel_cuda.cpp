@@ -5,10 +5,10 @@
 
 #include <algorithm>
 #include <climits>
-#include <cstdlib>
 
 #include "backend/cuda/ep_kernels.h"
 #include "backend/cuda/ops_cuda.h"
+#include "backend/cuda/trace.h"
 #include "core/check.h"
 #include "dist/process_group.h"
 
@@ -253,7 +253,6 @@ EpMoeCuda::EpMoeCuda(EpTransport& t, const EpMoeShape& shape, EpMode mode, EpRec
   wgrad_overlap_ = env_on("AUTOMOE_EP_WGRAD_OVERLAP");
   push_ = env_on("AUTOMOE_EP_PUSH");
   inplace_ = env_on("AUTOMOE_EP_INPLACE");
-  if (const char* v = std::getenv("AUTOMOE_EP_GEMM_SMS"); v && *v) gemm_sms_ = std::max(0, std::atoi(v));
 }
 
 EpMoeCuda::~EpMoeCuda() {
@@ -343,12 +342,6 @@ cu::EpPushDst EpMoeCuda::push_begin(cudaStream_t s) {
   t_.push_begin(s, dst.region, &cap);
   dst.cap = int64_t(cap);
   return dst;
-}
-
-cu::Ctx EpMoeCuda::gemm_ctx(const cu::Ctx& ctx) const {
-  cu::Ctx g = ctx;
-  if (gemm_sms_ > 0) g.num_sms = std::min(g.num_sms, gemm_sms_);
-  return g;
 }
 
 cudaStream_t EpMoeCuda::comm_stream(const cu::Ctx& ctx) const {
@@ -556,12 +549,11 @@ void EpMoeCuda::experts_fwd(Chunk& ch, int i, const EpMoeFwdArgs& a, const cu::C
   // kept in the carve, or (recompute) in the scratch for this call only
   bf16* gu = r.gu ? r.gu : sc_->gu.get();  // [M,2I]
   bf16* ys = r.ys ? r.ys : sc_->xs.get();  // [M,H]: xs is dead after the gate_up GEMM
-  const cu::Ctx g = gemm_ctx(ctx);  // the grouped GEMMs' (AUTOMOE_EP_GEMM_SMS)
   cu::moe_layout(r.offsets, r.slot_row, l.idx_recv.get(), R, El, K, ctx, rows);
   cu::permute_fwd(sc_->xs.get(), r.x_recv, r.slot_row, R, K, H, ctx);
-  cu::grouped_linear_fwd(gu, sc_->xs.get(), a.w_gu, r.offsets, M, El, H, 2 * I, g);
+  cu::grouped_linear_fwd(gu, sc_->xs.get(), a.w_gu, r.offsets, M, El, H, 2 * I, ctx);
   cu::swiglu_fwd(sc_->act.get(), gu, M, I, ctx, m_rows);
-  cu::grouped_linear_fwd(ys, sc_->act.get(), a.w_down, r.offsets, M, El, I, H, g);
+  cu::grouped_linear_fwd(ys, sc_->act.get(), a.w_down, r.offsets, M, El, I, H, ctx);
   cu::unpermute_fwd(l.y_recv.get(), ys, r.w_recv, r.slot_row, R, K, H, ctx, rows);
 }
 
@@ -742,6 +734,7 @@ void EpMoeCuda::fwd_begin(const EpMoeFwdArgs& a, int64_t N, const cu::Ctx& ctx) 
   cu::ep_layout(l.send_pos.get(), ch.r[0]->info.get(), ch.r[0]->info.get() + P, a.topk_idx, N, K,
                 El, P, 0, ctx);
   if (timing_) CUDA_CHECK(cudaEventRecord(evd_[2], ctx.stream));
+  cu::trace_mark(ctx.stream, label_ + ": laid out");
   // the comm stream after everything of the caller's so far (the layout, the rows, and what
   // last read the buffers the push writes)
   signal(laid_out_, ctx.stream);
@@ -756,6 +749,7 @@ void EpMoeCuda::fwd_begin(const EpMoeFwdArgs& a, int64_t N, const cu::Ctx& ctx) 
                        t_.rank_of(0), cctx);
   t_.push_end(cs);
   if (timing_) CUDA_CHECK(cudaEventRecord(evd_[1], cs));
+  cu::trace_mark(cs, label_ + ": pushed");
   fa_ = a;
   step_ = Step::kFwdBegun;
 }
@@ -784,6 +778,7 @@ void EpMoeCuda::fwd_end(const cu::Ctx& ctx) {
     throw;
   }
   set_plan(ch);
+  cu::trace_mark(ctx.stream, label_ + ": carve (host had the mail)");
   carve(ch, ctx);
   N_ = ch.n;
   pushed_ = true;
@@ -797,15 +792,18 @@ void EpMoeCuda::fwd_end(const cu::Ctx& ctx) {
              [&](int) { return ch.r[0]->w_recv; })};
   t_.push_recv(t, 3, ch.fwd_rows(), cs);
   if (timing_) CUDA_CHECK(cudaEventRecord(ev_[1], cs));
+  cu::trace_mark(cs, label_ + ": copied out");
   signal(ch.arrived, cs);
   await(ctx.stream, ch.arrived);
   experts_fwd(ch, 0, fa_, ctx);
+  cu::trace_mark(ctx.stream, label_ + ": experts");
   signal(ch.computed, ctx.stream);
   await(cs, ch.computed);
   if (timing_) CUDA_CHECK(cudaEventRecord(ev_[2], cs));
   inplace_now_ = use_inplace(fa_.out);
   if (inplace_now_) return_inplace(ch, 1, src_.get(), cs);
   else move_rows(ch, &EpMoeScratch::Local::y_recv, &EpMoeScratch::Local::x_send, ch.back_rows(), cs);
+  cu::trace_mark(cs, label_ + ": combined");
   signal(ch.returned, cs);
   step_ = Step::kFwdEnded;
 }
@@ -825,6 +823,7 @@ void EpMoeCuda::fwd_finish(const cu::Ctx& ctx) {
                           ch.n, s_.H, s_.K, P_, ctx);
   }
   if (timing_) CUDA_CHECK(cudaEventRecord(ev_[3], ctx.stream));
+  cu::trace_mark(ctx.stream, label_ + ": unpacked");
 }
 
 // The backward of chunk ch's experts of local rank i: xs and the SwiGLU output always
@@ -848,24 +847,23 @@ void EpMoeCuda::experts_bwd(Chunk& ch, int i, const EpMoeBwdArgs& a, float g_bet
   // the weight gradients of the previous local rank or chunk, or of an earlier call, still read
   // dys, act, dgu and xs (the dispatches write only x_send and y_recv, which they do not read)
   sc_->wait_wgrad(ctx.stream);
-  const cu::Ctx g = gemm_ctx(ctx), wg = gemm_ctx(wctx);  // the grouped GEMMs' (AUTOMOE_EP_GEMM_SMS)
   if (rc_ == EpRecompute::kExperts) {
     cu::permute_fwd(sc_->xs.get(), r.x_recv, r.slot_row, R, K, H, ctx);
-    cu::grouped_linear_fwd(gu, sc_->xs.get(), a.w_gu, r.offsets, M, El, H, 2 * I, g);
+    cu::grouped_linear_fwd(gu, sc_->xs.get(), a.w_gu, r.offsets, M, El, H, 2 * I, ctx);
   }
   cu::swiglu_fwd(sc_->act.get(), gu, M, I, ctx, m_rows);
   if (rc_ != EpRecompute::kNone)
-    cu::grouped_linear_fwd(ys, sc_->act.get(), a.w_down, r.offsets, M, El, I, H, g);
+    cu::grouped_linear_fwd(ys, sc_->act.get(), a.w_down, r.offsets, M, El, I, H, ctx);
   // data gradients: dys, dact, dgu, dxs, the dx rows
   cu::unpermute_bwd(sc_->dys.get(), l.dw_recv.get(), l.y_recv.get(), ys, r.w_recv, r.slot_row, R,
                     K, H, ctx, rows);
   cu::grouped_linear_bwd(sc_->dact.get(), no_dw, 0.f, sc_->dys.get(), nullptr, a.w_down, r.offsets,
-                         M, El, I, H, g);
+                         M, El, I, H, ctx);
   cu::swiglu_bwd(sc_->dgu.get(), sc_->dact.get(), gu, M, I, ctx, m_rows);
   // dxs [M,H] in xs: dead here (ys, when it lived there, was read above); dys stays for g_down
   bf16* dxs = sc_->xs.get();
   cu::grouped_linear_bwd(dxs, no_dw, 0.f, sc_->dgu.get(), nullptr, a.w_gu, r.offsets, M, El, H,
-                         2 * I, g);
+                         2 * I, ctx);
   cu::permute_bwd(l.y_recv.get() /*dx rows*/, dxs, r.slot_row, R, K, H, ctx, rows);
   // weight gradients, once their inputs exist and permute_bwd has read dxs (xs is rewritten)
   if (overlap) {
@@ -876,10 +874,10 @@ void EpMoeCuda::experts_bwd(Chunk& ch, int i, const EpMoeBwdArgs& a, float g_bet
   }
   if (C_ == 1) {
     cu::grouped_linear_bwd(nullptr, a.g_down, g_beta, sc_->dys.get(), sc_->act.get(), nullptr,
-                           r.offsets, M, El, I, H, wg);
+                           r.offsets, M, El, I, H, wctx);
     cu::permute_fwd(sc_->xs.get(), r.x_recv, r.slot_row, R, K, H, wctx);
     cu::grouped_linear_bwd(nullptr, a.g_gu, g_beta, sc_->dgu.get(), sc_->xs.get(), nullptr,
-                           r.offsets, M, El, H, 2 * I, wg);
+                           r.offsets, M, El, H, 2 * I, wctx);
   } else {
     const int64_t n_down = El * H * I, n_gu = El * 2 * I * H;
     float* acc_down = sc_->acc_down.get() + size_t(i) * n_down;
@@ -889,10 +887,10 @@ void EpMoeCuda::experts_bwd(Chunk& ch, int i, const EpMoeBwdArgs& a, float g_bet
       CUDA_CHECK(cudaMemsetAsync(acc_gu, 0, size_t(n_gu) * sizeof(float), wctx.stream));
     }
     cu::grouped_linear_bwd(nullptr, acc_down, sc_->dys.get(), sc_->act.get(), nullptr, r.offsets,
-                           M, El, I, H, wg);
+                           M, El, I, H, wctx);
     cu::permute_fwd(sc_->xs.get(), r.x_recv, r.slot_row, R, K, H, wctx);
     cu::grouped_linear_bwd(nullptr, acc_gu, sc_->dgu.get(), sc_->xs.get(), nullptr, r.offsets, M,
-                           El, H, 2 * I, wg);
+                           El, H, 2 * I, wctx);
     if (ch.idx == C_ - 1) {
       cu::accumulate_grad(a.g_down, acc_down, g_beta, n_down, wctx);
       cu::accumulate_grad(a.g_gu, acc_gu, g_beta, n_gu, wctx);
@@ -1039,6 +1037,7 @@ void EpMoeCuda::bwd_begin(const EpMoeBwdArgs& a, float g_beta, const cu::Ctx& ct
                          [&](int) { return l.y_recv.get(); });
   t_.push_recv(&t, 1, ch.fwd_rows(), cs);
   if (timing_) CUDA_CHECK(cudaEventRecord(evb_[1], cs));
+  cu::trace_mark(cs, label_ + ": bwd pushed and copied out");
   signal(ch.arrived, cs);
   ba_ = a;
   g_beta_ = g_beta;
@@ -1056,11 +1055,14 @@ void EpMoeCuda::bwd_end(const cu::Ctx& ctx) {
   await(ctx.stream, ch.arrived);
   experts_bwd(ch, 0, ba_, g_beta_, ctx, wctx, overlap);
   if (overlap) CUDA_CHECK(cudaEventRecord(wgrad_done_, wctx.stream));  // what join() waits on
+  cu::trace_mark(ctx.stream, label_ + ": bwd experts");
+  if (overlap) cu::trace_mark(wctx.stream, label_ + ": bwd weight gradients");
   signal(ch.computed, ctx.stream);
   await(cs, ch.computed);
   if (timing_) CUDA_CHECK(cudaEventRecord(evb_[2], cs));
   inplace_now_ = use_inplace(ba_.dx);
   combine_back(ch, inplace_now_, cs);
+  cu::trace_mark(cs, label_ + ": bwd combined");
   signal(ch.returned, cs);
   step_ = Step::kBwdEnded;
 }
@@ -1079,6 +1081,7 @@ void EpMoeCuda::bwd_finish(const cu::Ctx& ctx) {
     cu::ep_combine_unpack(ba_.dx, ba_.dtopk_w, local(0, 0).x_send.get(), local(0, 0).w_send.get(),
                           ch.r[0]->send_pos, ch.n, s_.H, s_.K, P_, ctx);
   }
+  cu::trace_mark(ctx.stream, label_ + ": bwd unpacked");
   if (timing_) {
     CUDA_CHECK(cudaEventRecord(evb_[3], ctx.stream));
     bwd_timed_ = true;

@@ -470,12 +470,6 @@ class EpMoeCuda {
   void expect(Step want, const char* call) const;
   void check_saved() const;  // the backward's: a complete forward whose carve is still there
   cuda::Ctx wgrad_ctx(const cuda::Ctx& ctx) const;  // where the weight gradients run
-  // ctx for the expert grouped GEMMs: their persistent grid capped at AUTOMOE_EP_GEMM_SMS
-  // multiprocessors (default 0: all), leaving the rest to the transport's copy and push
-  // kernels beside them (an experiment for the two halves: a persistent GEMM holds every SM
-  // it was given until it ends, so an SM-driven copy queued beside it waits)
-  cuda::Ctx gemm_ctx(const cuda::Ctx& ctx) const;
-  int gemm_sms_ = 0;
   void combine_back(Chunk& ch, bool inplace, cudaStream_t s);  // the backward's dx, dw rows
   cudaEvent_t wgrad_done_ = nullptr;  // on the scratch's side stream after this block's bwd
 };

@@ -45,6 +45,7 @@
 #include <fmt/format.h>
 
 #include "backend/cuda/ops_cuda.h"
+#include "backend/cuda/trace.h"
 #include "core/check.h"
 #include "dist/data_parallel_cuda.h"
 #include "dist/ep_transport.h"
@@ -1401,6 +1402,7 @@ void Qwen3MoeCuda::forward(const Batch& bt, float ce_denominator, float aux_scal
     s.qk_norm_rope(a, o, N, eps, theta);
     cu::attention_fwd(a.ao, a.lse, a.q, a.k, a.v, doc, seg, B, T, nH, nKV, D, ctx);
     cu::linear_fwd(s.tmp, a.ao, s.W(o.wo), Wn(o.bo), N, nH * D, H, ctx);
+    cu::trace_mark(ctx.stream, fmt::format("layer {}: attention", l));
     if (s.fused_norm) {
       cu::add_rmsnorm_fwd(a.x_mid, a.ln2, a.ln2_rstd, x_in, s.tmp, s.W(o.ln2), N, H, eps, ctx);
       s.lrecord(l, 1);
@@ -1558,6 +1560,7 @@ void Qwen3MoeCuda::State::forward_halves(float eps, float theta) {
     cu::attention_fwd(a.ao, a.lse, a.q, a.k, a.v, has_doc ? doc + r0 : nullptr,
                       has_doc ? &seg_half[h] : nullptr, B2, T, nH, nKV, D, ctx);
     cu::linear_fwd(t, a.ao, W(o.wo), Wn(o.bo), N2, nH * D, H, ctx);
+    cu::trace_mark(ctx.stream, fmt::format("layer {} half {}: attention", l, h));
     if (fused_norm) {
       cu::add_rmsnorm_fwd(a.x_mid, a.ln2, a.ln2_rstd, x_in, t, W(o.ln2), N2, H, eps, ctx);
     } else {
@@ -1673,6 +1676,7 @@ void Qwen3MoeCuda::State::backward_halves() {
     lin_bwd(dl, 1.f, o.wk, o.bk, dk_h, a.ln1, N2, H, nKV * D, beta);
     lin_bwd(dl, 1.f, o.wv, o.bv, dv_h, a.ln1, N2, H, nKV * D, beta);
     norm_bwd(dr, 1.f, o.ln1, dl, x_in, a.ln1_rstd, N2, H);  // dres += ln1's dx
+    cu::trace_mark(ctx.stream, fmt::format("layer {} half {}: bwd router and attention", l, h));
     beta = beta0;
     pos = pos0;
   };
@@ -1836,6 +1840,7 @@ void Qwen3MoeCuda::backward() {
     s.lin_bwd(s.dln, 1.f, o.wk, o.bk, s.dk, a.ln1, N, H, nKV * D, beta);
     s.lin_bwd(s.dln, 1.f, o.wv, o.bv, s.dv, a.ln1, N, H, nKV * D, beta);
     s.norm_bwd(s.dres, 1.f, o.ln1, s.dln, x_in, a.ln1_rstd, N, H);  // dres += ln1's dx
+    cu::trace_mark(ctx.stream, fmt::format("layer {}: bwd router and attention", l));
     s.lrecord(l, 5);
     if (s.overlap) {  // the layer's expert gradients too: their side stream first (see above)
       if (o.moe && s.ep) s.ep_moe[size_t(o.moe_index)]->join(ctx.stream);

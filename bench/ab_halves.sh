@@ -1,0 +1,35 @@
+# bench/ab_halves.sh: A/B runs of cuda_bench on two GPUs (EP = 2 over IPC), the whole micro-batch
+# against train.ep_halves, on the device machine: builds cuda_bench through bench/device.sh, then
+# runs the variants in AB (default "default halves"; default/halves trace the last step's
+# timeline with AUTOMOE_TRACE into $OUT/tr_*; *4: 12 layers, micro-batch 4; *_nt: untraced)
+# and prints one line each (fwd+bwd tok/s per GPU, TFLOP/s, the phases, loss, grad norm).
+# The experiment behind docs/DISTRIBUTED.md's "The two-half overlap" (bench/RESULTS.md).
+#   AB="default halves" bash bench/ab_halves.sh
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+TARGETS="cuda_bench" STAGES="none" bash bench/device.sh > /tmp/build.log 2>&1 || { tail -30 /tmp/build.log; exit 1; }
+M="mpirun --allow-run-as-root -np 2 -x NCCL_NVLS_ENABLE=0 -x TORCH_SYMM_MEM_DISABLE_MULTICAST=1 -x NVSHMEM_DISABLE_NVLS=1 -x AUTOMOE_EP_TRANSPORT=ipc -x CUDA_DEVICE_MAX_CONNECTIONS=32"
+run() {  # name, extra env (k=v,...), cuda_bench flags
+  local envs=(); IFS=, read -r -a kv <<< "$2"; for e in "${kv[@]}"; do [ -n "$e" ] && envs+=(-x "$e"); done
+  # shellcheck disable=SC2086
+  timeout 150 $M "${envs[@]}" build-device/cuda_bench --seq 4096 $3 > "$OUT/ab_$1.log" 2>&1
+  python3 - "$OUT/ab_$1.log" "$1" <<'PY'
+import json, sys
+r = [json.loads(l[7:]) for l in open(sys.argv[1]) if l.startswith("RESULT ")]
+if not r: print(f"{sys.argv[2]}: no result"); sys.exit()
+r = r[0]; p = r["phases_ms"]
+print(f"{sys.argv[2]:28s} {r['fwd_bwd_tok_per_s']:>8.0f} tok/s {r['fwd_bwd_tflops']:>6} TF  "
+      f"fwd {p['fwd_layers']:.1f} bwd {p['bwd_layers']:.1f} lm {p['lm_head_ce']:.1f}  "
+      f"loss {r['loss']!r} grad_norm {r['grad_norm']!r}")
+PY
+}
+for v in ${AB:-default halves}; do
+  case $v in
+    default) run default "AUTOMOE_TRACE=$OUT/tr_default" "--layers 24 --mbs 2" ;;
+    halves) run halves "AUTOMOE_TRACE=$OUT/tr_halves" "--layers 24 --mbs 2 --ep-halves" ;;
+    default4) run default4 "" "--layers 12 --mbs 4" ;;
+    halves4) run halves4 "" "--layers 12 --mbs 4 --ep-halves" ;;
+    default_nt) run default_nt "" "--layers 24 --mbs 2" ;;
+    halves_nt) run halves_nt "" "--layers 24 --mbs 2 --ep-halves" ;;
+    *) echo "ab_halves.sh: unknown variant $v (default halves default4 halves4 default_nt halves_nt)"; exit 2 ;;
+  esac
+done
