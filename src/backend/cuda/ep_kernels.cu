@@ -196,19 +196,38 @@ __global__ void ep_dispatch_pack_kernel(Chunk* x_send, int32_t* idx_send, float*
 // Vectorised: each thread owns 8 channels (one uint4 of bf16) when rows allow it.
 // One token's combine, 16-byte chunks: out[n] = sum over d of row_y(d, pos[d]), dw_out[n] likewise
 // from row_w (rank order, fp32, one rounding). row_y/row_w say where the row of send_pos r on d is.
-template <class RowY, class RowW>
+// kSmall: P <= kEpPushMaxRanks, every loop over the ranks unrolled (so row_y/row_w may index
+// kernel parameters by d without a copy to local memory), and each thread's chunks of all P rows
+// loaded before any is added (P loads in flight instead of one at a time). The sums are the same
+// either way: rank order, fp32, one rounding.
+template <bool kSmall, class RowY, class RowW>
 __device__ __forceinline__ void unpack_token(uint4* out, float* dw_out, const int32_t* pos,
                                              int64_t n, int64_t Hc, int K, int P, RowY row_y,
                                              RowW row_w) {
+  constexpr int kMax = kSmall ? kEpPushMaxRanks : 1;
+  int64_t r[kMax];
+  if constexpr (kSmall) {
+#pragma unroll
+    for (int d = 0; d < kMax; ++d) r[d] = d < P ? pos[d] : -1;
+  }
   for (int64_t c = threadIdx.x; c < Hc; c += blockDim.x) {
     float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    for (int d = 0; d < P; ++d) {
-      const int64_t r = pos[d];
-      if (r < 0) continue;
-      const uint4 v = row_y(d, r)[c];
+    auto add = [&](const uint4& v) {
       const bf16* b = reinterpret_cast<const bf16*>(&v);
 #pragma unroll
       for (int k = 0; k < 8; ++k) acc[k] += to_f(b[k]);
+    };
+    if constexpr (kSmall) {
+      uint4 v[kMax];
+#pragma unroll
+      for (int d = 0; d < kMax; ++d)
+        if (r[d] >= 0) v[d] = row_y(d, r[d])[c];
+#pragma unroll
+      for (int d = 0; d < kMax; ++d)
+        if (r[d] >= 0) add(v[d]);
+    } else {
+      for (int d = 0; d < P; ++d)
+        if (pos[d] >= 0) add(row_y(d, pos[d])[c]);
     }
     uint4 o;
     bf16* ob = reinterpret_cast<bf16*>(&o);
@@ -219,17 +238,24 @@ __device__ __forceinline__ void unpack_token(uint4* out, float* dw_out, const in
   if (dw_out)
     for (int j = threadIdx.x; j < K; j += blockDim.x) {
       float acc = 0.f;
-      for (int d = 0; d < P; ++d)
-        if (pos[d] >= 0) acc += row_w(d, pos[d])[j];
+      if constexpr (kSmall) {
+#pragma unroll
+        for (int d = 0; d < kMax; ++d)
+          if (r[d] >= 0) acc += row_w(d, r[d])[j];
+      } else {
+        for (int d = 0; d < P; ++d)
+          if (pos[d] >= 0) acc += row_w(d, pos[d])[j];
+      }
       dw_out[n * K + j] = acc;
     }
 }
 
+template <bool kSmall>
 __global__ void ep_combine_unpack_vec_kernel(uint4* out, float* dw_out, const uint4* y_back,
                                              const float* dw_back, const int32_t* send_pos,
                                              int64_t Hc, int K, int P) {
   const int64_t n = blockIdx.x;
-  unpack_token(
+  unpack_token<kSmall>(
       out, dw_out, send_pos + n * P, n, Hc, K, P,
       [&](int, int64_t r) { return y_back + r * Hc; },
       [&](int, int64_t r) { return dw_back + r * K; });
@@ -239,7 +265,7 @@ __global__ void ep_combine_unpack_sources_kernel(uint4* out, float* dw_out, EpRo
                                                  EpRowSources dw, const int32_t* send_pos,
                                                  int64_t Hc, int K, int P) {
   const int64_t n = blockIdx.x;
-  unpack_token(
+  unpack_token<true>(
       out, dw_out, send_pos + n * P, n, Hc, K, P,
       [&](int d, int64_t r) { return static_cast<const uint4*>(y.rows[d]) + (r - y.first[d]) * Hc; },
       [&](int d, int64_t r) {
@@ -321,9 +347,10 @@ void ep_combine_unpack(bf16* out, float* dw_out, const bf16* y_back, const float
   AM_CHECK(dw_out == nullptr || dw_back != nullptr,
            "[ep_combine_unpack] dw_out needs the returned dw rows (dw_back)");
   if (rows_16b(H, out, y_back))
-    ep_combine_unpack_vec_kernel<<<unsigned(N), kRowThreads, 0, ctx.stream>>>(
-        reinterpret_cast<uint4*>(out), dw_out, reinterpret_cast<const uint4*>(y_back), dw_back,
-        send_pos, H / 8, int(K), P);
+    (P <= kEpPushMaxRanks ? ep_combine_unpack_vec_kernel<true> : ep_combine_unpack_vec_kernel<false>)
+        <<<unsigned(N), kRowThreads, 0, ctx.stream>>>(
+            reinterpret_cast<uint4*>(out), dw_out, reinterpret_cast<const uint4*>(y_back), dw_back,
+            send_pos, H / 8, int(K), P);
   else
     ep_combine_unpack_kernel<<<unsigned(N), kRowThreads, 0, ctx.stream>>>(
         out, dw_out, y_back, dw_back, send_pos, H, int(K), P);

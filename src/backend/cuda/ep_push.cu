@@ -35,7 +35,10 @@ __global__ void ep_dispatch_push_kernel(EpPushDst dst, uint4* x_send, int32_t* i
     } else {
       const int64_t cnt = send_cnt[d], rel = r - first;
       if (cnt * (row_b + (idx_send ? 2 * pick_b : 0)) > dst.cap) continue;  // the host's check throws
-      unsigned char* base = dst.region[d];
+      unsigned char* base = nullptr;  // dst.region[d], without indexing the parameter by a
+#pragma unroll                        // variable (that copies it to local memory per thread)
+      for (int e = 0; e < kEpPushMaxRanks; ++e)
+        if (e == d) base = dst.region[e];
       xd = reinterpret_cast<uint4*>(base + rel * row_b);
       id = reinterpret_cast<int32_t*>(base + cnt * row_b + rel * pick_b);
       wd = reinterpret_cast<float*>(base + cnt * (row_b + pick_b) + rel * pick_b);
