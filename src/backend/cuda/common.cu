@@ -1,4 +1,8 @@
 // backend/cuda/common.cu: error reporting, the workspace check and the owning context.
+#include <algorithm>
+#include <cstdlib>
+#include <string>
+
 #include <fmt/format.h>
 
 #include "backend/cuda/common.cuh"
@@ -50,7 +54,15 @@ ScopedCtx::ScopedCtx(size_t workspace_bytes, int device) : ws_(0) {
   require_device("the CUDA backend");
   CUDA_CHECK(cudaSetDevice(device));
   CUDA_CHECK(cudaDeviceGetAttribute(&ctx_.num_sms, cudaDevAttrMultiProcessorCount, device));
-  CUDA_CHECK(cudaStreamCreateWithFlags(&ctx_.stream, cudaStreamNonBlocking));
+  const char* prio = std::getenv("AUTOMOE_CTX_PRIORITY");
+  if (prio && std::string(prio) == "1") {
+    int least = 0, greatest = 0;  // numerically: greatest <= least
+    CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+    CUDA_CHECK(cudaStreamCreateWithPriority(&ctx_.stream, cudaStreamNonBlocking,
+                                            std::max(greatest, least - 1)));
+  } else {
+    CUDA_CHECK(cudaStreamCreateWithFlags(&ctx_.stream, cudaStreamNonBlocking));
+  }
   CUBLAS_CHECK(cublasLtCreate(&ctx_.lt));
   ws_ = DeviceBuffer<unsigned char>(workspace_bytes);
   ctx_.workspace = ws_.get();

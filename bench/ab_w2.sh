@@ -1,10 +1,16 @@
-# bench/ab_halves.sh: A/B runs of cuda_bench on two GPUs (EP = 2 over IPC), the whole micro-batch
-# against train.ep_halves, on the device machine: builds cuda_bench through bench/device.sh, then
-# runs the variants in AB (default "default halves"; default/halves trace the last step's
-# timeline with AUTOMOE_TRACE into $OUT/tr_*; *4: 12 layers, micro-batch 4; *_nt: untraced)
-# and prints one line each (fwd+bwd tok/s per GPU, TFLOP/s, the phases, loss, grad norm).
-# The experiment behind docs/DISTRIBUTED.md's "The two-half overlap" (bench/RESULTS.md).
-#   AB="default halves" bash bench/ab_halves.sh
+# bench/ab_w2.sh: A/B runs of cuda_bench at W2 on two GPUs (EP = 2 over IPC) in one device call:
+# builds cuda_bench through bench/device.sh, then runs the variants in AB (default "default
+# halves") and prints one line each (fwd+bwd tok/s per GPU, TFLOP/s, the phases, loss, grad
+# norm). Variants (24 layers, micro-batch 2 unless said):
+#   default, halves   the whole micro-batch; train.ep_halves (both trace the last step's
+#                     timeline with AUTOMOE_TRACE into $OUT/tr_*)
+#   default_nt, halves_nt   the same, untraced
+#   default4, halves4       12 layers, micro-batch 4
+#   prio              AUTOMOE_CTX_PRIORITY=1 (the compute stream above the weight gradients'),
+#                     traced into $OUT/tr_prio
+# Speed figures from it are A/B only: no Transformers run beside them (bench/device.sh's multi
+# stage does that). The two-half overlap's measurements came from it (bench/RESULTS.md).
+#   AB="default prio" bash bench/ab_w2.sh
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 TARGETS="cuda_bench" STAGES="none" bash bench/device.sh > /tmp/build.log 2>&1 || { tail -30 /tmp/build.log; exit 1; }
 M="mpirun --allow-run-as-root -np 2 -x NCCL_NVLS_ENABLE=0 -x TORCH_SYMM_MEM_DISABLE_MULTICAST=1 -x NVSHMEM_DISABLE_NVLS=1 -x AUTOMOE_EP_TRANSPORT=ipc -x CUDA_DEVICE_MAX_CONNECTIONS=32"
@@ -30,6 +36,7 @@ for v in ${AB:-default halves}; do
     halves4) run halves4 "" "--layers 12 --mbs 4 --ep-halves" ;;
     default_nt) run default_nt "" "--layers 24 --mbs 2" ;;
     halves_nt) run halves_nt "" "--layers 24 --mbs 2 --ep-halves" ;;
-    *) echo "ab_halves.sh: unknown variant $v (default halves default4 halves4 default_nt halves_nt)"; exit 2 ;;
+    prio) run prio "AUTOMOE_CTX_PRIORITY=1,AUTOMOE_TRACE=$OUT/tr_prio" "--layers 24 --mbs 2" ;;
+    *) echo "ab_w2.sh: unknown variant $v (default halves default4 halves4 default_nt halves_nt prio)"; exit 2 ;;
   esac
 done
