@@ -734,7 +734,7 @@ void EpMoeCuda::fwd_begin(const EpMoeFwdArgs& a, int64_t N, const cu::Ctx& ctx) 
   cu::ep_layout(l.send_pos.get(), ch.r[0]->info.get(), ch.r[0]->info.get() + P, a.topk_idx, N, K,
                 El, P, 0, ctx);
   if (timing_) CUDA_CHECK(cudaEventRecord(evd_[2], ctx.stream));
-  cu::trace_mark(ctx.stream, label_ + ": laid out");
+  cu::trace_mark(ctx.stream, label_, "laid out");
   // the comm stream after everything of the caller's so far (the layout, the rows, and what
   // last read the buffers the push writes)
   signal(laid_out_, ctx.stream);
@@ -749,7 +749,7 @@ void EpMoeCuda::fwd_begin(const EpMoeFwdArgs& a, int64_t N, const cu::Ctx& ctx) 
                        t_.rank_of(0), cctx);
   t_.push_end(cs);
   if (timing_) CUDA_CHECK(cudaEventRecord(evd_[1], cs));
-  cu::trace_mark(cs, label_ + ": pushed");
+  cu::trace_mark(cs, label_, "pushed");
   fa_ = a;
   step_ = Step::kFwdBegun;
 }
@@ -778,7 +778,7 @@ void EpMoeCuda::fwd_end(const cu::Ctx& ctx) {
     throw;
   }
   set_plan(ch);
-  cu::trace_mark(ctx.stream, label_ + ": carve (host had the mail)");
+  cu::trace_mark(ctx.stream, label_, "carve (host had the mail)");
   carve(ch, ctx);
   N_ = ch.n;
   pushed_ = true;
@@ -792,18 +792,18 @@ void EpMoeCuda::fwd_end(const cu::Ctx& ctx) {
              [&](int) { return ch.r[0]->w_recv; })};
   t_.push_recv(t, 3, ch.fwd_rows(), cs);
   if (timing_) CUDA_CHECK(cudaEventRecord(ev_[1], cs));
-  cu::trace_mark(cs, label_ + ": copied out");
+  cu::trace_mark(cs, label_, "copied out");
   signal(ch.arrived, cs);
   await(ctx.stream, ch.arrived);
   experts_fwd(ch, 0, fa_, ctx);
-  cu::trace_mark(ctx.stream, label_ + ": experts");
+  cu::trace_mark(ctx.stream, label_, "experts");
   signal(ch.computed, ctx.stream);
   await(cs, ch.computed);
   if (timing_) CUDA_CHECK(cudaEventRecord(ev_[2], cs));
   inplace_now_ = use_inplace(fa_.out);
   if (inplace_now_) return_inplace(ch, 1, src_.get(), cs);
   else move_rows(ch, &EpMoeScratch::Local::y_recv, &EpMoeScratch::Local::x_send, ch.back_rows(), cs);
-  cu::trace_mark(cs, label_ + ": combined");
+  cu::trace_mark(cs, label_, "combined");
   signal(ch.returned, cs);
   step_ = Step::kFwdEnded;
 }
@@ -823,7 +823,7 @@ void EpMoeCuda::fwd_finish(const cu::Ctx& ctx) {
                           ch.n, s_.H, s_.K, P_, ctx);
   }
   if (timing_) CUDA_CHECK(cudaEventRecord(ev_[3], ctx.stream));
-  cu::trace_mark(ctx.stream, label_ + ": unpacked");
+  cu::trace_mark(ctx.stream, label_, "unpacked");
 }
 
 // The backward of chunk ch's experts of local rank i: xs and the SwiGLU output always
@@ -1037,7 +1037,7 @@ void EpMoeCuda::bwd_begin(const EpMoeBwdArgs& a, float g_beta, const cu::Ctx& ct
                          [&](int) { return l.y_recv.get(); });
   t_.push_recv(&t, 1, ch.fwd_rows(), cs);
   if (timing_) CUDA_CHECK(cudaEventRecord(evb_[1], cs));
-  cu::trace_mark(cs, label_ + ": bwd pushed and copied out");
+  cu::trace_mark(cs, label_, "bwd pushed and copied out");
   signal(ch.arrived, cs);
   ba_ = a;
   g_beta_ = g_beta;
@@ -1055,14 +1055,14 @@ void EpMoeCuda::bwd_end(const cu::Ctx& ctx) {
   await(ctx.stream, ch.arrived);
   experts_bwd(ch, 0, ba_, g_beta_, ctx, wctx, overlap);
   if (overlap) CUDA_CHECK(cudaEventRecord(wgrad_done_, wctx.stream));  // what join() waits on
-  cu::trace_mark(ctx.stream, label_ + ": bwd experts");
-  if (overlap) cu::trace_mark(wctx.stream, label_ + ": bwd weight gradients");
+  cu::trace_mark(ctx.stream, label_, "bwd experts");
+  if (overlap) cu::trace_mark(wctx.stream, label_, "bwd weight gradients");
   signal(ch.computed, ctx.stream);
   await(cs, ch.computed);
   if (timing_) CUDA_CHECK(cudaEventRecord(evb_[2], cs));
   inplace_now_ = use_inplace(ba_.dx);
   combine_back(ch, inplace_now_, cs);
-  cu::trace_mark(cs, label_ + ": bwd combined");
+  cu::trace_mark(cs, label_, "bwd combined");
   signal(ch.returned, cs);
   step_ = Step::kBwdEnded;
 }
@@ -1081,7 +1081,7 @@ void EpMoeCuda::bwd_finish(const cu::Ctx& ctx) {
     cu::ep_combine_unpack(ba_.dx, ba_.dtopk_w, local(0, 0).x_send.get(), local(0, 0).w_send.get(),
                           ch.r[0]->send_pos, ch.n, s_.H, s_.K, P_, ctx);
   }
-  cu::trace_mark(ctx.stream, label_ + ": bwd unpacked");
+  cu::trace_mark(ctx.stream, label_, "bwd unpacked");
   if (timing_) {
     CUDA_CHECK(cudaEventRecord(evb_[3], ctx.stream));
     bwd_timed_ = true;

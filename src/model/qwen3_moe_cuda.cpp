@@ -466,8 +466,6 @@ struct Qwen3MoeCuda::State {
                          lr, ac.beta1, ac.beta2, ac.eps, ac.weight_decay, adam_t, d_coef,
                          slots.get() + k, ctx);
   }
-  // dx (nullable) = dx_beta * dx + dout @ w; dW (and db when b_off >= 0) of the parameter at
-  // w_off; `last`: no further writes to dW follow in this step (done()).
   // The layers' forward and backward as two halves (train.ep_halves; below forward()).
   void forward_halves(float eps, float theta);
   void backward_halves();
@@ -490,6 +488,8 @@ struct Qwen3MoeCuda::State {
     if (h.gu && !h.offsets) h.gu += r0 * 2 * F;  // a dense layer's [N,2F]
     return h;
   }
+  // dx (nullable) = dx_beta * dx + dout @ w; dW (and db when b_off >= 0) of the parameter at
+  // w_off; `last`: no further writes to dW follow in this step (done()).
   void lin_bwd(bf16* dx, float dx_beta, int64_t w_off, int64_t b_off, const bf16* dout,
                const bf16* x, int64_t n, int64_t I, int64_t O, float dw_beta, bool last = true) {
     const bf16* w = W(w_off);
@@ -594,8 +594,8 @@ Qwen3MoeCuda::Qwen3MoeCuda(const ModelConfig& cfg, Precision precision, int devi
              "train.ep_halves runs with train.ep_dispatch counts, train.ep_chunks 1, without "
              "train.memory_saving and without train.zero 3 (got {}, {}, {}, zero {}); change "
              "those or turn train.ep_halves off",
-             dist::ep_mode_name(s.ep_dispatch), s.ep_chunks, memory_saving ? "memory-saving" : "default mode",
-             dist.zero);
+             dist::ep_mode_name(s.ep_dispatch), s.ep_chunks,
+             memory_saving ? "memory-saving" : "default mode", dist.zero);
   }
   s.fused_qk_bwd = s.fused_norm && cu::qk_norm_rope_bwd_fused(cfg.head_dim);
   const auto& layout = s.layout_model.layout();
@@ -1402,7 +1402,7 @@ void Qwen3MoeCuda::forward(const Batch& bt, float ce_denominator, float aux_scal
     s.qk_norm_rope(a, o, N, eps, theta);
     cu::attention_fwd(a.ao, a.lse, a.q, a.k, a.v, doc, seg, B, T, nH, nKV, D, ctx);
     cu::linear_fwd(s.tmp, a.ao, s.W(o.wo), Wn(o.bo), N, nH * D, H, ctx);
-    cu::trace_mark(ctx.stream, fmt::format("layer {}: attention", l));
+    if (cu::trace_on()) cu::trace_mark(ctx.stream, fmt::format("layer {}", l), "attention");
     if (s.fused_norm) {
       cu::add_rmsnorm_fwd(a.x_mid, a.ln2, a.ln2_rstd, x_in, s.tmp, s.W(o.ln2), N, H, eps, ctx);
       s.lrecord(l, 1);
@@ -1560,7 +1560,8 @@ void Qwen3MoeCuda::State::forward_halves(float eps, float theta) {
     cu::attention_fwd(a.ao, a.lse, a.q, a.k, a.v, has_doc ? doc + r0 : nullptr,
                       has_doc ? &seg_half[h] : nullptr, B2, T, nH, nKV, D, ctx);
     cu::linear_fwd(t, a.ao, W(o.wo), Wn(o.bo), N2, nH * D, H, ctx);
-    cu::trace_mark(ctx.stream, fmt::format("layer {} half {}: attention", l, h));
+    if (cu::trace_on())
+      cu::trace_mark(ctx.stream, fmt::format("layer {} half {}", l, h), "attention");
     if (fused_norm) {
       cu::add_rmsnorm_fwd(a.x_mid, a.ln2, a.ln2_rstd, x_in, t, W(o.ln2), N2, H, eps, ctx);
     } else {
@@ -1676,7 +1677,8 @@ void Qwen3MoeCuda::State::backward_halves() {
     lin_bwd(dl, 1.f, o.wk, o.bk, dk_h, a.ln1, N2, H, nKV * D, beta);
     lin_bwd(dl, 1.f, o.wv, o.bv, dv_h, a.ln1, N2, H, nKV * D, beta);
     norm_bwd(dr, 1.f, o.ln1, dl, x_in, a.ln1_rstd, N2, H);  // dres += ln1's dx
-    cu::trace_mark(ctx.stream, fmt::format("layer {} half {}: bwd router and attention", l, h));
+    if (cu::trace_on())
+      cu::trace_mark(ctx.stream, fmt::format("layer {} half {}", l, h), "bwd router and attention");
     beta = beta0;
     pos = pos0;
   };
@@ -1840,7 +1842,8 @@ void Qwen3MoeCuda::backward() {
     s.lin_bwd(s.dln, 1.f, o.wk, o.bk, s.dk, a.ln1, N, H, nKV * D, beta);
     s.lin_bwd(s.dln, 1.f, o.wv, o.bv, s.dv, a.ln1, N, H, nKV * D, beta);
     s.norm_bwd(s.dres, 1.f, o.ln1, s.dln, x_in, a.ln1_rstd, N, H);  // dres += ln1's dx
-    cu::trace_mark(ctx.stream, fmt::format("layer {}: bwd router and attention", l));
+    if (cu::trace_on())
+      cu::trace_mark(ctx.stream, fmt::format("layer {}", l), "bwd router and attention");
     s.lrecord(l, 5);
     if (s.overlap) {  // the layer's expert gradients too: their side stream first (see above)
       if (o.moe && s.ep) s.ep_moe[size_t(o.moe_index)]->join(ctx.stream);

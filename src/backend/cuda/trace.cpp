@@ -35,8 +35,9 @@ bool trace_on() {
   return on;
 }
 
-void trace_mark(cudaStream_t stream, std::string label) {
+void trace_mark(cudaStream_t stream, const std::string& who, const char* what) {
   if (!trace_on()) return;
+  std::string label = who + ": " + what;
   Trace& t = trace();
   if (t.points.size() >= kMaxPoints) return;
   while (t.pool.size() <= t.points.size()) {

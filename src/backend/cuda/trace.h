@@ -13,7 +13,8 @@
 namespace automoe::cuda {
 
 bool trace_on();                                     // AUTOMOE_TRACE is set
-void trace_mark(cudaStream_t stream, std::string label);  // at most 65,536 points per window
+// The point's label is "who: what" (built only when tracing is on); at most 65,536 per window.
+void trace_mark(cudaStream_t stream, const std::string& who, const char* what);
 void trace_reset();                                  // a new window: the points so far dropped
 // Waits for the points, writes them to AUTOMOE_TRACE + suffix; returns the file's path.
 std::string trace_dump(const std::string& suffix);
