@@ -1041,6 +1041,75 @@ void case_ep_layout(const cu::Ctx& ctx, int64_t N, int64_t K, int64_t El, int P,
   if (picks) check_i32("ep_layout", "send_picks", sh, d_picks, picks_ref);
 }
 
+// cuda::ep_combine_unpack (rows gathered in one buffer) and ep_combine_unpack_sources (each
+// rank's rows in a buffer of its own, as the in-place combine reads them from the transport's
+// staging) against the host, exactly: each token's returned rows summed in rank order in fp32,
+// one rounding, and its dw rows likewise. Each token has a row on a rank with probability
+// `share` (the packed layout: rank d's rows after the earlier ranks', in token order). P <= 8
+// runs the unrolled kernels; P > 8 (gathered only) the loop; H not a multiple of 8 the scalar
+// kernel (gathered only).
+void case_ep_unpack(const cu::Ctx& ctx, int64_t N, int64_t H, int64_t K, int P, double share,
+                    bool dw) {
+  const std::string sh = shape_str({{"N", N}, {"H", H}, {"K", K}, {"P", P}}) + (dw ? " dw" : "");
+  std::uniform_real_distribution<double> u(0, 1);
+  std::vector<int32_t> pos(size_t(N * P), -1);
+  std::vector<int64_t> first(size_t(P) + 1, 0);
+  for (int d = 0; d < P; ++d) {
+    int64_t r = first[size_t(d)];
+    for (int64_t n = 0; n < N; ++n)
+      if (u(g_rng) < share) pos[size_t(n * P + d)] = int32_t(r++);
+    first[size_t(d) + 1] = r;
+  }
+  const int64_t S = first[size_t(P)];
+  Bf y = bf_uniform(size_t(std::max<int64_t>(S, 1) * H), -2, 2);
+  std::vector<float> w = uniform(size_t(std::max<int64_t>(S, 1) * K), -1, 1);
+  std::vector<float> out_ref(size_t(N * H)), dw_ref(size_t(N * K));
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t c = 0; c < H; ++c) {
+      float acc = 0.f;
+      for (int d = 0; d < P; ++d)
+        if (const int32_t r = pos[size_t(n * P + d)]; r >= 0) acc += y.f[size_t(r * H + c)];
+      out_ref[size_t(n * H + c)] = __bfloat162float(__float2bfloat16_rn(acc));
+    }
+    for (int64_t j = 0; j < K; ++j) {
+      float acc = 0.f;
+      for (int d = 0; d < P; ++d)
+        if (const int32_t r = pos[size_t(n * P + d)]; r >= 0) acc += w[size_t(r * K + j)];
+      dw_ref[size_t(n * K + j)] = acc;
+    }
+  }
+  Pool pool;
+  auto& d_pos = pool.in(pos);
+  auto& d_y = pool.in(y.h);
+  auto& d_w = pool.in(w);
+  auto& d_out = pool.out<bf16>(size_t(N * H));
+  auto& d_dw = pool.out<float>(size_t(N * K));
+  cu::ep_combine_unpack(d_out.p, dw ? d_dw.p : nullptr, d_y.p, dw ? d_w.p : nullptr, d_pos.p, N,
+                        H, K, P, ctx);
+  sync(ctx);
+  check("ep_unpack", "gathered", sh, d_out, out_ref, kExact);
+  if (dw) check("ep_unpack", "dw", sh, d_dw, dw_ref, kExact);
+  if (P > cu::kEpPushMaxRanks || H % 8) return;
+  // each rank's rows copied to a buffer of its own (a staging region)
+  cu::EpRowSources ys, ws;
+  for (int d = 0; d < P; ++d) {
+    const int64_t f = first[size_t(d)], rows = first[size_t(d) + 1] - f;
+    auto& dy = pool.in(std::vector<bf16>(y.h.begin() + f * H, y.h.begin() + (f + rows) * H));
+    auto& dwd = pool.in(std::vector<float>(w.begin() + f * K, w.begin() + (f + rows) * K));
+    ys.rows[d] = dy.p;
+    ys.first[d] = f;
+    ws.rows[d] = dwd.p;
+    ws.first[d] = f;
+  }
+  auto& s_out = pool.out<bf16>(size_t(N * H));
+  auto& s_dw = pool.out<float>(size_t(N * K));
+  cu::ep_combine_unpack_sources(s_out.p, dw ? s_dw.p : nullptr, ys, dw ? &ws : nullptr, d_pos.p, N,
+                                H, K, P, ctx);
+  sync(ctx);
+  check("ep_unpack", "sources", sh, s_out, out_ref, kExact);
+  if (dw) check("ep_unpack", "dw srcs", sh, s_dw, dw_ref, kExact);
+}
+
 // The layout and the row ops over rows in regions with padding (EP padded mode, cu::RowRegions):
 // P regions of `region` rows, cnt[s] of them tokens. The padding rows hold real-looking picks and
 // rows, which must not be read. Reference: the CPU ops on the tokens packed (what counts mode
@@ -1804,6 +1873,16 @@ int main(int argc, char** argv) {
     case_ep_layout(ctx, 3000, 6, 8, 5, 0, 0, true);       // P 5, K 6: a load per pick
     case_ep_layout(ctx, 2000, 8, 8, 16, 0, 0.1, true);    // P 16: the general path
     case_ep_layout(ctx, 500, 4, 2, 9, 600, 0, true);      // P 9, regions: the general path
+  });
+  run(filter, "ep_unpack", [&] {  // the EP combine's sum per token
+    case_ep_unpack(ctx, 0, 64, 8, 2, 0.7, true);       // no tokens
+    case_ep_unpack(ctx, 37, 64, 8, 2, 0.7, true);      // fewer tokens than a block's threads
+    case_ep_unpack(ctx, 300, 2048, 8, 2, 0.9, true);   // Qwen3-30B-A3B, EP 2
+    case_ep_unpack(ctx, 300, 2048, 8, 2, 0.9, false);  // the forward: rows only
+    case_ep_unpack(ctx, 257, 256, 8, 4, 0.5, true);    // EP 4, tokens with no row at all
+    case_ep_unpack(ctx, 129, 1032, 6, 8, 0.4, true);   // EP 8, Hc not a multiple of the block
+    case_ep_unpack(ctx, 100, 64, 8, 9, 0.5, true);     // P 9: the loop (gathered only)
+    case_ep_unpack(ctx, 50, 12, 4, 3, 0.6, true);      // H 12: the scalar kernel (gathered only)
   });
   run(filter, "moe_regions", [&] {  // EP padded mode's receive
     case_moe_regions(ctx, 7, {7, 0, 4}, 5, 2, 11);
