@@ -8,6 +8,7 @@
 #   default4, halves4       12 layers, micro-batch 4
 #   prio              AUTOMOE_CTX_PRIORITY=1 (the compute stream above the weight gradients'),
 #                     traced into $OUT/tr_prio
+#   default1, halves1 micro-batch 1: the whole sequence; train.ep_halves' sequence split
 # Speed figures from it are A/B only: no Transformers run beside them (bench/device.sh's multi
 # stage does that). The two-half overlap's measurements came from it (bench/RESULTS.md).
 #   AB="default prio" bash bench/ab_w2.sh
@@ -37,6 +38,8 @@ for v in ${AB:-default halves}; do
     default_nt) run default_nt "" "--layers 24 --mbs 2" ;;
     halves_nt) run halves_nt "" "--layers 24 --mbs 2 --ep-halves" ;;
     prio) run prio "AUTOMOE_CTX_PRIORITY=1,AUTOMOE_TRACE=$OUT/tr_prio" "--layers 24 --mbs 2" ;;
-    *) echo "ab_w2.sh: unknown variant $v (default halves default4 halves4 default_nt halves_nt prio)"; exit 2 ;;
+    default1) run default1 "" "--layers 24 --mbs 1" ;;
+    halves1) run halves1 "" "--layers 24 --mbs 1 --ep-halves" ;;
+    *) echo "ab_w2.sh: unknown variant $v (default halves default4 halves4 default_nt halves_nt prio default1 halves1)"; exit 2 ;;
   esac
 done

@@ -256,6 +256,7 @@ struct Qwen3MoeCuda::State {
   // the two halves (CudaDist::ep_halves): half B's transport, scratch and arena (half A's are
   // ep_scratch and ep_arena)
   bool halves = false;
+  bool split_seq = false;  // the halves split the one sequence (B == 1) instead of the batch
   dist::EpTransport* ept_b = nullptr;
   std::shared_ptr<dist::EpMoeScratch> ep_scratch_b;
   std::shared_ptr<dist::EpSavedArena> ep_arena_b;
@@ -1091,10 +1092,22 @@ void Qwen3MoeCuda::plan(int64_t B, int64_t T, bool packed) {
     s.ep_arena.reset();
     s.ep_scratch_b.reset();
     s.ep_arena_b.reset();
-    AM_CHECK(!s.halves || B % 2 == 0,
-             "train.ep_halves splits each micro-batch into two halves of its sequences, but this "
-             "one has {} (B x T = {} x {}); use an even micro-batch or turn train.ep_halves off",
-             B, B, T);
+    AM_CHECK(!s.halves || B % 2 == 0 || (B == 1 && T % 2 == 0),
+             "train.ep_halves splits each micro-batch into two halves of its sequences (or one "
+             "sequence into its two halves), but this one is B x T = {} x {}; use an even "
+             "micro-batch, or one sequence of even length, or turn train.ep_halves off",
+             B, T);
+    s.split_seq = s.halves && B == 1;
+    for (const bool bwd : {false, true}) {
+      const std::string why = s.split_seq ? cu::attention_tail_unsupported(bwd, 1, T / 2, T, nH,
+                                                                           nKV, D)
+                                          : "";
+      AM_CHECK(why.empty(),
+               "train.ep_halves with one sequence per micro-batch runs the second half's "
+               "attention over both halves' keys (attention_tail), which cuDNN cannot run here: "
+               "{}. Use a micro-batch of two or more sequences, or turn train.ep_halves off",
+               why);
+    }
   }
   if (s.ep && s.halves) {  // per half: a scratch with a comm stream, an arena, the blocks
     const dist::EpMoeShape sh{N / 2, H, I, E, K};
@@ -1176,6 +1189,9 @@ void Qwen3MoeCuda::plan(int64_t B, int64_t T, bool packed) {
   s.planned_packed = packed;
   ws = std::max(ws, cu::attention_fwd_workspace_bytes(B, T, nH, nKV, D, packed));
   ws = std::max(ws, cu::attention_bwd_workspace_bytes(B, T, nH, nKV, D, packed));
+  if (s.split_seq)  // the second half's attention over both halves' keys
+    for (const bool bwd : {false, true})
+      ws = std::max(ws, cu::attention_tail_workspace_bytes(bwd, 1, T / 2, T, nH, nKV, D));
   if (M > 0) ws = std::max(ws, cu::aux_loss_workspace_bytes(M * N, E));
   if (M > 0) ws = std::max(ws, cu::grouped_linear_workspace_bytes(E));
   if (M > 0) ws = std::max(ws, cu::moe_layout_workspace_bytes(N, K, E));
@@ -1337,7 +1353,11 @@ void Qwen3MoeCuda::forward(const Batch& bt, float ce_denominator, float aux_scal
   s.seg.count = s.has_doc && !halves
                     ? cu::attention_segments_build(h_seg, bt.doc.data(), B, T, nH, nKV, D)
                     : 0;
-  for (int h = 0; h < 2 && halves; ++h) {  // the two halves: a table for each half's rows
+  AM_CHECK(!(halves && s.split_seq && s.has_doc),
+           "train.ep_halves with one sequence per micro-batch does not take document ids (packed "
+           "sequences): the second half's attention over the first half's keys has no document "
+           "mask. Use a micro-batch of two or more rows, or turn train.ep_halves off");
+  for (int h = 0; h < 2 && halves && !s.split_seq; ++h) {  // a table for each half's rows
     s.seg_half[h].table = s.seg_half_table[h];
     s.seg_half[h].count = s.has_doc ? cu::attention_segments_build(h_seg_half[h],
                                                                    bt.doc.data() + h * (N / 2),
@@ -1557,8 +1577,14 @@ void Qwen3MoeCuda::State::forward_halves(float eps, float theta) {
     cu::linear_fwd(a.v, a.ln1, W(o.wv), Wn(o.bv), N2, H, nKV * D, ctx);
     qk_norm_rope(a, o, N2, eps, theta);
     pos = pos0;
-    cu::attention_fwd(a.ao, a.lse, a.q, a.k, a.v, has_doc ? doc + r0 : nullptr,
-                      has_doc ? &seg_half[h] : nullptr, B2, T, nH, nKV, D, ctx);
+    if (!split_seq)
+      cu::attention_fwd(a.ao, a.lse, a.q, a.k, a.v, has_doc ? doc + r0 : nullptr,
+                        has_doc ? &seg_half[h] : nullptr, B2, T, nH, nKV, D, ctx);
+    else if (h == 0)  // the sequence's first half: causal over its own keys
+      cu::attention_fwd(a.ao, a.lse, a.q, a.k, a.v, nullptr, nullptr, 1, T / 2, nH, nKV, D, ctx);
+    else  // its second half over all the sequence's keys (the first half's came before)
+      cu::attention_tail_fwd(a.ao, a.lse, a.q, la[size_t(l)].k, la[size_t(l)].v, 1, T / 2, T, nH,
+                             nKV, D, ctx);
     cu::linear_fwd(t, a.ao, W(o.wo), Wn(o.bo), N2, nH * D, H, ctx);
     if (cu::trace_on())
       cu::trace_mark(ctx.stream, fmt::format("layer {} half {}", l, h), "attention");
@@ -1611,8 +1637,9 @@ void Qwen3MoeCuda::State::forward_halves(float eps, float theta) {
 
 // The layers' backward as two halves (train.ep_halves), pipelined as the forward:
 //   layer l:  end A (experts' backward A; combine A beside B's), end B
-//             rest A (finish A: the dx sums; router, ln2, attention backward), begin A(l-1)
-//             rest B, begin B(l-1)
+//             core A (finish A: the dx sums; router, ln2, o-proj, attention), tail A (q/k norms,
+//             RoPE, q/k/v projections, ln1), begin A(l-1); core B, tail B, begin B(l-1)
+//   (the sequence split: core A, core B, then tail A, begin A(l-1), tail B, begin B(l-1))
 // begin = bwd_begin (the d(out) rows pushed on that half's comm stream). Half B's weight
 // gradients add to half A's (beta 1; the EP blocks' side streams in that order too).
 void Qwen3MoeCuda::State::backward_halves() {
@@ -1634,15 +1661,21 @@ void Qwen3MoeCuda::State::backward_halves() {
                            dres + r0 * H, W(o.ex_gu), W(o.ex_down)},
                           h == 0 ? beta0 : 1.f, ctx);
   };
-  auto rest = [&](int64_t l, int h) {
+  // A half's backward in two parts: `core` (the MoE block's sums, router, ln2, o-proj and the
+  // attention itself) and `tail` (q/k norms and RoPE, the q/k/v projections, ln1). With the
+  // sequence split, half B's attention adds to half A's dk and dv, so both cores run before
+  // either tail.
+  auto set_half = [&](int h) {
+    beta = h == 0 ? beta0 : 1.f;  // half B's weight gradients add to half A's
+    pos = pos0 + h * N2;
+  };
+  auto core = [&](int64_t l, int h) {
     const int64_t r0 = h * N2;
     LayerActs a = half_of(la[size_t(l)], r0);
     const LayerOff& o = lo[size_t(l)];
-    const bf16* x_in = res[size_t(l)] + r0 * H;
     bf16 *dl = dln + r0 * H, *dr = dres + r0 * H, *dq_h = dq + r0 * nH * D,
          *dk_h = dk + r0 * nKV * D, *dv_h = dv + r0 * nKV * D, *dao_h = dao + r0 * nH * D;
-    beta = h == 0 ? beta0 : 1.f;  // half B's weight gradients add to half A's
-    pos = pos0 + r0;
+    set_half(h);
     // ---- MLP block
     if (o.moe) {
       block(l, h).bwd_finish(ctx);
@@ -1661,9 +1694,30 @@ void Qwen3MoeCuda::State::backward_halves() {
     norm_bwd(dr, 1.f, o.ln2, dl, a.x_mid, a.ln2_rstd, N2, H);  // dres += ln2's dx
     // ---- attention block
     lin_bwd(dao_h, 0.f, o.wo, o.bo, dr, a.ao, N2, nH * D, H, beta);
-    cu::attention_bwd(dq_h, dk_h, dv_h, dao_h, a.ao, a.lse, a.q, a.k, a.v,
-                      has_doc ? doc + r0 : nullptr, has_doc ? &seg_half[h] : nullptr, B2, T, nH,
-                      nKV, D, ctx);
+    if (!split_seq) {
+      cu::attention_bwd(dq_h, dk_h, dv_h, dao_h, a.ao, a.lse, a.q, a.k, a.v,
+                        has_doc ? doc + r0 : nullptr, has_doc ? &seg_half[h] : nullptr, B2, T, nH,
+                        nKV, D, ctx);
+    } else if (h == 0) {  // dk, dv of the first half's keys: =, before half B adds to them
+      cu::attention_bwd(dq_h, dk_h, dv_h, dao_h, a.ao, a.lse, a.q, a.k, a.v, nullptr, nullptr, 1,
+                        T / 2, nH, nKV, D, ctx);
+    } else {  // the second half adds to every key's dk, dv: its own start at zero
+      CUDA_CHECK(cudaMemsetAsync(dk_h, 0, size_t(N2 * nKV * D) * sizeof(bf16), ctx.stream));
+      CUDA_CHECK(cudaMemsetAsync(dv_h, 0, size_t(N2 * nKV * D) * sizeof(bf16), ctx.stream));
+      cu::attention_tail_bwd(dq_h, dk, dv, dao_h, a.ao, a.lse, a.q, la[size_t(l)].k,
+                             la[size_t(l)].v, 1, T / 2, T, nH, nKV, D, ctx);
+    }
+    beta = beta0;
+    pos = pos0;
+  };
+  auto tail = [&](int64_t l, int h) {
+    const int64_t r0 = h * N2;
+    LayerActs a = half_of(la[size_t(l)], r0);
+    const LayerOff& o = lo[size_t(l)];
+    const bf16* x_in = res[size_t(l)] + r0 * H;
+    bf16 *dl = dln + r0 * H, *dr = dres + r0 * H, *dq_h = dq + r0 * nH * D,
+         *dk_h = dk + r0 * nKV * D, *dv_h = dv + r0 * nKV * D;
+    set_half(h);
     if (fused_qk_bwd) {
       qk_norm_rope_bwd(dq_h, o.qn, a.q_pre, a.q_rstd, N2, nH, theta);
       qk_norm_rope_bwd(dk_h, o.kn, a.k_pre, a.k_rstd, N2, nKV, theta);
@@ -1689,8 +1743,13 @@ void Qwen3MoeCuda::State::backward_halves() {
     if (lo[size_t(l)].moe)
       for (int h = 0; h < 2; ++h) block(l, h).bwd_end(ctx);
     lrecord(l, 4);
+    if (split_seq) {
+      core(l, 0);
+      core(l, 1);
+    }
     for (int h = 0; h < 2; ++h) {
-      rest(l, h);
+      if (!split_seq) core(l, h);
+      tail(l, h);
       if (l > 0) begin(l - 1, h);
     }
     lrecord(l, 5);

@@ -88,14 +88,16 @@ struct CudaDist {
   // the all-to-alls on a comm stream beside the expert GEMMs (dist/expert_parallel_cuda.h);
   // 1 runs the unchunked block.
   int ep_chunks = 1;
-  // train.ep_halves: each micro-batch runs as two halves of its sequences (B even) whose MoE
-  // all-to-alls overlap the other half's compute (the two-half overlap, docs/DISTRIBUTED.md):
-  // per layer attention A, dispatch A, attention B, dispatch B, experts A, combine A beside
-  // experts B, and the next layer's attention A beside combine B; the backward likewise. Needs
-  // the direct dispatch (counts mode, one chunk, the IPC transport), the default mode (no
-  // memory-saving, no ZeRO-3) and batches without document ids; `ep_transport_b`, a second
-  // transport of the same EP group, carries half B's rows. The halves' results equal the whole
-  // batch's within bf16 rounding (the weight gradients add two halves).
+  // train.ep_halves: each micro-batch runs as two halves of its sequences (B even), or with
+  // one sequence (B == 1, T even) as its first and second half (the second half's attention
+  // over both halves' keys: attention_tail), whose MoE all-to-alls overlap the other half's
+  // compute (the two-half overlap, docs/DISTRIBUTED.md): per layer attention A, dispatch A,
+  // attention B, dispatch B, experts A, combine A beside experts B, and the next layer's
+  // attention A beside combine B; the backward likewise. Needs the direct dispatch (counts
+  // mode, one chunk, the IPC transport) and the default mode (no memory-saving, no ZeRO-3);
+  // the sequence split takes no document ids. `ep_transport_b`, a second transport of the same
+  // EP group, carries half B's rows. The halves' results equal the whole batch's within bf16
+  // rounding (the weight gradients add two halves).
   bool ep_halves = false;
   dist::EpTransport* ep_transport_b = nullptr;
 };
