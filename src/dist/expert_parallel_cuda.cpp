@@ -336,6 +336,57 @@ void EpMoeCuda::return_inplace(Chunk& ch, int nt, cu::EpRowSources* src, cudaStr
     }
 }
 
+// The combine: chunk ch's rows back to their tokens' ranks, on the comm stream s (nt = 1: the
+// forward's y rows; 2: the backward's dx and dw rows): in place (the sum reads them where they
+// came; src_) or into x_send (and w_send).
+void EpMoeCuda::combine_back(Chunk& ch, int nt, bool inplace, cudaStream_t s) {
+  if (inplace) {
+    return_inplace(ch, nt, src_.get(), s);
+    return;
+  }
+  EpA2aTensor t[2] = {
+      tensor(0, EpDtype::kBf16, s_.H, [&](int i) { return local(ch.idx, i).y_recv.get(); },
+             [&](int i) { return local(ch.idx, i).x_send.get(); }),
+      tensor(1, EpDtype::kF32, s_.K, [&](int i) { return local(ch.idx, i).dw_recv.get(); },
+             [&](int i) { return local(ch.idx, i).w_send.get(); })};
+  t_.alltoallv(t, nt, ch.back_rows(), s);
+}
+
+// The split calls' combine, once the experts' rows (nt = 1: y; 2: dx and dw) are written on the
+// caller's stream: on the comm stream after them (`ev` recorded first when timing), in place or
+// not as inplace_now_ says; `returned` when the rows are back.
+void EpMoeCuda::combine_after_experts(Chunk& ch, int nt, cudaEvent_t ev, const char* what,
+                                      const cu::Ctx& ctx) {
+  const cudaStream_t cs = comm_stream(ctx);
+  signal(ch.computed, ctx.stream);
+  await(cs, ch.computed);
+  if (timing_) CUDA_CHECK(cudaEventRecord(ev, cs));
+  combine_back(ch, nt, inplace_now_, cs);
+  cu::trace_mark(cs, label_, what);
+  signal(ch.returned, cs);
+}
+
+// The combine's sum: once chunk ch's rows are back (`returned`), every local rank's token rows
+// summed in rank order into out(i) (and, with the backward's dw rows, dw(i)); in place from
+// src_, then the transport may reuse its staging (inplace_end).
+template <class Out, class Dw>
+void EpMoeCuda::sum_back(Chunk& ch, bool inplace, Out out, Dw dw, const cu::Ctx& ctx) {
+  await(ctx.stream, ch.returned);
+  if (inplace) {
+    float* d = dw(0);
+    cu::ep_combine_unpack_sources(out(0), d, src_[0], d ? &src_[1] : nullptr, ch.r[0]->send_pos,
+                                  ch.n, s_.H, s_.K, P_, ctx);
+    t_.inplace_end(ctx.stream);
+    return;
+  }
+  for (int i = 0; i < L_; ++i) {
+    float* d = dw(i);
+    cu::ep_combine_unpack(out(i), d, local(ch.idx, i).x_send.get(),
+                          d ? local(ch.idx, i).w_send.get() : nullptr, ch.r[i]->send_pos, ch.n,
+                          s_.H, s_.K, P_, ctx);
+  }
+}
+
 cu::EpPushDst EpMoeCuda::push_begin(cudaStream_t s) {
   cu::EpPushDst dst;
   size_t cap = 0;
@@ -575,16 +626,7 @@ void EpMoeCuda::fwd(const EpMoeFwdArgs* a, int64_t N, const cu::Ctx& ctx) {
     fwd_finish(ctx);
     return;
   }
-  expect(Step::kIdle, "fwd");
-  AM_CHECK(N >= 0 && N <= s_.max_tokens,
-           "[EpMoeCuda] {} tokens, but the buffers were sized for at most {}; construct it with "
-           "a larger max_tokens",
-           N, s_.max_tokens);
-  N_ = -1;  // no valid state until the carve below
-  // the last backward's weight gradients may still read the scratch and the carves (the comm
-  // stream's first call below waits for this stream, so for them too)
-  sc_->wait_wgrad(ctx.stream);
-  if (own_arena_) arena_->reset();
+  start_forward("fwd", N, ctx);
   const bool counts = mode_ == EpMode::kCounts;
   const cudaStream_t cs = comm_stream(ctx);
   cu::Ctx cctx = ctx;  // the transport calls' (exchange_*)
@@ -666,16 +708,9 @@ void EpMoeCuda::fwd(const EpMoeFwdArgs* a, int64_t N, const cu::Ctx& ctx) {
   // path, summed per token in rank order
   const bool inplace = use_inplace(a[0].out);
   auto unpack = [&](Chunk& ch) {
-    await(ctx.stream, ch.returned);
-    if (inplace) {
-      cu::ep_combine_unpack_sources(a[0].out, nullptr, src_[0], nullptr, ch.r[0]->send_pos, ch.n,
-                                    H, K, P, ctx);
-      t_.inplace_end(ctx.stream);
-      return;
-    }
-    for (int i = 0; i < L_; ++i)
-      cu::ep_combine_unpack(a[i].out + ch.t0 * H, nullptr, local(ch.idx, i).x_send.get(), nullptr,
-                            ch.r[i]->send_pos, ch.n, H, K, P, ctx);
+    sum_back(
+        ch, inplace, [&](int i) { return a[i].out + ch.t0 * H; },
+        [](int) -> float* { return nullptr; }, ctx);
   };
   for (int c = 0; c < C_; ++c) {
     Chunk& ch = *ch_[c];
@@ -685,14 +720,27 @@ void EpMoeCuda::fwd(const EpMoeFwdArgs* a, int64_t N, const cu::Ctx& ctx) {
     await(cs, ch.computed);
     if (timing_ && C_ == 1) CUDA_CHECK(cudaEventRecord(ev_[2], ctx.stream));
     mark(ch, 4, cs);
-    if (inplace) return_inplace(ch, 1, src_.get(), cs);
-    else move_rows(ch, &EpMoeScratch::Local::y_recv, &EpMoeScratch::Local::x_send, ch.back_rows(), cs);
+    combine_back(ch, 1, inplace, cs);
     mark(ch, 5, cs);
     signal(ch.returned, cs);
     if (c > 0) unpack(*ch_[c - 1]);
   }
   unpack(*ch_[C_ - 1]);
   if (timing_ && C_ == 1) CUDA_CHECK(cudaEventRecord(ev_[3], ctx.stream));
+}
+
+// What every forward does first: no call pending, N within the buffers, no valid state until
+// the carve, the last backward's weight gradients done with the scratch and the carves (the comm
+// stream's first call waits for the caller's stream, so for them too), our own arena released.
+void EpMoeCuda::start_forward(const char* call, int64_t N, const cu::Ctx& ctx) {
+  expect(Step::kIdle, call);
+  AM_CHECK(N >= 0 && N <= s_.max_tokens,
+           "[EpMoeCuda] {} tokens, but the buffers were sized for at most {}; construct it with "
+           "a larger max_tokens",
+           N, s_.max_tokens);
+  N_ = -1;
+  sc_->wait_wgrad(ctx.stream);
+  if (own_arena_) arena_->reset();
 }
 
 void EpMoeCuda::expect(Step want, const char* call) const {
@@ -710,19 +758,12 @@ void EpMoeCuda::expect(Step want, const char* call) const {
 void EpMoeCuda::fwd_begin(const EpMoeFwdArgs& a, int64_t N, const cu::Ctx& ctx) {
   const int64_t H = s_.H, K = s_.K, El = El_;
   const int P = P_;
-  expect(Step::kIdle, "fwd_begin");
-  AM_CHECK(N >= 0 && N <= s_.max_tokens,
-           "[EpMoeCuda] {} tokens, but the buffers were sized for at most {}; construct it with "
-           "a larger max_tokens",
-           N, s_.max_tokens);
+  start_forward("fwd_begin", N, ctx);
   AM_CHECK(mode_ == EpMode::kCounts && use_push(a.x),
            "[EpMoeCuda] {}: the split forward needs the direct dispatch: counts mode, one chunk, "
            "one rank per process, a transport that can push (ipc), H a multiple of 8 and "
            "16-byte aligned rows (AUTOMOE_EP_PUSH not 0)",
            label_);
-  N_ = -1;  // no valid state until fwd_end's carve
-  sc_->wait_wgrad(ctx.stream);  // the last backward's weight gradients read the scratch
-  if (own_arena_) arena_->reset();
   const cudaStream_t cs = comm_stream(ctx);
   cu::Ctx cctx = ctx;
   cctx.stream = cs;
@@ -797,14 +838,8 @@ void EpMoeCuda::fwd_end(const cu::Ctx& ctx) {
   await(ctx.stream, ch.arrived);
   experts_fwd(ch, 0, fa_, ctx);
   cu::trace_mark(ctx.stream, label_, "experts");
-  signal(ch.computed, ctx.stream);
-  await(cs, ch.computed);
-  if (timing_) CUDA_CHECK(cudaEventRecord(ev_[2], cs));
   inplace_now_ = use_inplace(fa_.out);
-  if (inplace_now_) return_inplace(ch, 1, src_.get(), cs);
-  else move_rows(ch, &EpMoeScratch::Local::y_recv, &EpMoeScratch::Local::x_send, ch.back_rows(), cs);
-  cu::trace_mark(cs, label_, "combined");
-  signal(ch.returned, cs);
+  combine_after_experts(ch, 1, ev_[2], "combined", ctx);
   step_ = Step::kFwdEnded;
 }
 
@@ -812,16 +847,9 @@ void EpMoeCuda::fwd_end(const cu::Ctx& ctx) {
 void EpMoeCuda::fwd_finish(const cu::Ctx& ctx) {
   expect(Step::kFwdEnded, "fwd_finish");
   step_ = Step::kIdle;
-  Chunk& ch = *ch_[0];
-  await(ctx.stream, ch.returned);
-  if (inplace_now_) {
-    cu::ep_combine_unpack_sources(fa_.out, nullptr, src_[0], nullptr, ch.r[0]->send_pos, ch.n,
-                                  s_.H, s_.K, P_, ctx);
-    t_.inplace_end(ctx.stream);
-  } else {
-    cu::ep_combine_unpack(fa_.out, nullptr, local(0, 0).x_send.get(), nullptr, ch.r[0]->send_pos,
-                          ch.n, s_.H, s_.K, P_, ctx);
-  }
+  sum_back(
+      *ch_[0], inplace_now_, [&](int) { return fa_.out; }, [](int) -> float* { return nullptr; },
+      ctx);
   if (timing_) CUDA_CHECK(cudaEventRecord(ev_[3], ctx.stream));
   cu::trace_mark(ctx.stream, label_, "unpacked");
 }
@@ -942,19 +970,10 @@ void EpMoeCuda::bwd(const EpMoeBwdArgs* a, float g_beta, const cu::Ctx& ctx) {
   const bool overlap = wgrad_overlap_;
   const cu::Ctx wctx = wgrad_ctx(ctx);
   const bool inplace = use_inplace(a[0].dx);
-  cu::EpRowSources* src = src_.get();  // in place: where each rank's dx and dw rows came back
   auto unpack = [&](Chunk& ch) {
-    await(ctx.stream, ch.returned);
-    if (inplace) {
-      cu::ep_combine_unpack_sources(a[0].dx, a[0].dtopk_w, src[0], &src[1], ch.r[0]->send_pos, ch.n,
-                                    H, K, P, ctx);
-      t_.inplace_end(ctx.stream);
-      return;
-    }
-    for (int i = 0; i < L_; ++i)
-      cu::ep_combine_unpack(a[i].dx + ch.t0 * H, a[i].dtopk_w + ch.t0 * K,
-                            local(ch.idx, i).x_send.get(), local(ch.idx, i).w_send.get(),
-                            ch.r[i]->send_pos, ch.n, H, K, P, ctx);
+    sum_back(
+        ch, inplace, [&](int i) { return a[i].dx + ch.t0 * H; },
+        [&](int i) { return a[i].dtopk_w + ch.t0 * K; }, ctx);
   };
   for (int c = 0; c < C_; ++c) {
     Chunk& ch = *ch_[c];
@@ -965,7 +984,7 @@ void EpMoeCuda::bwd(const EpMoeBwdArgs* a, float g_beta, const cu::Ctx& ctx) {
     await(cs, ch.computed);
     if (timing_ && C_ == 1) CUDA_CHECK(cudaEventRecord(evb_[2], ctx.stream));
     mark(ch, 8, cs);
-    combine_back(ch, inplace, cs);
+    combine_back(ch, 2, inplace, cs);
     mark(ch, 9, cs);
     signal(ch.returned, cs);
     if (c > 0) unpack(*ch_[c - 1]);
@@ -995,21 +1014,6 @@ cu::Ctx EpMoeCuda::wgrad_ctx(const cu::Ctx& ctx) const {
     wctx.workspace_bytes = sc_->side_ws.bytes();
   }
   return wctx;
-}
-
-// The dx and dw rows of chunk ch back to their tokens' ranks, on the comm stream s: in place
-// (the unpack reads them where they came; src_) or into x_send and w_send.
-void EpMoeCuda::combine_back(Chunk& ch, bool inplace, cudaStream_t s) {
-  if (inplace) {
-    return_inplace(ch, 2, src_.get(), s);
-    return;
-  }
-  EpA2aTensor t[2] = {
-      tensor(0, EpDtype::kBf16, s_.H, [&](int i) { return local(ch.idx, i).y_recv.get(); },
-             [&](int i) { return local(ch.idx, i).x_send.get(); }),
-      tensor(1, EpDtype::kF32, s_.K, [&](int i) { return local(ch.idx, i).dw_recv.get(); },
-             [&](int i) { return local(ch.idx, i).w_send.get(); })};
-  t_.alltoallv(t, 2, ch.back_rows(), s);
 }
 
 // The backward's split calls (the forward's counts are still in info on the device). First step:
@@ -1048,7 +1052,6 @@ void EpMoeCuda::bwd_begin(const EpMoeBwdArgs& a, float g_beta, const cu::Ctx& ct
 // gradients on the side stream with the overlap on), then the dx and dw rows' combine (comm).
 void EpMoeCuda::bwd_end(const cu::Ctx& ctx) {
   expect(Step::kBwdBegun, "bwd_end");
-  const cudaStream_t cs = comm_stream(ctx);
   Chunk& ch = *ch_[0];
   const bool overlap = wgrad_overlap_;
   const cu::Ctx wctx = wgrad_ctx(ctx);
@@ -1057,13 +1060,8 @@ void EpMoeCuda::bwd_end(const cu::Ctx& ctx) {
   if (overlap) CUDA_CHECK(cudaEventRecord(wgrad_done_, wctx.stream));  // what join() waits on
   cu::trace_mark(ctx.stream, label_, "bwd experts");
   if (overlap) cu::trace_mark(wctx.stream, label_, "bwd weight gradients");
-  signal(ch.computed, ctx.stream);
-  await(cs, ch.computed);
-  if (timing_) CUDA_CHECK(cudaEventRecord(evb_[2], cs));
   inplace_now_ = use_inplace(ba_.dx);
-  combine_back(ch, inplace_now_, cs);
-  cu::trace_mark(cs, label_, "bwd combined");
-  signal(ch.returned, cs);
+  combine_after_experts(ch, 2, evb_[2], "bwd combined", ctx);
   step_ = Step::kBwdEnded;
 }
 
@@ -1071,16 +1069,8 @@ void EpMoeCuda::bwd_end(const cu::Ctx& ctx) {
 void EpMoeCuda::bwd_finish(const cu::Ctx& ctx) {
   expect(Step::kBwdEnded, "bwd_finish");
   step_ = Step::kIdle;
-  Chunk& ch = *ch_[0];
-  await(ctx.stream, ch.returned);
-  if (inplace_now_) {
-    cu::ep_combine_unpack_sources(ba_.dx, ba_.dtopk_w, src_[0], &src_[1], ch.r[0]->send_pos, ch.n,
-                                  s_.H, s_.K, P_, ctx);
-    t_.inplace_end(ctx.stream);
-  } else {
-    cu::ep_combine_unpack(ba_.dx, ba_.dtopk_w, local(0, 0).x_send.get(), local(0, 0).w_send.get(),
-                          ch.r[0]->send_pos, ch.n, s_.H, s_.K, P_, ctx);
-  }
+  sum_back(
+      *ch_[0], inplace_now_, [&](int) { return ba_.dx; }, [&](int) { return ba_.dtopk_w; }, ctx);
   cu::trace_mark(ctx.stream, label_, "bwd unpacked");
   if (timing_) {
     CUDA_CHECK(cudaEventRecord(evb_[3], ctx.stream));

@@ -470,7 +470,16 @@ class EpMoeCuda {
   void expect(Step want, const char* call) const;
   void check_saved() const;  // the backward's: a complete forward whose carve is still there
   cuda::Ctx wgrad_ctx(const cuda::Ctx& ctx) const;  // where the weight gradients run
-  void combine_back(Chunk& ch, bool inplace, cudaStream_t s);  // the backward's dx, dw rows
+  // the combine's rows back (nt = 1: y; 2: dx and dw) on the comm stream s
+  void combine_back(Chunk& ch, int nt, bool inplace, cudaStream_t s);
+  // the split calls' combine after the experts (signals, timing event ev, trace point what)
+  void combine_after_experts(Chunk& ch, int nt, cudaEvent_t ev, const char* what,
+                             const cuda::Ctx& ctx);
+  // the combine's sum into out(i) (and dw(i) when not null) on ctx, after the rows came back
+  template <class Out, class Dw>
+  void sum_back(Chunk& ch, bool inplace, Out out, Dw dw, const cuda::Ctx& ctx);
+  // a forward's first steps (call: the caller's name for expect's message)
+  void start_forward(const char* call, int64_t N, const cuda::Ctx& ctx);
   cudaEvent_t wgrad_done_ = nullptr;  // on the scratch's side stream after this block's bwd
 };
 

@@ -547,6 +547,62 @@ struct Qwen3MoeCuda::State {
       cu::grouped_linear_bwd(dx, g32.get() + w_off, dout, x, W(w_off), offsets, R, E, I, O, ctx);
     }
   }
+  // Pieces of a layer over n token rows from r0 (the whole micro-batch: r0 0, n N; the two
+  // halves: each half's rows), `a` those rows' activations (half_of), RoPE at positions `pos`
+  // and the weight gradients with `beta`, as the caller set them.
+  // The attention block up to the attention: ln1 (unless fused into the previous residual
+  // add), the q/k/v projections, the q/k norms and RoPE.
+  void qkv_fwd(LayerActs& a, const LayerOff& o, const bf16* x_in, int64_t n, bool with_ln1,
+               float eps, float theta) {
+    const int64_t H = cfg.hidden_size, nH = cfg.num_attention_heads,
+                  nKV = cfg.num_key_value_heads, D = cfg.head_dim;
+    auto Wn = [&](int64_t off) { return off < 0 ? nullptr : W(off); };
+    if (with_ln1) cu::rmsnorm_fwd(a.ln1, a.ln1_rstd, x_in, W(o.ln1), n, H, eps, ctx);
+    cu::linear_fwd(a.q_pre, a.ln1, W(o.wq), Wn(o.bq), n, H, nH * D, ctx);
+    cu::linear_fwd(a.k_pre, a.ln1, W(o.wk), Wn(o.bk), n, H, nKV * D, ctx);
+    cu::linear_fwd(a.v, a.ln1, W(o.wv), Wn(o.bv), n, H, nKV * D, ctx);
+    qk_norm_rope(a, o, n, eps, theta);
+  }
+  // Its backward from dq, dk, dv: the norms' and RoPE's, the projections' into dln, ln1's
+  // added to dres.
+  void qkv_bwd(const LayerActs& a, const LayerOff& o, const bf16* x_in, int64_t r0, int64_t n,
+               float theta) {
+    const int64_t H = cfg.hidden_size, nH = cfg.num_attention_heads,
+                  nKV = cfg.num_key_value_heads, D = cfg.head_dim;
+    bf16 *dq_r = dq + r0 * nH * D, *dk_r = dk + r0 * nKV * D, *dv_r = dv + r0 * nKV * D,
+         *dl = dln + r0 * H;
+    if (fused_qk_bwd) {  // RoPE's and the q/k norms' backward in one pass, in place
+      qk_norm_rope_bwd(dq_r, o.qn, a.q_pre, a.q_rstd, n, nH, theta);
+      qk_norm_rope_bwd(dk_r, o.kn, a.k_pre, a.k_rstd, n, nKV, theta);
+    } else {
+      cu::rope_bwd(dqn + r0 * nH * D, dq_r, pos, n, nH, D, theta, ctx);
+      cu::rope_bwd(dkn + r0 * nKV * D, dk_r, pos, n, nKV, D, theta, ctx);
+      norm_bwd(dq_r, 0.f, o.qn, dqn + r0 * nH * D, a.q_pre, a.q_rstd, n * nH, D);
+      norm_bwd(dk_r, 0.f, o.kn, dkn + r0 * nKV * D, a.k_pre, a.k_rstd, n * nKV, D);
+    }
+    lin_bwd(dl, 0.f, o.wq, o.bq, dq_r, a.ln1, n, H, nH * D, beta);
+    lin_bwd(dl, 1.f, o.wk, o.bk, dk_r, a.ln1, n, H, nKV * D, beta);
+    lin_bwd(dl, 1.f, o.wv, o.bv, dv_r, a.ln1, n, H, nKV * D, beta);
+    norm_bwd(dres + r0 * H, 1.f, o.ln1, dl, x_in, a.ln1_rstd, n, H);  // dres += ln1's dx
+  }
+  // A MoE layer's router backward: d(top-k weights) and the aux loss's d(probs) into
+  // d(logits), then its linear's added to dln (which holds the experts' dx).
+  void router_bwd_rows(const LayerActs& a, const LayerOff& o, int64_t r0, int64_t n) {
+    const int64_t H = cfg.hidden_size, E = cfg.num_experts, K = cfg.num_experts_per_tok;
+    const int64_t at = o.moe_index * N * E + r0 * E;  // this layer's rows of probs_all
+    cu::router_bwd(drl + r0 * E, dtopk_w + r0 * K, aux_grad != 0.f ? dprobs_all + at : nullptr,
+                   probs_all + at, topk_all + o.moe_index * N * K + r0 * K, n, E, K,
+                   cfg.norm_topk_prob, ctx);
+    lin_bwd(dln + r0 * H, 1.f, o.router, -1, drl + r0 * E, a.ln2, n, H, E, beta);
+  }
+  // A dense MLP's backward (SwiGLU recomputed into act_b) from dres into dln.
+  void dense_mlp_bwd(const LayerActs& a, const LayerOff& o, int64_t r0, int64_t n) {
+    const int64_t H = cfg.hidden_size, F = cfg.intermediate_size;
+    cu::swiglu_fwd(act_b, a.gu, n, F, ctx);  // recomputed
+    lin_bwd(dact, 0.f, o.mlp_down, -1, dres + r0 * H, act_b, n, F, H, beta);
+    cu::swiglu_bwd(dgu, dact, a.gu, n, F, ctx);
+    lin_bwd(dln + r0 * H, 0.f, o.mlp_gu, -1, dgu, a.ln2, n, H, 2 * F, beta);
+  }
   void record(int i) {
     if (timing) CUDA_CHECK(cudaEventRecord(ev[i], ctx.stream));
   }
@@ -1415,11 +1471,7 @@ void Qwen3MoeCuda::forward(const Batch& bt, float ce_denominator, float aux_scal
     }
     s.lrecord(l, 0);
     // attention block (fused: ln1 came with the previous layer's residual add)
-    if (!(s.fused_norm && l > 0)) cu::rmsnorm_fwd(a.ln1, a.ln1_rstd, x_in, s.W(o.ln1), N, H, eps, ctx);
-    cu::linear_fwd(a.q_pre, a.ln1, s.W(o.wq), Wn(o.bq), N, H, nH * D, ctx);
-    cu::linear_fwd(a.k_pre, a.ln1, s.W(o.wk), Wn(o.bk), N, H, nKV * D, ctx);
-    cu::linear_fwd(a.v, a.ln1, s.W(o.wv), Wn(o.bv), N, H, nKV * D, ctx);
-    s.qk_norm_rope(a, o, N, eps, theta);
+    s.qkv_fwd(a, o, x_in, N, !(s.fused_norm && l > 0), eps, theta);
     cu::attention_fwd(a.ao, a.lse, a.q, a.k, a.v, doc, seg, B, T, nH, nKV, D, ctx);
     cu::linear_fwd(s.tmp, a.ao, s.W(o.wo), Wn(o.bo), N, nH * D, H, ctx);
     if (cu::trace_on()) cu::trace_mark(ctx.stream, fmt::format("layer {}", l), "attention");
@@ -1571,11 +1623,7 @@ void Qwen3MoeCuda::State::forward_halves(float eps, float theta) {
     const bf16* x_in = res[size_t(l)] + r0 * H;
     bf16* t = tmp + r0 * H;
     pos = pos0 + r0;
-    if (!(fused_norm && l > 0)) cu::rmsnorm_fwd(a.ln1, a.ln1_rstd, x_in, W(o.ln1), N2, H, eps, ctx);
-    cu::linear_fwd(a.q_pre, a.ln1, W(o.wq), Wn(o.bq), N2, H, nH * D, ctx);
-    cu::linear_fwd(a.k_pre, a.ln1, W(o.wk), Wn(o.bk), N2, H, nKV * D, ctx);
-    cu::linear_fwd(a.v, a.ln1, W(o.wv), Wn(o.bv), N2, H, nKV * D, ctx);
-    qk_norm_rope(a, o, N2, eps, theta);
+    qkv_fwd(a, o, x_in, N2, !(fused_norm && l > 0), eps, theta);
     pos = pos0;
     if (!split_seq)
       cu::attention_fwd(a.ao, a.lse, a.q, a.k, a.v, has_doc ? doc + r0 : nullptr,
@@ -1645,8 +1693,7 @@ void Qwen3MoeCuda::State::forward_halves(float eps, float theta) {
 void Qwen3MoeCuda::State::backward_halves() {
   const auto& c = cfg;
   const int64_t H = c.hidden_size, nH = c.num_attention_heads, nKV = c.num_key_value_heads,
-                D = c.head_dim, E = c.num_experts, K = c.num_experts_per_tok,
-                F = c.intermediate_size, L = c.num_hidden_layers;
+                D = c.head_dim, K = c.num_experts_per_tok, L = c.num_hidden_layers;
   const int64_t N2 = N / 2, B2 = B / 2, nm = nmoe();
   const float theta = float(c.rope_theta), beta0 = beta;
   int32_t* const pos0 = pos;
@@ -1679,17 +1726,9 @@ void Qwen3MoeCuda::State::backward_halves() {
     // ---- MLP block
     if (o.moe) {
       block(l, h).bwd_finish(ctx);
-      const float* probs = probs_all + o.moe_index * N * E + r0 * E;
-      const int32_t* idx = topk_all + o.moe_index * N * K + r0 * K;
-      cu::router_bwd(drl + r0 * E, dtopk_w + r0 * K,
-                     aux_grad != 0.f ? dprobs_all + o.moe_index * N * E + r0 * E : nullptr, probs,
-                     idx, N2, E, K, c.norm_topk_prob, ctx);
-      lin_bwd(dl, 1.f, o.router, -1, drl + r0 * E, a.ln2, N2, H, E, beta);
+      router_bwd_rows(a, o, r0, N2);
     } else {
-      cu::swiglu_fwd(act_b, a.gu, N2, F, ctx);  // recomputed
-      lin_bwd(dact, 0.f, o.mlp_down, -1, dr, act_b, N2, F, H, beta);
-      cu::swiglu_bwd(dgu, dact, a.gu, N2, F, ctx);
-      lin_bwd(dl, 0.f, o.mlp_gu, -1, dgu, a.ln2, N2, H, 2 * F, beta);
+      dense_mlp_bwd(a, o, r0, N2);
     }
     norm_bwd(dr, 1.f, o.ln2, dl, a.x_mid, a.ln2_rstd, N2, H);  // dres += ln2's dx
     // ---- attention block
@@ -1712,25 +1751,8 @@ void Qwen3MoeCuda::State::backward_halves() {
   };
   auto tail = [&](int64_t l, int h) {
     const int64_t r0 = h * N2;
-    LayerActs a = half_of(la[size_t(l)], r0);
-    const LayerOff& o = lo[size_t(l)];
-    const bf16* x_in = res[size_t(l)] + r0 * H;
-    bf16 *dl = dln + r0 * H, *dr = dres + r0 * H, *dq_h = dq + r0 * nH * D,
-         *dk_h = dk + r0 * nKV * D, *dv_h = dv + r0 * nKV * D;
     set_half(h);
-    if (fused_qk_bwd) {
-      qk_norm_rope_bwd(dq_h, o.qn, a.q_pre, a.q_rstd, N2, nH, theta);
-      qk_norm_rope_bwd(dk_h, o.kn, a.k_pre, a.k_rstd, N2, nKV, theta);
-    } else {
-      cu::rope_bwd(dqn + r0 * nH * D, dq_h, pos, N2, nH, D, theta, ctx);
-      cu::rope_bwd(dkn + r0 * nKV * D, dk_h, pos, N2, nKV, D, theta, ctx);
-      norm_bwd(dq_h, 0.f, o.qn, dqn + r0 * nH * D, a.q_pre, a.q_rstd, N2 * nH, D);
-      norm_bwd(dk_h, 0.f, o.kn, dkn + r0 * nKV * D, a.k_pre, a.k_rstd, N2 * nKV, D);
-    }
-    lin_bwd(dl, 0.f, o.wq, o.bq, dq_h, a.ln1, N2, H, nH * D, beta);
-    lin_bwd(dl, 1.f, o.wk, o.bk, dk_h, a.ln1, N2, H, nKV * D, beta);
-    lin_bwd(dl, 1.f, o.wv, o.bv, dv_h, a.ln1, N2, H, nKV * D, beta);
-    norm_bwd(dr, 1.f, o.ln1, dl, x_in, a.ln1_rstd, N2, H);  // dres += ln1's dx
+    qkv_bwd(half_of(la[size_t(l)], r0), lo[size_t(l)], res[size_t(l)] + r0 * H, r0, N2, theta);
     if (cu::trace_on())
       cu::trace_mark(ctx.stream, fmt::format("layer {} half {}", l, h), "bwd router and attention");
     beta = beta0;
@@ -1834,8 +1856,6 @@ void Qwen3MoeCuda::backward() {
     }
     // ---- MLP block: out = x_mid + mlp(ln2(x_mid)); dres is d(out)
     if (o.moe && s.ep) {  // combine's gradient is a dispatch, dispatch's a combine
-      const float* probs = s.probs_all + o.moe_index * N * E;
-      const int32_t* idx = s.topk_all + o.moe_index * N * K;
       // memory-saving: both expert gradients come out of one call, so down's has its own scratch
       bf16* dgu = s.g16_at(o.ex_gu);
       bf16* ddown = s.memsave ? s.gsc_down.get() : s.g16_at(o.ex_down);
@@ -1853,13 +1873,8 @@ void Qwen3MoeCuda::backward() {
         s.done_at(o.ex_down, ddown);
         s.done_at(o.ex_gu, dgu);
       }
-      cu::router_bwd(s.drl, s.dtopk_w,
-                     s.aux_grad != 0.f ? s.dprobs_all + o.moe_index * N * E : nullptr, probs, idx,
-                     N, E, K, c.norm_topk_prob, ctx);
-      s.lin_bwd(s.dln, 1.f, o.router, -1, s.drl, a.ln2, N, H, E, beta);
+      s.router_bwd_rows(a, o, 0, N);
     } else if (o.moe) {
-      const float* probs = s.probs_all + o.moe_index * N * E;
-      const int32_t* idx = s.topk_all + o.moe_index * N * K;
       cu::unpermute_bwd(s.dys, s.dtopk_w, s.dres, ys, a.topk_w, a.slot_row, N, K, H, ctx);
       // the expert inputs: kept (default) or recomputed above (memory-saving)
       const bf16* act = s.memsave ? s.act_b : a.act;
@@ -1868,15 +1883,9 @@ void Qwen3MoeCuda::backward() {
       cu::swiglu_bwd(s.dgu, s.dact, a.gu, N * K, I, ctx);
       s.grouped_bwd(s.dys /*dxs*/, o.ex_gu, s.dgu, xs, a.offsets, N * K, E, H, 2 * I);
       cu::permute_bwd(s.dln, s.dys, a.slot_row, N, K, H, ctx);
-      cu::router_bwd(s.drl, s.dtopk_w,
-                     s.aux_grad != 0.f ? s.dprobs_all + o.moe_index * N * E : nullptr, probs, idx,
-                     N, E, K, c.norm_topk_prob, ctx);
-      s.lin_bwd(s.dln, 1.f, o.router, -1, s.drl, a.ln2, N, H, E, beta);
+      s.router_bwd_rows(a, o, 0, N);
     } else {
-      cu::swiglu_fwd(s.act_b, a.gu, N, F, ctx);  // recomputed
-      s.lin_bwd(s.dact, 0.f, o.mlp_down, -1, s.dres, s.act_b, N, F, H, beta);
-      cu::swiglu_bwd(s.dgu, s.dact, a.gu, N, F, ctx);
-      s.lin_bwd(s.dln, 0.f, o.mlp_gu, -1, s.dgu, a.ln2, N, H, 2 * F, beta);
+      s.dense_mlp_bwd(a, o, 0, N);
     }
     s.norm_bwd(s.dres, 1.f, o.ln2, s.dln, a.x_mid, a.ln2_rstd, N, H);  // dres += ln2's dx
     s.lrecord(l, 4);
@@ -1888,19 +1897,7 @@ void Qwen3MoeCuda::backward() {
     s.lin_bwd(s.dao, 0.f, o.wo, o.bo, s.dres, a.ao, N, nH * D, H, beta);
     cu::attention_bwd(s.dq, s.dk, s.dv, s.dao, a.ao, a.lse, a.q, a.k, a.v, doc, seg, B, T, nH, nKV,
                       D, ctx);
-    if (s.fused_qk_bwd) {  // RoPE's and the q/k norms' backward in one pass, in place
-      s.qk_norm_rope_bwd(s.dq, o.qn, a.q_pre, a.q_rstd, N, nH, theta);
-      s.qk_norm_rope_bwd(s.dk, o.kn, a.k_pre, a.k_rstd, N, nKV, theta);
-    } else {
-      cu::rope_bwd(s.dqn, s.dq, s.pos, N, nH, D, theta, ctx);
-      cu::rope_bwd(s.dkn, s.dk, s.pos, N, nKV, D, theta, ctx);
-      s.norm_bwd(s.dq, 0.f, o.qn, s.dqn, a.q_pre, a.q_rstd, N * nH, D);
-      s.norm_bwd(s.dk, 0.f, o.kn, s.dkn, a.k_pre, a.k_rstd, N * nKV, D);
-    }
-    s.lin_bwd(s.dln, 0.f, o.wq, o.bq, s.dq, a.ln1, N, H, nH * D, beta);
-    s.lin_bwd(s.dln, 1.f, o.wk, o.bk, s.dk, a.ln1, N, H, nKV * D, beta);
-    s.lin_bwd(s.dln, 1.f, o.wv, o.bv, s.dv, a.ln1, N, H, nKV * D, beta);
-    s.norm_bwd(s.dres, 1.f, o.ln1, s.dln, x_in, a.ln1_rstd, N, H);  // dres += ln1's dx
+    s.qkv_bwd(a, o, x_in, 0, N, theta);
     if (cu::trace_on())
       cu::trace_mark(ctx.stream, fmt::format("layer {}", l), "bwd router and attention");
     s.lrecord(l, 5);
