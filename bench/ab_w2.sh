@@ -6,12 +6,12 @@
 #                     timeline with AUTOMOE_TRACE into $OUT/tr_*)
 #   default_nt, halves_nt   the same, untraced
 #   default4, halves4       12 layers, micro-batch 4
-#   prio              AUTOMOE_CTX_PRIORITY=1 (the compute stream above the weight gradients'),
-#                     traced into $OUT/tr_prio
+#   noprio            AUTOMOE_CTX_PRIORITY=0 (the compute stream at the weight gradients'
+#                     priority, as before 2026-11-30), traced into $OUT/tr_noprio
 #   default1, halves1 micro-batch 1: the whole sequence; train.ep_halves' sequence split
 # Speed figures from it are A/B only: no Transformers run beside them (bench/device.sh's multi
 # stage does that). The two-half overlap's measurements came from it (bench/RESULTS.md).
-#   AB="default prio" bash bench/ab_w2.sh
+#   AB="default noprio" bash bench/ab_w2.sh
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 TARGETS="cuda_bench" STAGES="none" bash bench/device.sh > /tmp/build.log 2>&1 || { tail -30 /tmp/build.log; exit 1; }
 M="mpirun --allow-run-as-root -np 2 -x NCCL_NVLS_ENABLE=0 -x TORCH_SYMM_MEM_DISABLE_MULTICAST=1 -x NVSHMEM_DISABLE_NVLS=1 -x AUTOMOE_EP_TRANSPORT=ipc -x CUDA_DEVICE_MAX_CONNECTIONS=32"
@@ -37,9 +37,9 @@ for v in ${AB:-default halves}; do
     halves4) run halves4 "" "--layers 12 --mbs 4 --ep-halves" ;;
     default_nt) run default_nt "" "--layers 24 --mbs 2" ;;
     halves_nt) run halves_nt "" "--layers 24 --mbs 2 --ep-halves" ;;
-    prio) run prio "AUTOMOE_CTX_PRIORITY=1,AUTOMOE_TRACE=$OUT/tr_prio" "--layers 24 --mbs 2" ;;
+    noprio) run noprio "AUTOMOE_CTX_PRIORITY=0,AUTOMOE_TRACE=$OUT/tr_noprio" "--layers 24 --mbs 2" ;;
     default1) run default1 "" "--layers 24 --mbs 1" ;;
     halves1) run halves1 "" "--layers 24 --mbs 1 --ep-halves" ;;
-    *) echo "ab_w2.sh: unknown variant $v (default halves default4 halves4 default_nt halves_nt prio default1 halves1)"; exit 2 ;;
+    *) echo "ab_w2.sh: unknown variant $v (default halves default4 halves4 default_nt halves_nt noprio default1 halves1)"; exit 2 ;;
   esac
 done

@@ -55,7 +55,7 @@ ScopedCtx::ScopedCtx(size_t workspace_bytes, int device) : ws_(0) {
   CUDA_CHECK(cudaSetDevice(device));
   CUDA_CHECK(cudaDeviceGetAttribute(&ctx_.num_sms, cudaDevAttrMultiProcessorCount, device));
   const char* prio = std::getenv("AUTOMOE_CTX_PRIORITY");
-  if (prio && std::string(prio) == "1") {
+  if (!(prio && std::string(prio) == "0")) {
     int least = 0, greatest = 0;  // numerically: greatest <= least
     CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
     CUDA_CHECK(cudaStreamCreateWithPriority(&ctx_.stream, cudaStreamNonBlocking,

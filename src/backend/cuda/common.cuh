@@ -92,10 +92,11 @@ class DeviceBuffer {
 
 // Owns what a Ctx points to: a non-blocking stream, a cuBLASLt handle and a workspace of
 // `workspace_bytes` (allocated here, once). Lives as long as the ops that use it.
-// AUTOMOE_CTX_PRIORITY=1 gives the stream one priority level above the default (below
-// create_priority_stream's), so that where its kernels and those of a default-priority stream
-// (the EP block's weight gradients on their side stream) wait for the same SMs, the block
-// scheduler places its blocks first. Off by default: not measured yet (docs/DISTRIBUTED.md).
+// The stream has one priority level above the default (below create_priority_stream's), so
+// that where its kernels and those of a default-priority stream (the EP block's weight
+// gradients on their side stream) wait for the same SMs, the block scheduler places its blocks
+// first: W2 with 24 layers went from 417.5 to 423.1 TFLOP/s (bench/RESULTS.md, 2026-11-30).
+// AUTOMOE_CTX_PRIORITY=0 gives it the default priority (the same bits).
 class ScopedCtx {
  public:
   explicit ScopedCtx(size_t workspace_bytes, int device = 0);
