@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstdlib>
 
 #include "backend/cuda/ep_kernels.h"
 #include "backend/cuda/ops_cuda.h"
@@ -251,6 +252,15 @@ EpMoeCuda::EpMoeCuda(EpTransport& t, const EpMoeShape& shape, EpMode mode, EpRec
   CUDA_CHECK(cudaEventCreateWithFlags(&wgrad_done_, cudaEventDisableTiming));
   CUDA_CHECK(cudaEventCreateWithFlags(&counted_, cudaEventDisableTiming));
   wgrad_overlap_ = env_on("AUTOMOE_EP_WGRAD_OVERLAP");
+  if (const char* v = std::getenv("AUTOMOE_EP_WGRAD_SMS")) {
+    char* end = nullptr;
+    const long n = std::strtol(v, &end, 10);
+    AM_CHECK(end != v && *end == 0 && n >= 1 && n <= 4096,
+             "[EpMoeCuda] AUTOMOE_EP_WGRAD_SMS={}: give a number of SMs (1 to the GPU's count) "
+             "or leave it unset",
+             v);
+    wgrad_sms_ = int(n);
+  }
   push_ = env_on("AUTOMOE_EP_PUSH");
   inplace_ = env_on("AUTOMOE_EP_INPLACE");
 }
@@ -1012,6 +1022,7 @@ cu::Ctx EpMoeCuda::wgrad_ctx(const cu::Ctx& ctx) const {
     wctx.stream = sc_->side;
     wctx.workspace = sc_->side_ws.get();
     wctx.workspace_bytes = sc_->side_ws.bytes();
+    if (wgrad_sms_ > 0) wctx.num_sms = std::min(wctx.num_sms, wgrad_sms_);
   }
   return wctx;
 }

@@ -453,6 +453,7 @@ class EpMoeCuda {
   cudaEvent_t laid_out_ = nullptr;  // chunks > 1: every chunk's layout written (comm waits)
   bool bwd_timed_ = false;  // evb_ hold the backward of the last forward
   bool wgrad_overlap_ = true;
+  int wgrad_sms_ = 0;  // AUTOMOE_EP_WGRAD_SMS: the side stream's persistent grids' SMs (0: all)
   bool push_ = true;
   bool inplace_ = true;
   cudaEvent_t counted_ = nullptr;  // direct dispatch: the mail's counts read back (the host waits)
