@@ -11,6 +11,8 @@
 #   wsms<N>           AUTOMOE_EP_WGRAD_SMS=N: the weight gradients' persistent grids on N SMs
 #                     (the side stream), so the compute stream's kernels keep the rest
 #   default1, halves1 micro-batch 1: the whole sequence; train.ep_halves' sequence split
+# AB_FLAGS: more cuda_bench flags for every variant (e.g. "--warmup 0 --steps 1": the first
+# step's loss and grad norm, before any optimizer step, to compare numerics).
 # Speed figures from it are A/B only: no Transformers run beside them (bench/device.sh's multi
 # stage does that). The two-half overlap's measurements came from it (bench/RESULTS.md).
 #   AB="default noprio" bash bench/ab_w2.sh
@@ -20,7 +22,7 @@ M="mpirun --allow-run-as-root -np 2 -x NCCL_NVLS_ENABLE=0 -x TORCH_SYMM_MEM_DISA
 run() {  # name, extra env (k=v,...), cuda_bench flags
   local envs=(); IFS=, read -r -a kv <<< "$2"; for e in "${kv[@]}"; do [ -n "$e" ] && envs+=(-x "$e"); done
   # shellcheck disable=SC2086
-  timeout 150 $M "${envs[@]}" build-device/cuda_bench --seq 4096 $3 > "$OUT/ab_$1.log" 2>&1
+  timeout 150 $M "${envs[@]}" build-device/cuda_bench --seq 4096 $3 ${AB_FLAGS:-} > "$OUT/ab_$1.log" 2>&1
   python3 - "$OUT/ab_$1.log" "$1" <<'PY'
 import json, sys
 r = [json.loads(l[7:]) for l in open(sys.argv[1]) if l.startswith("RESULT ")]
