@@ -9,7 +9,7 @@
 #   noprio            AUTOMOE_CTX_PRIORITY=0 (the compute stream at the weight gradients'
 #                     priority, as before 2026-11-30), traced into $OUT/tr_noprio
 #   wsms<N>           AUTOMOE_EP_WGRAD_SMS=N: the weight gradients' persistent grids on N SMs
-#                     (the side stream), so the compute stream's kernels keep the rest
+#                     (the side stream; default: all but 8), the compute stream's the rest
 #   default1, halves1 micro-batch 1: the whole sequence; train.ep_halves' sequence split
 # AB_FLAGS: more cuda_bench flags for every variant (e.g. "--warmup 0 --steps 1": the first
 # step's loss and grad norm, before any optimizer step, to compare numerics).

@@ -99,7 +99,8 @@
 #   push      (not default) the direct dispatch (AUTOMOE_EP_PUSH, dist/expert_parallel_cuda.h)
 #             and the combine read in place (AUTOMOE_EP_INPLACE; against the gather with the
 #             copy engines' copies, AUTOMOE_IPC_SM_COPY=0, bitwise), and the compute stream
-#             at the default priority (AUTOMOE_CTX_PRIORITY=0, bitwise)
+#             at the default priority with the EP weight gradients on every SM
+#             (AUTOMOE_CTX_PRIORITY=0 AUTOMOE_EP_WGRAD_SMS=4096, bitwise)
 #             over CUDA IPC, on two GPUs (or two processes on GPU 0): ep_check's checks with
 #             "direct dispatch off" lines and its "BW ipc ... direct / packed" bandwidth lines
 #             (a GPU per rank; the direct one also split into layout + counts, push, copy-out),
@@ -740,8 +741,10 @@ if has push; then
       "$BUILD/automoe" "${run[@]}" --train.ep 2 --data.micro_batch 8 --output.dir "$BUILD/push_train_gather"
     stage push_cmp_gather_exact python3 bench/compare_loss_curves.py --exact loss,ce_loss,aux_loss,grad_norm \
       "$BUILD/push_train_gather/metrics.jsonl" "$BUILD/push_train_on/metrics.jsonl"
-    # the compute stream at the default priority (AUTOMOE_CTX_PRIORITY=0): the same bits
-    stage push_train_noprio "${pmpi[@]}" -x AUTOMOE_CTX_PRIORITY=0 "$BUILD/automoe" "${run[@]}" \
+    # the compute stream at the default priority (AUTOMOE_CTX_PRIORITY=0) and the weight
+    # gradients' grids on every SM (AUTOMOE_EP_WGRAD_SMS): the same bits
+    stage push_train_noprio "${pmpi[@]}" -x AUTOMOE_CTX_PRIORITY=0 -x AUTOMOE_EP_WGRAD_SMS=4096 \
+      "$BUILD/automoe" "${run[@]}" \
       --train.ep 2 --data.micro_batch 8 --output.dir "$BUILD/push_train_noprio"
     stage push_cmp_noprio_exact python3 bench/compare_loss_curves.py --exact loss,ce_loss,aux_loss,grad_norm \
       "$BUILD/push_train_noprio/metrics.jsonl" "$BUILD/push_train_on/metrics.jsonl"

@@ -453,7 +453,10 @@ class EpMoeCuda {
   cudaEvent_t laid_out_ = nullptr;  // chunks > 1: every chunk's layout written (comm waits)
   bool bwd_timed_ = false;  // evb_ hold the backward of the last forward
   bool wgrad_overlap_ = true;
-  int wgrad_sms_ = 0;  // AUTOMOE_EP_WGRAD_SMS: the side stream's persistent grids' SMs (0: all)
+  // the side stream's persistent grids' SMs: AUTOMOE_EP_WGRAD_SMS, else the GPU's less
+  // kWgradSmsLeft (the one figure measured: 124 of 132 on an H200, bench/RESULTS.md 2026-11-30)
+  static constexpr int kWgradSmsLeft = 8;
+  int wgrad_sms_ = 0;
   bool push_ = true;
   bool inplace_ = true;
   cudaEvent_t counted_ = nullptr;  // direct dispatch: the mail's counts read back (the host waits)
