@@ -155,7 +155,7 @@ void attention_bwd(bf16* dq /*[B,T,nH,D] bf16 =*/, bf16* dk /*[B,T,nKV,D] bf16 =
 // backward adds dk and dv (+=) onto what is there, e.g. the first half's attention_bwd: cuDNN
 // writes them into the workspace, then one add each. Checked against the CPU op on an H200
 // (op_check's attention_tail group: 25 of 25); the model uses it for train.ep_halves with one
-// sequence per micro-batch (that path not yet run).
+// sequence per micro-batch (run on two H200s: bench/RESULTS.md, 2026-11-30).
 std::string attention_tail_unsupported(bool bwd, int64_t B, int64_t Tq, int64_t Tkv, int64_t nH,
                                        int64_t nKV, int64_t D);  // "" when cuDNN can run it
 size_t attention_tail_workspace_bytes(bool bwd, int64_t B, int64_t Tq, int64_t Tkv, int64_t nH,
