@@ -100,7 +100,10 @@
 #             and the combine read in place (AUTOMOE_EP_INPLACE; against the gather with the
 #             copy engines' copies, AUTOMOE_IPC_SM_COPY=0, bitwise), and the compute stream
 #             at the default priority with the EP weight gradients on every SM
-#             (AUTOMOE_CTX_PRIORITY=0 AUTOMOE_EP_WGRAD_SMS=4096, bitwise)
+#             (AUTOMOE_CTX_PRIORITY=0 AUTOMOE_EP_WGRAD_SMS=4096, bitwise), and the packed
+#             layout against the broadcast one with its rows ahead (AUTOMOE_EP_BROADCAST=0
+#             against the =1 the reference run forces: the demo's top-2 would not choose it;
+#             bitwise)
 #             over CUDA IPC, on two GPUs (or two processes on GPU 0): ep_check's checks with
 #             "direct dispatch off" lines and its "BW ipc ... direct / packed" bandwidth lines
 #             (a GPU per rank; the direct one also split into layout + counts, push, copy-out),
@@ -729,7 +732,7 @@ if has push; then
       pcheck+=(--no-bench)
     fi
     stage push_ep_check "${pmpi[@]}" "$BUILD/ep_check" --transport ipc "${pcheck[@]}"
-    stage push_train_on "${pmpi[@]}" "$BUILD/automoe" "${run[@]}" --train.ep 2 --data.micro_batch 8 \
+    stage push_train_on "${pmpi[@]}" -x AUTOMOE_EP_BROADCAST=1 "$BUILD/automoe" "${run[@]}" --train.ep 2 --data.micro_batch 8 \
       --output.dir "$BUILD/push_train_on"
     stage push_train_off "${pmpi[@]}" -x AUTOMOE_EP_PUSH=0 "$BUILD/automoe" "${run[@]}" --train.ep 2 \
       --data.micro_batch 8 --output.dir "$BUILD/push_train_off"
@@ -748,6 +751,12 @@ if has push; then
       --train.ep 2 --data.micro_batch 8 --output.dir "$BUILD/push_train_noprio"
     stage push_cmp_noprio_exact python3 bench/compare_loss_curves.py --exact loss,ce_loss,aux_loss,grad_norm \
       "$BUILD/push_train_noprio/metrics.jsonl" "$BUILD/push_train_on/metrics.jsonl"
+    # the packed layout with the rows pushed after the routing (AUTOMOE_EP_BROADCAST=0), against
+    # the broadcast layout with the rows ahead of it (the default at P = 2): the same bits
+    stage push_train_nobcast "${pmpi[@]}" -x AUTOMOE_EP_BROADCAST=0 "$BUILD/automoe" "${run[@]}" \
+      --train.ep 2 --data.micro_batch 8 --output.dir "$BUILD/push_train_nobcast"
+    stage push_cmp_nobcast_exact python3 bench/compare_loss_curves.py --exact loss,ce_loss,aux_loss,grad_norm \
+      "$BUILD/push_train_nobcast/metrics.jsonl" "$BUILD/push_train_on/metrics.jsonl"
   else
     echo "device.sh: stage push needs $BUILD/ep_check, $BUILD/automoe and mpirun"
     fails=$((fails + 1))

@@ -691,6 +691,30 @@ void check_case(Tally& tally, Blocks& blocks, dist::EpTransport& t, const Shape&
     ep.set_push(was);
     same_bits(tally, name + (was ? " direct dispatch off" : " direct dispatch on"),
               get_bits(p, t, p.out_ep2), b0);
+    // the broadcast layout (every token to every rank; rows without picks return zeros) against
+    // the default's choice, and its rows sent ahead of the forward: the same sums, the same bits
+    if (was) {
+      const bool bc = ep.broadcast();
+      ep.set_broadcast(!bc);
+      if (ep.broadcast() != bc) {
+        ep.fwd(fa2.data(), s.N, ctx);
+        poison_scratch(*blocks.scratch, ctx);
+        ep.bwd(ba.data(), 0.f, ctx);
+        finish(ep, t, ctx);
+        same_bits(tally, name + (bc ? " broadcast off" : " broadcast on"),
+                  get_bits(p, t, p.out_ep2), b0);
+      }
+      ep.set_broadcast(true);
+      if (ep.broadcast()) {
+        ep.rows_ahead(fa2[0].x, s.N, ctx);
+        ep.fwd(fa2.data(), s.N, ctx);
+        poison_scratch(*blocks.scratch, ctx);
+        ep.bwd(ba.data(), 0.f, ctx);
+        finish(ep, t, ctx);
+        same_bits(tally, name + " broadcast, rows ahead", get_bits(p, t, p.out_ep2), b0);
+      }
+      ep.set_broadcast(bc);
+    }
   }
   // Token chunks (see the file comment): out, dx, dtopk_w bitwise, the weight gradients close,
   // per recompute option from a poisoned scratch; g_beta 1 on top of g_beta 0 for the first

@@ -994,9 +994,11 @@ void case_moe(const cu::Ctx& ctx, int64_t N, int64_t E, int64_t K, int64_t C, in
 // after the earlier destinations or in regions of `region` rows), the tokens and the picks per
 // destination. P <= 8 runs the one-block rounds kernel (K 8: its 16-byte loads), P > 8 the
 // general path. `drop`: the share of picks that are -1 (no expert), as a capacity-dropping
-// router would leave them.
+// router would leave them. `all`: cuda::ep_layout_all instead (every token to every
+// destination, packed; region 0).
 void case_ep_layout(const cu::Ctx& ctx, int64_t N, int64_t K, int64_t El, int P, int64_t region,
-                    double drop, bool picks) {
+                    double drop, bool picks, bool all = false) {
+  const char* op = all ? "ep_layout_all" : "ep_layout";
   const std::string sh = shape_str({{"N", N}, {"K", K}, {"El", El}, {"P", P}, {"region", region}}) +
                          (picks ? "" : " no picks") + (drop > 0 ? " drops" : "");
   std::uniform_int_distribution<int32_t> ex(0, int32_t(P * El) - 1);
@@ -1023,7 +1025,7 @@ void case_ep_layout(const cu::Ctx& ctx, int64_t N, int64_t K, int64_t El, int P,
         const int32_t e = idx[size_t(n * K + j)];
         on += e >= 0 && e / El == d ? 1 : 0;
       }
-      if (on) pos_ref[size_t(n * P + d)] = int32_t(base + cnt_ref[size_t(d)]++);
+      if (on || all) pos_ref[size_t(n * P + d)] = int32_t(base + cnt_ref[size_t(d)]++);
       picks_ref[size_t(d)] += on;
     }
     first += cnt_ref[size_t(d)];
@@ -1034,11 +1036,15 @@ void case_ep_layout(const cu::Ctx& ctx, int64_t N, int64_t K, int64_t El, int P,
   auto& d_pos = pool.in(std::vector<int32_t>(size_t(N * P), 123456789));
   auto& d_cnt = pool.in(std::vector<int32_t>(size_t(P), 123456789));
   auto& d_picks = pool.in(std::vector<int32_t>(size_t(P), 123456789));
-  cu::ep_layout(d_pos.p, d_cnt.p, picks ? d_picks.p : nullptr, d_idx.p, N, K, El, P, region, ctx);
+  if (all)
+    cu::ep_layout_all(d_pos.p, d_cnt.p, picks ? d_picks.p : nullptr, d_idx.p, N, K, El, P, ctx);
+  else
+    cu::ep_layout(d_pos.p, d_cnt.p, picks ? d_picks.p : nullptr, d_idx.p, N, K, El, P, region,
+                  ctx);
   sync(ctx);
-  check_i32("ep_layout", "send_pos", sh, d_pos, pos_ref);
-  check_i32("ep_layout", "send_cnt", sh, d_cnt, cnt_ref);
-  if (picks) check_i32("ep_layout", "send_picks", sh, d_picks, picks_ref);
+  check_i32(op, "send_pos", sh, d_pos, pos_ref);
+  check_i32(op, "send_cnt", sh, d_cnt, cnt_ref);
+  if (picks) check_i32(op, "send_picks", sh, d_picks, picks_ref);
 }
 
 // cuda::ep_combine_unpack (rows gathered in one buffer) and ep_combine_unpack_sources (each
@@ -1873,6 +1879,11 @@ int main(int argc, char** argv) {
     case_ep_layout(ctx, 3000, 6, 8, 5, 0, 0, true);       // P 5, K 6: a load per pick
     case_ep_layout(ctx, 2000, 8, 8, 16, 0, 0.1, true);    // P 16: the general path
     case_ep_layout(ctx, 500, 4, 2, 9, 600, 0, true);      // P 9, regions: the general path
+    // the broadcast layout (every token to every destination)
+    case_ep_layout(ctx, 0, 8, 64, 2, 0, 0, true, true);      // no tokens
+    case_ep_layout(ctx, 37, 3, 4, 2, 0, 0.3, true, true);    // drops: tokens with no pick on d
+    case_ep_layout(ctx, 8192, 8, 64, 2, 0, 0, true, true);   // Qwen3-30B-A3B, EP 2, W2's N
+    case_ep_layout(ctx, 3001, 8, 43, 3, 0, 0.05, false, true);  // P 3, no picks output
   });
   run(filter, "ep_unpack", [&] {  // the EP combine's sum per token
     case_ep_unpack(ctx, 0, 64, 8, 2, 0.7, true);       // no tokens

@@ -5,8 +5,10 @@
 
 #include <algorithm>
 #include <climits>
+#include <cmath>
 #include <cstdlib>
 
+#include "backend/cuda/copy_many.h"
 #include "backend/cuda/ep_kernels.h"
 #include "backend/cuda/ops_cuda.h"
 #include "backend/cuda/trace.h"
@@ -262,6 +264,17 @@ EpMoeCuda::EpMoeCuda(EpTransport& t, const EpMoeShape& shape, EpMode mode, EpRec
     wgrad_sms_ = int(n);
   }
   push_ = env_on("AUTOMOE_EP_PUSH");
+  {  // the broadcast layout: forced by AUTOMOE_EP_BROADCAST, else where it sends few extra rows
+    const char* v = std::getenv("AUTOMOE_EP_BROADCAST");
+    AM_CHECK(!v || std::string(v) == "0" || std::string(v) == "1",
+             "[EpMoeCuda] AUTOMOE_EP_BROADCAST={}: give 1 (on), 0 (off), or leave it unset (on "
+             "where a token has picks on nearly every rank)",
+             v);
+    bcast_ = v ? std::string(v) == "1" : std::pow(1.0 - 1.0 / P_, double(K)) <= 1.0 / 16;
+    bcast_ = bcast_ && P_ > 1 && P_ <= K;  // P * N own rows must fit x_send (Scap_)
+  }
+  ahead_dst_ = std::make_unique<cu::EpPushDst>();
+  CUDA_CHECK(cudaEventCreateWithFlags(&ahead_ev_, cudaEventDisableTiming));
   inplace_ = env_on("AUTOMOE_EP_INPLACE");
 }
 
@@ -272,6 +285,7 @@ EpMoeCuda::~EpMoeCuda() {
     cudaEventDestroy(wgrad_done_);
   }
   if (counted_) cudaEventDestroy(counted_);
+  if (ahead_ev_) cudaEventDestroy(ahead_ev_);
   for (cudaEvent_t e : ev_)
     if (e) cudaEventDestroy(e);
   for (cudaEvent_t e : evd_)
@@ -320,6 +334,10 @@ bool EpMoeCuda::use_push(const bf16* rows) const {
   // the kernel moves 16-byte pieces of rows (the regions and scratch are 256-byte aligned)
   return push_ && C_ == 1 && L_ == 1 && t_.can_push() && s_.H % 8 == 0 &&
          reinterpret_cast<uintptr_t>(rows) % 16 == 0;
+}
+
+bool EpMoeCuda::use_bcast(const bf16* rows) const {
+  return bcast_ && mode_ == EpMode::kCounts && use_push(rows);
 }
 
 bool EpMoeCuda::use_inplace(const bf16* out) const {
@@ -762,6 +780,37 @@ void EpMoeCuda::expect(Step want, const char* call) const {
            label_, call, after[int(step_)]);
 }
 
+// The broadcast layout puts token n's row for peer d at row n of d's region, so the rows can go
+// before the routing: the transport call opens here, on the side stream (idle in a forward),
+// and fwd_begin continues it (the mail, the picks, the end) on its stream after our event.
+void EpMoeCuda::rows_ahead(const bf16* x, int64_t N, const cu::Ctx& ctx) {
+  expect(Step::kIdle, "rows_ahead");
+  AM_CHECK(!ahead_, "internal: [EpMoeCuda] {}: rows_ahead twice without a forward between",
+           label_);
+  if (!use_bcast(x) || N == 0) return;
+  AM_CHECK(N <= s_.max_tokens,
+           "[EpMoeCuda] {} tokens, but the buffers were sized for at most {}; construct it with "
+           "a larger max_tokens",
+           N, s_.max_tokens);
+  const cudaStream_t side = sc_->side;
+  CUDA_CHECK(cudaEventRecord(ahead_ev_, ctx.stream));  // x is written
+  CUDA_CHECK(cudaStreamWaitEvent(side, ahead_ev_, 0));
+  *ahead_dst_ = push_begin(side);
+  const int64_t bytes = N * s_.H * int64_t(sizeof(bf16));
+  AM_CHECK(bytes <= ahead_dst_->cap,
+           "internal: [EpMoeCuda] {}: {} rows ahead do not fit a region of {} bytes", label_, N,
+           ahead_dst_->cap);
+  cu::CopyMany c;
+  for (int d = 0; d < P_; ++d)
+    if (ahead_dst_->region[d]) c.add(ahead_dst_->region[d], x, bytes);
+  cu::copy_many(c, side);
+  CUDA_CHECK(cudaEventRecord(ahead_ev_, side));
+  cu::trace_mark(side, label_, "rows ahead");
+  ahead_ = true;
+  ahead_x_ = x;
+  ahead_n_ = N;
+}
+
 // The direct dispatch's forward, first step: the layout on the caller's stream; then, on the
 // comm stream, the counts' mail and the push (the kernel stores the rows straight into the
 // peers' regions), so they travel while the host does other work and then waits in fwd_end.
@@ -781,9 +830,19 @@ void EpMoeCuda::fwd_begin(const EpMoeFwdArgs& a, int64_t N, const cu::Ctx& ctx) 
   EpMoeScratch::Local& l = local(0, 0);
   ch.t0 = 0;
   ch.n = N;
+  const bool ahead = ahead_;
+  ahead_ = false;
+  AM_CHECK(!ahead || (a.x == ahead_x_ && N == ahead_n_),
+           "internal: [EpMoeCuda] {}: rows_ahead sent other rows ({} tokens) than this forward's "
+           "({})",
+           label_, ahead_n_, N);
   if (timing_) CUDA_CHECK(cudaEventRecord(ev_[0], ctx.stream));
-  cu::ep_layout(l.send_pos.get(), ch.r[0]->info.get(), ch.r[0]->info.get() + P, a.topk_idx, N, K,
-                El, P, 0, ctx);
+  if (use_bcast(a.x))
+    cu::ep_layout_all(l.send_pos.get(), ch.r[0]->info.get(), ch.r[0]->info.get() + P, a.topk_idx,
+                      N, K, El, P, ctx);
+  else
+    cu::ep_layout(l.send_pos.get(), ch.r[0]->info.get(), ch.r[0]->info.get() + P, a.topk_idx, N,
+                  K, El, P, 0, ctx);
   if (timing_) CUDA_CHECK(cudaEventRecord(evd_[2], ctx.stream));
   cu::trace_mark(ctx.stream, label_, "laid out");
   // the comm stream after everything of the caller's so far (the layout, the rows, and what
@@ -791,13 +850,19 @@ void EpMoeCuda::fwd_begin(const EpMoeFwdArgs& a, int64_t N, const cu::Ctx& ctx) 
   signal(laid_out_, ctx.stream);
   await(cs, laid_out_);
   info_tail(ch, cs);
-  const cu::EpPushDst dst = push_begin(cs);
+  cu::EpPushDst dst;
+  if (ahead) {  // the call rows_ahead opened, once its copies are done
+    CUDA_CHECK(cudaStreamWaitEvent(cs, ahead_ev_, 0));
+    dst = *ahead_dst_;
+  } else {
+    dst = push_begin(cs);
+  }
   // every rank's info row into host_cnt (rank s's at row s), as the all-to-all would
   t_.push_mail(cs, ch.r[0]->info.get(), W_, ch.host_cnt, counted_);
   if (timing_) CUDA_CHECK(cudaEventRecord(evd_[0], cs));
   cu::ep_dispatch_push(dst, l.x_send.get(), l.idx_send.get(), l.w_send.get(), a.x, a.topk_idx,
                        a.topk_w, l.send_pos.get(), ch.r[0]->info.get(), N, H, K, El, P,
-                       t_.rank_of(0), cctx);
+                       t_.rank_of(0), cctx, ahead);
   t_.push_end(cs);
   if (timing_) CUDA_CHECK(cudaEventRecord(evd_[1], cs));
   cu::trace_mark(cs, label_, "pushed");

@@ -293,6 +293,18 @@ class EpMoeCuda {
   // Workspace the Ctx must carry (the grouped GEMMs').
   static size_t workspace_bytes(const EpMoeShape& shape, int P);
 
+  // The forward's rows ahead of the routing (optional; one rank per process): where the
+  // direct dispatch uses the broadcast layout (cuda::ep_layout_all: every token to every rank,
+  // so a row's place does not depend on the routing), x[N,H] starts for the peers now, on the
+  // scratch's side stream once ctx.stream has written it, and the next fwd/fwd_begin, which
+  // must get the same x and N, sends only the picks. A no-op where the broadcast is not used.
+  // The broadcast: AUTOMOE_EP_BROADCAST=1 / 0 forces it on / off; by default on where a token
+  // has picks on nearly every rank ((1 - 1/P)^K <= 1/16: P = 2 at K >= 4, P = 3 at K >= 7).
+  void rows_ahead(const cuda::bf16* x, int64_t N, const cuda::Ctx& ctx);
+  bool broadcast() const { return bcast_; }
+  // ep_check: the broadcast layout on or off (on only where P * N rows fit: 1 < P <= K)
+  void set_broadcast(bool on) { bcast_ = on && P_ > 1 && P_ <= s_.K; }
+
   // ranks[num_local()]: every rank this process drives, in local order; N tokens on each.
   void fwd(const EpMoeFwdArgs* ranks, int64_t N, const cuda::Ctx& ctx);
   void bwd(const EpMoeBwdArgs* ranks, float g_beta, const cuda::Ctx& ctx);
@@ -379,6 +391,7 @@ class EpMoeCuda {
   // Whether this call dispatches directly (set_push): one chunk, one local rank, a transport
   // that can, and rows the kernel moves in 16-byte pieces (H % 8 == 0, `rows` aligned).
   bool use_push(const cuda::bf16* rows) const;
+  bool use_bcast(const cuda::bf16* rows) const;  // the broadcast layout: direct dispatch, counts
   bool use_inplace(const cuda::bf16* out) const;
   // The combine's rows back (nt = 1: y; 2: the backward's dx and dw) with alltoallv_inplace on
   // stream s: src[k] says where each rank's rows of tensor k are until inplace_end.
@@ -458,6 +471,13 @@ class EpMoeCuda {
   static constexpr int kWgradSmsLeft = 8;
   int wgrad_sms_ = 0;
   bool push_ = true;
+  bool bcast_ = false;  // the broadcast layout where the direct dispatch runs (rows_ahead)
+  // rows_ahead's call in flight: its x, N, the transport call it opened, and its copies' end
+  bool ahead_ = false;
+  const cuda::bf16* ahead_x_ = nullptr;
+  int64_t ahead_n_ = 0;
+  std::unique_ptr<cuda::EpPushDst> ahead_dst_;
+  cudaEvent_t ahead_ev_ = nullptr;
   bool inplace_ = true;
   cudaEvent_t counted_ = nullptr;  // direct dispatch: the mail's counts read back (the host waits)
   // the split calls: which step comes next, the args of the call in progress, and where the

@@ -1487,6 +1487,8 @@ void Qwen3MoeCuda::forward(const Batch& bt, float ce_denominator, float aux_scal
     if (o.moe && s.ep) {  // the expert block over the EP group: layout, dispatch, experts, combine
       float* probs = s.probs_all + o.moe_index * N * E;
       int32_t* idx = s.topk_all + o.moe_index * N * K;
+      // the broadcast layout's rows go to the peers beside the router (a no-op without it)
+      s.ep_moe[size_t(o.moe_index)]->rows_ahead(a.ln2, N, ctx);
       cu::linear_fwd(s.rlogits, a.ln2, s.W(o.router), nullptr, N, H, E, ctx);
       cu::router_fwd(probs, idx, a.topk_w, s.rlogits, N, E, K, c.norm_topk_prob, ctx);
       s.ep_moe[size_t(o.moe_index)]->fwd(s.tmp, a.ln2, idx, a.topk_w, s.W(o.ex_gu),

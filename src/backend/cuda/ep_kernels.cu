@@ -142,6 +142,29 @@ __global__ void __launch_bounds__(kLayoutThreads)
   }
 }
 
+// ep_layout_all: one block; thread t takes tokens t, t + blockDim, ...; the picks per
+// destination summed by integer atomics on shared words (exact, in any order).
+__global__ void __launch_bounds__(kLayoutThreads)
+    ep_layout_all_kernel(int32_t* send_pos, int32_t* send_cnt, int32_t* send_picks,
+                         const int32_t* topk_idx, int64_t N, int K, int El, int P) {
+  __shared__ int picks[32];
+  if (threadIdx.x < 32) picks[threadIdx.x] = 0;
+  __syncthreads();
+  for (int64_t n = threadIdx.x; n < N; n += blockDim.x) {
+    for (int d = 0; d < P; ++d) send_pos[n * P + d] = int32_t(d * N + n);
+    if (!send_picks) continue;
+    for (int j = 0; j < K; ++j) {
+      const int e = topk_idx[n * K + j];
+      if (e >= 0) atomicAdd(&picks[e / El], 1);
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x < P) {
+    send_cnt[threadIdx.x] = int32_t(N);
+    if (send_picks) send_picks[threadIdx.x] = picks[threadIdx.x];
+  }
+}
+
 using LayoutKernel = void (*)(int32_t*, int32_t*, int32_t*, const int32_t*, int64_t, int, int,
                               int, int64_t);
 template <int kMaxP>
@@ -321,6 +344,20 @@ void ep_layout(int32_t* send_pos, int32_t* send_cnt, int32_t* send_picks, const 
   if (N == 0) return;
   ep_layout_place_kernel<<<grid_for(N * P, kScanThreads, ctx), kScanThreads, 0, ctx.stream>>>(
       send_pos, send_cnt, N, P, region);
+  CUDA_CHECK_LAUNCH();
+}
+
+void ep_layout_all(int32_t* send_pos, int32_t* send_cnt, int32_t* send_picks,
+                   const int32_t* topk_idx, int64_t N, int64_t K, int64_t El, int P,
+                   const Ctx& ctx) {
+  AM_CHECK(P >= 1 && P <= 32 && El >= 1 && K >= 1,
+           "[ep_layout_all] needs 1 <= P <= 32 and El, K >= 1 (got {}, {}, {})", P, El, K);
+  AM_CHECK(int64_t(P) * N < (int64_t(1) << 31),
+           "[ep_layout_all] {} ranks x {} rows do not fit int32 row indices; use fewer tokens "
+           "per micro-batch",
+           P, N);
+  ep_layout_all_kernel<<<1, kLayoutThreads, 0, ctx.stream>>>(send_pos, send_cnt, send_picks,
+                                                             topk_idx, N, int(K), int(El), P);
   CUDA_CHECK_LAUNCH();
 }
 

@@ -26,6 +26,16 @@ void ep_layout(int32_t* send_pos /*[N,P] i32 =*/, int32_t* send_cnt /*[P] i32 =*
                int64_t N, int64_t K, int64_t El, int P,
                int64_t region /*0: packed, else rows per destination*/, const Ctx& ctx);
 
+// The broadcast layout: every token to every destination (send_pos[n,d] = d*N + n, packed;
+// send_cnt[d] = N), whatever its picks; send_picks[d] (nullable) as ep_layout's. A row with no
+// pick on d carries idx -1 only: d's experts skip it and d returns a zero row, so the combine's
+// sums are ep_layout's bit for bit. Its rows' places do not depend on the routing, so they can
+// move before it is known (dist::EpMoeCuda's rows ahead). Worth it where a token has a pick on
+// nearly every rank anyway (P = 2 at K = 8: 99.6% of tokens).
+void ep_layout_all(int32_t* send_pos /*[N,P] i32 =*/, int32_t* send_cnt /*[P] i32 =*/,
+                   int32_t* send_picks /*[P] i32 =, nullable*/, const int32_t* topk_idx /*[N,K] i32*/,
+                   int64_t N, int64_t K, int64_t El, int P, const Ctx& ctx);
+
 // Dispatch: x_send[send_pos[n,d]] = x[n]; idx_send row = the token's picks remapped to rank d's
 // local experts (-1 = not on d); w_send row = their weights (0 where -1). idx_send and w_send
 // may be null (the backward of combine dispatches d(out) rows only).
@@ -52,7 +62,9 @@ void ep_combine_unpack(bf16* out /*[N,H] bf16 =*/, float* dw_out /*[N,K] f32 =, 
 // send_pos - sum_{d' < d} send_cnt[d'], all on the device, so nothing waits for the host. A
 // destination whose rows would not fit `cap` bytes gets none (the transport's host check of the
 // counts throws before anyone reads them). idx_send, w_send, topk_idx and topk_w may all be null:
-// rows only (the backward's d(out) rows; a region then holds the x rows alone).
+// rows only (the backward's d(out) rows; a region then holds the x rows alone). rows_there: the
+// peers' x rows are in their regions already (the broadcast layout's rows ahead), so only the
+// picks go to the peers (and every row to x_send for `me`).
 constexpr int kEpPushMaxRanks = 8;
 struct EpPushDst {
   unsigned char* region[kEpPushMaxRanks] = {};  // [P] peer d's region for this rank ([me]: unused)
@@ -64,7 +76,7 @@ void ep_dispatch_push(const EpPushDst& dst, bf16* x_send /*[S,H] bf16 =, own row
                       const int32_t* topk_idx /*[N,K] i32, nullable*/,
                       const float* topk_w /*[N,K] f32, nullable*/, const int32_t* send_pos /*[N,P] i32*/,
                       const int32_t* send_cnt /*[P] i32*/, int64_t N, int64_t H, int64_t K,
-                      int64_t El, int P, int me, const Ctx& ctx);
+                      int64_t El, int P, int me, const Ctx& ctx, bool rows_there = false);
 
 // The combine without its gather (dist::EpTransport::alltoallv_inplace): rank d's returned rows
 // lie at rows[d] (row 0 there = row first[d] of the packed layout) instead of in one buffer,

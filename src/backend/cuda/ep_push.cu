@@ -17,7 +17,7 @@ __global__ void ep_dispatch_push_kernel(EpPushDst dst, uint4* x_send, int32_t* i
                                         float* w_send, const uint4* x, const int32_t* topk_idx,
                                         const float* topk_w, const int32_t* send_pos,
                                         const int32_t* send_cnt, int64_t Hc, int K, int El, int P,
-                                        int me) {
+                                        int me, bool rows_there) {
   const int64_t n = blockIdx.x;
   const uint4* src = x + n * Hc;
   const int64_t row_b = Hc * 16, pick_b = int64_t(K) * 4;
@@ -43,7 +43,8 @@ __global__ void ep_dispatch_push_kernel(EpPushDst dst, uint4* x_send, int32_t* i
       id = reinterpret_cast<int32_t*>(base + cnt * row_b + rel * pick_b);
       wd = reinterpret_cast<float*>(base + cnt * (row_b + pick_b) + rel * pick_b);
     }
-    for (int64_t c = threadIdx.x; c < Hc; c += blockDim.x) xd[c] = src[c];
+    if (d == me || !rows_there)  // uniform over the block
+      for (int64_t c = threadIdx.x; c < Hc; c += blockDim.x) xd[c] = src[c];
     if (!idx_send) continue;  // rows only (the backward's d(out))
     for (int j = threadIdx.x; j < K; j += blockDim.x) {
       const int le = topk_idx[n * K + j] - d * El;
@@ -59,8 +60,11 @@ __global__ void ep_dispatch_push_kernel(EpPushDst dst, uint4* x_send, int32_t* i
 void ep_dispatch_push(const EpPushDst& dst, bf16* x_send, int32_t* idx_send, float* w_send,
                       const bf16* x, const int32_t* topk_idx, const float* topk_w,
                       const int32_t* send_pos, const int32_t* send_cnt, int64_t N, int64_t H,
-                      int64_t K, int64_t El, int P, int me, const Ctx& ctx) {
+                      int64_t K, int64_t El, int P, int me, const Ctx& ctx, bool rows_there) {
   if (N == 0) return;
+  AM_CHECK(!rows_there || idx_send,
+           "internal: [ep_dispatch_push] rows already in the peers leaves only the picks to "
+           "send; pass idx_send");
   AM_CHECK((idx_send == nullptr) == (w_send == nullptr) && (idx_send == nullptr) == (topk_idx == nullptr),
            "[ep_dispatch_push] idx_send, w_send and topk_idx go together (all or none)");
   AM_CHECK(P >= 1 && P <= kEpPushMaxRanks && me >= 0 && me < P,
@@ -75,7 +79,7 @@ void ep_dispatch_push(const EpPushDst& dst, bf16* x_send, int32_t* idx_send, flo
              "internal: [ep_dispatch_push] rank {}'s region on rank {} is null or unaligned", me, d);
   ep_dispatch_push_kernel<<<unsigned(N), kRowThreads, 0, ctx.stream>>>(
       dst, reinterpret_cast<uint4*>(x_send), idx_send, w_send, reinterpret_cast<const uint4*>(x),
-      topk_idx, topk_w, send_pos, send_cnt, H / 8, int(K), int(El), P, me);
+      topk_idx, topk_w, send_pos, send_cnt, H / 8, int(K), int(El), P, me, rows_there);
   CUDA_CHECK_LAUNCH();
 }
 
