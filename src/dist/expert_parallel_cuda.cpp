@@ -273,7 +273,6 @@ EpMoeCuda::EpMoeCuda(EpTransport& t, const EpMoeShape& shape, EpMode mode, EpRec
     bcast_ = v ? std::string(v) == "1" : std::pow(1.0 - 1.0 / P_, double(K)) <= 1.0 / 16;
     bcast_ = bcast_ && P_ > 1 && P_ <= K;  // P * N own rows must fit x_send (Scap_)
   }
-  ahead_sm_ = std::getenv("AUTOMOE_EP_AHEAD_SM") && std::string(std::getenv("AUTOMOE_EP_AHEAD_SM")) == "1";
   ahead_dst_ = std::make_unique<cu::EpPushDst>();
   CUDA_CHECK(cudaEventCreateWithFlags(&ahead_ev_, cudaEventDisableTiming));
   inplace_ = env_on("AUTOMOE_EP_INPLACE");
@@ -801,17 +800,10 @@ void EpMoeCuda::rows_ahead(const bf16* x, int64_t N, const cu::Ctx& ctx) {
   AM_CHECK(bytes <= ahead_dst_->cap,
            "internal: [EpMoeCuda] {}: {} rows ahead do not fit a region of {} bytes", label_, N,
            ahead_dst_->cap);
-  if (ahead_sm_) {  // the SMs' copy kernel (it slowed the router beside it: RESULTS 2026-11-30)
-    cu::CopyMany c;
-    for (int d = 0; d < P_; ++d)
-      if (ahead_dst_->region[d]) c.add(ahead_dst_->region[d], x, bytes);
-    cu::copy_many(c, side);
-  } else {  // the copy engines: no SMs taken from the router
-    for (int d = 0; d < P_; ++d)
-      if (ahead_dst_->region[d])
-        CUDA_CHECK(cudaMemcpyAsync(ahead_dst_->region[d], x, size_t(bytes),
-                                   cudaMemcpyDeviceToDevice, side));
-  }
+  cu::CopyMany c;
+  for (int d = 0; d < P_; ++d)
+    if (ahead_dst_->region[d]) c.add(ahead_dst_->region[d], x, bytes);
+  cu::copy_many(c, side);
   CUDA_CHECK(cudaEventRecord(ahead_ev_, side));
   cu::trace_mark(side, label_, "rows ahead");
   ahead_ = true;

@@ -474,7 +474,6 @@ class EpMoeCuda {
   bool bcast_ = false;  // the broadcast layout where the direct dispatch runs (rows_ahead)
   // rows_ahead's call in flight: its x, N, the transport call it opened, and its copies' end
   bool ahead_ = false;
-  bool ahead_sm_ = false;  // AUTOMOE_EP_AHEAD_SM=1: the rows ahead by the SMs' copy kernel
   const cuda::bf16* ahead_x_ = nullptr;
   int64_t ahead_n_ = 0;
   std::unique_ptr<cuda::EpPushDst> ahead_dst_;
