@@ -8,8 +8,8 @@
 #   default4, halves4       12 layers, micro-batch 4
 #   noprio            AUTOMOE_CTX_PRIORITY=0 (the compute stream at the weight gradients'
 #                     priority, as before 2026-11-30), traced into $OUT/tr_noprio
-#   nobcast           AUTOMOE_EP_BROADCAST=0: the packed layout (only tokens with picks on a
-#                     rank go there), its rows pushed after the routing, not ahead of it
+#   bcast             AUTOMOE_EP_BROADCAST=1: the broadcast layout (every token to every rank),
+#                     its rows sent ahead of the routing (traced into $OUT/tr_bcast)
 #   wsms<N>           AUTOMOE_EP_WGRAD_SMS=N: the weight gradients' persistent grids on N SMs
 #                     (the side stream; default: all but 8), the compute stream's the rest
 #   default1, halves1 micro-batch 1: the whole sequence; train.ep_halves' sequence split
@@ -44,10 +44,10 @@ for v in ${AB:-default halves}; do
     default_nt) run default_nt "" "--layers 24 --mbs 2" ;;
     halves_nt) run halves_nt "" "--layers 24 --mbs 2 --ep-halves" ;;
     noprio) run noprio "AUTOMOE_CTX_PRIORITY=0,AUTOMOE_TRACE=$OUT/tr_noprio" "--layers 24 --mbs 2" ;;
-    nobcast) run nobcast "AUTOMOE_EP_BROADCAST=0" "--layers 24 --mbs 2" ;;
+    bcast) run bcast "AUTOMOE_EP_BROADCAST=1,AUTOMOE_TRACE=$OUT/tr_bcast" "--layers 24 --mbs 2" ;;
     wsms*) run "$v" "AUTOMOE_EP_WGRAD_SMS=${v#wsms}" "--layers 24 --mbs 2" ;;
     default1) run default1 "" "--layers 24 --mbs 1" ;;
     halves1) run halves1 "" "--layers 24 --mbs 1 --ep-halves" ;;
-    *) echo "ab_w2.sh: unknown variant $v (default halves default4 halves4 default_nt halves_nt noprio nobcast wsms<N> default1 halves1)"; exit 2 ;;
+    *) echo "ab_w2.sh: unknown variant $v (default halves default4 halves4 default_nt halves_nt noprio bcast wsms<N> default1 halves1)"; exit 2 ;;
   esac
 done

@@ -751,8 +751,9 @@ if has push; then
       --train.ep 2 --data.micro_batch 8 --output.dir "$BUILD/push_train_noprio"
     stage push_cmp_noprio_exact python3 bench/compare_loss_curves.py --exact loss,ce_loss,aux_loss,grad_norm \
       "$BUILD/push_train_noprio/metrics.jsonl" "$BUILD/push_train_on/metrics.jsonl"
-    # the packed layout with the rows pushed after the routing (AUTOMOE_EP_BROADCAST=0), against
-    # the broadcast layout with the rows ahead of it (the default at P = 2): the same bits
+    # the packed layout with the rows pushed after the routing (AUTOMOE_EP_BROADCAST=0, the
+    # default), against the broadcast layout with the rows ahead of it (forced on above): the
+    # same bits
     stage push_train_nobcast "${pmpi[@]}" -x AUTOMOE_EP_BROADCAST=0 "$BUILD/automoe" "${run[@]}" \
       --train.ep 2 --data.micro_batch 8 --output.dir "$BUILD/push_train_nobcast"
     stage push_cmp_nobcast_exact python3 bench/compare_loss_curves.py --exact loss,ce_loss,aux_loss,grad_norm \

@@ -5,7 +5,6 @@
 
 #include <algorithm>
 #include <climits>
-#include <cmath>
 #include <cstdlib>
 
 #include "backend/cuda/copy_many.h"
@@ -264,14 +263,12 @@ EpMoeCuda::EpMoeCuda(EpTransport& t, const EpMoeShape& shape, EpMode mode, EpRec
     wgrad_sms_ = int(n);
   }
   push_ = env_on("AUTOMOE_EP_PUSH");
-  {  // the broadcast layout: forced by AUTOMOE_EP_BROADCAST, else where it sends few extra rows
+  {  // the broadcast layout: opt-in (AUTOMOE_EP_BROADCAST=1); it did not pay at W2 (RESULTS
+     // 2026-11-30)
     const char* v = std::getenv("AUTOMOE_EP_BROADCAST");
     AM_CHECK(!v || std::string(v) == "0" || std::string(v) == "1",
-             "[EpMoeCuda] AUTOMOE_EP_BROADCAST={}: give 1 (on), 0 (off), or leave it unset (on "
-             "where a token has picks on nearly every rank)",
-             v);
-    bcast_ = v ? std::string(v) == "1" : std::pow(1.0 - 1.0 / P_, double(K)) <= 1.0 / 16;
-    bcast_ = bcast_ && P_ > 1 && P_ <= K;  // P * N own rows must fit x_send (Scap_)
+             "[EpMoeCuda] AUTOMOE_EP_BROADCAST={}: give 1 (on) or 0 (off, the default)", v);
+    bcast_ = v && std::string(v) == "1" && P_ > 1 && P_ <= K;  // P * N own rows fit x_send
   }
   ahead_dst_ = std::make_unique<cu::EpPushDst>();
   CUDA_CHECK(cudaEventCreateWithFlags(&ahead_ev_, cudaEventDisableTiming));

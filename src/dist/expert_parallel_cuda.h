@@ -298,8 +298,9 @@ class EpMoeCuda {
   // so a row's place does not depend on the routing), x[N,H] starts for the peers now, on the
   // scratch's side stream once ctx.stream has written it, and the next fwd/fwd_begin, which
   // must get the same x and N, sends only the picks. A no-op where the broadcast is not used.
-  // The broadcast: AUTOMOE_EP_BROADCAST=1 / 0 forces it on / off; by default on where a token
-  // has picks on nearly every rank ((1 - 1/P)^K <= 1/16: P = 2 at K >= 4, P = 3 at K >= 7).
+  // The broadcast is opt-in (AUTOMOE_EP_BROADCAST=1; 1 < P <= K): the same bits, but at W2 the
+  // SMs' copy of the rows ahead slowed the router beside it and the forward did not gain
+  // (bench/RESULTS.md, 2026-11-30).
   void rows_ahead(const cuda::bf16* x, int64_t N, const cuda::Ctx& ctx);
   bool broadcast() const { return bcast_; }
   // ep_check: the broadcast layout on or off (on only where P * N rows fit: 1 < P <= K)

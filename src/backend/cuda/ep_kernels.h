@@ -30,8 +30,8 @@ void ep_layout(int32_t* send_pos /*[N,P] i32 =*/, int32_t* send_cnt /*[P] i32 =*
 // send_cnt[d] = N), whatever its picks; send_picks[d] (nullable) as ep_layout's. A row with no
 // pick on d carries idx -1 only: d's experts skip it and d returns a zero row, so the combine's
 // sums are ep_layout's bit for bit. Its rows' places do not depend on the routing, so they can
-// move before it is known (dist::EpMoeCuda's rows ahead). Worth it where a token has a pick on
-// nearly every rank anyway (P = 2 at K = 8: 99.6% of tokens).
+// move before it is known (dist::EpMoeCuda's rows ahead, opt-in). Few extra rows where a token
+// has a pick on nearly every rank anyway (P = 2 at K = 8: 99.6% of tokens).
 void ep_layout_all(int32_t* send_pos /*[N,P] i32 =*/, int32_t* send_cnt /*[P] i32 =*/,
                    int32_t* send_picks /*[P] i32 =, nullable*/, const int32_t* topk_idx /*[N,K] i32*/,
                    int64_t N, int64_t K, int64_t El, int P, const Ctx& ctx);
