@@ -101,9 +101,8 @@
 #             copy engines' copies, AUTOMOE_IPC_SM_COPY=0, bitwise), and the compute stream
 #             at the default priority with the EP weight gradients on every SM
 #             (AUTOMOE_CTX_PRIORITY=0 AUTOMOE_EP_WGRAD_SMS=4096, bitwise), and the packed
-#             layout against the broadcast one with its rows ahead (AUTOMOE_EP_BROADCAST=0
-#             against the =1 the reference run forces: the demo's top-2 would not choose it;
-#             bitwise)
+#             layout against the broadcast one with its rows ahead (the reference run forces
+#             AUTOMOE_EP_BROADCAST=1, opt-in; bitwise)
 #             over CUDA IPC, on two GPUs (or two processes on GPU 0): ep_check's checks with
 #             "direct dispatch off" lines and its "BW ipc ... direct / packed" bandwidth lines
 #             (a GPU per rank; the direct one also split into layout + counts, push, copy-out),
@@ -732,8 +731,8 @@ if has push; then
       pcheck+=(--no-bench)
     fi
     stage push_ep_check "${pmpi[@]}" "$BUILD/ep_check" --transport ipc "${pcheck[@]}"
-    # the reference run: the direct dispatch, with the broadcast layout forced on (the demo's
-    # top-2 would not choose it; opt-in anyway) and its rows ahead of the routing
+    # the reference run: the direct dispatch with the broadcast layout (opt-in, so forced here)
+    # and its rows ahead of the routing; every run below takes the packed layout
     stage push_train_on "${pmpi[@]}" -x AUTOMOE_EP_BROADCAST=1 "$BUILD/automoe" "${run[@]}" \
       --train.ep 2 --data.micro_batch 8 --output.dir "$BUILD/push_train_on"
     # the demo recipe again with other settings (mpirun -x options), bit for bit against
