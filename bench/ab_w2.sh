@@ -10,8 +10,9 @@
 #                     priority, as before 2026-11-30), traced into $OUT/tr_noprio
 #   bcast             AUTOMOE_EP_BROADCAST=1: the broadcast layout (every token to every rank),
 #                     its rows sent ahead of the routing (traced into $OUT/tr_bcast)
-#   wsms<N>           AUTOMOE_EP_WGRAD_SMS=N: the weight gradients' persistent grids on N SMs
-#                     (the side stream; default: all but 8), the compute stream's the rest
+#   wsms<N>           AUTOMOE_EP_WGRAD_SMS=N: the weight gradients' persistent grids of N CTAs
+#                     (the side stream; default: the SMs but 8, the compute stream's the rest;
+#                     N above the SMs: more CTAs than fit, each retiring after fewer tiles)
 #   default1, halves1 micro-batch 1: the whole sequence; train.ep_halves' sequence split
 # AB_FLAGS: more cuda_bench flags for every variant (e.g. "--warmup 0 --steps 1": the first
 # step's loss and grad norm, before any optimizer step, to compare numerics).

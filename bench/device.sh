@@ -100,7 +100,8 @@
 #             and the combine read in place (AUTOMOE_EP_INPLACE; against the gather with the
 #             copy engines' copies, AUTOMOE_IPC_SM_COPY=0, bitwise), and the compute stream
 #             at the default priority with the EP weight gradients on every SM
-#             (AUTOMOE_CTX_PRIORITY=0 AUTOMOE_EP_WGRAD_SMS=4096, bitwise), and the packed
+#             (AUTOMOE_CTX_PRIORITY=0 AUTOMOE_EP_WGRAD_SMS=132, bitwise), the weight
+#             gradients' grids oversubscribed (AUTOMOE_EP_WGRAD_SMS=1056, bitwise), and the packed
 #             layout against the broadcast one with its rows ahead (the reference run forces
 #             AUTOMOE_EP_BROADCAST=1, opt-in; bitwise)
 #             over CUDA IPC, on two GPUs (or two processes on GPU 0): ep_check's checks with
@@ -751,8 +752,10 @@ if has push; then
     # the SMs (AUTOMOE_IPC_SM_COPY) against the copy engines
     push_exact gather -x AUTOMOE_EP_INPLACE=0 -x AUTOMOE_IPC_SM_COPY=0
     # the compute stream at the default priority (AUTOMOE_CTX_PRIORITY=0) and the weight
-    # gradients' grids on every SM (AUTOMOE_EP_WGRAD_SMS)
-    push_exact noprio -x AUTOMOE_CTX_PRIORITY=0 -x AUTOMOE_EP_WGRAD_SMS=4096
+    # gradients' grids on every SM of an H200 (AUTOMOE_EP_WGRAD_SMS=132); then their grids with
+    # 8x more CTAs than SMs (each output tile is still one CTA's: the same sums)
+    push_exact noprio -x AUTOMOE_CTX_PRIORITY=0 -x AUTOMOE_EP_WGRAD_SMS=132
+    push_exact wgrid -x AUTOMOE_EP_WGRAD_SMS=1056
     # the packed layout with the rows pushed after the routing (AUTOMOE_EP_BROADCAST=0, the
     # default), against the broadcast layout with the rows ahead of it (forced on above)
     push_exact nobcast -x AUTOMOE_EP_BROADCAST=0

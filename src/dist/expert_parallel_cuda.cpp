@@ -21,6 +21,34 @@ using cu::bf16;
 template <class T>
 using Buf = cu::DeviceBuffer<T>;
 
+namespace {
+
+// AUTOMOE_EP_WGRAD_SMS: the CTAs of the weight gradients' persistent grids on the side stream
+// (0 when unset: the block's default, the GPU's SMs less a few)
+int wgrad_sms_env() {
+  const char* v = std::getenv("AUTOMOE_EP_WGRAD_SMS");
+  if (!v) return 0;
+  char* end = nullptr;
+  const long n = std::strtol(v, &end, 10);
+  AM_CHECK(end != v && *end == 0 && n >= 1 && n <= 4096,
+           "[EpMoeCuda] AUTOMOE_EP_WGRAD_SMS={}: give the weight gradients' grid in CTAs (1 to "
+           "4096: below the GPU's SMs leaves SMs free, above it makes CTAs retire sooner) or "
+           "leave it unset",
+           v);
+  return int(n);
+}
+
+// the SM count the side stream's GEMM workspace is sized for: the larger of the GPU's and
+// AUTOMOE_EP_WGRAD_SMS
+int side_sms() {
+  int dev = 0, sms = 0;
+  CUDA_CHECK(cudaGetDevice(&dev));
+  CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  return std::max(sms, wgrad_sms_env());
+}
+
+}  // namespace
+
 // One local rank's counts and the carve of its last forward (the saved state, dist/ep_arena.h:
 // pointers into the arena, valid while the arena's generation is carved_gen_).
 struct EpMoeCuda::Rank {
@@ -89,7 +117,7 @@ EpMoeScratch::EpMoeScratch(const EpMoeShape& s, int P, int local_ranks, EpMode m
   CUDA_CHECK(cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking));
   CUDA_CHECK(cudaEventCreateWithFlags(&inputs_ready, cudaEventDisableTiming));
   CUDA_CHECK(cudaEventCreateWithFlags(&wgrad_done, cudaEventDisableTiming));
-  side_ws = Buf<unsigned char>(cu::grouped_linear_workspace_bytes(std::max<int64_t>(El, 1)));
+  side_ws = Buf<unsigned char>(cu::grouped_linear_workspace_bytes(std::max<int64_t>(El, 1), side_sms()));
   if (chunks > 1) {
     const int64_t L = std::max(local_ranks, 1);
     acc_gu = Buf<float>(size_t(L * El * 2 * s.I * s.H));
@@ -194,7 +222,7 @@ EpMoeCuda::EpMoeCuda(EpTransport& t, const EpMoeShape& shape, EpMode mode, EpRec
                  sc_->local.size() >= size_t(C_ * L_) && sc_->xs.size() >= size_t(Mcap_ * H) &&
                  sc_->dgu.size() >= size_t(Mcap_ * 2 * I) &&
                  sc_->local[0].send_pos.size() >= size_t(Nmax * P_) &&
-                 sc_->side_ws.bytes() >= cu::grouped_linear_workspace_bytes(El_) &&
+                 sc_->side_ws.bytes() >= cu::grouped_linear_workspace_bytes(El_, side_sms()) &&
                  (C_ == 1 || sc_->acc_down.size() >= size_t(L_ * El_ * H * I)),
              "internal: [EpMoeCuda] a shared scratch of {} slots, {} send rows and {} local ranks "
              "for a block of {}, {} and {}",
@@ -253,15 +281,7 @@ EpMoeCuda::EpMoeCuda(EpTransport& t, const EpMoeShape& shape, EpMode mode, EpRec
   CUDA_CHECK(cudaEventCreateWithFlags(&wgrad_done_, cudaEventDisableTiming));
   CUDA_CHECK(cudaEventCreateWithFlags(&counted_, cudaEventDisableTiming));
   wgrad_overlap_ = env_on("AUTOMOE_EP_WGRAD_OVERLAP");
-  if (const char* v = std::getenv("AUTOMOE_EP_WGRAD_SMS")) {
-    char* end = nullptr;
-    const long n = std::strtol(v, &end, 10);
-    AM_CHECK(end != v && *end == 0 && n >= 1 && n <= 4096,
-             "[EpMoeCuda] AUTOMOE_EP_WGRAD_SMS={}: give a number of SMs (1 to the GPU's count) "
-             "or leave it unset",
-             v);
-    wgrad_sms_ = int(n);
-  }
+  wgrad_sms_ = wgrad_sms_env();
   push_ = env_on("AUTOMOE_EP_PUSH");
   {  // the broadcast layout: opt-in (AUTOMOE_EP_BROADCAST=1); it did not pay at W2 (RESULTS
      // 2026-11-30)
@@ -1085,9 +1105,9 @@ cu::Ctx EpMoeCuda::wgrad_ctx(const cu::Ctx& ctx) const {
     wctx.workspace = sc_->side_ws.get();
     wctx.workspace_bytes = sc_->side_ws.bytes();
     // the persistent grids leave SMs to the compute stream's kernels (its unpack, the
-    // attention's backward), which otherwise wait for whole GEMMs: W2 24 layers +0.5%
-    wctx.num_sms = wgrad_sms_ > 0 ? std::min(wctx.num_sms, wgrad_sms_)
-                                  : std::max(1, wctx.num_sms - kWgradSmsLeft);
+    // attention's backward), which otherwise wait for whole GEMMs: W2 24 layers +0.5%. A
+    // count above the GPU's SMs launches more CTAs than fit, each with fewer tiles.
+    wctx.num_sms = wgrad_sms_ > 0 ? wgrad_sms_ : std::max(1, wctx.num_sms - kWgradSmsLeft);
   }
   return wctx;
 }

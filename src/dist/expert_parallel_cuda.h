@@ -467,8 +467,10 @@ class EpMoeCuda {
   cudaEvent_t laid_out_ = nullptr;  // chunks > 1: every chunk's layout written (comm waits)
   bool bwd_timed_ = false;  // evb_ hold the backward of the last forward
   bool wgrad_overlap_ = true;
-  // the side stream's persistent grids' SMs: AUTOMOE_EP_WGRAD_SMS, else the GPU's less
-  // kWgradSmsLeft (the one figure measured: 124 of 132 on an H200, bench/RESULTS.md 2026-11-30)
+  // the side stream's persistent grids' CTAs: AUTOMOE_EP_WGRAD_SMS (above the GPU's SMs: more
+  // CTAs than fit, each with fewer tiles, so that SMs free up for the compute stream sooner;
+  // not measured yet), else the GPU's SMs less kWgradSmsLeft (the one figure measured: 124 of
+  // 132 on an H200, bench/RESULTS.md 2026-11-30)
   static constexpr int kWgradSmsLeft = 8;
   int wgrad_sms_ = 0;
   bool push_ = true;

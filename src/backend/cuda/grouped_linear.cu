@@ -261,13 +261,14 @@ void bwd_impl(bf16* dx, T* dw, float dw_beta, const bf16* dout, const bf16* x, c
 
 }  // namespace
 
-size_t grouped_linear_workspace_bytes(int64_t E) {
+size_t grouped_linear_workspace_bytes(int64_t E, int num_sms) {
 #if AUTOMOE_HAVE_CUTLASS
-  const int sms = current_num_sms();
+  const int sms = num_sms > 0 ? num_sms : current_num_sms();
   return std::max({sm90::fwd_workspace_bytes(E, sms), sm90::dgrad_workspace_bytes(E, sms),
                    sm90::wgrad_bf16_workspace_bytes(E, sms),
                    sm90::wgrad_f32_workspace_bytes(E, sms)});
 #else
+  (void)num_sms;
   return 0;
 #endif
 }

@@ -230,8 +230,9 @@ void unpermute_bwd(bf16* dys /*[N*K,C] bf16 =*/, float* dw /*[N,K] f32 =*/,
 // the fallback, =sm90 forces CUTLASS (an error with the reason when it cannot run), =auto (the
 // default) chooses. The sm90 path takes per-expert pointer/shape arrays and CUTLASS's own
 // workspace from ctx.workspace: size it with grouped_linear_workspace_bytes(E) (0 without
-// CUTLASS; the current device's SM count is used).
-size_t grouped_linear_workspace_bytes(int64_t E);
+// CUTLASS; for ctx.num_sms = the current device's SM count, or `num_sms` where a Ctx gives its
+// persistent grids another count).
+size_t grouped_linear_workspace_bytes(int64_t E, int num_sms = 0);
 // "sm90" or "fallback": what the ops run for this I, O on the current device under the
 // current AUTOMOE_GROUPED_GEMM, given 16-byte aligned buffers.
 const char* grouped_linear_impl(int64_t I, int64_t O);
