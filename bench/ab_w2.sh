@@ -9,7 +9,9 @@
 #   noprio            AUTOMOE_CTX_PRIORITY=0 (the compute stream at the weight gradients'
 #                     priority, as before 2026-11-30), traced into $OUT/tr_noprio
 #   bcast             AUTOMOE_EP_BROADCAST=1: the broadcast layout (every token to every rank),
-#                     its rows sent ahead of the routing (traced into $OUT/tr_bcast)
+#                     its rows sent ahead of the routing by the copy engines (traced into
+#                     $OUT/tr_bcast)
+#   bcast_sm          the same with the rows ahead by the SMs' copy kernel (AUTOMOE_EP_AHEAD_SM=1)
 #   wsms<N>           AUTOMOE_EP_WGRAD_SMS=N: the weight gradients' persistent grids of N CTAs
 #                     (the side stream; default: the SMs but 8, the compute stream's the rest;
 #                     N above the SMs: more CTAs than fit, each retiring after fewer tiles)
@@ -46,9 +48,10 @@ for v in ${AB:-default halves}; do
     halves_nt) run halves_nt "" "--layers 24 --mbs 2 --ep-halves" ;;
     noprio) run noprio "AUTOMOE_CTX_PRIORITY=0,AUTOMOE_TRACE=$OUT/tr_noprio" "--layers 24 --mbs 2" ;;
     bcast) run bcast "AUTOMOE_EP_BROADCAST=1,AUTOMOE_TRACE=$OUT/tr_bcast" "--layers 24 --mbs 2" ;;
+    bcast_sm) run bcast_sm "AUTOMOE_EP_BROADCAST=1,AUTOMOE_EP_AHEAD_SM=1" "--layers 24 --mbs 2" ;;
     wsms*) run "$v" "AUTOMOE_EP_WGRAD_SMS=${v#wsms}" "--layers 24 --mbs 2" ;;
     default1) run default1 "" "--layers 24 --mbs 1" ;;
     halves1) run halves1 "" "--layers 24 --mbs 1 --ep-halves" ;;
-    *) echo "ab_w2.sh: unknown variant $v (default halves default4 halves4 default_nt halves_nt noprio bcast wsms<N> default1 halves1)"; exit 2 ;;
+    *) echo "ab_w2.sh: unknown variant $v (default halves default4 halves4 default_nt halves_nt noprio bcast bcast_sm wsms<N> default1 halves1)"; exit 2 ;;
   esac
 done

@@ -290,6 +290,8 @@ EpMoeCuda::EpMoeCuda(EpTransport& t, const EpMoeShape& shape, EpMode mode, EpRec
              "[EpMoeCuda] AUTOMOE_EP_BROADCAST={}: give 1 (on) or 0 (off, the default)", v);
     bcast_ = v && std::string(v) == "1" && P_ > 1 && P_ <= K;  // P * N own rows fit x_send
   }
+  const char* ahead_sm = std::getenv("AUTOMOE_EP_AHEAD_SM");
+  ahead_sm_ = ahead_sm && std::string(ahead_sm) == "1";
   ahead_dst_ = std::make_unique<cu::EpPushDst>();
   CUDA_CHECK(cudaEventCreateWithFlags(&ahead_ev_, cudaEventDisableTiming));
   inplace_ = env_on("AUTOMOE_EP_INPLACE");
@@ -817,10 +819,17 @@ void EpMoeCuda::rows_ahead(const bf16* x, int64_t N, const cu::Ctx& ctx) {
   AM_CHECK(bytes <= ahead_dst_->cap,
            "internal: [EpMoeCuda] {}: {} rows ahead do not fit a region of {} bytes", label_, N,
            ahead_dst_->cap);
-  cu::CopyMany c;
-  for (int d = 0; d < P_; ++d)
-    if (ahead_dst_->region[d]) c.add(ahead_dst_->region[d], x, bytes);
-  cu::copy_many(c, side);
+  if (ahead_sm_) {  // the SMs' copy kernel (it slowed the router beside it: RESULTS 2026-11-30)
+    cu::CopyMany c;
+    for (int d = 0; d < P_; ++d)
+      if (ahead_dst_->region[d]) c.add(ahead_dst_->region[d], x, bytes);
+    cu::copy_many(c, side);
+  } else {  // the copy engines: no SMs taken from the router
+    for (int d = 0; d < P_; ++d)
+      if (ahead_dst_->region[d])
+        CUDA_CHECK(cudaMemcpyAsync(ahead_dst_->region[d], x, size_t(bytes),
+                                   cudaMemcpyDeviceToDevice, side));
+  }
   CUDA_CHECK(cudaEventRecord(ahead_ev_, side));
   cu::trace_mark(side, label_, "rows ahead");
   ahead_ = true;

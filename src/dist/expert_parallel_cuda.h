@@ -298,8 +298,9 @@ class EpMoeCuda {
   // so a row's place does not depend on the routing), x[N,H] starts for the peers now, on the
   // scratch's side stream once ctx.stream has written it, and the next fwd/fwd_begin, which
   // must get the same x and N, sends only the picks. A no-op where the broadcast is not used.
-  // The broadcast is opt-in (AUTOMOE_EP_BROADCAST=1; 1 < P <= K): the same bits, but at W2 the
-  // SMs' copy of the rows ahead slowed the router beside it and the forward did not gain
+  // The broadcast is opt-in (AUTOMOE_EP_BROADCAST=1; 1 < P <= K). The rows go by the copy
+  // engines (not yet run), or by the SMs' copy kernel with AUTOMOE_EP_AHEAD_SM=1: the same bits,
+  // but at W2 that copy slowed the router beside it and the forward did not gain
   // (bench/RESULTS.md, 2026-11-30).
   void rows_ahead(const cuda::bf16* x, int64_t N, const cuda::Ctx& ctx);
   bool broadcast() const { return bcast_; }
@@ -477,6 +478,7 @@ class EpMoeCuda {
   bool bcast_ = false;  // the broadcast layout where the direct dispatch runs (rows_ahead)
   // rows_ahead's call in flight: its x, N, the transport call it opened, and its copies' end
   bool ahead_ = false;
+  bool ahead_sm_ = false;  // AUTOMOE_EP_AHEAD_SM=1: the rows ahead by the SMs' copy kernel
   const cuda::bf16* ahead_x_ = nullptr;
   int64_t ahead_n_ = 0;
   std::unique_ptr<cuda::EpPushDst> ahead_dst_;
