@@ -1,5 +1,5 @@
 # tests/dist.cmake: the expert-parallel, ZeRO and collective tests (tests/dist/test_dist.cpp,
-# test_zero.cpp, test_zero3.cpp, test_comm.cpp) on 2, 4 and 8 ranks under mpirun, and on the TCP backend under
+# test_zero.cpp, test_zero3.cpp, test_comm.cpp, test_ep_balance.cpp) on 2, 4 and 8 ranks under mpirun, and on the TCP backend under
 # torchrun's variables (tools/launch_local.sh: 4 ranks, and the collectives alone on 3). ctest's
 # per-test entries of test_dist (world size 1) check the CLI under mpirun and over TCP.
 # CI runs as root on 2 cores: --allow-run-as-root, --oversubscribe, and idle ranks yield the

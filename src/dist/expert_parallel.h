@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "dist/ep_balance.h"
 #include "dist/process_group.h"
 
 namespace automoe::dist {
@@ -42,14 +43,20 @@ struct EpLayout {
   std::vector<int32_t> send_rank;                 // [S] destination of each sent row
 };
 
-// Layout step: token-in-rank mask, rows per destination rank, and the counts exchange.
+// Layout step: token-in-rank mask, rows per destination rank, and the counts exchange. `bal`
+// (nullable: every pick to its expert's owner) sends this rank's picks of expert e to
+// bal->host[e*P + rank] instead (ep_balance.h).
 void ep_layout(EpLayout& lay, const int32_t* topk_idx /*[N,K] global experts*/, int64_t N,
-               int64_t K, const ExpertShard& shard, const Comm& ep);
+               int64_t K, const ExpertShard& shard, const Comm& ep,
+               const EpBalance* bal = nullptr);
 
 // dispatch: x_recv[R,H] = x[token], idx_recv[R,K] local expert or -1, w_recv[R,K] (0 where -1).
+// With `bal`, the destination's local index of each pick it runs (its own experts, then the
+// ones it borrows: EpBalance::local_index).
 void ep_dispatch_fwd(float* x_recv, int32_t* idx_recv, float* w_recv, const float* x /*[N,H]*/,
                      const int32_t* topk_idx /*[N,K]*/, const float* topk_w /*[N,K]*/,
-                     const EpLayout& lay, int64_t H, const ExpertShard& shard, const Comm& ep);
+                     const EpLayout& lay, int64_t H, const ExpertShard& shard, const Comm& ep,
+                     const EpBalance* bal = nullptr);
 // dispatch backward (a combine): dx[N,H] (=) sums the rows of each token over ranks;
 // dw[N,K] (=) the weight gradients (each pick's from the rank holding its expert).
 void ep_dispatch_bwd(float* dx, float* dw, const float* dx_recv /*[R,H]*/,
@@ -80,19 +87,36 @@ void ep_unpermute_bwd(float* dys /*[M,H] =*/, float* dw_recv /*[R,K] =, 0 where 
                       const int32_t* slot_row, int64_t R, int64_t K, int64_t H);
 
 // ---- the whole expert block of one MoE layer, what the model calls -----------------------------
-// What the backward needs, sized per forward (R and M depend on the routing).
+// Moving expert work to the less loaded ranks within the step (ep_balance.h): off by default.
+struct EpBalanceOptions {
+  bool on = false;
+  double tol = 0.05;      // stop once the busiest rank runs at most (1 + tol) x the mean
+  int max_borrowed = 8;   // experts one rank may borrow per layer (their weights travel)
+};
+
+// What the backward needs, sized per forward (R and M depend on the routing). Er: the experts
+// this rank ran, its El own then the B it borrowed (bal.borrowed[rank], whose weights came in
+// wb_gu [B,2I,H] and wb_down [B,H,I]).
 struct EpMoeActs {
   EpLayout lay;
-  std::vector<int32_t> idx_recv, offsets, slot_row;  // [R,K], [El+1], [R*K]
+  EpBalance bal;                                     // the plan (balance off: nothing moved)
+  int64_t Er = 0;
+  std::vector<float> wb_gu, wb_down;                 // the borrowed experts' weights
+  std::vector<int32_t> idx_recv, offsets, slot_row;  // [R,K], [Er+1], [R*K]
   std::vector<float> w_recv;                         // [R,K]
   std::vector<float> xs, gu, act, ys;                // [M,H], [M,2I], [M,I], [M,H]
 };
 // out[N,H] (=) = sum_j topk_w[n,j] * expert_{topk_idx[n,j]}(x[n]) with the experts spread over
-// the EP group. w_gu[El,2I,H] and w_down[El,H,I] are this rank's experts.
+// the EP group. w_gu[El,2I,H] and w_down[El,H,I] are this rank's experts. With balance.on,
+// every rank's per-expert counts are exchanged, the plan moves units of work off the busiest
+// ranks, and each helper fetches the weights of the experts it borrows.
 void ep_moe_fwd(float* out, EpMoeActs& a, const float* x, const int32_t* topk_idx,
                 const float* topk_w, const float* w_gu, const float* w_down, int64_t N,
-                int64_t H, int64_t I, int64_t K, const ExpertShard& shard, const Comm& ep);
-// dx[N,H] (=), dtopk_w[N,K] (=), g_gu/g_down (+=) from dout[N,H].
+                int64_t H, int64_t I, int64_t K, const ExpertShard& shard, const Comm& ep,
+                const EpBalanceOptions& balance = {});
+// dx[N,H] (=), dtopk_w[N,K] (=), g_gu/g_down (+=) from dout[N,H]. A helper's share of a
+// borrowed expert's weight gradient goes back to the owner, who adds the shares after its own
+// in rank order (two sums where the unbalanced block has one: equal within fp32 rounding).
 void ep_moe_bwd(float* dx, float* dtopk_w, float* g_gu, float* g_down, const float* dout,
                 const EpMoeActs& a, const float* w_gu, const float* w_down, int64_t H, int64_t I,
                 const ExpertShard& shard, const Comm& ep);

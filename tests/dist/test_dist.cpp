@@ -10,8 +10,9 @@
 // contract, finetune outputs, that one failing, killed or stalled rank stops all of them, and the
 // TCP rendezvous's errors.
 // The end-of-run replica check (dist::check_replicas) finds one changed element.
-// ZeRO (train.zero) is checked in test_zero.cpp, the collectives in test_comm.cpp; main() here
-// starts the backend (MPI or TCP) for all of them.
+// ZeRO (train.zero) is checked in test_zero.cpp, the collectives in test_comm.cpp, the EP
+// load-balance plan and block in test_ep_balance.cpp; main() here starts the backend (MPI or
+// TCP) for all of them.
 #include <gtest/gtest.h>
 
 #include <netinet/in.h>
