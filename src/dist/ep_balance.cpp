@@ -60,7 +60,8 @@ EpBalance ep_balance_plan(const int64_t* counts, int P, int64_t E, double tol, i
     std::vector<int32_t>& to = b.borrowed[size_t(lo)];
     int64_t best = -1, best_dist = 0;
     for (int64_t e = int64_t(hi) * b.El; e < int64_t(hi + 1) * b.El; ++e) {
-      const bool room = int(to.size()) < max_borrowed || std::binary_search(to.begin(), to.end(), int32_t(e));
+      const bool room = int(to.size()) < max_borrowed ||
+                        std::binary_search(to.begin(), to.end(), int32_t(e));
       if (!room) continue;
       for (int s = 0; s < P; ++s) {
         const int64_t u = e * P + s, c = counts[int64_t(s) * E + e];

@@ -73,7 +73,9 @@ void ep_dispatch_fwd(float* x_recv, int32_t* idx_recv, float* w_recv, const floa
     for (int64_t j = 0; j < K; ++j) {
       const int64_t e = topk_idx[n * K + j];
       const bool here = run_rank(e, shard, ep, bal) == d;
-      const int32_t li = !here ? -1 : bal ? bal->local_index(int(d), e) : int32_t(e - d * shard.count);
+      const int32_t li = !here ? -1
+                         : bal ? bal->local_index(int(d), e)
+                               : int32_t(e - d * shard.count);
       r[H + j] = here ? topk_w[n * K + j] : 0.f;
       std::memcpy(r + H + K + j, &li, sizeof li);
     }
@@ -362,8 +364,10 @@ void ep_moe_bwd(float* dx, float* dtopk_w, float* g_gu, float* g_down, const flo
     for (int32_t e : mine) {
       const std::vector<int32_t>& b = a.bal.borrowed[size_t(me)];
       const int64_t slot = El + (std::lower_bound(b.begin(), b.end(), e) - b.begin());
-      send.insert(send.end(), gcat_gu.begin() + slot * 2 * I * H, gcat_gu.begin() + (slot + 1) * 2 * I * H);
-      send.insert(send.end(), gcat_down.begin() + slot * H * I, gcat_down.begin() + (slot + 1) * H * I);
+      const auto gu0 = gcat_gu.begin() + slot * 2 * I * H;
+      const auto down0 = gcat_down.begin() + slot * H * I;
+      send.insert(send.end(), gu0, gu0 + 2 * I * H);
+      send.insert(send.end(), down0, down0 + H * I);
     }
     recv_n[size_t(d)] = int64_t(lent(a.bal, me, d).size());  // lent by this rank to helper d
     recv_rows += recv_n[size_t(d)];

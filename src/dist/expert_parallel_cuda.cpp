@@ -117,7 +117,8 @@ EpMoeScratch::EpMoeScratch(const EpMoeShape& s, int P, int local_ranks, EpMode m
   CUDA_CHECK(cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking));
   CUDA_CHECK(cudaEventCreateWithFlags(&inputs_ready, cudaEventDisableTiming));
   CUDA_CHECK(cudaEventCreateWithFlags(&wgrad_done, cudaEventDisableTiming));
-  side_ws = Buf<unsigned char>(cu::grouped_linear_workspace_bytes(std::max<int64_t>(El, 1), side_sms()));
+  side_ws = Buf<unsigned char>(
+      cu::grouped_linear_workspace_bytes(std::max<int64_t>(El, 1), side_sms()));
   if (chunks > 1) {
     const int64_t L = std::max(local_ranks, 1);
     acc_gu = Buf<float>(size_t(L * El * 2 * s.I * s.H));
