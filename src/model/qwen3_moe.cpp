@@ -331,8 +331,14 @@ LossParts Qwen3Moe::forward(const Batch& b, float ce_denominator, float aux_scal
       linear_fwd(a.rlogits.data(), a.ln2.data(), w.router, nullptr, N, H, E);
       router_fwd(probs, idx, a.topk_w.data(), a.rlogits.data(), N, E, K, c.norm_topk_prob);
       if (ep_) {  // experts on the EP group: layout, dispatch, local experts, combine
+        dist::EpBalanceOptions bal;
+        bal.on = ep_balance_;
+        bal.tol = ep_balance_tol_;
+        bal.max_borrowed = ep_balance_max_;
         dist::ep_moe_fwd(tmp.data(), *a.ep, a.ln2.data(), idx, a.topk_w.data(), w.ex_gu, w.ex_down,
-                         N, H, I, K, {E, ex_first_, ex_count_}, groups_->ep);
+                         N, H, I, K, {E, ex_first_, ex_count_}, groups_->ep, bal);
+        if (ep_balance_) ++ep_balance_forwards_;
+        if (a.ep->bal.moved()) ++ep_balance_moves_;
       } else {
         moe_layout(a.offsets.data(), a.slot_row.data(), idx, N, E, K);
         permute_fwd(a.xs.data(), a.ln2.data(), a.slot_row.data(), N, K, H);

@@ -100,6 +100,18 @@ class Qwen3Moe {
   void backward();
   void zero_grad();
 
+  // Expert parallelism: move expert work off the busiest EP ranks within each MoE layer's step
+  // (dist/ep_balance.h; train.ep_balance). The same loss and gradients within fp32 rounding.
+  // ep_balance_moves(): of the MoE layer forwards so far with it on (ep_balance_forwards()), how
+  // many moved work (the same on every rank: one plan).
+  void set_ep_balance(bool on, double tol = 0.05, int max_borrowed = 8) {
+    ep_balance_ = on;
+    ep_balance_tol_ = tol;
+    ep_balance_max_ = max_borrowed;
+  }
+  int64_t ep_balance_moves() const { return ep_balance_moves_; }
+  int64_t ep_balance_forwards() const { return ep_balance_forwards_; }
+
   const std::vector<float>& logits() const { return logits_; }  // [N,V]
   // Top-k experts of every MoE layer in the last forward, [nMoE * N, K] (parity tools).
   const std::vector<int32_t>& router_topk() const { return topk_all_; }
@@ -130,6 +142,10 @@ class Qwen3Moe {
   int64_t off_wte_ = 0, off_lnf_ = 0, off_lm_head_ = 0;  // lm_head == wte when tied
   int64_t wte_ = 0, lnf_ = 0, lm_head_ = 0;              // their indices in layout_.params
   BlockHooks* hooks_ = nullptr;
+  bool ep_balance_ = false;  // set_ep_balance
+  double ep_balance_tol_ = 0.05;
+  int ep_balance_max_ = 8;
+  int64_t ep_balance_moves_ = 0, ep_balance_forwards_ = 0;
   void hook_before(Pass p, int64_t b) { if (hooks_) hooks_->before(p, b); }
   void hook_after(Pass p, int64_t b) { if (hooks_) hooks_->after(p, b); }
 

@@ -68,6 +68,7 @@ const std::map<std::string, Setter>& keys() {
       KEY("train.ep_dispatch", ep_dispatch, std::string),
       KEY("train.ep_chunks", ep_chunks, int64_t),
       KEY("train.ep_halves", ep_halves, bool),
+      KEY("train.ep_balance", ep_balance, bool),
       KEY("train.zero", zero, int64_t),
       KEY("output.dir", output_dir, std::string),
       KEY("output.export_hf", export_hf, bool),
@@ -149,6 +150,11 @@ TrainConfig load_train_config(const std::string& path,
            "train.ep > 1), but this run has train.device {} and train.ep {}; remove it or set "
            "both",
            c.ep_chunks, c.device, c.ep);
+  AM_CHECK(!c.ep_balance || (c.device == "cpu" && c.ep > 1),
+           "train.ep_balance moves expert work between the expert-parallel ranks; it exists on "
+           "the CPU backend so far (train.device cpu, train.ep > 1), but this run has "
+           "train.device {} and train.ep {}; remove it or set both",
+           c.device, c.ep);
   AM_CHECK(!c.ep_halves || (c.device == "cuda" && c.ep > 1),
            "train.ep_halves applies to the GPU expert-parallel block (train.device cuda, "
            "train.ep > 1), but this run has train.device {} and train.ep {}; remove it or set "
@@ -247,6 +253,7 @@ std::string TrainConfig::to_yaml() const {
   if (ep_dispatch != "counts") e << YAML::Key << "ep_dispatch" << YAML::Value << ep_dispatch;
   if (ep_chunks != 1) e << YAML::Key << "ep_chunks" << YAML::Value << ep_chunks;
   if (ep_halves) e << YAML::Key << "ep_halves" << YAML::Value << ep_halves;
+  if (ep_balance) e << YAML::Key << "ep_balance" << YAML::Value << ep_balance;
   if (zero != 0) e << YAML::Key << "zero" << YAML::Value << zero;
   e << YAML::EndMap;
   e << YAML::Key << "output" << YAML::Value << YAML::BeginMap << YAML::Key << "dir" << YAML::Value

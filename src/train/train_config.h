@@ -53,6 +53,8 @@ struct TrainConfig {
                                         // (all-to-alls beside the expert GEMMs); 1 = none
   bool ep_halves = false;               // cuda, ep > 1 over IPC: the two-half overlap
                                         // (model/qwen3_moe_cuda.h, CudaDist::ep_halves)
+  bool ep_balance = false;              // cpu, ep > 1: move expert work off the busiest EP
+                                        // ranks within the step (dist/ep_balance.h)
   int64_t zero = 0;                     // ZeRO: 0 replicated, 1 optimizer state sharded, 2 + gradients, 3 + parameters (CPU)
   // output:
   std::string output_dir = "out/run";

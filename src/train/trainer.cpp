@@ -166,6 +166,7 @@ TrainResult run_finetune(const TrainConfig& cfg,
     dev = it->second(mc, cfg, g);  // under mpirun: this rank's GPU and experts
   }
   Qwen3Moe model(mc, &g, !on_device);
+  model.set_ep_balance(cfg.ep_balance);
   if (on_device) model.params().assign(size_t(model.layout().total), 0.f);
   if (cfg.model_builtin.empty()) {
     load_hf_weights(model, cfg.model_path);
@@ -348,6 +349,10 @@ TrainResult run_finetune(const TrainConfig& cfg,
     zero3->gather_all();
     zero3.reset();
   }
+  if (cfg.ep_balance && lead)
+    std::printf("ep_balance: expert work moved between the ranks in %lld of %lld MoE layer "
+                "forwards\n",
+                (long long)model.ep_balance_moves(), (long long)model.ep_balance_forwards());
   // Several ranks: the replicas must have stayed identical (the host model holds the last
   // step's weights: the last step always saves a checkpoint).
   if (multi) {

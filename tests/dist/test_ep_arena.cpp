@@ -472,3 +472,33 @@ TEST(EpArena, HalvesRecipeKey) {
     }
   }
 }
+
+TEST(EpArena, BalanceRecipeKey) {  // train.ep_balance: the CPU block's, refused on the GPU
+  using automoe::load_train_config;
+  const auto base = std::vector<std::pair<std::string, std::string>>{
+      {"model.builtin", "tiny-moe"}, {"data.builtin", "addition"}};
+  const auto d = load_train_config("", base);
+  EXPECT_FALSE(d.ep_balance);
+  EXPECT_EQ(d.to_yaml().find("ep_balance"), std::string::npos) << d.to_yaml();
+  auto on = base;
+  on.push_back({"train.ep", "2"});
+  on.push_back({"train.ep_balance", "true"});
+  const auto cfg = load_train_config("", on);
+  EXPECT_TRUE(cfg.ep_balance);
+  EXPECT_NE(cfg.to_yaml().find("ep_balance: true"), std::string::npos) << cfg.to_yaml();
+  for (const auto& [k, v] : std::vector<std::pair<std::string, std::string>>{
+           {"train.device", "cuda"}, {"train.ep", "1"}}) {
+    auto o = base;
+    o.push_back({"train.device", k == "train.device" ? v : "cpu"});
+    o.push_back({"train.ep", k == "train.ep" ? v : "2"});
+    o.push_back({"train.ep_balance", "true"});
+    try {
+      load_train_config("", o);
+      ADD_FAILURE() << "train.ep_balance accepted with " << k << " " << v;
+    } catch (const std::exception& e) {
+      EXPECT_NE(std::string(e.what()).find("train.ep_balance moves expert work"),
+                std::string::npos)
+          << e.what();
+    }
+  }
+}
